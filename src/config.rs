@@ -1,0 +1,917 @@
+//! proxy.toml: parsing and validation into an immutable [`Config`].
+//!
+//! Parsing is strict (`deny_unknown_fields` everywhere: a typo must not
+//! silently disable a setting). Validation resolves secrets, loads TLS
+//! material and checks cross-references, so a `Config` that exists is one the
+//! proxy can run. Errors name the file, the key and, where the parser knows
+//! it, the line. This module builds nothing that runs: see `runtime`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::uri::{Authority, Scheme};
+use http::{StatusCode, Uri};
+use ipnet::IpNet;
+use rustls::pki_types::CertificateDer;
+use serde::Deserialize;
+
+use crate::secret::{Secret, SecretSource};
+
+/// Where the proxy listens when `server.listen` is not set.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Where the admin listener listens when `[admin]` is not set: loopback only,
+/// because `/status` and `/metrics` describe the deployment.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// Until the upstream's response headers; long enough for slow bank
+/// aggregation calls, short enough that a stuck upstream frees its client.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Slowloris bound: a client has this long to send its request headers.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Far above what one proxy replica normally holds, far below fd limits.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Load balancers usually wait 30 s between deregistration and SIGKILL.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Renew a token this long before it expires (capped at half its lifetime).
+pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(60);
+/// One token request, end to end.
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A config error: one line naming the file, the key and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The config file.
+    pub file: String,
+    /// The line, when the parser knows it.
+    pub line: Option<usize>,
+    /// `key: what is wrong`.
+    pub message: String,
+}
+
+/// How the token request body is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyFormat {
+    /// `application/json` (Flinks).
+    #[default]
+    Json,
+    /// `application/x-www-form-urlencoded` (RFC 6749).
+    Form,
+}
+
+/// Where the client credentials go in a token request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// `client_id` and `client_secret` as body fields (Flinks).
+    #[default]
+    Body,
+    /// HTTP Basic authentication (RFC 6749 §2.3.1).
+    Basic,
+}
+
+/// The OAuth 2.0 grant a credential uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantType {
+    /// Application tokens from client id and secret.
+    ClientCredentials,
+    /// Access tokens from a long-lived refresh token.
+    RefreshToken,
+    /// A one-time code exchanged for a refresh token, then `RefreshToken`.
+    AuthorizationCode,
+}
+
+impl GrantType {
+    /// The `grant_type` value on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantType::ClientCredentials => "client_credentials",
+            GrantType::RefreshToken => "refresh_token",
+            GrantType::AuthorizationCode => "authorization_code",
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+// ---------------------------------------------------------------- raw file
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    log: RawLog,
+    access: Option<RawAccess>,
+    #[serde(default)]
+    credentials: BTreeMap<String, RawCredential>,
+    #[serde(default)]
+    routes: BTreeMap<String, RawRoute>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default = "default_listen")]
+    listen: SocketAddr,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    #[serde(default = "d_request_timeout", with = "humantime_serde")]
+    request_timeout: Duration,
+    #[serde(default = "d_header_read_timeout", with = "humantime_serde")]
+    header_read_timeout: Duration,
+    #[serde(default = "d_max_connections")]
+    max_connections: usize,
+    #[serde(default)]
+    workers: usize,
+    #[serde(default = "d_shutdown_grace", with = "humantime_serde")]
+    shutdown_grace: Duration,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: default_listen(),
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            workers: 0,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN.parse().expect("constant address")
+}
+fn d_request_timeout() -> Duration {
+    DEFAULT_REQUEST_TIMEOUT
+}
+fn d_header_read_timeout() -> Duration {
+    DEFAULT_HEADER_READ_TIMEOUT
+}
+fn d_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn d_shutdown_grace() -> Duration {
+    DEFAULT_SHUTDOWN_GRACE
+}
+fn d_refresh_before() -> Duration {
+    DEFAULT_REFRESH_BEFORE
+}
+fn d_token_timeout() -> Duration {
+    DEFAULT_TOKEN_TIMEOUT
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: SocketAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    #[serde(default = "default_level")]
+    level: String,
+    #[serde(default)]
+    format: LogFormat,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: default_level(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+fn default_level() -> String {
+    "info".to_owned()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    #[serde(default)]
+    api_keys: Vec<SecretSource>,
+    #[serde(default)]
+    allow: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    token_url: String,
+    grant_type: GrantType,
+    client_id: String,
+    client_secret: Option<SecretSource>,
+    scope: Option<String>,
+    #[serde(default)]
+    client_auth: ClientAuth,
+    #[serde(default)]
+    body_format: BodyFormat,
+    #[serde(default = "d_refresh_before", with = "humantime_serde")]
+    refresh_before: Duration,
+    #[serde(default = "d_token_timeout", with = "humantime_serde")]
+    token_timeout: Duration,
+    refresh_token: Option<SecretSource>,
+    code: Option<SecretSource>,
+    redirect_uri: Option<String>,
+    state_file: Option<PathBuf>,
+    #[serde(default)]
+    extra: BTreeMap<String, String>,
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    #[serde(default = "default_prefix")]
+    path_prefix: String,
+    upstream: String,
+    credential: String,
+    host: Option<String>,
+    strip_prefix: Option<String>,
+    header: Option<String>,
+    scheme: Option<String>,
+    reauth_on: Option<Vec<u16>>,
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    preserve_host: bool,
+}
+
+fn default_prefix() -> String {
+    "/".to_owned()
+}
+
+// ----------------------------------------------------------- validated
+
+/// A validated, immutable configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub source: PathBuf,
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[admin]`: where the admin listener listens.
+    pub admin_listen: Option<SocketAddr>,
+    /// `[log]`.
+    pub log: LogConfig,
+    /// `[access]`.
+    pub access: AccessConfig,
+    /// `[credentials.NAME]`, by name.
+    pub credentials: BTreeMap<String, Arc<CredentialConfig>>,
+    /// `[routes.NAME]`, by name.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[server]`.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// Listener address.
+    pub listen: SocketAddr,
+    /// TLS on the listener, loaded (certificate, key, client CA).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Whether client certificates are required.
+    pub mtls: bool,
+    /// Until the upstream's response headers (includes waiting for a token).
+    pub request_timeout: Duration,
+    /// A client must send its request headers within this.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; more wait in the accept backlog.
+    pub max_connections: usize,
+    /// Runtime worker threads; 0 = one per core.
+    pub workers: usize,
+    /// How long in-flight requests may run after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+impl fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("listen", &self.listen)
+            .field("tls", &self.tls.is_some())
+            .field("mtls", &self.mtls)
+            .field("request_timeout", &self.request_timeout)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("workers", &self.workers)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .finish()
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A `tracing` filter directive (`RUST_LOG` overrides it).
+    pub level: String,
+    /// Text or JSON lines.
+    pub format: LogFormat,
+}
+
+/// `[access]`: who may use the proxy.
+#[derive(Debug, Clone, Default)]
+pub struct AccessConfig {
+    /// Accepted `Proxy-Authorization: Bearer` keys; empty = no key needed.
+    pub api_keys: Vec<Secret>,
+    /// Client networks allowed; empty = any.
+    pub allow: Vec<IpNet>,
+}
+
+/// One `[credentials.NAME]`: everything needed to obtain its tokens.
+/// Compared whole on reload: an unchanged credential keeps its token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CredentialConfig {
+    /// The table name.
+    pub name: String,
+    /// The token endpoint.
+    pub token_url: Uri,
+    /// Which grant.
+    pub grant_type: GrantType,
+    /// OAuth client id (not secret, printed by `check`).
+    pub client_id: String,
+    /// OAuth client secret.
+    pub client_secret: Option<Secret>,
+    /// Requested scope.
+    pub scope: Option<String>,
+    /// Body fields or HTTP Basic.
+    pub client_auth: ClientAuth,
+    /// JSON or form body.
+    pub body_format: BodyFormat,
+    /// Renew this long before expiry (capped at half the lifetime).
+    pub refresh_before: Duration,
+    /// One token request, end to end.
+    pub token_timeout: Duration,
+    /// The configured refresh token (`refresh_token` grant).
+    pub refresh_token: Option<Secret>,
+    /// The authorization code (`authorization_code` grant).
+    pub code: Option<Secret>,
+    /// The redirect URI sent with the code.
+    pub redirect_uri: Option<String>,
+    /// Where the refresh token is kept across restarts.
+    pub state_file: Option<PathBuf>,
+    /// Extra token request fields.
+    pub extra: Vec<(String, String)>,
+    /// Extra trust roots for the token endpoint.
+    pub ca_certs: Vec<CertificateDer<'static>>,
+}
+
+/// How the token is written into the injected header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthScheme {
+    /// `Bearer TOKEN`.
+    Bearer,
+    /// The bare token.
+    Bare,
+    /// `SCHEME TOKEN`.
+    Other(String),
+}
+
+/// One `[routes.NAME]`.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// The table name (metrics label).
+    pub name: String,
+    /// Lower-case host to match, without port.
+    pub host: Option<String>,
+    /// Path prefix, matched at a `/` boundary.
+    pub path_prefix: String,
+    /// Removed from the path before forwarding.
+    pub strip_prefix: Option<String>,
+    /// `http` or `https`.
+    pub upstream_scheme: Scheme,
+    /// Upstream host and port.
+    pub upstream_authority: Authority,
+    /// Upstream base path ("" or "/base", no trailing slash).
+    pub upstream_base_path: String,
+    /// The credential's name.
+    pub credential: String,
+    /// Header that carries the token.
+    pub header: HeaderName,
+    /// How the token is written in it.
+    pub scheme: AuthScheme,
+    /// Upstream statuses that mean "token rejected".
+    pub reauth_on: Vec<StatusCode>,
+    /// Extra trust roots for this upstream.
+    pub ca_certs: Vec<CertificateDer<'static>>,
+    /// Forward the client's Host header.
+    pub preserve_host: bool,
+}
+
+impl RouteConfig {
+    /// The upstream URL as configured, for humans.
+    pub fn upstream_url(&self) -> String {
+        format!(
+            "{}://{}{}",
+            self.upstream_scheme, self.upstream_authority, self.upstream_base_path
+        )
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Validates config text; `path` names it in errors and anchors relative
+    /// file paths (secrets, certificates, state files).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let err = |key: &str, message: String| ConfigError {
+            file: file.clone(),
+            line: None,
+            message: if key.is_empty() {
+                message
+            } else {
+                format!("{key}: {message}")
+            },
+        };
+        let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                let inner = e.into_inner();
+                let line = inner
+                    .span()
+                    .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+                let key = if key == "." { String::new() } else { key };
+                ConfigError {
+                    file: file.clone(),
+                    line,
+                    message: if key.is_empty() {
+                        inner.message().trim().to_owned()
+                    } else {
+                        format!("{key}: {}", inner.message().trim())
+                    },
+                }
+            })?;
+        let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
+
+        // [server]
+        let s = raw.server;
+        let tls = match (&s.tls_cert, &s.tls_key) {
+            (None, None) => {
+                if s.client_ca.is_some() {
+                    return Err(err(
+                        "server.client_ca",
+                        "needs server.tls_cert and server.tls_key".into(),
+                    ));
+                }
+                None
+            }
+            (Some(cert), Some(key)) => {
+                let ca = s.client_ca.as_ref().map(|p| base.join(p));
+                Some(
+                    crate::tls::server_config(&base.join(cert), &base.join(key), ca.as_deref())
+                        .map_err(|m| err("server.tls_cert", m))?,
+                )
+            }
+            (Some(_), None) => {
+                return Err(err("server.tls_key", "is required with server.tls_cert".into()))
+            }
+            (None, Some(_)) => {
+                return Err(err("server.tls_cert", "is required with server.tls_key".into()))
+            }
+        };
+        if s.max_connections == 0 {
+            return Err(err("server.max_connections", "must be at least 1".into()));
+        }
+        for (key, d) in [
+            ("server.request_timeout", s.request_timeout),
+            ("server.header_read_timeout", s.header_read_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(err(key, "must be greater than zero".into()));
+            }
+        }
+        let server = ServerConfig {
+            listen: s.listen,
+            mtls: s.client_ca.is_some(),
+            tls,
+            request_timeout: s.request_timeout,
+            header_read_timeout: s.header_read_timeout,
+            max_connections: s.max_connections,
+            workers: s.workers,
+            shutdown_grace: s.shutdown_grace,
+        };
+
+        // [log]
+        tracing_subscriber::EnvFilter::try_new(&raw.log.level)
+            .map_err(|e| err("log.level", format!("not a valid level or filter: {e}")))?;
+
+        // [access]
+        let mut access = AccessConfig::default();
+        if let Some(a) = raw.access {
+            for (i, k) in a.api_keys.iter().enumerate() {
+                access
+                    .api_keys
+                    .push(k.resolve(&base).map_err(|m| err(&format!("access.api_keys[{i}]"), m))?);
+            }
+            for (i, net) in a.allow.iter().enumerate() {
+                let parsed = net
+                    .parse::<IpNet>()
+                    .or_else(|_| net.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        err(
+                            &format!("access.allow[{i}]"),
+                            format!("{net:?} is not an address or CIDR network"),
+                        )
+                    })?;
+                access.allow.push(parsed);
+            }
+        }
+
+        // [credentials]
+        let mut credentials = BTreeMap::new();
+        for (name, c) in raw.credentials {
+            let key = |k: &str| format!("credentials.{name}.{k}");
+            let token_url = parse_url(&c.token_url).map_err(|m| err(&key("token_url"), m))?;
+            let resolve = |k: &str, s: &Option<SecretSource>| {
+                s.as_ref()
+                    .map(|s| s.resolve(&base))
+                    .transpose()
+                    .map_err(|m| err(&key(k), m))
+            };
+            let only = |k: &str, set: bool, grants: &str| {
+                if set {
+                    Err(err(&key(k), format!("is only used with grant_type = {grants}")))
+                } else {
+                    Ok(())
+                }
+            };
+            match c.grant_type {
+                GrantType::ClientCredentials => {
+                    only("refresh_token", c.refresh_token.is_some(), "\"refresh_token\"")?;
+                    only("code", c.code.is_some(), "\"authorization_code\"")?;
+                    only("redirect_uri", c.redirect_uri.is_some(), "\"authorization_code\"")?;
+                    only(
+                        "state_file",
+                        c.state_file.is_some(),
+                        "\"refresh_token\" or \"authorization_code\"",
+                    )?;
+                }
+                GrantType::RefreshToken => {
+                    only("code", c.code.is_some(), "\"authorization_code\"")?;
+                    only("redirect_uri", c.redirect_uri.is_some(), "\"authorization_code\"")?;
+                    if c.refresh_token.is_none() {
+                        return Err(err(
+                            &key("refresh_token"),
+                            "is required with grant_type = \"refresh_token\"".into(),
+                        ));
+                    }
+                }
+                GrantType::AuthorizationCode => {
+                    only(
+                        "scope",
+                        c.scope.is_some(),
+                        "\"client_credentials\" or \"refresh_token\"",
+                    )?;
+                    only("refresh_token", c.refresh_token.is_some(), "\"refresh_token\"")?;
+                    for (k, set) in [
+                        ("code", c.code.is_some()),
+                        ("redirect_uri", c.redirect_uri.is_some()),
+                        ("state_file", c.state_file.is_some()),
+                    ] {
+                        if !set {
+                            return Err(err(
+                                &key(k),
+                                "is required with grant_type = \"authorization_code\"".into(),
+                            ));
+                        }
+                    }
+                }
+            }
+            if c.client_id.is_empty() {
+                return Err(err(&key("client_id"), "is empty".into()));
+            }
+            if c.token_timeout.is_zero() {
+                return Err(err(&key("token_timeout"), "must be greater than zero".into()));
+            }
+            for k in c.extra.keys() {
+                if RESERVED_TOKEN_FIELDS.contains(&k.as_str()) {
+                    return Err(err(
+                        &key(&format!("extra.{k}")),
+                        "is set by the proxy itself; use the dedicated key".into(),
+                    ));
+                }
+            }
+            let ca_certs = match &c.ca_file {
+                Some(p) => crate::tls::load_certs(&base.join(p)).map_err(|m| err(&key("ca_file"), m))?,
+                None => Vec::new(),
+            };
+            let cred = CredentialConfig {
+                name: name.clone(),
+                token_url,
+                grant_type: c.grant_type,
+                client_id: c.client_id,
+                client_secret: resolve("client_secret", &c.client_secret)?,
+                scope: c.scope,
+                client_auth: c.client_auth,
+                body_format: c.body_format,
+                refresh_before: c.refresh_before,
+                token_timeout: c.token_timeout,
+                refresh_token: resolve("refresh_token", &c.refresh_token)?,
+                code: resolve("code", &c.code)?,
+                redirect_uri: c.redirect_uri,
+                state_file: c.state_file.map(|p| base.join(p)),
+                extra: c.extra.into_iter().collect(),
+                ca_certs,
+            };
+            credentials.insert(name, Arc::new(cred));
+        }
+
+        // [routes]
+        let mut routes = Vec::new();
+        for (name, r) in raw.routes {
+            let key = |k: &str| format!("routes.{name}.{k}");
+            if !credentials.contains_key(&r.credential) {
+                return Err(err(
+                    &key("credential"),
+                    format!("no [credentials.{}] is defined", r.credential),
+                ));
+            }
+            let upstream: Uri = parse_url(&r.upstream).map_err(|m| err(&key("upstream"), m))?;
+            if upstream.query().is_some() {
+                return Err(err(&key("upstream"), "must not have a query string".into()));
+            }
+            let parts = upstream.into_parts();
+            let base_path = parts
+                .path_and_query
+                .map(|p| p.path().trim_end_matches('/').to_owned())
+                .unwrap_or_default();
+            let prefix = r.path_prefix;
+            if !prefix.starts_with('/') {
+                return Err(err(&key("path_prefix"), "must start with '/'".into()));
+            }
+            if let Some(strip) = &r.strip_prefix {
+                if !strip.starts_with('/') || !prefix_matches(&prefix, strip) {
+                    return Err(err(
+                        &key("strip_prefix"),
+                        format!("must be a '/'-bounded prefix of path_prefix {prefix:?}"),
+                    ));
+                }
+            }
+            let host = match r.host {
+                Some(h) => {
+                    let h = h.to_ascii_lowercase();
+                    if h.parse::<Authority>().is_err() || h.contains('/') || h.is_empty() {
+                        return Err(err(&key("host"), format!("{h:?} is not a host name")));
+                    }
+                    Some(h)
+                }
+                None => None,
+            };
+            let header_name = r.header.unwrap_or_else(|| "authorization".to_owned());
+            let header = HeaderName::from_bytes(header_name.as_bytes())
+                .map_err(|_| err(&key("header"), format!("{header_name:?} is not a header name")))?;
+            if crate::proxy::is_reserved_header(&header) {
+                return Err(err(
+                    &key("header"),
+                    format!("{header} is managed by the proxy and cannot carry the token"),
+                ));
+            }
+            let scheme = match r.scheme.as_deref() {
+                None | Some("Bearer") => AuthScheme::Bearer,
+                Some("") => AuthScheme::Bare,
+                Some(s) if s.bytes().all(|b| b.is_ascii_graphic()) => AuthScheme::Other(s.to_owned()),
+                Some(s) => return Err(err(&key("scheme"), format!("{s:?} is not a valid scheme"))),
+            };
+            let mut reauth_on = Vec::new();
+            for code in r.reauth_on.unwrap_or_else(|| vec![401]) {
+                match StatusCode::from_u16(code) {
+                    Ok(s) if (400..600).contains(&code) => reauth_on.push(s),
+                    _ => {
+                        return Err(err(
+                            &key("reauth_on"),
+                            format!("{code} is not an HTTP error status (400-599)"),
+                        ))
+                    }
+                }
+            }
+            let ca_certs = match &r.ca_file {
+                Some(p) => crate::tls::load_certs(&base.join(p)).map_err(|m| err(&key("ca_file"), m))?,
+                None => Vec::new(),
+            };
+            if let Some(other) = routes
+                .iter()
+                .find(|o: &&RouteConfig| o.host == host && o.path_prefix == prefix)
+            {
+                return Err(err(
+                    &key("path_prefix"),
+                    format!("route {} already matches the same host and prefix", other.name),
+                ));
+            }
+            routes.push(RouteConfig {
+                name: name.clone(),
+                host,
+                path_prefix: prefix,
+                strip_prefix: r.strip_prefix,
+                upstream_scheme: parts.scheme.unwrap_or(Scheme::HTTP),
+                upstream_authority: parts
+                    .authority
+                    .ok_or_else(|| err(&key("upstream"), "has no host".into()))?,
+                upstream_base_path: base_path,
+                credential: r.credential,
+                header,
+                scheme,
+                reauth_on,
+                ca_certs,
+                preserve_host: r.preserve_host,
+            });
+        }
+
+        Ok(Config {
+            source: path.to_path_buf(),
+            server,
+            admin_listen: Some(match raw.admin {
+                Some(a) => a.listen,
+                None => DEFAULT_ADMIN_LISTEN.parse().expect("constant address"),
+            }),
+            log: LogConfig {
+                level: raw.log.level,
+                format: raw.log.format,
+            },
+            access,
+            credentials,
+            routes,
+        })
+    }
+}
+
+/// Token request fields the proxy fills in; `extra` may not override them.
+const RESERVED_TOKEN_FIELDS: &[&str] = &[
+    "grant_type",
+    "client_id",
+    "client_secret",
+    "scope",
+    "code",
+    "redirect_uri",
+    "refresh_token",
+];
+
+/// `prefix` matches `path` at a `/` boundary: `/api` matches `/api` and
+/// `/api/x`, not `/apix`.
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    path.starts_with(prefix)
+        && (prefix.ends_with('/')
+            || path.len() == prefix.len()
+            || path.as_bytes()[prefix.len()] == b'/')
+}
+
+fn parse_url(s: &str) -> Result<Uri, String> {
+    let uri: Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        Some(other) => return Err(format!("{s:?}: scheme {other:?} is not http or https")),
+        None => return Err(format!("{s:?} is not an absolute http(s) URL")),
+    }
+    match uri.authority() {
+        Some(a) if !a.host().is_empty() => {}
+        _ => return Err(format!("{s:?} has no host")),
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!("{s:?}: credentials in the URL are not supported"));
+    }
+    Ok(uri)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("proxy.toml"))
+    }
+
+    const GOOD: &str = r#"
+[credentials.flinks]
+token_url = "https://api.flinks.io/api/v1/token"
+grant_type = "client_credentials"
+client_id = "id"
+client_secret = "s3cret"
+
+[routes.flinks]
+upstream = "https://ob.flinksapp.com/base/"
+credential = "flinks"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.server.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(c.server.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        let r = &c.routes[0];
+        assert_eq!(r.path_prefix, "/");
+        assert_eq!(r.upstream_base_path, "/base");
+        assert_eq!(r.reauth_on, vec![StatusCode::UNAUTHORIZED]);
+        assert_eq!(r.scheme, AuthScheme::Bearer);
+        assert_eq!(c.credentials["flinks"].client_secret.as_ref().unwrap().expose(), "s3cret");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = GOOD.replace("client_secret =", "clinet_secret =");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.starts_with("proxy.toml:"), "{e}");
+        assert!(e.contains("credentials.flinks"), "{e}");
+        assert!(e.contains("clinet_secret"), "{e}");
+        assert!(e.contains(":6:") || e.contains(":2:"), "line expected: {e}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let text = format!("[server]\nrequest_timeout = \"soon\"\n{GOOD}");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("server.request_timeout"), "{e}");
+    }
+
+    #[test]
+    fn route_with_missing_credential() {
+        let text = GOOD.replace("credential = \"flinks\"", "credential = \"nope\"");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("routes.flinks.credential"), "{e}");
+        assert!(e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn bad_urls_are_refused() {
+        for bad in ["ftp://x/", "not a url", "/relative", "https://user:pw@host/"] {
+            let text = GOOD.replace("https://ob.flinksapp.com/base/", bad);
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains("routes.flinks.upstream"), "{bad}: {e}");
+            assert!(!e.contains("pw@"), "{e}");
+        }
+    }
+
+    #[test]
+    fn grant_specific_keys_are_checked() {
+        let text = GOOD.replace(
+            "grant_type = \"client_credentials\"",
+            "grant_type = \"authorization_code\"",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("credentials.flinks.code"), "{e}");
+        let text = GOOD.replace("client_id = \"id\"", "client_id = \"id\"\ncode = \"c\"");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("credentials.flinks.code: is only used"), "{e}");
+    }
+
+    #[test]
+    fn secret_values_never_appear_in_errors() {
+        let text = GOOD.replace("https://ob.flinksapp.com/base/", "nope");
+        let e = parse(&text).unwrap_err();
+        assert!(!format!("{e} {e:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn prefix_matching_respects_segment_boundaries() {
+        assert!(prefix_matches("/api", "/api"));
+        assert!(prefix_matches("/api", "/api/x"));
+        assert!(!prefix_matches("/api", "/apix"));
+        assert!(prefix_matches("/", "/anything"));
+        assert!(prefix_matches("/api/", "/api/x"));
+    }
+
+    #[test]
+    fn cidrs_and_addresses_are_accepted() {
+        let text = format!("[access]\nallow = [\"10.0.0.0/8\", \"::1\"]\n{GOOD}");
+        let c = parse(&text).unwrap();
+        assert_eq!(c.access.allow.len(), 2);
+        let text = format!("[access]\nallow = [\"10.0.0.0/33\"]\n{GOOD}");
+        assert!(parse(&text).unwrap_err().to_string().contains("access.allow[0]"));
+    }
+}

@@ -1,0 +1,155 @@
+//! Errors the proxy answers itself, and the one place that maps them to a
+//! status code and the JSON body of SPEC §6.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::ProxyBody;
+
+/// Why the proxy answered a request itself instead of the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Malformed or refused request target.
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// Client address not in `access.allow`.
+    #[error("client address is not allowed")]
+    Forbidden,
+    /// No route matches.
+    #[error("no route matches this request")]
+    RouteNotFound,
+    /// `CONNECT`.
+    #[error("CONNECT is not supported: this is a reverse proxy")]
+    MethodNotAllowed,
+    /// `access.api_keys` set and key missing or wrong.
+    #[error("a valid API key is required (Proxy-Authorization: Bearer KEY)")]
+    ProxyAuthRequired,
+    /// Connect, TLS or protocol failure to the upstream.
+    #[error("the upstream could not be reached ({0})")]
+    UpstreamUnavailable(crate::upstream::ErrorKind),
+    /// No valid token can be had now.
+    #[error("no access token is available for credential {credential}: {reason}")]
+    TokenUnavailable {
+        /// The credential's name.
+        credential: String,
+        /// Short, secret-free reason.
+        reason: String,
+        /// When the next attempt is due.
+        retry_after: Duration,
+    },
+    /// `request_timeout` passed.
+    #[error("the upstream did not answer within the request timeout")]
+    UpstreamTimeout,
+}
+
+impl ProxyError {
+    /// The status code the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::RouteNotFound => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ProxyError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The stable `error` code of the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::Forbidden => "forbidden",
+            ProxyError::RouteNotFound => "route_not_found",
+            ProxyError::MethodNotAllowed => "method_not_allowed",
+            ProxyError::ProxyAuthRequired => "proxy_auth_required",
+            ProxyError::UpstreamUnavailable(_) => "upstream_unavailable",
+            ProxyError::TokenUnavailable { .. } => "token_unavailable",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    /// The response: `{"error", "message", "request_id"}` plus the headers
+    /// the status calls for (`Retry-After`, `Proxy-Authenticate`, `Allow`).
+    pub fn into_response(self, request_id: &HeaderValue) -> Response<ProxyBody> {
+        let body = serde_json::json!({
+            "error": self.code(),
+            "message": self.to_string(),
+            "request_id": request_id.to_str().unwrap_or(""),
+        });
+        let mut resp = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        match &self {
+            ProxyError::TokenUnavailable { retry_after, .. } => {
+                let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            ProxyError::ProxyAuthRequired => {
+                h.insert(
+                    header::PROXY_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"flinks-proxy\""),
+                );
+            }
+            ProxyError::MethodNotAllowed => {
+                h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::ErrorKind;
+    use http_body_util::BodyExt;
+
+    #[test]
+    fn every_error_maps_to_its_status_and_code() {
+        let cases = [
+            (ProxyError::BadRequest("x"), 400, "bad_request"),
+            (ProxyError::Forbidden, 403, "forbidden"),
+            (ProxyError::RouteNotFound, 404, "route_not_found"),
+            (ProxyError::MethodNotAllowed, 405, "method_not_allowed"),
+            (ProxyError::ProxyAuthRequired, 407, "proxy_auth_required"),
+            (ProxyError::UpstreamUnavailable(ErrorKind::Connect), 502, "upstream_unavailable"),
+            (
+                ProxyError::TokenUnavailable {
+                    credential: "c".into(),
+                    reason: "r".into(),
+                    retry_after: Duration::from_millis(1500),
+                },
+                503,
+                "token_unavailable",
+            ),
+            (ProxyError::UpstreamTimeout, 504, "upstream_timeout"),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!(e.status().as_u16(), status);
+            assert_eq!(e.code(), code);
+        }
+    }
+
+    #[tokio::test]
+    async fn response_is_json_with_retry_after() {
+        let e = ProxyError::TokenUnavailable {
+            credential: "c".into(),
+            reason: "r".into(),
+            retry_after: Duration::from_millis(1500),
+        };
+        let resp = e.into_response(&HeaderValue::from_static("rid-1"));
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "2");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "token_unavailable");
+        assert_eq!(v["request_id"], "rid-1");
+    }
+}

@@ -1,0 +1,192 @@
+//! flinks-proxy: an authenticating reverse proxy for the Flinks Open Banking
+//! API and any HTTP API behind an OAuth 2.0 token endpoint. Clients send
+//! plain requests; the proxy obtains bearer tokens, keeps them fresh,
+//! injects them and forwards the requests upstream.
+//!
+//! # Layout
+//! - [`config`]: proxy.toml → validated, immutable [`Config`].
+//! - [`secret`]: secrets from literals, env or files; redacted `Debug`.
+//! - [`tls`]: PEM loading and rustls configs.
+//! - [`token`]: one `TokenSource` per credential: cache, single flight,
+//!   refresh task, grants, state file.
+//! - [`routes`]: host + longest-prefix route table.
+//! - [`runtime`]: a config turned into routes, access rules and token
+//!   sources; the `AppState` that swaps them on reload.
+//! - [`proxy`]: the request handler.
+//! - [`body`]: streaming request and response bodies, replay buffer.
+//! - [`upstream`]: pooled hyper-util clients over rustls.
+//! - [`server`]: accept loops, limits, TLS, graceful shutdown.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/status`.
+//! - [`metrics`]: the Prometheus registry and typed handles.
+//! - [`error`]: errors the proxy answers itself.
+//! - [`reload`]: SIGHUP reloads.
+//! - [`sandbox`]: Flinks-like token endpoint and API for the demo, tests
+//!   and benchmarks.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod reload;
+pub mod routes;
+pub mod runtime;
+pub mod sandbox;
+pub mod secret;
+pub mod server;
+pub mod tls;
+pub mod token;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use runtime::AppState;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config could not be turned into a runtime.
+    #[error("{0}")]
+    Build(String),
+    /// A listener could not be bound.
+    #[error("{0}")]
+    Bind(std::io::Error),
+    /// An authorization code was refused and there is no stored refresh token.
+    #[error("credentials.{credential}: the authorization code was refused ({reason}). The code is single-use and short-lived: have the user authorize again, put the new code in credentials.{credential}.code and restart")]
+    CodeRejected {
+        /// The credential.
+        credential: String,
+        /// The endpoint's answer.
+        reason: String,
+    },
+}
+
+/// A running proxy: listeners bound, refresh tasks started.
+pub struct Running {
+    state: Arc<AppState>,
+    proxy_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    proxy_task: Option<JoinHandle<()>>,
+}
+
+/// Binds the listeners, starts the token sources and serves. Credentials
+/// with an authorization code to exchange do so before listening, so a
+/// refused code is a clear startup error.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let listen = config.server.listen;
+    let admin_listen = config.admin_listen;
+    let grace = config.server.shutdown_grace;
+    let state = AppState::new(config).map_err(|e| StartError::Build(e.to_string()))?;
+    exchange_codes(&state).await?;
+    let listener = server::bind(listen, "server.listen").await.map_err(StartError::Bind)?;
+    let proxy_addr = listener.local_addr().map_err(StartError::Bind)?;
+    let admin = match admin_listen {
+        Some(a) => Some(server::bind(a, "admin.listen").await.map_err(StartError::Bind)?),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    state.start();
+    let shutdown = CancellationToken::new();
+    {
+        let rt = state.runtime.load();
+        let c = &rt.config;
+        tracing::info!(addr = %proxy_addr, tls = c.server.tls.is_some(), mtls = c.server.mtls, "proxy listening");
+        if let Some(a) = admin_addr {
+            tracing::info!(addr = %a, "admin listening");
+        }
+        for r in &c.routes {
+            tracing::info!(route = %r.name, host = r.host.as_deref().unwrap_or("*"), path_prefix = %r.path_prefix, upstream = %r.upstream_url(), credential = %r.credential, "route");
+        }
+        for (name, cred) in &c.credentials {
+            tracing::info!(credential = %name, grant = cred.grant_type.as_str(), token_url = %cred.token_url, client_id = %cred.client_id, "credential");
+        }
+        if !proxy_addr.ip().is_loopback() && rt.access.is_open() && !c.server.mtls {
+            tracing::warn!(addr = %proxy_addr, "the proxy listens beyond loopback with no [access] rules and no client certificates: anyone who reaches it can spend these credentials");
+        }
+    }
+    if let Some(l) = admin {
+        tokio::spawn(server::serve_admin(l, Arc::clone(&state), shutdown.clone()));
+    }
+    let proxy_task = tokio::spawn(server::serve_proxy(listener, Arc::clone(&state), shutdown.clone(), grace));
+    Ok(Running {
+        state,
+        proxy_addr,
+        admin_addr,
+        shutdown,
+        proxy_task: Some(proxy_task),
+    })
+}
+
+async fn exchange_codes(state: &AppState) -> Result<(), StartError> {
+    let rt = state.runtime.load_full();
+    for (name, source) in &rt.sources {
+        if !source.needs_code_exchange() {
+            continue;
+        }
+        tracing::info!(credential = %name, "exchanging the authorization code");
+        match source.fetch().await {
+            Ok(token) => source.install(token),
+            Err(e) if !e.is_transient() => {
+                return Err(StartError::CodeRejected {
+                    credential: name.clone(),
+                    reason: e.to_string(),
+                })
+            }
+            // Transient: the refresh task retries with backoff.
+            Err(e) => tracing::warn!(credential = %name, error = %e, "code exchange failed; retrying in the background"),
+        }
+    }
+    Ok(())
+}
+
+impl Running {
+    /// The proxy listener's address.
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Shared state (metrics, runtime).
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Swaps in a new config (what SIGHUP does with the file).
+    pub fn reload(&self, config: Config) -> Result<(), String> {
+        let r = reload::apply(&self.state, config);
+        self.state.metrics.reload(r.is_ok());
+        r
+    }
+
+    /// Graceful shutdown: `/readyz` turns 503, listeners stop accepting,
+    /// in-flight requests get `shutdown_grace` to finish.
+    pub async fn shutdown(mut self) {
+        self.state.draining.store(true, Ordering::Release);
+        self.shutdown.cancel();
+        if let Some(task) = self.proxy_task.take() {
+            let _ = task.await;
+        }
+        self.state.runtime.load().stop_sources();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.state.runtime.load().stop_sources();
+    }
+}

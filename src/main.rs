@@ -1,0 +1,370 @@
+//! The `flinks-proxy` command: CLI, logging, runtime, signals, exit codes.
+//! Everything else lives in the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use flinks_proxy::config::{Config, LogFormat};
+
+/// Exit code for a config that cannot be used (sysexits EX_USAGE-style).
+const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "flinks-proxy", version, about = "Authenticating reverse proxy for the Flinks API and OAuth 2.0 protected APIs")]
+struct Cli {
+    /// Config file.
+    #[arg(long, short, global = true, env = "FLINKS_PROXY_CONFIG", default_value = "proxy.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config and the secrets it names; print routes and credentials.
+    Check,
+    /// Fetch one token for a credential and describe it.
+    Token {
+        /// The credential's name.
+        name: String,
+        /// Also print the access token itself.
+        #[arg(long)]
+        show: bool,
+    },
+    /// Start a sandbox token endpoint and API with the proxy in front, on loopback.
+    Demo {
+        /// Proxy listener.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Admin listener.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+        /// Access token lifetime the sandbox grants, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        expires_in: u64,
+    },
+    /// Run only the sandbox (token endpoint and API), for benchmarks.
+    #[command(hide = true)]
+    Sandbox {
+        /// Token endpoint address.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        token_listen: String,
+        /// API address.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        api_listen: String,
+        /// Access token lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        expires_in: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None => run(&cli.config),
+        Some(Command::Check) => check(&cli.config),
+        Some(Command::Token { name, show }) => token(&cli.config, &name, show),
+        Some(Command::Demo { listen, admin, expires_in }) => demo(&listen, &admin, expires_in),
+        Some(Command::Sandbox { token_listen, api_listen, expires_in }) => {
+            sandbox(&token_listen, &api_listen, expires_in)
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
+}
+
+/// `log.level` applies to this crate; dependencies stay at `warn` unless the
+/// level is a full filter (has `=` or `,`). `RUST_LOG` overrides both.
+fn init_logging(level: &str, format: LogFormat) {
+    let directive = if level.contains('=') || level.contains(',') {
+        level.to_owned()
+    } else {
+        format!("warn,flinks_proxy={level}")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(directive));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn tokio_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all().thread_name("flinks-proxy").build()
+}
+
+fn run(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(&config.log.level, config.log.format);
+    let rt = match tokio_runtime(config.server.workers) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let path = path.to_path_buf();
+    match rt.block_on(serve(config, &path)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let running = flinks_proxy::start(config).await?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let _ = flinks_proxy::reload::reload_file(running.state(), path);
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn check(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Building the runtime also reads state files.
+    if let Err(e) = flinks_proxy::AppState::new(config.clone()) {
+        eprintln!("error: {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    println!("{}: OK", path.display());
+    let s = &config.server;
+    println!(
+        "listen  {}{}{}",
+        s.listen,
+        if s.tls.is_some() { " (TLS)" } else { "" },
+        if s.mtls { " (client certificates required)" } else { "" }
+    );
+    if let Some(a) = config.admin_listen {
+        println!("admin   {a}");
+    }
+    if !config.access.api_keys.is_empty() || !config.access.allow.is_empty() {
+        println!(
+            "access  {} API key(s); allow {}",
+            config.access.api_keys.len(),
+            if config.access.allow.is_empty() {
+                "any address".to_string()
+            } else {
+                config.access.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+            }
+        );
+    }
+    println!("credentials:");
+    for (name, c) in &config.credentials {
+        println!(
+            "  {name}: {} at {} (client_id {}, client secret {}, {:?} body, {:?} auth{})",
+            c.grant_type.as_str(),
+            c.token_url,
+            c.client_id,
+            if c.client_secret.is_some() { "set" } else { "not set" },
+            c.body_format,
+            c.client_auth,
+            c.scope.as_deref().map(|s| format!(", scope {s}")).unwrap_or_default()
+        );
+    }
+    println!("routes:");
+    for r in &config.routes {
+        println!(
+            "  {}: {}{}* -> {} with {}",
+            r.name,
+            r.host.as_deref().unwrap_or(""),
+            r.path_prefix,
+            r.upstream_url(),
+            r.credential
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn token(path: &Path, name: &str, show: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging("warn", LogFormat::Text);
+    let Some(cred) = config.credentials.get(name).cloned() else {
+        eprintln!(
+            "error: {}: no [credentials.{name}] (have: {})",
+            path.display(),
+            config.credentials.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    };
+    let rt = match tokio_runtime(1) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics = flinks_proxy::metrics::Metrics::new();
+    let result = rt.block_on(async {
+        let source = flinks_proxy::token::TokenSource::new(cred.clone(), metrics.credential(name))?;
+        source.fetch().await.map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(t) => {
+            let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(t.expires_unix);
+            println!("credential  {name}");
+            println!("grant       {}", cred.grant_type.as_str());
+            println!("expires     {} (in {}s)", humantime::format_rfc3339_seconds(expires), t.lifetime.as_secs());
+            println!("scope       {}", t.scope.as_deref().unwrap_or("-"));
+            println!("sub         {}", t.sub.as_deref().unwrap_or("-"));
+            if show {
+                println!("token       {}", t.secret().expose());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: credentials.{name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn demo(listen: &str, admin: &str, expires_in: u64) -> ExitCode {
+    init_logging("info", LogFormat::Text);
+    let rt = match tokio_runtime(0) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(demo_inner(listen, admin, expires_in)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn demo_inner(listen: &str, admin: &str, expires_in: u64) -> anyhow::Result<()> {
+    use flinks_proxy::sandbox::{Sandbox, SandboxOptions};
+    let opts = SandboxOptions {
+        expires_in: Some(expires_in),
+        ..SandboxOptions::default()
+    };
+    let sandbox = Sandbox::start(opts.clone()).await.context("starting the sandbox")?;
+    let toml = format!(
+        r#"
+[server]
+listen = "{listen}"
+[admin]
+listen = "{admin}"
+[credentials.flinks]
+token_url = "{token_url}"
+grant_type = "client_credentials"
+client_id = "{client_id}"
+client_secret = "{client_secret}"
+scope = "{scope}"
+[routes.flinks]
+path_prefix = "/"
+upstream = "{api}"
+credential = "flinks"
+"#,
+        token_url = sandbox.token_url(),
+        client_id = opts.client_id,
+        client_secret = opts.client_secret,
+        scope = opts.scope,
+        api = sandbox.api_url(),
+    );
+    let config = Config::parse(&toml, Path::new("demo.toml")).context("demo config")?;
+    let running = flinks_proxy::start(config).await.context("starting the proxy")?;
+    let p = running.proxy_addr();
+    println!();
+    println!("flinks-proxy demo: a Flinks-like sandbox with the proxy in front.");
+    println!("  token endpoint  {}", sandbox.token_url());
+    println!("  sandbox API     {}   (answers 401 without a valid token)", sandbox.api_url());
+    println!("  proxy           http://{p}");
+    if let Some(a) = running.admin_addr() {
+        println!("  admin           http://{a}");
+    }
+    println!();
+    println!("Try (no credentials in these requests; the proxy adds the token):");
+    println!("  curl -s http://{p}/api/v1/accounts");
+    println!("  curl -s http://{p}/anything?x=1        # echoes what the API received, Authorization included");
+    println!("  curl -s {}/api/v1/accounts   # straight to the API: 401", sandbox.api_url());
+    if let Some(a) = running.admin_addr() {
+        println!("  curl -s http://{a}/status");
+        println!("  curl -s http://{a}/metrics | grep flinks_proxy_");
+    }
+    println!();
+    println!("Ctrl-C to stop.");
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    running.shutdown().await;
+    drop(sandbox);
+    Ok(())
+}
+
+fn sandbox(token_listen: &str, api_listen: &str, expires_in: u64) -> ExitCode {
+    init_logging("warn", LogFormat::Text);
+    let rt = match tokio_runtime(1) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = rt.block_on(async {
+        use flinks_proxy::sandbox::{Sandbox, SandboxOptions};
+        let opts = SandboxOptions {
+            expires_in: Some(expires_in),
+            ..SandboxOptions::default()
+        };
+        let sb = Sandbox::start_on(opts, token_listen.parse()?, api_listen.parse()?).await?;
+        println!("token_url {}", sb.token_url());
+        println!("api_url {}", sb.api_url());
+        tokio::signal::ctrl_c().await?;
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

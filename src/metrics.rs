@@ -1,0 +1,233 @@
+//! The proxy's Prometheus metrics: an owned [`prometheus::Registry`] (no
+//! global registry, so parallel tests and reloads never collide) and typed
+//! handles. Per-route and per-credential handles are resolved once when a
+//! config is built, never per request.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+/// Request latency buckets: a proxy on the path of API calls lives in the
+/// sub-millisecond to tens-of-seconds range (bank aggregation is slow).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Label value for requests that matched no route.
+pub const NO_ROUTE: &str = "none";
+
+/// Every metric family of SPEC §7.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_errors: IntCounterVec,
+    token_requests: IntCounterVec,
+    token_request_duration: HistogramVec,
+    token_expiry: IntGaugeVec,
+    token_replays: IntCounterVec,
+    /// Requests being handled now.
+    pub inflight: IntGauge,
+    config_reloads: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates the registry and registers every family (and process metrics
+    /// on Linux).
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                labels,
+            )
+            .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        let requests = counter(
+            "flinks_proxy_requests_total",
+            "Requests answered, by route and status",
+            &["route", "status"],
+        );
+        let request_duration = histogram(
+            "flinks_proxy_request_duration_seconds",
+            "Time from request received to response headers sent",
+            &["route"],
+        );
+        let upstream_errors = counter(
+            "flinks_proxy_upstream_errors_total",
+            "Failed upstream exchanges, by kind (connect, tls, timeout, protocol)",
+            &["route", "kind"],
+        );
+        let token_requests = counter(
+            "flinks_proxy_token_requests_total",
+            "Token endpoint requests, by outcome",
+            &["credential", "outcome"],
+        );
+        let token_request_duration = histogram(
+            "flinks_proxy_token_request_duration_seconds",
+            "Token endpoint request latency",
+            &["credential"],
+        );
+        let token_expiry = IntGaugeVec::new(
+            Opts::new(
+                "flinks_proxy_token_expiry_timestamp_seconds",
+                "Unix time at which the cached token expires",
+            ),
+            &["credential"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(token_expiry.clone())).expect("unique metric");
+        let token_replays = counter(
+            "flinks_proxy_token_replays_total",
+            "Requests replayed with a new token after the upstream rejected one",
+            &["route"],
+        );
+        let inflight = IntGauge::new("flinks_proxy_inflight_requests", "Requests being handled")
+            .expect("valid metric");
+        registry.register(Box::new(inflight.clone())).expect("unique metric");
+        let config_reloads = counter(
+            "flinks_proxy_config_reloads_total",
+            "Config reloads, by outcome",
+            &["outcome"],
+        );
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            // Registration only fails on a duplicate; one collector per registry.
+            let _ = registry.register(Box::new(pc));
+        }
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_errors,
+            token_requests,
+            token_request_duration,
+            token_expiry,
+            token_replays,
+            inflight,
+            config_reloads,
+        }
+    }
+
+    /// The Prometheus text exposition of everything.
+    pub fn render(&self) -> String {
+        let mut buf = String::new();
+        let families = self.registry.gather();
+        if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&families, &mut buf) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        buf
+    }
+
+    /// Handles for one route (or [`NO_ROUTE`]).
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            name: route.to_owned(),
+            requests: self.requests.clone(),
+            by_status: (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect(),
+            duration: self.request_duration.with_label_values(&[route]),
+            replays: self.token_replays.with_label_values(&[route]),
+            upstream_errors: self.upstream_errors.clone(),
+        }
+    }
+
+    /// Handles for one credential.
+    pub fn credential(&self, credential: &str) -> CredentialMetrics {
+        let outcome = |o: &str| self.token_requests.with_label_values(&[credential, o]);
+        CredentialMetrics {
+            success: outcome("success"),
+            rejected: outcome("rejected"),
+            server_error: outcome("server_error"),
+            timeout: outcome("timeout"),
+            network: outcome("network"),
+            invalid_response: outcome("invalid_response"),
+            duration: self.token_request_duration.with_label_values(&[credential]),
+            expiry: self.token_expiry.with_label_values(&[credential]),
+        }
+    }
+
+    /// Forgets the series of a credential that a reload removed.
+    pub fn remove_credential(&self, credential: &str) {
+        let _ = self.token_expiry.remove_label_values(&[credential]);
+    }
+
+    /// Counts a reload.
+    pub fn reload(&self, success: bool) {
+        self.config_reloads
+            .with_label_values(&[if success { "success" } else { "failure" }])
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Status codes 100..=599 each get a lazily resolved counter slot.
+const STATUS_SLOTS: usize = 500;
+
+/// Per-route handles, resolved at config load.
+pub struct RouteMetrics {
+    name: String,
+    requests: IntCounterVec,
+    by_status: Vec<OnceLock<IntCounter>>,
+    /// `flinks_proxy_request_duration_seconds{route}`.
+    pub duration: Histogram,
+    /// `flinks_proxy_token_replays_total{route}`.
+    pub replays: IntCounter,
+    upstream_errors: IntCounterVec,
+}
+
+impl RouteMetrics {
+    /// Counts one answered request.
+    pub fn count(&self, status: u16) {
+        let slot = (status as usize).wrapping_sub(100);
+        match self.by_status.get(slot) {
+            Some(cell) => cell
+                .get_or_init(|| self.requests.with_label_values(&[&self.name, &status.to_string()]))
+                .inc(),
+            None => self
+                .requests
+                .with_label_values(&[&self.name, &status.to_string()])
+                .inc(),
+        }
+    }
+
+    /// Counts one upstream failure (rare: resolved on use).
+    pub fn upstream_error(&self, kind: &str) {
+        self.upstream_errors.with_label_values(&[&self.name, kind]).inc();
+    }
+}
+
+/// Per-credential handles.
+pub struct CredentialMetrics {
+    /// Token obtained.
+    pub success: IntCounter,
+    /// A 4xx OAuth error.
+    pub rejected: IntCounter,
+    /// A 5xx.
+    pub server_error: IntCounter,
+    /// `token_timeout` passed.
+    pub timeout: IntCounter,
+    /// Connect or I/O failure.
+    pub network: IntCounter,
+    /// A 200 without a usable token.
+    pub invalid_response: IntCounter,
+    /// Token request latency.
+    pub duration: Histogram,
+    /// Unix expiry of the cached token.
+    pub expiry: prometheus::IntGauge,
+}

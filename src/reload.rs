@@ -1,0 +1,40 @@
+//! Config reload (SIGHUP): parse → validate → build → swap. A config that
+//! fails anywhere leaves the running one untouched; in-flight requests keep
+//! the runtime they loaded.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::runtime::{AppState, Runtime};
+
+/// Reloads the config file at `path`; counts the outcome.
+pub fn reload_file(state: &AppState, path: &Path) -> Result<(), String> {
+    let result = Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|c| apply(state, c));
+    match &result {
+        Ok(()) => tracing::info!(config = %path.display(), "config reloaded"),
+        Err(e) => tracing::error!(error = %e, "config reload failed; keeping the running config"),
+    }
+    state.metrics.reload(result.is_ok());
+    result
+}
+
+/// Swaps in a validated config: builds the new runtime (carrying over
+/// unchanged credentials), swaps it, then starts and stops refresh tasks.
+pub fn apply(state: &AppState, config: Config) -> Result<(), String> {
+    let old = state.runtime.load_full();
+    if config.server.listen != old.config.server.listen
+        || config.admin_listen != old.config.admin_listen
+        || config.server.max_connections != old.config.server.max_connections
+        || config.server.workers != old.config.server.workers
+    {
+        tracing::warn!("server.listen, admin.listen, max_connections and workers take effect at the next restart");
+    }
+    let new = Runtime::build(Arc::new(config), Some(&old), &state.metrics, &state.clients)
+        .map_err(|e| e.to_string())?;
+    state.runtime.store(Arc::new(new));
+    state.runtime.load().start_new_sources(Some(&old), &state.metrics);
+    Ok(())
+}

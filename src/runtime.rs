@@ -1,0 +1,282 @@
+//! What a [`Config`] turns into when it runs: the [`Runtime`] (route table,
+//! access rules, token sources, listener TLS) and the [`AppState`] that holds
+//! the current one in an `ArcSwap`.
+//!
+//! [`Runtime::build`] makes everything first and fails whole; only then is
+//! the result swapped in, so a reload never applies half a config. Token
+//! sources whose settings did not change are carried over with their cached
+//! token and refresh task.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::header::HeaderName;
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use ipnet::IpNet;
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AuthScheme, Config, RouteConfig};
+use crate::error::ProxyError;
+use crate::metrics::{Metrics, RouteMetrics, NO_ROUTE};
+use crate::routes::RouteTable;
+use crate::secret::Secret;
+use crate::token::TokenSource;
+use crate::upstream::{ClientCache, UpstreamClient};
+
+/// A route ready to serve: its settings plus resolved handles.
+pub struct Route {
+    /// Name (metrics label, logs).
+    pub name: String,
+    /// Upstream scheme.
+    pub scheme: Scheme,
+    /// Upstream authority.
+    pub authority: Authority,
+    /// Upstream base path ("" or "/base").
+    pub base_path: String,
+    /// `Host` sent upstream unless `preserve_host`.
+    pub host_header: HeaderValue,
+    /// Removed from the path before forwarding.
+    pub strip_prefix: Option<String>,
+    /// Keep the client's Host.
+    pub preserve_host: bool,
+    /// Header that carries the token.
+    pub header: HeaderName,
+    /// How the token is written.
+    pub auth_scheme: AuthScheme,
+    /// Statuses that mean "token rejected".
+    pub reauth_on: Vec<StatusCode>,
+    /// The credential's token source.
+    pub source: Arc<TokenSource>,
+    /// Pooled client for this upstream's trust roots.
+    pub client: UpstreamClient,
+    /// Metric handles.
+    pub metrics: RouteMetrics,
+    /// The settings, for `/status`.
+    pub config: RouteConfig,
+}
+
+/// `[access]`, ready to check.
+#[derive(Default)]
+pub struct Access {
+    api_keys: Vec<Secret>,
+    allow: Vec<IpNet>,
+}
+
+impl Access {
+    /// Whether anything is enforced.
+    pub fn is_open(&self) -> bool {
+        self.api_keys.is_empty() && self.allow.is_empty()
+    }
+
+    /// `403` for an address outside `allow`, `407` for a missing or wrong key.
+    pub fn check(&self, peer: IpAddr, headers: &HeaderMap) -> Result<(), ProxyError> {
+        if !self.allow.is_empty() {
+            let ip = peer.to_canonical();
+            if !self.allow.iter().any(|net| net.contains(&ip)) {
+                return Err(ProxyError::Forbidden);
+            }
+        }
+        if !self.api_keys.is_empty() {
+            let presented = headers
+                .get(http::header::PROXY_AUTHORIZATION)
+                .map(|v| v.as_bytes())
+                .and_then(|v| {
+                    let (scheme, key) = v.split_at(v.iter().position(|&b| b == b' ')?);
+                    scheme.eq_ignore_ascii_case(b"bearer").then(|| key.trim_ascii())
+                })
+                .ok_or(ProxyError::ProxyAuthRequired)?;
+            // Compare against every key, each in constant time, without
+            // stopping at the first match.
+            let matched = self
+                .api_keys
+                .iter()
+                .fold(subtle::Choice::from(0), |acc, k| acc | k.expose().as_bytes().ct_eq(presented));
+            if !bool::from(matched) {
+                return Err(ProxyError::ProxyAuthRequired);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything one config generation serves with.
+pub struct Runtime {
+    /// The config it was built from.
+    pub config: Arc<Config>,
+    /// Route table.
+    pub routes: RouteTable<Arc<Route>>,
+    /// Routes in file order, for `/status`.
+    pub route_list: Vec<Arc<Route>>,
+    /// Access rules.
+    pub access: Access,
+    /// Token sources by credential name.
+    pub sources: BTreeMap<String, Arc<TokenSource>>,
+    /// Listener TLS.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Metric handles for requests that match no route.
+    pub unrouted: RouteMetrics,
+    /// Until the upstream's response headers.
+    pub request_timeout: Duration,
+    /// Stops this generation's new refresh tasks (carried-over ones keep
+    /// their own tokens).
+    pub(crate) cancels: BTreeMap<String, CancellationToken>,
+}
+
+/// Errors building a runtime.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BuildError(pub String);
+
+impl Runtime {
+    /// Builds a runtime, reusing `previous`'s token sources where the
+    /// credential is unchanged. New sources are created but not started;
+    /// [`Runtime::start_new_sources`] starts them once the runtime is in use.
+    pub fn build(
+        config: Arc<Config>,
+        previous: Option<&Runtime>,
+        metrics: &Metrics,
+        clients: &ClientCache,
+    ) -> Result<Runtime, BuildError> {
+        let mut sources = BTreeMap::new();
+        let mut cancels = BTreeMap::new();
+        for (name, cred) in &config.credentials {
+            let reused = previous.and_then(|p| {
+                let s = p.sources.get(name)?;
+                (s.config() == cred).then(|| (Arc::clone(s), p.cancels.get(name).cloned()))
+            });
+            let (source, cancel) = match reused {
+                Some((s, Some(c))) => (s, c),
+                _ => {
+                    let s = TokenSource::new(Arc::clone(cred), metrics.credential(name))
+                        .map_err(|e| BuildError(format!("credentials.{name}: {e}")))?;
+                    (s, CancellationToken::new())
+                }
+            };
+            sources.insert(name.clone(), source);
+            cancels.insert(name.clone(), cancel);
+        }
+        let mut route_list = Vec::new();
+        for r in &config.routes {
+            let source = sources
+                .get(&r.credential)
+                .cloned()
+                .ok_or_else(|| BuildError(format!("routes.{}.credential: unknown", r.name)))?;
+            let client = clients
+                .get(&r.ca_certs)
+                .map_err(|e| BuildError(format!("routes.{}.ca_file: {e}", r.name)))?;
+            let host_header = HeaderValue::from_str(r.upstream_authority.as_str())
+                .map_err(|_| BuildError(format!("routes.{}.upstream: bad authority", r.name)))?;
+            route_list.push(Arc::new(Route {
+                name: r.name.clone(),
+                scheme: r.upstream_scheme.clone(),
+                authority: r.upstream_authority.clone(),
+                base_path: r.upstream_base_path.clone(),
+                host_header,
+                strip_prefix: r.strip_prefix.clone(),
+                preserve_host: r.preserve_host,
+                header: r.header.clone(),
+                auth_scheme: r.scheme.clone(),
+                reauth_on: r.reauth_on.clone(),
+                source,
+                client,
+                metrics: metrics.route(&r.name),
+                config: r.clone(),
+            }));
+        }
+        let routes = RouteTable::new(
+            route_list
+                .iter()
+                .map(|r| (r.config.host.clone(), r.config.path_prefix.clone(), Arc::clone(r))),
+        );
+        Ok(Runtime {
+            routes,
+            route_list,
+            access: Access {
+                api_keys: config.access.api_keys.clone(),
+                allow: config.access.allow.clone(),
+            },
+            sources,
+            tls: config.server.tls.clone().map(tokio_rustls::TlsAcceptor::from),
+            unrouted: metrics.route(NO_ROUTE),
+            request_timeout: config.server.request_timeout,
+            cancels,
+            config,
+        })
+    }
+
+    /// Starts the refresh task of every source not carried over from
+    /// `previous`, and stops those of `previous` that are gone or replaced.
+    pub fn start_new_sources(&self, previous: Option<&Runtime>, metrics: &Metrics) {
+        for (name, source) in &self.sources {
+            let carried = previous
+                .and_then(|p| p.sources.get(name))
+                .is_some_and(|old| Arc::ptr_eq(old, source));
+            if !carried {
+                if let Some(cancel) = self.cancels.get(name) {
+                    source.spawn(cancel.clone());
+                }
+            }
+        }
+        if let Some(prev) = previous {
+            for (name, old) in &prev.sources {
+                let kept = self.sources.get(name).is_some_and(|s| Arc::ptr_eq(s, old));
+                if !kept {
+                    if let Some(c) = prev.cancels.get(name) {
+                        c.cancel();
+                    }
+                    if !self.sources.contains_key(name) {
+                        metrics.remove_credential(name);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops every refresh task (shutdown).
+    pub fn stop_sources(&self) {
+        self.cancels.values().for_each(CancellationToken::cancel);
+    }
+}
+
+/// Process-wide state shared by listeners, handlers and the admin endpoints.
+pub struct AppState {
+    /// The runtime of the current config; loaded once per request.
+    pub runtime: ArcSwap<Runtime>,
+    /// Metrics registry and handles.
+    pub metrics: Metrics,
+    /// Upstream clients, kept across reloads.
+    pub clients: ClientCache,
+    /// Set when shutdown begins (`/readyz` answers 503).
+    pub draining: AtomicBool,
+}
+
+impl AppState {
+    /// Builds the first runtime from `config` and starts its token sources.
+    pub fn new(config: Config) -> Result<Arc<AppState>, BuildError> {
+        let metrics = Metrics::new();
+        let clients = ClientCache::default();
+        let runtime = Runtime::build(Arc::new(config), None, &metrics, &clients)?;
+        Ok(Arc::new(AppState {
+            runtime: ArcSwap::from_pointee(runtime),
+            metrics,
+            clients,
+            draining: AtomicBool::new(false),
+        }))
+    }
+
+    /// Starts the refresh tasks of the first runtime.
+    pub fn start(&self) {
+        self.runtime.load().start_new_sources(None, &self.metrics);
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,835 @@
+//! Sandbox: a Flinks-like OAuth 2.0 token endpoint and a Flinks-like API,
+//! served on loopback for `flinks-proxy demo`, integration tests and benches.
+//!
+//! Owns two small hyper servers (HTTP/1.1 and h2c each), the tokens they
+//! issue, and counters that tests assert on. The token endpoint follows
+//! SPEC §1 (JSON bodies like Flinks; form bodies and HTTP Basic like generic
+//! OAuth servers) and can be told to fail the way real ones do
+//! ([`FailureMode`]). The API accepts only live tokens it issued.
+//!
+//! It owns nothing the proxy does and is not a security component: tokens
+//! are JWT-shaped but unsigned (`alg: none`).
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use serde_json::{json, Map, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// Path of the token endpoint, as Flinks serves it.
+pub const TOKEN_PATH: &str = "/api/v1/token";
+/// API requests kept by [`Sandbox::recorded`]: enough for any test, bounded for benches.
+const RECORD_CAPACITY: usize = 1000;
+/// Larger API bodies get 413; 16 MiB leaves room for the 1 MiB round-trip tests.
+const MAX_API_BODY: usize = 16 << 20;
+/// Real grant requests are a few hundred bytes; anything near 64 KiB is abuse.
+const MAX_TOKEN_BODY: usize = 64 << 10;
+/// Once the token map holds this many entries, expired ones are pruned on insert.
+const PRUNE_AT: usize = 10_000;
+/// Hard cap for benchmarks issuing millions of long-lived tokens: past it the
+/// half closest to expiry is forgotten (those tokens then count as unknown).
+const MAX_TOKENS: usize = 100_000;
+/// Expired tokens stay known this long so the API counts them as expired, not unknown.
+const EXPIRED_GRACE: Duration = Duration::from_secs(60);
+/// Stand-in when a configured lifetime overflows `Instant`: effectively forever.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// What a misbehaving load balancer answers in [`FailureMode::Garbage`].
+const GARBAGE: &str = "<html><body><h1>Service Unavailable</h1></body></html>";
+/// RFC 6750 §3 challenge on every 401 from the API.
+const CHALLENGE: &str = r#"Bearer error="invalid_token""#;
+
+type Body = Full<Bytes>;
+type Params = HashMap<String, String>;
+
+/// What the sandbox accepts and answers; `Default` gives the demo credentials.
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    /// Accepted client id.
+    pub client_id: String,
+    /// Accepted client secret.
+    pub client_secret: String,
+    /// Granted scope, echoed in every successful token response.
+    pub scope: String,
+    /// `expires_in` of token responses and the token's real lifetime;
+    /// `None` omits the field and the token lives `jwt_lifetime`.
+    pub expires_in: Option<u64>,
+    /// Lifetime behind the `exp` claim and real validity when `expires_in` is `None`.
+    pub jwt_lifetime: Duration,
+    /// The refresh token accepted (initially) for `grant_type=refresh_token`.
+    pub refresh_token: String,
+    /// The authorization code, accepted once.
+    pub code: String,
+    /// The `redirect_uri` the code exchange must repeat exactly.
+    pub redirect_uri: String,
+    /// `false` (Flinks): the refresh token never changes. `true` (generic
+    /// OAuth): every refresh grant returns a new one and invalidates the old.
+    pub rotate_refresh_tokens: bool,
+    /// The `sub` claim of issued tokens.
+    pub subject: String,
+}
+
+impl Default for SandboxOptions {
+    fn default() -> Self {
+        Self {
+            client_id: "demo-client".into(),
+            client_secret: "demo-secret".into(),
+            scope: "client:admin".into(),
+            expires_in: Some(3600),
+            jwt_lifetime: Duration::from_secs(3600),
+            refresh_token: "demo-refresh-token".into(),
+            code: "demo-code".into(),
+            redirect_uri: "https://example.com/callback".into(),
+            rotate_refresh_tokens: false,
+            subject: "user-123".into(),
+        }
+    }
+}
+
+/// How the token endpoint answers every request, before any grant handling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailureMode {
+    /// Normal operation.
+    #[default]
+    None,
+    /// `500 {"error":"server_error"}`.
+    ServerError,
+    /// `503 {"error":"temporarily_unavailable"}`.
+    TemporarilyUnavailable,
+    /// No answer until the mode changes (or the client gives up).
+    Hang,
+    /// `200` with an HTML body.
+    Garbage,
+    /// `400 {"error":"invalid_client"}` whatever the credentials.
+    InvalidClient,
+    /// `200` JSON without `access_token`.
+    NoToken,
+}
+
+/// One request received by the API listener.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    /// Request method, e.g. `GET`.
+    pub method: String,
+    /// Path and query as received.
+    pub path_and_query: String,
+    /// Headers in arrival order, names lower-case, values lossily UTF-8.
+    pub headers: Vec<(String, String)>,
+    /// The full body (empty when it could not be read or was too large).
+    pub body: Bytes,
+    /// Whether it carried a live token issued by this sandbox.
+    pub token_valid: bool,
+}
+
+/// A running sandbox. Clones share it; its servers stop when the last clone drops.
+#[derive(Clone)]
+pub struct Sandbox {
+    shared: Arc<Shared>,
+    token_addr: SocketAddr,
+    api_addr: SocketAddr,
+    _tasks: Arc<TaskGuard>,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = f.debug_struct("Sandbox");
+        s.field("token_addr", &self.token_addr);
+        s.field("api_addr", &self.api_addr).finish_non_exhaustive()
+    }
+}
+
+/// Aborts the accept loops (whose `JoinSet`s abort their connections) and
+/// wakes anything parked on `closed` (h2 streams run in tasks of their own).
+struct TaskGuard {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.shared.closed.send_replace(true);
+        self.tasks.iter().for_each(JoinHandle::abort);
+    }
+}
+
+impl Sandbox {
+    /// Starts the token endpoint and the API, each on `127.0.0.1:0`.
+    pub async fn start(opts: SandboxOptions) -> io::Result<Sandbox> {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_on(opts, any, any).await
+    }
+
+    /// Starts the token endpoint and the API on the given addresses.
+    pub async fn start_on(
+        opts: SandboxOptions,
+        token_addr: SocketAddr,
+        api_addr: SocketAddr,
+    ) -> io::Result<Sandbox> {
+        let token_listener = TcpListener::bind(token_addr).await?;
+        let api_listener = TcpListener::bind(api_addr).await?;
+        let (token_addr, api_addr) = (token_listener.local_addr()?, api_listener.local_addr()?);
+        let shared = Arc::new(Shared::new(opts));
+        let tasks = vec![
+            tokio::spawn(serve(token_listener, shared.clone(), Role::Token)),
+            tokio::spawn(serve(api_listener, shared.clone(), Role::Api)),
+        ];
+        tracing::debug!(%token_addr, %api_addr, "sandbox listening");
+        let _tasks = Arc::new(TaskGuard { shared: shared.clone(), tasks });
+        Ok(Sandbox { shared, token_addr, api_addr, _tasks })
+    }
+
+    /// Address of the token endpoint listener.
+    pub fn token_addr(&self) -> SocketAddr {
+        self.token_addr
+    }
+
+    /// Address of the API listener.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    /// `http://127.0.0.1:PORT/api/v1/token`.
+    pub fn token_url(&self) -> String {
+        format!("http://{}{TOKEN_PATH}", self.token_addr)
+    }
+
+    /// `http://127.0.0.1:PORT` (no trailing slash).
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.api_addr)
+    }
+
+    /// Requests received by the token endpoint, whatever their outcome.
+    pub fn token_requests(&self) -> u64 {
+        *self.shared.token_requests.borrow()
+    }
+
+    /// Token requests whose body named this `grant_type` (any outcome); 0 for unknown grants.
+    pub fn token_requests_by_grant(&self, grant: &str) -> u64 {
+        Grant::parse(grant).map_or(0, |g| get(&self.shared.n.by_grant[g as usize]))
+    }
+
+    /// Token requests answered 200 with a token.
+    pub fn successful_token_requests(&self) -> u64 {
+        get(&self.shared.n.successful)
+    }
+
+    /// Resolves once [`Sandbox::token_requests`] is at least `n`.
+    pub async fn wait_for_token_requests(&self, n: u64) {
+        let mut rx = self.shared.token_requests.subscribe();
+        // The sender lives in `shared`, which we hold: this cannot fail.
+        let _ = rx.wait_for(|&count| count >= n).await;
+    }
+
+    /// Token requests being handled right now, hanging ones included.
+    pub fn token_requests_in_flight(&self) -> u64 {
+        get(&self.shared.n.in_flight)
+    }
+
+    /// High-water mark of token requests handled at once.
+    pub fn max_concurrent_token_requests(&self) -> u64 {
+        get(&self.shared.n.max_in_flight)
+    }
+
+    /// Sets how the token endpoint answers from now on; leaving `Hang`
+    /// releases the hanging requests, which then answer per the new mode.
+    pub fn set_failure(&self, mode: FailureMode) {
+        self.shared.failure.send_replace(mode);
+    }
+
+    /// Makes the API reject (401) every access token issued so far.
+    pub fn revoke_access_tokens(&self) {
+        self.shared.grants().tokens.clear();
+    }
+
+    /// Makes the current refresh token fail with `invalid_grant` from now on.
+    pub fn revoke_refresh_token(&self) {
+        self.shared.grants().refresh_revoked = true;
+    }
+
+    /// The refresh token valid now (it changes when rotating); after
+    /// [`Sandbox::revoke_refresh_token`], the revoked one.
+    pub fn current_refresh_token(&self) -> String {
+        self.shared.grants().refresh_token.clone()
+    }
+
+    /// Requests received by the API, whatever their outcome.
+    pub fn api_requests(&self) -> u64 {
+        get(&self.shared.n.api_requests)
+    }
+
+    /// API requests answered 401 (missing, unknown, expired or revoked token).
+    pub fn rejected_api_requests(&self) -> u64 {
+        get(&self.shared.n.rejected)
+    }
+
+    /// API requests whose token was issued here but had expired (subset of rejected).
+    pub fn expired_token_requests(&self) -> u64 {
+        get(&self.shared.n.expired)
+    }
+
+    /// The last 1000 API requests, oldest first.
+    pub fn recorded(&self) -> Vec<RecordedRequest> {
+        lock(&self.shared.recorded).iter().cloned().collect()
+    }
+
+    /// Makes the API wait this long before answering (zero: no delay).
+    pub fn set_api_delay(&self, d: Duration) {
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.shared.n.api_delay_nanos.store(nanos, SeqCst);
+    }
+}
+
+/// Decodes the claims (middle part) of a JWT-shaped token, verifying nothing.
+pub fn decode_jwt_claims(token: &str) -> Option<serde_json::Value> {
+    let claims = token.split('.').nth(1)?;
+    let raw = URL_SAFE_NO_PAD.decode(claims).or_else(|_| URL_SAFE.decode(claims));
+    serde_json::from_slice(&raw.ok()?).ok()
+}
+
+#[derive(Clone, Copy)]
+enum Grant {
+    ClientCredentials = 0,
+    AuthorizationCode = 1,
+    RefreshToken = 2,
+}
+
+impl Grant {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "client_credentials" => Some(Self::ClientCredentials),
+            "authorization_code" => Some(Self::AuthorizationCode),
+            "refresh_token" => Some(Self::RefreshToken),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Role {
+    Token,
+    Api,
+}
+
+enum TokenCheck {
+    Valid,
+    Missing,
+    Unknown,
+    Expired,
+}
+
+struct Shared {
+    opts: SandboxOptions,
+    failure: watch::Sender<FailureMode>,
+    /// Set when the last [`Sandbox`] clone drops.
+    closed: watch::Sender<bool>,
+    /// A counter that `wait_for_token_requests` can await.
+    token_requests: watch::Sender<u64>,
+    n: Counters,
+    grants: Mutex<GrantState>,
+    recorded: Mutex<VecDeque<RecordedRequest>>,
+}
+
+#[derive(Default)]
+struct Counters {
+    by_grant: [AtomicU64; 3],
+    successful: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+    api_requests: AtomicU64,
+    rejected: AtomicU64,
+    expired: AtomicU64,
+    api_delay_nanos: AtomicU64,
+    next_id: AtomicU64,
+}
+
+struct GrantState {
+    /// Access token -> precise expiry (the `exp` claim only has seconds).
+    tokens: HashMap<String, Instant>,
+    prune_at: usize,
+    code_used: bool,
+    refresh_token: String,
+    refresh_revoked: bool,
+}
+
+impl GrantState {
+    fn insert_token(&mut self, token: String, expiry: Instant) {
+        if self.tokens.len() >= self.prune_at {
+            if let Some(cutoff) = Instant::now().checked_sub(EXPIRED_GRACE) {
+                self.tokens.retain(|_, exp| *exp > cutoff);
+            }
+            if self.tokens.len() >= MAX_TOKENS {
+                let mut expiries: Vec<Instant> = self.tokens.values().copied().collect();
+                let mid = expiries.len() / 2;
+                let median = *expiries.select_nth_unstable(mid).1;
+                self.tokens.retain(|_, exp| *exp > median);
+            }
+            // Doubling keeps pruning amortised O(1) while many tokens are live.
+            self.prune_at = (self.tokens.len() * 2).clamp(PRUNE_AT, MAX_TOKENS);
+        }
+        self.tokens.insert(token, expiry);
+    }
+}
+
+impl Shared {
+    fn new(opts: SandboxOptions) -> Self {
+        let grants = GrantState {
+            tokens: HashMap::new(),
+            prune_at: PRUNE_AT,
+            code_used: false,
+            refresh_token: opts.refresh_token.clone(),
+            refresh_revoked: false,
+        };
+        Self {
+            opts,
+            failure: watch::Sender::new(FailureMode::None),
+            closed: watch::Sender::new(false),
+            token_requests: watch::Sender::new(0),
+            n: Counters::default(),
+            grants: Mutex::new(grants),
+            recorded: Mutex::default(),
+        }
+    }
+
+    fn grants(&self) -> MutexGuard<'_, GrantState> {
+        lock(&self.grants)
+    }
+
+    async fn closed(&self) {
+        let _ = self.closed.subscribe().wait_for(|closed| *closed).await;
+    }
+
+    /// The failure mode to apply, waiting out `Hang`; `Hang` means shutting down.
+    async fn failure_mode(&self) -> FailureMode {
+        let mut rx = self.failure.subscribe();
+        tokio::select! {
+            mode = rx.wait_for(|m| *m != FailureMode::Hang) => mode.map_or(FailureMode::Hang, |m| *m),
+            () = self.closed() => FailureMode::Hang,
+        }
+    }
+
+    fn unique_id(&self) -> String {
+        let n = bump(&self.n.next_id);
+        format!("{n:x}-{:016x}", rand::random::<u64>())
+    }
+
+    /// Checks the grant and issues a token; `Err` is an `invalid_grant` description.
+    fn issue(&self, grant: Grant, params: &Params) -> Result<Value, &'static str> {
+        let opts = &self.opts;
+        let mut state = self.grants();
+        let refresh_token = match grant {
+            Grant::ClientCredentials => None,
+            Grant::AuthorizationCode => {
+                if state.code_used || params.get("code") != Some(&opts.code) {
+                    return Err("The authorization code is invalid or has already been used");
+                }
+                if params.get("redirect_uri") != Some(&opts.redirect_uri) {
+                    return Err("The redirect_uri does not match the authorization request");
+                }
+                state.code_used = true;
+                if state.refresh_revoked {
+                    // A new authorization replaces a revoked refresh token.
+                    state.refresh_token = format!("rt-{}", self.unique_id());
+                    state.refresh_revoked = false;
+                }
+                Some(state.refresh_token.clone())
+            }
+            Grant::RefreshToken => {
+                let presented = params.get("refresh_token");
+                if state.refresh_revoked || presented != Some(&state.refresh_token) {
+                    return Err("The refresh token is invalid or has been revoked");
+                }
+                opts.rotate_refresh_tokens.then(|| {
+                    state.refresh_token = format!("rt-{}", self.unique_id());
+                    state.refresh_token.clone()
+                })
+            }
+        };
+        let lifetime = opts.expires_in.map_or(opts.jwt_lifetime, Duration::from_secs);
+        let now = Instant::now();
+        let expiry = now.checked_add(lifetime).unwrap_or(now + FOREVER);
+        let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let wall = SystemTime::now();
+        // Floor of the absolute expiry: the claim never outlives the real token.
+        let exp = unix(wall.checked_add(lifetime).unwrap_or(wall + FOREVER));
+        let (iat, jti) = (unix(wall), self.unique_id());
+        let claims = json!({"client_id": opts.client_id, "sub": opts.subject, "exp": exp, "iat": iat, "jti": jti});
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
+        let access_token = format!("{header}.{claims}.sandbox-signature");
+        state.insert_token(access_token.clone(), expiry);
+        drop(state);
+
+        let mut body = json!({"access_token": access_token, "token_type": "Bearer", "scope": opts.scope});
+        if let Some(expires_in) = opts.expires_in {
+            body["expires_in"] = expires_in.into();
+        }
+        if let Some(refresh_token) = refresh_token {
+            body["refresh_token"] = refresh_token.into();
+        }
+        Ok(body)
+    }
+
+    fn check_token(&self, headers: &HeaderMap) -> TokenCheck {
+        let Some(token) = credentials(headers, "bearer") else {
+            return TokenCheck::Missing;
+        };
+        match self.grants().tokens.get(token) {
+            None => TokenCheck::Unknown,
+            Some(expiry) if Instant::now() < *expiry => TokenCheck::Valid,
+            Some(_) => TokenCheck::Expired,
+        }
+    }
+
+    fn record(&self, request: RecordedRequest) {
+        let mut recorded = lock(&self.recorded);
+        if recorded.len() >= RECORD_CAPACITY {
+            recorded.pop_front();
+        }
+        recorded.push_back(request);
+    }
+}
+
+/// Counts a token request as in flight for as long as its handler lives,
+/// including when hyper drops a hanging handler because the client left.
+struct InFlight<'a>(&'a Counters);
+
+impl<'a> InFlight<'a> {
+    fn enter(n: &'a Counters) -> Self {
+        n.max_in_flight.fetch_max(bump(&n.in_flight), SeqCst);
+        Self(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, SeqCst);
+    }
+}
+
+/// Accepts connections until aborted; dropping the `JoinSet` aborts them all.
+async fn serve(listener: TcpListener, shared: Arc<Shared>, role: Role) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    connections.spawn(serve_connection(stream, shared.clone(), role));
+                }
+                Err(error) => {
+                    // Usually EMFILE under a benchmark: back off instead of spinning.
+                    tracing::debug!(%error, "sandbox accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, shared: Arc<Shared>, role: Role) {
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        async move {
+            Ok::<_, Infallible>(match role {
+                Role::Token => handle_token(&shared, req).await,
+                Role::Api => handle_api(&shared, req).await,
+            })
+        }
+    });
+    let builder = Builder::new(TokioExecutor::new());
+    if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
+        tracing::debug!(%error, "sandbox connection ended with an error");
+    }
+}
+
+async fn handle_token(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    shared.token_requests.send_modify(|n| *n += 1);
+    let _in_flight = InFlight::enter(&shared.n);
+    if req.uri().path() != TOKEN_PATH {
+        return error_json(StatusCode::NOT_FOUND, "not_found");
+    }
+    if req.method() != Method::POST {
+        let resp = error_json(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+        return with_header(resp, header::ALLOW, "POST");
+    }
+    let (parts, body) = req.into_parts();
+    let params = match Limited::new(body, MAX_TOKEN_BODY).collect().await {
+        Ok(collected) => parse_params(&parts.headers, &collected.to_bytes()),
+        Err(_) => Err("The request body could not be read or is too large"),
+    };
+    let grant = params.as_ref().ok().and_then(|p| p.get("grant_type"));
+    let grant = grant.and_then(|g| Grant::parse(g));
+    if let Some(grant) = grant {
+        bump(&shared.n.by_grant[grant as usize]);
+    }
+
+    let failure = match shared.failure_mode().await {
+        FailureMode::None => None,
+        FailureMode::ServerError => Some(oauth_error("server_error", "Simulated failure")),
+        FailureMode::TemporarilyUnavailable => {
+            Some(oauth_error("temporarily_unavailable", "Simulated outage"))
+        }
+        FailureMode::Hang => Some(oauth_error("temporarily_unavailable", "Shutting down")),
+        FailureMode::Garbage => Some(response(StatusCode::OK, "text/html", GARBAGE)),
+        FailureMode::InvalidClient => Some(oauth_error("invalid_client", "Simulated rejection")),
+        FailureMode::NoToken => {
+            let body = json!({"token_type": "Bearer", "expires_in": 3600, "scope": shared.opts.scope});
+            Some(json_response(StatusCode::OK, &body))
+        }
+    };
+    if let Some(resp) = failure {
+        return resp;
+    }
+
+    let params = match params {
+        Ok(params) => params,
+        Err(description) => return oauth_error("invalid_request", description),
+    };
+    let Some(grant) = grant else {
+        return oauth_error("unsupported_grant_type", "Missing or unsupported grant_type");
+    };
+    let opts = &shared.opts;
+    match client_auth(&parts.headers, &params) {
+        Some((id, secret)) if id == opts.client_id && secret == opts.client_secret => {}
+        _ => return oauth_error("invalid_client", "Client authentication failed"),
+    }
+    match shared.issue(grant, &params) {
+        Ok(body) => {
+            bump(&shared.n.successful);
+            with_header(json_response(StatusCode::OK, &body), header::CACHE_CONTROL, "no-store")
+        }
+        Err(description) => oauth_error("invalid_grant", description),
+    }
+}
+
+async fn handle_api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    bump(&shared.n.api_requests);
+    let check = shared.check_token(req.headers());
+    let token_valid = matches!(check, TokenCheck::Valid);
+    let (parts, body) = req.into_parts();
+    let body = Limited::new(body, MAX_API_BODY).collect().await;
+    let body = body.map(|collected| collected.to_bytes());
+    let lossy = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+    let headers: Vec<(String, String)> =
+        parts.headers.iter().map(|(k, v)| (k.to_string(), lossy(v))).collect();
+    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    shared.record(RecordedRequest {
+        method: parts.method.to_string(),
+        path_and_query: path_and_query.to_owned(),
+        headers: headers.clone(),
+        body: body.as_ref().cloned().unwrap_or_default(),
+        token_valid,
+    });
+
+    let delay = Duration::from_nanos(get(&shared.n.api_delay_nanos));
+    if !delay.is_zero() {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shared.closed() => {}
+        }
+    }
+
+    if !token_valid {
+        bump(&shared.n.rejected);
+        if matches!(check, TokenCheck::Expired) {
+            bump(&shared.n.expired);
+        }
+        let resp = error_json(StatusCode::UNAUTHORIZED, "invalid_token");
+        return with_header(resp, header::WWW_AUTHENTICATE, CHALLENGE);
+    }
+    let body = match body {
+        Ok(body) => body,
+        Err(e) if e.is::<LengthLimitError>() => {
+            return error_json(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+        }
+        Err(_) => return error_json(StatusCode::BAD_REQUEST, "body_read_failed"),
+    };
+
+    let path = parts.uri.path();
+    if parts.method == Method::GET && path == "/api/v1/accounts" {
+        return json_response(StatusCode::OK, &accounts(&shared.opts));
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        let code = code.parse().ok().filter(|c| (200..600).contains(c));
+        return match code.and_then(|c| StatusCode::from_u16(c).ok()) {
+            // These statuses must not carry a body.
+            Some(status) if matches!(status.as_u16(), 204 | 304) => {
+                let mut resp = Response::new(Body::default());
+                *resp.status_mut() = status;
+                resp
+            }
+            Some(status) => json_response(status, &json!({"status": status.as_u16()})),
+            None => error_json(StatusCode::BAD_REQUEST, "bad_status_code"),
+        };
+    }
+
+    let body_len = body.len();
+    let wants_body = parts.headers.get("x-echo-body").is_some_and(|v| v == "1");
+    let mut resp = if wants_body && matches!(parts.method, Method::POST | Method::PUT) {
+        response(StatusCode::OK, "application/octet-stream", body)
+    } else {
+        let mut echoed = Map::new();
+        for (name, value) in headers {
+            let joined = match echoed.remove(&name) {
+                Some(Value::String(previous)) => format!("{previous}, {value}"),
+                _ => value,
+            };
+            echoed.insert(name, Value::String(joined));
+        }
+        let query = parts.uri.query().unwrap_or("");
+        let echo = json!({"method": parts.method.as_str(), "path": path, "query": query,
+                          "headers": echoed, "body_len": body_len});
+        json_response(StatusCode::OK, &echo)
+    };
+    resp.headers_mut().insert("x-echo-body-len", HeaderValue::from(body_len));
+    resp
+}
+
+fn accounts(opts: &SandboxOptions) -> Value {
+    json!({
+        "HttpStatusCode": 200,
+        "Accounts": [{
+            "Id": "5e2c8f0a-0000-4000-8000-000000000001",
+            "Title": "Chequing", "AccountNumber": "1111000", "LastFourDigits": "1000",
+            "TransitNumber": "77777", "InstitutionNumber": "777",
+            "Category": "Operations", "Type": "Chequing", "Currency": "CAD",
+            "Balance": {"Available": 1234.56, "Current": 1234.56, "Limit": null},
+            "Holder": {"Name": "John Doe", "Email": "john.doe@example.com"},
+            "Transactions": [
+                {"Date": "2024/01/15", "Description": "Coffee Shop", "Debit": 4.75, "Credit": null},
+                {"Date": "2024/01/14", "Description": "Payroll", "Debit": null, "Credit": 1500.0},
+            ],
+        }],
+        "Login": {"Username": "Greatday", "IsScheduledRefresh": false, "Type": "Personal", "Id": opts.subject},
+        "Institution": "FlinksCapital",
+        "RequestId": format!("{:016x}", rand::random::<u64>()),
+    })
+}
+
+/// The credentials of an `Authorization: <scheme> <credentials>` header.
+fn credentials<'a>(headers: &'a HeaderMap, scheme: &str) -> Option<&'a str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (given, credentials) = value.split_once(' ')?;
+    given.eq_ignore_ascii_case(scheme).then(|| credentials.trim())
+}
+
+/// Client id and secret from HTTP Basic (RFC 6749 §2.3.1: form-urlencoded,
+/// then base64) if that header is present, else from the body.
+fn client_auth(headers: &HeaderMap, params: &Params) -> Option<(String, String)> {
+    if headers.contains_key(AUTHORIZATION) {
+        let decoded = STANDARD.decode(credentials(headers, "basic")?).ok()?;
+        let (id, secret) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+        return Some((form_decode(id)?, form_decode(secret)?));
+    }
+    let (id, secret) = (params.get("client_id")?, params.get("client_secret")?);
+    Some((id.clone(), secret.clone()))
+}
+
+/// Request parameters from a JSON object (Flinks) or a form body (RFC 6749).
+fn parse_params(headers: &HeaderMap, body: &[u8]) -> Result<Params, &'static str> {
+    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let mime = content_type.unwrap_or("").split(';').next().unwrap_or("");
+    let json = match mime.trim().to_ascii_lowercase().as_str() {
+        "application/json" => true,
+        "application/x-www-form-urlencoded" => false,
+        "" => body.trim_ascii_start().starts_with(b"{"),
+        _ => return Err("Unsupported content-type"),
+    };
+    if json {
+        let object: Map<String, Value> =
+            serde_json::from_slice(body).map_err(|_| "Malformed JSON body")?;
+        let strings = object.into_iter().filter_map(|(k, v)| match v {
+            Value::String(s) => Some((k, s)),
+            _ => None,
+        });
+        return Ok(strings.collect());
+    }
+    let body = std::str::from_utf8(body).map_err(|_| "Form body is not UTF-8")?;
+    let mut params = Params::new();
+    for pair in body.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let decoded = form_decode(name).zip(form_decode(value));
+        let (name, value) = decoded.ok_or("Malformed form body")?;
+        if params.insert(name, value).is_some() {
+            return Err("A parameter is repeated");
+        }
+    }
+    Ok(params)
+}
+
+/// `application/x-www-form-urlencoded` decoding: `+` is a space, `%XX` a byte.
+fn form_decode(s: &str) -> Option<String> {
+    let hex = |b: Option<u8>| char::from(b?).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        out.push(match b {
+            b'+' => b' ',
+            b'%' => (hex(bytes.next())? << 4) | hex(bytes.next())?,
+            other => other,
+        });
+    }
+    String::from_utf8(out).ok()
+}
+
+fn get(counter: &AtomicU64) -> u64 {
+    counter.load(SeqCst)
+}
+
+/// Increments and returns the new value.
+fn bump(counter: &AtomicU64) -> u64 {
+    counter.fetch_add(1, SeqCst) + 1
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let resp = Response::new(Full::new(body.into()));
+    let mut resp = with_header(resp, CONTENT_TYPE, content_type);
+    *resp.status_mut() = status;
+    resp
+}
+
+fn with_header(mut resp: Response<Body>, name: HeaderName, value: &'static str) -> Response<Body> {
+    resp.headers_mut().insert(name, HeaderValue::from_static(value));
+    resp
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
+    response(status, "application/json", body.to_string())
+}
+
+/// `{"error": CODE}`, the API's error format.
+fn error_json(status: StatusCode, error: &str) -> Response<Body> {
+    json_response(status, &json!({ "error": error }))
+}
+
+/// A Flinks-format token endpoint error; the status follows from the code.
+fn oauth_error(error: &str, description: &str) -> Response<Body> {
+    let status = match error {
+        "server_error" => StatusCode::INTERNAL_SERVER_ERROR,
+        "temporarily_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let body = json!({"error": error, "error_description": description});
+    with_header(json_response(status, &body), header::CACHE_CONTROL, "no-store")
+}
