@@ -13,7 +13,11 @@ use hyper::body::Incoming;
 use crate::body::ProxyBody;
 use crate::runtime::AppState;
 
-fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<ProxyBody> {
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<ProxyBody> {
     let mut r = Response::new(ProxyBody::full(body));
     *r.status_mut() = status;
     r.headers_mut()
@@ -24,9 +28,16 @@ fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>)
 }
 
 /// Serves one admin request.
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n"));
+        return Ok(reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n",
+        ));
     }
     Ok(match req.uri().path() {
         "/metrics" => reply(
@@ -36,7 +47,11 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
         ),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => readyz(&state),
-        "/status" => reply(StatusCode::OK, "application/json", status(&state).to_string()),
+        "/status" => reply(
+            StatusCode::OK,
+            "application/json",
+            status(&state).to_string(),
+        ),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",

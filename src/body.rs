@@ -47,7 +47,11 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
-            ProxyBody::Full(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Full(b) => Poll::Ready(
+                b.take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
         }
     }
 
@@ -88,7 +92,10 @@ impl RequestBody {
             return Ok(RequestBody::Buffered(None));
         }
         if body.size_hint().lower() > REPLAY_LIMIT as u64 {
-            return Ok(RequestBody::Streaming { head: None, rest: body });
+            return Ok(RequestBody::Streaming {
+                head: None,
+                rest: body,
+            });
         }
         let mut buf = BytesMut::new();
         loop {
@@ -129,7 +136,11 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            RequestBody::Buffered(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+            RequestBody::Buffered(b) => Poll::Ready(
+                b.take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
             RequestBody::Streaming { head, rest } => match head.take() {
                 Some(h) => Poll::Ready(Some(Ok(Frame::data(h)))),
                 None => Pin::new(rest).poll_frame(cx),
@@ -146,7 +157,9 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            RequestBody::Buffered(b) => {
+                SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
             RequestBody::Streaming { head, rest } => {
                 let h = head.as_ref().map_or(0, |b| b.len() as u64);
                 let r = rest.size_hint();

@@ -501,10 +501,16 @@ impl Config {
                 )
             }
             (Some(_), None) => {
-                return Err(err("server.tls_key", "is required with server.tls_cert".into()))
+                return Err(err(
+                    "server.tls_key",
+                    "is required with server.tls_cert".into(),
+                ))
             }
             (None, Some(_)) => {
-                return Err(err("server.tls_cert", "is required with server.tls_key".into()))
+                return Err(err(
+                    "server.tls_cert",
+                    "is required with server.tls_key".into(),
+                ))
             }
         };
         if s.max_connections == 0 {
@@ -537,9 +543,10 @@ impl Config {
         let mut access = AccessConfig::default();
         if let Some(a) = raw.access {
             for (i, k) in a.api_keys.iter().enumerate() {
-                access
-                    .api_keys
-                    .push(k.resolve(&base).map_err(|m| err(&format!("access.api_keys[{i}]"), m))?);
+                access.api_keys.push(
+                    k.resolve(&base)
+                        .map_err(|m| err(&format!("access.api_keys[{i}]"), m))?,
+                );
             }
             for (i, net) in a.allow.iter().enumerate() {
                 let parsed = net
@@ -568,16 +575,27 @@ impl Config {
             };
             let only = |k: &str, set: bool, grants: &str| {
                 if set {
-                    Err(err(&key(k), format!("is only used with grant_type = {grants}")))
+                    Err(err(
+                        &key(k),
+                        format!("is only used with grant_type = {grants}"),
+                    ))
                 } else {
                     Ok(())
                 }
             };
             match c.grant_type {
                 GrantType::ClientCredentials => {
-                    only("refresh_token", c.refresh_token.is_some(), "\"refresh_token\"")?;
+                    only(
+                        "refresh_token",
+                        c.refresh_token.is_some(),
+                        "\"refresh_token\"",
+                    )?;
                     only("code", c.code.is_some(), "\"authorization_code\"")?;
-                    only("redirect_uri", c.redirect_uri.is_some(), "\"authorization_code\"")?;
+                    only(
+                        "redirect_uri",
+                        c.redirect_uri.is_some(),
+                        "\"authorization_code\"",
+                    )?;
                     only(
                         "state_file",
                         c.state_file.is_some(),
@@ -586,7 +604,11 @@ impl Config {
                 }
                 GrantType::RefreshToken => {
                     only("code", c.code.is_some(), "\"authorization_code\"")?;
-                    only("redirect_uri", c.redirect_uri.is_some(), "\"authorization_code\"")?;
+                    only(
+                        "redirect_uri",
+                        c.redirect_uri.is_some(),
+                        "\"authorization_code\"",
+                    )?;
                     if c.refresh_token.is_none() {
                         return Err(err(
                             &key("refresh_token"),
@@ -600,7 +622,11 @@ impl Config {
                         c.scope.is_some(),
                         "\"client_credentials\" or \"refresh_token\"",
                     )?;
-                    only("refresh_token", c.refresh_token.is_some(), "\"refresh_token\"")?;
+                    only(
+                        "refresh_token",
+                        c.refresh_token.is_some(),
+                        "\"refresh_token\"",
+                    )?;
                     for (k, set) in [
                         ("code", c.code.is_some()),
                         ("redirect_uri", c.redirect_uri.is_some()),
@@ -619,7 +645,10 @@ impl Config {
                 return Err(err(&key("client_id"), "is empty".into()));
             }
             if c.token_timeout.is_zero() {
-                return Err(err(&key("token_timeout"), "must be greater than zero".into()));
+                return Err(err(
+                    &key("token_timeout"),
+                    "must be greater than zero".into(),
+                ));
             }
             for k in c.extra.keys() {
                 if RESERVED_TOKEN_FIELDS.contains(&k.as_str()) {
@@ -630,7 +659,9 @@ impl Config {
                 }
             }
             let ca_certs = match &c.ca_file {
-                Some(p) => crate::tls::load_certs(&base.join(p)).map_err(|m| err(&key("ca_file"), m))?,
+                Some(p) => {
+                    crate::tls::load_certs(&base.join(p)).map_err(|m| err(&key("ca_file"), m))?
+                }
                 None => Vec::new(),
             };
             let cred = CredentialConfig {
@@ -696,8 +727,12 @@ impl Config {
                 None => None,
             };
             let header_name = r.header.unwrap_or_else(|| "authorization".to_owned());
-            let header = HeaderName::from_bytes(header_name.as_bytes())
-                .map_err(|_| err(&key("header"), format!("{header_name:?} is not a header name")))?;
+            let header = HeaderName::from_bytes(header_name.as_bytes()).map_err(|_| {
+                err(
+                    &key("header"),
+                    format!("{header_name:?} is not a header name"),
+                )
+            })?;
             if crate::proxy::is_reserved_header(&header) {
                 return Err(err(
                     &key("header"),
@@ -707,7 +742,9 @@ impl Config {
             let scheme = match r.scheme.as_deref() {
                 None | Some("Bearer") => AuthScheme::Bearer,
                 Some("") => AuthScheme::Bare,
-                Some(s) if s.bytes().all(|b| b.is_ascii_graphic()) => AuthScheme::Other(s.to_owned()),
+                Some(s) if s.bytes().all(|b| b.is_ascii_graphic()) => {
+                    AuthScheme::Other(s.to_owned())
+                }
                 Some(s) => return Err(err(&key("scheme"), format!("{s:?} is not a valid scheme"))),
             };
             let mut reauth_on = Vec::new();
@@ -723,7 +760,9 @@ impl Config {
                 }
             }
             let ca_certs = match &r.ca_file {
-                Some(p) => crate::tls::load_certs(&base.join(p)).map_err(|m| err(&key("ca_file"), m))?,
+                Some(p) => {
+                    crate::tls::load_certs(&base.join(p)).map_err(|m| err(&key("ca_file"), m))?
+                }
                 None => Vec::new(),
             };
             if let Some(other) = routes
@@ -732,7 +771,10 @@ impl Config {
             {
                 return Err(err(
                     &key("path_prefix"),
-                    format!("route {} already matches the same host and prefix", other.name),
+                    format!(
+                        "route {} already matches the same host and prefix",
+                        other.name
+                    ),
                 ));
             }
             routes.push(RouteConfig {
@@ -839,7 +881,14 @@ credential = "flinks"
         assert_eq!(r.upstream_base_path, "/base");
         assert_eq!(r.reauth_on, vec![StatusCode::UNAUTHORIZED]);
         assert_eq!(r.scheme, AuthScheme::Bearer);
-        assert_eq!(c.credentials["flinks"].client_secret.as_ref().unwrap().expose(), "s3cret");
+        assert_eq!(
+            c.credentials["flinks"]
+                .client_secret
+                .as_ref()
+                .unwrap()
+                .expose(),
+            "s3cret"
+        );
     }
 
     #[test]
@@ -869,7 +918,12 @@ credential = "flinks"
 
     #[test]
     fn bad_urls_are_refused() {
-        for bad in ["ftp://x/", "not a url", "/relative", "https://user:pw@host/"] {
+        for bad in [
+            "ftp://x/",
+            "not a url",
+            "/relative",
+            "https://user:pw@host/",
+        ] {
             let text = GOOD.replace("https://ob.flinksapp.com/base/", bad);
             let e = parse(&text).unwrap_err().to_string();
             assert!(e.contains("routes.flinks.upstream"), "{bad}: {e}");
@@ -912,6 +966,9 @@ credential = "flinks"
         let c = parse(&text).unwrap();
         assert_eq!(c.access.allow.len(), 2);
         let text = format!("[access]\nallow = [\"10.0.0.0/33\"]\n{GOOD}");
-        assert!(parse(&text).unwrap_err().to_string().contains("access.allow[0]"));
+        assert!(parse(&text)
+            .unwrap_err()
+            .to_string()
+            .contains("access.allow[0]"));
     }
 }

@@ -84,7 +84,10 @@ impl ProxyError {
         let mut resp = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         match &self {
             ProxyError::TokenUnavailable { retry_after, .. } => {
                 let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
@@ -97,7 +100,10 @@ impl ProxyError {
                 );
             }
             ProxyError::MethodNotAllowed => {
-                h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
+                h.insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                );
             }
             _ => {}
         }
@@ -119,7 +125,11 @@ mod tests {
             (ProxyError::RouteNotFound, 404, "route_not_found"),
             (ProxyError::MethodNotAllowed, 405, "method_not_allowed"),
             (ProxyError::ProxyAuthRequired, 407, "proxy_auth_required"),
-            (ProxyError::UpstreamUnavailable(ErrorKind::Connect), 502, "upstream_unavailable"),
+            (
+                ProxyError::UpstreamUnavailable(ErrorKind::Connect),
+                502,
+                "upstream_unavailable",
+            ),
             (
                 ProxyError::TokenUnavailable {
                     credential: "c".into(),

@@ -88,10 +88,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let grace = config.server.shutdown_grace;
     let state = AppState::new(config).map_err(|e| StartError::Build(e.to_string()))?;
     exchange_codes(&state).await?;
-    let listener = server::bind(listen, "server.listen").await.map_err(StartError::Bind)?;
+    let listener = server::bind(listen, "server.listen")
+        .await
+        .map_err(StartError::Bind)?;
     let proxy_addr = listener.local_addr().map_err(StartError::Bind)?;
     let admin = match admin_listen {
-        Some(a) => Some(server::bind(a, "admin.listen").await.map_err(StartError::Bind)?),
+        Some(a) => Some(
+            server::bind(a, "admin.listen")
+                .await
+                .map_err(StartError::Bind)?,
+        ),
         None => None,
     };
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
@@ -117,7 +123,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     if let Some(l) = admin {
         tokio::spawn(server::serve_admin(l, Arc::clone(&state), shutdown.clone()));
     }
-    let proxy_task = tokio::spawn(server::serve_proxy(listener, Arc::clone(&state), shutdown.clone(), grace));
+    let proxy_task = tokio::spawn(server::serve_proxy(
+        listener,
+        Arc::clone(&state),
+        shutdown.clone(),
+        grace,
+    ));
     Ok(Running {
         state,
         proxy_addr,
@@ -143,7 +154,9 @@ async fn exchange_codes(state: &AppState) -> Result<(), StartError> {
                 })
             }
             // Transient: the refresh task retries with backoff.
-            Err(e) => tracing::warn!(credential = %name, error = %e, "code exchange failed; retrying in the background"),
+            Err(e) => {
+                tracing::warn!(credential = %name, error = %e, "code exchange failed; retrying in the background")
+            }
         }
     }
     Ok(())

@@ -13,10 +13,20 @@ use flinks_proxy::config::{Config, LogFormat};
 const EXIT_BAD_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "flinks-proxy", version, about = "Authenticating reverse proxy for the Flinks API and OAuth 2.0 protected APIs")]
+#[command(
+    name = "flinks-proxy",
+    version,
+    about = "Authenticating reverse proxy for the Flinks API and OAuth 2.0 protected APIs"
+)]
 struct Cli {
     /// Config file.
-    #[arg(long, short, global = true, env = "FLINKS_PROXY_CONFIG", default_value = "proxy.toml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "FLINKS_PROXY_CONFIG",
+        default_value = "proxy.toml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -67,10 +77,16 @@ fn main() -> ExitCode {
         None => run(&cli.config),
         Some(Command::Check) => check(&cli.config),
         Some(Command::Token { name, show }) => token(&cli.config, &name, show),
-        Some(Command::Demo { listen, admin, expires_in }) => demo(&listen, &admin, expires_in),
-        Some(Command::Sandbox { token_listen, api_listen, expires_in }) => {
-            sandbox(&token_listen, &api_listen, expires_in)
-        }
+        Some(Command::Demo {
+            listen,
+            admin,
+            expires_in,
+        }) => demo(&listen, &admin, expires_in),
+        Some(Command::Sandbox {
+            token_listen,
+            api_listen,
+            expires_in,
+        }) => sandbox(&token_listen, &api_listen, expires_in),
     }
 }
 
@@ -97,7 +113,11 @@ fn init_logging(level: &str, format: LogFormat) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
         LogFormat::Text => builder.init(),
     }
 }
@@ -174,7 +194,11 @@ fn check(path: &Path) -> ExitCode {
         "listen  {}{}{}",
         s.listen,
         if s.tls.is_some() { " (TLS)" } else { "" },
-        if s.mtls { " (client certificates required)" } else { "" }
+        if s.mtls {
+            " (client certificates required)"
+        } else {
+            ""
+        }
     );
     if let Some(a) = config.admin_listen {
         println!("admin   {a}");
@@ -186,7 +210,13 @@ fn check(path: &Path) -> ExitCode {
             if config.access.allow.is_empty() {
                 "any address".to_string()
             } else {
-                config.access.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+                config
+                    .access
+                    .allow
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         );
     }
@@ -197,10 +227,17 @@ fn check(path: &Path) -> ExitCode {
             c.grant_type.as_str(),
             c.token_url,
             c.client_id,
-            if c.client_secret.is_some() { "set" } else { "not set" },
+            if c.client_secret.is_some() {
+                "set"
+            } else {
+                "not set"
+            },
             c.body_format,
             c.client_auth,
-            c.scope.as_deref().map(|s| format!(", scope {s}")).unwrap_or_default()
+            c.scope
+                .as_deref()
+                .map(|s| format!(", scope {s}"))
+                .unwrap_or_default()
         );
     }
     println!("routes:");
@@ -227,7 +264,12 @@ fn token(path: &Path, name: &str, show: bool) -> ExitCode {
         eprintln!(
             "error: {}: no [credentials.{name}] (have: {})",
             path.display(),
-            config.credentials.keys().cloned().collect::<Vec<_>>().join(", ")
+            config
+                .credentials
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         return ExitCode::from(EXIT_BAD_CONFIG);
     };
@@ -248,7 +290,11 @@ fn token(path: &Path, name: &str, show: bool) -> ExitCode {
             let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(t.expires_unix);
             println!("credential  {name}");
             println!("grant       {}", cred.grant_type.as_str());
-            println!("expires     {} (in {}s)", humantime::format_rfc3339_seconds(expires), t.lifetime.as_secs());
+            println!(
+                "expires     {} (in {}s)",
+                humantime::format_rfc3339_seconds(expires),
+                t.lifetime.as_secs()
+            );
             println!("scope       {}", t.scope.as_deref().unwrap_or("-"));
             println!("sub         {}", t.sub.as_deref().unwrap_or("-"));
             if show {
@@ -287,7 +333,9 @@ async fn demo_inner(listen: &str, admin: &str, expires_in: u64) -> anyhow::Resul
         expires_in: Some(expires_in),
         ..SandboxOptions::default()
     };
-    let sandbox = Sandbox::start(opts.clone()).await.context("starting the sandbox")?;
+    let sandbox = Sandbox::start(opts.clone())
+        .await
+        .context("starting the sandbox")?;
     let toml = format!(
         r#"
 [server]
@@ -312,12 +360,17 @@ credential = "flinks"
         api = sandbox.api_url(),
     );
     let config = Config::parse(&toml, Path::new("demo.toml")).context("demo config")?;
-    let running = flinks_proxy::start(config).await.context("starting the proxy")?;
+    let running = flinks_proxy::start(config)
+        .await
+        .context("starting the proxy")?;
     let p = running.proxy_addr();
     println!();
     println!("flinks-proxy demo: a Flinks-like sandbox with the proxy in front.");
     println!("  token endpoint  {}", sandbox.token_url());
-    println!("  sandbox API     {}   (answers 401 without a valid token)", sandbox.api_url());
+    println!(
+        "  sandbox API     {}   (answers 401 without a valid token)",
+        sandbox.api_url()
+    );
     println!("  proxy           http://{p}");
     if let Some(a) = running.admin_addr() {
         println!("  admin           http://{a}");
@@ -326,14 +379,19 @@ credential = "flinks"
     println!("Try (no credentials in these requests; the proxy adds the token):");
     println!("  curl -s http://{p}/api/v1/accounts");
     println!("  curl -s http://{p}/anything?x=1        # echoes what the API received, Authorization included");
-    println!("  curl -s {}/api/v1/accounts   # straight to the API: 401", sandbox.api_url());
+    println!(
+        "  curl -s {}/api/v1/accounts   # straight to the API: 401",
+        sandbox.api_url()
+    );
     if let Some(a) = running.admin_addr() {
         println!("  curl -s http://{a}/status");
         println!("  curl -s http://{a}/metrics | grep flinks_proxy_");
     }
     println!();
     println!("Ctrl-C to stop.");
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
     running.shutdown().await;
     drop(sandbox);
     Ok(())

@@ -41,7 +41,9 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let histogram = |name: &str, help: &str, labels: &[&str]| {
@@ -50,7 +52,9 @@ impl Metrics {
                 labels,
             )
             .expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
         let requests = counter(
@@ -86,7 +90,9 @@ impl Metrics {
             &["credential"],
         )
         .expect("valid metric");
-        registry.register(Box::new(token_expiry.clone())).expect("unique metric");
+        registry
+            .register(Box::new(token_expiry.clone()))
+            .expect("unique metric");
         let token_replays = counter(
             "flinks_proxy_token_replays_total",
             "Requests replayed with a new token after the upstream rejected one",
@@ -94,7 +100,9 @@ impl Metrics {
         );
         let inflight = IntGauge::new("flinks_proxy_inflight_requests", "Requests being handled")
             .expect("valid metric");
-        registry.register(Box::new(inflight.clone())).expect("unique metric");
+        registry
+            .register(Box::new(inflight.clone()))
+            .expect("unique metric");
         let config_reloads = counter(
             "flinks_proxy_config_reloads_total",
             "Config reloads, by outcome",
@@ -197,7 +205,10 @@ impl RouteMetrics {
         let slot = (status as usize).wrapping_sub(100);
         match self.by_status.get(slot) {
             Some(cell) => cell
-                .get_or_init(|| self.requests.with_label_values(&[&self.name, &status.to_string()]))
+                .get_or_init(|| {
+                    self.requests
+                        .with_label_values(&[&self.name, &status.to_string()])
+                })
                 .inc(),
             None => self
                 .requests
@@ -208,7 +219,9 @@ impl RouteMetrics {
 
     /// Counts one upstream failure (rare: resolved on use).
     pub fn upstream_error(&self, kind: &str) {
-        self.upstream_errors.with_label_values(&[&self.name, kind]).inc();
+        self.upstream_errors
+            .with_label_values(&[&self.name, kind])
+            .inc();
     }
 }
 

@@ -94,7 +94,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&X_REQUEST_ID) {
         let b = v.as_bytes();
-        if !b.is_empty() && b.len() <= MAX_REQUEST_ID_LEN && b.iter().all(|c| c.is_ascii_graphic()) {
+        if !b.is_empty() && b.len() <= MAX_REQUEST_ID_LEN && b.iter().all(|c| c.is_ascii_graphic())
+        {
             return v.clone();
         }
     }
@@ -170,7 +171,10 @@ pub async fn handle(
     resp.headers_mut().insert(X_REQUEST_ID.clone(), rid.clone());
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
-    let route_metrics = done.route.as_ref().map_or(&runtime.unrouted, |r| &r.metrics);
+    let route_metrics = done
+        .route
+        .as_ref()
+        .map_or(&runtime.unrouted, |r| &r.metrics);
     route_metrics.count(status);
     route_metrics.duration.observe(elapsed.as_secs_f64());
     metrics.inflight.dec();
@@ -210,7 +214,9 @@ async fn handle_inner(
         return Err(ProxyError::BadRequest("the request target must be a path"));
     }
     if has_dot_segments(path) {
-        return Err(ProxyError::BadRequest("the path must not contain . or .. segments"));
+        return Err(ProxyError::BadRequest(
+            "the path must not contain . or .. segments",
+        ));
     }
     let host = request_host(&req);
     let route = match host {
@@ -225,11 +231,15 @@ async fn handle_inner(
 
     let token = match route.source.usable() {
         Some(t) => t,
-        None => route.source.get(deadline).await.map_err(|u| ProxyError::TokenUnavailable {
-            credential: route.source.config().name.clone(),
-            reason: u.reason,
-            retry_after: u.retry_after,
-        })?,
+        None => route
+            .source
+            .get(deadline)
+            .await
+            .map_err(|u| ProxyError::TokenUnavailable {
+                credential: route.source.config().name.clone(),
+                reason: u.reason,
+                retry_after: u.retry_after,
+            })?,
     };
 
     let (parts, body) = req.into_parts();
@@ -243,7 +253,10 @@ async fn handle_inner(
     let method = parts.method;
 
     let body = if route.reauth_on.is_empty() {
-        RequestBody::Streaming { head: None, rest: body }
+        RequestBody::Streaming {
+            head: None,
+            rest: body,
+        }
     } else {
         tokio::time::timeout_at(deadline.into(), RequestBody::prepare(body))
             .await
@@ -252,7 +265,9 @@ async fn handle_inner(
     };
     let replay = body.try_clone().filter(|_| !route.reauth_on.is_empty());
     let started = Instant::now();
-    let replay_head = replay.as_ref().map(|_| (method.clone(), uri.clone(), headers.clone()));
+    let replay_head = replay
+        .as_ref()
+        .map(|_| (method.clone(), uri.clone(), headers.clone()));
     let mut resp = send(route, method, uri, headers, body, &token, deadline).await;
     if let Ok(r) = &resp {
         if route.reauth_on.contains(&r.status()) {
@@ -390,11 +405,17 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_listed_ones_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret-hop"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::TRAILER, HeaderValue::from_static("x"));
         h.insert("x-keep", HeaderValue::from_static("1"));
@@ -411,7 +432,10 @@ mod tests {
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("has space"));
         let fresh = request_id(&h);
         assert_eq!(fresh.len(), 32);
-        h.insert(&X_REQUEST_ID, HeaderValue::from_str(&"a".repeat(200)).unwrap());
+        h.insert(
+            &X_REQUEST_ID,
+            HeaderValue::from_str(&"a".repeat(200)).unwrap(),
+        );
         assert_eq!(request_id(&h).len(), 32);
         assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
     }
@@ -431,7 +455,7 @@ mod tests {
         assert!(has_dot_segments("/api/./x"));
         assert!(has_dot_segments("/api/.."));
         assert!(!has_dot_segments("/api/v1.2/x"));
-        assert!(!has_dot_segments("/api/...")); 
+        assert!(!has_dot_segments("/api/..."));
         assert!(!has_dot_segments("/"));
     }
 }

@@ -35,6 +35,9 @@ pub fn apply(state: &AppState, config: Config) -> Result<(), String> {
     let new = Runtime::build(Arc::new(config), Some(&old), &state.metrics, &state.clients)
         .map_err(|e| e.to_string())?;
     state.runtime.store(Arc::new(new));
-    state.runtime.load().start_new_sources(Some(&old), &state.metrics);
+    state
+        .runtime
+        .load()
+        .start_new_sources(Some(&old), &state.metrics);
     Ok(())
 }

@@ -20,11 +20,14 @@ impl<T> RouteTable<T> {
         let mut any_host = Vec::new();
         for (host, prefix, value) in routes {
             match host {
-                Some(h) => by_host.entry(h.into()).or_default().push((prefix.into(), value)),
+                Some(h) => by_host
+                    .entry(h.into())
+                    .or_default()
+                    .push((prefix.into(), value)),
                 None => any_host.push((prefix.into(), value)),
             }
         }
-        let sort = |v: &mut Vec<(Box<str>, T)>| v.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        let sort = |v: &mut Vec<(Box<str>, T)>| v.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
         by_host.values_mut().for_each(sort);
         sort(&mut any_host);
         RouteTable { by_host, any_host }
@@ -63,8 +66,16 @@ mod tests {
             (None, "/".to_string(), "root"),
             (None, "/api".to_string(), "api"),
             (None, "/api/v2".to_string(), "api-v2"),
-            (Some("internal.example".to_string()), "/".to_string(), "internal"),
-            (Some("internal.example".to_string()), "/api".to_string(), "internal-api"),
+            (
+                Some("internal.example".to_string()),
+                "/".to_string(),
+                "internal",
+            ),
+            (
+                Some("internal.example".to_string()),
+                "/api".to_string(),
+                "internal-api",
+            ),
         ])
     }
 
@@ -88,7 +99,10 @@ mod tests {
     #[test]
     fn host_routes_beat_host_less_ones() {
         let t = table();
-        assert_eq!(t.find(Some("internal.example"), "/api/v2/x"), Some(&"internal-api"));
+        assert_eq!(
+            t.find(Some("internal.example"), "/api/v2/x"),
+            Some(&"internal-api")
+        );
         assert_eq!(t.find(Some("internal.example"), "/zzz"), Some(&"internal"));
         assert_eq!(t.find(Some("other.example"), "/api"), Some(&"api"));
     }

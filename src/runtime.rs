@@ -88,7 +88,9 @@ impl Access {
                 .map(|v| v.as_bytes())
                 .and_then(|v| {
                     let (scheme, key) = v.split_at(v.iter().position(|&b| b == b' ')?);
-                    scheme.eq_ignore_ascii_case(b"bearer").then(|| key.trim_ascii())
+                    scheme
+                        .eq_ignore_ascii_case(b"bearer")
+                        .then(|| key.trim_ascii())
                 })
                 .ok_or(ProxyError::ProxyAuthRequired)?;
             // Compare against every key, each in constant time, without
@@ -96,7 +98,9 @@ impl Access {
             let matched = self
                 .api_keys
                 .iter()
-                .fold(subtle::Choice::from(0), |acc, k| acc | k.expose().as_bytes().ct_eq(presented));
+                .fold(subtle::Choice::from(0), |acc, k| {
+                    acc | k.expose().as_bytes().ct_eq(presented)
+                });
             if !bool::from(matched) {
                 return Err(ProxyError::ProxyAuthRequired);
             }
@@ -189,11 +193,13 @@ impl Runtime {
                 config: r.clone(),
             }));
         }
-        let routes = RouteTable::new(
-            route_list
-                .iter()
-                .map(|r| (r.config.host.clone(), r.config.path_prefix.clone(), Arc::clone(r))),
-        );
+        let routes = RouteTable::new(route_list.iter().map(|r| {
+            (
+                r.config.host.clone(),
+                r.config.path_prefix.clone(),
+                Arc::clone(r),
+            )
+        }));
         Ok(Runtime {
             routes,
             route_list,
@@ -202,7 +208,11 @@ impl Runtime {
                 allow: config.access.allow.clone(),
             },
             sources,
-            tls: config.server.tls.clone().map(tokio_rustls::TlsAcceptor::from),
+            tls: config
+                .server
+                .tls
+                .clone()
+                .map(tokio_rustls::TlsAcceptor::from),
             unrouted: metrics.route(NO_ROUTE),
             request_timeout: config.server.request_timeout,
             cancels,

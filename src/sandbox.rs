@@ -190,8 +190,16 @@ impl Sandbox {
             tokio::spawn(serve(api_listener, shared.clone(), Role::Api)),
         ];
         tracing::debug!(%token_addr, %api_addr, "sandbox listening");
-        let _tasks = Arc::new(TaskGuard { shared: shared.clone(), tasks });
-        Ok(Sandbox { shared, token_addr, api_addr, _tasks })
+        let _tasks = Arc::new(TaskGuard {
+            shared: shared.clone(),
+            tasks,
+        });
+        Ok(Sandbox {
+            shared,
+            token_addr,
+            api_addr,
+            _tasks,
+        })
     }
 
     /// Address of the token endpoint listener.
@@ -298,7 +306,9 @@ impl Sandbox {
 /// Decodes the claims (middle part) of a JWT-shaped token, verifying nothing.
 pub fn decode_jwt_claims(token: &str) -> Option<serde_json::Value> {
     let claims = token.split('.').nth(1)?;
-    let raw = URL_SAFE_NO_PAD.decode(claims).or_else(|_| URL_SAFE.decode(claims));
+    let raw = URL_SAFE_NO_PAD
+        .decode(claims)
+        .or_else(|_| URL_SAFE.decode(claims));
     serde_json::from_slice(&raw.ok()?).ok()
 }
 
@@ -418,7 +428,9 @@ impl Shared {
     async fn failure_mode(&self) -> FailureMode {
         let mut rx = self.failure.subscribe();
         tokio::select! {
-            mode = rx.wait_for(|m| *m != FailureMode::Hang) => mode.map_or(FailureMode::Hang, |m| *m),
+            mode = rx.wait_for(|m| *m != FailureMode::Hang) => {
+                mode.map_or(FailureMode::Hang, |m| *m)
+            }
             () = self.closed() => FailureMode::Hang,
         }
     }
@@ -460,7 +472,9 @@ impl Shared {
                 })
             }
         };
-        let lifetime = opts.expires_in.map_or(opts.jwt_lifetime, Duration::from_secs);
+        let lifetime = opts
+            .expires_in
+            .map_or(opts.jwt_lifetime, Duration::from_secs);
         let now = Instant::now();
         let expiry = now.checked_add(lifetime).unwrap_or(now + FOREVER);
         let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
@@ -468,14 +482,17 @@ impl Shared {
         // Floor of the absolute expiry: the claim never outlives the real token.
         let exp = unix(wall.checked_add(lifetime).unwrap_or(wall + FOREVER));
         let (iat, jti) = (unix(wall), self.unique_id());
-        let claims = json!({"client_id": opts.client_id, "sub": opts.subject, "exp": exp, "iat": iat, "jti": jti});
+        let (client_id, sub) = (&opts.client_id, &opts.subject);
+        let claims =
+            json!({"client_id": client_id, "sub": sub, "exp": exp, "iat": iat, "jti": jti});
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
         let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
         let access_token = format!("{header}.{claims}.sandbox-signature");
         state.insert_token(access_token.clone(), expiry);
         drop(state);
 
-        let mut body = json!({"access_token": access_token, "token_type": "Bearer", "scope": opts.scope});
+        let mut body =
+            json!({"access_token": access_token, "token_type": "Bearer", "scope": opts.scope});
         if let Some(expires_in) = opts.expires_in {
             body["expires_in"] = expires_in.into();
         }
@@ -554,7 +571,8 @@ async fn serve_connection(stream: tokio::net::TcpStream, shared: Arc<Shared>, ro
         }
     });
     let builder = Builder::new(TokioExecutor::new());
-    if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    if let Err(error) = connection.await {
         tracing::debug!(%error, "sandbox connection ended with an error");
     }
 }
@@ -590,7 +608,8 @@ async fn handle_token(shared: &Shared, req: Request<Incoming>) -> Response<Body>
         FailureMode::Garbage => Some(response(StatusCode::OK, "text/html", GARBAGE)),
         FailureMode::InvalidClient => Some(oauth_error("invalid_client", "Simulated rejection")),
         FailureMode::NoToken => {
-            let body = json!({"token_type": "Bearer", "expires_in": 3600, "scope": shared.opts.scope});
+            let scope = &shared.opts.scope;
+            let body = json!({"token_type": "Bearer", "expires_in": 3600, "scope": scope});
             Some(json_response(StatusCode::OK, &body))
         }
     };
@@ -603,7 +622,7 @@ async fn handle_token(shared: &Shared, req: Request<Incoming>) -> Response<Body>
         Err(description) => return oauth_error("invalid_request", description),
     };
     let Some(grant) = grant else {
-        return oauth_error("unsupported_grant_type", "Missing or unsupported grant_type");
+        return oauth_error("unsupported_grant_type", "Unknown grant_type");
     };
     let opts = &shared.opts;
     match client_auth(&parts.headers, &params) {
@@ -613,7 +632,7 @@ async fn handle_token(shared: &Shared, req: Request<Incoming>) -> Response<Body>
     match shared.issue(grant, &params) {
         Ok(body) => {
             bump(&shared.n.successful);
-            with_header(json_response(StatusCode::OK, &body), header::CACHE_CONTROL, "no-store")
+            no_store(json_response(StatusCode::OK, &body))
         }
         Err(description) => oauth_error("invalid_grant", description),
     }
@@ -627,8 +646,8 @@ async fn handle_api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let body = Limited::new(body, MAX_API_BODY).collect().await;
     let body = body.map(|collected| collected.to_bytes());
     let lossy = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
-    let headers: Vec<(String, String)> =
-        parts.headers.iter().map(|(k, v)| (k.to_string(), lossy(v))).collect();
+    let pair = |(k, v): (&HeaderName, &HeaderValue)| (k.to_string(), lossy(v));
+    let headers: Vec<(String, String)> = parts.headers.iter().map(pair).collect();
     let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     shared.record(RecordedRequest {
         method: parts.method.to_string(),
@@ -698,7 +717,8 @@ async fn handle_api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                           "headers": echoed, "body_len": body_len});
         json_response(StatusCode::OK, &echo)
     };
-    resp.headers_mut().insert("x-echo-body-len", HeaderValue::from(body_len));
+    let body_len = HeaderValue::from(body_len);
+    resp.headers_mut().insert("x-echo-body-len", body_len);
     resp
 }
 
@@ -717,7 +737,7 @@ fn accounts(opts: &SandboxOptions) -> Value {
                 {"Date": "2024/01/14", "Description": "Payroll", "Debit": null, "Credit": 1500.0},
             ],
         }],
-        "Login": {"Username": "Greatday", "IsScheduledRefresh": false, "Type": "Personal", "Id": opts.subject},
+        "Login": {"Id": opts.subject, "Username": "Greatday", "IsScheduledRefresh": false},
         "Institution": "FlinksCapital",
         "RequestId": format!("{:016x}", rand::random::<u64>()),
     })
@@ -726,8 +746,8 @@ fn accounts(opts: &SandboxOptions) -> Value {
 /// The credentials of an `Authorization: <scheme> <credentials>` header.
 fn credentials<'a>(headers: &'a HeaderMap, scheme: &str) -> Option<&'a str> {
     let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
-    let (given, credentials) = value.split_once(' ')?;
-    given.eq_ignore_ascii_case(scheme).then(|| credentials.trim())
+    let (given, token) = value.split_once(' ')?;
+    given.eq_ignore_ascii_case(scheme).then(|| token.trim())
 }
 
 /// Client id and secret from HTTP Basic (RFC 6749 §2.3.1: form-urlencoded,
@@ -776,7 +796,7 @@ fn parse_params(headers: &HeaderMap, body: &[u8]) -> Result<Params, &'static str
 
 /// `application/x-www-form-urlencoded` decoding: `+` is a space, `%XX` a byte.
 fn form_decode(s: &str) -> Option<String> {
-    let hex = |b: Option<u8>| char::from(b?).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let hex = |b: Option<u8>| u8::try_from(char::from(b?).to_digit(16)?).ok();
     let mut out = Vec::with_capacity(s.len());
     let mut bytes = s.bytes();
     while let Some(b) = bytes.next() {
@@ -802,16 +822,21 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
-    let resp = Response::new(Full::new(body.into()));
-    let mut resp = with_header(resp, CONTENT_TYPE, content_type);
+fn response(status: StatusCode, mime: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = with_header(Response::new(Full::new(body.into())), CONTENT_TYPE, mime);
     *resp.status_mut() = status;
     resp
 }
 
 fn with_header(mut resp: Response<Body>, name: HeaderName, value: &'static str) -> Response<Body> {
-    resp.headers_mut().insert(name, HeaderValue::from_static(value));
+    resp.headers_mut()
+        .insert(name, HeaderValue::from_static(value));
     resp
+}
+
+/// RFC 6749 §5.1: token responses must not be cached.
+fn no_store(resp: Response<Body>) -> Response<Body> {
+    with_header(resp, header::CACHE_CONTROL, "no-store")
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
@@ -831,5 +856,356 @@ fn oauth_error(error: &str, description: &str) -> Response<Body> {
         _ => StatusCode::BAD_REQUEST,
     };
     let body = json!({"error": error, "error_description": description});
-    with_header(json_response(status, &body), header::CACHE_CONTROL, "no-store")
+    no_store(json_response(status, &body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::client::legacy::{connect::HttpConnector, Client};
+
+    type TestClient = Client<HttpConnector, Body>;
+
+    async fn start(opts: SandboxOptions) -> Sandbox {
+        Sandbox::start(opts).await.expect("sandbox starts")
+    }
+
+    fn http1() -> TestClient {
+        Client::builder(TokioExecutor::new()).build_http()
+    }
+
+    async fn send(client: &TestClient, req: Request<Body>) -> (u16, HeaderMap, Bytes) {
+        let (parts, body) = client.request(req).await.expect("response").into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        (parts.status.as_u16(), parts.headers, body)
+    }
+
+    fn json_of(body: &[u8]) -> Value {
+        serde_json::from_slice(body).expect("JSON body")
+    }
+
+    /// A grant with the demo client credentials in the body, plus `extra` fields.
+    fn grant(grant_type: &str, extra: Value) -> Value {
+        let mut body = json!({"grant_type": grant_type, "client_id": "demo-client"});
+        body["client_secret"] = "demo-secret".into();
+        for (name, value) in extra.as_object().into_iter().flatten() {
+            body[name] = value.clone();
+        }
+        body
+    }
+
+    fn client_credentials() -> Value {
+        grant("client_credentials", json!({}))
+    }
+
+    fn refresh(token: &str) -> Value {
+        grant("refresh_token", json!({ "refresh_token": token }))
+    }
+
+    async fn token(sb: &Sandbox, body: Value) -> (u16, Value) {
+        let req = Request::post(sb.token_url()).header(CONTENT_TYPE, "application/json");
+        let req = req.body(Body::from(body.to_string())).expect("request");
+        let (status, headers, body) = send(&http1(), req).await;
+        assert_eq!(headers[CONTENT_TYPE], "application/json");
+        (status, json_of(&body))
+    }
+
+    async fn access_token(sb: &Sandbox) -> String {
+        let (status, body) = token(sb, client_credentials()).await;
+        assert_eq!(status, 200, "{body}");
+        body["access_token"].as_str().expect("token").to_owned()
+    }
+
+    async fn api(sb: &Sandbox, method: Method, path: &str, token: &str) -> (u16, HeaderMap, Bytes) {
+        let req = Request::builder().method(method);
+        let req = req.uri(format!("{}{path}", sb.api_url()));
+        let req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+        send(&http1(), req.body(Body::default()).expect("request")).await
+    }
+
+    async fn get_status(sb: &Sandbox, path: &str, token: &str) -> u16 {
+        api(sb, Method::GET, path, token).await.0
+    }
+
+    #[tokio::test]
+    async fn client_credentials_returns_a_jwt_shaped_token() {
+        let sb = start(SandboxOptions::default()).await;
+        let (status, body) = token(&sb, client_credentials()).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["token_type"], "Bearer");
+        assert_eq!(body["expires_in"], 3600);
+        assert_eq!(body["scope"], "client:admin");
+        assert!(body.get("refresh_token").is_none());
+        let access_token = body["access_token"].as_str().expect("token");
+        let claims = decode_jwt_claims(access_token).expect("claims");
+        assert_eq!(claims["client_id"], "demo-client");
+        assert_eq!(claims["sub"], "user-123");
+        let exp = claims["exp"].as_u64().expect("exp");
+        assert!((3599..=3600).contains(&(exp - claims["iat"].as_u64().expect("iat"))));
+        assert_ne!(super::tests::access_token(&sb).await, access_token);
+        assert_eq!(sb.token_requests(), 2);
+        assert_eq!(sb.token_requests_by_grant("client_credentials"), 2);
+        assert_eq!(sb.successful_token_requests(), 2);
+    }
+
+    #[tokio::test]
+    async fn form_body_with_basic_auth_is_accepted() {
+        let secret = "s3cr:t+/ é".to_owned();
+        let sb = start(SandboxOptions {
+            client_secret: secret,
+            ..Default::default()
+        })
+        .await;
+        let basic = STANDARD.encode("demo-client:s3cr%3At%2B%2F+%C3%A9");
+        let req = Request::post(sb.token_url())
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(AUTHORIZATION, format!("Basic {basic}"))
+            .body(Body::from(
+                "grant_type=client_credentials&scope=client%3Aadmin",
+            ))
+            .expect("request");
+        let (status, _, body) = send(&http1(), req).await;
+        assert_eq!(status, 200, "{body:?}");
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_flinks_format_errors() {
+        let sb = start(SandboxOptions::default()).await;
+        let wrong_secret = grant("client_credentials", json!({"client_secret": "no"}));
+        let (status, body) = token(&sb, wrong_secret).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"], "invalid_client");
+        assert!(body["error_description"].is_string());
+        let (status, body) = token(&sb, json!({"client_id": "demo-client"})).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"], "unsupported_grant_type");
+        let req = Request::post(sb.token_url()).header(CONTENT_TYPE, "application/json");
+        let req = req.body(Body::from("{oops")).expect("request");
+        let (status, _, body) = send(&http1(), req).await;
+        assert_eq!(status, 400);
+        assert_eq!(json_of(&body)["error"], "invalid_request");
+        let req = Request::get(sb.token_url()).body(Body::default());
+        assert_eq!(send(&http1(), req.expect("request")).await.0, 405);
+        assert_eq!(sb.token_requests(), 4);
+        assert_eq!(sb.successful_token_requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn authorization_code_is_single_use_and_checks_redirect_uri() {
+        let sb = start(SandboxOptions::default()).await;
+        let exchange = |uri: &str| {
+            let fields = json!({"code": "demo-code", "redirect_uri": uri});
+            grant("authorization_code", fields)
+        };
+        let (status, body) = token(&sb, exchange("https://example.com/other")).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"], "invalid_grant");
+        let (status, body) = token(&sb, exchange("https://example.com/callback")).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["refresh_token"], "demo-refresh-token");
+        let (status, body) = token(&sb, exchange("https://example.com/callback")).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"], "invalid_grant");
+        assert_eq!(sb.token_requests_by_grant("authorization_code"), 3);
+    }
+
+    #[tokio::test]
+    async fn flinks_refresh_token_never_changes_until_revoked() {
+        let sb = start(SandboxOptions::default()).await;
+        for _ in 0..2 {
+            let (status, body) = token(&sb, refresh("demo-refresh-token")).await;
+            assert_eq!(status, 200);
+            assert!(body.get("refresh_token").is_none());
+        }
+        sb.revoke_refresh_token();
+        let (status, body) = token(&sb, refresh("demo-refresh-token")).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"], "invalid_grant");
+        let description = "The refresh token is invalid or has been revoked";
+        assert_eq!(body["error_description"], description);
+    }
+
+    #[tokio::test]
+    async fn rotating_refresh_token_invalidates_the_old_one() {
+        let opts = SandboxOptions {
+            rotate_refresh_tokens: true,
+            ..Default::default()
+        };
+        let sb = start(opts).await;
+        let (status, body) = token(&sb, refresh("demo-refresh-token")).await;
+        assert_eq!(status, 200);
+        let rotated = body["refresh_token"].as_str().expect("new refresh token");
+        assert_ne!(rotated, "demo-refresh-token");
+        assert_eq!(sb.current_refresh_token(), rotated);
+        let (status, body) = token(&sb, refresh("demo-refresh-token")).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"], "invalid_grant");
+        assert_eq!(token(&sb, refresh(rotated)).await.0, 200);
+    }
+
+    #[tokio::test]
+    async fn api_requires_a_live_token_and_records_requests() {
+        let sb = start(SandboxOptions::default()).await;
+        let req = Request::get(format!("{}/api/v1/accounts", sb.api_url()));
+        let (status, headers, body) = send(&http1(), req.body(Body::default()).expect("req")).await;
+        assert_eq!(status, 401);
+        assert_eq!(headers[header::WWW_AUTHENTICATE], CHALLENGE);
+        assert_eq!(json_of(&body)["error"], "invalid_token");
+        assert_eq!(get_status(&sb, "/x", "forged").await, 401);
+
+        let token = access_token(&sb).await;
+        let (status, _, body) = api(&sb, Method::GET, "/api/v1/accounts", &token).await;
+        assert_eq!(status, 200);
+        assert_eq!(json_of(&body)["Accounts"][0]["Currency"], "CAD");
+        assert_eq!(api(&sb, Method::DELETE, "/status/418", &token).await.0, 418);
+        let (status, headers, body) = api(&sb, Method::GET, "/v1/things?x=1", &token).await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["x-echo-body-len"], "0");
+        let echo = json_of(&body);
+        assert_eq!(echo["method"], "GET");
+        assert_eq!(echo["path"], "/v1/things");
+        assert_eq!(echo["query"], "x=1");
+        assert_eq!(echo["headers"]["authorization"], format!("Bearer {token}"));
+
+        assert_eq!(sb.api_requests(), 5);
+        assert_eq!(sb.rejected_api_requests(), 2);
+        assert_eq!(sb.expired_token_requests(), 0);
+        let recorded = sb.recorded();
+        assert_eq!(recorded.len(), 5);
+        assert!(!recorded[0].token_valid && recorded[4].token_valid);
+        assert_eq!(recorded[4].path_and_query, "/v1/things?x=1");
+        sb.revoke_access_tokens();
+        assert_eq!(get_status(&sb, "/api/v1/accounts", &token).await, 401);
+    }
+
+    #[tokio::test]
+    async fn token_expiry_makes_api_answer_401() {
+        let lifetime = Duration::from_millis(300);
+        let opts = SandboxOptions {
+            expires_in: None,
+            jwt_lifetime: lifetime,
+            ..Default::default()
+        };
+        let sb = start(opts).await;
+        let (status, body) = token(&sb, client_credentials()).await;
+        assert_eq!(status, 200);
+        assert!(body.get("expires_in").is_none());
+        let token = body["access_token"].as_str().expect("token");
+        assert!(decode_jwt_claims(token).expect("claims")["exp"].is_u64());
+        assert_eq!(get_status(&sb, "/api/v1/accounts", token).await, 200);
+        tokio::time::sleep(lifetime + Duration::from_millis(100)).await;
+        assert_eq!(get_status(&sb, "/api/v1/accounts", token).await, 401);
+        assert_eq!(sb.rejected_api_requests(), 1);
+        assert_eq!(sb.expired_token_requests(), 1);
+    }
+
+    #[tokio::test]
+    async fn failure_modes_answer_like_broken_servers() {
+        let sb = start(SandboxOptions::default()).await;
+        let cases = [
+            (FailureMode::ServerError, 500, Some("server_error")),
+            (
+                FailureMode::TemporarilyUnavailable,
+                503,
+                Some("temporarily_unavailable"),
+            ),
+            (FailureMode::InvalidClient, 400, Some("invalid_client")),
+            (FailureMode::NoToken, 200, None),
+        ];
+        for (mode, status, error) in cases {
+            sb.set_failure(mode);
+            let (got, body) = token(&sb, client_credentials()).await;
+            assert_eq!(got, status, "{mode:?}");
+            assert_eq!(body["error"].as_str(), error, "{mode:?}");
+            assert!(body.get("access_token").is_none());
+        }
+        sb.set_failure(FailureMode::Garbage);
+        let req = Request::post(sb.token_url()).body(Body::from(client_credentials().to_string()));
+        let (status, _, body) = send(&http1(), req.expect("request")).await;
+        assert_eq!(status, 200);
+        assert!(serde_json::from_slice::<Value>(&body).is_err());
+        assert_eq!(sb.successful_token_requests(), 0);
+        assert_eq!(sb.token_requests_by_grant("client_credentials"), 5);
+    }
+
+    #[tokio::test]
+    async fn hang_holds_requests_until_the_mode_changes() {
+        let sb = start(SandboxOptions::default()).await;
+        sb.set_failure(FailureMode::Hang);
+        let mut hanging = JoinSet::new();
+        for _ in 0..3 {
+            let sb = sb.clone();
+            hanging.spawn(async move { token(&sb, client_credentials()).await.0 });
+        }
+        sb.wait_for_token_requests(3).await;
+        assert_eq!(sb.token_requests_in_flight(), 3);
+        sb.set_failure(FailureMode::None);
+        while let Some(status) = hanging.join_next().await {
+            assert_eq!(status.expect("task"), 200);
+        }
+        assert_eq!(sb.max_concurrent_token_requests(), 3);
+        assert_eq!(sb.token_requests_in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn client_giving_up_on_hang_ends_the_request() {
+        let sb = start(SandboxOptions::default()).await;
+        sb.set_failure(FailureMode::Hang);
+        let request = token(&sb, client_credentials());
+        let gave_up = tokio::time::timeout(Duration::from_millis(100), request).await;
+        assert!(gave_up.is_err());
+        for _ in 0..100 {
+            if sb.token_requests_in_flight() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the hanging handler outlived its client");
+    }
+
+    #[tokio::test]
+    async fn one_mib_body_round_trips_over_h2c_after_the_delay() {
+        let sb = start(SandboxOptions::default()).await;
+        let token = access_token(&sb).await;
+        sb.set_api_delay(Duration::from_millis(100));
+        let h2c: TestClient = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+        let payload: Bytes = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        let req = Request::put(format!("{}/upload", sb.api_url()))
+            .header(AUTHORIZATION, format!("Bearer {token}"))
+            .header("x-echo-body", "1")
+            .body(Body::new(payload.clone()))
+            .expect("request");
+        let started = Instant::now();
+        let (status, headers, body) = send(&h2c, req).await;
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        assert_eq!(status, 200);
+        assert_eq!(headers[CONTENT_TYPE], "application/octet-stream");
+        assert_eq!(headers["x-echo-body-len"], "1048576");
+        assert!(body == payload && sb.recorded()[0].body == payload);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_sandbox_stops_its_servers() {
+        let sb = start(SandboxOptions::default()).await;
+        let addr = sb.token_addr();
+        drop(sb);
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("token endpoint still accepts connections after drop");
+    }
+
+    #[test]
+    fn form_decoding_follows_the_urlencoded_rules() {
+        assert_eq!(form_decode("a+b%2Fc%3a").as_deref(), Some("a b/c:"));
+        assert_eq!(form_decode("%C3%A9").as_deref(), Some("é"));
+        for bad in ["%4", "%zz", "%FF"] {
+            assert_eq!(form_decode(bad), None, "{bad}");
+        }
+    }
 }

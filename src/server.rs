@@ -76,7 +76,10 @@ pub async fn serve_proxy(
             let _permit = permit;
             let _ = stream.set_nodelay(true);
             let deadline = Instant::now() + header_read_timeout;
-            let conn = ConnInfo { peer, tls: tls.is_some() };
+            let conn = ConnInfo {
+                peer,
+                tls: tls.is_some(),
+            };
             let service_state = Arc::clone(&state);
             let make = move |seen: Arc<AtomicBool>| {
                 service_fn(move |req: Request<Incoming>| {
@@ -85,11 +88,14 @@ pub async fn serve_proxy(
                 })
             };
             match tls {
-                None => serve_connection(stream, make, header_read_timeout, deadline, watcher).await,
+                None => {
+                    serve_connection(stream, make, header_read_timeout, deadline, watcher).await
+                }
                 Some(acceptor) => {
                     match tokio::time::timeout_at(deadline.into(), acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            serve_connection(tls, make, header_read_timeout, deadline, watcher).await
+                            serve_connection(tls, make, header_read_timeout, deadline, watcher)
+                                .await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -99,8 +105,14 @@ pub async fn serve_proxy(
         });
     }
     drop(listener);
-    tracing::info!(connections = graceful.count(), "stopped accepting; draining");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    tracing::info!(
+        connections = graceful.count(),
+        "stopped accepting; draining"
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown grace period passed with requests still in flight");
     }
 }
@@ -117,8 +129,12 @@ async fn serve_connection<I, M, S, F>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     M: FnOnce(Arc<AtomicBool>) -> S,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = std::convert::Infallible, Future = F>
-        + Send
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<ProxyBody>,
+            Error = std::convert::Infallible,
+            Future = F,
+        > + Send
         + 'static,
     F: Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send + 'static,
 {
@@ -139,7 +155,9 @@ async fn serve_connection<I, M, S, F>(
         .max_concurrent_streams(MAX_H2_STREAMS)
         .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
-    let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .into_owned();
     let conn = watcher.watch(conn);
     tokio::pin!(conn);
     let first_request_deadline = async {
@@ -194,8 +212,8 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> 
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
-    socket
-        .bind(addr)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}")))?;
+    socket.bind(addr).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}"))
+    })?;
     socket.listen(1024)
 }

@@ -350,7 +350,10 @@ impl TokenSource {
 
     /// Whether the credential can only recover by a new authorization.
     pub fn needs_reauthorization(&self) -> bool {
-        self.failure.load().as_ref().is_some_and(|f| f.needs_reauthorization)
+        self.failure
+            .load()
+            .as_ref()
+            .is_some_and(|f| f.needs_reauthorization)
     }
 
     /// Whether this credential must exchange its authorization code first.
@@ -513,7 +516,9 @@ impl TokenSource {
         let result = tokio::time::timeout(self.config.token_timeout, self.request_token(started))
             .await
             .unwrap_or(Err(TokenError::Timeout(self.config.token_timeout)));
-        self.metrics.duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
         self.lock_status().in_flight = false;
         let counter = match &result {
             Ok(_) => &self.metrics.success,
@@ -579,7 +584,10 @@ impl TokenSource {
                     .into_iter()
                     .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
                     .collect();
-                ("application/json", serde_json::Value::Object(map).to_string())
+                (
+                    "application/json",
+                    serde_json::Value::Object(map).to_string(),
+                )
             }
             BodyFormat::Form => {
                 let body = fields
@@ -595,7 +603,10 @@ impl TokenSource {
             .uri(c.token_url.clone())
             .header(header::CONTENT_TYPE, content_type)
             .header(header::ACCEPT, "application/json")
-            .header(header::USER_AGENT, concat!("flinks-proxy/", env!("CARGO_PKG_VERSION")))
+            .header(
+                header::USER_AGENT,
+                concat!("flinks-proxy/", env!("CARGO_PKG_VERSION")),
+            )
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| TokenError::Network(e.to_string()))?;
         if c.client_auth == ClientAuth::Basic {
@@ -605,7 +616,9 @@ impl TokenSource {
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD.encode(creds)
             ))
-            .map_err(|_| TokenError::State("client id or secret cannot be sent in a header".into()))?;
+            .map_err(|_| {
+                TokenError::State("client id or secret cannot be sent in a header".into())
+            })?;
             v.set_sensitive(true);
             req.headers_mut().insert(header::AUTHORIZATION, v);
         }
@@ -630,7 +643,9 @@ impl TokenSource {
         if !status.is_success() {
             let err: Option<OAuthError> = serde_json::from_slice(&body).ok();
             let error = err.as_ref().map(|e| self.scrub(&e.error));
-            let description = err.and_then(|e| e.error_description).map(|d| self.scrub(&d));
+            let description = err
+                .and_then(|e| e.error_description)
+                .map(|d| self.scrub(&d));
             return Err(if status.is_server_error() {
                 TokenError::ServerError {
                     status: status.as_u16(),
@@ -640,14 +655,20 @@ impl TokenSource {
                 TokenError::Rejected {
                     status: status.as_u16(),
                     error: error.unwrap_or_else(|| {
-                        status.canonical_reason().unwrap_or("error").to_ascii_lowercase().replace(' ', "_")
+                        status
+                            .canonical_reason()
+                            .unwrap_or("error")
+                            .to_ascii_lowercase()
+                            .replace(' ', "_")
                     }),
                     description,
                 }
             });
         }
         if status != StatusCode::OK {
-            return Err(TokenError::InvalidResponse(format!("unexpected status {status}")));
+            return Err(TokenError::InvalidResponse(format!(
+                "unexpected status {status}"
+            )));
         }
         let parsed: TokenResponse = serde_json::from_slice(&body)
             .map_err(|e| TokenError::InvalidResponse(format!("not a token response: {e}")))?;
@@ -657,12 +678,17 @@ impl TokenSource {
             .ok_or_else(|| TokenError::InvalidResponse("no access_token".into()))?;
         if let Some(tt) = &parsed.token_type {
             if !tt.eq_ignore_ascii_case("bearer") {
-                return Err(TokenError::InvalidResponse(format!("token_type {tt:?} is not Bearer")));
+                return Err(TokenError::InvalidResponse(format!(
+                    "token_type {tt:?} is not Bearer"
+                )));
             }
         }
         let claims = jwt_claims(&access);
         let now_unix = state::unix_now();
-        let lifetime = match (parsed.expires_in.as_ref().and_then(number), claims.as_ref().and_then(|c| c.exp)) {
+        let lifetime = match (
+            parsed.expires_in.as_ref().and_then(number),
+            claims.as_ref().and_then(|c| c.exp),
+        ) {
             (Some(secs), _) => Duration::from_secs(secs),
             (None, Some(exp)) => Duration::from_secs(exp.saturating_sub(now_unix)),
             (None, None) => {
@@ -707,11 +733,24 @@ impl TokenSource {
         if let Some(s) = &sub {
             *self.sub.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
         }
-        make_token(access, lifetime, c.refresh_before, started, now_unix, parsed.scope, sub)
-            .map_err(TokenError::InvalidResponse)
+        make_token(
+            access,
+            lifetime,
+            c.refresh_before,
+            started,
+            now_unix,
+            parsed.scope,
+            sub,
+        )
+        .map_err(TokenError::InvalidResponse)
     }
 
-    fn persist(&self, refresh_token: &str, sub: Option<String>, rotated: bool) -> Result<(), TokenError> {
+    fn persist(
+        &self,
+        refresh_token: &str,
+        sub: Option<String>,
+        rotated: bool,
+    ) -> Result<(), TokenError> {
         let Some(path) = &self.config.state_file else {
             return Ok(());
         };
@@ -723,7 +762,11 @@ impl TokenSource {
         let obtained_at = if rotated {
             now
         } else {
-            state::load(path).ok().flatten().map(|s| s.obtained_at).unwrap_or(now)
+            state::load(path)
+                .ok()
+                .flatten()
+                .map(|s| s.obtained_at)
+                .unwrap_or(now)
         };
         let st = state::State {
             refresh_token: refresh_token.to_owned(),
@@ -739,9 +782,14 @@ impl TokenSource {
     fn scrub(&self, text: &str) -> String {
         let mut out: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
         let rt = self.lock_refresh_token().clone();
-        for s in [&self.config.client_secret, &self.config.code, &self.config.refresh_token, &rt]
-            .into_iter()
-            .flatten()
+        for s in [
+            &self.config.client_secret,
+            &self.config.code,
+            &self.config.refresh_token,
+            &rt,
+        ]
+        .into_iter()
+        .flatten()
         {
             if !s.expose().is_empty() {
                 out = out.replace(s.expose(), "***");
@@ -802,7 +850,9 @@ struct OAuthError {
 /// `expires_in` as a number or a numeric string (some servers send "3600").
 fn number(v: &serde_json::Value) -> Option<u64> {
     match v {
-        serde_json::Value::Number(n) => n.as_u64().or_else(|| n.as_f64().map(|f| f.max(0.0) as u64)),
+        serde_json::Value::Number(n) => {
+            n.as_u64().or_else(|| n.as_f64().map(|f| f.max(0.0) as u64))
+        }
         serde_json::Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }
@@ -832,7 +882,9 @@ fn form_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+                out.push(b as char)
+            }
             b' ' => out.push('+'),
             _ => out.push_str(&format!("%{b:02X}")),
         }
@@ -863,31 +915,67 @@ mod tests {
     #[test]
     fn refresh_ahead_is_capped_at_half_the_lifetime() {
         let t0 = Instant::now();
-        let t = make_token("a".into(), Duration::from_secs(2), Duration::from_secs(60), t0, 0, None, None).unwrap();
+        let t = make_token(
+            "a".into(),
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+            t0,
+            0,
+            None,
+            None,
+        )
+        .unwrap();
         assert_eq!(t.refresh_at - t0, Duration::from_secs(1));
         assert!(t.usable_until - t0 >= Duration::from_millis(1800));
-        let t = make_token("a".into(), Duration::from_secs(3600), Duration::from_secs(60), t0, 0, None, None).unwrap();
+        let t = make_token(
+            "a".into(),
+            Duration::from_secs(3600),
+            Duration::from_secs(60),
+            t0,
+            0,
+            None,
+            None,
+        )
+        .unwrap();
         assert_eq!(t.refresh_at - t0, Duration::from_secs(3540));
         assert!(t.usable_until > t.refresh_at);
-        let t = make_token("a".into(), Duration::ZERO, Duration::from_secs(60), t0, 0, None, None).unwrap();
+        let t = make_token(
+            "a".into(),
+            Duration::ZERO,
+            Duration::from_secs(60),
+            t0,
+            0,
+            None,
+            None,
+        )
+        .unwrap();
         assert_eq!(t.refresh_at - t0, MIN_REFRESH_INTERVAL);
     }
 
     #[test]
     fn failure_classes() {
-        let rejected = |error: &str, status| TokenError::Rejected { status, error: error.into(), description: None };
+        let rejected = |error: &str, status| TokenError::Rejected {
+            status,
+            error: error.into(),
+            description: None,
+        };
         assert!(!rejected("invalid_client", 400).is_transient());
         assert!(!rejected("invalid_grant", 400).is_transient());
         assert!(rejected("temporarily_unavailable", 400).is_transient());
         assert!(rejected("slow_down", 429).is_transient());
-        assert!(TokenError::ServerError { status: 500, error: None }.is_transient());
+        assert!(TokenError::ServerError {
+            status: 500,
+            error: None
+        }
+        .is_transient());
         assert!(TokenError::Timeout(Duration::from_secs(1)).is_transient());
         assert!(TokenError::InvalidResponse("x".into()).is_transient());
     }
 
     #[test]
     fn jwt_claims_are_read_without_verification() {
-        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"sub":"u1","exp":42}"#);
+        let payload =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"sub":"u1","exp":42}"#);
         let c = jwt_claims(&format!("e30.{payload}.sig")).unwrap();
         assert_eq!(c.exp, Some(42));
         assert_eq!(c.sub.as_deref(), Some("u1"));
@@ -901,7 +989,16 @@ mod tests {
 
     #[test]
     fn token_debug_is_redacted() {
-        let t = make_token("tok-123".into(), Duration::from_secs(9), Duration::from_secs(1), Instant::now(), 0, None, None).unwrap();
+        let t = make_token(
+            "tok-123".into(),
+            Duration::from_secs(9),
+            Duration::from_secs(1),
+            Instant::now(),
+            0,
+            None,
+            None,
+        )
+        .unwrap();
         assert!(!format!("{t:?}").contains("tok-123"));
         assert!(t.bearer.is_sensitive());
     }

@@ -113,7 +113,10 @@ impl ErrorKind {
                 return ErrorKind::Tls;
             }
             if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                if io.get_ref().is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some()) {
+                if io
+                    .get_ref()
+                    .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
+                {
                     return ErrorKind::Tls;
                 }
                 if io.kind() == std::io::ErrorKind::TimedOut {

@@ -80,7 +80,10 @@ pub fn store(path: &Path, state: &State) -> Result<(), String> {
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let json = serde_json::to_vec_pretty(state).map_err(|e| e.to_string())?;
     let write = || -> std::io::Result<()> {
