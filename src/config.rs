@@ -835,6 +835,10 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 }
 
 fn parse_url(s: &str) -> Result<Uri, String> {
+    // Checked first, so that no error below echoes a password.
+    if s.split(['/', '?', '#']).nth(2).is_some_and(|authority| authority.contains('@')) {
+        return Err("credentials in the URL are not supported (use a credential table)".into());
+    }
     let uri: Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
@@ -845,9 +849,7 @@ fn parse_url(s: &str) -> Result<Uri, String> {
         Some(a) if !a.host().is_empty() => {}
         _ => return Err(format!("{s:?} has no host")),
     }
-    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(format!("{s:?}: credentials in the URL are not supported"));
-    }
+
     Ok(uri)
 }
 
