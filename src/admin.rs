@@ -64,13 +64,7 @@ fn readyz(state: &AppState) -> Response<ProxyBody> {
     if state.is_draining() {
         return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n");
     }
-    let rt = state.runtime.load();
-    let waiting: Vec<&str> = rt
-        .sources
-        .iter()
-        .filter(|(_, s)| !s.is_ready())
-        .map(|(n, _)| n.as_str())
-        .collect();
+    let waiting = state.not_ready();
     if waiting.is_empty() {
         reply(StatusCode::OK, "text/plain", "ready\n")
     } else {

@@ -64,6 +64,16 @@ pub enum BodyFormat {
     Form,
 }
 
+impl BodyFormat {
+    /// The config value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BodyFormat::Json => "json",
+            BodyFormat::Form => "form",
+        }
+    }
+}
+
 /// Where the client credentials go in a token request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -73,6 +83,16 @@ pub enum ClientAuth {
     Body,
     /// HTTP Basic authentication (RFC 6749 §2.3.1).
     Basic,
+}
+
+impl ClientAuth {
+    /// The config value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAuth::Body => "body",
+            ClientAuth::Basic => "basic",
+        }
+    }
 }
 
 /// The OAuth 2.0 grant a credential uses.

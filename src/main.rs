@@ -56,6 +56,8 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         expires_in: u64,
     },
+    /// Exit 0 if the running proxy's admin `/healthz` answers 200 (container HEALTHCHECK).
+    Healthcheck,
     /// Run only the sandbox (token endpoint and API), for benchmarks.
     #[command(hide = true)]
     Sandbox {
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
     match cli.command {
         None => run(&cli.config),
         Some(Command::Check) => check(&cli.config),
+        Some(Command::Healthcheck) => healthcheck(&cli.config),
         Some(Command::Token { name, show }) => token(&cli.config, &name, show),
         Some(Command::Demo {
             listen,
@@ -223,7 +226,7 @@ fn check(path: &Path) -> ExitCode {
     println!("credentials:");
     for (name, c) in &config.credentials {
         println!(
-            "  {name}: {} at {} (client_id {}, client secret {}, {:?} body, {:?} auth{})",
+            "  {name}: {} at {} (client_id {}, client secret {}, {} body, {} client auth{})",
             c.grant_type.as_str(),
             c.token_url,
             c.client_id,
@@ -232,8 +235,8 @@ fn check(path: &Path) -> ExitCode {
             } else {
                 "not set"
             },
-            c.body_format,
-            c.client_auth,
+            c.body_format.as_str(),
+            c.client_auth.as_str(),
             c.scope
                 .as_deref()
                 .map(|s| format!(", scope {s}"))
@@ -424,5 +427,40 @@ fn sandbox(token_listen: &str, api_listen: &str, expires_in: u64) -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn healthcheck(path: &Path) -> ExitCode {
+    use http_body_util::Empty;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(mut addr) = config.admin_listen else {
+        eprintln!("error: no admin listener configured");
+        return ExitCode::FAILURE;
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let ok = tokio_runtime(1).ok().and_then(|rt| {
+        rt.block_on(async {
+            let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+            let uri: http::Uri = format!("http://{addr}/healthz").parse().ok()?;
+            let resp = tokio::time::timeout(Duration::from_secs(3), client.get(uri)).await.ok()?.ok()?;
+            Some(resp.status() == http::StatusCode::OK)
+        })
+    });
+    if ok == Some(true) {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("unhealthy: http://{addr}/healthz did not answer 200");
+        ExitCode::FAILURE
     }
 }

@@ -357,7 +357,8 @@ fn upstream_uri(route: &Route, inbound: &Uri) -> Result<Uri, ProxyError> {
 
 /// Request header rewrite: hop-by-hop and client credentials out; Host,
 /// X-Forwarded-* and x-request-id in. The token header is set by `send`.
-fn rewrite_headers(
+/// Public for the benchmarks.
+pub fn rewrite_headers(
     headers: &mut HeaderMap,
     route: &Route,
     conn: ConnInfo,

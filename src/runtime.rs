@@ -264,6 +264,9 @@ pub struct AppState {
     pub clients: ClientCache,
     /// Set when shutdown begins (`/readyz` answers 503).
     pub draining: AtomicBool,
+    /// Set once every credential has had a first token; later failures
+    /// (or credentials added by a reload) do not take readiness back.
+    pub ready: AtomicBool,
 }
 
 impl AppState {
@@ -277,12 +280,33 @@ impl AppState {
             metrics,
             clients,
             draining: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
         }))
     }
 
     /// Starts the refresh tasks of the first runtime.
     pub fn start(&self) {
         self.runtime.load().start_new_sources(None, &self.metrics);
+    }
+
+    /// Credentials still waiting for their first token; empty once the
+    /// proxy has been ready (readiness is latched).
+    pub fn not_ready(&self) -> Vec<String> {
+        if self.ready.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let waiting: Vec<String> = self
+            .runtime
+            .load()
+            .sources
+            .iter()
+            .filter(|(_, s)| !s.is_ready())
+            .map(|(n, _)| n.clone())
+            .collect();
+        if waiting.is_empty() {
+            self.ready.store(true, Ordering::Release);
+        }
+        waiting
     }
 
     /// Whether shutdown has begun.

@@ -101,6 +101,22 @@ impl Token {
     pub fn is_usable(&self, now: Instant) -> bool {
         now < self.usable_until
     }
+
+    /// A token obtained just now with `lifetime`, refreshed and retired as a
+    /// fetched one would be (with the default `refresh_before`). For
+    /// benchmarks and tests that put a token in a source with
+    /// [`TokenSource::install`].
+    pub fn new(access: &str, lifetime: Duration) -> Result<Token, String> {
+        make_token(
+            access.to_owned(),
+            lifetime,
+            crate::config::DEFAULT_REFRESH_BEFORE,
+            Instant::now(),
+            state::unix_now(),
+            None,
+            None,
+        )
+    }
 }
 
 /// Why a token request failed.
@@ -433,21 +449,26 @@ impl TokenSource {
     async fn refresh_loop(&self) {
         let mut failures = 0u32;
         loop {
-            match self.fetch().await {
-                Ok(token) => {
-                    failures = 0;
-                    let refresh_at = token.refresh_at;
-                    self.install(token);
-                    loop {
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(refresh_at.into()) => break,
-                            _ = self.wake.notified() => {
-                                if self.current.load().is_none() {
-                                    break;
-                                }
+            // A token obtained before the task started (an authorization
+            // code exchanged at startup) or the last good one is renewed
+            // when due, or at once when the upstream rejected it.
+            let due = self.current.load().as_ref().map(|t| t.refresh_at);
+            if let Some(refresh_at) = due {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(refresh_at.into()) => break,
+                        _ = self.wake.notified() => {
+                            if self.current.load().is_none() {
+                                break;
                             }
                         }
                     }
+                }
+            }
+            match self.fetch().await {
+                Ok(token) => {
+                    failures = 0;
+                    self.install(token);
                 }
                 Err(e) => {
                     failures += 1;
@@ -725,6 +746,13 @@ impl TokenSource {
                         .unwrap_or_default();
                     self.persist(&rt, sub.clone(), rotated)?;
                     if rotated {
+                        if c.state_file.is_none() && c.grant_type == GrantType::RefreshToken {
+                            tracing::warn!(
+                                credential = %c.name,
+                                "the token endpoint rotated the refresh token and no state_file is set: \
+                                 a restart will use the configured one, which the server no longer accepts"
+                            );
+                        }
                         *self.lock_refresh_token() = Some(Secret::new(rt));
                     }
                 }

@@ -1,0 +1,21 @@
+# Multi-stage build: compile with the Rust toolchain, run on a distroless
+# base (glibc, no shell, non-root). Trust roots are compiled in (webpki-roots),
+# so the runtime image needs no CA bundle.
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY benches ./benches
+RUN cargo build --release --locked --bin flinks-proxy
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/flinks-proxy /usr/local/bin/flinks-proxy
+COPY proxy.toml /etc/flinks-proxy/proxy.toml
+ENV FLINKS_PROXY_CONFIG=/etc/flinks-proxy/proxy.toml
+USER nonroot:nonroot
+# Proxy and admin ports (set listen = "0.0.0.0:8080" / "0.0.0.0:9901" in the
+# mounted config to reach them from outside the container).
+EXPOSE 8080 9901
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s \
+  CMD ["/usr/local/bin/flinks-proxy", "healthcheck"]
+ENTRYPOINT ["/usr/local/bin/flinks-proxy"]
