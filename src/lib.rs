@@ -76,6 +76,7 @@ pub struct Running {
     proxy_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
+    admin_shutdown: CancellationToken,
     proxy_task: Option<JoinHandle<()>>,
 }
 
@@ -103,6 +104,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     state.start();
     let shutdown = CancellationToken::new();
+    let admin_shutdown = CancellationToken::new();
     {
         let rt = state.runtime.load();
         let c = &rt.config;
@@ -121,7 +123,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
     }
     if let Some(l) = admin {
-        tokio::spawn(server::serve_admin(l, Arc::clone(&state), shutdown.clone()));
+        tokio::spawn(server::serve_admin(
+            l,
+            Arc::clone(&state),
+            admin_shutdown.clone(),
+        ));
     }
     let proxy_task = tokio::spawn(server::serve_proxy(
         listener,
@@ -134,6 +140,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         proxy_addr,
         admin_addr,
         shutdown,
+        admin_shutdown,
         proxy_task: Some(proxy_task),
     })
 }
@@ -185,14 +192,16 @@ impl Running {
         r
     }
 
-    /// Graceful shutdown: `/readyz` turns 503, listeners stop accepting,
-    /// in-flight requests get `shutdown_grace` to finish.
+    /// Graceful shutdown: `/readyz` turns 503, the proxy listener stops
+    /// accepting, in-flight requests get `shutdown_grace` to finish; the
+    /// admin listener serves until then, so the drain can be watched.
     pub async fn shutdown(mut self) {
         self.state.draining.store(true, Ordering::Release);
         self.shutdown.cancel();
         if let Some(task) = self.proxy_task.take() {
             let _ = task.await;
         }
+        self.admin_shutdown.cancel();
         self.state.runtime.load().stop_sources();
     }
 }
@@ -200,6 +209,7 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        self.admin_shutdown.cancel();
         self.state.runtime.load().stop_sources();
     }
 }

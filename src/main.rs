@@ -172,9 +172,12 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
             _ = int.recv() => break,
         }
     }
-    tracing::info!("shutting down");
-    running.shutdown().await;
-    tracing::info!("stopped");
+    tracing::info!("shutting down: draining in-flight requests (signal again to stop at once)");
+    tokio::select! {
+        _ = running.shutdown() => tracing::info!("stopped"),
+        _ = term.recv() => tracing::warn!("second signal: stopping without waiting"),
+        _ = int.recv() => tracing::warn!("second signal: stopping without waiting"),
+    }
     Ok(())
 }
 
@@ -453,7 +456,10 @@ fn healthcheck(path: &Path) -> ExitCode {
         rt.block_on(async {
             let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
             let uri: http::Uri = format!("http://{addr}/healthz").parse().ok()?;
-            let resp = tokio::time::timeout(Duration::from_secs(3), client.get(uri)).await.ok()?.ok()?;
+            let resp = tokio::time::timeout(Duration::from_secs(3), client.get(uri))
+                .await
+                .ok()?
+                .ok()?;
             Some(resp.status() == http::StatusCode::OK)
         })
     });

@@ -113,11 +113,17 @@ impl ErrorKind {
                 return ErrorKind::Tls;
             }
             if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                if io
-                    .get_ref()
-                    .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
-                {
-                    return ErrorKind::Tls;
+                // hyper-rustls wraps tokio-rustls' io::Error (which wraps the
+                // rustls::Error) in another io::Error, and io::Error::source
+                // skips the error it wraps: look inside by hand.
+                let mut inner = io.get_ref();
+                while let Some(i) = inner {
+                    if i.is::<rustls::Error>() {
+                        return ErrorKind::Tls;
+                    }
+                    inner = i
+                        .downcast_ref::<std::io::Error>()
+                        .and_then(std::io::Error::get_ref);
                 }
                 if io.kind() == std::io::ErrorKind::TimedOut {
                     return ErrorKind::Timeout;

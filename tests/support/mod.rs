@@ -534,7 +534,11 @@ async fn serve_upstream_connection(
         let (name, recorded) = (name.clone(), Arc::clone(&recorded));
         async move {
             let (parts, body) = req.into_parts();
-            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             let path_and_query = parts
                 .uri
                 .path_and_query()

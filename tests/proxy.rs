@@ -1,0 +1,1048 @@
+//! End to end through the proxy, in process: real sandbox token endpoint and
+//! API (or small test upstreams) on loopback, real HTTP clients.
+//!
+//! Covers SPEC §4 (token caching, single flight, refresh ahead, failures),
+//! §5 (forwarding, header rewrites, routing, not an open proxy), §6 (errors
+//! the proxy answers itself) and §7 (`/metrics`, `/readyz`, `/healthz`).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use flinks_proxy::sandbox::{decode_jwt_claims, FailureMode, RecordedRequest, SandboxOptions};
+use flinks_proxy::Running;
+use http::Request;
+use http_body_util::Full;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Bound for anything that should happen "soon" on a loaded 2-core box.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+// ------------------------------------------------------------------ helpers
+
+/// `config_toml` with other request and token timeouts.
+fn with_timeouts(toml: String, request_timeout: &str, token_timeout: &str) -> String {
+    let out = toml
+        .replace(
+            "request_timeout = \"5s\"",
+            &format!("request_timeout = \"{request_timeout}\""),
+        )
+        .replace(
+            "token_timeout = \"2s\"",
+            &format!("token_timeout = \"{token_timeout}\""),
+        );
+    assert!(out.contains(request_timeout) && out.contains(token_timeout));
+    out
+}
+
+/// Listeners and the sandbox credential `flinks`, with only the given routes.
+fn config_with_routes(sb: &flinks_proxy::sandbox::Sandbox, routes: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"10s\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n{}\n{routes}",
+        credential_toml(sb)
+    )
+}
+
+/// A `[routes.NAME]` table using the sandbox credential.
+fn route(name: &str, fields: &str) -> String {
+    format!("[routes.{name}]\ncredential = \"flinks\"\n{fields}\n")
+}
+
+/// Polls `/readyz` until it answers 200.
+async fn wait_ready(p: &Running) {
+    let end = Instant::now() + PATIENCE;
+    loop {
+        if get(&admin_url(p, "/readyz")).await.status == 200 {
+            return;
+        }
+        assert!(Instant::now() < end, "proxy not ready after {PATIENCE:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Values of one header as the sandbox API recorded them.
+fn recorded_header<'a>(r: &'a RecordedRequest, name: &str) -> Vec<&'a str> {
+    r.headers
+        .iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+/// The access token the upstream received, checked to be one the sandbox's
+/// token endpoint issued to our client.
+fn bearer_token_of(r: &RecordedRequest) -> String {
+    let auth = recorded_header(r, "authorization");
+    assert_eq!(auth.len(), 1, "one Authorization header upstream: {auth:?}");
+    let token = auth[0]
+        .strip_prefix("Bearer ")
+        .unwrap_or_else(|| panic!("not a bearer token: {}", auth[0]));
+    assert!(r.token_valid, "the upstream got a token it did not issue");
+    let claims = decode_jwt_claims(token).expect("a JWT from the token endpoint");
+    assert_eq!(claims["client_id"], SandboxOptions::default().client_id);
+    token.to_owned()
+}
+
+/// Sends raw bytes to the proxy (with `Connection: close` in `request`) and
+/// returns the status code and the whole response text.
+async fn raw_request(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
+        .await
+        .expect("response within the deadline")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    (status, text)
+}
+
+/// The JSON body of a raw response.
+fn raw_json(text: &str) -> serde_json::Value {
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// Asserts a proxy-made error: status, JSON `error` code, and the
+/// `request_id` of the body equal to the `x-request-id` header.
+fn assert_proxy_error(r: &Resp, status: u16, code: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["error"], code, "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert_eq!(
+        body["request_id"].as_str(),
+        r.header("x-request-id"),
+        "{body}"
+    );
+}
+
+// ------------------------------------------------------ Prometheus parsing
+
+/// One sample line of the Prometheus text format.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+fn is_metric_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+/// Parses Prometheus text exposition (version 0.0.4); panics naming the
+/// first line that is not `# HELP|TYPE ...` or `name{labels} value [ts]`.
+fn parse_prometheus(text: &str) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let bad = |why: &str| -> ! { panic!("bad exposition line ({why}): {line:?}") };
+        if let Some(comment) = line.strip_prefix('#') {
+            let words: Vec<&str> = comment.split_whitespace().collect();
+            match words.as_slice() {
+                ["TYPE", name, kind] => {
+                    if !is_metric_name(name) {
+                        bad("metric name");
+                    }
+                    let kinds = ["counter", "gauge", "histogram", "summary", "untyped"];
+                    if !kinds.contains(kind) {
+                        bad("type");
+                    }
+                }
+                ["HELP", name, ..] if is_metric_name(name) => {}
+                ["HELP", ..] | ["TYPE", ..] => bad("comment"),
+                _ => {}
+            }
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or_else(|| bad("no value"));
+        let name = &line[..name_end];
+        if !is_metric_name(name) {
+            bad("metric name");
+        }
+        let mut labels = BTreeMap::new();
+        let mut rest = &line[name_end..];
+        if let Some(after) = rest.strip_prefix('{') {
+            let mut chars = after.char_indices().peekable();
+            let end = loop {
+                let start = match chars.peek() {
+                    Some(&(i, '}')) => break i + 1,
+                    Some(&(i, _)) => i,
+                    None => bad("unterminated labels"),
+                };
+                let eq = after[start..].find('=').unwrap_or_else(|| bad("label")) + start;
+                let label = &after[start..eq];
+                if !is_metric_name(label) || label.contains(':') {
+                    bad("label name");
+                }
+                while chars.next_if(|&(i, _)| i <= eq).is_some() {}
+                if chars.next().map(|(_, c)| c) != Some('"') {
+                    bad("label value must be quoted");
+                }
+                let mut value = String::new();
+                loop {
+                    match chars.next() {
+                        Some((_, '"')) => break,
+                        Some((_, '\\')) => match chars.next() {
+                            Some((_, 'n')) => value.push('\n'),
+                            Some((_, c @ ('\\' | '"'))) => value.push(c),
+                            _ => bad("escape"),
+                        },
+                        Some((_, c)) => value.push(c),
+                        None => bad("unterminated label value"),
+                    }
+                }
+                labels.insert(label.to_owned(), value);
+                if chars.next_if(|&(_, c)| c == ',').is_none()
+                    && chars.peek().map(|p| p.1) != Some('}')
+                {
+                    bad("expected , or }");
+                }
+            };
+            rest = &after[end..];
+        }
+        let mut fields = rest.split_whitespace();
+        let value: f64 = fields
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| bad("value is not a float"));
+        if let Some(ts) = fields.next() {
+            ts.parse::<i64>().unwrap_or_else(|_| bad("timestamp"));
+        }
+        if fields.next().is_some() || !rest.starts_with(' ') {
+            bad("trailing text");
+        }
+        samples.push(Sample {
+            name: name.to_owned(),
+            labels,
+            value,
+        });
+    }
+    samples
+}
+
+/// The value of the sample with exactly this name and these labels.
+fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let want: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    samples
+        .iter()
+        .find(|s| s.name == name && s.labels == want)
+        .map(|s| s.value)
+}
+
+async fn scrape(p: &Running) -> Vec<Sample> {
+    let r = get(&admin_url(p, "/metrics")).await;
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/plain")));
+    parse_prometheus(&r.text())
+}
+
+#[test]
+fn prometheus_parser_rejects_malformed_lines() {
+    let good =
+        "# HELP a_b help text\n# TYPE a_b counter\na_b{x=\"1\",y=\"q\\\"\"} 2.5\nc 1e3\nd +Inf\n";
+    let s = parse_prometheus(good);
+    assert_eq!(s.len(), 3);
+    assert_eq!(sample(&s, "a_b", &[("x", "1"), ("y", "q\"")]), Some(2.5));
+    assert_eq!(sample(&s, "c", &[]), Some(1000.0));
+    for bad in [
+        "a_b{x=1} 2",
+        "a_b{x=\"1\"}",
+        "a_b{x=\"1\"} two",
+        "9x 1",
+        "a{x=\"1\" 1",
+    ] {
+        let r = std::panic::catch_unwind(|| parse_prometheus(bad));
+        assert!(r.is_err(), "accepted {bad:?}");
+    }
+}
+
+// ------------------------------------------------------------ forwarding
+
+#[tokio::test]
+async fn get_carries_the_token_and_drops_client_credentials_and_hop_by_hop_headers() {
+    let sb = sandbox().await;
+    let p = start_proxy(&config_toml(&sb, "")).await;
+    let request = |url: String| {
+        Request::get(url)
+            .header("authorization", "Bearer the-clients-own-token")
+            .header("proxy-authorization", "Basic Y2xpZW50OnNlY3JldA==")
+            .header("connection", "x-foo")
+            .header("x-foo", "1")
+            .header("keep-alive", "timeout=5")
+            .header("te", "trailers")
+            .header("x-request-id", "client-rid-42")
+            .header("x-custom", "kept")
+            .body(Full::default())
+            .expect("request")
+    };
+    // Control: the client really sends all of these (straight to the API).
+    let direct = send(&client(), request(format!("{}/v1/x", sb.api_url()))).await;
+    assert_eq!(direct.status, 401);
+    let control = sb.recorded().remove(0);
+    for h in [
+        "authorization",
+        "proxy-authorization",
+        "connection",
+        "x-foo",
+    ] {
+        assert_eq!(recorded_header(&control, h).len(), 1, "control lacks {h}");
+    }
+    for h in ["keep-alive", "te"] {
+        assert_eq!(recorded_header(&control, h).len(), 1, "control lacks {h}");
+    }
+
+    let r = send(&client(), request(proxy_url(&p, "/v1/things?x=1"))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let recorded = sb.recorded();
+    assert_eq!(recorded.len(), 2);
+    let up = &recorded[1];
+    assert_eq!(up.method, "GET");
+    assert_eq!(up.path_and_query, "/v1/things?x=1");
+    let token = bearer_token_of(up);
+    assert_ne!(token, "the-clients-own-token");
+    for h in [
+        "proxy-authorization",
+        "connection",
+        "x-foo",
+        "keep-alive",
+        "te",
+    ] {
+        assert_eq!(
+            recorded_header(up, h),
+            Vec::<&str>::new(),
+            "{h} reached the upstream"
+        );
+    }
+    assert_eq!(recorded_header(up, "x-custom"), ["kept"]);
+    assert_eq!(recorded_header(up, "host"), [sb.api_addr().to_string()]);
+    assert_eq!(recorded_header(up, "x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(recorded_header(up, "x-forwarded-proto"), ["http"]);
+    assert_eq!(
+        recorded_header(up, "x-forwarded-host"),
+        [p.proxy_addr().to_string()]
+    );
+    assert_eq!(recorded_header(up, "x-request-id"), ["client-rid-42"]);
+
+    // The client gets the upstream's status, headers and body.
+    assert_eq!(r.header("x-request-id"), Some("client-rid-42"));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("x-echo-body-len"), Some("0"));
+    let echo = r.json();
+    assert_eq!(echo["method"], "GET");
+    assert_eq!(echo["path"], "/v1/things");
+    assert_eq!(echo["query"], "x=1");
+    assert_eq!(echo["headers"]["authorization"], format!("Bearer {token}"));
+    assert_eq!(sb.token_requests(), 1);
+}
+
+#[tokio::test]
+async fn post_with_a_one_mib_body_round_trips_intact() {
+    let sb = sandbox().await;
+    let p = start_proxy(&config_toml(&sb, "")).await;
+    let payload: Bytes = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(31) % 251) as u8)
+        .collect();
+    let req = Request::post(proxy_url(&p, "/v1/upload"))
+        .header("authorization", "Bearer the-clients-own-token")
+        .header("content-type", "application/octet-stream")
+        .header("x-echo-body", "1")
+        .body(Full::new(payload.clone()))
+        .expect("request");
+    let r = send(&client(), req).await;
+    assert_eq!(
+        r.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&r.body[..200.min(r.body.len())])
+    );
+    assert_eq!(r.header("content-type"), Some("application/octet-stream"));
+    assert_eq!(r.header("x-echo-body-len"), Some("1048576"));
+    assert!(
+        r.body == payload,
+        "response body differs ({} bytes)",
+        r.body.len()
+    );
+    let recorded = sb.recorded();
+    assert_eq!(recorded.len(), 1);
+    let up = &recorded[0];
+    assert_eq!(up.method, "POST");
+    assert!(
+        up.body == payload,
+        "upstream body differs ({} bytes)",
+        up.body.len()
+    );
+    bearer_token_of(up);
+    assert!(recorded_header(up, "proxy-authorization").is_empty());
+}
+
+#[tokio::test]
+async fn hop_by_hop_response_headers_are_not_passed_to_the_client() {
+    let sb = sandbox().await;
+    let up = TestUpstream::start("plain").await;
+    // Control: the upstream does send them.
+    let direct = get(&format!("{}/x", up.http_url())).await;
+    assert_eq!(direct.header("x-hop"), Some("1"));
+    assert!(direct.headers.contains_key("keep-alive"));
+
+    let routes = route(
+        "plain",
+        &format!("path_prefix = \"/\"\nupstream = \"{}\"", up.http_url()),
+    );
+    let p = start_proxy(&config_with_routes(&sb, &routes)).await;
+    let r = get(&proxy_url(&p, "/x")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-upstream"), Some("plain"));
+    assert!(r.text().starts_with("Bearer "), "{}", r.text());
+    assert!(!r.headers.contains_key("x-hop"), "{:?}", r.headers);
+    assert!(!r.headers.contains_key("keep-alive"), "{:?}", r.headers);
+    assert!(
+        r.header("connection").is_none_or(|c| !c.contains("x-hop")),
+        "{:?}",
+        r.headers
+    );
+}
+
+#[tokio::test]
+async fn request_id_is_kept_when_sane_and_made_otherwise() {
+    let sb = sandbox().await;
+    let p = start_proxy(&config_toml(&sb, "")).await;
+    let c = client();
+    let with_id = |id: Option<&str>| {
+        let mut b = Request::get(proxy_url(&p, "/v1/id"));
+        if let Some(id) = id {
+            b = b.header("x-request-id", id);
+        }
+        b.body(Full::default()).expect("request")
+    };
+    let kept = send(&c, with_id(Some("req-abc.123"))).await;
+    assert_eq!(kept.header("x-request-id"), Some("req-abc.123"));
+    let made = send(&c, with_id(None)).await;
+    let insane = send(&c, with_id(Some("two words"))).await;
+    let long = "a".repeat(300);
+    let too_long = send(&c, with_id(Some(&long))).await;
+    let mut ids = Vec::new();
+    for r in [&made, &insane, &too_long] {
+        assert_eq!(r.status, 200);
+        let id = r.header("x-request-id").expect("x-request-id").to_owned();
+        assert!(
+            (8..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()),
+            "{id:?}"
+        );
+        assert!(id != "two words" && id != long);
+        ids.push(id);
+    }
+    assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
+    // The upstream got the same ids, in order.
+    let upstream: Vec<String> = sb
+        .recorded()
+        .iter()
+        .map(|r| recorded_header(r, "x-request-id").join(","))
+        .collect();
+    assert_eq!(upstream, ["req-abc.123", &ids[0], &ids[1], &ids[2]]);
+}
+
+// ---------------------------------------------------------------- tokens
+
+#[tokio::test]
+async fn sequential_requests_share_one_token_request() {
+    let sb = sandbox().await;
+    let p = start_proxy(&config_toml(&sb, "")).await;
+    let c = client();
+    for i in 0..100 {
+        let r = get_with(&c, &proxy_url(&p, "/api/v1/accounts")).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+    assert_eq!(sb.token_requests(), 1);
+    assert_eq!(sb.api_requests(), 100);
+    assert_eq!(sb.rejected_api_requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_start_burst_of_500_makes_one_token_request() {
+    let sb = sandbox().await;
+    // The first token request hangs until all 500 requests wait for it.
+    sb.set_failure(FailureMode::Hang);
+    let toml = with_timeouts(config_toml(&sb, ""), "60s", "60s");
+    let p = start_proxy(&toml).await;
+    sb.wait_for_token_requests(1).await;
+    let c = client();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..500 {
+        let (c, url) = (c.clone(), proxy_url(&p, &format!("/v1/burst/{i}")));
+        tasks.spawn(async move { get_with(&c, &url).await.status });
+    }
+    let end = Instant::now() + Duration::from_secs(30);
+    while p.state().metrics.inflight.get() < 500 {
+        assert!(
+            Instant::now() < end,
+            "only {} requests reached the proxy",
+            p.state().metrics.inflight.get()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        sb.token_requests(),
+        1,
+        "a waiting request asked for a token"
+    );
+    sb.set_failure(FailureMode::None);
+    let mut ok = 0;
+    while let Some(status) = tasks.join_next().await {
+        assert_eq!(status.expect("task"), 200);
+        ok += 1;
+    }
+    assert_eq!(ok, 500);
+    assert_eq!(sb.token_requests(), 1);
+    assert_eq!(sb.max_concurrent_token_requests(), 1);
+    assert_eq!(sb.api_requests(), 500);
+    assert_eq!(sb.rejected_api_requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_tokens_are_renewed_before_expiry_under_continuous_load() {
+    let sb = sandbox_with(SandboxOptions {
+        expires_in: Some(2),
+        ..Default::default()
+    })
+    .await;
+    let p = start_proxy(&config_toml(&sb, "")).await;
+    wait_ready(&p).await;
+    let first_token_requests = sb.token_requests();
+    let c = client();
+    let url = proxy_url(&p, "/api/v1/accounts");
+    let end = Instant::now() + Duration::from_secs(7);
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (c, url) = (c.clone(), url.clone());
+        workers.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let (mut sent, mut failed) = (0u32, Vec::new());
+            while Instant::now() < end {
+                tick.tick().await;
+                let r = get_with(&c, &url).await;
+                sent += 1;
+                if r.status != 200 {
+                    failed.push(format!("{} {}", r.status, r.text()));
+                }
+            }
+            (sent, failed)
+        });
+    }
+    let mut sent = 0;
+    while let Some(result) = workers.join_next().await {
+        let (n, failed) = result.expect("worker");
+        assert!(failed.is_empty(), "failed requests: {failed:?}");
+        sent += n;
+    }
+    assert!(sent >= 100, "only {sent} requests sent");
+    assert_eq!(sb.expired_token_requests(), 0, "expired tokens were sent");
+    assert_eq!(sb.rejected_api_requests(), 0);
+    assert_eq!(u64::from(sent), sb.api_requests());
+    // Refresh at half of a 2 s lifetime: about 7 renewals in 7 s; a
+    // renewal loop would show as many more.
+    let renewals = sb.token_requests() - first_token_requests;
+    assert!((4..=15).contains(&renewals), "{renewals} renewals in 7 s");
+    assert_eq!(sb.token_requests(), sb.successful_token_requests());
+}
+
+#[tokio::test]
+async fn token_endpoint_failure_answers_503_at_once_then_recovers() {
+    let sb = sandbox().await;
+    sb.set_failure(FailureMode::ServerError);
+    let p = start_proxy(&config_toml(&sb, "")).await;
+    sb.wait_for_token_requests(1).await;
+    let c = client();
+    let url = proxy_url(&p, "/api/v1/accounts");
+    let before = sb.token_requests();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let r = get_with(&c, &url).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "503 took {:?}",
+            started.elapsed()
+        );
+        assert_proxy_error(&r, 503, "token_unavailable");
+        let retry_after: u64 = r
+            .header("retry-after")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("Retry-After: {:?}", r.headers));
+        assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+        assert!(r.json()["message"].as_str().unwrap().contains("flinks"));
+    }
+    // Waiting requests do not each cause a token request (the background
+    // retries, 0.5 s then 1 s apart at the least, may have made some).
+    assert!(sb.token_requests() <= before + 2);
+    assert_eq!(sb.api_requests(), 0);
+    assert_eq!(get(&admin_url(&p, "/readyz")).await.status, 503);
+
+    sb.set_failure(FailureMode::None);
+    let n = sb.token_requests();
+    tokio::time::timeout(Duration::from_secs(30), sb.wait_for_token_requests(n + 1))
+        .await
+        .expect("the proxy retries the token endpoint");
+    let end = Instant::now() + PATIENCE;
+    loop {
+        let r = get_with(&c, &url).await;
+        if r.status == 200 {
+            break;
+        }
+        assert_proxy_error(&r, 503, "token_unavailable");
+        assert!(Instant::now() < end, "no recovery within {PATIENCE:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(sb.successful_token_requests(), 1);
+    assert_eq!(get(&admin_url(&p, "/readyz")).await.status, 200);
+}
+
+// ------------------------------------------------------------- TLS upstream
+
+#[tokio::test]
+async fn tls_upstream_signed_by_the_route_ca_file_is_trusted() {
+    let sb = sandbox().await;
+    let pki = Pki::new("upstream");
+    let up = TestUpstream::start_tls("tls", &pki.server()).await;
+    let dir = TempDir::new();
+    let ca = dir.write("upstream-ca.pem", &pki.ca_pem);
+    let routes = route(
+        "tls",
+        &format!(
+            "path_prefix = \"/\"\nupstream = \"{}\"\nca_file = \"{}\"",
+            up.https_url(),
+            ca.display()
+        ),
+    );
+    let p = start_proxy(&config_with_routes(&sb, &routes)).await;
+    let r = get(&proxy_url(&p, "/secure/x")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-upstream"), Some("tls"));
+    let auth = r.text();
+    let token = auth
+        .strip_prefix("Bearer ")
+        .expect("a bearer token upstream");
+    assert_eq!(
+        decode_jwt_claims(token).expect("JWT")["client_id"],
+        SandboxOptions::default().client_id
+    );
+    let got = up.requests();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].path_and_query, "/secure/x");
+}
+
+#[tokio::test]
+async fn tls_upstream_without_its_ca_is_502_upstream_unavailable() {
+    let sb = sandbox().await;
+    let pki = Pki::new("upstream");
+    let up = TestUpstream::start_tls("tls", &pki.server()).await;
+    let routes = route(
+        "tls",
+        &format!("path_prefix = \"/\"\nupstream = \"{}\"", up.https_url()),
+    );
+    let p = start_proxy(&config_with_routes(&sb, &routes)).await;
+    let r = get(&proxy_url(&p, "/secure/x")).await;
+    assert_proxy_error(&r, 502, "upstream_unavailable");
+    assert!(
+        up.requests().is_empty(),
+        "a request reached an untrusted upstream"
+    );
+    let m = scrape(&p).await;
+    let errors = [("route", "tls"), ("kind", "tls")];
+    assert_eq!(
+        sample(&m, "flinks_proxy_upstream_errors_total", &errors),
+        Some(1.0)
+    );
+}
+
+// ---------------------------------------------------------------- routing
+
+/// Four test upstreams behind one proxy:
+/// `/api` → api, `/api/v2` → v2, host `internal.example` `/api` → host,
+/// `/svc` (strip `/svc`) → strip with base path `/base`.
+struct Routed {
+    p: Running,
+    api: TestUpstream,
+    v2: TestUpstream,
+    host: TestUpstream,
+    strip: TestUpstream,
+    _sb: flinks_proxy::sandbox::Sandbox,
+}
+
+impl Routed {
+    async fn start() -> Routed {
+        let sb = sandbox().await;
+        let api = TestUpstream::start("api").await;
+        let v2 = TestUpstream::start("v2").await;
+        let host = TestUpstream::start("host").await;
+        let strip = TestUpstream::start("strip").await;
+        // Listed host route last and shortest: order in the file must not matter.
+        let routes = [
+            route(
+                "v2",
+                &format!(
+                    "path_prefix = \"/api/v2\"\nupstream = \"{}\"",
+                    v2.http_url()
+                ),
+            ),
+            route(
+                "api",
+                &format!("path_prefix = \"/api\"\nupstream = \"{}\"", api.http_url()),
+            ),
+            route(
+                "strip",
+                &format!(
+                    "path_prefix = \"/svc\"\nstrip_prefix = \"/svc\"\nupstream = \"{}/base/\"",
+                    strip.http_url()
+                ),
+            ),
+            route(
+                "internal",
+                &format!(
+                    "host = \"internal.example\"\npath_prefix = \"/api\"\nupstream = \"{}\"",
+                    host.http_url()
+                ),
+            ),
+        ]
+        .concat();
+        let p = start_proxy(&config_with_routes(&sb, &routes)).await;
+        Routed {
+            p,
+            api,
+            v2,
+            host,
+            strip,
+            _sb: sb,
+        }
+    }
+
+    async fn get(&self, host: Option<&str>, path: &str) -> Resp {
+        let mut b = Request::get(proxy_url(&self.p, path));
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        send(&client(), b.body(Full::default()).expect("request")).await
+    }
+
+    /// Requests each upstream received: (api, v2, host, strip).
+    fn counts(&self) -> [usize; 4] {
+        [&self.api, &self.v2, &self.host, &self.strip].map(|u| u.requests().len())
+    }
+}
+
+#[tokio::test]
+async fn host_routes_beat_host_less_ones_and_the_longest_prefix_wins() {
+    let r = Routed::start().await;
+    let cases = [
+        (None, "/api/v2/x", "v2", "/api/v2/x"),
+        (None, "/api/v1/x?q=1", "api", "/api/v1/x?q=1"),
+        (None, "/api", "api", "/api"),
+        (None, "/api/v2", "v2", "/api/v2"),
+        (Some("internal.example"), "/api/v2/x", "host", "/api/v2/x"),
+        (Some("INTERNAL.example:8080"), "/api/x", "host", "/api/x"),
+        (Some("other.example"), "/api/v2/x", "v2", "/api/v2/x"),
+    ];
+    for (host, path, upstream, upstream_path) in cases {
+        let resp = r.get(host, path).await;
+        assert_eq!(resp.status, 200, "{host:?} {path}: {}", resp.text());
+        assert_eq!(resp.header("x-upstream"), Some(upstream), "{host:?} {path}");
+        assert_eq!(resp.header("x-upstream-path"), Some(upstream_path));
+        assert!(resp.text().starts_with("Bearer "), "no token for {path}");
+    }
+    assert_eq!(r.counts(), [2, 3, 2, 0]);
+}
+
+#[tokio::test]
+async fn prefixes_match_at_segment_boundaries_and_unrouted_paths_get_404() {
+    let r = Routed::start().await;
+    for path in ["/apix", "/apix/v2", "/", "/other", "/svcx/a"] {
+        let resp = r.get(None, path).await;
+        assert_proxy_error(&resp, 404, "route_not_found");
+    }
+    let resp = r.get(Some("internal.example"), "/internal").await;
+    assert_proxy_error(&resp, 404, "route_not_found");
+    assert_eq!(r.counts(), [0, 0, 0, 0]);
+    let m = scrape(&r.p).await;
+    let unrouted = sample(
+        &m,
+        "flinks_proxy_requests_total",
+        &[("route", "none"), ("status", "404")],
+    );
+    assert_eq!(unrouted, Some(6.0));
+}
+
+#[tokio::test]
+async fn strip_prefix_and_upstream_base_path_are_applied() {
+    let r = Routed::start().await;
+    let resp = r.get(None, "/svc/a/b?q=1&r=%2F").await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("x-upstream"), Some("strip"));
+    assert_eq!(resp.header("x-upstream-path"), Some("/base/a/b?q=1&r=%2F"));
+    let got = r.strip.requests();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].path_and_query, "/base/a/b?q=1&r=%2F");
+    assert_eq!(
+        got[0].headers["host"].to_str().unwrap(),
+        r.strip.addr.to_string()
+    );
+}
+
+#[tokio::test]
+async fn connect_is_refused_with_405() {
+    let r = Routed::start().await;
+    let (status, text) = raw_request(
+        r.p.proxy_addr(),
+        "CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 405, "{text}");
+    assert_eq!(raw_json(&text)["error"], "method_not_allowed");
+    assert_eq!(r.counts(), [0, 0, 0, 0]);
+}
+
+#[tokio::test]
+async fn absolute_form_target_never_picks_the_destination() {
+    let r = Routed::start().await;
+    // A decoy listening where the absolute-form target points.
+    let decoy = TestUpstream::start("decoy").await;
+    let addr = r.p.proxy_addr();
+    let request = format!(
+        "GET http://{}/api/v1/x HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        decoy.addr, decoy.addr
+    );
+    let (status, text) = raw_request(addr, &request).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("x-upstream: api"), "{text}");
+    let request = "GET http://evil.example/api/v2/x HTTP/1.1\r\nHost: evil.example\r\n\
+                   Connection: close\r\n\r\n";
+    let (status, text) = raw_request(addr, request).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("x-upstream: v2"), "{text}");
+    assert!(decoy.requests().is_empty(), "the decoy was contacted");
+    let api = r.api.requests();
+    assert_eq!(api.len(), 1);
+    assert_eq!(api[0].path_and_query, "/api/v1/x");
+    assert_eq!(
+        api[0].headers["host"].to_str().unwrap(),
+        r.api.addr.to_string()
+    );
+    assert_eq!(r.v2.requests()[0].path_and_query, "/api/v2/x");
+    // No route for the absolute target's path: 404, never a forward.
+    let request = format!(
+        "GET http://{}/elsewhere HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        decoy.addr, decoy.addr
+    );
+    let (status, text) = raw_request(addr, &request).await;
+    assert_eq!(status, 404, "{text}");
+    assert!(decoy.requests().is_empty());
+}
+
+#[tokio::test]
+async fn dot_segments_in_the_path_get_400() {
+    let r = Routed::start().await;
+    for path in [
+        "/api/../admin",
+        "/api/./x",
+        "/api/%2e%2e/admin",
+        "/api/v2/..",
+    ] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let (status, text) = raw_request(r.p.proxy_addr(), &request).await;
+        assert_eq!(status, 400, "{path}: {text}");
+        assert_eq!(raw_json(&text)["error"], "bad_request", "{path}");
+    }
+    assert_eq!(r.counts(), [0, 0, 0, 0]);
+}
+
+// ------------------------------------------------------- upstream failures
+
+#[tokio::test]
+async fn refused_upstream_connection_is_502_and_counted() {
+    let sb = sandbox().await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let extra = route(
+        "down",
+        &format!("path_prefix = \"/down\"\nupstream = \"http://127.0.0.1:{port}\""),
+    );
+    let p = start_proxy(&config_toml(&sb, &extra)).await;
+    let r = get(&proxy_url(&p, "/down/x")).await;
+    assert_proxy_error(&r, 502, "upstream_unavailable");
+    let r = get(&proxy_url(&p, "/down/y")).await;
+    assert_proxy_error(&r, 502, "upstream_unavailable");
+    let m = scrape(&p).await;
+    let connect = [("route", "down"), ("kind", "connect")];
+    assert_eq!(
+        sample(&m, "flinks_proxy_upstream_errors_total", &connect),
+        Some(2.0)
+    );
+    let status = [("route", "down"), ("status", "502")];
+    assert_eq!(
+        sample(&m, "flinks_proxy_requests_total", &status),
+        Some(2.0)
+    );
+    // The other route is unaffected.
+    assert_eq!(get(&proxy_url(&p, "/api/v1/accounts")).await.status, 200);
+}
+
+#[tokio::test]
+async fn upstream_slower_than_request_timeout_is_504_and_counted() {
+    let sb = sandbox().await;
+    let p = start_proxy(&with_timeouts(config_toml(&sb, ""), "300ms", "2s")).await;
+    wait_ready(&p).await;
+    sb.set_api_delay(Duration::from_secs(5));
+    let started = Instant::now();
+    let r = get(&proxy_url(&p, "/api/v1/accounts")).await;
+    let took = started.elapsed();
+    assert_proxy_error(&r, 504, "upstream_timeout");
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_secs(4),
+        "answered after {took:?}"
+    );
+    assert_eq!(sb.api_requests(), 1);
+    let m = scrape(&p).await;
+    let timeout = [("route", "flinks"), ("kind", "timeout")];
+    assert_eq!(
+        sample(&m, "flinks_proxy_upstream_errors_total", &timeout),
+        Some(1.0)
+    );
+    let status = [("route", "flinks"), ("status", "504")];
+    assert_eq!(
+        sample(&m, "flinks_proxy_requests_total", &status),
+        Some(1.0)
+    );
+}
+
+// ------------------------------------------------------------------ admin
+
+#[tokio::test]
+async fn metrics_parse_and_show_request_and_token_counters_moving() {
+    let sb = sandbox().await;
+    let p = start_proxy(&config_toml(&sb, "")).await;
+    wait_ready(&p).await;
+    let requests = |m: &[Sample]| {
+        sample(
+            m,
+            "flinks_proxy_requests_total",
+            &[("route", "flinks"), ("status", "200")],
+        )
+        .unwrap_or(0.0)
+    };
+    let tokens = |m: &[Sample]| {
+        sample(
+            m,
+            "flinks_proxy_token_requests_total",
+            &[("credential", "flinks"), ("outcome", "success")],
+        )
+    };
+    let m0 = scrape(&p).await;
+    assert_eq!(requests(&m0), 0.0);
+    assert_eq!(tokens(&m0), Some(1.0));
+
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(
+            get_with(&c, &proxy_url(&p, "/api/v1/accounts"))
+                .await
+                .status,
+            200
+        );
+    }
+    // A rejected token makes the proxy fetch a new one and replay.
+    sb.revoke_access_tokens();
+    assert_eq!(
+        get_with(&c, &proxy_url(&p, "/api/v1/accounts"))
+            .await
+            .status,
+        200
+    );
+
+    let m1 = scrape(&p).await;
+    assert_eq!(requests(&m1), 4.0);
+    assert_eq!(tokens(&m1), Some(2.0));
+    assert_eq!(sb.token_requests(), 2);
+    let route = [("route", "flinks")];
+    assert_eq!(
+        sample(&m1, "flinks_proxy_request_duration_seconds_count", &route),
+        Some(4.0)
+    );
+    assert_eq!(
+        sample(&m1, "flinks_proxy_token_replays_total", &route),
+        Some(1.0)
+    );
+    let credential = [("credential", "flinks")];
+    assert_eq!(
+        sample(
+            &m1,
+            "flinks_proxy_token_request_duration_seconds_count",
+            &credential
+        ),
+        Some(2.0)
+    );
+    let expiry = sample(
+        &m1,
+        "flinks_proxy_token_expiry_timestamp_seconds",
+        &credential,
+    )
+    .expect("token expiry gauge");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now + 3500.0..=now + 3601.0).contains(&expiry),
+        "expiry {expiry}, now {now}"
+    );
+    assert_eq!(
+        sample(&m1, "flinks_proxy_inflight_requests", &[]),
+        Some(0.0)
+    );
+    for process in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+    ] {
+        let v = sample(&m1, process, &[]).unwrap_or_else(|| panic!("no {process}"));
+        assert!(v >= 0.0, "{process} = {v}");
+    }
+    assert!(sample(&m1, "process_resident_memory_bytes", &[]).unwrap() > 0.0);
+}
+
+#[tokio::test]
+async fn readyz_is_503_naming_the_credential_until_the_first_token() {
+    let sb = sandbox().await;
+    sb.set_failure(FailureMode::Hang);
+    let p = start_proxy(&config_toml(&sb, "")).await;
+    sb.wait_for_token_requests(1).await;
+    let r = get(&admin_url(&p, "/readyz")).await;
+    assert_eq!(r.status, 503);
+    assert!(r.text().contains("flinks"), "{}", r.text());
+    assert_eq!(get(&admin_url(&p, "/healthz")).await.status, 200);
+
+    sb.set_failure(FailureMode::None);
+    wait_ready(&p).await;
+    assert_eq!(get(&admin_url(&p, "/healthz")).await.status, 200);
+    assert_eq!(sb.successful_token_requests(), 1);
+}
