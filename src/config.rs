@@ -856,7 +856,10 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 
 fn parse_url(s: &str) -> Result<Uri, String> {
     // Checked first, so that no error below echoes a password.
-    if s.split(['/', '?', '#']).nth(2).is_some_and(|authority| authority.contains('@')) {
+    if s.split(['/', '?', '#'])
+        .nth(2)
+        .is_some_and(|authority| authority.contains('@'))
+    {
         return Err("credentials in the URL are not supported (use a credential table)".into());
     }
     let uri: Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;

@@ -218,6 +218,30 @@ async fn handle_inner(
             "the path must not contain . or .. segments",
         ));
     }
+    // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without
+    // Host or with more than one.
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && req.version() == Version::HTTP_11) {
+        return Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
+    }
+    // RFC 9110 §4.2.4: userinfo in a target disguises the authority; treat
+    // it as an error.
+    let host_has_userinfo = req
+        .headers()
+        .get(header::HOST)
+        .is_some_and(|h| h.as_bytes().contains(&b'@'));
+    if host_has_userinfo
+        || req
+            .uri()
+            .authority()
+            .is_some_and(|a| a.as_str().contains('@'))
+    {
+        return Err(ProxyError::BadRequest(
+            "the request target must not carry user information",
+        ));
+    }
     let host = request_host(&req);
     let route = match host {
         Some(h) if h.bytes().any(|b| b.is_ascii_uppercase()) => {
@@ -304,6 +328,12 @@ async fn send(
     *req.headers_mut() = headers;
     match tokio::time::timeout_at(deadline.into(), route.client.request(req)).await {
         Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) if client_body_failed(&e) => {
+            // The client's body broke (bad chunk framing, disconnect): the
+            // client's fault, not the upstream's.
+            tracing::debug!(route = %route.name, error = ?e, "request body failed");
+            Err(ProxyError::BadRequest("the request body could not be read"))
+        }
         Ok(Err(e)) => {
             let kind = ErrorKind::of(&e);
             route.metrics.upstream_error(kind.as_str());
@@ -319,6 +349,24 @@ async fn send(
             Err(ProxyError::UpstreamTimeout)
         }
     }
+}
+
+/// Whether an upstream request failed because the client's request body
+/// errored: hyper reports a "user body" error caused by the inbound
+/// connection's own `hyper::Error`.
+fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user)
+            && err.source().is_some_and(|cause| cause.is::<hyper::Error>())
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// The upstream URI: upstream origin + base path + request path (minus

@@ -149,9 +149,12 @@ pub enum TokenError {
     /// A 200 without a usable token.
     #[error("token endpoint answered without a usable token: {0}")]
     InvalidResponse(String),
-    /// The state file could not be read or written.
-    #[error("state file: {0}")]
+    /// The request could not be made from the configured settings.
+    #[error("{0}")]
     State(String),
+    /// The state file could not be written (retried like a transient failure).
+    #[error("state file: {0}")]
+    Persist(String),
 }
 
 impl TokenError {
@@ -166,6 +169,7 @@ impl TokenError {
             | TokenError::Network(_)
             | TokenError::InvalidResponse(_) => true,
             TokenError::State(_) => false,
+            TokenError::Persist(_) => true,
         }
     }
 
@@ -182,7 +186,8 @@ impl TokenError {
             TokenError::Timeout(_) => ("timeout".into(), Some(self.to_string())),
             TokenError::Network(_) => ("network".into(), Some(self.to_string())),
             TokenError::InvalidResponse(_) => ("invalid_response".into(), Some(self.to_string())),
-            TokenError::State(_) => ("state_file".into(), Some(self.to_string())),
+            TokenError::State(_) => ("invalid_configuration".into(), Some(self.to_string())),
+            TokenError::Persist(_) => ("state_file".into(), Some(self.to_string())),
         }
     }
 }
@@ -544,6 +549,8 @@ impl TokenSource {
         let counter = match &result {
             Ok(_) => &self.metrics.success,
             Err(TokenError::Rejected { .. }) | Err(TokenError::State(_)) => &self.metrics.rejected,
+            // The endpoint answered fine; the failure is ours (disk).
+            Err(TokenError::Persist(_)) => &self.metrics.success,
             Err(TokenError::ServerError { .. }) => &self.metrics.server_error,
             Err(TokenError::Timeout(_)) => &self.metrics.timeout,
             Err(TokenError::Network(_)) => &self.metrics.network,
@@ -711,7 +718,14 @@ impl TokenSource {
             claims.as_ref().and_then(|c| c.exp),
         ) {
             (Some(secs), _) => Duration::from_secs(secs),
-            (None, Some(exp)) => Duration::from_secs(exp.saturating_sub(now_unix)),
+            // `exp` is whole seconds: measure from the precise time, not
+            // from `now_unix` (floored), or a token obtained late in a
+            // second would be used up to a second after its `exp`.
+            (None, Some(exp)) => Duration::from_secs(exp).saturating_sub(
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default(),
+            ),
             (None, None) => {
                 tracing::warn!(
                     credential = %c.name,
@@ -744,7 +758,11 @@ impl TokenSource {
                         .clone()
                         .or_else(|| using_refresh.as_ref().map(|s| s.expose().to_owned()))
                         .unwrap_or_default();
-                    self.persist(&rt, sub.clone(), rotated)?;
+                    // Keep a rotated refresh token in memory even if the
+                    // write fails: the server has already replaced the old
+                    // one. The access token is not used until the write
+                    // succeeds (the retry rotates again and writes again).
+                    let persisted = self.persist(&rt, sub.clone(), rotated);
                     if rotated {
                         if c.state_file.is_none() && c.grant_type == GrantType::RefreshToken {
                             tracing::warn!(
@@ -755,6 +773,7 @@ impl TokenSource {
                         }
                         *self.lock_refresh_token() = Some(Secret::new(rt));
                     }
+                    persisted?;
                 }
             }
         }
@@ -803,7 +822,7 @@ impl TokenSource {
             last_used_at: Some(now),
             origin: origin.map(state::fingerprint).unwrap_or_default(),
         };
-        state::store(path, &st).map_err(TokenError::State)
+        state::store(path, &st).map_err(TokenError::Persist)
     }
 
     /// Removes our own secrets from text the endpoint sent back.

@@ -354,7 +354,9 @@ impl ProxyProcess {
                 p.proxy_addr = addr_of(&line).expect("proxy addr");
             }
             // "route" lines follow both listening lines.
-            if line.contains(" route ") || line.contains("credential=") {
+            if p.proxy_addr.port() != 0
+                && (line.contains(" route ") || line.contains("credential="))
+            {
                 break;
             }
         }
