@@ -145,6 +145,40 @@ fn has_dot_segments(path: &str) -> bool {
     })
 }
 
+/// Refuses targets the proxy will not route, and returns the routing host.
+fn check_target(req: &Request<Incoming>) -> Result<Option<&str>, ProxyError> {
+    let path = req.uri().path();
+    if !path.starts_with('/') {
+        return Err(ProxyError::BadRequest("the request target must be a path"));
+    }
+    if has_dot_segments(path) {
+        return Err(ProxyError::BadRequest(
+            "the path must not contain . or .. segments",
+        ));
+    }
+    // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without
+    // Host or with more than one.
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host_header = hosts.next();
+    if hosts.next().is_some() || (host_header.is_none() && req.version() == Version::HTTP_11) {
+        return Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
+    }
+    // RFC 9110 §4.2.4: userinfo in a target disguises the authority.
+    let userinfo = host_header.is_some_and(|h| h.as_bytes().contains(&b'@'))
+        || req
+            .uri()
+            .authority()
+            .is_some_and(|a| a.as_str().contains('@'));
+    if userinfo {
+        return Err(ProxyError::BadRequest(
+            "the request target must not carry user information",
+        ));
+    }
+    Ok(request_host(req))
+}
+
 /// Serves one request. Never fails: errors become SPEC §6 responses.
 pub async fn handle(
     state: Arc<AppState>,
@@ -152,23 +186,28 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
-    let metrics = &state.metrics;
-    metrics.inflight.inc();
+    let _inflight = Inflight::enter(&state.metrics.inflight);
     let runtime = state.runtime.load_full();
     let rid = request_id(req.headers());
-    let method = req.method().clone();
-    let uri = req.uri().clone();
+    // The log line needs the method and path after the request is consumed;
+    // copy them only when the line will be written.
+    let log_line = tracing::enabled!(tracing::Level::INFO);
+    let target = log_line.then(|| (req.method().clone(), req.uri().clone()));
     let mut done = Done::default();
     let mut resp = match handle_inner(&runtime, conn, req, &rid, &mut done).await {
         Ok(resp) => resp,
         Err(e) => {
             if e.status().is_server_error() {
-                tracing::warn!(request_id = ?rid, route = done.route.as_ref().map_or("", |r| r.name.as_str()), error = %e, "request failed");
+                tracing::warn!(
+                    request_id = rid.to_str().unwrap_or(""),
+                    route = done.route.as_ref().map_or("", |r| r.name.as_str()),
+                    error = %e,
+                    "request failed"
+                );
             }
             e.into_response(&rid)
         }
     };
-    resp.headers_mut().insert(X_REQUEST_ID.clone(), rid.clone());
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
     let route_metrics = done
@@ -177,18 +216,37 @@ pub async fn handle(
         .map_or(&runtime.unrouted, |r| &r.metrics);
     route_metrics.count(status);
     route_metrics.duration.observe(elapsed.as_secs_f64());
-    metrics.inflight.dec();
-    tracing::info!(
-        request_id = rid.to_str().unwrap_or(""),
-        route = done.route.as_ref().map_or("", |r| r.name.as_str()),
-        method = %method,
-        path = uri.path(),
-        status,
-        upstream_ms = done.upstream.map(|d| d.as_secs_f64() * 1e3),
-        total_ms = elapsed.as_secs_f64() * 1e3,
-        "request"
-    );
+    if let Some((method, uri)) = target {
+        tracing::info!(
+            request_id = rid.to_str().unwrap_or(""),
+            route = done.route.as_ref().map_or("", |r| r.name.as_str()),
+            method = %method,
+            path = uri.path(),
+            status,
+            upstream_ms = done.upstream.map(|d| d.as_secs_f64() * 1e3),
+            total_ms = elapsed.as_secs_f64() * 1e3,
+            "request"
+        );
+    }
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), rid);
     Ok(resp)
+}
+
+/// Counts a request in `flinks_proxy_inflight_requests` for as long as it
+/// lives, including when the client goes away and the handler is dropped.
+struct Inflight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> Inflight<'a> {
+    fn enter(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Inflight(gauge)
+    }
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// What the handler learnt on the way, for metrics and the log line.
@@ -209,40 +267,8 @@ async fn handle_inner(
         return Err(ProxyError::MethodNotAllowed);
     }
     rt.access.check(conn.peer.ip(), req.headers())?;
+    let host = check_target(&req)?;
     let path = req.uri().path();
-    if !path.starts_with('/') {
-        return Err(ProxyError::BadRequest("the request target must be a path"));
-    }
-    if has_dot_segments(path) {
-        return Err(ProxyError::BadRequest(
-            "the path must not contain . or .. segments",
-        ));
-    }
-    // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without
-    // Host or with more than one.
-    let hosts = req.headers().get_all(header::HOST).iter().count();
-    if hosts > 1 || (hosts == 0 && req.version() == Version::HTTP_11) {
-        return Err(ProxyError::BadRequest(
-            "an HTTP/1.1 request needs exactly one Host header",
-        ));
-    }
-    // RFC 9110 §4.2.4: userinfo in a target disguises the authority; treat
-    // it as an error.
-    let host_has_userinfo = req
-        .headers()
-        .get(header::HOST)
-        .is_some_and(|h| h.as_bytes().contains(&b'@'));
-    if host_has_userinfo
-        || req
-            .uri()
-            .authority()
-            .is_some_and(|a| a.as_str().contains('@'))
-    {
-        return Err(ProxyError::BadRequest(
-            "the request target must not carry user information",
-        ));
-    }
-    let host = request_host(&req);
     let route = match host {
         Some(h) if h.bytes().any(|b| b.is_ascii_uppercase()) => {
             rt.routes.find(Some(&h.to_ascii_lowercase()), path)

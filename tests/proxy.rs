@@ -1046,3 +1046,34 @@ async fn readyz_is_503_naming_the_credential_until_the_first_token() {
     assert_eq!(get(&admin_url(&p, "/healthz")).await.status, 200);
     assert_eq!(sb.successful_token_requests(), 1);
 }
+
+#[tokio::test]
+async fn inflight_gauge_returns_to_zero_when_a_client_hangs_up_mid_request() {
+    use tokio::io::AsyncWriteExt;
+    let sb = sandbox().await;
+    sb.set_api_delay(std::time::Duration::from_secs(3));
+    let p = start_proxy(&config_toml(&sb, "")).await;
+    let mut tcp = tokio::net::TcpStream::connect(p.proxy_addr())
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let inflight = |text: &str| metric(text, "flinks_proxy_inflight_requests");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while inflight(&get(&admin_url(&p, "/metrics")).await.text()) != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "request never in flight"
+        );
+        tokio::task::yield_now().await;
+    }
+    drop(tcp);
+    while inflight(&get(&admin_url(&p, "/metrics")).await.text()) != Some(0.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gauge stuck after the client left"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
