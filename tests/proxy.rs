@@ -648,6 +648,8 @@ async fn tls_upstream_signed_by_the_route_ca_file_is_trusted() {
     let got = up.requests();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].path_and_query, "/secure/x");
+    // The upstream offers h2 by ALPN, so the proxy speaks HTTP/2 to it.
+    assert_eq!(got[0].version, http::Version::HTTP_2);
 }
 
 #[tokio::test]
