@@ -125,12 +125,32 @@ fn init_logging(level: &str, format: LogFormat) {
     }
 }
 
-fn tokio_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+/// Runs `fut` on a new multi-threaded runtime (`workers` threads, 0 = one
+/// per core).
+fn block_on<T>(
+    workers: usize,
+    fut: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     let mut b = tokio::runtime::Builder::new_multi_thread();
     if workers > 0 {
         b.worker_threads(workers);
     }
-    b.enable_all().thread_name("flinks-proxy").build()
+    b.enable_all()
+        .thread_name("flinks-proxy")
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(fut)
+}
+
+/// Exit 0, or print the error chain on one line and exit 1.
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn run(path: &Path) -> ExitCode {
@@ -139,22 +159,11 @@ fn run(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(&config.log.level, config.log.format);
-    let rt = match tokio_runtime(config.server.workers) {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let path = path.to_path_buf();
-    match rt.block_on(serve(config, &path)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+    let result = block_on(config.server.workers, serve(config, path));
+    if let Err(e) = &result {
+        tracing::error!("{e:#}");
     }
+    exit(result)
 }
 
 async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
@@ -279,58 +288,34 @@ fn token(path: &Path, name: &str, show: bool) -> ExitCode {
         );
         return ExitCode::from(EXIT_BAD_CONFIG);
     };
-    let rt = match tokio_runtime(1) {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let metrics = flinks_proxy::metrics::Metrics::new();
-    let result = rt.block_on(async {
-        let source = flinks_proxy::token::TokenSource::new(cred.clone(), metrics.credential(name))?;
-        source.fetch().await.map_err(|e| e.to_string())
-    });
-    match result {
-        Ok(t) => {
-            let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(t.expires_unix);
-            println!("credential  {name}");
-            println!("grant       {}", cred.grant_type.as_str());
-            println!(
-                "expires     {} (in {}s)",
-                humantime::format_rfc3339_seconds(expires),
-                t.lifetime.as_secs()
-            );
-            println!("scope       {}", t.scope.as_deref().unwrap_or("-"));
-            println!("sub         {}", t.sub.as_deref().unwrap_or("-"));
-            if show {
-                println!("token       {}", t.secret().expose());
-            }
-            ExitCode::SUCCESS
+    exit(block_on(1, async {
+        let source = flinks_proxy::token::TokenSource::new(cred.clone(), metrics.credential(name))
+            .map_err(|e| anyhow::anyhow!("credentials.{name}: {e}"))?;
+        let t = source
+            .fetch()
+            .await
+            .with_context(|| format!("credentials.{name}"))?;
+        let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(t.expires_unix);
+        println!("credential  {name}");
+        println!("grant       {}", cred.grant_type.as_str());
+        println!(
+            "expires     {} (in {}s)",
+            humantime::format_rfc3339_seconds(expires),
+            t.lifetime.as_secs()
+        );
+        println!("scope       {}", t.scope.as_deref().unwrap_or("-"));
+        println!("sub         {}", t.sub.as_deref().unwrap_or("-"));
+        if show {
+            println!("token       {}", t.secret().expose());
         }
-        Err(e) => {
-            eprintln!("error: credentials.{name}: {e}");
-            ExitCode::FAILURE
-        }
-    }
+        Ok(())
+    }))
 }
 
 fn demo(listen: &str, admin: &str, expires_in: u64) -> ExitCode {
     init_logging("info", LogFormat::Text);
-    let rt = match tokio_runtime(0) {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(demo_inner(listen, admin, expires_in)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit(block_on(0, demo_inner(listen, admin, expires_in)))
 }
 
 async fn demo_inner(listen: &str, admin: &str, expires_in: u64) -> anyhow::Result<()> {
@@ -405,14 +390,7 @@ credential = "flinks"
 
 fn sandbox(token_listen: &str, api_listen: &str, expires_in: u64) -> ExitCode {
     init_logging("warn", LogFormat::Text);
-    let rt = match tokio_runtime(1) {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result: anyhow::Result<()> = rt.block_on(async {
+    exit(block_on(1, async {
         use flinks_proxy::sandbox::{Sandbox, SandboxOptions};
         let opts = SandboxOptions {
             expires_in: Some(expires_in),
@@ -423,14 +401,7 @@ fn sandbox(token_listen: &str, api_listen: &str, expires_in: u64) -> ExitCode {
         println!("api_url {}", sb.api_url());
         tokio::signal::ctrl_c().await?;
         Ok(())
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    }))
 }
 
 fn healthcheck(path: &Path) -> ExitCode {
@@ -452,18 +423,13 @@ fn healthcheck(path: &Path) -> ExitCode {
             std::net::Ipv6Addr::LOCALHOST.into()
         });
     }
-    let ok = tokio_runtime(1).ok().and_then(|rt| {
-        rt.block_on(async {
-            let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
-            let uri: http::Uri = format!("http://{addr}/healthz").parse().ok()?;
-            let resp = tokio::time::timeout(Duration::from_secs(3), client.get(uri))
-                .await
-                .ok()?
-                .ok()?;
-            Some(resp.status() == http::StatusCode::OK)
-        })
+    let healthy = block_on(1, async {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+        let uri: http::Uri = format!("http://{addr}/healthz").parse()?;
+        let resp = tokio::time::timeout(Duration::from_secs(3), client.get(uri)).await??;
+        Ok(resp.status() == http::StatusCode::OK)
     });
-    if ok == Some(true) {
+    if healthy.unwrap_or(false) {
         ExitCode::SUCCESS
     } else {
         eprintln!("unhealthy: http://{addr}/healthz did not answer 200");
