@@ -129,6 +129,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             admin_shutdown.clone(),
         ));
     }
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "flinks-proxy started");
     let proxy_task = tokio::spawn(server::serve_proxy(
         listener,
         Arc::clone(&state),

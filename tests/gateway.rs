@@ -243,29 +243,6 @@ async fn read_to_close<S: AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
 /// logged before "proxy listening"; it then returns `0.0.0.0:0` as the
 /// proxy address. Wait for the startup route line and read the addresses
 /// from the log instead.
-fn start_process(config: &std::path::Path) -> ProxyProcess {
-    let mut p = ProxyProcess::start(config, &[]);
-    assert!(
-        p.wait_for_log(" route ", PATIENCE),
-        "no route logged:\n{}",
-        p.log()
-    );
-    let log = p.log();
-    let addr_after = |needle: &str| -> SocketAddr {
-        log.lines()
-            .find(|l| l.contains(needle))
-            .and_then(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix("addr="))
-                    .and_then(|a| a.trim_matches('"').parse().ok())
-            })
-            .unwrap_or_else(|| panic!("no {needle:?} line in:\n{log}"))
-    };
-    p.proxy_addr = addr_after("proxy listening");
-    p.admin_addr = Some(addr_after("admin listening"));
-    p
-}
-
 fn recorded_paths(sb: &Sandbox) -> Vec<String> {
     sb.recorded()
         .into_iter()
@@ -652,7 +629,7 @@ fn sighup_reload_follows_the_new_file_and_keeps_unchanged_tokens() {
     let (sb1, sb2) = rt.block_on(async { (sandbox().await, sandbox().await) });
     let dir = TempDir::new();
     let cfg = dir.write("proxy.toml", reload_before(&sb1));
-    let p = start_process(&cfg);
+    let p = ProxyProcess::start(&cfg, &[]);
 
     // Old config: everything goes to sandbox 1.
     rt.block_on(async {
@@ -795,7 +772,7 @@ fn sigterm_lets_the_in_flight_request_finish_and_refuses_new_connections() {
         "proxy.toml",
         gateway_toml(&sb, "shutdown_grace = \"10s\"", ""),
     );
-    let mut p = start_process(&cfg);
+    let mut p = ProxyProcess::start(&cfg, &[]);
     rt.block_on(wait_ready(&p.admin("/readyz")));
 
     sb.set_api_delay(Duration::from_secs(2));
@@ -850,7 +827,7 @@ fn idle_connections_do_not_hold_up_shutdown() {
         "proxy.toml",
         gateway_toml(&sb, "shutdown_grace = \"60s\"", ""),
     );
-    let mut p = start_process(&cfg);
+    let mut p = ProxyProcess::start(&cfg, &[]);
     let addr = p.proxy_addr;
     // One idle HTTP/1.1 keep-alive connection and one idle h2c connection,
     // each after a served request.
@@ -1282,7 +1259,7 @@ fn loopback_listener_without_access_rules_logs_no_exposure_warning() {
     let sb = rt.block_on(sandbox());
     let dir = TempDir::new();
     let cfg = dir.write("proxy.toml", config_toml(&sb, ""));
-    let p = start_process(&cfg);
+    let p = ProxyProcess::start(&cfg, &[]);
     // A request line is logged after every startup line.
     let r = rt.block_on(get(&p.url("/api/v1/accounts")));
     assert_eq!(r.status, StatusCode::OK);

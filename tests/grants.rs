@@ -203,26 +203,6 @@ async fn run_to_exit(args: &[&str]) -> (Option<i32>, String, String) {
 /// Runs the binary with `cfg` and waits for both listeners.
 /// (`ProxyProcess::start` stops reading at the first line that names a
 /// credential, which a code exchange logs before the listeners are up.)
-fn start_binary(cfg: &Path) -> ProxyProcess {
-    let mut p = ProxyProcess::start(cfg, &[]);
-    assert!(
-        p.wait_for_log("admin listening", Duration::from_secs(30)),
-        "no listeners; log:\n{}",
-        p.log()
-    );
-    let log = p.log();
-    let addr_in = |needle: &str| {
-        log.lines().filter(|l| l.contains(needle)).find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("addr="))
-                .and_then(|a| a.trim_matches('"').parse().ok())
-        })
-    };
-    p.proxy_addr = addr_in("proxy listening").expect("proxy addr");
-    p.admin_addr = addr_in("admin listening");
-    p
-}
-
 type Observe = dyn Fn(&http::request::Parts, &Bytes) + Send + Sync;
 
 /// An HTTP/1.1 server on loopback that shows every request to `observe` the
@@ -605,7 +585,7 @@ fn killing_the_binary_at_any_moment_keeps_the_current_refresh_token() {
     ];
     for moment in moments {
         let before = file_token();
-        let mut p = start_binary(&cfg);
+        let mut p = ProxyProcess::start(&cfg, &[]);
         match moment {
             Moment::FirstRotation => wait_for_rotation(before),
             _ => {
@@ -645,7 +625,7 @@ fn killing_the_binary_at_any_moment_keeps_the_current_refresh_token() {
         assert_eq!(mode_of(&state), 0o600);
     }
 
-    let p = start_binary(&cfg);
+    let p = ProxyProcess::start(&cfg, &[]);
     rt.block_on(wait_for_200(&p.admin("/readyz"), Duration::from_secs(15)));
     request_ok(&p);
     drop(p);
@@ -989,7 +969,7 @@ fn secrets_never_appear_in_logs_status_metrics_or_token_output() {
             "[log]\nlevel = \"debug\"\n",
         ),
     );
-    let mut p = start_binary(&cfg);
+    let mut p = ProxyProcess::start(&cfg, &[]);
     rt.block_on(wait_for_200(&p.admin("/readyz"), Duration::from_secs(15)));
     let r = rt.block_on(get(&p.url("/api/v1/accounts")));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -1104,7 +1084,7 @@ fn token_command_exchanges_the_code_once_and_keeps_the_state_file_current() {
     assert_eq!(rotated, sb.current_refresh_token());
 
     // The server picks up where the command left off.
-    let p = start_binary(&cfg);
+    let p = ProxyProcess::start(&cfg, &[]);
     rt.block_on(wait_for_200(&p.admin("/readyz"), Duration::from_secs(15)));
     let r = rt.block_on(get(&p.url("/api/v1/accounts")));
     assert_eq!(r.status, 200, "{}\n{}", r.text(), p.log());

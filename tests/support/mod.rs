@@ -342,6 +342,7 @@ impl ProxyProcess {
                 .find_map(|w| w.strip_prefix("addr="))
                 .and_then(|a| a.trim_matches('"').parse().ok())
         };
+        // The listener lines come before "flinks-proxy started".
         loop {
             let line = p
                 .lines
@@ -353,10 +354,7 @@ impl ProxyProcess {
             if line.contains("proxy listening") {
                 p.proxy_addr = addr_of(&line).expect("proxy addr");
             }
-            // "route" lines follow both listening lines.
-            if p.proxy_addr.port() != 0
-                && (line.contains(" route ") || line.contains("credential="))
-            {
+            if line.contains("flinks-proxy started") {
                 break;
             }
         }
