@@ -102,7 +102,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         None => None,
     };
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-    state.start();
     let shutdown = CancellationToken::new();
     let admin_shutdown = CancellationToken::new();
     {
@@ -129,6 +128,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             admin_shutdown.clone(),
         ));
     }
+    state.start();
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "flinks-proxy started");
     let proxy_task = tokio::spawn(server::serve_proxy(
         listener,

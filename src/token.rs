@@ -507,17 +507,17 @@ impl TokenSource {
             && self.config.grant_type != GrantType::ClientCredentials;
         let (error, description) = e.oauth_fields();
         if e.is_transient() {
-            tracing::warn!(credential = %self.config.name, error = %e, retry_in = ?delay, "token request failed");
+            tracing::warn!(credential = %self.config.name, error = %e, retry_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)), "token request failed");
         } else if needs_reauthorization {
             tracing::error!(
                 credential = %self.config.name, error = %error,
-                error_description = description.as_deref().unwrap_or(""), retry_in = ?delay,
+                error_description = description.as_deref().unwrap_or(""), retry_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
                 "refresh token refused: the user must authorize again; put the new authorization code in the config and reload"
             );
         } else {
             tracing::error!(
                 credential = %self.config.name, error = %error,
-                error_description = description.as_deref().unwrap_or(""), retry_in = ?delay,
+                error_description = description.as_deref().unwrap_or(""), retry_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
                 "token request refused"
             );
         }
