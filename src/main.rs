@@ -125,14 +125,20 @@ fn init_logging(level: &str, format: LogFormat) {
     }
 }
 
-/// Runs `fut` on a new multi-threaded runtime (`workers` threads, 0 = one
-/// per core).
+/// Runs `fut` on a new runtime: `workers` threads, 0 = one per core. One
+/// worker gets tokio's current-thread scheduler, which skips the
+/// work-stealing machinery a single thread does not need (measured in
+/// benches/compare.sh).
 fn block_on<T>(
     workers: usize,
     fut: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<T> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
+    let mut b = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if workers > 1 {
         b.worker_threads(workers);
     }
     b.enable_all()

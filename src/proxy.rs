@@ -32,13 +32,29 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 /// Longest client request id kept; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// What the handler knows about the connection a request came on.
-#[derive(Debug, Clone, Copy)]
+/// What the handler knows about the connection a request came on; made
+/// once per connection.
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The client's address.
     pub peer: SocketAddr,
     /// Whether the listener speaks TLS.
     pub tls: bool,
+    /// The client's address as an `X-Forwarded-For` value.
+    forwarded_for: HeaderValue,
+}
+
+impl ConnInfo {
+    /// Describes a connection from `peer`.
+    pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
+        let ip = peer.ip().to_canonical().to_string();
+        ConnInfo {
+            peer,
+            tls,
+            forwarded_for: HeaderValue::from_str(&ip)
+                .unwrap_or(HeaderValue::from_static("unknown")),
+        }
+    }
 }
 
 /// Headers the proxy manages itself; a route cannot put its token in them.
@@ -182,7 +198,7 @@ fn check_target(req: &Request<Incoming>) -> Result<Option<&str>, ProxyError> {
 /// Serves one request. Never fails: errors become SPEC §6 responses.
 pub async fn handle(
     state: Arc<AppState>,
-    conn: ConnInfo,
+    conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
@@ -194,7 +210,7 @@ pub async fn handle(
     let log_line = tracing::enabled!(tracing::Level::INFO);
     let target = log_line.then(|| (req.method().clone(), req.uri().clone()));
     let mut done = Done::default();
-    let mut resp = match handle_inner(&runtime, conn, req, &rid, &mut done).await {
+    let mut resp = match handle_inner(&runtime, &conn, req, &rid, &mut done).await {
         Ok(resp) => resp,
         Err(e) => {
             if e.status().is_server_error() {
@@ -258,7 +274,7 @@ struct Done {
 
 async fn handle_inner(
     rt: &Runtime,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     req: Request<Incoming>,
     rid: &HeaderValue,
     done: &mut Done,
@@ -435,7 +451,7 @@ fn upstream_uri(route: &Route, inbound: &Uri) -> Result<Uri, ProxyError> {
 pub fn rewrite_headers(
     headers: &mut HeaderMap,
     route: &Route,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     original_host: Option<HeaderValue>,
     rid: &HeaderValue,
 ) {
@@ -450,10 +466,12 @@ pub fn rewrite_headers(
             headers.insert(header::HOST, route.host_header.clone());
         }
     }
-    let peer = conn.peer.ip().to_canonical();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {peer}")).ok(),
-        None => HeaderValue::from_str(&peer.to_string()).ok(),
+        Some(prev) => {
+            let peer = conn.forwarded_for.to_str().unwrap_or("unknown");
+            HeaderValue::from_str(&format!("{prev}, {peer}")).ok()
+        }
+        None => Some(conn.forwarded_for.clone()),
     };
     if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);

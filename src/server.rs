@@ -76,15 +76,12 @@ pub async fn serve_proxy(
             let _permit = permit;
             let _ = stream.set_nodelay(true);
             let deadline = Instant::now() + header_read_timeout;
-            let conn = ConnInfo {
-                peer,
-                tls: tls.is_some(),
-            };
+            let conn = Arc::new(ConnInfo::new(peer, tls.is_some()));
             let service_state = Arc::clone(&state);
             let make = move |seen: Arc<AtomicBool>| {
                 service_fn(move |req: Request<Incoming>| {
                     seen.store(true, Ordering::Relaxed);
-                    crate::proxy::handle(Arc::clone(&service_state), conn, req)
+                    crate::proxy::handle(Arc::clone(&service_state), Arc::clone(&conn), req)
                 })
             };
             match tls {
