@@ -20,7 +20,7 @@ pub const REPLAY_LIMIT: usize = 64 * 1024;
 #[derive(Debug)]
 pub enum ProxyBody {
     /// The upstream's response body, streamed.
-    Upstream(Incoming),
+    Upstream(crate::upstream::UpstreamBody),
     /// A body the proxy made (errors, admin pages).
     Full(Option<Bytes>),
 }

@@ -20,7 +20,7 @@ use crate::body::{ProxyBody, RequestBody};
 use crate::error::ProxyError;
 use crate::runtime::{AppState, Route, Runtime};
 use crate::token::Token;
-use crate::upstream::ErrorKind;
+use crate::upstream::{ErrorKind, UpstreamBody};
 
 /// `x-request-id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -362,28 +362,27 @@ async fn send(
     body: RequestBody,
     token: &Token,
     deadline: Instant,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     headers.insert(route.header.clone(), token.header_value(&route.auth_scheme));
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
-    match tokio::time::timeout_at(deadline.into(), route.client.request(req)).await {
+    match tokio::time::timeout_at(deadline.into(), route.upstream.send(req)).await {
         Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) if client_body_failed(&e) => {
+        Ok(Err(e)) if e.client_body => {
             // The client's body broke (bad chunk framing, disconnect): the
             // client's fault, not the upstream's.
-            tracing::debug!(route = %route.name, error = ?e, "request body failed");
+            tracing::debug!(route = %route.name, error = %e.source, "request body failed");
             Err(ProxyError::BadRequest("the request body could not be read"))
         }
         Ok(Err(e)) => {
-            let kind = ErrorKind::of(&e);
-            route.metrics.upstream_error(kind.as_str());
-            tracing::debug!(route = %route.name, error = ?e, "upstream error");
-            Err(if kind == ErrorKind::Timeout {
+            route.metrics.upstream_error(e.kind.as_str());
+            tracing::debug!(route = %route.name, error = %e.source, "upstream error");
+            Err(if e.kind == ErrorKind::Timeout {
                 ProxyError::UpstreamTimeout
             } else {
-                ProxyError::UpstreamUnavailable(kind)
+                ProxyError::UpstreamUnavailable(e.kind)
             })
         }
         Err(_) => {
@@ -391,24 +390,6 @@ async fn send(
             Err(ProxyError::UpstreamTimeout)
         }
     }
-}
-
-/// Whether an upstream request failed because the client's request body
-/// errored: hyper reports a "user body" error caused by the inbound
-/// connection's own `hyper::Error`.
-fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(err) = source {
-        if err
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_user)
-            && err.source().is_some_and(|cause| cause.is::<hyper::Error>())
-        {
-            return true;
-        }
-        source = err.source();
-    }
-    false
 }
 
 /// The upstream URI: upstream origin + base path + request path (minus

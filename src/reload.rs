@@ -32,8 +32,13 @@ pub fn apply(state: &AppState, config: Config) -> Result<(), String> {
     {
         tracing::warn!("server.listen, admin.listen, max_connections and workers take effect at the next restart");
     }
-    let new = Runtime::build(Arc::new(config), Some(&old), &state.metrics, &state.clients)
-        .map_err(|e| e.to_string())?;
+    let new = Runtime::build(
+        Arc::new(config),
+        Some(&old),
+        &state.metrics,
+        &state.upstreams,
+    )
+    .map_err(|e| e.to_string())?;
     state.runtime.store(Arc::new(new));
     state
         .runtime

@@ -27,7 +27,7 @@ use crate::metrics::{Metrics, RouteMetrics, NO_ROUTE};
 use crate::routes::RouteTable;
 use crate::secret::Secret;
 use crate::token::TokenSource;
-use crate::upstream::{ClientCache, UpstreamClient};
+use crate::upstream::{Upstream, UpstreamCache};
 
 /// A route ready to serve: its settings plus resolved handles.
 pub struct Route {
@@ -53,8 +53,8 @@ pub struct Route {
     pub reauth_on: Vec<StatusCode>,
     /// The credential's token source.
     pub source: Arc<TokenSource>,
-    /// Pooled client for this upstream's trust roots.
-    pub client: UpstreamClient,
+    /// The upstream's connection pool.
+    pub upstream: Arc<Upstream>,
     /// Metric handles.
     pub metrics: RouteMetrics,
     /// The settings, for `/status`.
@@ -145,7 +145,7 @@ impl Runtime {
         config: Arc<Config>,
         previous: Option<&Runtime>,
         metrics: &Metrics,
-        clients: &ClientCache,
+        upstreams: &UpstreamCache,
     ) -> Result<Runtime, BuildError> {
         let mut sources = BTreeMap::new();
         let mut cancels = BTreeMap::new();
@@ -171,9 +171,9 @@ impl Runtime {
                 .get(&r.credential)
                 .cloned()
                 .ok_or_else(|| BuildError(format!("routes.{}.credential: unknown", r.name)))?;
-            let client = clients
-                .get(&r.ca_certs)
-                .map_err(|e| BuildError(format!("routes.{}.ca_file: {e}", r.name)))?;
+            let upstream = upstreams
+                .get(&r.upstream_scheme, &r.upstream_authority, &r.ca_certs)
+                .map_err(|e| BuildError(format!("routes.{}.upstream: {e}", r.name)))?;
             let host_header = HeaderValue::from_str(r.upstream_authority.as_str())
                 .map_err(|_| BuildError(format!("routes.{}.upstream: bad authority", r.name)))?;
             route_list.push(Arc::new(Route {
@@ -188,7 +188,7 @@ impl Runtime {
                 auth_scheme: r.scheme.clone(),
                 reauth_on: r.reauth_on.clone(),
                 source,
-                client,
+                upstream,
                 metrics: metrics.route(&r.name),
                 config: r.clone(),
             }));
@@ -260,8 +260,8 @@ pub struct AppState {
     pub runtime: ArcSwap<Runtime>,
     /// Metrics registry and handles.
     pub metrics: Metrics,
-    /// Upstream clients, kept across reloads.
-    pub clients: ClientCache,
+    /// Upstream connection pools, kept across reloads.
+    pub upstreams: UpstreamCache,
     /// Set when shutdown begins (`/readyz` answers 503).
     pub draining: AtomicBool,
     /// Set once every credential has had a first token; later failures
@@ -273,12 +273,12 @@ impl AppState {
     /// Builds the first runtime from `config` and starts its token sources.
     pub fn new(config: Config) -> Result<Arc<AppState>, BuildError> {
         let metrics = Metrics::new();
-        let clients = ClientCache::default();
-        let runtime = Runtime::build(Arc::new(config), None, &metrics, &clients)?;
+        let upstreams = UpstreamCache::default();
+        let runtime = Runtime::build(Arc::new(config), None, &metrics, &upstreams)?;
         Ok(Arc::new(AppState {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
-            clients,
+            upstreams,
             draining: AtomicBool::new(false),
             ready: AtomicBool::new(false),
         }))

@@ -230,7 +230,6 @@ struct Failure {
 struct Status {
     last_refresh: Option<SystemTime>,
     last_error: Option<(SystemTime, String, Option<String>)>,
-    in_flight: bool,
 }
 
 /// Why a request cannot have a token now.
@@ -393,20 +392,12 @@ impl TokenSource {
 
     /// The current state, for `/status`.
     pub fn state(&self) -> SourceState {
-        if let Some(f) = &*self.failure.load() {
-            if f.needs_reauthorization {
-                return SourceState::NeedsReauthorization;
-            }
-            if self.usable().is_none() {
-                return SourceState::Failing;
-            }
-        }
-        if self.usable().is_some() {
-            SourceState::Valid
-        } else if self.failure.load().is_some() {
-            SourceState::Failing
-        } else {
-            SourceState::Refreshing
+        let failure = self.failure.load();
+        match (&*failure, self.usable().is_some()) {
+            (Some(f), _) if f.needs_reauthorization => SourceState::NeedsReauthorization,
+            (_, true) => SourceState::Valid,
+            (Some(_), false) => SourceState::Failing,
+            (None, false) => SourceState::Refreshing,
         }
     }
 
@@ -537,7 +528,6 @@ impl TokenSource {
     /// Makes one token request with the credential's grant, counts it, and
     /// persists any new refresh token before returning the access token.
     pub async fn fetch(&self) -> Result<Token, TokenError> {
-        self.lock_status().in_flight = true;
         let started = Instant::now();
         let result = tokio::time::timeout(self.config.token_timeout, self.request_token(started))
             .await
@@ -545,7 +535,6 @@ impl TokenSource {
         self.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
-        self.lock_status().in_flight = false;
         let counter = match &result {
             Ok(_) => &self.metrics.success,
             Err(TokenError::Rejected { .. }) | Err(TokenError::State(_)) => &self.metrics.rejected,

@@ -444,6 +444,7 @@ pub struct UpstreamRequest {
 pub struct TestUpstream {
     pub addr: SocketAddr,
     requests: Arc<Mutex<Vec<UpstreamRequest>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -481,12 +482,15 @@ impl TestUpstream {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let name = name.to_owned();
         let recorded = Arc::clone(&requests);
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted_count = Arc::clone(&connections);
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             loop {
                 tokio::select! {
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
+                        accepted_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let (tls, name, recorded) = (tls.clone(), name.clone(), Arc::clone(&recorded));
                         connections.spawn(serve_upstream_connection(stream, tls, name, recorded));
                     }
@@ -497,6 +501,7 @@ impl TestUpstream {
         TestUpstream {
             addr,
             requests,
+            connections,
             task,
         }
     }
@@ -509,6 +514,11 @@ impl TestUpstream {
     /// `https://127.0.0.1:PORT`.
     pub fn https_url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Requests received so far, oldest first.
