@@ -84,11 +84,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What makes two routes share a pool: trust roots and origin.
+type PoolKey = (Vec<CertificateDer<'static>>, Scheme, Authority);
+
 /// Upstream pools by origin and trust roots, shared by routes and kept
 /// across reloads.
 #[derive(Default)]
 pub struct UpstreamCache {
-    pools: Mutex<HashMap<(Vec<CertificateDer<'static>>, Scheme, Authority), Arc<Upstream>>>,
+    pools: Mutex<HashMap<PoolKey, Arc<Upstream>>>,
 }
 
 impl UpstreamCache {
