@@ -1,0 +1,920 @@
+#!/usr/bin/env bash
+# Side-by-side load comparison: flinks-proxy against nginx and HAProxy, each
+# proxying to the same local upstream while setting the Authorization header.
+#
+# One command, from a clean clone (Debian or Ubuntu, root or sudo, 2+ cores):
+#
+#     benches/compare.sh                     # full run, about 12 minutes
+#     RUNS=1 DURATION=3 benches/compare.sh   # quick check, about 2 minutes
+#     benches/compare.sh renewal             # tokens expiring every 2 s under load (~2 min)
+#     benches/compare.sh profile             # perf profile of flinks-proxy under load
+#
+# What it does:
+#   - installs wrk, nginx and haproxy from the distribution if missing
+#     (apt-get update; apt-get install -y), builds `cargo build --release`;
+#   - writes every config it uses into bench-results/work-MODE/ (git-ignored);
+#   - starts, on 127.0.0.1 only: an upstream nginx (one worker) answering 200
+#     with a 13-byte body; nginx (one worker) with `proxy_set_header
+#     Authorization`, an upstream keep-alive pool of 512 and
+#     `proxy_ignore_client_abort on`; HAProxy (`nbthread 1`) with
+#     `http-request set-header Authorization`, `http-reuse always` and
+#     `pool-purge-delay 300s`; the flinks-proxy sandbox token endpoint; and
+#     flinks-proxy (`workers = 1`, `[log] level = "warn"`) getting its token
+#     from that endpoint. nginx and HAProxy send a real token fetched from the
+#     same endpoint, so every proxy sends a header of the same size;
+#   - checks, before measuring, that each proxy delivers its Authorization
+#     header to the upstream and drops the client's (flinks-proxy's token
+#     must also be accepted by the sandbox API);
+#   - pins wrk (`-t1`) to CPU 0 and the proxies and upstream to CPU 1;
+#   - per connection count (1, 64, 256): a warm-up of every target, then
+#     RUNS rounds of DURATION seconds each, targets interleaved (direct,
+#     nginx, haproxy, flinks-proxy, repeat);
+#   - per run: req/s, p50/p99 latency and errors (from a wrk Lua `done()`),
+#     CPU µs per request of the proxy process and of the upstream
+#     (/proc/PID/stat utime+stime over the run, user part shown apart), the
+#     proxy's RSS at the end (/proc/PID/status VmRSS), the connections the
+#     upstream accepted during the run and in its steady part (nginx
+#     stub_status), and the proxy's open upstream connections after it (ss),
+#     so "no new upstream connections after warm-up" is measured, not assumed;
+#   - prints a Markdown table (medians, req/s with min–max), the ratios
+#     flinks-proxy/nginx and flinks-proxy/direct and the issue's targets, and
+#     writes it to bench-results/compare.md (raw runs in runs.tsv).
+#
+# `renewal` mode: flinks-proxy in front of the sandbox API (which answers 401
+# to an expired or unknown token) with `reauth_on = []`, so any request sent
+# with a stale token would reach the client as a 401; tokens live
+# RENEWAL_EXPIRES (2) seconds. A control run with hour-long tokens, the run
+# with expiring tokens, and a second control run, RENEWAL_DURATION (30) s
+# each at RENEWAL_CONNS (64) connections: non-2xx counts, token requests
+# made, tail latency, and throughput per 100 ms (a renewal stall would show
+# as slow intervals the control runs do not have). Writes
+# bench-results/renewal.md.
+#
+# `profile` mode: builds flinks-proxy with line tables and frame pointers
+# (into target/profiling), runs it in front of the upstream at PROFILE_CONNS
+# (64) connections and samples it with `perf record -g` for PROFILE_DURATION
+# (15) s; writes bench-results/profile.txt (self time by symbol, and
+# inclusive time of flinks_proxy functions) and keeps perf.data.
+#
+# Settings (environment): RUNS (5), DURATION (10, seconds), WARMUP (5),
+# CONNS ("1 64 256"), LOAD_CPU (0), SERVER_CPU (1), PORT_BASE (21000),
+# RENEWAL_DURATION (30), RENEWAL_CONNS (64), RENEWAL_EXPIRES (2),
+# PROFILE_DURATION (15), PROFILE_CONNS (64),
+# OUT (bench-results), SKIP_BUILD (unset; 1 uses the existing binary).
+
+set -euo pipefail
+
+MODE=${1:-compare}
+case "$MODE" in
+compare | renewal | profile) ;;
+-h | --help)
+    sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'
+    exit 0
+    ;;
+*)
+    echo "usage: $0 [compare|renewal|profile]" >&2
+    exit 64
+    ;;
+esac
+
+RUNS=${RUNS:-5}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-5}
+CONNS=${CONNS:-"1 64 256"}
+LOAD_CPU=${LOAD_CPU:-0}
+SERVER_CPU=${SERVER_CPU:-1}
+PORT_BASE=${PORT_BASE:-21000}
+RENEWAL_DURATION=${RENEWAL_DURATION:-30}
+RENEWAL_CONNS=${RENEWAL_CONNS:-64}
+RENEWAL_EXPIRES=${RENEWAL_EXPIRES:-2}
+PROFILE_DURATION=${PROFILE_DURATION:-15}
+PROFILE_CONNS=${PROFILE_CONNS:-64}
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT=${OUT:-$ROOT/bench-results}
+WORK=$OUT/work-$MODE
+TARGETS=(direct nginx haproxy flinks-proxy)
+CLIENT_ID=demo-client
+CLIENT_SECRET=demo-secret
+SCOPE=client:admin
+
+log() { printf '[compare] %s\n' "$*" >&2; }
+die() {
+    printf '[compare] error: %s\n' "$*" >&2
+    exit 1
+}
+
+# ---------------------------------------------------------------- processes
+
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    PIDS=()
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Starts "$@" pinned to the server CPU, output to WORK/NAME.{out,err}.
+# Sets STARTED_PID.
+start_pinned() {
+    local name=$1
+    shift
+    taskset -c "$SERVER_CPU" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+}
+
+stop_pid() {
+    local pid=$1 p keep=()
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+# Polls until URL answers STATUS (10 s), or dies showing LOGFILE.
+wait_http() {
+    local url=$1 want=$2 logfile=$3 pid=$4 code
+    for _ in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || die "$(basename "$logfile") exited: $(tail -5 "$logfile")"
+        code=$(curl -s -o /dev/null -m 2 -w '%{http_code}' "$url" || true)
+        [[ $code == "$want" ]] && return 0
+        sleep 0.1
+    done
+    die "$url did not answer $want within 10 s (last: $code); $(tail -5 "$logfile")"
+}
+
+# ------------------------------------------------------------------ set-up
+
+install_missing() {
+    local missing=()
+    command -v wrk >/dev/null || missing+=(wrk)
+    command -v nginx >/dev/null || missing+=(nginx)
+    command -v haproxy >/dev/null || missing+=(haproxy)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v taskset >/dev/null || missing+=(util-linux)
+    command -v ss >/dev/null || missing+=(iproute2)
+    [[ $MODE == profile ]] && ! command -v perf >/dev/null && missing+=(linux-perf)
+    ((${#missing[@]} == 0)) && return 0
+    local sudo=()
+    if ((EUID != 0)); then
+        command -v sudo >/dev/null || die "need root or sudo to install: ${missing[*]}"
+        sudo=(sudo)
+    fi
+    command -v apt-get >/dev/null || die "install these first: ${missing[*]}"
+    log "installing ${missing[*]}"
+    "${sudo[@]}" apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+ALLOCATED=()
+# Sets variable NAME to a TCP port on 127.0.0.1 that nothing listens on,
+# from PORT_BASE up (not in a subshell: ALLOCATED must remember it).
+alloc_port() {
+    local used p
+    used=$(ss -Htln | awk '{ n = split($4, a, ":"); print a[n] }')
+    for ((p = PORT_BASE; p < PORT_BASE + 2000; p++)); do
+        grep -qx "$p" <<<"$used" && continue
+        [[ " ${ALLOCATED[*]} " == *" $p "* ]] && continue
+        ALLOCATED+=("$p")
+        printf -v "$1" '%s' "$p"
+        return 0
+    done
+    die "no free port from $PORT_BASE"
+}
+
+cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+user_ticks() { awk '{ sub(/^.*\) /, ""); print $12 }' "/proc/$1/stat"; }
+rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+# Established connections from process PID to the upstream (its pool).
+upstream_conns() { ss -Htnp state established "( dport = :$UP_PORT )" | grep -c "pid=$1," || true; }
+
+# Connections the upstream nginx has accepted so far (stub_status).
+up_accepts() {
+    curl -s -m 2 "http://127.0.0.1:$UP_STATUS_PORT/" | awk 'NR == 3 { print $1 }'
+}
+
+start_sandbox() {
+    local expires=$1 name=$2
+    start_pinned "$name" "$BIN" sandbox --token-listen 127.0.0.1:0 --api-listen 127.0.0.1:0 --expires-in "$expires"
+    SANDBOX_PID=$STARTED_PID
+    for _ in $(seq 100); do
+        TOKEN_URL=$(awk '$1 == "token_url" { print $2 }' "$WORK/$name.out")
+        API_URL=$(awk '$1 == "api_url" { print $2 }' "$WORK/$name.out")
+        [[ -n $TOKEN_URL && -n $API_URL ]] && return 0
+        kill -0 "$SANDBOX_PID" 2>/dev/null || die "sandbox exited: $(tail -5 "$WORK/$name.err")"
+        sleep 0.1
+    done
+    die "the sandbox did not print its URLs"
+}
+
+fetch_token() {
+    curl -s -m 5 -X POST -H 'content-type: application/json' \
+        -d "{\"grant_type\":\"client_credentials\",\"client_id\":\"$CLIENT_ID\",\"client_secret\":\"$CLIENT_SECRET\",\"scope\":\"$SCOPE\"}" \
+        "$TOKEN_URL" | sed -n 's/.*"access_token":"\([^"]*\)".*/\1/p'
+}
+
+nginx_common() {
+    local name=$1
+    mkdir -p "$WORK/$name-temp"
+    cat <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+pid $WORK/$name.pid;
+error_log $WORK/$name.err warn;
+events { worker_connections 8192; }
+EOF
+}
+
+nginx_temp_paths() {
+    local t=$WORK/$1-temp
+    cat <<EOF
+    client_body_temp_path $t/body;
+    proxy_temp_path $t/proxy;
+    fastcgi_temp_path $t/fastcgi;
+    uwsgi_temp_path $t/uwsgi;
+    scgi_temp_path $t/scgi;
+EOF
+}
+
+write_upstream_conf() {
+    {
+        nginx_common upstream
+        cat <<EOF
+http {
+    access_log off;
+    default_type text/plain;
+    # Keep client connections (the proxies' pools) open for the whole run.
+    keepalive_requests 1000000000;
+    keepalive_timeout 300s;
+$(nginx_temp_paths upstream)
+    server {
+        listen 127.0.0.1:$UP_PORT backlog=4096;
+        location / { return 200 "hello, world\n"; }
+        # What the proxy sent as Authorization, for the check before measuring.
+        location = /verify {
+            add_header X-Seen-Authorization \$http_authorization always;
+            return 200 "ok\n";
+        }
+    }
+    server {
+        listen 127.0.0.1:$UP_STATUS_PORT;
+        location / { stub_status; }
+    }
+}
+EOF
+    } >"$WORK/upstream.conf"
+}
+
+write_nginx_conf() {
+    {
+        nginx_common nginx
+        cat <<EOF
+http {
+    access_log off;
+    keepalive_requests 1000000000;
+    keepalive_timeout 300s;
+$(nginx_temp_paths nginx)
+    upstream backend {
+        server 127.0.0.1:$UP_PORT;
+        keepalive 512;
+        keepalive_requests 1000000000;
+        keepalive_timeout 300s;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT backlog=4096;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer $STATIC_TOKEN";
+            # wrk drops its connections with requests in flight at the end
+            # of every run; without this nginx closes those upstream
+            # connections and reconnects in the next run.
+            proxy_ignore_client_abort on;
+        }
+    }
+}
+EOF
+    } >"$WORK/nginx.conf"
+}
+
+write_haproxy_conf() {
+    cat >"$WORK/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 300s
+
+frontend fe
+    bind 127.0.0.1:$HAPROXY_PORT
+    maxconn 4096
+    http-request set-header Authorization "Bearer $STATIC_TOKEN"
+    default_backend be
+
+backend be
+    http-reuse always
+    # Keep idle server connections between runs (the default purges half
+    # of them every 5 s), like the other proxies' pools.
+    server up 127.0.0.1:$UP_PORT pool-purge-delay 300s
+EOF
+}
+
+# flinks-proxy config: ROUTE_UPSTREAM, EXTRA route lines.
+write_flinks_conf() {
+    local upstream=$1 extra=${2:-}
+    cat >"$WORK/flinks-proxy.toml" <<EOF
+[server]
+listen = "127.0.0.1:$FLINKS_PORT"
+workers = 1
+
+[admin]
+listen = "127.0.0.1:$FLINKS_ADMIN_PORT"
+
+[log]
+level = "warn"
+
+[credentials.bench]
+token_url = "$TOKEN_URL"
+grant_type = "client_credentials"
+client_id = "$CLIENT_ID"
+client_secret = "$CLIENT_SECRET"
+scope = "$SCOPE"
+
+[routes.bench]
+path_prefix = "/"
+upstream = "$upstream"
+credential = "bench"
+$extra
+EOF
+}
+
+start_upstream() {
+    nginx -t -q -p "$WORK/" -c "$WORK/upstream.conf" -e "$WORK/upstream.err" || die "upstream.conf: $(cat "$WORK/upstream.err")"
+    start_pinned upstream nginx -p "$WORK/" -c "$WORK/upstream.conf" -e "$WORK/upstream.err"
+    UP_PID=$STARTED_PID
+    wait_http "http://127.0.0.1:$UP_PORT/" 200 "$WORK/upstream.err" "$UP_PID"
+}
+
+start_flinks() {
+    start_pinned flinks-proxy "$BIN" --config "$WORK/flinks-proxy.toml"
+    FLINKS_PID=$STARTED_PID
+    wait_http "http://127.0.0.1:$FLINKS_ADMIN_PORT/readyz" 200 "$WORK/flinks-proxy.err" "$FLINKS_PID"
+}
+
+write_wrk_scripts() {
+    cat >"$WORK/report.lua" <<'EOF'
+-- Prints one parseable line with throughput, latency percentiles (µs) and errors.
+done = function(summary, latency, requests)
+    local e = summary.errors
+    io.write(string.format(
+        "RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d connect=%d read=%d write=%d status=%d timeout=%d\n",
+        summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+        e.connect, e.read, e.write, e.status, e.timeout))
+end
+EOF
+    cat >"$WORK/buckets.lua" <<'EOF'
+-- Counts responses per 100 ms of wall-clock time (LuaJIT FFI clock), and
+-- non-2xx responses by status; prints tail latency.
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
+int clock_gettime(int clk, bench_timespec *tp);
+]]
+local ts = ffi.new("bench_timespec")
+local function now_bucket()
+    ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+    return tonumber(ts.tv_sec) * 10 + math.floor(tonumber(ts.tv_nsec) / 1e8)
+end
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+buckets = {}
+bad = {}
+function response(status, headers, body)
+    local b = now_bucket()
+    buckets[b] = (buckets[b] or 0) + 1
+    if status < 200 or status > 299 then bad[status] = (bad[status] or 0) + 1 end
+end
+done = function(summary, latency, requests)
+    local all, nbad = {}, {}
+    for _, th in ipairs(threads) do
+        for k, v in pairs(th:get("buckets")) do all[k] = (all[k] or 0) + v end
+        for k, v in pairs(th:get("bad")) do nbad[k] = (nbad[k] or 0) + v end
+    end
+    local keys = {}
+    for k in pairs(all) do table.insert(keys, k) end
+    table.sort(keys)
+    local e = summary.errors
+    io.write(string.format(
+        "RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d p999_us=%d max_us=%d connect=%d read=%d write=%d status=%d timeout=%d\n",
+        summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+        latency:percentile(99.9), latency.max, e.connect, e.read, e.write, e.status, e.timeout))
+    -- The first and last buckets are partial; empty buckets count as 0.
+    if #keys > 2 then
+        for b = keys[1] + 1, keys[#keys] - 1 do
+            io.write(string.format("BUCKET %d %d\n", b - keys[1], all[b] or 0))
+        end
+    end
+    for k, v in pairs(nbad) do io.write(string.format("NON2XX %d %d\n", k, v)) end
+end
+EOF
+}
+
+# wrk against PORT with CONNS for SECONDS using SCRIPT; prints wrk's output.
+run_wrk() {
+    local port=$1 conns=$2 seconds=$3 script=$4 path=${5:-/}
+    taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d"${seconds}s" --timeout 5s -s "$script" \
+        "http://127.0.0.1:$port$path"
+}
+
+field() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<"$2"; }
+
+build() {
+    if [[ ${SKIP_BUILD:-} == 1 ]]; then
+        log "SKIP_BUILD=1: using the existing release binary"
+    else
+        log "cargo build --release"
+        (cd "$ROOT" && cargo build --release --quiet --bin flinks-proxy)
+    fi
+    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/flinks-proxy
+    [[ -x $BIN ]] || die "no binary at $BIN"
+}
+
+# The release binary with line tables and frame pointers, for perf.
+build_profiling() {
+    local dir=${CARGO_TARGET_DIR:-$ROOT/target}/profiling
+    if [[ ${SKIP_BUILD:-} == 1 ]]; then
+        log "SKIP_BUILD=1: using the existing profiling binary"
+    else
+        log "cargo build --release (line tables, frame pointers) into $dir"
+        (cd "$ROOT" && CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
+            RUSTFLAGS="${RUSTFLAGS:-} -C force-frame-pointers=yes" \
+            cargo build --release --quiet --bin flinks-proxy --target-dir "$dir")
+    fi
+    BIN=$dir/release/flinks-proxy
+    [[ -x $BIN ]] || die "no binary at $BIN"
+}
+
+preflight() {
+    (($(nproc) >= 2)) || die "needs at least 2 CPUs (load generator on one, servers on the other)"
+    local soft
+    soft=$(ulimit -n)
+    if [[ $soft != unlimited ]] && ((soft < 8192)); then
+        ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+    mkdir -p "$WORK"
+    CLK_TCK=$(getconf CLK_TCK)
+}
+
+machine() {
+    local cpu
+    cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+    echo "- machine: ${cpu:-unknown CPU}, $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM, Linux $(uname -r)"
+    echo "- $(nginx -v 2>&1 | sed 's/^nginx version: //'), HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }'), $(wrk -v 2>&1 | awk 'NR == 1 { print $1, $2 }'), flinks-proxy $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$ROOT" && git diff --quiet HEAD 2>/dev/null || echo ' (uncommitted changes)')"
+    echo "- layout: wrk -t1 pinned to CPU $LOAD_CPU; upstream and proxy pinned to CPU $SERVER_CPU; every server one worker/thread"
+    echo "- $RUNS runs × ${DURATION} s per target and connection count, interleaved, after a ${WARMUP} s warm-up each; $(date -u '+%Y-%m-%d %H:%M UTC')"
+}
+
+# ------------------------------------------------------------ compare mode
+
+start_all() {
+    alloc_port UP_PORT
+    alloc_port UP_STATUS_PORT
+    alloc_port NGINX_PORT
+    alloc_port HAPROXY_PORT
+    alloc_port FLINKS_PORT
+    alloc_port FLINKS_ADMIN_PORT
+
+    start_sandbox 3600 sandbox
+    STATIC_TOKEN=$(fetch_token)
+    [[ -n $STATIC_TOKEN ]] || die "could not get a token from $TOKEN_URL"
+
+    write_upstream_conf
+    write_nginx_conf
+    write_haproxy_conf
+    write_flinks_conf "http://127.0.0.1:$UP_PORT"
+    write_wrk_scripts
+
+    start_upstream
+
+    nginx -t -q -p "$WORK/" -c "$WORK/nginx.conf" -e "$WORK/nginx.err" || die "nginx.conf: $(cat "$WORK/nginx.err")"
+    start_pinned nginx nginx -p "$WORK/" -c "$WORK/nginx.conf" -e "$WORK/nginx.err"
+    NGINX_PID=$STARTED_PID
+    wait_http "http://127.0.0.1:$NGINX_PORT/" 200 "$WORK/nginx.err" "$NGINX_PID"
+
+    haproxy -c -q -f "$WORK/haproxy.cfg" >/dev/null || die "haproxy.cfg: $(haproxy -c -f "$WORK/haproxy.cfg" 2>&1 | tail -5)"
+    start_pinned haproxy haproxy -db -f "$WORK/haproxy.cfg"
+    HAPROXY_PID=$STARTED_PID
+    wait_http "http://127.0.0.1:$HAPROXY_PORT/" 200 "$WORK/haproxy.err" "$HAPROXY_PID"
+
+    start_flinks
+    wait_http "http://127.0.0.1:$FLINKS_PORT/" 200 "$WORK/flinks-proxy.err" "$FLINKS_PID"
+}
+
+port_of() {
+    case $1 in
+    direct) echo "$UP_PORT" ;;
+    nginx) echo "$NGINX_PORT" ;;
+    haproxy) echo "$HAPROXY_PORT" ;;
+    flinks-proxy) echo "$FLINKS_PORT" ;;
+    esac
+}
+
+pid_of() {
+    case $1 in
+    direct) echo "" ;;
+    nginx) echo "$NGINX_PID" ;;
+    haproxy) echo "$HAPROXY_PID" ;;
+    flinks-proxy) echo "$FLINKS_PID" ;;
+    esac
+}
+
+# The Authorization header the upstream saw for a request through TARGET
+# that carried a client Authorization of its own.
+seen_authorization() {
+    curl -s -m 5 -D - -o /dev/null -H 'Authorization: Bearer client-supplied' \
+        "http://127.0.0.1:$(port_of "$1")/verify" |
+        awk 'tolower($1) == "x-seen-authorization:" { sub(/\r$/, ""); sub(/^[^:]*: /, ""); print }'
+}
+
+verify_headers() {
+    local seen
+    for t in nginx haproxy; do
+        seen=$(seen_authorization "$t")
+        [[ $seen == "Bearer $STATIC_TOKEN" ]] || die "$t did not deliver its Authorization header (upstream saw: '${seen:0:40}')"
+        log "verified: $t delivers Authorization: Bearer <token> (${#seen} bytes) and drops the client's"
+    done
+    seen=$(seen_authorization flinks-proxy)
+    [[ $seen == "Bearer "* && $seen != "Bearer client-supplied" ]] ||
+        die "flinks-proxy did not deliver a bearer token (upstream saw: '${seen:0:40}')"
+    local code
+    code=$(curl -s -o /dev/null -m 5 -w '%{http_code}' -H "Authorization: $seen" "$API_URL/status/200")
+    [[ $code == 200 ]] || die "the token flinks-proxy sent is not accepted by the sandbox API ($code)"
+    log "verified: flinks-proxy delivers a token the sandbox API accepts (${#seen} bytes) and drops the client's"
+    seen=$(curl -s -m 5 -D - -o /dev/null "http://127.0.0.1:$UP_PORT/verify" | grep -ci '^x-seen-authorization:' || true)
+    [[ $seen == 0 ]] || die "direct requests should carry no Authorization"
+}
+
+# One measured run; appends a row to runs.tsv.
+measure() {
+    local target=$1 conns=$2 run=$3 pid port out t0 t1 s0 s1 u0 u1 a0 a1 rss requests dur rps cpu ucpu user errors
+    pid=$(pid_of "$target")
+    port=$(port_of "$target")
+    a0=$(up_accepts)
+    u0=$(cpu_ticks "$UP_PID")
+    [[ -n $pid ]] && t0=$(cpu_ticks "$pid") && s0=$(user_ticks "$pid")
+    # Connections the upstream accepts in the steady part of the run (from
+    # 1-2 s in to 1 s before the end), apart from those re-opened at the
+    # start after the previous run's clients left with requests in flight.
+    local settle=$((DURATION >= 6 ? 2 : 1)) m0=NA m1=NA steady=NA
+    run_wrk "$port" "$conns" "$DURATION" "$WORK/report.lua" >"$WORK/wrk.out" &
+    local wrk_pid=$!
+    PIDS+=("$wrk_pid")
+    if ((DURATION >= 3)); then
+        sleep "$settle"
+        m0=$(up_accepts)
+        sleep $((DURATION - settle - 1))
+        m1=$(up_accepts)
+        steady=$((m1 - m0 - 1))
+    fi
+    wait "$wrk_pid" || die "wrk failed for $target: $(cat "$WORK/wrk.out")"
+    unset 'PIDS[-1]'
+    out=$(cat "$WORK/wrk.out")
+    [[ -n $pid ]] && t1=$(cpu_ticks "$pid") && s1=$(user_ticks "$pid") && rss=$(rss_kb "$pid")
+    u1=$(cpu_ticks "$UP_PID")
+    a1=$(up_accepts)
+    local line
+    line=$(grep '^RESULT' <<<"$out") || die "wrk gave no result for $target: $out"
+    requests=$(field requests "$line")
+    dur=$(field duration_us "$line")
+    errors=$(($(field connect "$line") + $(field read "$line") + $(field write "$line") + $(field status "$line") + $(field timeout "$line")))
+    rps=$(awk -v r="$requests" -v d="$dur" 'BEGIN { printf "%.0f", r / (d / 1e6) }')
+    if [[ -n $pid ]]; then
+        cpu=$(awk -v a="$t0" -v b="$t1" -v n="$requests" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (b - a) * 1e6 / hz / (n ? n : 1) }')
+        user=$(awk -v a="$s0" -v b="$s1" -v n="$requests" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (b - a) * 1e6 / hz / (n ? n : 1) }')
+    else
+        cpu=NA
+        user=NA
+        rss=NA
+    fi
+    ucpu=$(awk -v a="$u0" -v b="$u1" -v n="$requests" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (b - a) * 1e6 / hz / (n ? n : 1) }')
+    # The stub_status request after the run is one accept of its own.
+    local newconns=$((a1 - a0 - 1 - (DURATION >= 3 ? 2 : 0))) pool=NA
+    [[ -n $pid ]] && pool=$(upstream_conns "$pid")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$conns" "$run" "$rps" \
+        "$(field p50_us "$line")" "$(field p99_us "$line")" "$cpu" "$ucpu" "$rss" "$errors" "$newconns" "$user" "$pool" "$steady" >>"$WORK/runs.tsv"
+    log "$(printf '%-12s c=%-3s run %s: %7s req/s  p50 %5s µs  p99 %6s µs  cpu %6s µs/req (user %5s)  upstream cpu %5s  rss %6s kB  errors %s  new upstream conns %s (steady %s, open after %s)' \
+        "$target" "$conns" "$run" "$rps" "$(field p50_us "$line")" "$(field p99_us "$line")" "$cpu" "$user" "$ucpu" "$rss" "$errors" "$newconns" "$steady" "$pool")"
+}
+
+# Median, min and max of column COL for TARGET and CONNS.
+agg() {
+    awk -F'\t' -v t="$1" -v c="$2" -v col="$3" '$1 == t && $2 == c && $col != "NA" { print $col }' "$WORK/runs.tsv" |
+        sort -g | awk '{ v[NR] = $1 } END {
+            if (NR == 0) { print "NA NA NA"; exit }
+            m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+            print m, v[1], v[NR] }'
+}
+med() { agg "$@" | awk '{ print $1 }'; }
+maxof() { agg "$@" | awk '{ print $3 }'; }
+sumof() { awk -F'\t' -v t="$1" -v c="$2" -v col="$3" '$1 == t && $2 == c { s += $col } END { print s + 0 }' "$WORK/runs.tsv"; }
+r0() { awk -v v="$1" 'BEGIN { printf "%.0f", v }'; }
+r1() { awk -v v="$1" 'BEGIN { printf "%.1f", v }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "NA" || b == "NA" || b == 0) print "n/a"; else printf "%.2f", a / b }'; }
+
+report() {
+    local t c rps rmin rmax p50 p99 cpu user ucpu rss err newc pool steady
+    echo "### flinks-proxy vs nginx vs HAProxy (token header injection)"
+    echo
+    machine
+    echo
+    echo "| target | conns | req/s median (min–max) | p50 µs | p99 µs | proxy CPU µs/req (user) | upstream CPU µs/req | proxy RSS MiB | errors | new upstream conns: run / steady (pool) |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    for c in $CONNS; do
+        for t in "${TARGETS[@]}"; do
+            read -r rps rmin rmax < <(agg "$t" "$c" 4)
+            p50=$(med "$t" "$c" 5)
+            p99=$(med "$t" "$c" 6)
+            cpu=$(med "$t" "$c" 7)
+            user=$(med "$t" "$c" 12)
+            ucpu=$(med "$t" "$c" 8)
+            rss=$(maxof "$t" "$c" 9)
+            err=$(sumof "$t" "$c" 10)
+            newc=$(sumof "$t" "$c" 11)
+            pool=$(maxof "$t" "$c" 13)
+            steady=$(sumof "$t" "$c" 14)
+            [[ $rss != NA ]] && rss=$(awk -v k="$rss" 'BEGIN { printf "%.1f", k / 1024 }')
+            if [[ $cpu == NA ]]; then cpu="—"; else cpu=$(printf '%.1f (%.1f)' "$cpu" "$user"); fi
+            ucpu=$(printf '%.1f' "$ucpu")
+            [[ $rss == NA ]] && rss="—"
+            if [[ $t == direct ]]; then newc="($newc: wrk's own)"; else newc="$newc / $steady (pool $pool)"; fi
+            printf '| %s | %s | %.0f (%.0f–%.0f) | %.0f | %.0f | %s | %s | %s | %s | %s |\n' \
+                "$t" "$c" "$rps" "$rmin" "$rmax" "$p50" "$p99" "$cpu" "$ucpu" "$rss" "$err" "$newc"
+        done
+    done
+    echo
+    echo "Medians over runs; CPU is utime+stime of the proxy process over the run divided by the requests wrk completed (user part in brackets; the rest is kernel time, mostly loopback TCP); RSS is the largest at the end of a run; errors and new upstream connections (accepted by the upstream during measured runs, after the warm-up; \"steady\" leaves out the first 1-2 s and the last second of each run, where wrk's connections arrive and leave) are totals over runs; pool is the most connections from the proxy to the upstream open at the end of a run."
+    echo
+    echo "#### Ratios (medians)"
+    echo
+    echo "| conns | req/s flinks/nginx | CPU/req flinks/nginx | p99 flinks/nginx | req/s flinks/haproxy | CPU/req flinks/haproxy | req/s flinks/direct | p99 flinks/direct |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
+    for c in $CONNS; do
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$c" \
+            "$(ratio "$(med flinks-proxy "$c" 4)" "$(med nginx "$c" 4)")" \
+            "$(ratio "$(med flinks-proxy "$c" 7)" "$(med nginx "$c" 7)")" \
+            "$(ratio "$(med flinks-proxy "$c" 6)" "$(med nginx "$c" 6)")" \
+            "$(ratio "$(med flinks-proxy "$c" 4)" "$(med haproxy "$c" 4)")" \
+            "$(ratio "$(med flinks-proxy "$c" 7)" "$(med haproxy "$c" 7)")" \
+            "$(ratio "$(med flinks-proxy "$c" 4)" "$(med direct "$c" 4)")" \
+            "$(ratio "$(med flinks-proxy "$c" 6)" "$(med direct "$c" 6)")"
+    done
+    echo
+    targets_check
+}
+
+# The issue's targets, each with its measured values.
+targets_check() {
+    local verdict
+    has_conns() { [[ " $CONNS " == *" $1 "* ]]; }
+    check() { if awk "BEGIN { exit !($1) }"; then verdict=met; else verdict=MISSED; fi; }
+    echo "#### Targets"
+    echo
+    for c in $CONNS; do
+        local fc nc
+        fc=$(med flinks-proxy "$c" 7)
+        nc=$(med nginx "$c" 7)
+        check "$fc <= 0.8 * $nc"
+        echo "- CPU per request ≤ 0.8× nginx's at $c conns: flinks-proxy $(r1 "$fc") µs, nginx $(r1 "$nc") µs → $(ratio "$fc" "$nc")× — $verdict"
+    done
+    if has_conns 64; then
+        local f n
+        f=$(med flinks-proxy 64 4)
+        n=$(med nginx 64 4)
+        check "$f >= 1.2 * $n"
+        echo "- throughput at 64 conns ≥ 1.2× nginx's: $(r0 "$f") vs $(r0 "$n") req/s → $(ratio "$f" "$n")× — $verdict"
+        f=$(med flinks-proxy 64 6)
+        n=$(med nginx 64 6)
+        check "$f <= $n"
+        echo "- p99 at 64 conns ≤ nginx's: $(r0 "$f") vs $(r0 "$n") µs → $(ratio "$f" "$n")× — $verdict"
+    fi
+    if has_conns 1; then
+        local d fa na
+        d=$(med direct 1 5)
+        fa=$(awk -v a="$(med flinks-proxy 1 5)" -v d="$d" 'BEGIN { print a - d }')
+        na=$(awk -v a="$(med nginx 1 5)" -v d="$d" 'BEGIN { print a - d }')
+        check "$fa <= $na"
+        echo "- added p50 latency at 1 conn ≤ nginx's: flinks-proxy +$(r0 "$fa") µs, nginx +$(r0 "$na") µs (direct p50 $(r0 "$d") µs) → $(ratio "$fa" "$na")× — $verdict"
+    fi
+    if has_conns 256; then
+        local e nc rss
+        e=$(sumof flinks-proxy 256 10)
+        nc=$(sumof flinks-proxy 256 11)
+        local steady
+        steady=$(sumof flinks-proxy 256 14)
+        check "$e == 0"
+        echo "- 256 conns, no errors: $e errors — $verdict"
+        check "$nc == 0"
+        echo "- 256 conns, no new upstream connections after warm-up: $nc opened during measured runs, $steady of them in steady state (nginx: $(sumof nginx 256 11)) — $verdict"
+        rss=$(maxof flinks-proxy 256 9)
+        check "$rss < 30 * 1024"
+        echo "- RSS below 30 MiB at 256 conns: $(awk -v k="$rss" 'BEGIN { printf "%.1f", k / 1024 }') MiB — $verdict"
+    fi
+    echo "- zero failed requests across token renewals: see \`benches/compare.sh renewal\`"
+}
+
+compare_mode() {
+    start_all
+    verify_headers
+    printf 'target\tconns\trun\trps\tp50_us\tp99_us\tcpu_us_per_req\tupstream_cpu_us_per_req\trss_kb\terrors\tnew_upstream_conns\tuser_cpu_us_per_req\tupstream_conns_open\tnew_upstream_conns_steady\n' >"$WORK/runs.tsv.header"
+    : >"$WORK/runs.tsv"
+    for c in $CONNS; do
+        log "warm-up at $c connections (${WARMUP} s per target)"
+        for t in "${TARGETS[@]}"; do
+            run_wrk "$(port_of "$t")" "$c" "$WARMUP" "$WORK/report.lua" >/dev/null
+        done
+        for ((r = 1; r <= RUNS; r++)); do
+            for t in "${TARGETS[@]}"; do
+                measure "$t" "$c" "$r"
+            done
+        done
+    done
+    for t in nginx haproxy flinks-proxy; do
+        kill -0 "$(pid_of "$t")" 2>/dev/null || die "$t died during the run"
+    done
+    mkdir -p "$OUT"
+    cat "$WORK/runs.tsv.header" "$WORK/runs.tsv" >"$OUT/runs.tsv"
+    report | tee "$OUT/compare.md"
+    log "written: $OUT/compare.md, $OUT/runs.tsv; configs in $WORK"
+}
+
+# ------------------------------------------------------------ renewal mode
+
+renewal_phase() {
+    local label=$1 expires=$2 out line tokens0 tokens1
+    start_sandbox "$expires" "sandbox-$label"
+    write_flinks_conf "$API_URL" 'reauth_on = []'
+    cp "$WORK/flinks-proxy.toml" "$WORK/flinks-proxy-$label.toml"
+    start_flinks
+    wait_http "http://127.0.0.1:$FLINKS_PORT/status/200" 200 "$WORK/flinks-proxy.err" "$FLINKS_PID"
+    run_wrk "$FLINKS_PORT" "$RENEWAL_CONNS" 3 "$WORK/report.lua" /status/200 >/dev/null
+    tokens0=$(token_requests)
+    out=$(run_wrk "$FLINKS_PORT" "$RENEWAL_CONNS" "$RENEWAL_DURATION" "$WORK/buckets.lua" /status/200)
+    tokens1=$(token_requests)
+    echo "$out" >"$WORK/renewal-$label.wrk"
+    line=$(grep '^RESULT' <<<"$out") || die "wrk gave no result: $out"
+    local non2xx errors
+    non2xx=$(awk '$1 == "NON2XX" { s += $3 } END { print s + 0 }' <<<"$out")
+    errors=$(($(field connect "$line") + $(field read "$line") + $(field write "$line") + $(field timeout "$line")))
+    # Rates per 100 ms bucket (as req/s), and requests per whole second.
+    awk '$1 == "BUCKET" { print $3 * 10 }' <<<"$out" >"$WORK/renewal-$label.buckets"
+    awk '$1 == "BUCKET" { i = int(($2 - 1) / 10); s[i] += $3; if (i + 1 > n) n = i + 1 }
+        END { for (i = 0; i < n - 1; i++) print s[i] }' <<<"$out" >"$WORK/renewal-$label.seconds"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$expires" "$(field requests "$line")" "$non2xx" "$errors" \
+        "$((tokens1 - tokens0))" "$(field p99_us "$line")" "$(field p999_us "$line")" "$(field max_us "$line")" \
+        "$(awk '$1 == "NON2XX" { printf "%s×%s ", $3, $2 }' <<<"$out")" >>"$WORK/renewal.tsv"
+    stop_pid "$FLINKS_PID"
+    stop_pid "$SANDBOX_PID"
+}
+
+token_requests() {
+    curl -s -m 5 "http://127.0.0.1:$FLINKS_ADMIN_PORT/metrics" |
+        awk '/^flinks_proxy_token_requests_total\{/ && /outcome="success"/ { s += $NF } END { print s + 0 }'
+}
+
+# Of a file of req/s samples: median, 1st percentile, min, and how far the
+# 1st percentile is below the median (%).
+rate_stats() {
+    sort -g "$1" | awk '{ v[NR] = $1 } END {
+        if (NR == 0) { print "0 0 0 0"; exit }
+        m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+        p1 = v[int(NR / 100) + 1]
+        printf "%d %d %d %.1f\n", m, p1, v[1], m ? 100 * (m - p1) / m : 0 }'
+}
+
+renewal_mode() {
+    alloc_port FLINKS_PORT
+    alloc_port FLINKS_ADMIN_PORT
+    write_wrk_scripts
+    : >"$WORK/renewal.tsv"
+    log "control: tokens live 3600 s, ${RENEWAL_DURATION} s at $RENEWAL_CONNS connections"
+    renewal_phase control 3600
+    log "renewal: tokens live $RENEWAL_EXPIRES s, ${RENEWAL_DURATION} s at $RENEWAL_CONNS connections"
+    renewal_phase renewal "$RENEWAL_EXPIRES"
+    log "control again: tokens live 3600 s"
+    renewal_phase control2 3600
+    mkdir -p "$OUT"
+    {
+        echo "### Token renewal under load"
+        echo
+        machine | grep -v '^- [0-9]* runs'
+        echo "- flinks-proxy (workers = 1, reauth_on = []) in front of the sandbox API, which answers 401 to an expired or unknown token; wrk -t1 -c$RENEWAL_CONNS for ${RENEWAL_DURATION} s on GET /status/200; control runs with hour-long tokens before and after"
+        echo
+        echo "| run | token lifetime s | requests | non-2xx | socket errors | token requests during run | p99 µs | p99.9 µs | max µs | req/s over 100 ms: median | slowest 1 % | min | slowest 1 % below median % |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        local label expires requests non2xx errors tokens p99 p999 max detail m p1 mn dip
+        while IFS=$'\t' read -r label expires requests non2xx errors tokens p99 p999 max detail; do
+            read -r m p1 mn dip < <(rate_stats "$WORK/renewal-$label.buckets")
+            printf '| %s | %s | %s | %s%s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$expires" "$requests" "$non2xx" \
+                "${detail:+ ($detail)}" "$errors" "$tokens" "$p99" "$p999" "$max" "$m" "$p1" "$mn" "$dip"
+        done <"$WORK/renewal.tsv"
+        echo
+        for label in control renewal control2; do
+            echo "Requests per second, $label: $(tr '\n' ' ' <"$WORK/renewal-$label.seconds")"
+            echo
+        done
+        local bad rdip cdip verdict
+        bad=$(awk -F'\t' '$1 == "renewal" { print $4 + $5 }' "$WORK/renewal.tsv")
+        rdip=$(rate_stats "$WORK/renewal-renewal.buckets" | awk '{ print $4 }')
+        cdip=$(for l in control control2; do rate_stats "$WORK/renewal-$l.buckets"; done | awk '$4 > w { w = $4 } END { print w + 0 }')
+        if ((bad == 0)); then verdict=met; else verdict=MISSED; fi
+        echo "- zero failed requests across token renewals: $bad non-2xx or failed — $verdict"
+        if awk -v r="$rdip" -v c="$cdip" 'BEGIN { exit !(r <= c + 5) }'; then verdict=met; else verdict=MISSED; fi
+        echo "- no throughput dip beyond noise: the slowest 1 % of 100 ms intervals is $rdip % below the median with renewals, $cdip % in the worse control run (allowed: control + 5 points) — $verdict"
+    } | tee "$OUT/renewal.md"
+    log "written: $OUT/renewal.md; wrk output in $WORK"
+}
+
+# ------------------------------------------------------------ profile mode
+
+profile_mode() {
+    alloc_port UP_PORT
+    alloc_port UP_STATUS_PORT
+    alloc_port FLINKS_PORT
+    alloc_port FLINKS_ADMIN_PORT
+    start_sandbox 3600 sandbox
+    write_upstream_conf
+    write_flinks_conf "http://127.0.0.1:$UP_PORT"
+    write_wrk_scripts
+    start_upstream
+    start_flinks
+    run_wrk "$FLINKS_PORT" "$PROFILE_CONNS" 3 "$WORK/report.lua" >/dev/null
+    log "perf record of flinks-proxy for ${PROFILE_DURATION} s at $PROFILE_CONNS connections"
+    run_wrk "$FLINKS_PORT" "$PROFILE_CONNS" "$((PROFILE_DURATION + 2))" "$WORK/report.lua" >"$WORK/profile.wrk" &
+    local wrk_pid=$!
+    PIDS+=("$wrk_pid")
+    sleep 1
+    perf record -q -F 999 -g -o "$WORK/perf.data" -p "$FLINKS_PID" -- sleep "$PROFILE_DURATION" 2>"$WORK/perf.err" ||
+        die "perf record failed: $(tail -3 "$WORK/perf.err")"
+    wait "$wrk_pid" || true
+    mkdir -p "$OUT"
+    {
+        echo "# flinks-proxy profile: ${PROFILE_DURATION} s at $PROFILE_CONNS connections, workers = 1"
+        grep '^RESULT' "$WORK/profile.wrk" || true
+        echo
+        echo "## Self time by shared object"
+        perf report -i "$WORK/perf.data" --stdio --no-children --sort dso -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -15
+        echo
+        echo "## Self time by symbol (≥ 0.3 %)"
+        perf report -i "$WORK/perf.data" --stdio --no-children --sort symbol -g none --percent-limit 0.3 2>/dev/null | grep -v '^#' | grep -v '^$'
+        echo
+        echo "## Inclusive time of flinks_proxy functions"
+        perf report -i "$WORK/perf.data" --stdio --children --sort symbol -g none 2>/dev/null | grep 'flinks_proxy::' | head -40
+    } >"$OUT/profile.txt"
+    cat "$OUT/profile.txt"
+    log "written: $OUT/profile.txt; perf data in $WORK/perf.data"
+}
+
+# ------------------------------------------------------------------- main
+
+install_missing
+preflight
+case "$MODE" in
+compare)
+    build
+    compare_mode
+    ;;
+renewal)
+    build
+    renewal_mode
+    ;;
+profile)
+    build_profiling
+    profile_mode
+    ;;
+esac
