@@ -203,14 +203,24 @@ impl Upstream {
                     if let Some(pq) = absolute.path_and_query() {
                         *req.uri_mut() = Uri::from(pq.clone());
                     }
-                    match s.try_send_request(req).await {
-                        Ok(r) => {
-                            let ret = Some(ReturnTo {
-                                upstream: Arc::clone(self),
-                                sender: s,
-                            });
-                            Ok(r.map(|b| UpstreamBody { body: b, ret }))
-                        }
+                    let exchange = Box::pin(s.try_send_request(req));
+                    let mut guard = Abandoned {
+                        exchange: Some(exchange),
+                        ret: Some(ReturnTo {
+                            upstream: Arc::clone(self),
+                            sender: s,
+                        }),
+                    };
+                    let result = match guard.exchange.as_mut() {
+                        Some(exchange) => exchange.await,
+                        None => unreachable!("set above"),
+                    };
+                    guard.exchange = None;
+                    match result {
+                        Ok(r) => Ok(r.map(|b| UpstreamBody {
+                            body: b,
+                            ret: guard.ret.take(),
+                        })),
                         Err(e) => Err(e),
                     }
                 }
@@ -315,6 +325,84 @@ impl Upstream {
 struct ReturnTo {
     upstream: Arc<Upstream>,
     sender: http1::SendRequest<RequestBody>,
+}
+
+/// Most that is read, after the client went away, of a response nobody will
+/// see, to keep its connection: small API answers, not downloads.
+const DRAIN_LIMIT: usize = 64 * 1024;
+/// How long an abandoned exchange may take to finish in the background.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Finishes an HTTP/1.1 exchange in the background when the request that
+/// started it is dropped (its client went away), so the connection goes
+/// back to the pool instead of being closed; a load balancer's health checks
+/// or a client's timeouts otherwise churn upstream connections.
+struct Abandoned<F: Exchange> {
+    exchange: Option<Pin<Box<F>>>,
+    ret: Option<ReturnTo>,
+}
+
+/// The future of an HTTP/1.1 request sent on a pooled connection.
+trait Exchange:
+    std::future::Future<
+        Output = Result<
+            Response<Incoming>,
+            hyper::client::conn::TrySendError<Request<RequestBody>>,
+        >,
+    > + Send
+    + 'static
+{
+}
+
+impl<F> Exchange for F where
+    F: std::future::Future<
+            Output = Result<
+                Response<Incoming>,
+                hyper::client::conn::TrySendError<Request<RequestBody>>,
+            >,
+        > + Send
+        + 'static
+{
+}
+
+impl<F: Exchange> Drop for Abandoned<F> {
+    fn drop(&mut self) {
+        let (Some(exchange), Some(ret)) = (self.exchange.take(), self.ret.take()) else {
+            return;
+        };
+        spawn_drain(
+            async move { exchange.await.ok().map(Response::into_body) },
+            ret,
+        );
+    }
+}
+
+/// Spawns: wait for the body, read at most [`DRAIN_LIMIT`] of it within
+/// [`DRAIN_TIMEOUT`], and return the connection if it ended.
+fn spawn_drain<F>(body: F, ret: ReturnTo)
+where
+    F: std::future::Future<Output = Option<Incoming>> + Send + 'static,
+{
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    handle.spawn(async move {
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            let mut body = body.await?;
+            let mut read = 0usize;
+            while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+                read += frame.ok()?.data_ref().map_or(0, Bytes::len);
+                if read > DRAIN_LIMIT {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await;
+        if let Ok(Some(())) = drained {
+            ret.upstream.put_back(ret.sender);
+        }
+    });
 }
 
 /// An upstream response body; gives its connection back to the pool when

@@ -160,3 +160,56 @@ async fn a_client_leaving_mid_response_does_not_poison_the_pool() {
         assert_eq!(r.status, 200, "{}", r.text());
     }
 }
+
+#[tokio::test]
+async fn a_client_leaving_before_the_response_keeps_the_upstream_connection() {
+    let sb = sandbox().await;
+    let up = TestUpstream::start("plain").await;
+    let p = start_proxy(&config_for(&sb, &up.http_url(), "")).await;
+    let c = client();
+    assert_eq!(get_with(&c, &proxy_url(&p, "/warm")).await.status, 200);
+    assert_eq!(up.connections(), 1);
+    // The client gives up while the upstream is still working on it.
+    let mut tcp = tokio::net::TcpStream::connect(p.proxy_addr())
+        .await
+        .expect("connect");
+    tcp.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nx-delay-ms: 300\r\n\r\n")
+        .await
+        .expect("write");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !up.requests().iter().any(|r| r.path_and_query == "/slow") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slow request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(tcp);
+    // The abandoned exchange finishes in the background and its connection
+    // goes back to the pool: later requests need no new connection.
+    let idle = || {
+        p.state().runtime.load().route_list[0]
+            .upstream
+            .idle_connections()
+    };
+    while idle() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connection never returned to the pool"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 0..10 {
+        assert_eq!(
+            get_with(&c, &proxy_url(&p, &format!("/later/{i}")))
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        up.connections(),
+        1,
+        "the abandoned exchange cost a connection"
+    );
+}

@@ -559,6 +559,11 @@ async fn serve_upstream_connection(
                 .get(http::header::AUTHORIZATION)
                 .map(|v| Bytes::copy_from_slice(v.as_bytes()))
                 .unwrap_or_default();
+            // `x-delay-ms: N` makes the answer wait N ms (recorded first).
+            let delay = parts
+                .headers
+                .get("x-delay-ms")
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
             recorded.lock().unwrap().push(UpstreamRequest {
                 version: parts.version,
                 method: parts.method.to_string(),
@@ -566,6 +571,9 @@ async fn serve_upstream_connection(
                 headers: parts.headers,
                 body,
             });
+            if let Some(ms) = delay {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
             let mut resp = http::Response::builder()
                 .status(200)
                 .header("content-type", "text/plain")
