@@ -29,29 +29,6 @@ const PATIENCE: Duration = Duration::from_secs(10);
 
 // ------------------------------------------------------------------ helpers
 
-/// A config like `support::config_toml` with `server` lines added to
-/// `[server]` and `extra` TOML appended.
-fn gateway_toml(sb: &Sandbox, server: &str, extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-request_timeout = "5s"
-{server}
-[admin]
-listen = "127.0.0.1:0"
-{cred}
-[routes.flinks]
-path_prefix = "/"
-upstream = "{api}"
-credential = "flinks"
-{extra}
-"#,
-        cred = credential_toml(sb),
-        api = sb.api_url(),
-    )
-}
-
 /// `[server]` lines for TLS with a fresh server certificate from `pki`
 /// (files written to `dir`), requiring client certificates from
 /// `client_ca` when given.
@@ -379,7 +356,12 @@ async fn tls_listener_serves_http1_by_alpn() {
     let sb = sandbox().await;
     let dir = TempDir::new();
     let pki = Pki::new("server");
-    let p = start_proxy(&gateway_toml(&sb, &tls_server_lines(&dir, &pki, None), "")).await;
+    let p = start_proxy(&config_toml_with_server(
+        &sb,
+        &tls_server_lines(&dir, &pki, None),
+        "",
+    ))
+    .await;
     let tls = tls_connect(
         p.proxy_addr(),
         &tls_connector(&pki.ca_pem, &[b"http/1.1"], None),
@@ -403,7 +385,12 @@ async fn tls_listener_serves_http2_by_alpn() {
     let sb = sandbox().await;
     let dir = TempDir::new();
     let pki = Pki::new("server");
-    let p = start_proxy(&gateway_toml(&sb, &tls_server_lines(&dir, &pki, None), "")).await;
+    let p = start_proxy(&config_toml_with_server(
+        &sb,
+        &tls_server_lines(&dir, &pki, None),
+        "",
+    ))
+    .await;
     let tls = tls_connect(
         p.proxy_addr(),
         &tls_connector(&pki.ca_pem, &[b"h2", b"http/1.1"], None),
@@ -427,7 +414,12 @@ async fn tls_listener_without_alpn_speaks_http1() {
     let sb = sandbox().await;
     let dir = TempDir::new();
     let pki = Pki::new("server");
-    let p = start_proxy(&gateway_toml(&sb, &tls_server_lines(&dir, &pki, None), "")).await;
+    let p = start_proxy(&config_toml_with_server(
+        &sb,
+        &tls_server_lines(&dir, &pki, None),
+        "",
+    ))
+    .await;
     let tls = tls_connect(p.proxy_addr(), &tls_connector(&pki.ca_pem, &[], None))
         .await
         .expect("TLS handshake");
@@ -490,7 +482,7 @@ async fn mtls_proxy() -> MtlsSetup {
     let dir = TempDir::new();
     let server_pki = Pki::new("server");
     let client_pki = Pki::new("clients");
-    let proxy = start_proxy(&gateway_toml(
+    let proxy = start_proxy(&config_toml_with_server(
         &sb,
         &tls_server_lines(&dir, &server_pki, Some(&client_pki)),
         "",
@@ -556,7 +548,7 @@ async fn reload_swaps_the_listener_certificate_for_new_connections() {
     let sb = sandbox().await;
     let dir = TempDir::new();
     let old_pki = Pki::new("old");
-    let p = start_proxy(&gateway_toml(
+    let p = start_proxy(&config_toml_with_server(
         &sb,
         &tls_server_lines(&dir, &old_pki, None),
         "",
@@ -564,7 +556,7 @@ async fn reload_swaps_the_listener_certificate_for_new_connections() {
     .await;
     let new_pki = Pki::new("new");
     let new_dir = TempDir::new();
-    let toml = gateway_toml(&sb, &tls_server_lines(&new_dir, &new_pki, None), "");
+    let toml = config_toml_with_server(&sb, &tls_server_lines(&new_dir, &new_pki, None), "");
     p.reload(parse_config(&toml, new_dir.path()))
         .expect("reload");
     let old_client = tls_connector(&old_pki.ca_pem, &[b"http/1.1"], None);
@@ -770,7 +762,7 @@ fn sigterm_lets_the_in_flight_request_finish_and_refuses_new_connections() {
     let dir = TempDir::new();
     let cfg = dir.write(
         "proxy.toml",
-        gateway_toml(&sb, "shutdown_grace = \"10s\"", ""),
+        config_toml_with_server(&sb, "shutdown_grace = \"10s\"", ""),
     );
     let mut p = ProxyProcess::start(&cfg, &[]);
     rt.block_on(wait_ready(&p.admin("/readyz")));
@@ -825,7 +817,7 @@ fn idle_connections_do_not_hold_up_shutdown() {
     let dir = TempDir::new();
     let cfg = dir.write(
         "proxy.toml",
-        gateway_toml(&sb, "shutdown_grace = \"60s\"", ""),
+        config_toml_with_server(&sb, "shutdown_grace = \"60s\"", ""),
     );
     let mut p = ProxyProcess::start(&cfg, &[]);
     let addr = p.proxy_addr;
@@ -883,7 +875,12 @@ fn idle_connections_do_not_hold_up_shutdown() {
 #[tokio::test]
 async fn slow_header_client_is_cut_off_while_others_are_served() {
     let sb = sandbox().await;
-    let p = start_proxy(&gateway_toml(&sb, "header_read_timeout = \"500ms\"", "")).await;
+    let p = start_proxy(&config_toml_with_server(
+        &sb,
+        "header_read_timeout = \"500ms\"",
+        "",
+    ))
+    .await;
     let mut slow = TcpStream::connect(p.proxy_addr()).await.unwrap();
     let started = Instant::now();
     slow.write_all(b"GET /api/v1/accounts HTTP/1.1\r\nHost: x\r\n")
@@ -916,7 +913,12 @@ async fn slow_header_client_is_cut_off_while_others_are_served() {
 #[tokio::test]
 async fn idle_connection_that_sends_nothing_is_closed() {
     let sb = sandbox().await;
-    let p = start_proxy(&gateway_toml(&sb, "header_read_timeout = \"500ms\"", "")).await;
+    let p = start_proxy(&config_toml_with_server(
+        &sb,
+        "header_read_timeout = \"500ms\"",
+        "",
+    ))
+    .await;
     let mut idle = TcpStream::connect(p.proxy_addr()).await.unwrap();
     let started = Instant::now();
     let mut buf = [0u8; 64];
@@ -930,7 +932,12 @@ async fn idle_connection_that_sends_nothing_is_closed() {
 #[tokio::test]
 async fn idle_keep_alive_connection_is_closed_after_header_read_timeout() {
     let sb = sandbox().await;
-    let p = start_proxy(&gateway_toml(&sb, "header_read_timeout = \"500ms\"", "")).await;
+    let p = start_proxy(&config_toml_with_server(
+        &sb,
+        "header_read_timeout = \"500ms\"",
+        "",
+    ))
+    .await;
     let mut s = TcpStream::connect(p.proxy_addr()).await.unwrap();
     s.write_all(b"GET /api/v1/accounts HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -946,7 +953,7 @@ async fn idle_keep_alive_connection_is_closed_after_header_read_timeout() {
 #[tokio::test]
 async fn max_connections_holds_back_a_third_connection_until_one_closes() {
     let sb = sandbox().await;
-    let p = start_proxy(&gateway_toml(
+    let p = start_proxy(&config_toml_with_server(
         &sb,
         "max_connections = 2\nheader_read_timeout = \"60s\"",
         "",

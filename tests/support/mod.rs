@@ -92,11 +92,17 @@ token_timeout = "2s"
 /// A complete config: listeners on port 0, the sandbox credential, one
 /// route `/` to the sandbox API, plus `extra` TOML appended.
 pub fn config_toml(sb: &Sandbox, extra: &str) -> String {
+    config_toml_with_server(sb, "", extra)
+}
+
+/// Like [`config_toml`], with `server` lines added to `[server]`.
+pub fn config_toml_with_server(sb: &Sandbox, server: &str, extra: &str) -> String {
     format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
 request_timeout = "5s"
+{server}
 [admin]
 listen = "127.0.0.1:0"
 {cred}
