@@ -436,6 +436,9 @@ pub fn rewrite_headers(
     original_host: Option<HeaderValue>,
     rid: &HeaderValue,
 ) {
+    // hyper sizes the map for the headers it parsed; make room for the five
+    // the proxy adds at once rather than growing (rehashing) several times.
+    headers.reserve(6);
     remove_hop_by_hop(headers);
     headers.remove(header::AUTHORIZATION);
     headers.remove(header::PROXY_AUTHORIZATION);
