@@ -81,15 +81,24 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Removes hop-by-hop headers: the fixed set and those `Connection` lists.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        let listed: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in listed {
-            headers.remove(name);
+    // Names listed in Connection, removed by `&str` (no allocation). Each
+    // value is cloned first (shared bytes, no copy) because the map cannot
+    // stay borrowed while names are removed from it.
+    let listed = headers.get_all(header::CONNECTION).iter().count();
+    for i in 0..listed {
+        let Some(value) = headers.get_all(header::CONNECTION).iter().nth(i).cloned() else {
+            break;
+        };
+        for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
+            // `close` and `keep-alive` are options, not header names (and
+            // Keep-Alive goes below anyway).
+            if !token.is_empty()
+                && !token.eq_ignore_ascii_case("close")
+                && !token.eq_ignore_ascii_case("keep-alive")
+                && !token.eq_ignore_ascii_case("connection")
+            {
+                headers.remove(token);
+            }
         }
     }
     for name in [
@@ -496,6 +505,8 @@ mod tests {
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::TRAILER, HeaderValue::from_static("x"));
         h.insert("x-keep", HeaderValue::from_static("1"));
+        h.append(header::CONNECTION, HeaderValue::from_static("X-Second-Hop"));
+        h.insert("x-second-hop", HeaderValue::from_static("1"));
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
