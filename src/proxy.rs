@@ -338,7 +338,8 @@ async fn handle_inner(
             .map_err(|_| ProxyError::UpstreamTimeout)?
             .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?
     };
-    let replay = body.try_clone().filter(|_| !route.reauth_on.is_empty());
+    // Only a body prepared for replay (reauth_on set, at most 64 KiB) clones.
+    let replay = body.try_clone();
     let started = Instant::now();
     let replay_head = replay
         .as_ref()

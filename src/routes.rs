@@ -45,16 +45,6 @@ impl<T> RouteTable<T> {
             .and_then(|list| longest(list, path))
             .or_else(|| longest(&self.any_host, path))
     }
-
-    /// Number of routes.
-    pub fn len(&self) -> usize {
-        self.any_host.len() + self.by_host.values().map(Vec::len).sum::<usize>()
-    }
-
-    /// Whether there are no routes.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]

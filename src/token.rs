@@ -368,14 +368,6 @@ impl TokenSource {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Whether the credential can only recover by a new authorization.
-    pub fn needs_reauthorization(&self) -> bool {
-        self.failure
-            .load()
-            .as_ref()
-            .is_some_and(|f| f.needs_reauthorization)
-    }
-
     /// Whether this credential must exchange its authorization code first.
     pub fn needs_code_exchange(&self) -> bool {
         self.config.grant_type == GrantType::AuthorizationCode

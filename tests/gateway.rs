@@ -48,6 +48,16 @@ fn tls_server_lines(dir: &TempDir, pki: &Pki, client_ca: Option<&Pki>) -> String
     lines
 }
 
+/// A proxy whose listener serves TLS with a fresh certificate from `pki`.
+async fn start_tls_proxy(sb: &Sandbox, dir: &TempDir, pki: &Pki) -> flinks_proxy::Running {
+    start_proxy(&config_toml_with_server(
+        sb,
+        &tls_server_lines(dir, pki, None),
+        "",
+    ))
+    .await
+}
+
 /// A TLS connector trusting `ca_pem`, offering `alpn`, presenting `leaf`
 /// as client certificate when given.
 fn tls_connector(ca_pem: &str, alpn: &[&[u8]], leaf: Option<&Leaf>) -> TlsConnector {
@@ -356,12 +366,7 @@ async fn tls_listener_serves_http1_by_alpn() {
     let sb = sandbox().await;
     let dir = TempDir::new();
     let pki = Pki::new("server");
-    let p = start_proxy(&config_toml_with_server(
-        &sb,
-        &tls_server_lines(&dir, &pki, None),
-        "",
-    ))
-    .await;
+    let p = start_tls_proxy(&sb, &dir, &pki).await;
     let tls = tls_connect(
         p.proxy_addr(),
         &tls_connector(&pki.ca_pem, &[b"http/1.1"], None),
@@ -385,12 +390,7 @@ async fn tls_listener_serves_http2_by_alpn() {
     let sb = sandbox().await;
     let dir = TempDir::new();
     let pki = Pki::new("server");
-    let p = start_proxy(&config_toml_with_server(
-        &sb,
-        &tls_server_lines(&dir, &pki, None),
-        "",
-    ))
-    .await;
+    let p = start_tls_proxy(&sb, &dir, &pki).await;
     let tls = tls_connect(
         p.proxy_addr(),
         &tls_connector(&pki.ca_pem, &[b"h2", b"http/1.1"], None),
@@ -414,12 +414,7 @@ async fn tls_listener_without_alpn_speaks_http1() {
     let sb = sandbox().await;
     let dir = TempDir::new();
     let pki = Pki::new("server");
-    let p = start_proxy(&config_toml_with_server(
-        &sb,
-        &tls_server_lines(&dir, &pki, None),
-        "",
-    ))
-    .await;
+    let p = start_tls_proxy(&sb, &dir, &pki).await;
     let tls = tls_connect(p.proxy_addr(), &tls_connector(&pki.ca_pem, &[], None))
         .await
         .expect("TLS handshake");
