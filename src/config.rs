@@ -466,356 +466,22 @@ impl Config {
     /// Validates config text; `path` names it in errors and anchors relative
     /// file paths (secrets, certificates, state files).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let err = |key: &str, message: String| ConfigError {
-            file: file.clone(),
-            line: None,
-            message: if key.is_empty() {
-                message
-            } else {
-                format!("{key}: {message}")
-            },
-        };
-        let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
-            .map_err(|e| {
-                let key = e.path().to_string();
-                let inner = e.into_inner();
-                let line = inner
-                    .span()
-                    .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-                let key = if key == "." { String::new() } else { key };
-                ConfigError {
-                    file: file.clone(),
-                    line,
-                    message: if key.is_empty() {
-                        inner.message().trim().to_owned()
-                    } else {
-                        format!("{key}: {}", inner.message().trim())
-                    },
-                }
-            })?;
-        let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
-        let base = if base.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            base
-        };
-
-        // [server]
-        let s = raw.server;
-        let tls = match (&s.tls_cert, &s.tls_key) {
-            (None, None) => {
-                if s.client_ca.is_some() {
-                    return Err(err(
-                        "server.client_ca",
-                        "needs server.tls_cert and server.tls_key".into(),
-                    ));
-                }
-                None
-            }
-            (Some(cert), Some(key)) => {
-                let ca = s.client_ca.as_ref().map(|p| base.join(p));
-                Some(
-                    crate::tls::server_config(&base.join(cert), &base.join(key), ca.as_deref())
-                        .map_err(|m| err("server.tls_cert", m))?,
-                )
-            }
-            (Some(_), None) => {
-                return Err(err(
-                    "server.tls_key",
-                    "is required with server.tls_cert".into(),
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(err(
-                    "server.tls_cert",
-                    "is required with server.tls_key".into(),
-                ))
-            }
-        };
-        if s.max_connections == 0 {
-            return Err(err("server.max_connections", "must be at least 1".into()));
-        }
-        for (key, d) in [
-            ("server.request_timeout", s.request_timeout),
-            ("server.header_read_timeout", s.header_read_timeout),
-        ] {
-            if d.is_zero() {
-                return Err(err(key, "must be greater than zero".into()));
-            }
-        }
-        let server = ServerConfig {
-            listen: s.listen,
-            mtls: s.client_ca.is_some(),
-            tls,
-            request_timeout: s.request_timeout,
-            header_read_timeout: s.header_read_timeout,
-            max_connections: s.max_connections,
-            workers: s.workers,
-            shutdown_grace: s.shutdown_grace,
-        };
-
-        // [log]
+        let ctx = Ctx::new(path);
+        let raw = ctx.deserialize(text)?;
+        let server = ctx.server(raw.server)?;
         tracing_subscriber::EnvFilter::try_new(&raw.log.level)
-            .map_err(|e| err("log.level", format!("not a valid level or filter: {e}")))?;
-
-        // [access]
-        let mut access = AccessConfig::default();
-        if let Some(a) = raw.access {
-            for (i, k) in a.api_keys.iter().enumerate() {
-                access.api_keys.push(
-                    k.resolve(&base)
-                        .map_err(|m| err(&format!("access.api_keys[{i}]"), m))?,
-                );
-            }
-            for (i, net) in a.allow.iter().enumerate() {
-                let parsed = net
-                    .parse::<IpNet>()
-                    .or_else(|_| net.parse::<std::net::IpAddr>().map(IpNet::from))
-                    .map_err(|_| {
-                        err(
-                            &format!("access.allow[{i}]"),
-                            format!("{net:?} is not an address or CIDR network"),
-                        )
-                    })?;
-                access.allow.push(parsed);
-            }
-        }
-
-        // [credentials]
+            .map_err(|e| ctx.err("log.level", format!("not a valid level or filter: {e}")))?;
+        let access = ctx.access(raw.access)?;
         let mut credentials = BTreeMap::new();
         for (name, c) in raw.credentials {
-            let key = |k: &str| format!("credentials.{name}.{k}");
-            let token_url = parse_url(&c.token_url).map_err(|m| err(&key("token_url"), m))?;
-            let resolve = |k: &str, s: &Option<SecretSource>| {
-                s.as_ref()
-                    .map(|s| s.resolve(&base))
-                    .transpose()
-                    .map_err(|m| err(&key(k), m))
-            };
-            let only = |k: &str, set: bool, grants: &str| {
-                if set {
-                    Err(err(
-                        &key(k),
-                        format!("is only used with grant_type = {grants}"),
-                    ))
-                } else {
-                    Ok(())
-                }
-            };
-            match c.grant_type {
-                GrantType::ClientCredentials => {
-                    only(
-                        "refresh_token",
-                        c.refresh_token.is_some(),
-                        "\"refresh_token\"",
-                    )?;
-                    only("code", c.code.is_some(), "\"authorization_code\"")?;
-                    only(
-                        "redirect_uri",
-                        c.redirect_uri.is_some(),
-                        "\"authorization_code\"",
-                    )?;
-                    only(
-                        "state_file",
-                        c.state_file.is_some(),
-                        "\"refresh_token\" or \"authorization_code\"",
-                    )?;
-                }
-                GrantType::RefreshToken => {
-                    only("code", c.code.is_some(), "\"authorization_code\"")?;
-                    only(
-                        "redirect_uri",
-                        c.redirect_uri.is_some(),
-                        "\"authorization_code\"",
-                    )?;
-                    if c.refresh_token.is_none() {
-                        return Err(err(
-                            &key("refresh_token"),
-                            "is required with grant_type = \"refresh_token\"".into(),
-                        ));
-                    }
-                }
-                GrantType::AuthorizationCode => {
-                    only(
-                        "scope",
-                        c.scope.is_some(),
-                        "\"client_credentials\" or \"refresh_token\"",
-                    )?;
-                    only(
-                        "refresh_token",
-                        c.refresh_token.is_some(),
-                        "\"refresh_token\"",
-                    )?;
-                    for (k, set) in [
-                        ("code", c.code.is_some()),
-                        ("redirect_uri", c.redirect_uri.is_some()),
-                        ("state_file", c.state_file.is_some()),
-                    ] {
-                        if !set {
-                            return Err(err(
-                                &key(k),
-                                "is required with grant_type = \"authorization_code\"".into(),
-                            ));
-                        }
-                    }
-                }
-            }
-            if c.client_id.is_empty() {
-                return Err(err(&key("client_id"), "is empty".into()));
-            }
-            if c.token_timeout.is_zero() {
-                return Err(err(
-                    &key("token_timeout"),
-                    "must be greater than zero".into(),
-                ));
-            }
-            for k in c.extra.keys() {
-                if RESERVED_TOKEN_FIELDS.contains(&k.as_str()) {
-                    return Err(err(
-                        &key(&format!("extra.{k}")),
-                        "is set by the proxy itself; use the dedicated key".into(),
-                    ));
-                }
-            }
-            let ca_certs = match &c.ca_file {
-                Some(p) => {
-                    crate::tls::load_certs(&base.join(p)).map_err(|m| err(&key("ca_file"), m))?
-                }
-                None => Vec::new(),
-            };
-            let cred = CredentialConfig {
-                name: name.clone(),
-                token_url,
-                grant_type: c.grant_type,
-                client_id: c.client_id,
-                client_secret: resolve("client_secret", &c.client_secret)?,
-                scope: c.scope,
-                client_auth: c.client_auth,
-                body_format: c.body_format,
-                refresh_before: c.refresh_before,
-                token_timeout: c.token_timeout,
-                refresh_token: resolve("refresh_token", &c.refresh_token)?,
-                code: resolve("code", &c.code)?,
-                redirect_uri: c.redirect_uri,
-                state_file: c.state_file.map(|p| base.join(p)),
-                extra: c.extra.into_iter().collect(),
-                ca_certs,
-            };
+            let cred = ctx.credential(&name, c)?;
             credentials.insert(name, Arc::new(cred));
         }
-
-        // [routes]
         let mut routes = Vec::new();
         for (name, r) in raw.routes {
-            let key = |k: &str| format!("routes.{name}.{k}");
-            if !credentials.contains_key(&r.credential) {
-                return Err(err(
-                    &key("credential"),
-                    format!("no [credentials.{}] is defined", r.credential),
-                ));
-            }
-            let upstream: Uri = parse_url(&r.upstream).map_err(|m| err(&key("upstream"), m))?;
-            if upstream.query().is_some() {
-                return Err(err(&key("upstream"), "must not have a query string".into()));
-            }
-            let parts = upstream.into_parts();
-            let base_path = parts
-                .path_and_query
-                .map(|p| p.path().trim_end_matches('/').to_owned())
-                .unwrap_or_default();
-            let prefix = r.path_prefix;
-            if !prefix.starts_with('/') {
-                return Err(err(&key("path_prefix"), "must start with '/'".into()));
-            }
-            if let Some(strip) = &r.strip_prefix {
-                if !strip.starts_with('/') || !prefix_matches(&prefix, strip) {
-                    return Err(err(
-                        &key("strip_prefix"),
-                        format!("must be a '/'-bounded prefix of path_prefix {prefix:?}"),
-                    ));
-                }
-            }
-            let host = match r.host {
-                Some(h) => {
-                    let h = h.to_ascii_lowercase();
-                    if h.parse::<Authority>().is_err() || h.contains('/') || h.is_empty() {
-                        return Err(err(&key("host"), format!("{h:?} is not a host name")));
-                    }
-                    Some(h)
-                }
-                None => None,
-            };
-            let header_name = r.header.unwrap_or_else(|| "authorization".to_owned());
-            let header = HeaderName::from_bytes(header_name.as_bytes()).map_err(|_| {
-                err(
-                    &key("header"),
-                    format!("{header_name:?} is not a header name"),
-                )
-            })?;
-            if crate::proxy::is_reserved_header(&header) {
-                return Err(err(
-                    &key("header"),
-                    format!("{header} is managed by the proxy and cannot carry the token"),
-                ));
-            }
-            let scheme = match r.scheme.as_deref() {
-                None | Some("Bearer") => AuthScheme::Bearer,
-                Some("") => AuthScheme::Bare,
-                Some(s) if s.bytes().all(|b| b.is_ascii_graphic()) => {
-                    AuthScheme::Other(s.to_owned())
-                }
-                Some(s) => return Err(err(&key("scheme"), format!("{s:?} is not a valid scheme"))),
-            };
-            let mut reauth_on = Vec::new();
-            for code in r.reauth_on.unwrap_or_else(|| vec![401]) {
-                match StatusCode::from_u16(code) {
-                    Ok(s) if (400..600).contains(&code) => reauth_on.push(s),
-                    _ => {
-                        return Err(err(
-                            &key("reauth_on"),
-                            format!("{code} is not an HTTP error status (400-599)"),
-                        ))
-                    }
-                }
-            }
-            let ca_certs = match &r.ca_file {
-                Some(p) => {
-                    crate::tls::load_certs(&base.join(p)).map_err(|m| err(&key("ca_file"), m))?
-                }
-                None => Vec::new(),
-            };
-            if let Some(other) = routes
-                .iter()
-                .find(|o: &&RouteConfig| o.host == host && o.path_prefix == prefix)
-            {
-                return Err(err(
-                    &key("path_prefix"),
-                    format!(
-                        "route {} already matches the same host and prefix",
-                        other.name
-                    ),
-                ));
-            }
-            routes.push(RouteConfig {
-                name: name.clone(),
-                host,
-                path_prefix: prefix,
-                strip_prefix: r.strip_prefix,
-                upstream_scheme: parts.scheme.unwrap_or(Scheme::HTTP),
-                upstream_authority: parts
-                    .authority
-                    .ok_or_else(|| err(&key("upstream"), "has no host".into()))?,
-                upstream_base_path: base_path,
-                credential: r.credential,
-                header,
-                scheme,
-                reauth_on,
-                ca_certs,
-                preserve_host: r.preserve_host,
-            });
+            let route = ctx.route(&name, r, &credentials, &routes)?;
+            routes.push(route);
         }
-
         Ok(Config {
             source: path.to_path_buf(),
             server,
@@ -831,6 +497,365 @@ impl Config {
             credentials,
             routes,
         })
+    }
+}
+
+/// What validation needs to know about the file: its name for errors and
+/// its folder for relative paths. One method per table.
+struct Ctx {
+    file: String,
+    base: PathBuf,
+}
+
+impl Ctx {
+    fn new(path: &Path) -> Ctx {
+        let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
+        Ctx {
+            file: path.display().to_string(),
+            base: if base.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                base
+            },
+        }
+    }
+
+    /// An error about `key` (empty: about the file).
+    fn err(&self, key: &str, message: String) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            line: None,
+            message: if key.is_empty() {
+                message
+            } else {
+                format!("{key}: {message}")
+            },
+        }
+    }
+
+    /// TOML → raw structs; errors carry the key path and the line.
+    fn deserialize(&self, text: &str) -> Result<RawConfig, ConfigError> {
+        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let key = if key == "." { String::new() } else { key };
+            ConfigError {
+                line,
+                ..self.err(&key, inner.message().trim().to_owned())
+            }
+        })
+    }
+
+    fn load_certs(
+        &self,
+        key: &str,
+        file: &Option<PathBuf>,
+    ) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+        match file {
+            Some(p) => crate::tls::load_certs(&self.base.join(p)).map_err(|m| self.err(key, m)),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// `[server]`.
+    fn server(&self, s: RawServer) -> Result<ServerConfig, ConfigError> {
+        let base = &self.base;
+        let tls = match (&s.tls_cert, &s.tls_key) {
+            (None, None) => {
+                if s.client_ca.is_some() {
+                    return Err(self.err(
+                        "server.client_ca",
+                        "needs server.tls_cert and server.tls_key".into(),
+                    ));
+                }
+                None
+            }
+            (Some(cert), Some(key)) => {
+                let ca = s.client_ca.as_ref().map(|p| base.join(p));
+                Some(
+                    crate::tls::server_config(&base.join(cert), &base.join(key), ca.as_deref())
+                        .map_err(|m| self.err("server.tls_cert", m))?,
+                )
+            }
+            (Some(_), None) => {
+                return Err(self.err("server.tls_key", "is required with server.tls_cert".into()))
+            }
+            (None, Some(_)) => {
+                return Err(self.err("server.tls_cert", "is required with server.tls_key".into()))
+            }
+        };
+        if s.max_connections == 0 {
+            return Err(self.err("server.max_connections", "must be at least 1".into()));
+        }
+        for (key, d) in [
+            ("server.request_timeout", s.request_timeout),
+            ("server.header_read_timeout", s.header_read_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(self.err(key, "must be greater than zero".into()));
+            }
+        }
+        Ok(ServerConfig {
+            listen: s.listen,
+            mtls: s.client_ca.is_some(),
+            tls,
+            request_timeout: s.request_timeout,
+            header_read_timeout: s.header_read_timeout,
+            max_connections: s.max_connections,
+            workers: s.workers,
+            shutdown_grace: s.shutdown_grace,
+        })
+    }
+
+    /// `[access]`.
+    fn access(&self, raw: Option<RawAccess>) -> Result<AccessConfig, ConfigError> {
+        let mut access = AccessConfig::default();
+        let Some(a) = raw else {
+            return Ok(access);
+        };
+        for (i, k) in a.api_keys.iter().enumerate() {
+            access.api_keys.push(
+                k.resolve(&self.base)
+                    .map_err(|m| self.err(&format!("access.api_keys[{i}]"), m))?,
+            );
+        }
+        for (i, net) in a.allow.iter().enumerate() {
+            let parsed = net
+                .parse::<IpNet>()
+                .or_else(|_| net.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    self.err(
+                        &format!("access.allow[{i}]"),
+                        format!("{net:?} is not an address or CIDR network"),
+                    )
+                })?;
+            access.allow.push(parsed);
+        }
+        Ok(access)
+    }
+
+    /// One `[credentials.NAME]`.
+    fn credential(&self, name: &str, c: RawCredential) -> Result<CredentialConfig, ConfigError> {
+        let key = |k: &str| format!("credentials.{name}.{k}");
+        let token_url = parse_url(&c.token_url).map_err(|m| self.err(&key("token_url"), m))?;
+        let resolve = |k: &str, s: &Option<SecretSource>| {
+            s.as_ref()
+                .map(|s| s.resolve(&self.base))
+                .transpose()
+                .map_err(|m| self.err(&key(k), m))
+        };
+        self.grant_keys(name, &c)?;
+        if c.client_id.is_empty() {
+            return Err(self.err(&key("client_id"), "is empty".into()));
+        }
+        if c.token_timeout.is_zero() {
+            return Err(self.err(&key("token_timeout"), "must be greater than zero".into()));
+        }
+        for k in c.extra.keys() {
+            if RESERVED_TOKEN_FIELDS.contains(&k.as_str()) {
+                return Err(self.err(
+                    &key(&format!("extra.{k}")),
+                    "is set by the proxy itself; use the dedicated key".into(),
+                ));
+            }
+        }
+        let ca_certs = self.load_certs(&key("ca_file"), &c.ca_file)?;
+        Ok(CredentialConfig {
+            name: name.to_owned(),
+            token_url,
+            grant_type: c.grant_type,
+            client_id: c.client_id,
+            client_secret: resolve("client_secret", &c.client_secret)?,
+            scope: c.scope,
+            client_auth: c.client_auth,
+            body_format: c.body_format,
+            refresh_before: c.refresh_before,
+            token_timeout: c.token_timeout,
+            refresh_token: resolve("refresh_token", &c.refresh_token)?,
+            code: resolve("code", &c.code)?,
+            redirect_uri: c.redirect_uri,
+            state_file: c.state_file.map(|p| self.base.join(p)),
+            extra: c.extra.into_iter().collect(),
+            ca_certs,
+        })
+    }
+
+    /// Which keys each grant requires or refuses.
+    fn grant_keys(&self, name: &str, c: &RawCredential) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("credentials.{name}.{k}");
+        let only = |k: &str, set: bool, grants: &str| {
+            if set {
+                Err(self.err(&key(k), format!("is only used with grant_type = {grants}")))
+            } else {
+                Ok(())
+            }
+        };
+        let required = |k: &str, set: bool, grant: &str| {
+            if set {
+                Ok(())
+            } else {
+                Err(self.err(
+                    &key(k),
+                    format!("is required with grant_type = \"{grant}\""),
+                ))
+            }
+        };
+        const CODE: &str = "\"authorization_code\"";
+        match c.grant_type {
+            GrantType::ClientCredentials => {
+                only(
+                    "refresh_token",
+                    c.refresh_token.is_some(),
+                    "\"refresh_token\"",
+                )?;
+                only("code", c.code.is_some(), CODE)?;
+                only("redirect_uri", c.redirect_uri.is_some(), CODE)?;
+                only(
+                    "state_file",
+                    c.state_file.is_some(),
+                    "\"refresh_token\" or \"authorization_code\"",
+                )?;
+            }
+            GrantType::RefreshToken => {
+                only("code", c.code.is_some(), CODE)?;
+                only("redirect_uri", c.redirect_uri.is_some(), CODE)?;
+                required("refresh_token", c.refresh_token.is_some(), "refresh_token")?;
+            }
+            GrantType::AuthorizationCode => {
+                only(
+                    "scope",
+                    c.scope.is_some(),
+                    "\"client_credentials\" or \"refresh_token\"",
+                )?;
+                only(
+                    "refresh_token",
+                    c.refresh_token.is_some(),
+                    "\"refresh_token\"",
+                )?;
+                required("code", c.code.is_some(), "authorization_code")?;
+                required(
+                    "redirect_uri",
+                    c.redirect_uri.is_some(),
+                    "authorization_code",
+                )?;
+                required("state_file", c.state_file.is_some(), "authorization_code")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One `[routes.NAME]`; `earlier` are the routes validated so far.
+    fn route(
+        &self,
+        name: &str,
+        r: RawRoute,
+        credentials: &BTreeMap<String, Arc<CredentialConfig>>,
+        earlier: &[RouteConfig],
+    ) -> Result<RouteConfig, ConfigError> {
+        let key = |k: &str| format!("routes.{name}.{k}");
+        if !credentials.contains_key(&r.credential) {
+            return Err(self.err(
+                &key("credential"),
+                format!("no [credentials.{}] is defined", r.credential),
+            ));
+        }
+        let upstream: Uri = parse_url(&r.upstream).map_err(|m| self.err(&key("upstream"), m))?;
+        if upstream.query().is_some() {
+            return Err(self.err(&key("upstream"), "must not have a query string".into()));
+        }
+        let parts = upstream.into_parts();
+        let base_path = parts
+            .path_and_query
+            .map(|p| p.path().trim_end_matches('/').to_owned())
+            .unwrap_or_default();
+        let prefix = r.path_prefix;
+        if !prefix.starts_with('/') {
+            return Err(self.err(&key("path_prefix"), "must start with '/'".into()));
+        }
+        if let Some(strip) = &r.strip_prefix {
+            if !strip.starts_with('/') || !prefix_matches(&prefix, strip) {
+                return Err(self.err(
+                    &key("strip_prefix"),
+                    format!("must be a '/'-bounded prefix of path_prefix {prefix:?}"),
+                ));
+            }
+        }
+        let host = match r.host {
+            Some(h) => {
+                let h = h.to_ascii_lowercase();
+                if h.parse::<Authority>().is_err() || h.contains('/') || h.is_empty() {
+                    return Err(self.err(&key("host"), format!("{h:?} is not a host name")));
+                }
+                Some(h)
+            }
+            None => None,
+        };
+        let header = self.token_header(&key("header"), r.header)?;
+        let scheme = match r.scheme.as_deref() {
+            None | Some("Bearer") => AuthScheme::Bearer,
+            Some("") => AuthScheme::Bare,
+            Some(s) if s.bytes().all(|b| b.is_ascii_graphic()) => AuthScheme::Other(s.to_owned()),
+            Some(s) => return Err(self.err(&key("scheme"), format!("{s:?} is not a valid scheme"))),
+        };
+        let mut reauth_on = Vec::new();
+        for code in r.reauth_on.unwrap_or_else(|| vec![401]) {
+            match StatusCode::from_u16(code) {
+                Ok(s) if (400..600).contains(&code) => reauth_on.push(s),
+                _ => {
+                    return Err(self.err(
+                        &key("reauth_on"),
+                        format!("{code} is not an HTTP error status (400-599)"),
+                    ))
+                }
+            }
+        }
+        let ca_certs = self.load_certs(&key("ca_file"), &r.ca_file)?;
+        if let Some(other) = earlier
+            .iter()
+            .find(|o| o.host == host && o.path_prefix == prefix)
+        {
+            return Err(self.err(
+                &key("path_prefix"),
+                format!(
+                    "route {} already matches the same host and prefix",
+                    other.name
+                ),
+            ));
+        }
+        Ok(RouteConfig {
+            name: name.to_owned(),
+            host,
+            path_prefix: prefix,
+            strip_prefix: r.strip_prefix,
+            upstream_scheme: parts.scheme.unwrap_or(Scheme::HTTP),
+            upstream_authority: parts
+                .authority
+                .ok_or_else(|| self.err(&key("upstream"), "has no host".into()))?,
+            upstream_base_path: base_path,
+            credential: r.credential,
+            header,
+            scheme,
+            reauth_on,
+            ca_certs,
+            preserve_host: r.preserve_host,
+        })
+    }
+
+    /// The header a route puts its token in (default `Authorization`).
+    fn token_header(&self, key: &str, name: Option<String>) -> Result<HeaderName, ConfigError> {
+        let name = name.unwrap_or_else(|| "authorization".to_owned());
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| self.err(key, format!("{name:?} is not a header name")))?;
+        if crate::proxy::is_reserved_header(&header) {
+            return Err(self.err(
+                key,
+                format!("{header} is managed by the proxy and cannot carry the token"),
+            ));
+        }
+        Ok(header)
     }
 }
 
