@@ -8,7 +8,8 @@
 //! - [`secret`]: secrets from literals, env or files; redacted `Debug`.
 //! - [`tls`]: PEM loading and rustls configs.
 //! - [`token`]: one `TokenSource` per credential: cache, single flight,
-//!   refresh task, grants, state file.
+//!   refresh task, state file; `token::grant` is the one token request
+//!   (shared with per-user pools), `token::jwt` the one JWT decoder.
 //! - [`routes`]: host + longest-prefix route table.
 //! - [`runtime`]: a config turned into routes, access rules and token
 //!   sources; the `AppState` that swaps them on reload.

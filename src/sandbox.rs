@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -303,13 +303,11 @@ impl Sandbox {
     }
 }
 
-/// Decodes the claims (middle part) of a JWT-shaped token, verifying nothing.
+/// Decodes the claims (middle part) of a JWT-shaped token, verifying nothing;
+/// every claim, for tests (the proxy reads only `exp` and `sub`, with
+/// [`crate::token::jwt_claims`]).
 pub fn decode_jwt_claims(token: &str) -> Option<serde_json::Value> {
-    let claims = token.split('.').nth(1)?;
-    let raw = URL_SAFE_NO_PAD
-        .decode(claims)
-        .or_else(|_| URL_SAFE.decode(claims));
-    serde_json::from_slice(&raw.ok()?).ok()
+    serde_json::from_slice(&crate::token::jwt::payload(token)?).ok()
 }
 
 #[derive(Clone, Copy)]

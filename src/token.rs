@@ -1,6 +1,8 @@
 //! One [`TokenSource`] per credential: the cached access token, the single
-//! background task that fetches and renews it, the grants, and the state
-//! file of refresh tokens.
+//! background task that fetches and renews it, and the state file of
+//! refresh tokens. [`Token`] (a cached token with prebuilt header values)
+//! is shared with per-user pools; so is [`grant`], the one token request,
+//! and [`jwt`], the one JWT claims decoder.
 //!
 //! The request path only reads: [`TokenSource::usable`] is a lock-free
 //! `arc-swap` load. Every token request is made by the source's refresh
@@ -9,28 +11,26 @@
 //! answer `503 token_unavailable` at once when the last attempt failed.
 //! This module does not know about routes or HTTP requests from clients.
 
+pub mod grant;
+pub mod jwt;
 pub mod state;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use base64::Engine as _;
-use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
-use serde::Deserialize;
+use http::HeaderValue;
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuthScheme, BodyFormat, ClientAuth, CredentialConfig, GrantType};
+use crate::config::{AuthScheme, CredentialConfig, GrantType};
 use crate::metrics::CredentialMetrics;
 use crate::secret::Secret;
-use crate::upstream::HttpClient;
+pub use grant::{Endpoint, Grant, Granted, TokenError, DEFAULT_LIFETIME, MAX_LIFETIME};
+pub use jwt::{jwt_claims, Claims};
 
-/// Lifetime assumed when the endpoint gives neither `expires_in` nor a JWT `exp`.
-pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 /// First retry delay after a transient failure; doubles per attempt.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// Ceiling of the transient backoff.
@@ -38,8 +38,6 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Delay after a non-transient failure (bad credentials do not fix themselves
 /// quickly; hammering the endpoint can get the client locked out).
 pub const BACKOFF_REJECTED: Duration = Duration::from_secs(300);
-/// Largest token endpoint response read.
-const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 /// Never renew sooner than this after obtaining a token, whatever the
 /// endpoint says, so a zero lifetime cannot turn into a request loop.
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(500);
@@ -106,89 +104,55 @@ impl Token {
     /// fetched one would be (with the default `refresh_before`). For
     /// benchmarks and tests that put a token in a source with
     /// [`TokenSource::install`].
-    pub fn new(access: &str, lifetime: Duration) -> Result<Token, String> {
-        make_token(
-            access.to_owned(),
+    pub fn new(access: &str, lifetime: Duration) -> Result<Token, TokenError> {
+        let granted = Granted {
+            access_token: Secret::new(access.to_owned()),
+            refresh_token: None,
+            lifetime: lifetime.min(MAX_LIFETIME),
+            scope: None,
+            sub: None,
+            sent_at: Instant::now(),
+            expires_unix: state::unix_now().saturating_add(lifetime.as_secs()),
+        };
+        Token::from_granted(&granted, crate::config::DEFAULT_REFRESH_BEFORE)
+    }
+
+    /// The cached form of a token request's answer: header values built
+    /// once (marked sensitive), renewal due `refresh_before` ahead of expiry
+    /// (at most half the lifetime), and retired a margin before expiry.
+    /// Times count from when the request was sent.
+    pub fn from_granted(g: &Granted, refresh_before: Duration) -> Result<Token, TokenError> {
+        let access = g.access_token.expose();
+        let invalid = || {
+            TokenError::InvalidResponse(
+                "access_token has characters not allowed in a header".into(),
+            )
+        };
+        let mut bearer =
+            HeaderValue::from_str(&format!("Bearer {access}")).map_err(|_| invalid())?;
+        bearer.set_sensitive(true);
+        let mut bare = HeaderValue::from_str(access).map_err(|_| invalid())?;
+        bare.set_sensitive(true);
+        let lifetime = g.lifetime.min(MAX_LIFETIME);
+        let margin = (lifetime / 10).min(EXPIRY_MARGIN_MAX);
+        let ahead = refresh_before.min(lifetime / 2);
+        let refresh_in = lifetime.saturating_sub(ahead).max(MIN_REFRESH_INTERVAL);
+        let at = |d: Duration| {
+            g.sent_at
+                .checked_add(d)
+                .ok_or_else(|| TokenError::InvalidResponse("lifetime out of range".into()))
+        };
+        Ok(Token {
+            value: g.access_token.clone(),
+            bearer,
+            bare,
+            usable_until: at(lifetime.saturating_sub(margin))?,
+            refresh_at: at(refresh_in)?,
+            expires_unix: g.expires_unix,
+            scope: g.scope.clone(),
+            sub: g.sub.clone(),
             lifetime,
-            crate::config::DEFAULT_REFRESH_BEFORE,
-            Instant::now(),
-            state::unix_now(),
-            None,
-            None,
-        )
-    }
-}
-
-/// Why a token request failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum TokenError {
-    /// The endpoint refused with a 4xx OAuth error.
-    #[error("token endpoint refused the request ({status}): {error}{}", description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
-    Rejected {
-        /// HTTP status.
-        status: u16,
-        /// OAuth `error`.
-        error: String,
-        /// OAuth `error_description`.
-        description: Option<String>,
-    },
-    /// A 5xx.
-    #[error("token endpoint failed ({status}){}", error.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
-    ServerError {
-        /// HTTP status.
-        status: u16,
-        /// OAuth `error`, if any.
-        error: Option<String>,
-    },
-    /// `token_timeout` passed.
-    #[error("token request timed out after {0:?}")]
-    Timeout(Duration),
-    /// Connect or I/O error.
-    #[error("cannot reach the token endpoint: {0}")]
-    Network(String),
-    /// A 200 without a usable token.
-    #[error("token endpoint answered without a usable token: {0}")]
-    InvalidResponse(String),
-    /// The request could not be made from the configured settings.
-    #[error("{0}")]
-    State(String),
-    /// The state file could not be written (retried like a transient failure).
-    #[error("state file: {0}")]
-    Persist(String),
-}
-
-impl TokenError {
-    /// Transient failures are retried quickly; others wait [`BACKOFF_REJECTED`].
-    pub fn is_transient(&self) -> bool {
-        match self {
-            TokenError::Rejected { status, error, .. } => {
-                *status == 429 || error == "temporarily_unavailable"
-            }
-            TokenError::ServerError { .. }
-            | TokenError::Timeout(_)
-            | TokenError::Network(_)
-            | TokenError::InvalidResponse(_) => true,
-            TokenError::State(_) => false,
-            TokenError::Persist(_) => true,
-        }
-    }
-
-    /// `error` and `error_description` for `/status`.
-    fn oauth_fields(&self) -> (String, Option<String>) {
-        match self {
-            TokenError::Rejected {
-                error, description, ..
-            } => (error.clone(), description.clone()),
-            TokenError::ServerError { error, .. } => (
-                error.clone().unwrap_or_else(|| "server_error".into()),
-                Some(self.to_string()),
-            ),
-            TokenError::Timeout(_) => ("timeout".into(), Some(self.to_string())),
-            TokenError::Network(_) => ("network".into(), Some(self.to_string())),
-            TokenError::InvalidResponse(_) => ("invalid_response".into(), Some(self.to_string())),
-            TokenError::State(_) => ("invalid_configuration".into(), Some(self.to_string())),
-            TokenError::Persist(_) => ("state_file".into(), Some(self.to_string())),
-        }
+        })
     }
 }
 
@@ -244,7 +208,7 @@ pub struct Unavailable {
 /// The token cache and refresher of one credential.
 pub struct TokenSource {
     config: Arc<CredentialConfig>,
-    client: HttpClient<Full<Bytes>>,
+    endpoint: Endpoint,
     current: ArcSwapOption<Token>,
     failure: ArcSwapOption<Failure>,
     changed: watch::Sender<u64>,
@@ -264,7 +228,7 @@ impl TokenSource {
         config: Arc<CredentialConfig>,
         metrics: CredentialMetrics,
     ) -> Result<Arc<TokenSource>, String> {
-        let client = crate::upstream::build_client(&config.ca_certs)?;
+        let endpoint = Endpoint::from_credential(&config).map_err(|e| e.to_string())?;
         let configured = match config.grant_type {
             GrantType::ClientCredentials => None,
             GrantType::RefreshToken => config.refresh_token.clone(),
@@ -291,7 +255,7 @@ impl TokenSource {
         }
         Ok(Arc::new(TokenSource {
             config,
-            client,
+            endpoint,
             current: ArcSwapOption::empty(),
             failure: ArcSwapOption::empty(),
             changed: watch::Sender::new(0),
@@ -322,7 +286,8 @@ impl TokenSource {
     /// A usable token, waiting until `deadline` for the refresh task when a
     /// token request is under way; at once [`Unavailable`] when the last
     /// attempt failed.
-    pub async fn get(&self, deadline: Instant) -> Result<Arc<Token>, Unavailable> {
+    pub async fn get(&self, deadline: impl Into<Instant>) -> Result<Arc<Token>, Unavailable> {
+        let deadline: Instant = deadline.into();
         if let Some(t) = self.usable() {
             return Ok(t);
         }
@@ -337,7 +302,7 @@ impl TokenSource {
                     retry_after: f.retry_at.saturating_duration_since(Instant::now()),
                 });
             }
-            match tokio::time::timeout_at(deadline.into(), rx.changed()).await {
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => continue,
                 Ok(Err(_)) | Err(_) => {
                     return Err(Unavailable {
@@ -444,7 +409,7 @@ impl TokenSource {
             if let Some(refresh_at) = due {
                 loop {
                     tokio::select! {
-                        _ = tokio::time::sleep_until(refresh_at.into()) => break,
+                        _ = tokio::time::sleep_until(refresh_at) => break,
                         _ = self.wake.notified() => {
                             if self.current.load().is_none() {
                                 break;
@@ -521,256 +486,85 @@ impl TokenSource {
     /// persists any new refresh token before returning the access token.
     pub async fn fetch(&self) -> Result<Token, TokenError> {
         let started = Instant::now();
-        let result = tokio::time::timeout(self.config.token_timeout, self.request_token(started))
-            .await
-            .unwrap_or(Err(TokenError::Timeout(self.config.token_timeout)));
+        let result = self.request_token().await;
         self.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
-        let counter = match &result {
-            Ok(_) => &self.metrics.success,
-            Err(TokenError::Rejected { .. }) | Err(TokenError::State(_)) => &self.metrics.rejected,
-            // The endpoint answered fine; the failure is ours (disk).
-            Err(TokenError::Persist(_)) => &self.metrics.success,
-            Err(TokenError::ServerError { .. }) => &self.metrics.server_error,
-            Err(TokenError::Timeout(_)) => &self.metrics.timeout,
-            Err(TokenError::Network(_)) => &self.metrics.network,
-            Err(TokenError::InvalidResponse(_)) => &self.metrics.invalid_response,
+        let m = &self.metrics;
+        let counter = match result.as_ref().map_err(TokenError::outcome) {
+            Ok(_) | Err("success") => &m.success,
+            Err("rejected") => &m.rejected,
+            Err("server_error") => &m.server_error,
+            Err("timeout") => &m.timeout,
+            Err("network") => &m.network,
+            Err(_) => &m.invalid_response,
         };
         counter.inc();
         result
     }
 
-    async fn request_token(&self, started: Instant) -> Result<Token, TokenError> {
+    async fn request_token(&self) -> Result<Token, TokenError> {
         let c = &self.config;
-        let mut fields: Vec<(&str, String)> = Vec::with_capacity(8);
-        let using_refresh = self.lock_refresh_token().clone();
-        let grant = match (c.grant_type, &using_refresh) {
-            (GrantType::ClientCredentials, _) => GrantType::ClientCredentials,
-            (_, Some(_)) => GrantType::RefreshToken,
-            (GrantType::AuthorizationCode, None) => GrantType::AuthorizationCode,
+        let using = self.lock_refresh_token().clone();
+        let grant = match (c.grant_type, &using) {
+            (GrantType::ClientCredentials, _) => Grant::ClientCredentials,
+            (_, Some(rt)) => Grant::RefreshToken {
+                refresh_token: rt.expose(),
+            },
+            (GrantType::AuthorizationCode, None) => Grant::AuthorizationCode {
+                code: c.code.as_ref().map_or("", Secret::expose),
+                redirect_uri: c.redirect_uri.as_deref().unwrap_or(""),
+            },
             (GrantType::RefreshToken, None) => {
                 return Err(TokenError::State("no refresh token is configured".into()))
             }
         };
-        fields.push(("grant_type", grant.as_str().to_owned()));
-        if c.client_auth == ClientAuth::Body {
-            fields.push(("client_id", c.client_id.clone()));
-            if let Some(s) = &c.client_secret {
-                fields.push(("client_secret", s.expose().to_owned()));
-            }
+        let granted = grant::request(&self.endpoint, grant).await?;
+        if !matches!(grant, Grant::ClientCredentials) {
+            self.keep_refresh_token(&granted, using.as_ref())?;
         }
-        match grant {
-            GrantType::ClientCredentials | GrantType::RefreshToken => {
-                if let Some(scope) = &c.scope {
-                    fields.push(("scope", scope.clone()));
-                }
-            }
-            GrantType::AuthorizationCode => {}
-        }
-        match grant {
-            GrantType::RefreshToken => {
-                if let Some(rt) = &using_refresh {
-                    fields.push(("refresh_token", rt.expose().to_owned()));
-                }
-            }
-            GrantType::AuthorizationCode => {
-                if let Some(code) = &c.code {
-                    fields.push(("code", code.expose().to_owned()));
-                }
-                if let Some(uri) = &c.redirect_uri {
-                    fields.push(("redirect_uri", uri.clone()));
-                }
-            }
-            GrantType::ClientCredentials => {}
-        }
-        for (k, v) in &c.extra {
-            fields.push((k.as_str(), v.clone()));
-        }
-        let (content_type, body) = match c.body_format {
-            BodyFormat::Json => {
-                let map: serde_json::Map<String, serde_json::Value> = fields
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
-                    .collect();
-                (
-                    "application/json",
-                    serde_json::Value::Object(map).to_string(),
-                )
-            }
-            BodyFormat::Form => {
-                let body = fields
-                    .iter()
-                    .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
-                    .collect::<Vec<_>>()
-                    .join("&");
-                ("application/x-www-form-urlencoded", body)
-            }
-        };
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(c.token_url.clone())
-            .header(header::CONTENT_TYPE, content_type)
-            .header(header::ACCEPT, "application/json")
-            .header(
-                header::USER_AGENT,
-                concat!("flinks-proxy/", env!("CARGO_PKG_VERSION")),
-            )
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| TokenError::Network(e.to_string()))?;
-        if c.client_auth == ClientAuth::Basic {
-            let secret = c.client_secret.as_ref().map(|s| s.expose()).unwrap_or("");
-            let creds = format!("{}:{}", form_encode(&c.client_id), form_encode(secret));
-            let mut v = HeaderValue::from_str(&format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(creds)
-            ))
-            .map_err(|_| {
-                TokenError::State("client id or secret cannot be sent in a header".into())
-            })?;
-            v.set_sensitive(true);
-            req.headers_mut().insert(header::AUTHORIZATION, v);
-        }
-
-        let resp = self.client.request(req).await.map_err(|e| {
-            let kind = crate::upstream::ErrorKind::of(&e);
-            TokenError::Network(format!("{kind}"))
-        })?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| {
-                if status.is_success() {
-                    TokenError::InvalidResponse(format!("cannot read body: {e}"))
-                } else {
-                    TokenError::Network(format!("cannot read body: {e}"))
-                }
-            })?
-            .to_bytes();
-
-        if !status.is_success() {
-            let err: Option<OAuthError> = serde_json::from_slice(&body).ok();
-            let error = err.as_ref().map(|e| self.scrub(&e.error));
-            let description = err
-                .and_then(|e| e.error_description)
-                .map(|d| self.scrub(&d));
-            return Err(if status.is_server_error() {
-                TokenError::ServerError {
-                    status: status.as_u16(),
-                    error,
-                }
-            } else {
-                TokenError::Rejected {
-                    status: status.as_u16(),
-                    error: error.unwrap_or_else(|| {
-                        status
-                            .canonical_reason()
-                            .unwrap_or("error")
-                            .to_ascii_lowercase()
-                            .replace(' ', "_")
-                    }),
-                    description,
-                }
-            });
-        }
-        if status != StatusCode::OK {
-            return Err(TokenError::InvalidResponse(format!(
-                "unexpected status {status}"
-            )));
-        }
-        let parsed: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| TokenError::InvalidResponse(format!("not a token response: {e}")))?;
-        let access = parsed
-            .access_token
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| TokenError::InvalidResponse("no access_token".into()))?;
-        if let Some(tt) = &parsed.token_type {
-            if !tt.eq_ignore_ascii_case("bearer") {
-                return Err(TokenError::InvalidResponse(format!(
-                    "token_type {tt:?} is not Bearer"
-                )));
-            }
-        }
-        let claims = jwt_claims(&access);
-        let now_unix = state::unix_now();
-        let lifetime = match (
-            parsed.expires_in.as_ref().and_then(number),
-            claims.as_ref().and_then(|c| c.exp),
-        ) {
-            (Some(secs), _) => Duration::from_secs(secs),
-            // `exp` is whole seconds: measure from the precise time, not
-            // from `now_unix` (floored), or a token obtained late in a
-            // second would be used up to a second after its `exp`.
-            (None, Some(exp)) => Duration::from_secs(exp).saturating_sub(
-                SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap_or_default(),
-            ),
-            (None, None) => {
-                tracing::warn!(
-                    credential = %c.name,
-                    "token response has neither expires_in nor a JWT exp; assuming {}s",
-                    DEFAULT_LIFETIME.as_secs()
-                );
-                DEFAULT_LIFETIME
-            }
-        };
-        let sub = claims.and_then(|c| c.sub);
-
-        // A new refresh token (authorization code exchange, or a server that
-        // rotates) is persisted before the access token is ever used.
-        let new_refresh = parsed.refresh_token.filter(|t| !t.is_empty());
-        match grant {
-            GrantType::AuthorizationCode if new_refresh.is_none() => {
-                return Err(TokenError::InvalidResponse(
-                    "the code exchange returned no refresh_token".into(),
-                ))
-            }
-            GrantType::ClientCredentials => {}
-            _ => {
-                let rotated = match (&new_refresh, &using_refresh) {
-                    (Some(n), Some(old)) => n != old.expose(),
-                    (Some(_), None) => true,
-                    (None, _) => false,
-                };
-                if rotated || c.state_file.is_some() {
-                    let rt = new_refresh
-                        .clone()
-                        .or_else(|| using_refresh.as_ref().map(|s| s.expose().to_owned()))
-                        .unwrap_or_default();
-                    // Keep a rotated refresh token in memory even if the
-                    // write fails: the server has already replaced the old
-                    // one. The access token is not used until the write
-                    // succeeds (the retry rotates again and writes again).
-                    let persisted = self.persist(&rt, sub.clone(), rotated);
-                    if rotated {
-                        if c.state_file.is_none() && c.grant_type == GrantType::RefreshToken {
-                            tracing::warn!(
-                                credential = %c.name,
-                                "the token endpoint rotated the refresh token and no state_file is set: \
-                                 a restart will use the configured one, which the server no longer accepts"
-                            );
-                        }
-                        *self.lock_refresh_token() = Some(Secret::new(rt));
-                    }
-                    persisted?;
-                }
-            }
-        }
-        if let Some(s) = &sub {
+        if let Some(s) = &granted.sub {
             *self.sub.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
         }
-        make_token(
-            access,
-            lifetime,
-            c.refresh_before,
-            started,
-            now_unix,
-            parsed.scope,
-            sub,
-        )
-        .map_err(TokenError::InvalidResponse)
+        Token::from_granted(&granted, c.refresh_before)
+    }
+
+    /// Commits the refresh token of `granted` (a new one from a code
+    /// exchange or a server that rotates) before its access token is used.
+    fn keep_refresh_token(
+        &self,
+        granted: &Granted,
+        using: Option<&Secret>,
+    ) -> Result<(), TokenError> {
+        let c = &self.config;
+        let new_refresh = granted.refresh_token.as_ref();
+        let rotated = match (new_refresh, using) {
+            (Some(n), Some(old)) => n.expose() != old.expose(),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if !rotated && c.state_file.is_none() {
+            return Ok(());
+        }
+        let Some(rt) = new_refresh.or(using) else {
+            return Ok(());
+        };
+        // Keep a rotated refresh token in memory even if the write fails:
+        // the server has already replaced the old one. The access token is
+        // not used until the write succeeds (the retry rotates again and
+        // writes again).
+        let persisted = self.persist(rt.expose(), granted.sub.clone(), rotated);
+        if rotated {
+            if c.state_file.is_none() && c.grant_type == GrantType::RefreshToken {
+                tracing::warn!(
+                    credential = %c.name,
+                    "the token endpoint rotated the refresh token and no state_file is set: \
+                     a restart will use the configured one, which the server no longer accepts"
+                );
+            }
+            *self.lock_refresh_token() = Some(rt.clone());
+        }
+        persisted
     }
 
     fn persist(
@@ -805,124 +599,23 @@ impl TokenSource {
         };
         state::store(path, &st).map_err(TokenError::Persist)
     }
-
-    /// Removes our own secrets from text the endpoint sent back.
-    fn scrub(&self, text: &str) -> String {
-        let mut out: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
-        let rt = self.lock_refresh_token().clone();
-        for s in [
-            &self.config.client_secret,
-            &self.config.code,
-            &self.config.refresh_token,
-            &rt,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if !s.expose().is_empty() {
-                out = out.replace(s.expose(), "***");
-            }
-        }
-        out
-    }
-}
-
-fn make_token(
-    access: String,
-    lifetime: Duration,
-    refresh_before: Duration,
-    started: Instant,
-    now_unix: u64,
-    scope: Option<String>,
-    sub: Option<String>,
-) -> Result<Token, String> {
-    let mut bearer = HeaderValue::from_str(&format!("Bearer {access}"))
-        .map_err(|_| "access_token has characters not allowed in a header".to_string())?;
-    bearer.set_sensitive(true);
-    let mut bare = HeaderValue::from_str(&access)
-        .map_err(|_| "access_token has characters not allowed in a header".to_string())?;
-    bare.set_sensitive(true);
-    // Times count from when the request was sent: conservative by the
-    // request's own latency.
-    let margin = (lifetime / 10).min(EXPIRY_MARGIN_MAX);
-    let ahead = refresh_before.min(lifetime / 2);
-    let refresh_at = started + (lifetime - ahead).max(MIN_REFRESH_INTERVAL);
-    Ok(Token {
-        value: Secret::new(access),
-        bearer,
-        bare,
-        usable_until: started + lifetime - margin,
-        refresh_at,
-        expires_unix: now_unix + lifetime.as_secs(),
-        scope,
-        sub,
-        lifetime,
-    })
-}
-
-#[derive(Deserialize)]
-struct TokenResponse {
-    access_token: Option<String>,
-    token_type: Option<String>,
-    expires_in: Option<serde_json::Value>,
-    scope: Option<String>,
-    refresh_token: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct OAuthError {
-    error: String,
-    error_description: Option<String>,
-}
-
-/// `expires_in` as a number or a numeric string (some servers send "3600").
-fn number(v: &serde_json::Value) -> Option<u64> {
-    match v {
-        serde_json::Value::Number(n) => {
-            n.as_u64().or_else(|| n.as_f64().map(|f| f.max(0.0) as u64))
-        }
-        serde_json::Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
-/// The claims the proxy reads from a JWT access token.
-#[derive(Deserialize, Debug, Default)]
-pub struct Claims {
-    /// Expiry, Unix seconds.
-    pub exp: Option<u64>,
-    /// The user at the Data Provider.
-    pub sub: Option<String>,
-}
-
-/// Decodes (does not verify) the claims of a JWT; `None` for opaque tokens.
-pub fn jwt_claims(token: &str) -> Option<Claims> {
-    let mut parts = token.split('.');
-    let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
-/// `application/x-www-form-urlencoded` encoding of one key or value.
-fn form_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
-                out.push(b as char)
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn granted(access: &str, lifetime: Duration) -> Granted {
+        Granted {
+            access_token: Secret::new(access.to_owned()),
+            refresh_token: None,
+            lifetime,
+            scope: None,
+            sub: None,
+            sent_at: Instant::now(),
+            expires_unix: 0,
+        }
+    }
 
     #[test]
     fn transient_backoff_doubles_to_a_minute() {
@@ -942,89 +635,42 @@ mod tests {
 
     #[test]
     fn refresh_ahead_is_capped_at_half_the_lifetime() {
-        let t0 = Instant::now();
-        let t = make_token(
-            "a".into(),
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-            t0,
-            0,
-            None,
-            None,
-        )
-        .unwrap();
-        assert_eq!(t.refresh_at - t0, Duration::from_secs(1));
-        assert!(t.usable_until - t0 >= Duration::from_millis(1800));
-        let t = make_token(
-            "a".into(),
-            Duration::from_secs(3600),
-            Duration::from_secs(60),
-            t0,
-            0,
-            None,
-            None,
-        )
-        .unwrap();
-        assert_eq!(t.refresh_at - t0, Duration::from_secs(3540));
+        let sixty = Duration::from_secs(60);
+        let g = granted("a", Duration::from_secs(2));
+        let t = Token::from_granted(&g, sixty).unwrap();
+        assert_eq!(t.refresh_at - g.sent_at, Duration::from_secs(1));
+        assert!(t.usable_until - g.sent_at >= Duration::from_millis(1800));
+        let g = granted("a", Duration::from_secs(3600));
+        let t = Token::from_granted(&g, sixty).unwrap();
+        assert_eq!(t.refresh_at - g.sent_at, Duration::from_secs(3540));
         assert!(t.usable_until > t.refresh_at);
-        let t = make_token(
-            "a".into(),
-            Duration::ZERO,
-            Duration::from_secs(60),
-            t0,
-            0,
-            None,
-            None,
-        )
-        .unwrap();
-        assert_eq!(t.refresh_at - t0, MIN_REFRESH_INTERVAL);
+        let g = granted("a", Duration::ZERO);
+        let t = Token::from_granted(&g, sixty).unwrap();
+        assert_eq!(t.refresh_at - g.sent_at, MIN_REFRESH_INTERVAL);
     }
 
     #[test]
-    fn failure_classes() {
-        let rejected = |error: &str, status| TokenError::Rejected {
-            status,
-            error: error.into(),
-            description: None,
-        };
-        assert!(!rejected("invalid_client", 400).is_transient());
-        assert!(!rejected("invalid_grant", 400).is_transient());
-        assert!(rejected("temporarily_unavailable", 400).is_transient());
-        assert!(rejected("slow_down", 429).is_transient());
-        assert!(TokenError::ServerError {
-            status: 500,
-            error: None
-        }
-        .is_transient());
-        assert!(TokenError::Timeout(Duration::from_secs(1)).is_transient());
-        assert!(TokenError::InvalidResponse("x".into()).is_transient());
+    fn lifetimes_beyond_the_cap_are_capped() {
+        let g = granted("a", Duration::MAX);
+        let t = Token::from_granted(&g, Duration::from_secs(60)).unwrap();
+        assert_eq!(t.lifetime, MAX_LIFETIME);
+        assert!(t.usable_until - g.sent_at <= MAX_LIFETIME);
     }
 
     #[test]
-    fn jwt_claims_are_read_without_verification() {
-        let payload =
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"sub":"u1","exp":42}"#);
-        let c = jwt_claims(&format!("e30.{payload}.sig")).unwrap();
-        assert_eq!(c.exp, Some(42));
-        assert_eq!(c.sub.as_deref(), Some("u1"));
-        assert!(jwt_claims("opaque-token").is_none());
-    }
-
-    #[test]
-    fn form_encoding() {
-        assert_eq!(form_encode("a b&c=d/é"), "a+b%26c%3Dd%2F%C3%A9");
+    fn header_unsafe_tokens_are_invalid_responses() {
+        let g = granted("a\nb", Duration::from_secs(60));
+        assert!(matches!(
+            Token::from_granted(&g, Duration::from_secs(1)),
+            Err(TokenError::InvalidResponse(_))
+        ));
     }
 
     #[test]
     fn token_debug_is_redacted() {
-        let t = make_token(
-            "tok-123".into(),
-            Duration::from_secs(9),
+        let t = Token::from_granted(
+            &granted("tok-123", Duration::from_secs(9)),
             Duration::from_secs(1),
-            Instant::now(),
-            0,
-            None,
-            None,
         )
         .unwrap();
         assert!(!format!("{t:?}").contains("tok-123"));
