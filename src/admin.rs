@@ -94,7 +94,14 @@ pub fn status(state: &AppState) -> serde_json::Value {
                     "host": r.config.host,
                     "path_prefix": r.config.path_prefix,
                     "upstream": r.config.upstream_url(),
-                    "credential": r.config.credential,
+                    "credential": match &r.config.auth {
+                        crate::config::RouteAuth::Credential(c) => Some(c),
+                        crate::config::RouteAuth::Connections(_) => None,
+                    },
+                    "connections": match &r.config.auth {
+                        crate::config::RouteAuth::Connections(p) => Some(p),
+                        crate::config::RouteAuth::Credential(_) => None,
+                    },
                 }),
             )
         })

@@ -882,8 +882,12 @@ impl Ctx {
         let select = p
             .select_header
             .unwrap_or_else(|| DEFAULT_SELECT_HEADER.to_owned());
-        let select_header = HeaderName::from_bytes(select.as_bytes())
-            .map_err(|_| self.err(&key("select_header"), format!("{select:?} is not a header name")))?;
+        let select_header = HeaderName::from_bytes(select.as_bytes()).map_err(|_| {
+            self.err(
+                &key("select_header"),
+                format!("{select:?} is not a header name"),
+            )
+        })?;
         if crate::proxy::is_reserved_header(&select_header)
             || select_header == http::header::AUTHORIZATION
         {
@@ -947,7 +951,9 @@ impl Ctx {
             old_keys.push(check_key(&format!("store.old_keys[{i}]"), k)?);
         }
         let url = match &s.url {
-            Some(u) => u.resolve(&self.base).map_err(|m| self.err("store.url", m))?,
+            Some(u) => u
+                .resolve(&self.base)
+                .map_err(|m| self.err("store.url", m))?,
             None => Secret::new(DEFAULT_STORE_URL.to_owned()),
         };
         Ok(Some(StoreConfig {

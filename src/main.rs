@@ -269,7 +269,7 @@ fn check(path: &Path) -> ExitCode {
             r.host.as_deref().unwrap_or(""),
             r.path_prefix,
             r.upstream_url(),
-            r.credential
+            r.auth
         );
     }
     ExitCode::SUCCESS

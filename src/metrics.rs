@@ -333,7 +333,10 @@ impl ConnectionFamilies {
             c
         };
         let connections = IntGaugeVec::new(
-            Opts::new("flinks_proxy_connections", "Connections in the store, by pool and state"),
+            Opts::new(
+                "flinks_proxy_connections",
+                "Connections in the store, by pool and state",
+            ),
             &["pool", "state"],
         )
         .expect("valid metric");

@@ -506,7 +506,8 @@ impl Store {
     pub async fn lease(&self, pool: &str, id: &str, ttl: Duration) -> Result<Lease, StoreError> {
         self.timed("lease", async {
             let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-            let (taken, row) = match backend!(self.lease(pool, id, &self.holder, now_ms(), ttl_ms))? {
+            let (taken, row) = match backend!(self.lease(pool, id, &self.holder, now_ms(), ttl_ms))?
+            {
                 Some(x) => x,
                 None => return Ok(Lease::Gone),
             };
@@ -646,8 +647,8 @@ mod tests {
 
     fn tokens(rt: &str, at: &str) -> Tokens {
         Tokens {
-            refresh_token: Some(Secret::new(rt.into())),
-            access_token: Some(Secret::new(at.into())),
+            refresh_token: Some(Secret::new(rt.to_owned())),
+            access_token: Some(Secret::new(at.to_owned())),
             access_expires_at: Some(now_ms() + 60_000),
         }
     }

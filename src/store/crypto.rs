@@ -80,7 +80,8 @@ impl Key {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        let unbound = UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| "unusable key".to_owned())?;
+        let unbound =
+            UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| "unusable key".to_owned())?;
         Ok(Key {
             id,
             key: LessSafeKey::new(unbound),
@@ -116,7 +117,9 @@ pub struct Place<'a> {
 fn aad(kid: &str, place: Place<'_>) -> Vec<u8> {
     // NUL cannot occur in any part (ids and pool names are restricted), so
     // the concatenation is unambiguous.
-    [kid, place.pool, place.id, place.field].join("\0").into_bytes()
+    [kid, place.pool, place.id, place.field]
+        .join("\0")
+        .into_bytes()
 }
 
 /// Seals with the current key; opens with the current or an old key.
@@ -210,7 +213,9 @@ impl Sealer {
     /// The key id a sealed value names, if it is well formed.
     pub fn key_id_of(sealed: &str) -> Option<&str> {
         let mut parts = sealed.splitn(3, ':');
-        (parts.next() == Some(VERSION)).then(|| parts.next()).flatten()
+        (parts.next() == Some(VERSION))
+            .then(|| parts.next())
+            .flatten()
     }
 
     fn key_by_id(&self, kid: &str) -> Option<&Key> {
@@ -264,7 +269,10 @@ mod tests {
         let sealed = old.seal(ROW, b"v").unwrap();
         let rotated = Sealer::new(key(2), vec![key(1)]);
         assert_eq!(rotated.open(ROW, &sealed).unwrap(), b"v");
-        assert!(rotated.seal(ROW, b"v").unwrap().contains(rotated.current_id()));
+        assert!(rotated
+            .seal(ROW, b"v")
+            .unwrap()
+            .contains(rotated.current_id()));
         let other = Sealer::new(key(3), vec![]);
         let e = other.open(ROW, &sealed).unwrap_err();
         assert_eq!(e, CryptoError::UnknownKey(key(1).id().to_owned()));

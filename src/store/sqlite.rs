@@ -354,7 +354,12 @@ impl Sqlite {
         Ok(())
     }
 
-    pub(super) async fn release(&self, pool: &str, id: &str, holder: &str) -> Result<(), StoreError> {
+    pub(super) async fn release(
+        &self,
+        pool: &str,
+        id: &str,
+        holder: &str,
+    ) -> Result<(), StoreError> {
         self.check_file().await?;
         sqlx::query(
             "UPDATE connections SET lease_owner = NULL, lease_until = NULL \
@@ -405,7 +410,10 @@ impl Sqlite {
         Ok(())
     }
 
-    pub(super) async fn counts(&self, pool: &str) -> Result<Vec<(ConnectionState, u64)>, StoreError> {
+    pub(super) async fn counts(
+        &self,
+        pool: &str,
+    ) -> Result<Vec<(ConnectionState, u64)>, StoreError> {
         self.check_file().await?;
         let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT state, COUNT(*) FROM connections WHERE pool = ? GROUP BY state")
@@ -434,7 +442,10 @@ fn sealed_row(r: &sqlx::sqlite::SqliteRow) -> Result<SealedRow, StoreError> {
     let pool: String = r.try_get("pool").map_err(unavailable("read"))?;
     let id: String = r.try_get("id").map_err(unavailable("read"))?;
     let get_i = |c: &str| r.try_get::<Option<i64>, _>(c).map_err(unavailable("read"));
-    let get_s = |c: &str| r.try_get::<Option<String>, _>(c).map_err(unavailable("read"));
+    let get_s = |c: &str| {
+        r.try_get::<Option<String>, _>(c)
+            .map_err(unavailable("read"))
+    };
     let state_text: String = r.try_get("state").map_err(unavailable("read"))?;
     let state = ConnectionState::parse(&state_text).ok_or_else(|| StoreError::Corrupt {
         pool: pool.clone(),
