@@ -26,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::PoolConfig;
 use crate::metrics::PoolMetrics;
 use crate::secret::Secret;
-use crate::store::{ConnectionState, LastError, Lease, Record, Store, StoreError, Tokens};
+use crate::store::{
+    ConnectionInfo, ConnectionState, LastError, Lease, Record, Store, StoreError, Tokens,
+};
 use crate::token::{self, Endpoint, Grant, Granted, Token, TokenError};
 
 /// Longest connection id (CONNECTIONS.md).
@@ -160,6 +162,39 @@ impl Conn {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What an admin request exchanges for a connection.
+#[derive(Clone, Copy)]
+pub enum Exchange<'a> {
+    /// An authorization code from the authorize redirect.
+    Code {
+        /// The code.
+        code: &'a str,
+        /// Overrides the pool's `redirect_uri`.
+        redirect_uri: Option<&'a str>,
+    },
+    /// A refresh token the app already holds.
+    RefreshToken(&'a str),
+}
+
+/// Why a connection could not be authorized.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorizeError {
+    /// The endpoint refused the code or refresh token.
+    #[error("the token endpoint refused the grant: {error}")]
+    Rejected {
+        /// OAuth `error`.
+        error: String,
+        /// OAuth `error_description`.
+        description: Option<String>,
+    },
+    /// The endpoint could not be reached or failed.
+    #[error("{0}")]
+    EndpointUnavailable(#[source] TokenError),
+    /// The store could not take the connection.
+    #[error("{0}")]
+    Store(#[source] StoreError),
 }
 
 /// What to do with an upstream answer in `reauth_on`.
@@ -398,10 +433,6 @@ impl Pool {
     async fn refresh(&self, conn: &Conn) -> Result<Arc<Token>, PoolError> {
         let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
         let store_err = |e: StoreError| PoolError::Store(Arc::new(e));
-        let pending = lock(&conn.uncommitted).clone();
-        if let Some(tokens) = pending {
-            self.commit(conn, &tokens).await?;
-        }
         let ttl = self.config.token_timeout + LEASE_SLACK;
         let record = loop {
             match self.store.lease(pool, id, ttl).await.map_err(store_err)? {
@@ -421,6 +452,13 @@ impl Pool {
         if record.info.state == ConnectionState::NeedsReauthorization {
             conn.needs_reauthorization.store(true, Ordering::Release);
             return Err(PoolError::Reauthorization(id.to_owned()));
+        }
+        let pending = lock(&conn.uncommitted).clone();
+        if let Some(tokens) = pending {
+            // A rotated refresh token the store did not take last time.
+            // Committed (lease freed): the next round reads and adopts it.
+            self.commit(conn, &tokens).await?;
+            return Box::pin(self.refresh(conn)).await;
         }
         if let Some(t) = self.adopt(conn, &record) {
             self.store.release(pool, id).await.map_err(store_err)?;
@@ -619,6 +657,64 @@ impl Pool {
             _ => return None,
         };
         self.config.revoked_codes.contains(&code).then_some(code)
+    }
+
+    /// Exchanges a code or refresh token now and stores the connection
+    /// (replacing one with the same id: re-authorization). The id is
+    /// `id`, else the token's `sub` if it is a valid id, else random.
+    /// Returns the connection and whether it was created.
+    pub async fn authorize(
+        &self,
+        exchange: Exchange<'_>,
+        id: Option<&str>,
+    ) -> Result<(ConnectionInfo, bool), AuthorizeError> {
+        let (grant, sent) = match exchange {
+            Exchange::Code { code, redirect_uri } => (
+                Grant::AuthorizationCode {
+                    code,
+                    redirect_uri: redirect_uri
+                        .or(self.config.redirect_uri.as_deref())
+                        .unwrap_or(""),
+                },
+                None,
+            ),
+            Exchange::RefreshToken(rt) => (Grant::RefreshToken { refresh_token: rt }, Some(rt)),
+        };
+        let result = token::grant::request(&self.endpoint, grant).await;
+        self.metrics
+            .token_request(result.as_ref().map_or_else(TokenError::outcome, |_| "success"));
+        let g = match result {
+            Ok(g) => g,
+            Err(e @ TokenError::Rejected { .. }) if !e.is_transient() => {
+                let (error, description) = e.oauth_fields();
+                return Err(AuthorizeError::Rejected { error, description });
+            }
+            Err(e) => return Err(AuthorizeError::EndpointUnavailable(e)),
+        };
+        let id = match id {
+            Some(id) => id.to_owned(),
+            None => g
+                .sub
+                .clone()
+                .filter(|s| valid_id(s))
+                .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>())),
+        };
+        let tokens = Tokens {
+            refresh_token: g
+                .refresh_token
+                .clone()
+                .or_else(|| sent.map(|s| Secret::new(s.to_owned()))),
+            access_token: Some(g.access_token.clone()),
+            access_expires_at: Some(expires_ms(&g)),
+        };
+        let stored = self
+            .store
+            .authorize(&self.config.name, &id, g.sub.as_deref(), &tokens)
+            .await
+            .map_err(AuthorizeError::Store)?;
+        self.forget(&id).await;
+        tracing::info!(pool = %self.config.name, connection = %id, created = stored.1, "connection authorized");
+        Ok(stored)
     }
 
     /// Forgets a connection in memory (after an admin change).

@@ -522,7 +522,9 @@ impl Store {
     }
 
     /// Commits a refresh's tokens (both at once) and frees the lease.
-    /// `false` when the connection is gone.
+    /// `false` when this holder no longer holds the lease, or the
+    /// connection is gone, re-authorized or turned needs_reauthorization
+    /// meanwhile (the tokens are then stale).
     pub async fn commit_refresh(
         &self,
         pool: &str,

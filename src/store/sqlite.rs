@@ -314,18 +314,16 @@ impl Sqlite {
             "UPDATE connections SET refresh_token = ?, access_token = ?, \
              access_token_expires_at = ?, last_refresh_at = ?, last_error = NULL, \
              last_error_description = NULL, last_error_at = NULL, \
-             lease_owner = CASE WHEN lease_owner = ? THEN NULL ELSE lease_owner END, \
-             lease_until = CASE WHEN lease_owner = ? THEN NULL ELSE lease_until END \
-             WHERE pool = ? AND id = ? AND state = 'active'",
+             lease_owner = NULL, lease_until = NULL \
+             WHERE pool = ? AND id = ? AND state = 'active' AND lease_owner = ?",
         )
         .bind(&t.refresh_token)
         .bind(&t.access_token)
         .bind(t.access_expires_at)
         .bind(now)
-        .bind(holder)
-        .bind(holder)
         .bind(pool)
         .bind(id)
+        .bind(holder)
         .execute(&self.pool)
         .await
         .map_err(unavailable("commit"))?;
