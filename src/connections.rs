@@ -681,8 +681,11 @@ impl Pool {
             Exchange::RefreshToken(rt) => (Grant::RefreshToken { refresh_token: rt }, Some(rt)),
         };
         let result = token::grant::request(&self.endpoint, grant).await;
-        self.metrics
-            .token_request(result.as_ref().map_or_else(TokenError::outcome, |_| "success"));
+        self.metrics.token_request(
+            result
+                .as_ref()
+                .map_or_else(TokenError::outcome, |_| "success"),
+        );
         let g = match result {
             Ok(g) => g,
             Err(e @ TokenError::Rejected { .. }) if !e.is_transient() => {

@@ -605,7 +605,9 @@ impl Shared {
             Grant::AuthorizationCode => {
                 let sub = users.codes.remove(params.get("code")?)?;
                 if params.get("redirect_uri") != Some(&self.opts.redirect_uri) {
-                    return Some(Err("The redirect_uri does not match the authorization request"));
+                    return Some(Err(
+                        "The redirect_uri does not match the authorization request",
+                    ));
                 }
                 users.revoked.remove(&sub);
                 let rt = format!("rt-{sub}-{}", self.unique_id());
@@ -882,7 +884,11 @@ fn user_api(
     if users.revoked.contains(sub) {
         let body = json!({"code": "602", "message": "Consent revoked or expired; the user must authorize again"});
         let resp = json_response(StatusCode::UNAUTHORIZED, &body);
-        return Some(with_header(resp, HeaderName::from_static("ob-correlation-id"), "sandbox-602"));
+        return Some(with_header(
+            resp,
+            HeaderName::from_static("ob-correlation-id"),
+            "sandbox-602",
+        ));
     }
     if method != Method::GET || path != "/api/fdx/5/accounts" {
         return None;
@@ -894,7 +900,10 @@ fn user_api(
         .enumerate()
         .map(|(i, title)| json!({"accountId": format!("{sub}-{i}"), "nickname": title, "accountCategory": "DEPOSIT_ACCOUNT"}))
         .collect();
-    Some(json_response(StatusCode::OK, &json!({"sub": sub, "accounts": accounts})))
+    Some(json_response(
+        StatusCode::OK,
+        &json!({"sub": sub, "accounts": accounts}),
+    ))
 }
 
 /// `POST /sandbox/users/{sub}/revoke` (consent revoked) and
@@ -908,9 +917,15 @@ fn user_admin(shared: &Shared, method: &Method, path: &str) -> Option<Response<B
     match action {
         "revoke" => {
             shared.revoke_consent(sub);
-            Some(json_response(StatusCode::OK, &json!({"sub": sub, "consent": "revoked"})))
+            Some(json_response(
+                StatusCode::OK,
+                &json!({"sub": sub, "consent": "revoked"}),
+            ))
         }
-        "code" => Some(json_response(StatusCode::OK, &json!({"code": shared.new_code(sub)}))),
+        "code" => Some(json_response(
+            StatusCode::OK,
+            &json!({"code": shared.new_code(sub)}),
+        )),
         _ => Some(error_json(StatusCode::NOT_FOUND, "not_found")),
     }
 }

@@ -221,7 +221,10 @@ async fn post(pool: &Arc<Pool>, req: Request<Incoming>) -> Answer {
             },
             body: info.to_json(),
         },
-        Err(AuthorizeError::Rejected { error: e, description }) => Answer {
+        Err(AuthorizeError::Rejected {
+            error: e,
+            description,
+        }) => Answer {
             status: StatusCode::UNPROCESSABLE_ENTITY,
             body: serde_json::json!({
                 "error": "grant_rejected",
@@ -274,9 +277,10 @@ fn list_query(query: &str) -> Result<(Option<ConnectionState>, Option<String>, u
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
             "state" => {
-                state = Some(ConnectionState::parse(v).ok_or_else(|| {
-                    bad_request("state: active or needs_reauthorization")
-                })?)
+                state = Some(
+                    ConnectionState::parse(v)
+                        .ok_or_else(|| bad_request("state: active or needs_reauthorization"))?,
+                )
             }
             "after" if valid_id(v) => after = Some(v.to_owned()),
             "after" => return Err(bad_request("after: a connection id")),
@@ -327,11 +331,23 @@ mod tests {
     fn bearer_tokens_are_compared_whole() {
         let mut h = http::HeaderMap::new();
         assert!(!authorized(&h, "secret"));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer secret"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer secret"),
+        );
         assert!(authorized(&h, "secret"));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer secret"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer secret"),
+        );
         assert!(authorized(&h, "secret"));
-        for bad in ["Bearer secre", "Bearer secrets", "Basic secret", "secret", "Bearer"] {
+        for bad in [
+            "Bearer secre",
+            "Bearer secrets",
+            "Basic secret",
+            "secret",
+            "Bearer",
+        ] {
             h.insert(header::AUTHORIZATION, HeaderValue::from_static(bad));
             assert!(!authorized(&h, "secret"), "{bad}");
         }
@@ -345,7 +361,14 @@ mod tests {
             (s, a.as_deref(), l),
             (Some(ConnectionState::Active), Some("bob"), 5)
         );
-        for bad in ["limit=0", "limit=1001", "limit=x", "state=gone", "after=a%20b", "x=1"] {
+        for bad in [
+            "limit=0",
+            "limit=1001",
+            "limit=x",
+            "state=gone",
+            "after=a%20b",
+            "x=1",
+        ] {
             assert!(list_query(bad).is_err(), "{bad}");
         }
     }
