@@ -1375,6 +1375,107 @@ credential = "flinks"
         assert!(prefix_matches("/api/", "/api/x"));
     }
 
+    const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    fn pooled(store: &str, admin: &str, route: &str) -> String {
+        format!(
+            r#"
+{admin}
+{store}
+[connections.users]
+token_url = "https://api.flinks.io/api/v1/token"
+client_id = "id"
+redirect_uri = "https://app.example.com/cb"
+
+[routes.ob]
+upstream = "https://ob.flinksapp.com"
+{route}
+"#
+        )
+    }
+
+    #[test]
+    fn pools_need_a_store_with_a_32_byte_key() {
+        let store = format!("[store]\nkey = \"{KEY}\"");
+        let c = parse(&pooled(&store, "", "connections = \"users\"")).unwrap();
+        assert_eq!(
+            c.store.as_ref().unwrap().location,
+            StoreLocation::Sqlite(PathBuf::from("./connections.db")),
+            "the default file sits next to the config"
+        );
+        let pool = &c.pools["users"];
+        assert_eq!(pool.select_header, "x-flinks-connection");
+        assert_eq!(pool.revoked_codes, ["602"]);
+        assert_eq!(pool.cache_size, DEFAULT_CACHE_SIZE);
+        assert_eq!(c.routes[0].auth, RouteAuth::Connections("users".into()));
+
+        let e = parse(&pooled("", "", "connections = \"users\"")).unwrap_err();
+        assert!(e.to_string().contains("store: [connections.users]"), "{e}");
+        let e = parse(&pooled(
+            "[store]\nkey = \"c2hvcnQ=\"",
+            "",
+            "connections = \"users\"",
+        ));
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("store.key: must be 32 bytes"), "{e}");
+        assert!(!e.contains("c2hvcnQ"), "{e}");
+        let bad_old = format!("{store}\nold_keys = [\"nope!\"]");
+        let e = parse(&pooled(&bad_old, "", "connections = \"users\"")).unwrap_err();
+        assert!(e.to_string().contains("store.old_keys[0]"), "{e}");
+        let relative = format!("[store]\nkey = \"{KEY}\"\nurl = \"sqlite:data/c.db\"");
+        let c = Config::parse(
+            &pooled(&relative, "", "connections = \"users\""),
+            Path::new("/etc/fp/proxy.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.store.unwrap().location,
+            StoreLocation::Sqlite(PathBuf::from("/etc/fp/data/c.db"))
+        );
+        let pg = format!("[store]\nkey = \"{KEY}\"\nurl = \"postgres://u:hunter2@db/x\"");
+        let e = parse(&pooled(&pg, "", "connections = \"users\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("store.url"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn routes_name_exactly_one_of_credential_and_connections() {
+        let store = format!("[store]\nkey = \"{KEY}\"");
+        for route in ["", "connections = \"users\"\ncredential = \"users\""] {
+            let e = parse(&pooled(&store, "", route)).unwrap_err().to_string();
+            assert!(e.contains("routes.ob.credential: set exactly one"), "{e}");
+        }
+        let e = parse(&pooled(&store, "", "connections = \"nope\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("routes.ob.connections: no [connections.nope]"),
+            "{e}"
+        );
+        let typo =
+            pooled(&store, "", "connections = \"users\"").replace("redirect_uri", "redirect_url");
+        let e = parse(&typo).unwrap_err().to_string();
+        assert!(e.contains("redirect_url"), "{e}");
+    }
+
+    #[test]
+    fn an_admin_listener_beyond_loopback_with_pools_needs_an_api_token() {
+        let store = format!("[store]\nkey = \"{KEY}\"");
+        let open = "[admin]\nlisten = \"0.0.0.0:9901\"";
+        let e = parse(&pooled(&store, open, "connections = \"users\"")).unwrap_err();
+        assert!(
+            e.to_string().contains("admin.api_token: is required"),
+            "{e}"
+        );
+        let guarded = format!("{open}\napi_token = \"t0ken\"");
+        let c = parse(&pooled(&store, &guarded, "connections = \"users\"")).unwrap();
+        assert_eq!(c.admin_api_token.unwrap().expose(), "t0ken");
+        let loopback = "[admin]\nlisten = \"127.0.0.1:9901\"";
+        assert!(parse(&pooled(&store, loopback, "connections = \"users\"")).is_ok());
+    }
+
     #[test]
     fn cidrs_and_addresses_are_accepted() {
         let text = format!("[access]\nallow = [\"10.0.0.0/8\", \"::1\"]\n{GOOD}");
