@@ -245,6 +245,9 @@ pub enum StoreError {
         #[source]
         source: CryptoError,
     },
+    /// A backend this binary does not have yet.
+    #[error("{0} stores are not supported by this version")]
+    Unsupported(&'static str),
     /// A row held a value the binary does not understand.
     #[error("connection {pool}/{id}: corrupt row ({what})")]
     Corrupt {
@@ -326,11 +329,7 @@ impl Store {
         })?;
         let backend = match &config.location {
             StoreLocation::Sqlite(path) => Backend::Sqlite(sqlite::Sqlite::open(path).await?),
-            StoreLocation::Postgres(_) => {
-                return Err(StoreError::FileGone(
-                    "(PostgreSQL is not supported by this version)".into(),
-                ))
-            }
+            StoreLocation::Postgres(_) => return Err(StoreError::Unsupported("PostgreSQL")),
         };
         let store = Store {
             backend,
@@ -691,6 +690,75 @@ mod tests {
             "rt-alice",
             "the original row still opens"
         );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn the_file_is_private_and_a_newer_schema_is_refused() {
+        let dir = tempdir();
+        let key = crypto::generate_key().unwrap();
+        let cfg = config(&dir, &key);
+        let store = Store::open(&cfg, Metrics::new().store()).await.unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join("c.db"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let Backend::Sqlite(b) = &store.backend;
+        b.insert_fake_migration(9999).await;
+        drop(store);
+        let e = Store::open(&cfg, Metrics::new().store()).await.unwrap_err();
+        assert!(
+            matches!(e, StoreError::SchemaTooNew { found: 9999, .. }),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("newer than this binary knows"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn rekey_moves_rows_to_the_new_key_and_old_keys_still_open() {
+        let dir = tempdir();
+        let (k1, k2) = (
+            crypto::generate_key().unwrap(),
+            crypto::generate_key().unwrap(),
+        );
+        let first = Store::open(&config(&dir, &k1), Metrics::new().store())
+            .await
+            .unwrap();
+        first
+            .authorize("users", "alice", None, &tokens("rt-a", "at-a"))
+            .await
+            .unwrap();
+        drop(first);
+        let mut rotated = config(&dir, &k2);
+        rotated.old_keys = vec![Secret::new(k1.clone())];
+        let store = Store::open(&rotated, Metrics::new().store()).await.unwrap();
+        let alice = store.get("users", "alice").await.unwrap().unwrap();
+        assert_eq!(
+            alice.tokens.refresh_token.unwrap().expose(),
+            "rt-a",
+            "old key opens"
+        );
+        assert_eq!(store.rekey().await.unwrap(), 1);
+        drop(store);
+        let only_new = Store::open(&config(&dir, &k2), Metrics::new().store())
+            .await
+            .unwrap();
+        let alice = only_new.get("users", "alice").await.unwrap().unwrap();
+        assert_eq!(alice.tokens.access_token.unwrap().expose(), "at-a");
+        drop(only_new);
+        let e = Store::open(&config(&dir, &k1), Metrics::new().store())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::KeyMismatch { .. }), "{e}");
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -467,3 +467,123 @@ async fn no_token_appears_in_admin_answers_status_or_metrics() {
     )
     .is_some());
 }
+
+async fn process_request(
+    method: &str,
+    url: String,
+    id: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> support::Resp {
+    let mut req = http::Request::builder().method(method).uri(url);
+    if let Some(id) = id {
+        req = req.header(SELECT, id);
+    }
+    req = req.header("authorization", format!("Bearer {API_TOKEN}"));
+    let body = body.map_or_else(bytes::Bytes::new, |b| bytes::Bytes::from(b.to_string()));
+    support::send(
+        &support::client(),
+        req.body(http_body_util::Full::new(body)).unwrap(),
+    )
+    .await
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_refresh_against_a_rotating_server_loses_no_user() {
+    let sb = users_sandbox(1, true).await;
+    let dir = TempDir::new();
+    let key = new_key();
+    let config = dir.write("proxy.toml", pool_toml(&sb, &dir.join("c.db"), &key, ""));
+    let start = |config: std::path::PathBuf| {
+        tokio::task::block_in_place(|| support::ProxyProcess::start(&config, &[]))
+    };
+    let mut first = start(config.clone());
+    for user in ["alice", "bob"] {
+        let r = process_request(
+            "POST",
+            first.admin("/connections/users"),
+            None,
+            Some(serde_json::json!({"code": format!("code-{user}")})),
+        )
+        .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+    // Rotate once through the proxy: the new refresh token is committed.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let r = process_request("GET", first.url("/api/fdx/5/accounts"), Some("alice"), None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(sb.user_token_requests("alice"), 2);
+
+    // The next refresh hangs at the token endpoint; kill -9 meanwhile.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    sb.set_failure(flinks_proxy::sandbox::FailureMode::Hang);
+    let url = first.url("/api/fdx/5/accounts");
+    let pending = tokio::spawn(async move {
+        let req = http::Request::get(url)
+            .header(SELECT, "alice")
+            .body(http_body_util::Full::default())
+            .unwrap();
+        support::client().request(req).await.map(|r| r.status())
+    });
+    wait_until("a refresh in flight", || sb.token_requests_in_flight() >= 1).await;
+    let mut log = first.log();
+    first.child.kill().expect("SIGKILL");
+    let _ = first.child.wait();
+    assert!(
+        pending.await.unwrap().is_err(),
+        "the client saw the process die"
+    );
+    // The hanging request (if it is still being handled) fails without rotating.
+    sb.set_failure(flinks_proxy::sandbox::FailureMode::ServerError);
+    wait_until("the hanging request to end", || {
+        sb.token_requests_in_flight() == 0
+    })
+    .await;
+    sb.set_failure(flinks_proxy::sandbox::FailureMode::None);
+
+    let second = start(config);
+    for user in ["alice", "bob"] {
+        let r = process_request("GET", second.url("/api/fdx/5/accounts"), Some(user), None).await;
+        assert_eq!(r.status, 200, "{user} after the restart: {}", r.text());
+        assert_eq!(r.json()["sub"], user);
+    }
+    let c = process_request("GET", second.admin("/connections/users/alice"), None, None)
+        .await
+        .json();
+    assert_eq!(c["state"], "active", "{c}");
+    log.push_str(&second.log());
+
+    // Nothing secret in either process's log lines.
+    let mut secrets: Vec<String> = ["alice", "bob"]
+        .iter()
+        .flat_map(|u| sb.user_refresh_tokens(u))
+        .collect();
+    for req in sb.recorded() {
+        for (k, v) in req.headers {
+            if k == "authorization" {
+                secrets.push(v.trim_start_matches("Bearer ").to_owned());
+            }
+        }
+    }
+    secrets.extend([
+        key,
+        API_TOKEN.to_owned(),
+        "code-alice".into(),
+        flinks_proxy::sandbox::SandboxOptions::default().client_secret,
+    ]);
+    assert!(secrets.len() > 6, "{secrets:?}");
+    assert!(log.contains("connection authorized"), "{log}");
+    for s in &secrets {
+        assert!(!log.contains(s.as_str()), "a secret is in the log:\n{log}");
+    }
+}

@@ -436,6 +436,21 @@ impl Sqlite {
     }
 }
 
+#[cfg(test)]
+impl Sqlite {
+    /// Pretends a newer binary migrated this file.
+    pub(super) async fn insert_fake_migration(&self, version: i64) {
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES (?, 'from the future', TRUE, x'00', 0)",
+        )
+        .bind(version)
+        .execute(&self.pool)
+        .await
+        .expect("fake migration");
+    }
+}
+
 fn sealed_row(r: &sqlx::sqlite::SqliteRow) -> Result<SealedRow, StoreError> {
     let pool: String = r.try_get("pool").map_err(unavailable("read"))?;
     let id: String = r.try_get("id").map_err(unavailable("read"))?;
