@@ -255,6 +255,9 @@ struct RawAdmin {
     #[serde(default = "default_admin_listen")]
     listen: SocketAddr,
     api_token: Option<SecretSource>,
+    /// `/status` shows each credential's `sub` claim (personal data).
+    #[serde(default)]
+    show_subjects: bool,
 }
 
 fn default_admin_listen() -> SocketAddr {
@@ -352,6 +355,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// `[admin] api_token`: required by the connections API when set.
     pub admin_api_token: Option<Secret>,
+    /// `[admin] show_subjects`: whether `/status` shows `sub` claims.
+    pub show_subjects: bool,
     /// `[log]`.
     pub log: LogConfig,
     /// `[access]`.
@@ -542,6 +547,23 @@ pub struct CredentialConfig {
     pub ca_certs: Vec<CertificateDer<'static>>,
 }
 
+impl CredentialConfig {
+    /// Whether the token URL is plain `http://` to a host beyond loopback:
+    /// the client secret and refresh token then travel in clear.
+    pub fn sends_secrets_in_clear(&self) -> bool {
+        if self.token_url.scheme() != Some(&http::uri::Scheme::HTTP) {
+            return false;
+        }
+        let host = self.token_url.host().unwrap_or("");
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        !loopback
+    }
+}
+
 /// How the token is written into the injected header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthScheme {
@@ -619,6 +641,7 @@ impl Config {
             let cred = ctx.credential(&name, c)?;
             credentials.insert(name, Arc::new(cred));
         }
+        unique_state_files(&credentials).map_err(|(k, m)| ctx.err(&k, m))?;
         let mut pools = BTreeMap::new();
         for (name, p) in raw.connections {
             let pool = ctx.pool(&name, p)?;
@@ -630,12 +653,14 @@ impl Config {
             let route = ctx.route(&name, r, &credentials, &pools, &routes)?;
             routes.push(route);
         }
+        let show_subjects = raw.admin.as_ref().is_some_and(|a| a.show_subjects);
         let (admin_listen, admin_api_token) = ctx.admin(raw.admin, &pools)?;
         Ok(Config {
             source: path.to_path_buf(),
             server,
             admin_listen: Some(admin_listen),
             admin_api_token,
+            show_subjects,
             store,
             pools,
             log: LogConfig {
@@ -1224,6 +1249,30 @@ fn valid_pool_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// Two credentials writing one state file would overwrite each other's
+/// refresh tokens.
+/// The error is `(key, message)`.
+fn unique_state_files(
+    credentials: &BTreeMap<String, Arc<CredentialConfig>>,
+) -> Result<(), (String, String)> {
+    let mut seen: BTreeMap<&Path, &str> = BTreeMap::new();
+    for (name, c) in credentials {
+        let Some(path) = c.state_file.as_deref() else {
+            continue;
+        };
+        if let Some(first) = seen.insert(path, name) {
+            return Err((
+                format!("credentials.{name}.state_file"),
+                format!(
+                    "{} is also the state_file of [credentials.{first}]; each credential needs its own",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Token request fields the proxy fills in; `extra` may not override them.
 const RESERVED_TOKEN_FIELDS: &[&str] = &[
     "grant_type",
@@ -1304,6 +1353,57 @@ credential = "flinks"
                 .expose(),
             "s3cret"
         );
+    }
+
+    #[test]
+    fn two_credentials_sharing_a_state_file_is_an_error_naming_the_key() {
+        let cred = |name: &str, file: &str| {
+            format!(
+                "[credentials.{name}]\ntoken_url = \"https://t.example/token\"\n\
+                 grant_type = \"refresh_token\"\nclient_id = \"id\"\n\
+                 refresh_token = \"rt\"\nstate_file = \"{file}\"\n"
+            )
+        };
+        let text = format!(
+            "{}{}",
+            cred("a", "state/one.json"),
+            cred("b", "state/one.json")
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("credentials.b.state_file"), "{e}");
+        assert!(e.contains("[credentials.a]"), "{e}");
+        let text = format!(
+            "{}{}",
+            cred("a", "state/one.json"),
+            cred("b", "state/two.json")
+        );
+        assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn show_subjects_defaults_to_off() {
+        assert!(!parse(GOOD).unwrap().show_subjects);
+        let on = format!("[admin]\nlisten = \"127.0.0.1:9901\"\nshow_subjects = true\n{GOOD}");
+        assert!(parse(&on).unwrap().show_subjects);
+    }
+
+    #[test]
+    fn cleartext_token_urls_beyond_loopback_are_flagged() {
+        let c = parse(GOOD).unwrap();
+        assert!(!c.credentials["flinks"].sends_secrets_in_clear());
+        let http = GOOD.replace("https://api.flinks.io", "http://api.flinks.io");
+        assert!(parse(&http).unwrap().credentials["flinks"].sends_secrets_in_clear());
+        for local in [
+            "http://127.0.0.1:8000",
+            "http://localhost:8000",
+            "http://[::1]:8000",
+        ] {
+            let text = GOOD.replace("https://api.flinks.io", local);
+            assert!(
+                !parse(&text).unwrap().credentials["flinks"].sends_secrets_in_clear(),
+                "{local}"
+            );
+        }
     }
 
     #[test]

@@ -33,10 +33,6 @@ use crate::token::{self, Endpoint, Grant, Granted, Token, TokenError};
 
 /// Longest connection id (CONNECTIONS.md).
 pub const MAX_ID_LEN: usize = 128;
-/// A rejected token younger than this (or a tenth of its lifetime, if
-/// less) is not dropped again: a burst of 401s costs one refresh, not one
-/// per request.
-const REJECT_FLOOR: Duration = Duration::from_secs(30);
 /// How often a waiter re-reads a row whose lease another holder has.
 const LEASE_POLL: Duration = Duration::from_millis(100);
 /// A lease outlives the token request it covers by this much.
@@ -91,12 +87,6 @@ pub fn select(headers: &mut HeaderMap, name: &HeaderName) -> Result<String, Pool
     id.ok_or_else(required)
 }
 
-/// An installed token and when it was installed (for the rejection floor).
-struct Held {
-    token: Arc<Token>,
-    at: Instant,
-}
-
 /// The last failure of a connection's refresh: requests answer at once
 /// until `retry_at`.
 struct Failure {
@@ -108,7 +98,11 @@ struct Failure {
 /// One connection in memory.
 pub struct Conn {
     id: String,
-    held: ArcSwapOption<Held>,
+    held: ArcSwapOption<Token>,
+    /// The token dropped after an upstream rejection, until the next one is
+    /// installed: that one is subject to the no-storm floor
+    /// ([`Token::rejectable`]), and a stored copy of this one is not used.
+    rejected: ArcSwapOption<Token>,
     needs_reauthorization: AtomicBool,
     refreshing: AtomicBool,
     /// Single flight: whoever holds it refreshes.
@@ -125,6 +119,7 @@ impl Conn {
         Conn {
             id,
             held: ArcSwapOption::empty(),
+            rejected: ArcSwapOption::empty(),
             needs_reauthorization: AtomicBool::new(false),
             refreshing: AtomicBool::new(false),
             flight: tokio::sync::Mutex::new(()),
@@ -140,19 +135,26 @@ impl Conn {
 
     fn usable(&self, now: Instant) -> Option<Arc<Token>> {
         let held = self.held.load();
-        held.as_ref()
-            .filter(|h| h.token.is_usable(now))
-            .map(|h| Arc::clone(&h.token))
+        held.as_ref().filter(|t| t.is_usable(now)).map(Arc::clone)
     }
 
-    fn install(&self, token: Token) -> Arc<Token> {
+    fn install(&self, mut token: Token) -> Arc<Token> {
+        token.replaces_rejected = self.rejected.swap(None).is_some();
         let token = Arc::new(token);
-        self.held.store(Some(Arc::new(Held {
-            token: Arc::clone(&token),
-            at: Instant::now(),
-        })));
+        self.held.store(Some(Arc::clone(&token)));
         *lock(&self.failure) = None;
         token
+    }
+
+    /// Drops `token` if it is still the current one.
+    fn drop_token(&self, token: &Arc<Token>) {
+        let cur = self.held.load();
+        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, token)) {
+            let prev = self.held.compare_and_swap(&*cur, None);
+            if prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, token)) {
+                self.rejected.store(Some(Arc::clone(token)));
+            }
+        }
     }
 
     fn failure(&self) -> MutexGuard<'_, Option<Failure>> {
@@ -503,6 +505,13 @@ impl Pool {
     /// Uses the stored token if another holder refreshed it.
     fn adopt(&self, conn: &Conn, record: &Record) -> Option<Arc<Token>> {
         let t = stored_token(record, self.config.refresh_before)?;
+        let rejected = conn.rejected.load();
+        if rejected
+            .as_ref()
+            .is_some_and(|r| r.secret().expose() == t.secret().expose())
+        {
+            return None;
+        }
         let now = Instant::now();
         (t.is_usable(now) && now < t.refresh_at).then(|| {
             self.metrics.from_store.inc();
@@ -555,6 +564,7 @@ impl Pool {
     async fn reauthorization(&self, conn: &Conn, e: &LastError) -> Result<Arc<Token>, PoolError> {
         conn.needs_reauthorization.store(true, Ordering::Release);
         conn.held.store(None);
+        conn.rejected.store(None);
         let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
         if let Err(err) = self.store.record_failure(pool, id, e, true).await {
             tracing::warn!(pool, connection = id, error = %err, "cannot record needs_reauthorization");
@@ -614,31 +624,21 @@ impl Pool {
             let _ = self.reauthorization(conn, &e).await;
             return Rejected::PassThrough;
         }
-        if !replay {
-            let cur = conn.held.load();
-            if cur.as_ref().is_some_and(|c| Arc::ptr_eq(&c.token, token)) {
-                conn.held.compare_and_swap(&*cur, None);
-            }
-            return Rejected::PassThrough;
-        }
         let now = Instant::now();
-        let held = conn.held.load_full();
-        let Some(h) = held.filter(|h| Arc::ptr_eq(&h.token, token)) else {
-            // Already replaced: replay with the current one.
-            return match conn.usable(now) {
-                Some(t) => Rejected::Replay(t),
-                None => self.replay_with_new(conn, deadline).await,
-            };
-        };
-        let floor = REJECT_FLOOR.min(h.token.lifetime / 10);
-        if now.saturating_duration_since(h.at) < floor {
+        // A fresh replacement of a rejected token, rejected again, points
+        // at a permission problem: its answer passes through.
+        if !token.rejectable(now) {
             return Rejected::PassThrough;
         }
-        let cur = conn.held.load();
-        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(&c.token, token)) {
-            conn.held.compare_and_swap(&*cur, None);
+        conn.drop_token(token);
+        if !replay {
+            return Rejected::PassThrough;
         }
-        self.replay_with_new(conn, deadline).await
+        match conn.usable(now) {
+            // Another request already replaced it.
+            Some(t) if !Arc::ptr_eq(&t, token) => Rejected::Replay(t),
+            _ => self.replay_with_new(conn, deadline).await,
+        }
     }
 
     async fn replay_with_new(self: &Arc<Self>, conn: &Arc<Conn>, deadline: Instant) -> Rejected {

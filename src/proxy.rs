@@ -20,7 +20,7 @@ use crate::body::{ProxyBody, RequestBody, REPLAY_LIMIT};
 use crate::connections::{Conn, Pool, Rejected};
 use crate::error::ProxyError;
 use crate::runtime::{AppState, Route, RouteTokens, Runtime};
-use crate::token::Token;
+use crate::token::{Rejection, Token};
 use crate::upstream::{ErrorKind, UpstreamBody};
 
 /// `x-request-id`.
@@ -356,12 +356,15 @@ async fn handle_inner(
                         }
                     }
                 }
+                // A fresh token's rejection is the upstream's answer: passed through.
                 (RouteTokens::Credential(source), _) => {
-                    source.reject(&token);
-                    if let (Some(body), Some((method, uri, headers))) = (replay, replay_head) {
-                        if let Ok(fresh) = source.get(deadline).await {
-                            route.metrics.replays.inc();
-                            resp = send(route, method, uri, headers, body, &fresh, deadline).await;
+                    if source.reject(&token) != Rejection::IgnoredFresh {
+                        if let (Some(body), Some((method, uri, headers))) = (replay, replay_head) {
+                            if let Ok(fresh) = source.get(deadline).await {
+                                route.metrics.replays.inc();
+                                resp =
+                                    send(route, method, uri, headers, body, &fresh, deadline).await;
+                            }
                         }
                     }
                 }

@@ -86,6 +86,21 @@ pub struct SandboxOptions {
     /// End users for per-user connections: each has its own `sub`, first
     /// code and accounts (see [`SandboxUser`]).
     pub users: Vec<SandboxUser>,
+    /// With `rotate_refresh_tokens`: how long the previous refresh token
+    /// is still accepted after a rotation (Okta's and Auth0's "grace
+    /// period" / "reuse interval"); within it, the previous token gets the
+    /// current refresh token back and rotates nothing. Zero: none.
+    pub refresh_reuse_grace: Duration,
+}
+
+/// Overrides of the next successful token responses, for tests of bad
+/// endpoint data ([`Sandbox::set_token_override`]).
+#[derive(Debug, Clone, Default)]
+pub struct TokenOverride {
+    /// Sent as `expires_in` verbatim (any JSON: `1e300`, `-5`, a string).
+    pub expires_in: Option<Value>,
+    /// The JWT `exp` claim (e.g. `u64::MAX`).
+    pub exp: Option<u64>,
 }
 
 /// An end user of the sandbox bank: authorizing gives tokens whose `sub`
@@ -126,6 +141,7 @@ impl Default for SandboxOptions {
             rotate_refresh_tokens: false,
             subject: "user-123".into(),
             users: Vec::new(),
+            refresh_reuse_grace: Duration::ZERO,
         }
     }
 }
@@ -288,6 +304,20 @@ impl Sandbox {
         self.shared.failure.send_replace(mode);
     }
 
+    /// Overrides fields of successful token responses from now on
+    /// (`TokenOverride::default()` ends it). The tokens stay valid for the
+    /// configured lifetime whatever the override says.
+    pub fn set_token_override(&self, o: TokenOverride) {
+        *lock(&self.shared.token_override) = o;
+    }
+
+    /// Makes the token endpoint wait this long before answering (zero: no
+    /// delay); the request counts as in flight meanwhile.
+    pub fn set_token_delay(&self, d: Duration) {
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.shared.n.token_delay_nanos.store(nanos, SeqCst);
+    }
+
     /// Makes the API reject (401) every access token issued so far.
     pub fn revoke_access_tokens(&self) {
         self.shared.grants().tokens.clear();
@@ -411,6 +441,7 @@ struct Shared {
     grants: Mutex<GrantState>,
     recorded: Mutex<VecDeque<RecordedRequest>>,
     users: Mutex<Users>,
+    token_override: Mutex<TokenOverride>,
 }
 
 /// Per-user grants: codes, refresh tokens, consent, and whose each access
@@ -439,6 +470,7 @@ struct Counters {
     rejected: AtomicU64,
     expired: AtomicU64,
     api_delay_nanos: AtomicU64,
+    token_delay_nanos: AtomicU64,
     next_id: AtomicU64,
 }
 
@@ -449,6 +481,9 @@ struct GrantState {
     code_used: bool,
     refresh_token: String,
     refresh_revoked: bool,
+    /// The refresh token rotated away last, and until when it is still
+    /// accepted.
+    previous_refresh: Option<(String, Instant)>,
 }
 
 impl GrantState {
@@ -486,6 +521,7 @@ impl Shared {
             code_used: false,
             refresh_token: opts.refresh_token.clone(),
             refresh_revoked: false,
+            previous_refresh: None,
         };
         Self {
             opts,
@@ -496,6 +532,7 @@ impl Shared {
             grants: Mutex::new(grants),
             recorded: Mutex::default(),
             users: Mutex::new(users),
+            token_override: Mutex::default(),
         }
     }
 
@@ -546,13 +583,29 @@ impl Shared {
             }
             Grant::RefreshToken => {
                 let presented = params.get("refresh_token");
-                if state.refresh_revoked || presented != Some(&state.refresh_token) {
+                let in_grace = state
+                    .previous_refresh
+                    .as_ref()
+                    .is_some_and(|(prev, until)| {
+                        Some(prev) == presented && Instant::now() < *until
+                    });
+                if state.refresh_revoked || (presented != Some(&state.refresh_token) && !in_grace) {
                     return Err("The refresh token is invalid or has been revoked");
                 }
-                opts.rotate_refresh_tokens.then(|| {
-                    state.refresh_token = format!("rt-{}", self.unique_id());
-                    state.refresh_token.clone()
-                })
+                if in_grace {
+                    Some(state.refresh_token.clone())
+                } else {
+                    opts.rotate_refresh_tokens.then(|| {
+                        let old = std::mem::replace(
+                            &mut state.refresh_token,
+                            format!("rt-{}", self.unique_id()),
+                        );
+                        let now = Instant::now();
+                        let until = now.checked_add(opts.refresh_reuse_grace).unwrap_or(now);
+                        state.previous_refresh = Some((old, until));
+                        state.refresh_token.clone()
+                    })
+                }
             }
         };
         Ok(self.mint(state, &opts.subject, refresh_token))
@@ -577,6 +630,8 @@ impl Shared {
         let exp = unix(wall.checked_add(lifetime).unwrap_or(wall + FOREVER));
         let (iat, jti) = (unix(wall), self.unique_id());
         let client_id = &opts.client_id;
+        let over = lock(&self.token_override).clone();
+        let exp = over.exp.unwrap_or(exp);
         let claims =
             json!({"client_id": client_id, "sub": sub, "exp": exp, "iat": iat, "jti": jti});
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
@@ -589,6 +644,9 @@ impl Shared {
             json!({"access_token": access_token, "token_type": "Bearer", "scope": opts.scope});
         if let Some(expires_in) = opts.expires_in {
             body["expires_in"] = expires_in.into();
+        }
+        if let Some(expires_in) = over.expires_in {
+            body["expires_in"] = expires_in;
         }
         if let Some(refresh_token) = refresh_token {
             body["refresh_token"] = refresh_token.into();
@@ -738,6 +796,13 @@ async fn handle_token(shared: &Shared, req: Request<Incoming>) -> Response<Body>
         bump(&shared.n.by_grant[grant as usize]);
     }
 
+    let delay = Duration::from_nanos(get(&shared.n.token_delay_nanos));
+    if !delay.is_zero() {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shared.closed() => {}
+        }
+    }
     let failure = match shared.failure_mode().await {
         FailureMode::None => None,
         FailureMode::ServerError => Some(oauth_error("server_error", "Simulated failure")),

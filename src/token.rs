@@ -13,6 +13,7 @@
 
 pub mod grant;
 pub mod jwt;
+pub mod refresh;
 pub mod state;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +23,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwapOption;
 use http::HeaderValue;
 use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +32,7 @@ use crate::metrics::CredentialMetrics;
 use crate::secret::Secret;
 pub use grant::{Endpoint, Grant, Granted, TokenError, DEFAULT_LIFETIME, MAX_LIFETIME};
 pub use jwt::{jwt_claims, Claims};
+use refresh::RefreshState;
 
 /// First retry delay after a transient failure; doubles per attempt.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
@@ -44,12 +47,21 @@ const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(500);
 /// A token is not sent in the last part of its life (a tenth, at most
 /// this), so clock drift and transit time cannot make it arrive expired.
 const EXPIRY_MARGIN_MAX: Duration = Duration::from_secs(5);
+/// An upstream rejection of a token younger than this (or a tenth of its
+/// lifetime, if less) is the upstream's answer, not a sign the token is bad:
+/// dropping it again would let one client hammer the token endpoint.
+pub const REJECT_FLOOR_MAX: Duration = Duration::from_secs(30);
 
 /// A cached access token with its prebuilt header values.
 pub struct Token {
     value: Secret,
     bearer: HeaderValue,
     bare: HeaderValue,
+    /// When the request that obtained it was sent.
+    pub obtained_at: Instant,
+    /// It was fetched because the upstream rejected its predecessor: while
+    /// fresh, a rejection of it is the upstream's answer.
+    pub replaces_rejected: bool,
     /// The last instant the token may be sent.
     pub usable_until: Instant,
     /// When the refresh task renews it.
@@ -100,6 +112,16 @@ impl Token {
         now < self.usable_until
     }
 
+    /// Whether an upstream rejection at `now` may drop it: not when it
+    /// replaces a rejected token and is younger than `min(30s,
+    /// lifetime/10)`. A fresh token refused right after its predecessor
+    /// was refused points at a permission problem, not a bad token, and
+    /// fetching yet another would only hammer the token endpoint.
+    pub fn rejectable(&self, now: Instant) -> bool {
+        let floor = REJECT_FLOOR_MAX.min(self.lifetime / 10);
+        !self.replaces_rejected || now.saturating_duration_since(self.obtained_at) >= floor
+    }
+
     /// A token obtained just now with `lifetime`, refreshed and retired as a
     /// fetched one would be (with the default `refresh_before`). For
     /// benchmarks and tests that put a token in a source with
@@ -144,6 +166,8 @@ impl Token {
         };
         Ok(Token {
             value: g.access_token.clone(),
+            obtained_at: g.sent_at,
+            replaces_rejected: false,
             bearer,
             bare,
             usable_until: at(lifetime.saturating_sub(margin))?,
@@ -205,6 +229,19 @@ pub struct Unavailable {
     pub retry_after: Duration,
 }
 
+/// What [`TokenSource::reject`] did with an upstream rejection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The token was dropped; the refresh task fetches a new one.
+    Refreshed,
+    /// Another rejection already dropped it: its successor is (or will be)
+    /// there, and a replay may use it.
+    AlreadyRefreshed,
+    /// The token is younger than the floor ([`Token::rejectable`]): kept,
+    /// and the upstream's answer passed through.
+    IgnoredFresh,
+}
+
 /// The token cache and refresher of one credential.
 pub struct TokenSource {
     config: Arc<CredentialConfig>,
@@ -213,46 +250,57 @@ pub struct TokenSource {
     failure: ArcSwapOption<Failure>,
     changed: watch::Sender<u64>,
     wake: Notify,
-    refresh_token: Mutex<Option<Secret>>,
-    sub: Mutex<Option<String>>,
+    refresh: Arc<RefreshState>,
     status: Mutex<Status>,
     ready: AtomicBool,
+    /// A token request is on the wire (requests wait for it rather than
+    /// answer from the previous failure).
+    in_flight: AtomicBool,
+    /// The upstream rejected the cached token: the next one replaces it.
+    rejected: AtomicBool,
+    /// The supervised refresh task, awaited by a successor after a reload.
+    task: Mutex<Option<JoinHandle<()>>>,
     metrics: CredentialMetrics,
+    /// Test hook: the next token request panics.
+    #[cfg(test)]
+    panic_next: AtomicBool,
+}
+
+/// Clears the in-flight flag however the request ends (panics included).
+struct InFlight<'a>(&'a TokenSource);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.store(false, Ordering::Release);
+        self.0.changed.send_modify(|g| *g += 1);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl TokenSource {
     /// Builds a source: its HTTP client and, for refresh grants, the refresh
     /// token from the state file (or the config). Fails on an unreadable or
-    /// corrupt state file.
+    /// corrupt state file. Reads the state file: call it off runtime threads
+    /// once serving.
     pub fn new(
         config: Arc<CredentialConfig>,
         metrics: CredentialMetrics,
     ) -> Result<Arc<TokenSource>, String> {
+        TokenSource::with_state(config, metrics, None)
+    }
+
+    /// As [`TokenSource::new`], sharing `previous`'s refresh-token state
+    /// when it is the same state (see [`refresh`]).
+    pub fn with_state(
+        config: Arc<CredentialConfig>,
+        metrics: CredentialMetrics,
+        previous: Option<&Arc<RefreshState>>,
+    ) -> Result<Arc<TokenSource>, String> {
         let endpoint = Endpoint::from_credential(&config).map_err(|e| e.to_string())?;
-        let configured = match config.grant_type {
-            GrantType::ClientCredentials => None,
-            GrantType::RefreshToken => config.refresh_token.clone(),
-            GrantType::AuthorizationCode => config.code.clone(),
-        };
-        let mut refresh_token = match config.grant_type {
-            GrantType::RefreshToken => config.refresh_token.clone(),
-            _ => None,
-        };
-        let mut sub = None;
-        if let (Some(path), Some(origin)) = (&config.state_file, &configured) {
-            if let Some(st) = state::load(path)? {
-                if st.origin == state::fingerprint(origin) {
-                    refresh_token = Some(Secret::new(st.refresh_token));
-                    sub = st.sub;
-                } else {
-                    tracing::info!(
-                        credential = %config.name,
-                        "configured {} changed since the state file was written; using the new one",
-                        if config.grant_type == GrantType::AuthorizationCode { "code" } else { "refresh_token" }
-                    );
-                }
-            }
-        }
+        let refresh = RefreshState::inherit_or_load(&config, previous)?;
         Ok(Arc::new(TokenSource {
             config,
             endpoint,
@@ -260,17 +308,27 @@ impl TokenSource {
             failure: ArcSwapOption::empty(),
             changed: watch::Sender::new(0),
             wake: Notify::new(),
-            refresh_token: Mutex::new(refresh_token),
-            sub: Mutex::new(sub),
+            refresh,
             status: Mutex::new(Status::default()),
             ready: AtomicBool::new(false),
+            in_flight: AtomicBool::new(false),
+            rejected: AtomicBool::new(false),
+            task: Mutex::new(None),
             metrics,
+            #[cfg(test)]
+            panic_next: AtomicBool::new(false),
         }))
     }
 
     /// The credential's settings.
     pub fn config(&self) -> &Arc<CredentialConfig> {
         &self.config
+    }
+
+    /// The refresh-token state (shared with other generations of this
+    /// credential).
+    pub fn refresh_state(&self) -> &Arc<RefreshState> {
+        &self.refresh
     }
 
     /// The cached token if it may be sent now. Lock-free.
@@ -283,9 +341,10 @@ impl TokenSource {
         }
     }
 
-    /// A usable token, waiting until `deadline` for the refresh task when a
-    /// token request is under way; at once [`Unavailable`] when the last
-    /// attempt failed.
+    /// A usable token, waiting until `deadline` while a token request is
+    /// under way (a retry after a failure included); at once
+    /// [`Unavailable`] when the last attempt failed and no retry is on the
+    /// wire.
     pub async fn get(&self, deadline: impl Into<Instant>) -> Result<Arc<Token>, Unavailable> {
         let deadline: Instant = deadline.into();
         if let Some(t) = self.usable() {
@@ -297,10 +356,12 @@ impl TokenSource {
                 return Ok(t);
             }
             if let Some(f) = &*self.failure.load() {
-                return Err(Unavailable {
-                    reason: f.reason.clone(),
-                    retry_after: f.retry_at.saturating_duration_since(Instant::now()),
-                });
+                if !self.in_flight.load(Ordering::Acquire) {
+                    return Err(Unavailable {
+                        reason: f.reason.clone(),
+                        retry_after: f.retry_at.saturating_duration_since(Instant::now()),
+                    });
+                }
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => continue,
@@ -314,17 +375,43 @@ impl TokenSource {
         }
     }
 
-    /// The upstream rejected `token`: drop it if it is still the cached one
-    /// and have the refresh task fetch a new one. A burst of rejections of
-    /// one token causes one token request.
-    pub fn reject(&self, token: &Arc<Token>) {
-        let cur = self.current.load();
-        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, token)) {
-            let prev = self.current.compare_and_swap(&*cur, None);
-            if prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, token)) {
+    /// The upstream rejected `token`. Drops it if it is still the cached
+    /// one and old enough ([`Token::rejectable`]), and has the refresh task
+    /// fetch a new one: a burst of rejections of one token causes one token
+    /// request, and rejections of a fresh token cause none. Counted in
+    /// `flinks_proxy_token_rejections_total`.
+    pub fn reject(&self, token: &Arc<Token>) -> Rejection {
+        let outcome = self.drop_rejected(token);
+        let m = &self.metrics;
+        match outcome {
+            Rejection::Refreshed => {
                 tracing::info!(credential = %self.config.name, "upstream rejected the token; fetching a new one");
-                self.wake.notify_one();
+                m.rejections_refreshed.inc();
             }
+            Rejection::AlreadyRefreshed => m.rejections_already_refreshed.inc(),
+            Rejection::IgnoredFresh => {
+                tracing::debug!(credential = %self.config.name, "upstream rejected a fresh token; passing its answer through");
+                m.rejections_ignored_fresh.inc();
+            }
+        }
+        outcome
+    }
+
+    fn drop_rejected(&self, token: &Arc<Token>) -> Rejection {
+        let cur = self.current.load();
+        if !cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, token)) {
+            return Rejection::AlreadyRefreshed;
+        }
+        if !token.rejectable(Instant::now()) {
+            return Rejection::IgnoredFresh;
+        }
+        let prev = self.current.compare_and_swap(&*cur, None);
+        if prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, token)) {
+            self.rejected.store(true, Ordering::Release);
+            self.wake.notify_one();
+            Rejection::Refreshed
+        } else {
+            Rejection::AlreadyRefreshed
         }
     }
 
@@ -336,15 +423,7 @@ impl TokenSource {
     /// Whether this credential must exchange its authorization code first.
     pub fn needs_code_exchange(&self) -> bool {
         self.config.grant_type == GrantType::AuthorizationCode
-            && self.lock_refresh_token().is_none()
-    }
-
-    fn lock_refresh_token(&self) -> std::sync::MutexGuard<'_, Option<Secret>> {
-        self.refresh_token.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn lock_status(&self) -> std::sync::MutexGuard<'_, Status> {
-        self.status.lock().unwrap_or_else(|e| e.into_inner())
+            && self.refresh.refresh_token().is_none()
     }
 
     /// The current state, for `/status`.
@@ -358,20 +437,24 @@ impl TokenSource {
         }
     }
 
-    /// `/status` JSON for this credential (never a secret).
-    pub fn status_json(&self) -> serde_json::Value {
+    /// `/status` JSON for this credential (never a secret; the `sub` claim,
+    /// personal data, only with `show_subjects`; the token URL without its
+    /// query).
+    pub fn status_json(&self, show_subjects: bool) -> serde_json::Value {
         let token = self.current.load_full();
-        let st = self.lock_status();
+        let st = lock(&self.status);
         let fmt_time = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        let expires_at = token
+            .as_ref()
+            .and_then(|t| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(t.expires_unix)));
         let m = &self.metrics;
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "grant": self.config.grant_type.as_str(),
             "state": self.state(),
-            "token_url": self.config.token_url.to_string(),
+            "token_url": without_query(&self.config.token_url),
             "client_id": self.config.client_id,
-            "expires_at": token.as_ref().map(|t| fmt_time(SystemTime::UNIX_EPOCH + Duration::from_secs(t.expires_unix))),
+            "expires_at": expires_at.map(fmt_time),
             "scope": token.as_ref().and_then(|t| t.scope.clone()),
-            "sub": token.as_ref().and_then(|t| t.sub.clone()).or_else(|| self.sub.lock().unwrap_or_else(|e| e.into_inner()).clone()),
             "last_refresh": st.last_refresh.map(fmt_time),
             "last_error": st.last_error.as_ref().map(|(at, error, desc)| serde_json::json!({
                 "at": fmt_time(*at), "error": error, "error_description": desc,
@@ -385,21 +468,72 @@ impl TokenSource {
                 "network": m.network.get(),
                 "invalid_response": m.invalid_response.get(),
             },
-        })
-    }
-
-    /// Starts the refresh task; it stops when `cancel` is cancelled.
-    pub fn spawn(self: &Arc<Self>, cancel: CancellationToken) {
-        let me = Arc::clone(self);
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = me.refresh_loop() => {}
-            }
         });
+        if show_subjects {
+            let sub = token
+                .as_ref()
+                .and_then(|t| t.sub.clone())
+                .or_else(|| self.refresh.sub());
+            json["sub"] = sub.into();
+        }
+        json
     }
 
-    async fn refresh_loop(&self) {
+    /// Starts the supervised refresh task; it stops when `cancel` is
+    /// cancelled, between token requests (never mid-request). With `after`
+    /// (the task of the generation this source replaces), it first waits
+    /// for that task to end.
+    pub fn spawn(self: &Arc<Self>, cancel: CancellationToken, after: Option<JoinHandle<()>>) {
+        let me = Arc::clone(self);
+        let handle = tokio::spawn(async move {
+            if let Some(previous) = after {
+                let _ = previous.await;
+            }
+            me.supervise(cancel).await;
+        });
+        *lock(&self.task) = Some(handle);
+    }
+
+    /// The refresh task's handle, for a successor to await.
+    pub fn take_task(&self) -> Option<JoinHandle<()>> {
+        lock(&self.task).take()
+    }
+
+    /// Runs the refresh loop; a panic is logged, counted and the loop
+    /// restarted with backoff, so a credential never stays without a task.
+    async fn supervise(self: Arc<Self>, cancel: CancellationToken) {
+        let mut panics = 0u32;
+        loop {
+            let (me, c) = (Arc::clone(&self), cancel.clone());
+            let err = match tokio::spawn(async move { me.refresh_loop(&c).await }).await {
+                Ok(()) => return,
+                Err(e) if e.is_panic() => e,
+                Err(_) => return, // aborted: the runtime is shutting down
+            };
+            panics = panics.saturating_add(1);
+            self.metrics.refresh_task_restarts.inc();
+            let delay = backoff(true, panics, rand::random::<f64>());
+            tracing::error!(
+                credential = %self.config.name,
+                panic = %panic_message(err),
+                restart_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
+                "the token refresh task panicked (a bug: please report it); restarting"
+            );
+            self.record_failure(
+                &TokenError::State("internal error in the token refresh task".into()),
+                delay,
+            );
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Fetches and renews until `cancel` is cancelled; cancellation is
+    /// only looked at while waiting, so a token request (and the commit of
+    /// a rotated refresh token) always completes.
+    async fn refresh_loop(&self, cancel: &CancellationToken) {
         let mut failures = 0u32;
         loop {
             // A token obtained before the task started (an authorization
@@ -409,6 +543,7 @@ impl TokenSource {
             if let Some(refresh_at) = due {
                 loop {
                     tokio::select! {
+                        _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep_until(refresh_at) => break,
                         _ = self.wake.notified() => {
                             if self.current.load().is_none() {
@@ -418,16 +553,35 @@ impl TokenSource {
                     }
                 }
             }
-            match self.fetch().await {
-                Ok(token) => {
+            if cancel.is_cancelled() {
+                return;
+            }
+            // Requests that find the last failure wait for this attempt
+            // instead of answering from it; its outcome is recorded before
+            // they are told.
+            self.in_flight.store(true, Ordering::Release);
+            let in_flight = InFlight(self);
+            let result = self.fetch().await;
+            let delay = match &result {
+                Ok(_) => None,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    Some(backoff(e.is_transient(), failures, rand::random::<f64>()))
+                }
+            };
+            match (result, delay) {
+                (Ok(mut token), _) => {
                     failures = 0;
+                    token.replaces_rejected = self.rejected.swap(false, Ordering::AcqRel);
                     self.install(token);
                 }
-                Err(e) => {
-                    failures += 1;
-                    let delay = backoff(e.is_transient(), failures, rand::random::<f64>());
-                    self.record_failure(&e, delay);
-                    tokio::time::sleep(delay).await;
+                (Err(e), delay) => self.record_failure(&e, delay.unwrap_or(BACKOFF_MAX)),
+            }
+            drop(in_flight);
+            if let Some(delay) = delay {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
@@ -435,43 +589,48 @@ impl TokenSource {
 
     /// Makes `token` the cached one and wakes waiting requests.
     pub fn install(&self, token: Token) {
-        self.metrics.expiry.set(token.expires_unix as i64);
+        self.metrics
+            .expiry
+            .set(i64::try_from(token.expires_unix).unwrap_or(i64::MAX));
         tracing::info!(
             credential = %self.config.name,
             expires_in = token.lifetime.as_secs(),
-            sub = token.sub.as_deref().unwrap_or(""),
             "token obtained"
         );
         self.current.store(Some(Arc::new(token)));
         self.failure.store(None);
         self.ready.store(true, Ordering::Release);
-        self.lock_status().last_refresh = Some(SystemTime::now());
+        lock(&self.status).last_refresh = Some(SystemTime::now());
         self.changed.send_modify(|g| *g += 1);
     }
 
-    fn record_failure(&self, e: &TokenError, delay: Duration) {
-        let needs_reauthorization = !e.is_transient()
-            && matches!(e, TokenError::Rejected { .. })
-            && self.config.grant_type != GrantType::ClientCredentials;
+    /// Records a failed attempt: `/status`, the log, and the answer of
+    /// requests until `delay` has passed.
+    pub fn record_failure(&self, e: &TokenError, delay: Duration) {
+        let needs_reauthorization =
+            e.is_refusal() && self.config.grant_type != GrantType::ClientCredentials;
         let (error, description) = e.oauth_fields();
+        let retry_in = humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
         if e.is_transient() {
-            tracing::warn!(credential = %self.config.name, error = %e, retry_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)), "token request failed");
+            tracing::warn!(credential = %self.config.name, error = %e, %retry_in, "token request failed");
+            tracing::debug!(credential = %self.config.name, cause = ?e, "token request failure detail");
         } else if needs_reauthorization {
             tracing::error!(
                 credential = %self.config.name, error = %error,
-                error_description = description.as_deref().unwrap_or(""), retry_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
+                error_description = description.as_deref().unwrap_or(""), %retry_in,
                 "refresh token refused: the user must authorize again; put the new authorization code in the config and reload"
             );
         } else {
             tracing::error!(
                 credential = %self.config.name, error = %error,
-                error_description = description.as_deref().unwrap_or(""), retry_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
+                error_description = description.as_deref().unwrap_or(""), %retry_in,
                 "token request refused"
             );
         }
-        self.lock_status().last_error = Some((SystemTime::now(), error, description));
+        lock(&self.status).last_error = Some((SystemTime::now(), error, description));
+        let now = Instant::now();
         self.failure.store(Some(Arc::new(Failure {
-            retry_at: Instant::now() + delay,
+            retry_at: now.checked_add(delay).unwrap_or(now),
             reason: if needs_reauthorization {
                 "the credential needs re-authorization".into()
             } else {
@@ -483,8 +642,17 @@ impl TokenSource {
     }
 
     /// Makes one token request with the credential's grant, counts it, and
-    /// persists any new refresh token before returning the access token.
+    /// commits any new refresh token before returning the access token.
+    /// Requests on one refresh token are one at a time (across reloads).
     pub async fn fetch(&self) -> Result<Token, TokenError> {
+        let _one_at_a_time = match self.config.grant_type {
+            GrantType::ClientCredentials => None,
+            _ => Some(self.refresh.lock().await),
+        };
+        #[cfg(test)]
+        if self.panic_next.swap(false, Ordering::AcqRel) {
+            panic!("test: token request panics");
+        }
         let started = Instant::now();
         let result = self.request_token().await;
         self.metrics
@@ -505,7 +673,7 @@ impl TokenSource {
 
     async fn request_token(&self) -> Result<Token, TokenError> {
         let c = &self.config;
-        let using = self.lock_refresh_token().clone();
+        let using = self.refresh.refresh_token();
         let grant = match (c.grant_type, &using) {
             (GrantType::ClientCredentials, _) => Grant::ClientCredentials,
             (_, Some(rt)) => Grant::RefreshToken {
@@ -521,84 +689,35 @@ impl TokenSource {
         };
         let granted = grant::request(&self.endpoint, grant).await?;
         if !matches!(grant, Grant::ClientCredentials) {
-            self.keep_refresh_token(&granted, using.as_ref())?;
-        }
-        if let Some(s) = &granted.sub {
-            *self.sub.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
+            self.refresh.commit(c, &granted, using.as_ref()).await?;
         }
         Token::from_granted(&granted, c.refresh_before)
     }
+}
 
-    /// Commits the refresh token of `granted` (a new one from a code
-    /// exchange or a server that rotates) before its access token is used.
-    fn keep_refresh_token(
-        &self,
-        granted: &Granted,
-        using: Option<&Secret>,
-    ) -> Result<(), TokenError> {
-        let c = &self.config;
-        let new_refresh = granted.refresh_token.as_ref();
-        let rotated = match (new_refresh, using) {
-            (Some(n), Some(old)) => n.expose() != old.expose(),
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        if !rotated && c.state_file.is_none() {
-            return Ok(());
-        }
-        let Some(rt) = new_refresh.or(using) else {
-            return Ok(());
-        };
-        // Keep a rotated refresh token in memory even if the write fails:
-        // the server has already replaced the old one. The access token is
-        // not used until the write succeeds (the retry rotates again and
-        // writes again).
-        let persisted = self.persist(rt.expose(), granted.sub.clone(), rotated);
-        if rotated {
-            if c.state_file.is_none() && c.grant_type == GrantType::RefreshToken {
-                tracing::warn!(
-                    credential = %c.name,
-                    "the token endpoint rotated the refresh token and no state_file is set: \
-                     a restart will use the configured one, which the server no longer accepts"
-                );
-            }
-            *self.lock_refresh_token() = Some(rt.clone());
-        }
-        persisted
+/// A token URL as `/status` shows it: without its query, which may carry
+/// secrets (some endpoints take an API key there).
+fn without_query(url: &http::Uri) -> String {
+    let mut s = String::new();
+    if let Some(scheme) = url.scheme_str() {
+        s.push_str(scheme);
+        s.push_str("://");
     }
+    if let Some(a) = url.authority() {
+        s.push_str(a.as_str());
+    }
+    s.push_str(url.path());
+    s
+}
 
-    fn persist(
-        &self,
-        refresh_token: &str,
-        sub: Option<String>,
-        rotated: bool,
-    ) -> Result<(), TokenError> {
-        let Some(path) = &self.config.state_file else {
-            return Ok(());
-        };
-        let origin = match self.config.grant_type {
-            GrantType::AuthorizationCode => self.config.code.as_ref(),
-            _ => self.config.refresh_token.as_ref(),
-        };
-        let now = state::unix_now();
-        let obtained_at = if rotated {
-            now
-        } else {
-            state::load(path)
-                .ok()
-                .flatten()
-                .map(|s| s.obtained_at)
-                .unwrap_or(now)
-        };
-        let st = state::State {
-            refresh_token: refresh_token.to_owned(),
-            sub,
-            obtained_at,
-            last_used_at: Some(now),
-            origin: origin.map(state::fingerprint).unwrap_or_default(),
-        };
-        state::store(path, &st).map_err(TokenError::Persist)
-    }
+/// The message of a panic, when it is a string.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".into())
 }
 
 #[cfg(test)]
@@ -664,6 +783,44 @@ mod tests {
             Token::from_granted(&g, Duration::from_secs(1)),
             Err(TokenError::InvalidResponse(_))
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_refresh_task_is_restarted_and_counted() {
+        let sb = crate::sandbox::Sandbox::start(crate::sandbox::SandboxOptions::default())
+            .await
+            .unwrap();
+        let toml = format!(
+            "[credentials.c]\ntoken_url = \"{}\"\ngrant_type = \"client_credentials\"\n\
+             client_id = \"demo-client\"\nclient_secret = \"demo-secret\"\n\
+             [routes.r]\nupstream = \"{}\"\ncredential = \"c\"\n",
+            sb.token_url(),
+            sb.api_url()
+        );
+        let config = crate::config::Config::parse(&toml, std::path::Path::new("p.toml")).unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        let source = TokenSource::new(
+            Arc::clone(&config.credentials["c"]),
+            metrics.credential("c"),
+        )
+        .unwrap();
+        source.panic_next.store(true, Ordering::SeqCst);
+        let cancel = CancellationToken::new();
+        source.spawn(cancel.clone(), None);
+        // Until the restart, requests are told the task failed.
+        let end = Instant::now() + Duration::from_secs(20);
+        while source.usable().is_none() {
+            assert!(Instant::now() < end, "no token after the panic");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(source.metrics.refresh_task_restarts.get(), 1);
+        assert_eq!(sb.token_requests(), 1, "the panic came before the request");
+        cancel.cancel();
+        let task = source.take_task().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[test]

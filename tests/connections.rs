@@ -587,3 +587,30 @@ async fn kill_9_during_a_refresh_against_a_rotating_server_loses_no_user() {
         assert!(!log.contains(s.as_str()), "a secret is in the log:\n{log}");
     }
 }
+
+#[tokio::test]
+async fn a_rejected_token_is_replaced_once_and_a_fresh_replacement_is_not_dropped_again() {
+    let sb = users_sandbox(3600, false).await;
+    let dir = TempDir::new();
+    let p = start(&sb, &dir, "").await;
+    connect(&p, "alice").await;
+    assert_eq!(get_as(&p, "/api/fdx/5/accounts", "alice").await.status, 200);
+    sb.revoke_access_tokens();
+    let r = get_as(&p, "/api/fdx/5/accounts", "alice").await;
+    assert_eq!(r.status, 200, "refreshed and replayed: {}", r.text());
+    assert_eq!(sb.user_token_requests("alice"), 2);
+    // The replacement is rejected too (say, a permission problem): its
+    // answer passes through and no token request follows.
+    sb.revoke_access_tokens();
+    for _ in 0..3 {
+        let r = get_as(&p, "/api/fdx/5/accounts", "alice").await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        assert_eq!(r.json()["error"], "invalid_token", "the upstream's answer");
+    }
+    assert_eq!(sb.user_token_requests("alice"), 2, "no refresh storm");
+    let metrics = get(&support::admin_url(&p, "/metrics")).await.text();
+    assert_eq!(
+        support::metric(&metrics, r#"flinks_proxy_token_replays_total{route="ob"}"#),
+        Some(1.0)
+    );
+}
