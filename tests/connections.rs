@@ -614,3 +614,149 @@ async fn a_rejected_token_is_replaced_once_and_a_fresh_replacement_is_not_droppe
         Some(1.0)
     );
 }
+
+#[tokio::test]
+async fn a_failing_token_endpoint_backs_off_per_connection_with_retry_after() {
+    let sb = users_sandbox(1, false).await;
+    let dir = TempDir::new();
+    let p = start(&sb, &dir, "").await;
+    connect(&p, "alice").await;
+    connect(&p, "bob").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    sb.set_failure(flinks_proxy::sandbox::FailureMode::ServerError);
+    let r = get_as(&p, "/api/fdx/5/accounts", "alice").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"], "token_unavailable");
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!(
+        (1..=2).contains(&retry),
+        "first backoff is about a second: {retry}"
+    );
+    let before = sb.token_requests();
+    let r = get_as(&p, "/api/fdx/5/accounts", "alice").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        sb.token_requests(),
+        before,
+        "alice backs off: no new token request"
+    );
+    let r = get_as(&p, "/api/fdx/5/accounts", "bob").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(sb.token_requests(), before + 1, "bob has his own backoff");
+    let c = admin(&p, "GET", "/connections/users/alice", None)
+        .await
+        .json();
+    assert_eq!(c["state"], "active", "a transient failure is no refusal");
+    assert_eq!(c["last_error"]["error"], "server_error");
+    let metrics = get(&support::admin_url(&p, "/metrics")).await.text();
+    assert_eq!(
+        support::metric(
+            &metrics,
+            r#"flinks_proxy_connection_token_requests_total{outcome="server_error",pool="users"}"#
+        ),
+        Some(2.0)
+    );
+}
+
+#[tokio::test]
+async fn the_connections_gauge_counts_by_state() {
+    let sb = users_sandbox(3600, false).await;
+    let dir = TempDir::new();
+    let p = start(&sb, &dir, "").await;
+    connect(&p, "alice").await;
+    connect(&p, "bob").await;
+    sb.revoke_consent("bob");
+    assert_eq!(get_as(&p, "/api/fdx/5/accounts", "bob").await.status, 401);
+    let series =
+        |state: &str| format!(r#"flinks_proxy_connections{{pool="users",state="{state}"}}"#);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = get(&support::admin_url(&p, "/metrics")).await.text();
+        if support::metric(&m, &series("active")) == Some(1.0)
+            && support::metric(&m, &series("needs_reauthorization")) == Some(1.0)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gauge never caught up:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = get(&support::admin_url(&p, "/status")).await.json();
+    assert_eq!(status["pools"]["users"]["connections"]["active"], 1);
+    assert_eq!(
+        status["pools"]["users"]["connections"]["needs_reauthorization"],
+        1
+    );
+}
+
+#[tokio::test]
+async fn the_cli_lists_shows_deletes_and_rekeys_the_store() {
+    let sb = users_sandbox(3600, false).await;
+    let dir = TempDir::new();
+    let old_key = new_key();
+    let config = dir.write(
+        "proxy.toml",
+        pool_toml(&sb, &dir.join("c.db"), &old_key, ""),
+    );
+    let p = support::start_proxy(&std::fs::read_to_string(&config).unwrap()).await;
+    connect(&p, "alice").await;
+    connect(&p, "bob").await;
+    p.shutdown().await;
+    let cfg = config.to_str().unwrap();
+
+    let (code, out, err) = support::run_binary(&["connections", "list", "--config", cfg], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        "users\talice\tactive\talice\nusers\tbob\tactive\tbob\n"
+    );
+    let (code, out, _) =
+        support::run_binary(&["connections", "show", "alice", "--config", cfg], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["state"],
+        "active"
+    );
+    let (code, _, _) = support::run_binary(&["connections", "delete", "bob", "--config", cfg], &[]);
+    assert_eq!(code, 0);
+    let (code, _, err) = support::run_binary(&["connections", "show", "bob", "--config", cfg], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no connection bob"), "{err}");
+
+    let (code, new_key, _) = support::run_binary(&["keygen"], &[]);
+    assert_eq!(code, 0);
+    let new_key = new_key.trim().to_owned();
+    assert_eq!(base64_len(&new_key), 32);
+    let rotated = pool_toml(&sb, &dir.join("c.db"), &new_key, "").replace(
+        &format!("key = \"{new_key}\""),
+        &format!("key = \"{new_key}\"\nold_keys = [\"{old_key}\"]"),
+    );
+    std::fs::write(&config, rotated).unwrap();
+    let (code, out, err) = support::run_binary(&["store", "rekey", "--config", cfg], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("re-sealed 1 connections"), "{out}");
+    // Without the old key now: alice still opens.
+    std::fs::write(&config, pool_toml(&sb, &dir.join("c.db"), &new_key, "")).unwrap();
+    let (code, out, err) =
+        support::run_binary(&["connections", "show", "alice", "--config", cfg], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("rt-"), "no token in the output: {out}");
+    // With only the old key: refused, saying why.
+    std::fs::write(&config, pool_toml(&sb, &dir.join("c.db"), &old_key, "")).unwrap();
+    let (code, _, err) = support::run_binary(&["connections", "list", "--config", cfg], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("the store key does not match this store"),
+        "{err}"
+    );
+    assert!(!err.contains(&old_key) && !err.contains(&new_key), "{err}");
+}
+
+fn base64_len(s: &str) -> usize {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .map_or(0, |b| b.len())
+}
