@@ -294,7 +294,7 @@ fn pooled_lookup(c: &mut Criterion) {
             rt.block_on(async {
                 let id = flinks_proxy::connections::select(&mut h, &name).expect("id");
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                black_box(pool.token(&id, deadline).await.expect("token"))
+                black_box(pool.token(id.as_str(), deadline).await.expect("token"))
             })
         })
     });

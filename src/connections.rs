@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use http::header::HeaderName;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -75,16 +75,30 @@ pub enum PoolError {
     Store(#[source] Arc<StoreError>),
 }
 
+/// The connection a request named (taken out of its headers without
+/// copying).
+#[derive(Debug, Clone)]
+pub struct ConnectionId(HeaderValue);
+
+impl ConnectionId {
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        // Checked to be ASCII by `select`.
+        self.0.to_str().unwrap_or("")
+    }
+}
+
 /// The connection a request named, removed from its headers.
-pub fn select(headers: &mut HeaderMap, name: &HeaderName) -> Result<String, PoolError> {
-    let required = || PoolError::ConnectionRequired(name.clone());
-    let mut values = headers.get_all(name).iter();
-    let id = match (values.next(), values.next()) {
-        (Some(v), None) => v.to_str().ok().filter(|s| valid_id(s)).map(str::to_owned),
-        _ => None,
+pub fn select(headers: &mut HeaderMap, name: &HeaderName) -> Result<ConnectionId, PoolError> {
+    let single = {
+        let mut values = headers.get_all(name).iter();
+        values.next().is_some() && values.next().is_none()
     };
-    headers.remove(name);
-    id.ok_or_else(required)
+    let value = headers.remove(name);
+    value
+        .filter(|v| single && v.to_str().is_ok_and(valid_id))
+        .map(ConnectionId)
+        .ok_or_else(|| PoolError::ConnectionRequired(name.clone()))
 }
 
 /// The last failure of a connection's refresh: requests answer at once
@@ -803,7 +817,6 @@ pub fn expires_ms(g: &Granted) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     #[test]
     fn ids_follow_the_contract() {
@@ -820,7 +833,7 @@ mod tests {
         let name = HeaderName::from_static("x-flinks-connection");
         let mut h = HeaderMap::new();
         h.insert(&name, HeaderValue::from_static("alice"));
-        assert_eq!(select(&mut h, &name).unwrap(), "alice");
+        assert_eq!(select(&mut h, &name).unwrap().as_str(), "alice");
         assert!(h.is_empty());
         for bad in [vec![], vec![""], vec!["a b"], vec!["alice", "bob"]] {
             let mut h = HeaderMap::new();

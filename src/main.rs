@@ -86,6 +86,10 @@ enum Command {
         /// Access token lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         expires_in: u64,
+        /// End users u0..u{N-1}, each with code `code-uI` (per-user
+        /// connections benchmark).
+        #[arg(long, default_value_t = 0)]
+        users: usize,
     },
 }
 
@@ -147,7 +151,8 @@ fn main() -> ExitCode {
             token_listen,
             api_listen,
             expires_in,
-        }) => sandbox(&token_listen, &api_listen, expires_in),
+            users,
+        }) => sandbox(&token_listen, &api_listen, expires_in, users),
     }
 }
 
@@ -580,12 +585,15 @@ async fn connections_command(
     Ok(())
 }
 
-fn sandbox(token_listen: &str, api_listen: &str, expires_in: u64) -> ExitCode {
+fn sandbox(token_listen: &str, api_listen: &str, expires_in: u64, users: usize) -> ExitCode {
     init_logging("warn", LogFormat::Text);
     exit(block_on(1, async {
-        use flinks_proxy::sandbox::{Sandbox, SandboxOptions};
+        use flinks_proxy::sandbox::{Sandbox, SandboxOptions, SandboxUser};
         let opts = SandboxOptions {
             expires_in: Some(expires_in),
+            users: (0..users)
+                .map(|i| SandboxUser::new(&format!("u{i}")))
+                .collect(),
             ..SandboxOptions::default()
         };
         let sb = Sandbox::start_on(opts, token_listen.parse()?, api_listen.parse()?).await?;

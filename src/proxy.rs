@@ -400,7 +400,7 @@ async fn token_for(
         },
         RouteTokens::Pool(pool) => {
             let id = crate::connections::select(headers, &pool.config().select_header)?;
-            let (conn, token) = pool.token(&id, deadline.into()).await?;
+            let (conn, token) = pool.token(id.as_str(), deadline.into()).await?;
             Ok((token, Some(conn)))
         }
     }
