@@ -540,12 +540,23 @@ impl Pool {
         g: Granted,
         sent: Secret,
     ) -> Result<Arc<Token>, PoolError> {
+        let refresh_token = Some(g.refresh_token.clone().unwrap_or(sent));
         let token = match Token::from_granted(&g, self.config.refresh_before) {
             Ok(t) => t,
-            Err(e) => return Err(self.failed(conn, &e).await),
+            Err(e) => {
+                // The access token is unusable, but a rotated refresh token
+                // must still be kept.
+                let keep = Tokens {
+                    refresh_token,
+                    access_token: None,
+                    access_expires_at: None,
+                };
+                self.commit(conn, &keep).await?;
+                return Err(self.failed(conn, &e).await);
+            }
         };
         let tokens = Tokens {
-            refresh_token: Some(g.refresh_token.clone().unwrap_or(sent)),
+            refresh_token,
             access_token: Some(g.access_token.clone()),
             access_expires_at: Some(expires_ms(&g)),
         };
