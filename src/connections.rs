@@ -319,7 +319,7 @@ impl Pool {
         }
         let now = Instant::now();
         if let Some(t) = conn.usable(now) {
-            if now >= t.refresh_at {
+            if now >= t.refresh_at && !self.backing_off(&conn) {
                 self.refresh_behind(&conn);
             }
             if loaded {

@@ -329,6 +329,7 @@ const STORE_OPS: &[&str] = &[
     "release",
     "record_failure",
     "counts",
+    "probe",
 ];
 
 /// Outcomes of token requests, as for credentials.

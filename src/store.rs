@@ -494,6 +494,14 @@ impl Store {
         .await
     }
 
+    /// Checks that the store takes writes now (a write that changes
+    /// nothing), before spending a single-use code on a grant whose result
+    /// could not be kept.
+    pub async fn probe_write(&self) -> Result<(), StoreError> {
+        self.timed("probe", async { backend!(self.probe_write()) })
+            .await
+    }
+
     /// Deletes a connection and its tokens; whether it existed.
     pub async fn delete(&self, pool: &str, id: &str) -> Result<bool, StoreError> {
         self.timed("delete", async { backend!(self.delete(pool, id)) })

@@ -155,6 +155,20 @@ impl Sqlite {
         Ok(())
     }
 
+    pub(super) async fn probe_write(&self) -> Result<(), StoreError> {
+        self.check_file().await?;
+        // A real change: SQLite skips writing rows that stay the same.
+        sqlx::query(
+            "INSERT INTO store_meta (name, value) VALUES ('probe', ?) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(super::now_ms().to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable("probe"))?;
+        Ok(())
+    }
+
     pub(super) async fn get(&self, pool: &str, id: &str) -> Result<Option<SealedRow>, StoreError> {
         self.check_file().await?;
         let sql = format!("SELECT {COLUMNS} FROM connections WHERE pool = ? AND id = ?");
