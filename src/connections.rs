@@ -705,6 +705,11 @@ impl Pool {
             ),
             Exchange::RefreshToken(rt) => (Grant::RefreshToken { refresh_token: rt }, Some(rt)),
         };
+        // A single-use code must not be spent on a grant the store cannot keep.
+        self.store
+            .probe_write()
+            .await
+            .map_err(AuthorizeError::Store)?;
         let result = token::grant::request(&self.endpoint, grant).await;
         self.metrics.token_request(
             result

@@ -239,14 +239,10 @@ impl Sqlite {
         now: i64,
     ) -> Result<(ConnectionInfo, bool), StoreError> {
         self.check_file().await?;
-        let mut tx = self.pool.begin().await.map_err(unavailable("authorize"))?;
-        let existed: Option<(i64,)> =
-            sqlx::query_as("SELECT 1 FROM connections WHERE pool = ? AND id = ?")
-                .bind(pool)
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(unavailable("authorize"))?;
+        // One statement: a read-then-write transaction could not wait for
+        // another writer (SQLite refuses the upgrade instead of blocking).
+        // A new row has created_at = authorized_at = now; a replaced one
+        // keeps its older created_at.
         let sql = format!(
             "INSERT INTO connections (pool, id, sub, state, created_at, authorized_at, \
              last_refresh_at, access_token_expires_at, refresh_token, access_token) \
@@ -256,7 +252,8 @@ impl Sqlite {
              authorized_at = excluded.authorized_at, last_refresh_at = NULL, \
              access_token_expires_at = excluded.access_token_expires_at, \
              refresh_token = excluded.refresh_token, access_token = excluded.access_token, \
-             lease_owner = NULL, lease_until = NULL RETURNING {COLUMNS}"
+             lease_owner = NULL, lease_until = NULL, created_at = MIN(created_at, excluded.created_at - 1) \
+             RETURNING {COLUMNS}"
         );
         let row = sqlx::query(&sql)
             .bind(pool)
@@ -267,11 +264,12 @@ impl Sqlite {
             .bind(t.access_expires_at)
             .bind(&t.refresh_token)
             .bind(&t.access_token)
-            .fetch_one(&mut *tx)
+            .fetch_one(&self.pool)
             .await
             .map_err(unavailable("authorize"))?;
-        tx.commit().await.map_err(unavailable("authorize"))?;
-        Ok((sealed_row(&row)?.info, existed.is_none()))
+        let info = sealed_row(&row)?.info;
+        let created = info.created_at == info.authorized_at;
+        Ok((info, created))
     }
 
     pub(super) async fn delete(&self, pool: &str, id: &str) -> Result<bool, StoreError> {
