@@ -25,7 +25,8 @@
 #
 # Settings: USERS (10000), CONNS (64), DURATION (60), WARM_DURATION (10),
 # EXPIRES (30), LOAD_CPU (0), SERVER_CPU (1), PORT_BASE (22000),
-# OUT (bench-results), SKIP_BUILD.
+# OUT (bench-results), SKIP_BUILD, PERF (set: `perf record` the proxy during
+# the warm pooled run; self time by symbol in bench-results/connections-perf.txt).
 
 set -euo pipefail
 
@@ -181,8 +182,16 @@ expected=$(awk -v u="$USERS" -v d="$DURATION" -v e="$EXPIRES" 'BEGIN { printf "%
 
 log "runs 2 and 3: warm pooled route vs credential route, ${WARM_DURATION} s each"
 t0=$(cpu_ticks "$PROXY_PID")
+if [[ -n ${PERF:-} ]]; then
+    perf record -F 999 -o "$WORK/perf.data" -p "$PROXY_PID" -- sleep "$WARM_DURATION" 2>/dev/null &
+    PERF_PID=$!
+fi
 pooled=$(run_wrk "$WORK/pooled.lua" "$WARM_DURATION")
 t1=$(cpu_ticks "$PROXY_PID")
+if [[ -n ${PERF:-} ]]; then
+    wait "$PERF_PID" || true
+    perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -40 >"$OUT/connections-perf.txt"
+fi
 cred=$(run_wrk "$WORK/cred.lua" "$WARM_DURATION")
 t2=$(cpu_ticks "$PROXY_PID")
 hz=$(getconf CLK_TCK)

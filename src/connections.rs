@@ -312,7 +312,7 @@ impl Pool {
     ) -> Result<(Arc<Conn>, Arc<Token>), PoolError> {
         let (conn, loaded) = match self.cache.get(id).await {
             Some(c) => (c, false),
-            None => (self.load(id).await?, true),
+            None => self.load(id).await?,
         };
         if conn.needs_reauthorization.load(Ordering::Acquire) {
             return Err(PoolError::Reauthorization(conn.id.clone()));
@@ -334,12 +334,13 @@ impl Pool {
     }
 
     /// Reads a connection from the store into the cache; concurrent misses
-    /// for one id share one read.
-    async fn load(&self, id: &str) -> Result<Arc<Conn>, PoolError> {
+    /// for one id share one read. `true` for the caller that read it.
+    async fn load(&self, id: &str) -> Result<(Arc<Conn>, bool), PoolError> {
         let pool = &self.config.name;
         let refresh_before = self.config.refresh_before;
         self.cache
-            .try_get_with(id.to_owned(), async {
+            .entry_by_ref(id)
+            .or_try_insert_with(async {
                 let record = self
                     .store
                     .get(pool, id)
@@ -355,6 +356,10 @@ impl Pool {
                 Ok(Arc::new(conn))
             })
             .await
+            .map(|entry| {
+                let fresh = entry.is_fresh();
+                (entry.into_value(), fresh)
+            })
             .map_err(|e: Arc<PoolError>| match &*e {
                 PoolError::NotFound(id) => PoolError::NotFound(id.clone()),
                 PoolError::Store(s) => PoolError::Store(Arc::clone(s)),

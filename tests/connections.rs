@@ -469,11 +469,21 @@ async fn no_token_appears_in_admin_answers_status_or_metrics() {
         ),
         Some(1.0)
     );
-    assert!(support::metric(
-        &metrics,
-        r#"flinks_proxy_connection_tokens_total{pool="users",source="memory"}"#
-    )
-    .is_some());
+    assert_eq!(
+        support::metric(
+            &metrics,
+            r#"flinks_proxy_connection_tokens_total{pool="users",source="store"}"#
+        ),
+        Some(1.0),
+        "the first request read alice from the store"
+    );
+    assert_eq!(
+        support::metric(
+            &metrics,
+            r#"flinks_proxy_connection_tokens_total{pool="users",source="refresh"}"#
+        ),
+        Some(0.0)
+    );
     assert!(support::metric(
         &metrics,
         r#"flinks_proxy_store_operations_total{op="authorize",outcome="ok"}"#
