@@ -71,6 +71,13 @@ fn readyz(state: &AppState) -> Response<ProxyBody> {
     if state.is_draining() {
         return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n");
     }
+    if state.store_pending() {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "waiting for the store: it cannot be reached yet\n",
+        );
+    }
     let waiting = state.not_ready();
     if waiting.is_empty() {
         reply(StatusCode::OK, "text/plain", "ready\n")
@@ -138,7 +145,8 @@ pub fn status(state: &AppState) -> serde_json::Value {
     let store = state.store.as_ref().map(|s| {
         serde_json::json!({
             "kind": s.kind(),
-            "healthy": s.is_healthy(),
+            "healthy": s.is_healthy() && s.is_initialized(),
+            "initialized": s.is_initialized(),
             "key_id": s.key_id(),
         })
     });

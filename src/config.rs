@@ -43,6 +43,10 @@ pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The store when `[store] url` is not set: one SQLite file next to the
 /// config, so a single instance needs no database server.
 pub const DEFAULT_STORE_URL: &str = "sqlite:connections.db";
+/// `[store] max_connections`: enough for a busy replica's refreshes and
+/// cold reads (a warm cache makes no store round trip), small enough that
+/// a few replicas fit PostgreSQL's default `max_connections` of 100.
+pub const DEFAULT_STORE_MAX_CONNECTIONS: u32 = 10;
 /// The header that names a connection on a pooled route.
 pub const DEFAULT_SELECT_HEADER: &str = "x-flinks-connection";
 /// Flinks answers 401 with `"code": "602"` when the user's consent is gone.
@@ -165,6 +169,7 @@ struct RawStore {
     key: SecretSource,
     #[serde(default)]
     old_keys: Vec<SecretSource>,
+    max_connections: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -399,6 +404,9 @@ pub struct StoreConfig {
     pub key: Secret,
     /// Keys that only open.
     pub old_keys: Vec<Secret>,
+    /// Database connections this process keeps at most (PostgreSQL; one
+    /// more is held for LISTEN).
+    pub max_connections: u32,
 }
 
 /// One `[connections.NAME]`: an OAuth client whose users' tokens are kept
@@ -981,10 +989,15 @@ impl Ctx {
                 .map_err(|m| self.err("store.url", m))?,
             None => Secret::new(DEFAULT_STORE_URL.to_owned()),
         };
+        let max_connections = s.max_connections.unwrap_or(DEFAULT_STORE_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(self.err("store.max_connections", "must be at least 1".into()));
+        }
         Ok(Some(StoreConfig {
             location: self.store_location(url)?,
             key,
             old_keys,
+            max_connections,
         }))
     }
 
@@ -994,10 +1007,11 @@ impl Ctx {
     fn store_location(&self, url: Secret) -> Result<StoreLocation, ConfigError> {
         let u = url.expose();
         if u.starts_with("postgres://") || u.starts_with("postgresql://") {
-            return Err(self.err(
-                "store.url",
-                "PostgreSQL stores are not supported by this version yet; use sqlite:PATH".into(),
-            ));
+            // The driver's parse errors name the part, never the URL.
+            return match <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(u) {
+                Ok(_) => Ok(StoreLocation::Postgres(url)),
+                Err(e) => Err(self.err("store.url", format!("not a valid PostgreSQL URL: {e}"))),
+            };
         }
         let Some(rest) = u.strip_prefix("sqlite:") else {
             return Err(self.err(
@@ -1532,12 +1546,23 @@ upstream = "https://ob.flinksapp.com"
             c.store.unwrap().location,
             StoreLocation::Sqlite(PathBuf::from("/etc/fp/data/c.db"))
         );
-        let pg = format!("[store]\nkey = \"{KEY}\"\nurl = \"postgres://u:hunter2@db/x\"");
-        let e = parse(&pooled(&pg, "", "connections = \"users\""))
+        let pg = format!("[store]\nkey = \"{KEY}\"\nurl = \"postgres://u:hunter2@db/x?sslmode=verify-full\"\nmax_connections = 3");
+        let c = parse(&pooled(&pg, "", "connections = \"users\"")).unwrap();
+        let sc = c.store.unwrap();
+        assert_eq!(sc.location.kind(), "postgres");
+        assert_eq!(sc.max_connections, 3);
+        assert!(!format!("{:?}", sc.location).contains("hunter2"));
+        let bad = format!(
+            "[store]\nkey = \"{KEY}\"\nurl = \"postgres://u:hunter2@db/x?sslmode=sometimes\""
+        );
+        let e = parse(&pooled(&bad, "", "connections = \"users\""))
             .unwrap_err()
             .to_string();
         assert!(e.contains("store.url"), "{e}");
         assert!(!e.contains("hunter2"), "{e}");
+        let zero = format!("[store]\nkey = \"{KEY}\"\nmax_connections = 0");
+        let e = parse(&pooled(&zero, "", "connections = \"users\"")).unwrap_err();
+        assert!(e.to_string().contains("store.max_connections"), "{e}");
     }
 
     #[test]

@@ -27,14 +27,24 @@ use crate::config::PoolConfig;
 use crate::metrics::PoolMetrics;
 use crate::secret::Secret;
 use crate::store::{
-    ConnectionInfo, ConnectionState, LastError, Lease, Record, Store, StoreError, Tokens,
+    Change, ChangeKind, ConnectionInfo, ConnectionState, LastError, Lease, Record, Store,
+    StoreError, Tokens,
 };
 use crate::token::{self, Endpoint, Grant, Granted, Token, TokenError};
+use tokio::sync::broadcast::error::RecvError;
 
 /// Longest connection id (CONNECTIONS.md).
 pub const MAX_ID_LEN: usize = 128;
-/// How often a waiter re-reads a row whose lease another holder has.
-const LEASE_POLL: Duration = Duration::from_millis(100);
+/// A waiter re-reads a row whose lease another holder has after this,
+/// doubling up to [`LEASE_POLL_MAX`] (bounded by `request_timeout`).
+const LEASE_POLL: Duration = Duration::from_millis(25);
+/// The longest wait between two reads of a leased row.
+const LEASE_POLL_MAX: Duration = Duration::from_millis(400);
+/// With a shared store, a connection in memory is read again (in the
+/// background) when a request uses it this long after the last read: the
+/// safety net under notifications, so a deletion or new tokens missed by the
+/// listener are seen within this bound plus one store read.
+pub const REVALIDATE_AFTER: Duration = Duration::from_secs(5);
 /// A lease outlives the token request it covers by this much.
 const LEASE_SLACK: Duration = Duration::from_secs(5);
 /// How often the per-state counts (`/status`, metrics) are read.
@@ -126,6 +136,11 @@ pub struct Conn {
     /// refresh token must not be lost, and no access token is used before
     /// its refresh token is committed.
     uncommitted: Mutex<Option<Tokens>>,
+    /// A shared store announced a change (or may have): read it again.
+    stale: AtomicBool,
+    /// When it was last read from the store.
+    checked: Mutex<Instant>,
+    revalidating: AtomicBool,
 }
 
 impl Conn {
@@ -139,7 +154,24 @@ impl Conn {
             flight: tokio::sync::Mutex::new(()),
             failure: Mutex::new(None),
             uncommitted: Mutex::new(None),
+            stale: AtomicBool::new(false),
+            checked: Mutex::new(Instant::now()),
+            revalidating: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a shared store's row must be read again.
+    fn due_for_check(&self, now: Instant) -> bool {
+        self.stale.load(Ordering::Acquire)
+            || now.saturating_duration_since(*lock(&self.checked)) >= REVALIDATE_AFTER
+    }
+
+    /// The connection was deleted or turned needs_reauthorization
+    /// elsewhere: its token must not be used any more.
+    fn revoke(&self, needs_reauthorization: bool) {
+        self.needs_reauthorization
+            .store(needs_reauthorization, Ordering::Release);
+        self.held.store(None);
     }
 
     /// Its id.
@@ -314,10 +346,13 @@ impl Pool {
             Some(c) => (c, false),
             None => self.load(id).await?,
         };
+        let now = Instant::now();
+        if !loaded && self.store.is_shared() && conn.due_for_check(now) {
+            self.revalidate_behind(&conn);
+        }
         if conn.needs_reauthorization.load(Ordering::Acquire) {
             return Err(PoolError::Reauthorization(conn.id.clone()));
         }
-        let now = Instant::now();
         if let Some(t) = conn.usable(now) {
             if now >= t.refresh_at && !self.backing_off(&conn) {
                 self.refresh_behind(&conn);
@@ -397,6 +432,93 @@ impl Pool {
         });
     }
 
+    /// Reads a cached connection again in the background (one at a time):
+    /// gone or needs_reauthorization stop its token; a newer stored token
+    /// (another replica refreshed) replaces the held one. A store outage
+    /// changes nothing: the token in memory keeps serving.
+    fn revalidate_behind(self: &Arc<Self>, conn: &Arc<Conn>) {
+        if conn.revalidating.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        conn.stale.store(false, Ordering::Release);
+        *lock(&conn.checked) = Instant::now();
+        let (pool, conn) = (Arc::clone(self), Arc::clone(conn));
+        tokio::spawn(async move {
+            let name = pool.config.name.as_str();
+            match pool.store.get(name, &conn.id).await {
+                Ok(None) => {
+                    conn.revoke(false);
+                    pool.evict(&conn).await;
+                }
+                Ok(Some(r)) if r.info.state == ConnectionState::NeedsReauthorization => {
+                    conn.revoke(true);
+                }
+                Ok(Some(r)) => {
+                    let held = conn.held.load().as_ref().map(|t| t.usable_until);
+                    if let Some(t) = stored_token(&r, pool.config.refresh_before) {
+                        if held.is_none_or(|h| t.usable_until > h) {
+                            let _ = pool.adopt(&conn, &r);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(pool = name, connection = %conn.id, error = %e, "cannot re-read the connection; the token in memory keeps serving");
+                }
+            }
+            conn.revalidating.store(false, Ordering::Release);
+        });
+    }
+
+    /// Removes `conn` from the cache if it is still the cached one.
+    async fn evict(&self, conn: &Arc<Conn>) {
+        let id = conn.id.clone();
+        let conn = Arc::clone(conn);
+        self.cache
+            .invalidate_entries_if(move |k, v| *k == id && Arc::ptr_eq(v, &conn))
+            .ok();
+    }
+
+    /// Follows a shared store's announcements (see [`crate::store::Change`]).
+    async fn apply(&self, change: Result<Change, RecvError>) {
+        let (id, kind, holder) = match change {
+            Ok(Change::Connection {
+                pool,
+                id,
+                kind,
+                holder,
+            }) if pool == self.config.name => (id, kind, holder),
+            Ok(Change::Connection { .. }) => return,
+            Ok(Change::All) | Err(RecvError::Lagged(_)) => {
+                for (_, c) in &self.cache {
+                    c.stale.store(true, Ordering::Release);
+                }
+                return;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        match kind {
+            ChangeKind::Created | ChangeKind::Reauthorized => self.cache.invalidate(&id).await,
+            ChangeKind::Deleted => {
+                if let Some(c) = self.cache.get(&id).await {
+                    c.revoke(false);
+                }
+                self.cache.invalidate(&id).await;
+            }
+            ChangeKind::NeedsReauthorization => {
+                if let Some(c) = self.cache.get(&id).await {
+                    c.revoke(true);
+                }
+            }
+            ChangeKind::Refreshed if holder != self.store.holder() => {
+                if let Some(c) = self.cache.get(&id).await {
+                    c.stale.store(true, Ordering::Release);
+                }
+            }
+            ChangeKind::Refreshed => return,
+        }
+        self.recount.notify_one();
+    }
+
     fn backing_off(&self, conn: &Conn) -> bool {
         conn.failure()
             .as_ref()
@@ -455,6 +577,7 @@ impl Pool {
         let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
         let store_err = |e: StoreError| PoolError::Store(Arc::new(e));
         let ttl = self.config.token_timeout + LEASE_SLACK;
+        let mut poll = LEASE_POLL;
         let record = loop {
             match self.store.lease(pool, id, ttl).await.map_err(store_err)? {
                 Lease::Taken(r) => break r,
@@ -466,7 +589,8 @@ impl Pool {
                     if let Some(t) = self.adopt(conn, &r) {
                         return Ok(t);
                     }
-                    tokio::time::sleep(LEASE_POLL).await;
+                    tokio::time::sleep(poll).await;
+                    poll = (poll * 2).min(LEASE_POLL_MAX);
                 }
             }
         };
@@ -774,6 +898,18 @@ impl Pool {
     /// Starts the task that reads the per-state counts (every few seconds,
     /// and after admin changes) into `/status` and the gauge.
     pub fn spawn(self: &Arc<Self>) {
+        if self.store.is_shared() {
+            let pool = Arc::clone(self);
+            let mut changes = self.store.subscribe();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = pool.cancel.cancelled() => return,
+                        c = changes.recv() => pool.apply(c).await,
+                    }
+                }
+            });
+        }
         let pool = Arc::clone(self);
         tokio::spawn(async move {
             loop {

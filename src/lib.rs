@@ -91,6 +91,51 @@ pub struct Running {
     proxy_task: Option<JoinHandle<()>>,
 }
 
+/// Opens the store. A database that cannot be reached does not stop the
+/// start: the proxy serves (in-memory tokens, `/readyz` naming the store)
+/// while a task retries with backoff, logging why. A store that answers but
+/// is wrong (key, schema) stops the start.
+async fn open_store(
+    sc: &config::StoreConfig,
+    metrics: &metrics::Metrics,
+) -> Result<Arc<store::Store>, StartError> {
+    let store = Arc::new(
+        store::Store::new(sc, metrics.store_kind(sc.location.kind()))
+            .await
+            .map_err(StartError::Store)?,
+    );
+    store.spawn_listener();
+    match store.init().await {
+        Ok(()) => {}
+        Err(e) if e.is_unavailable() => {
+            tracing::warn!(kind = store.kind(), error = %e, "the store cannot be reached; retrying in the background");
+            tokio::spawn(retry_store_init(Arc::downgrade(&store)));
+        }
+        Err(e) => return Err(StartError::Store(e)),
+    }
+    Ok(store)
+}
+
+/// Retries [`store::Store::init`] with backoff until it succeeds (or the
+/// store is dropped).
+async fn retry_store_init(store: std::sync::Weak<store::Store>) {
+    let mut delay = std::time::Duration::from_millis(500);
+    loop {
+        tokio::time::sleep(delay).await;
+        let Some(s) = store.upgrade() else { return };
+        match s.init().await {
+            Ok(()) => {
+                tracing::info!(kind = s.kind(), "store reached and initialized");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(kind = s.kind(), error = %e, retry_in = %humantime::format_duration(delay), "the store is still unavailable");
+            }
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(10));
+    }
+}
+
 /// Binds the listeners, starts the token sources and serves. Credentials
 /// with an authorization code to exchange do so before listening, so a
 /// refused code is a clear startup error.
@@ -100,11 +145,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let grace = config.server.shutdown_grace;
     let metrics = metrics::Metrics::new();
     let store = match &config.store {
-        Some(sc) => Some(Arc::new(
-            store::Store::open(sc, metrics.store())
-                .await
-                .map_err(StartError::Store)?,
-        )),
+        Some(sc) => Some(open_store(sc, &metrics).await?),
         None => None,
     };
     let state = AppState::with_store(config, metrics, store)

@@ -198,6 +198,12 @@ impl Metrics {
 
     /// Handles for the store (series initialised at 0 for every operation).
     pub fn store(&self) -> StoreMetrics {
+        self.store_kind("")
+    }
+
+    /// [`Metrics::store`] for a store of `kind` (`sqlite`, `postgres`): its
+    /// `flinks_proxy_store_up` series.
+    pub fn store_kind(&self, kind: &str) -> StoreMetrics {
         let f = &self.connections;
         for op in STORE_OPS {
             for outcome in ["ok", "error"] {
@@ -205,9 +211,14 @@ impl Metrics {
             }
             f.store_duration.with_label_values(&[op]);
         }
+        let up = (!kind.is_empty()).then(|| f.store_up.with_label_values(&[kind]));
+        if let Some(u) = &up {
+            u.set(1);
+        }
         StoreMetrics {
             ops: f.store_ops.clone(),
             duration: f.store_duration.clone(),
+            up,
         }
     }
 
@@ -356,6 +367,7 @@ struct ConnectionFamilies {
     tokens: IntCounterVec,
     store_ops: IntCounterVec,
     store_duration: HistogramVec,
+    store_up: IntGaugeVec,
 }
 
 impl ConnectionFamilies {
@@ -387,7 +399,17 @@ impl ConnectionFamilies {
         )
         .expect("valid metric");
         reg(Box::new(store_duration.clone()));
+        let store_up = IntGaugeVec::new(
+            Opts::new(
+                "flinks_proxy_store_up",
+                "1 while the store answers (its last operation succeeded), else 0",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        reg(Box::new(store_up.clone()));
         ConnectionFamilies {
+            store_up,
             connections,
             token_requests: counter(
                 "flinks_proxy_connection_token_requests_total",
@@ -414,9 +436,17 @@ impl ConnectionFamilies {
 pub struct StoreMetrics {
     ops: IntCounterVec,
     duration: HistogramVec,
+    up: Option<IntGauge>,
 }
 
 impl StoreMetrics {
+    /// Records whether the store answers.
+    pub fn set_up(&self, up: bool) {
+        if let Some(u) = &self.up {
+            u.set(i64::from(up));
+        }
+    }
+
     /// Counts and times one operation.
     pub fn observe(&self, op: &str, ok: bool, elapsed: std::time::Duration) {
         self.ops

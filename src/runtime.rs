@@ -394,6 +394,13 @@ impl AppState {
         self.runtime.load().start_new_sources(None, &self.metrics);
     }
 
+    /// Whether the store has never been reached since the start (readiness
+    /// waits for it; a later outage does not unready the proxy, whose
+    /// in-memory tokens still serve).
+    pub fn store_pending(&self) -> bool {
+        self.store.as_ref().is_some_and(|s| !s.is_initialized())
+    }
+
     /// Credentials still waiting for their first token; empty once the
     /// proxy has been ready (readiness is latched).
     pub fn not_ready(&self) -> Vec<String> {

@@ -1,6 +1,7 @@
 //! The store of per-user connections: one interface, [`Store`], over the
-//! database backends (`store/sqlite.rs` now; `store/postgres.rs` plugs in as
-//! another [`Backend`] variant with its own SQL and migrations).
+//! database backends (`store/sqlite.rs` for one instance,
+//! `store/postgres.rs` shared by replicas), each with its own SQL and
+//! migrations.
 //!
 //! `Store` owns what every backend shares: sealing and opening tokens
 //! ([`crypto`]), the key canary, operation metrics and the health flag.
@@ -9,10 +10,17 @@
 //! ([`Store::lease`]), re-reads it, and commits both tokens at once
 //! ([`Store::commit_refresh`]); a lease whose holder died expires.
 //!
+//! A shared store (PostgreSQL) also announces every change to a
+//! connection ([`Store::subscribe`]) so each replica's memory follows, and
+//! connects lazily: [`Store::new`] does no I/O, [`Store::init`] (migrations
+//! and canary) is retried by every operation until it succeeds, so a proxy
+//! starts while its database is down and recovers without a restart.
+//!
 //! This module does not call token endpoints or cache anything in memory
 //! (see `connections`).
 
 pub mod crypto;
+mod postgres;
 mod sqlite;
 
 use std::fmt;
@@ -20,6 +28,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{StoreConfig, StoreLocation};
 use crate::metrics::StoreMetrics;
@@ -169,6 +179,51 @@ pub(crate) struct SealedRow {
     pub(crate) access_token: Option<String>,
 }
 
+/// Reads a row of the `connections` table (both backends select the same
+/// columns under the same names).
+pub(crate) fn sealed_row<'r, R>(r: &'r R) -> Result<SealedRow, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let read = |source| StoreError::Unavailable { op: "read", source };
+    let get_i = |c: &str| r.try_get::<Option<i64>, _>(c).map_err(read);
+    let get_s = |c: &str| r.try_get::<Option<String>, _>(c).map_err(read);
+    let pool: String = r.try_get("pool").map_err(read)?;
+    let id: String = r.try_get("id").map_err(read)?;
+    let state_text: String = r.try_get("state").map_err(read)?;
+    let state = ConnectionState::parse(&state_text).ok_or_else(|| StoreError::Corrupt {
+        pool: pool.clone(),
+        id: id.clone(),
+        what: format!("unknown state {state_text:?}"),
+    })?;
+    let last_error = match (get_s("last_error")?, get_i("last_error_at")?) {
+        (Some(error), Some(at)) => Some(LastError {
+            error,
+            description: get_s("last_error_description")?,
+            at,
+        }),
+        _ => None,
+    };
+    Ok(SealedRow {
+        info: ConnectionInfo {
+            sub: get_s("sub")?,
+            state,
+            last_error,
+            created_at: get_i("created_at")?.unwrap_or(0),
+            authorized_at: get_i("authorized_at")?.unwrap_or(0),
+            last_refresh_at: get_i("last_refresh_at")?,
+            access_token_expires_at: get_i("access_token_expires_at")?,
+            pool,
+            id,
+        },
+        refresh_token: get_s("refresh_token")?,
+        access_token: get_s("access_token")?,
+    })
+}
+
 /// Tokens sealed for one row, ready to write.
 #[derive(Debug, Clone)]
 pub(crate) struct SealedTokens {
@@ -245,9 +300,6 @@ pub enum StoreError {
         #[source]
         source: CryptoError,
     },
-    /// A backend this binary does not have yet.
-    #[error("{0} stores are not supported by this version")]
-    Unsupported(&'static str),
     /// A row held a value the binary does not understand.
     #[error("connection {pool}/{id}: corrupt row ({what})")]
     Corrupt {
@@ -271,11 +323,71 @@ impl StoreError {
     }
 }
 
-/// The database behind a [`Store`]. A PostgreSQL variant (issue 10) is one
-/// more arm in each dispatch below and a `store/postgres.rs` with the same
-/// methods.
+/// What happened to a connection, as another replica (or this one) wrote
+/// it to a shared store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Inserted.
+    Created,
+    /// Authorized again (new tokens, active).
+    Reauthorized,
+    /// Turned `needs_reauthorization` (its tokens erased).
+    NeedsReauthorization,
+    /// New tokens committed by a refresh.
+    Refreshed,
+    /// Deleted.
+    Deleted,
+}
+
+/// A change announced by a shared store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Changes may have been missed (the listener (re)connected or lagged):
+    /// everything in memory must be checked again.
+    All,
+    /// One connection changed.
+    Connection {
+        /// Its pool.
+        pool: String,
+        /// Its id.
+        id: String,
+        /// What happened.
+        kind: ChangeKind,
+        /// For `Refreshed`: the lease holder that committed it.
+        holder: String,
+    },
+}
+
+impl Change {
+    /// Parses a notification payload, `pool/id/event/holder`.
+    pub fn parse(payload: &str) -> Option<Change> {
+        let mut parts = payload.splitn(4, '/');
+        let (pool, id, event) = (parts.next()?, parts.next()?, parts.next()?);
+        let kind = match event {
+            "created" => ChangeKind::Created,
+            "reauthorized" => ChangeKind::Reauthorized,
+            "needs_reauthorization" => ChangeKind::NeedsReauthorization,
+            "refreshed" => ChangeKind::Refreshed,
+            "deleted" => ChangeKind::Deleted,
+            _ => return None,
+        };
+        Some(Change::Connection {
+            pool: pool.to_owned(),
+            id: id.to_owned(),
+            kind,
+            holder: parts.next().unwrap_or("").to_owned(),
+        })
+    }
+}
+
+/// Changes buffered per subscriber; one that falls further behind gets
+/// [`Change::All`] semantics (`Lagged`).
+const CHANGE_BUFFER: usize = 4096;
+
+/// The database behind a [`Store`].
 enum Backend {
     Sqlite(sqlite::Sqlite),
+    Postgres(postgres::Postgres),
 }
 
 /// Calls the same method on whichever backend is configured.
@@ -283,6 +395,7 @@ macro_rules! backend {
     ($self:ident . $method:ident ( $($arg:expr),* )) => {
         match &$self.backend {
             Backend::Sqlite(b) => b.$method($($arg),*).await,
+            Backend::Postgres(b) => b.$method($($arg),*).await,
         }
     };
 }
@@ -297,6 +410,18 @@ pub struct Store {
     holder: String,
     healthy: AtomicBool,
     metrics: StoreMetrics,
+    /// Migrations and canary done (retried by operations until then).
+    initialized: tokio::sync::OnceCell<()>,
+    /// Announced changes (shared stores only).
+    changes: broadcast::Sender<Change>,
+    /// Stops the listener with the store.
+    cancel: CancellationToken,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
 }
 
 impl fmt::Debug for Store {
@@ -322,6 +447,14 @@ impl Store {
     /// Opens (creating if needed) the store: schema check and migrations,
     /// then the key canary. A store written with another key is refused.
     pub async fn open(config: &StoreConfig, metrics: StoreMetrics) -> Result<Store, StoreError> {
+        let store = Store::new(config, metrics).await?;
+        store.init().await?;
+        Ok(store)
+    }
+
+    /// The store without its initialization: an SQLite file is opened and
+    /// migrated, a PostgreSQL pool is only configured (no connection yet).
+    pub async fn new(config: &StoreConfig, metrics: StoreMetrics) -> Result<Store, StoreError> {
         let sealer = sealer(config).map_err(|what| StoreError::Corrupt {
             pool: String::new(),
             id: String::new(),
@@ -329,39 +462,108 @@ impl Store {
         })?;
         let backend = match &config.location {
             StoreLocation::Sqlite(path) => Backend::Sqlite(sqlite::Sqlite::open(path).await?),
-            StoreLocation::Postgres(_) => return Err(StoreError::Unsupported("PostgreSQL")),
+            StoreLocation::Postgres(url) => {
+                Backend::Postgres(postgres::Postgres::new(url, config.max_connections)?)
+            }
         };
-        let store = Store {
+        Ok(Store {
             backend,
             sealer,
             kind: config.location.kind(),
             holder: format!("{:016x}", rand::random::<u64>()),
             healthy: AtomicBool::new(true),
             metrics,
-        };
-        store.check_canary().await?;
-        Ok(store)
+            initialized: tokio::sync::OnceCell::new(),
+            changes: broadcast::channel(CHANGE_BUFFER).0,
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    /// Migrations (PostgreSQL) and the key canary, once; until it succeeds
+    /// every operation tries it first.
+    pub async fn init(&self) -> Result<(), StoreError> {
+        self.initialized
+            .get_or_try_init(|| async {
+                let r = async {
+                    if let Backend::Postgres(b) = &self.backend {
+                        b.init().await?;
+                    }
+                    self.check_canary().await
+                }
+                .await;
+                self.set_healthy(r.as_ref().map_or_else(|e| !e.is_unavailable(), |()| true));
+                r
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Whether [`Store::init`] has succeeded.
+    pub fn is_initialized(&self) -> bool {
+        self.initialized.initialized()
     }
 
     async fn check_canary(&self) -> Result<(), StoreError> {
-        match backend!(self.get_meta("canary"))? {
-            Some(sealed) => match self.sealer.open(CANARY, &sealed) {
-                Ok(v) if v == CANARY_PLAINTEXT => Ok(()),
-                _ => Err(StoreError::KeyMismatch {
-                    found: Sealer::key_id_of(&sealed).unwrap_or("?").to_owned(),
-                    known: self.sealer.known_ids().join(", "),
-                }),
-            },
+        let sealed = match backend!(self.get_meta("canary"))? {
+            Some(sealed) => sealed,
             None => {
+                // Two replicas creating the store together: the first wins.
                 let sealed = self.seal(CANARY, CANARY_PLAINTEXT)?;
-                backend!(self.put_meta("canary", &sealed))
+                backend!(self.put_meta_if_absent("canary", &sealed))?;
+                backend!(self.get_meta("canary"))?.unwrap_or(sealed)
             }
+        };
+        match self.sealer.open(CANARY, &sealed) {
+            Ok(v) if v == CANARY_PLAINTEXT => Ok(()),
+            _ => Err(StoreError::KeyMismatch {
+                found: Sealer::key_id_of(&sealed).unwrap_or("?").to_owned(),
+                known: self.sealer.known_ids().join(", "),
+            }),
         }
+    }
+
+    /// Whether several processes share this store (PostgreSQL): memory must
+    /// then follow [`Store::subscribe`] and be re-checked.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// Changes to connections as the store announces them (nothing for
+    /// SQLite, which one process owns).
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// Starts listening for changes (PostgreSQL), until the store is
+    /// dropped.
+    pub fn spawn_listener(&self) {
+        if !self.is_shared() {
+            return;
+        }
+        let Backend::Postgres(pg) = &self.backend else {
+            return;
+        };
+        // The task does not keep the store alive: it listens through its
+        // own connection and stops when the store is dropped.
+        let listener = pg.listener();
+        let (tx, cancel) = (self.changes.clone(), self.cancel.clone());
+        tokio::spawn(listener.listen(tx, cancel));
+    }
+
+    /// This process's lease holder name (a refresh it committed is not news
+    /// to it).
+    pub fn holder(&self) -> &str {
+        &self.holder
     }
 
     /// `sqlite` or `postgres`.
     pub fn kind(&self) -> &'static str {
         self.kind
+    }
+
+    fn set_healthy(&self, ok: bool) {
+        self.healthy.store(ok, Ordering::Relaxed);
+        self.metrics.set_up(ok);
     }
 
     /// Whether the last operation succeeded.
@@ -376,12 +578,15 @@ impl Store {
         f: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let start = Instant::now();
-        let r = f.await;
+        let r = match self.init().await {
+            Ok(()) => f.await,
+            Err(e) => Err(e),
+        };
         let ok = match &r {
             Ok(_) => true,
             Err(e) => !e.is_unavailable(),
         };
-        self.healthy.store(ok, Ordering::Relaxed);
+        self.set_healthy(ok);
         self.metrics.observe(op, r.is_ok(), start.elapsed());
         if let Err(e) = &r {
             tracing::warn!(op, error = %e, "store operation failed");
@@ -645,6 +850,7 @@ mod tests {
             location: StoreLocation::Sqlite(dir.join("c.db")),
             key: Secret::new(key.to_owned()),
             old_keys: vec![],
+            max_connections: 1,
         }
     }
 
@@ -716,7 +922,9 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        let Backend::Sqlite(b) = &store.backend;
+        let Backend::Sqlite(b) = &store.backend else {
+            unreachable!("an SQLite config")
+        };
         b.insert_fake_migration(9999).await;
         drop(store);
         let e = Store::open(&cfg, Metrics::new().store()).await.unwrap_err();

@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
-use sqlx::Row;
 
-use super::{ConnectionInfo, ConnectionState, LastError, SealedRow, SealedTokens, StoreError};
+use super::{
+    sealed_row, ConnectionInfo, ConnectionState, LastError, SealedRow, SealedTokens, StoreError,
+};
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -152,6 +153,24 @@ impl Sqlite {
             .execute(&self.pool)
             .await
             .map_err(unavailable("put_meta"))?;
+        Ok(())
+    }
+
+    /// Only for the canary (see the PostgreSQL backend).
+    pub(super) async fn put_meta_if_absent(
+        &self,
+        name: &str,
+        value: &str,
+    ) -> Result<(), StoreError> {
+        self.check_file().await?;
+        sqlx::query(
+            "INSERT INTO store_meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(value)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable("put_meta"))?;
         Ok(())
     }
 
@@ -461,43 +480,4 @@ impl Sqlite {
         .await
         .expect("fake migration");
     }
-}
-
-fn sealed_row(r: &sqlx::sqlite::SqliteRow) -> Result<SealedRow, StoreError> {
-    let pool: String = r.try_get("pool").map_err(unavailable("read"))?;
-    let id: String = r.try_get("id").map_err(unavailable("read"))?;
-    let get_i = |c: &str| r.try_get::<Option<i64>, _>(c).map_err(unavailable("read"));
-    let get_s = |c: &str| {
-        r.try_get::<Option<String>, _>(c)
-            .map_err(unavailable("read"))
-    };
-    let state_text: String = r.try_get("state").map_err(unavailable("read"))?;
-    let state = ConnectionState::parse(&state_text).ok_or_else(|| StoreError::Corrupt {
-        pool: pool.clone(),
-        id: id.clone(),
-        what: format!("unknown state {state_text:?}"),
-    })?;
-    let last_error = match (get_s("last_error")?, get_i("last_error_at")?) {
-        (Some(error), Some(at)) => Some(LastError {
-            error,
-            description: get_s("last_error_description")?,
-            at,
-        }),
-        _ => None,
-    };
-    Ok(SealedRow {
-        info: ConnectionInfo {
-            sub: get_s("sub")?,
-            state,
-            last_error,
-            created_at: get_i("created_at")?.unwrap_or(0),
-            authorized_at: get_i("authorized_at")?.unwrap_or(0),
-            last_refresh_at: get_i("last_refresh_at")?,
-            access_token_expires_at: get_i("access_token_expires_at")?,
-            pool,
-            id,
-        },
-        refresh_token: get_s("refresh_token")?,
-        access_token: get_s("access_token")?,
-    })
 }
