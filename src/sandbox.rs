@@ -375,6 +375,12 @@ impl Sandbox {
             .unwrap_or(0)
     }
 
+    /// The most token requests handled at once for any one user (with
+    /// single flight per connection: 1).
+    pub fn max_user_token_requests_in_flight(&self) -> u64 {
+        lock(&self.shared.users).max_in_flight
+    }
+
     /// The user's live refresh tokens (changes when rotating).
     pub fn user_refresh_tokens(&self, sub: &str) -> Vec<String> {
         lock(&self.shared.users)
@@ -458,6 +464,46 @@ struct Users {
     revoked: std::collections::HashSet<String>,
     /// Token requests per sub.
     requests: HashMap<String, u64>,
+    /// Token requests per sub being handled now.
+    in_flight: HashMap<String, u64>,
+    /// The most token requests ever handled at once for one sub.
+    max_in_flight: u64,
+}
+
+/// Counts a token request for one user while it is handled.
+struct UserFlight<'a> {
+    shared: &'a Shared,
+    sub: Option<String>,
+}
+
+impl<'a> UserFlight<'a> {
+    /// The sub whose code or refresh token `params` presents, if any.
+    fn enter(shared: &'a Shared, params: Option<&Params>) -> UserFlight<'a> {
+        let mut users = lock(&shared.users);
+        let sub = params.and_then(|p| {
+            p.get("refresh_token")
+                .and_then(|rt| users.refresh.get(rt))
+                .or_else(|| p.get("code").and_then(|c| users.codes.get(c)))
+                .cloned()
+        });
+        if let Some(sub) = &sub {
+            let n = users.in_flight.entry(sub.clone()).or_default();
+            *n += 1;
+            let n = *n;
+            users.max_in_flight = users.max_in_flight.max(n);
+        }
+        UserFlight { shared, sub }
+    }
+}
+
+impl Drop for UserFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(sub) = &self.sub {
+            if let Some(n) = lock(&self.shared.users).in_flight.get_mut(sub) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -790,6 +836,7 @@ async fn handle_token(shared: &Shared, req: Request<Incoming>) -> Response<Body>
         Ok(collected) => parse_params(&parts.headers, &collected.to_bytes()),
         Err(_) => Err("The request body could not be read or is too large"),
     };
+    let _user_flight = UserFlight::enter(shared, params.as_ref().ok());
     let grant = params.as_ref().ok().and_then(|p| p.get("grant_type"));
     let grant = grant.and_then(|g| Grant::parse(g));
     if let Some(grant) = grant {

@@ -79,7 +79,11 @@ impl PgCluster {
                 .arg(&root)
                 .status()
                 .expect("chown");
-            assert!(status.success(), "chown of {} to postgres failed", root.display());
+            assert!(
+                status.success(),
+                "chown of {} to postgres failed",
+                root.display()
+            );
         }
         let cluster = PgCluster {
             port: free_port(),
@@ -103,23 +107,40 @@ impl PgCluster {
                 "UTF8",
             ],
         );
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         cluster.start_server();
         cluster
     }
 
     /// Starts (or restarts after [`PgCluster::stop`]) the server on the same
-    /// port and data folder, waiting until it accepts connections.
+    /// port and data folder, waiting until it accepts connections. `fsync`
+    /// is off (the OS keeps what a killed server wrote), but commits wait
+    /// for their WAL write: an immediate stop must not lose them.
     pub fn start_server(&self) {
         let opts = format!(
-            "-p {} -h 127.0.0.1 -k {} -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+            "-p {} -h 127.0.0.1 -k {} -c fsync=off -c full_page_writes=off -c max_connections=200",
             self.port,
             path_str(&self.root)
         );
         let log = self.root.join("server.log");
         let out = self.run(
             "pg_ctl",
-            &["-D", path_str(&self.root.join("data")), "-o", &opts, "-l", path_str(&log), "-w", "-t", "60", "start"],
+            &[
+                "-D",
+                path_str(&self.root.join("data")),
+                "-o",
+                &opts,
+                "-l",
+                path_str(&log),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
         );
         assert!(
             out.status.success(),
@@ -133,7 +154,14 @@ impl PgCluster {
     pub fn stop(&self) {
         let _ = self.run(
             "pg_ctl",
-            &["-D", path_str(&self.root.join("data")), "-m", "immediate", "-w", "stop"],
+            &[
+                "-D",
+                path_str(&self.root.join("data")),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
         );
     }
 
@@ -144,16 +172,31 @@ impl PgCluster {
 
     /// A connection URL for database `db` (with the superuser's password).
     pub fn url(&self, db: &str) -> String {
-        format!("postgres://postgres:{PASSWORD}@127.0.0.1:{}/{db}", self.port)
+        format!(
+            "postgres://postgres:{PASSWORD}@127.0.0.1:{}/{db}",
+            self.port
+        )
     }
 
     /// Creates database `db`.
     pub fn create_database(&self, db: &str) {
         let out = self.run(
             "createdb",
-            &["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", db],
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                db,
+            ],
         );
-        assert!(out.status.success(), "createdb {db} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "createdb {db} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Runs one of the cluster's binaries, as `postgres` when we are root.

@@ -1,0 +1,498 @@
+//! Replicas on a shared PostgreSQL store (issue 10, CONNECTIONS.md "Store"):
+//! the backend's store behaviour, a database outage, visibility across
+//! replicas, and a fleet of three real proxy processes. Every test starts
+//! its own throwaway cluster (`support::postgres`).
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flinks_proxy::config::{StoreConfig, StoreLocation};
+use flinks_proxy::metrics::Metrics;
+use flinks_proxy::sandbox::{Sandbox, SandboxOptions, SandboxUser};
+use flinks_proxy::secret::Secret;
+use flinks_proxy::store::{Lease, Store, StoreError, Tokens};
+use http::Request;
+use http_body_util::Full;
+use support::connections::{admin, connect, get_as, new_key, API_TOKEN, SELECT};
+use support::postgres::{PgCluster, PASSWORD};
+use support::{client, send, ProxyProcess, Resp, TempDir};
+
+fn store_config(url: &str, key: &str) -> StoreConfig {
+    StoreConfig {
+        location: StoreLocation::Postgres(Secret::new(url.to_owned())),
+        key: Secret::new(key.to_owned()),
+        old_keys: vec![],
+        max_connections: 4,
+    }
+}
+
+fn tokens(rt: &str, at: &str) -> Tokens {
+    Tokens {
+        refresh_token: Some(Secret::new(rt.to_owned())),
+        access_token: Some(Secret::new(at.to_owned())),
+        access_expires_at: Some(flinks_proxy::store::now_ms() + 60_000),
+    }
+}
+
+/// A proxy config on a PostgreSQL store, pool `users` on the sandbox.
+fn pg_toml(sb: &Sandbox, url: &str, key: &str) -> String {
+    let o = SandboxOptions::default();
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+request_timeout = "10s"
+
+[admin]
+listen = "127.0.0.1:0"
+api_token = "{API_TOKEN}"
+
+[store]
+url = "{url}"
+key = "{key}"
+max_connections = 4
+
+[connections.users]
+token_url = "{token_url}"
+client_id = "{client_id}"
+client_secret = "{client_secret}"
+redirect_uri = "{redirect_uri}"
+token_timeout = "2s"
+
+[routes.ob]
+path_prefix = "/"
+upstream = "{api}"
+connections = "users"
+"#,
+        token_url = sb.token_url(),
+        client_id = o.client_id,
+        client_secret = o.client_secret,
+        redirect_uri = o.redirect_uri,
+        api = sb.api_url(),
+    )
+}
+
+async fn users_sandbox(subs: &[String], expires_in: u64) -> Sandbox {
+    Sandbox::start(SandboxOptions {
+        users: subs.iter().map(|s| SandboxUser::new(s)).collect(),
+        expires_in: Some(expires_in),
+        rotate_refresh_tokens: true,
+        ..SandboxOptions::default()
+    })
+    .await
+    .expect("sandbox")
+}
+
+/// Polls `f` until it returns true (up to `limit`).
+async fn eventually<F, Fut>(limit: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_backend_keeps_the_store_contract() {
+    let pg = PgCluster::start();
+    pg.create_database("contract");
+    let url = pg.url("contract");
+    let key = new_key();
+    let a = Store::open(&store_config(&url, &key), Metrics::new().store())
+        .await
+        .expect("open");
+    assert_eq!(a.kind(), "postgres");
+    let (info, created) = a
+        .authorize("users", "alice", Some("sub-a"), &tokens("rt", "at"))
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(info.sub.as_deref(), Some("sub-a"));
+    let (_, created) = a
+        .authorize("users", "alice", Some("sub-a"), &tokens("rt1", "at1"))
+        .await
+        .unwrap();
+    assert!(!created, "a second authorize replaces");
+    // Another replica: same store, another lease holder.
+    let b = Store::open(&store_config(&url, &key), Metrics::new().store())
+        .await
+        .unwrap();
+    let ttl = Duration::from_secs(60);
+    assert!(matches!(
+        a.lease("users", "alice", ttl).await.unwrap(),
+        Lease::Taken(_)
+    ));
+    assert!(matches!(
+        b.lease("users", "alice", ttl).await.unwrap(),
+        Lease::Busy(_)
+    ));
+    assert!(
+        !b.commit_refresh("users", "alice", &tokens("x", "y"))
+            .await
+            .unwrap(),
+        "not the holder"
+    );
+    assert!(a
+        .commit_refresh("users", "alice", &tokens("rt2", "at2"))
+        .await
+        .unwrap());
+    match b.lease("users", "alice", Duration::ZERO).await.unwrap() {
+        Lease::Taken(r) => assert_eq!(r.tokens.refresh_token.unwrap().expose(), "rt2"),
+        l => panic!("{l:?}"),
+    }
+    // b's lease had a zero TTL: it expired, so a takes it (a dead holder's
+    // lease frees itself).
+    assert!(matches!(
+        a.lease("users", "alice", ttl).await.unwrap(),
+        Lease::Taken(_)
+    ));
+    a.release("users", "alice").await.unwrap();
+    assert!(matches!(
+        b.lease("users", "alice", ttl).await.unwrap(),
+        Lease::Taken(_)
+    ));
+    assert!(matches!(
+        b.lease("users", "nobody", ttl).await.unwrap(),
+        Lease::Gone
+    ));
+    let listed = b.list("users", None, None, 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(b.counts("users").await.unwrap().len(), 1);
+    // Sealed at rest.
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let (rt,): (String,) =
+        sqlx::query_as("SELECT refresh_token FROM connections WHERE id = 'alice'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(!rt.contains("rt2"), "{rt}");
+    assert!(b.delete("users", "alice").await.unwrap());
+    assert!(b.get("users", "alice").await.unwrap().is_none());
+    // Another key is refused; a newer schema is refused.
+    let e = Store::open(&store_config(&url, &new_key()), Metrics::new().store())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::KeyMismatch { .. }), "{e}");
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'from the future', TRUE, '\\x00'::BYTEA, 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let e = Store::open(&store_config(&url, &key), Metrics::new().store())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::SchemaTooNew { found: 9999, .. }),
+        "{e}"
+    );
+    // A database that cannot be reached: a clear error without the password.
+    let down = format!("postgres://postgres:{PASSWORD}@127.0.0.1:1/contract");
+    let e = Store::open(&store_config(&down, &key), Metrics::new().store())
+        .await
+        .unwrap_err();
+    assert!(e.is_unavailable(), "{e}");
+    let shown = format!("{e} {e:?} {:?}", store_config(&down, &key));
+    assert!(!shown.contains(PASSWORD), "{shown}");
+}
+
+async fn status(p: &flinks_proxy::Running) -> serde_json::Value {
+    support::get(&support::admin_url(p, "/status")).await.json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_spares_users_in_memory_and_heals_without_restart() {
+    let pg = PgCluster::start();
+    pg.create_database("outage");
+    let subs: Vec<String> = ["alice", "bob"].iter().map(|s| s.to_string()).collect();
+    let sb = users_sandbox(&subs, 3600).await;
+    let p = support::start_proxy(&pg_toml(&sb, &pg.url("outage"), &new_key())).await;
+    connect(&p, "alice").await;
+    connect(&p, "bob").await;
+    assert_eq!(get_as(&p, "/api/fdx/5/accounts", "alice").await.status, 200);
+    assert_eq!(status(&p).await["store"]["healthy"], true);
+
+    pg.stop();
+    let r = get_as(&p, "/api/fdx/5/accounts", "alice").await;
+    assert_eq!(r.status, 200, "alice's token is in memory: {}", r.text());
+    let r = get_as(&p, "/api/fdx/5/accounts", "bob").await;
+    assert_eq!(
+        r.status,
+        503,
+        "bob must be read from the store: {}",
+        r.text()
+    );
+    assert_eq!(r.json()["error"], "store_unavailable");
+    assert!(r.header("retry-after").is_some());
+    let s = status(&p).await;
+    assert_eq!(s["store"]["healthy"], false, "{s}");
+    let m = support::get(&support::admin_url(&p, "/metrics"))
+        .await
+        .text();
+    assert_eq!(
+        support::metric(&m, "flinks_proxy_store_up{kind=\"postgres\"}"),
+        Some(0.0),
+        "{m}"
+    );
+    assert!(!s.to_string().contains(PASSWORD));
+
+    pg.start_server();
+    let healed = eventually(Duration::from_secs(30), || async {
+        get_as(&p, "/api/fdx/5/accounts", "bob").await.status == 200
+    })
+    .await;
+    assert!(
+        healed,
+        "bob works again once PostgreSQL is back, without a restart"
+    );
+    assert_eq!(status(&p).await["store"]["healthy"], true);
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_made_on_one_replica_works_on_another_and_its_deletion_follows() {
+    let pg = PgCluster::start();
+    pg.create_database("visible");
+    let subs: Vec<String> = ["alice"].iter().map(|s| s.to_string()).collect();
+    let sb = users_sandbox(&subs, 3600).await;
+    let toml = pg_toml(&sb, &pg.url("visible"), &new_key());
+    let a = support::start_proxy(&toml).await;
+    let b = support::start_proxy(&toml).await;
+    connect(&a, "alice").await;
+    let r = get_as(&b, "/api/fdx/5/accounts", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        sb.user_token_requests("alice"),
+        1,
+        "b used the token a stored"
+    );
+
+    let r = admin(&a, "DELETE", "/connections/users/alice", None).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let deleted = Instant::now();
+    let gone = eventually(Duration::from_secs(20), || async {
+        get_as(&b, "/api/fdx/5/accounts", "alice").await.status == 404
+    })
+    .await;
+    assert!(gone, "b stops using a deleted connection");
+    // Bound: the notification, else the 5 s re-validation.
+    let took = deleted.elapsed();
+    assert!(
+        took < flinks_proxy::connections::REVALIDATE_AFTER + Duration::from_secs(5),
+        "{took:?}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// One proxied request of the fleet test.
+struct Outcome {
+    replica: usize,
+    sent: Instant,
+    done: Instant,
+    status: u16,
+    body: String,
+}
+
+async fn fleet_get(url: String, user: String) -> (u16, String) {
+    let req = Request::get(url)
+        .header(SELECT, user)
+        .body(Full::<Bytes>::default())
+        .expect("request");
+    let c = client();
+    match tokio::time::timeout(Duration::from_secs(15), c.request(req)).await {
+        Ok(Ok(resp)) => {
+            let status = resp.status().as_u16();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                .unwrap_or_default();
+            (status, body)
+        }
+        Ok(Err(e)) => (0, e.to_string()),
+        Err(_) => (0, "timed out".into()),
+    }
+}
+
+async fn admin_post(admin_url: String, sub: &str) -> Resp {
+    let req = Request::post(format!("{admin_url}/connections/users"))
+        .header("authorization", format!("Bearer {API_TOKEN}"))
+        .body(Full::new(Bytes::from(
+            serde_json::json!({"code": format!("code-{sub}"), "id": sub}).to_string(),
+        )))
+        .expect("request");
+    send(&client(), req).await
+}
+
+/// Three real proxy processes on one PostgreSQL, 24 users with rotating
+/// refresh tokens and 3 s access tokens, load over the replicas for ~14 s,
+/// one replica killed with SIGKILL, the database restarted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_of_three_shares_one_token_per_user_per_expiry() {
+    const USERS: usize = 24;
+    const LIFETIME: Duration = Duration::from_secs(3);
+    let pg = PgCluster::start();
+    pg.create_database("fleet");
+    let subs: Vec<String> = (0..USERS).map(|i| format!("user{i:02}")).collect();
+    let sb = users_sandbox(&subs, LIFETIME.as_secs()).await;
+    sb.set_token_delay(Duration::from_millis(100));
+    let dir = TempDir::new();
+    let config = dir.write("proxy.toml", pg_toml(&sb, &pg.url("fleet"), &new_key()));
+    let mut replicas: Vec<ProxyProcess> =
+        (0..3).map(|_| ProxyProcess::start(&config, &[])).collect();
+    let urls: Vec<String> = replicas
+        .iter()
+        .map(|r| r.url("/api/fdx/5/accounts"))
+        .collect();
+    let admins: Vec<String> = replicas.iter().map(|r| r.admin("")).collect();
+    // Each user connects through one replica and is used through all.
+    for (i, sub) in subs.iter().enumerate() {
+        let r = admin_post(admins[i % 3].clone(), sub).await;
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+    let start = Instant::now();
+    let killed = Arc::new(AtomicBool::new(false));
+    let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
+    let run_for = Duration::from_secs(14);
+    let mut workers = Vec::new();
+    for w in 0..8usize {
+        let (urls, subs, killed, outcomes) = (
+            urls.clone(),
+            subs.clone(),
+            Arc::clone(&killed),
+            Arc::clone(&outcomes),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut n = w;
+            while start.elapsed() < run_for {
+                n += 1;
+                let user = subs[(n * 7 + w) % subs.len()].clone();
+                let mut replica = n % 3;
+                if replica == 2 && killed.load(Ordering::Acquire) {
+                    replica = n % 2;
+                }
+                let sent = Instant::now();
+                let (status, body) = fleet_get(urls[replica].clone(), user).await;
+                outcomes.lock().unwrap().push(Outcome {
+                    replica,
+                    sent,
+                    done: Instant::now(),
+                    status,
+                    body,
+                });
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    killed.store(true, Ordering::Release);
+    replicas[2].child.kill().expect("SIGKILL replica 2");
+    let killed_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let db_down = Instant::now();
+    pg.stop();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    pg.start_server();
+    let db_up = Instant::now();
+    for w in workers {
+        w.await.expect("worker");
+    }
+    let elapsed = start.elapsed();
+
+    // Allowed failures: requests sent to replica 2 before it was killed and
+    // answered after (in flight at the kill); and, while the database was
+    // down (until it was up again plus one pool reconnect), 503
+    // store_unavailable for users whose token was not usable in memory.
+    let reconnect_grace = Duration::from_secs(4);
+    let outcomes = outcomes.lock().unwrap();
+    let mut in_flight_at_kill = 0;
+    let mut store_unavailable = 0;
+    let mut failures = Vec::new();
+    for o in outcomes.iter().filter(|o| o.status != 200) {
+        if o.replica == 2 && o.sent <= killed_at + Duration::from_millis(50) && o.done >= killed_at
+        {
+            in_flight_at_kill += 1;
+        } else if o.status == 503
+            && o.body.contains("store_unavailable")
+            && o.done >= db_down
+            && o.sent <= db_up + reconnect_grace
+        {
+            store_unavailable += 1;
+        } else {
+            failures.push(format!(
+                "replica {} at {:?}: {} {}",
+                o.replica,
+                o.sent - start,
+                o.status,
+                o.body
+            ));
+        }
+    }
+    let total = outcomes.len();
+    let refreshes: Vec<u64> = subs.iter().map(|s| sb.user_token_requests(s) - 1).collect();
+    let total_refreshes: u64 = refreshes.iter().sum();
+    // Refresh ahead renews a 3 s token after half its life: one expiry
+    // cycle per 1.5 s per user, for the whole fleet together.
+    let cycles = elapsed.as_secs_f64() / (LIFETIME.as_secs_f64() / 2.0);
+    let per_cycle = total_refreshes as f64 / (USERS as f64 * cycles);
+    eprintln!(
+        "fleet: {total} requests in {elapsed:?}, {in_flight_at_kill} in flight at the kill, \
+         {store_unavailable} store_unavailable during the database restart, \
+         {total_refreshes} refreshes ({per_cycle:.2} per user per renewal cycle), \
+         max per user in flight {}, expired tokens sent {}",
+        sb.max_user_token_requests_in_flight(),
+        sb.expired_token_requests()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(total > 500, "load was spread: {total}");
+    assert_eq!(sb.expired_token_requests(), 0, "no expired token sent");
+    assert_eq!(
+        sb.max_user_token_requests_in_flight(),
+        1,
+        "one token request per user at a time, fleet-wide"
+    );
+    assert!(
+        per_cycle < 1.6,
+        "about one refresh per user per cycle, not one per replica: {per_cycle:.2}"
+    );
+    assert!(
+        refreshes.iter().all(|&r| r >= 2),
+        "every user was refreshed: {refreshes:?}"
+    );
+    // Every user still works at the end, on both live replicas.
+    for sub in &subs {
+        for url in &urls[..2] {
+            let (status, body) = fleet_get(url.clone(), sub.clone()).await;
+            assert_eq!(status, 200, "{sub}: {body}");
+        }
+    }
+    for r in &replicas[..2] {
+        let log = r.log();
+        assert!(
+            !log.contains(PASSWORD),
+            "the database password is never logged"
+        );
+        let s = support::get(&r.admin("/status")).await.text();
+        assert!(!s.contains(PASSWORD), "{s}");
+    }
+    for r in &mut replicas {
+        let _ = r.child.kill();
+    }
+}
