@@ -387,7 +387,7 @@ const CHANGE_BUFFER: usize = 4096;
 /// The database behind a [`Store`].
 enum Backend {
     Sqlite(sqlite::Sqlite),
-    Postgres(postgres::Postgres),
+    Postgres(Box<postgres::Postgres>),
 }
 
 /// Calls the same method on whichever backend is configured.
@@ -462,9 +462,10 @@ impl Store {
         })?;
         let backend = match &config.location {
             StoreLocation::Sqlite(path) => Backend::Sqlite(sqlite::Sqlite::open(path).await?),
-            StoreLocation::Postgres(url) => {
-                Backend::Postgres(postgres::Postgres::new(url, config.max_connections)?)
-            }
+            StoreLocation::Postgres(url) => Backend::Postgres(Box::new(postgres::Postgres::new(
+                url,
+                config.max_connections,
+            )?)),
         };
         Ok(Store {
             backend,

@@ -416,7 +416,7 @@ async fn fleet_of_three_shares_one_token_per_user_per_expiry() {
     // down (until it was up again plus one pool reconnect), 503
     // store_unavailable for users whose token was not usable in memory.
     let reconnect_grace = Duration::from_secs(4);
-    let outcomes = outcomes.lock().unwrap();
+    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
     let mut in_flight_at_kill = 0;
     let mut store_unavailable = 0;
     let mut failures = Vec::new();
