@@ -496,3 +496,36 @@ async fn fleet_of_three_shares_one_token_per_user_per_expiry() {
         let _ = r.child.kill();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_started_while_the_database_is_down_waits_for_it_and_says_so() {
+    let pg = PgCluster::start();
+    pg.create_database("late");
+    pg.stop();
+    let subs: Vec<String> = vec!["alice".to_owned()];
+    let sb = users_sandbox(&subs, 3600).await;
+    let p = support::start_proxy(&pg_toml(&sb, &pg.url("late"), &new_key())).await;
+    let r = support::get(&support::admin_url(&p, "/readyz")).await;
+    assert_eq!(r.status, 503);
+    assert!(r.text().contains("waiting for the store"), "{}", r.text());
+    let r = admin(
+        &p,
+        "POST",
+        "/connections/users",
+        Some(serde_json::json!({"code": "code-alice"})),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"], "store_unavailable");
+    assert_eq!(status(&p).await["store"]["healthy"], false);
+
+    pg.start_server();
+    let ready = eventually(Duration::from_secs(30), || async {
+        support::get(&support::admin_url(&p, "/readyz")).await.status == 200
+    })
+    .await;
+    assert!(ready, "ready once the store is reached, without a restart");
+    connect(&p, "alice").await;
+    assert_eq!(get_as(&p, "/api/fdx/5/accounts", "alice").await.status, 200);
+    p.shutdown().await;
+}
