@@ -521,11 +521,59 @@ async fn a_proxy_started_while_the_database_is_down_waits_for_it_and_says_so() {
 
     pg.start_server();
     let ready = eventually(Duration::from_secs(30), || async {
-        support::get(&support::admin_url(&p, "/readyz")).await.status == 200
+        support::get(&support::admin_url(&p, "/readyz"))
+            .await
+            .status
+            == 200
     })
     .await;
     assert!(ready, "ready once the store is reached, without a restart");
     connect(&p, "alice").await;
     assert_eq!(get_as(&p, "/api/fdx/5/accounts", "alice").await.status, 200);
     p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_and_reauthorization_on_one_replica_reach_the_other() {
+    let pg = PgCluster::start();
+    pg.create_database("states");
+    let subs: Vec<String> = vec!["alice".to_owned()];
+    let sb = users_sandbox(&subs, 3600).await;
+    let toml = pg_toml(&sb, &pg.url("states"), &new_key());
+    let a = support::start_proxy(&toml).await;
+    let b = support::start_proxy(&toml).await;
+    connect(&a, "alice").await;
+    assert_eq!(get_as(&b, "/api/fdx/5/accounts", "alice").await.status, 200);
+
+    // Consent revoked: a learns it from the API (code 602), b from the store.
+    sb.revoke_consent("alice");
+    let r = get_as(&a, "/api/fdx/5/accounts", "alice").await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    let turned = eventually(Duration::from_secs(20), || async {
+        let r = get_as(&b, "/api/fdx/5/accounts", "alice").await;
+        r.status == 401 && r.text().contains("reauthorization_required")
+    })
+    .await;
+    assert!(
+        turned,
+        "b stops sending alice's token once a marks her needs_reauthorization"
+    );
+
+    // Re-authorized through a: b serves her again.
+    let code = sb.new_code("alice");
+    let r = admin(
+        &a,
+        "POST",
+        "/connections/users",
+        Some(serde_json::json!({"code": code, "id": "alice"})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let back = eventually(Duration::from_secs(20), || async {
+        get_as(&b, "/api/fdx/5/accounts", "alice").await.status == 200
+    })
+    .await;
+    assert!(back, "b follows the re-authorization");
+    a.shutdown().await;
+    b.shutdown().await;
 }
