@@ -321,6 +321,8 @@ struct RawCredential {
     redirect_uri: Option<String>,
     state_file: Option<PathBuf>,
     #[serde(default)]
+    shared: bool,
+    #[serde(default)]
     extra: BTreeMap<String, String>,
     ca_file: Option<PathBuf>,
 }
@@ -547,8 +549,15 @@ pub struct CredentialConfig {
     pub code: Option<Secret>,
     /// The redirect URI sent with the code.
     pub redirect_uri: Option<String>,
-    /// Where the refresh token is kept across restarts.
+    /// Where the refresh token is kept across restarts (without a store).
     pub state_file: Option<PathBuf>,
+    /// `shared = true` (client_credentials): one token for every replica,
+    /// kept in the store.
+    pub shared: bool,
+    /// Its tokens live in the `[store]` (refresh grants whenever there is a
+    /// store; client_credentials with `shared = true`), under the store's
+    /// cross-replica lease, instead of `state_file`.
+    pub in_store: bool,
     /// Extra token request fields.
     pub extra: Vec<(String, String)>,
     /// Extra trust roots for the token endpoint.
@@ -644,18 +653,23 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&raw.log.level)
             .map_err(|e| ctx.err("log.level", format!("not a valid level or filter: {e}")))?;
         let access = ctx.access(raw.access)?;
-        let mut credentials = BTreeMap::new();
+        let mut raw_credentials = BTreeMap::new();
         for (name, c) in raw.credentials {
             let cred = ctx.credential(&name, c)?;
-            credentials.insert(name, Arc::new(cred));
+            raw_credentials.insert(name, cred);
         }
-        unique_state_files(&credentials).map_err(|(k, m)| ctx.err(&k, m))?;
         let mut pools = BTreeMap::new();
         for (name, p) in raw.connections {
             let pool = ctx.pool(&name, p)?;
             pools.insert(name, Arc::new(pool));
         }
         let store = ctx.store(raw.store, &pools)?;
+        ctx.credentials_and_store(&mut raw_credentials, store.as_ref())?;
+        let credentials: BTreeMap<String, Arc<CredentialConfig>> = raw_credentials
+            .into_iter()
+            .map(|(n, c)| (n, Arc::new(c)))
+            .collect();
+        unique_state_files(&credentials).map_err(|(k, m)| ctx.err(&k, m))?;
         let mut routes = Vec::new();
         for (name, r) in raw.routes {
             let route = ctx.route(&name, r, &credentials, &pools, &routes)?;
@@ -854,6 +868,8 @@ impl Ctx {
             code: resolve("code", &c.code)?,
             redirect_uri: c.redirect_uri,
             state_file: c.state_file.map(|p| self.base.join(p)),
+            shared: c.shared,
+            in_store: false,
             extra: c.extra.into_iter().collect(),
             ca_certs,
         })
@@ -1111,8 +1127,44 @@ impl Ctx {
                     c.redirect_uri.is_some(),
                     "authorization_code",
                 )?;
-                required("state_file", c.state_file.is_some(), "authorization_code")?;
             }
+        }
+        if c.shared && c.grant_type != GrantType::ClientCredentials {
+            return Err(self.err(
+                &key("shared"),
+                "is only for grant_type = \"client_credentials\" (refresh grants share their tokens whenever there is a [store])".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What the `[store]` changes for credentials: refresh grants (and
+    /// `shared` client_credentials) keep their tokens there; without one,
+    /// `authorization_code` needs a `state_file` and `shared` is an error.
+    fn credentials_and_store(
+        &self,
+        credentials: &mut BTreeMap<String, CredentialConfig>,
+        store: Option<&StoreConfig>,
+    ) -> Result<(), ConfigError> {
+        for (name, c) in credentials.iter_mut() {
+            let key = format!("credentials.{name}");
+            if store.is_none() && c.shared {
+                return Err(self.err(
+                    &format!("{key}.shared"),
+                    "needs a [store] to share the token in".into(),
+                ));
+            }
+            if store.is_none()
+                && c.grant_type == GrantType::AuthorizationCode
+                && c.state_file.is_none()
+            {
+                return Err(self.err(
+                    &format!("{key}.state_file"),
+                    "is required with grant_type = \"authorization_code\" (or a [store])".into(),
+                ));
+            }
+            c.in_store =
+                store.is_some() && (c.grant_type != GrantType::ClientCredentials || c.shared);
         }
         Ok(())
     }

@@ -385,7 +385,7 @@ impl Pool {
                 let conn = Conn::new(id.to_owned());
                 if record.info.state == ConnectionState::NeedsReauthorization {
                     conn.needs_reauthorization.store(true, Ordering::Release);
-                } else if let Some(t) = stored_token(&record, refresh_before) {
+                } else if let Some(t) = token::stored_token(&record, refresh_before) {
                     conn.install(t);
                 }
                 Ok(Arc::new(conn))
@@ -455,7 +455,7 @@ impl Pool {
                 }
                 Ok(Some(r)) => {
                     let held = conn.held.load().as_ref().map(|t| t.usable_until);
-                    if let Some(t) = stored_token(&r, pool.config.refresh_before) {
+                    if let Some(t) = token::stored_token(&r, pool.config.refresh_before) {
                         if held.is_none_or(|h| t.usable_until > h) {
                             let _ = pool.adopt(&conn, &r);
                         }
@@ -647,7 +647,7 @@ impl Pool {
 
     /// Uses the stored token if another holder refreshed it.
     fn adopt(&self, conn: &Conn, record: &Record) -> Option<Arc<Token>> {
-        let t = stored_token(record, self.config.refresh_before)?;
+        let t = token::stored_token(record, self.config.refresh_before)?;
         let rejected = conn.rejected.load();
         if rejected
             .as_ref()
@@ -934,35 +934,6 @@ impl Pool {
     pub fn stop(&self) {
         self.cancel.cancel();
     }
-}
-
-/// The stored access token as a cached [`Token`], if it has not expired.
-/// Its renewal is placed as if it had been fetched at the last refresh (or
-/// authorization), so a cold read schedules it like a warm one.
-fn stored_token(record: &Record, refresh_before: Duration) -> Option<Token> {
-    let access = record.tokens.access_token.clone()?;
-    let expires = record.tokens.access_expires_at?;
-    let issued = record
-        .info
-        .last_refresh_at
-        .unwrap_or(record.info.authorized_at)
-        .min(expires);
-    let now_ms = crate::store::now_ms();
-    let since_issue = Duration::from_millis(u64::try_from(now_ms - issued).ok()?);
-    let lifetime = Duration::from_millis(u64::try_from(expires - issued).ok()?);
-    if now_ms >= expires || lifetime.is_zero() {
-        return None;
-    }
-    let granted = Granted {
-        access_token: access,
-        refresh_token: None,
-        lifetime,
-        scope: None,
-        sub: record.info.sub.clone(),
-        sent_at: Instant::now().checked_sub(since_issue)?,
-        expires_unix: u64::try_from(expires / 1000).ok()?,
-    };
-    Token::from_granted(&granted, refresh_before).ok()
 }
 
 /// When a granted token expires, in Unix milliseconds.

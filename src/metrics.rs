@@ -334,6 +334,7 @@ const STORE_OPS: &[&str] = &[
     "get",
     "list",
     "authorize",
+    "seed",
     "delete",
     "lease",
     "commit",

@@ -181,10 +181,11 @@ impl Runtime {
                             .map(|s| s.refresh_state())
                             .find(|r| *r.key() == key)
                     });
-                    let s = TokenSource::with_state(
+                    let s = TokenSource::with_store(
                         Arc::clone(cred),
                         metrics.credential(name),
                         inherited,
+                        store,
                     )
                     .map_err(|e| BuildError(format!("credentials.{name}: {e}")))?;
                     (s, CancellationToken::new())

@@ -708,6 +708,16 @@ impl Store {
             .await
     }
 
+    /// Creates a row with `tokens` unless one exists (the first of several
+    /// replicas wins; a static credential's row starts so).
+    pub async fn seed(&self, pool: &str, id: &str, tokens: &Tokens) -> Result<(), StoreError> {
+        self.timed("seed", async {
+            let sealed = self.seal_tokens(pool, id, tokens)?;
+            backend!(self.seed(pool, id, &sealed, now_ms()))
+        })
+        .await
+    }
+
     /// Deletes a connection and its tokens; whether it existed.
     pub async fn delete(&self, pool: &str, id: &str) -> Result<bool, StoreError> {
         self.timed("delete", async { backend!(self.delete(pool, id)) })

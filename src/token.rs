@@ -14,6 +14,7 @@
 pub mod grant;
 pub mod jwt;
 pub mod refresh;
+pub mod shared;
 pub mod state;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,7 +33,7 @@ use crate::metrics::CredentialMetrics;
 use crate::secret::Secret;
 pub use grant::{Endpoint, Grant, Granted, TokenError, DEFAULT_LIFETIME, MAX_LIFETIME};
 pub use jwt::{jwt_claims, Claims};
-use refresh::RefreshState;
+use refresh::{Persistence, RefreshState};
 
 /// First retry delay after a transient failure; doubles per attempt.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
@@ -299,8 +300,19 @@ impl TokenSource {
         metrics: CredentialMetrics,
         previous: Option<&Arc<RefreshState>>,
     ) -> Result<Arc<TokenSource>, String> {
+        TokenSource::with_store(config, metrics, previous, None)
+    }
+
+    /// As [`TokenSource::with_state`], with the store a credential whose
+    /// tokens live there ([`CredentialConfig::in_store`]) uses.
+    pub fn with_store(
+        config: Arc<CredentialConfig>,
+        metrics: CredentialMetrics,
+        previous: Option<&Arc<RefreshState>>,
+        store: Option<&Arc<crate::store::Store>>,
+    ) -> Result<Arc<TokenSource>, String> {
         let endpoint = Endpoint::from_credential(&config).map_err(|e| e.to_string())?;
-        let refresh = RefreshState::inherit_or_load(&config, previous)?;
+        let refresh = RefreshState::inherit_or_load(&config, previous, store)?;
         Ok(Arc::new(TokenSource {
             config,
             endpoint,
@@ -673,6 +685,9 @@ impl TokenSource {
 
     async fn request_token(&self) -> Result<Token, TokenError> {
         let c = &self.config;
+        if let Persistence::Store(slot) = self.refresh.persistence() {
+            return slot.fetch(c, &self.endpoint).await;
+        }
         let using = self.refresh.refresh_token();
         let grant = match (c.grant_type, &using) {
             (GrantType::ClientCredentials, _) => Grant::ClientCredentials,
@@ -693,6 +708,35 @@ impl TokenSource {
         }
         Token::from_granted(&granted, c.refresh_before)
     }
+}
+
+/// The stored access token as a cached [`Token`], if it has not expired.
+/// Its renewal is placed as if it had been fetched at the last refresh (or
+/// authorization), so a cold read schedules it like a warm one.
+pub fn stored_token(record: &crate::store::Record, refresh_before: Duration) -> Option<Token> {
+    let access = record.tokens.access_token.clone()?;
+    let expires = record.tokens.access_expires_at?;
+    let issued = record
+        .info
+        .last_refresh_at
+        .unwrap_or(record.info.authorized_at)
+        .min(expires);
+    let now_ms = crate::store::now_ms();
+    let since_issue = Duration::from_millis(u64::try_from(now_ms - issued).ok()?);
+    let lifetime = Duration::from_millis(u64::try_from(expires - issued).ok()?);
+    if now_ms >= expires || lifetime.is_zero() {
+        return None;
+    }
+    let granted = Granted {
+        access_token: access,
+        refresh_token: None,
+        lifetime,
+        scope: None,
+        sub: record.info.sub.clone(),
+        sent_at: Instant::now().checked_sub(since_issue)?,
+        expires_unix: u64::try_from(expires / 1000).ok()?,
+    };
+    Token::from_granted(&granted, refresh_before).ok()
 }
 
 /// A token URL as `/status` shows it: without its query, which may carry

@@ -238,6 +238,30 @@ impl Postgres {
         Ok((sealed_row(&row)?.info, created))
     }
 
+    pub(super) async fn seed(
+        &self,
+        pool: &str,
+        id: &str,
+        t: &SealedTokens,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO connections (pool, id, state, created_at, authorized_at, \
+             access_token_expires_at, refresh_token, access_token) \
+             VALUES ($1, $2, 'active', $3, $3, $4, $5, $6) ON CONFLICT (pool, id) DO NOTHING",
+        )
+        .bind(pool)
+        .bind(id)
+        .bind(now)
+        .bind(t.access_expires_at)
+        .bind(&t.refresh_token)
+        .bind(&t.access_token)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable("seed"))?;
+        Ok(())
+    }
+
     pub(super) async fn delete(&self, pool: &str, id: &str) -> Result<bool, StoreError> {
         let r = sqlx::query("DELETE FROM connections WHERE pool = $1 AND id = $2")
             .bind(pool)

@@ -291,6 +291,32 @@ impl Sqlite {
         Ok((info, created))
     }
 
+    pub(super) async fn seed(
+        &self,
+        pool: &str,
+        id: &str,
+        t: &SealedTokens,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.check_file().await?;
+        sqlx::query(
+            "INSERT INTO connections (pool, id, state, created_at, authorized_at, \
+             access_token_expires_at, refresh_token, access_token) \
+             VALUES (?, ?, 'active', ?, ?, ?, ?, ?) ON CONFLICT (pool, id) DO NOTHING",
+        )
+        .bind(pool)
+        .bind(id)
+        .bind(now)
+        .bind(now)
+        .bind(t.access_expires_at)
+        .bind(&t.refresh_token)
+        .bind(&t.access_token)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable("seed"))?;
+        Ok(())
+    }
+
     pub(super) async fn delete(&self, pool: &str, id: &str) -> Result<bool, StoreError> {
         self.check_file().await?;
         let r = sqlx::query("DELETE FROM connections WHERE pool = ? AND id = ?")

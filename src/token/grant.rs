@@ -236,6 +236,10 @@ pub enum TokenError {
     /// The state file could not be written (retried like a transient failure).
     #[error("state file: {0}")]
     Persist(String),
+    /// The store that keeps a shared credential's tokens failed (retried
+    /// like a transient failure).
+    #[error("{0}")]
+    Store(#[source] Arc<crate::store::StoreError>),
 }
 
 impl TokenError {
@@ -249,7 +253,8 @@ impl TokenError {
             | TokenError::Timeout { .. }
             | TokenError::Network { .. }
             | TokenError::InvalidResponse(_)
-            | TokenError::Persist(_) => true,
+            | TokenError::Persist(_)
+            | TokenError::Store(_) => true,
             TokenError::State(_) => false,
         }
     }
@@ -272,6 +277,8 @@ impl TokenError {
             TokenError::Rejected { .. } | TokenError::State(_) => "rejected",
             // The endpoint answered fine; the failure is ours (disk).
             TokenError::Persist(_) => "success",
+            // No answer from the endpoint to count: a lease or commit failed.
+            TokenError::Store(_) => "network",
             TokenError::ServerError { .. } => "server_error",
             TokenError::Timeout { .. } => "timeout",
             TokenError::Network { .. } => "network",
@@ -294,6 +301,7 @@ impl TokenError {
             TokenError::InvalidResponse(_) => ("invalid_response".into(), Some(self.to_string())),
             TokenError::State(_) => ("invalid_configuration".into(), Some(self.to_string())),
             TokenError::Persist(_) => ("state_file".into(), Some(self.to_string())),
+            TokenError::Store(_) => ("store_unavailable".into(), Some(self.to_string())),
         }
     }
 

@@ -10,14 +10,29 @@
 //! the same configured secret, it shares this state with the old source,
 //! so a refresh token the old task rotated is never lost or presented
 //! twice. This module does not make token requests.
+//!
+//! Where the tokens persist is a [`Persistence`]: the state file (this
+//! process alone), or the `[store]` ([`super::shared`]) when several
+//! replicas share the credential.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::grant::{Granted, TokenError};
+use super::shared::StoreSlot;
 use super::state;
 use crate::config::{CredentialConfig, GrantType};
 use crate::secret::Secret;
+use crate::store::Store;
+
+/// Where a credential's tokens persist.
+#[derive(Debug)]
+pub enum Persistence {
+    /// In memory and the `state_file` (if any): this process alone.
+    StateFile,
+    /// In the store, shared by every replica under its lease.
+    Store(StoreSlot),
+}
 
 /// What identifies a credential's refresh-token state across reloads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +67,7 @@ pub struct RefreshState {
     origin: String,
     lineage: Mutex<Lineage>,
     in_progress: tokio::sync::Mutex<()>,
+    persistence: Persistence,
 }
 
 impl RefreshState {
@@ -62,7 +78,22 @@ impl RefreshState {
     pub fn inherit_or_load(
         c: &CredentialConfig,
         previous: Option<&Arc<RefreshState>>,
+        store: Option<&Arc<Store>>,
     ) -> Result<Arc<RefreshState>, String> {
+        if c.in_store {
+            let store = store.ok_or("keeps its tokens in the store, which is not open")?;
+            return Ok(Arc::new(RefreshState {
+                key: StateKey::of(c),
+                origin: String::new(),
+                lineage: Mutex::new(Lineage {
+                    refresh_token: None,
+                    sub: None,
+                    obtained_at: state::unix_now(),
+                }),
+                in_progress: tokio::sync::Mutex::new(()),
+                persistence: Persistence::Store(StoreSlot::new(Arc::clone(store), c)),
+            }));
+        }
         let configured = match c.grant_type {
             GrantType::ClientCredentials => None,
             GrantType::RefreshToken => c.refresh_token.as_ref(),
@@ -70,7 +101,10 @@ impl RefreshState {
         };
         let origin = configured.map(state::fingerprint).unwrap_or_default();
         let key = StateKey::of(c);
-        if let Some(p) = previous.filter(|p| p.key == key && p.origin == origin) {
+        let same = |p: &&Arc<RefreshState>| {
+            p.key == key && p.origin == origin && matches!(p.persistence, Persistence::StateFile)
+        };
+        if let Some(p) = previous.filter(same) {
             return Ok(Arc::clone(p));
         }
         let mut lineage = Lineage {
@@ -103,7 +137,13 @@ impl RefreshState {
             origin,
             lineage: Mutex::new(lineage),
             in_progress: tokio::sync::Mutex::new(()),
+            persistence: Persistence::StateFile,
         }))
+    }
+
+    /// Where its tokens persist.
+    pub fn persistence(&self) -> &Persistence {
+        &self.persistence
     }
 
     /// The key.

@@ -1,0 +1,196 @@
+//! A credential's tokens kept in the `[store]` instead of a state file, so
+//! several replicas share one credential: one row per credential, in a
+//! reserved pool `credential:NAME` (`:` never appears in a pool name), keyed
+//! by the fingerprint of the configured code or refresh token (an operator
+//! who configures a new one starts a new row), sealed like connections.
+//!
+//! A token request takes the row's lease ([`Store::lease`]): a replica that
+//! finds a fresh token another one committed uses it; otherwise it calls
+//! the endpoint and commits both tokens before using them. A replica that
+//! finds the lease taken waits for the holder's commit (bounded by the
+//! lease). This module does not schedule refreshes (see `token.rs`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::grant::{self, Endpoint, Grant, TokenError};
+use super::{state, stored_token, Token};
+use crate::config::{CredentialConfig, GrantType};
+use crate::store::{Lease, Record, Store, StoreError, Tokens};
+
+/// A lease outlives the token request it covers by this much.
+const LEASE_SLACK: Duration = Duration::from_secs(5);
+/// First wait for another replica's commit; doubles up to [`POLL_MAX`].
+const POLL: Duration = Duration::from_millis(25);
+const POLL_MAX: Duration = Duration::from_millis(400);
+
+/// Where one credential's tokens live in the store.
+pub struct StoreSlot {
+    store: Arc<Store>,
+    pool: String,
+    id: String,
+}
+
+impl std::fmt::Debug for StoreSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSlot")
+            .field("pool", &self.pool)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_err(e: StoreError) -> TokenError {
+    TokenError::Store(Arc::new(e))
+}
+
+impl StoreSlot {
+    /// The slot of credential `c` in `store`.
+    pub fn new(store: Arc<Store>, c: &CredentialConfig) -> StoreSlot {
+        let configured = match c.grant_type {
+            GrantType::ClientCredentials => None,
+            GrantType::RefreshToken => c.refresh_token.as_ref(),
+            GrantType::AuthorizationCode => c.code.as_ref(),
+        };
+        StoreSlot {
+            store,
+            pool: format!("credential:{}", c.name),
+            id: configured.map_or_else(|| "client_credentials".into(), state::fingerprint),
+        }
+    }
+
+    /// A token for `c`: one another replica committed if fresh, else one
+    /// token request under the lease, committed before it is returned.
+    pub async fn fetch(
+        &self,
+        c: &CredentialConfig,
+        endpoint: &Endpoint,
+    ) -> Result<Token, TokenError> {
+        let record = self.take_lease(c).await?;
+        let Some(record) = record else {
+            // Another replica committed a fresh token while we waited.
+            return self.adopted(c).await;
+        };
+        if let Some(t) = fresh(&record, c) {
+            self.store
+                .release(&self.pool, &self.id)
+                .await
+                .map_err(store_err)?;
+            return Ok(t);
+        }
+        let result = self.request(c, endpoint, &record).await;
+        if result.is_err() {
+            if let Err(e) = self.store.release(&self.pool, &self.id).await {
+                tracing::debug!(credential = %c.name, error = %e, "cannot free the lease; it expires by itself");
+            }
+        }
+        result
+    }
+
+    /// Takes the lease (seeding the row on first use); `None` when another
+    /// holder committed a fresh token meanwhile.
+    async fn take_lease(&self, c: &CredentialConfig) -> Result<Option<Record>, TokenError> {
+        let ttl = c.token_timeout + LEASE_SLACK;
+        let deadline = Instant::now() + ttl + LEASE_SLACK;
+        let mut poll = POLL;
+        loop {
+            match self
+                .store
+                .lease(&self.pool, &self.id, ttl)
+                .await
+                .map_err(store_err)?
+            {
+                Lease::Taken(r) => return Ok(Some(r)),
+                Lease::Busy(r) if fresh(&r, c).is_some() => return Ok(None),
+                Lease::Busy(_) if Instant::now() >= deadline => {
+                    return Err(TokenError::State(
+                        "another replica holds this credential's lease past its expiry".into(),
+                    ))
+                }
+                Lease::Busy(_) => {
+                    tokio::time::sleep(poll).await;
+                    poll = (poll * 2).min(POLL_MAX);
+                }
+                Lease::Gone => {
+                    let seed = Tokens {
+                        refresh_token: match c.grant_type {
+                            GrantType::RefreshToken => c.refresh_token.clone(),
+                            _ => None,
+                        },
+                        ..Tokens::default()
+                    };
+                    self.store
+                        .seed(&self.pool, &self.id, &seed)
+                        .await
+                        .map_err(store_err)?;
+                }
+            }
+        }
+    }
+
+    async fn adopted(&self, c: &CredentialConfig) -> Result<Token, TokenError> {
+        let record = self
+            .store
+            .get(&self.pool, &self.id)
+            .await
+            .map_err(store_err)?;
+        record
+            .as_ref()
+            .and_then(|r| fresh(r, c))
+            .ok_or_else(|| TokenError::State("the shared token vanished from the store".into()))
+    }
+
+    /// One token request with the stored refresh token (or the code, or the
+    /// client credentials), both tokens committed before returning.
+    async fn request(
+        &self,
+        c: &CredentialConfig,
+        endpoint: &Endpoint,
+        record: &Record,
+    ) -> Result<Token, TokenError> {
+        let using = record.tokens.refresh_token.clone();
+        let grant = match (c.grant_type, &using) {
+            (GrantType::ClientCredentials, _) => Grant::ClientCredentials,
+            (_, Some(rt)) => Grant::RefreshToken {
+                refresh_token: rt.expose(),
+            },
+            (GrantType::AuthorizationCode, None) => Grant::AuthorizationCode {
+                code: c.code.as_ref().map_or("", |s| s.expose()),
+                redirect_uri: c.redirect_uri.as_deref().unwrap_or(""),
+            },
+            (GrantType::RefreshToken, None) => {
+                return Err(TokenError::State(
+                    "the store holds no refresh token for this credential".into(),
+                ))
+            }
+        };
+        let g = grant::request(endpoint, grant).await?;
+        let token = Token::from_granted(&g, c.refresh_before);
+        let tokens = Tokens {
+            refresh_token: g.refresh_token.clone().or(using),
+            access_token: token.as_ref().ok().map(|_| g.access_token.clone()),
+            access_expires_at: token.as_ref().ok().map(|_| {
+                let lifetime = i64::try_from(g.lifetime.as_millis()).unwrap_or(i64::MAX);
+                crate::store::now_ms().saturating_add(lifetime)
+            }),
+        };
+        // A rotated refresh token is committed even when the access token
+        // is unusable.
+        match self.store.commit_refresh(&self.pool, &self.id, &tokens).await {
+            Ok(true) => token,
+            Ok(false) => Err(TokenError::State(
+                "this replica's lease expired before the commit; the next attempt re-reads the store".into(),
+            )),
+            Err(e) => Err(store_err(e)),
+        }
+    }
+}
+
+/// The stored access token when it is usable and not yet due for renewal.
+fn fresh(record: &Record, c: &CredentialConfig) -> Option<Token> {
+    let t = stored_token(record, c.refresh_before)?;
+    let now = Instant::now();
+    (t.is_usable(now) && now < t.refresh_at).then_some(t)
+}
