@@ -577,3 +577,124 @@ async fn revocation_and_reauthorization_on_one_replica_reach_the_other() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A config with one static credential on a PostgreSQL store.
+fn credential_on_store(sb: &Sandbox, url: &str, key: &str, grant: &str) -> String {
+    let o = SandboxOptions::default();
+    let grant_lines = match grant {
+        "refresh_token" => format!("refresh_token = \"{}\"", o.refresh_token),
+        _ => "shared = true".to_owned(),
+    };
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+request_timeout = "10s"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[store]
+url = "{url}"
+key = "{key}"
+
+[credentials.flinks]
+token_url = "{token_url}"
+grant_type = "{grant}"
+client_id = "{client_id}"
+client_secret = "{client_secret}"
+token_timeout = "2s"
+{grant_lines}
+
+[routes.flinks]
+path_prefix = "/"
+upstream = "{api}"
+credential = "flinks"
+"#,
+        token_url = sb.token_url(),
+        client_id = o.client_id,
+        client_secret = o.client_secret,
+        api = sb.api_url(),
+    )
+}
+
+/// Two replicas share one credential through the store for `run_for`,
+/// every request answered; returns the number of requests.
+async fn share_one_credential(grant: &str, sb: &Sandbox, run_for: Duration) -> u64 {
+    let pg = PgCluster::start();
+    pg.create_database("cred");
+    let toml = credential_on_store(sb, &pg.url("cred"), &new_key(), grant);
+    let replicas = [
+        support::start_proxy(&toml).await,
+        support::start_proxy(&toml).await,
+    ];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < run_for {
+        for p in &replicas {
+            let r = support::get(&support::proxy_url(p, "/api/v1/accounts")).await;
+            assert_eq!(r.status, 200, "{grant}: {}", r.text());
+            n += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for p in replicas {
+        p.shutdown().await;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_rotating_refresh_token_through_the_store() {
+    let sb = Sandbox::start(SandboxOptions {
+        expires_in: Some(3),
+        rotate_refresh_tokens: true,
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    sb.set_token_delay(Duration::from_millis(100));
+    let run_for = Duration::from_secs(8);
+    let n = share_one_credential("refresh_token", &sb, run_for).await;
+    assert!(n > 100, "{n}");
+    // Without the store, each replica would present its own copy of the
+    // refresh token and the rotation would refuse the other's.
+    assert_eq!(
+        sb.token_requests(),
+        sb.successful_token_requests(),
+        "no refused refresh"
+    );
+    assert_eq!(
+        sb.max_concurrent_token_requests(),
+        1,
+        "one token request at a time across both"
+    );
+    assert_eq!(sb.expired_token_requests(), 0);
+    // One renewal per 1.5 s (half of a 3 s token) for the pair, not two.
+    let refreshes = sb.token_requests_by_grant("refresh_token");
+    let cycles = run_for.as_secs_f64() / 1.5;
+    assert!(
+        (refreshes as f64) < cycles * 1.4 + 2.0,
+        "{refreshes} refreshes for {cycles:.1} cycles"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_client_credentials_token_is_fetched_once_per_expiry_for_both_replicas() {
+    let sb = Sandbox::start(SandboxOptions {
+        expires_in: Some(3),
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    let run_for = Duration::from_secs(6);
+    share_one_credential("client_credentials", &sb, run_for).await;
+    let requests = sb.token_requests_by_grant("client_credentials");
+    let cycles = run_for.as_secs_f64() / 1.5;
+    assert!(
+        (requests as f64) < cycles * 1.4 + 2.0,
+        "{requests} token requests for {cycles:.1} cycles"
+    );
+    assert_eq!(sb.max_concurrent_token_requests(), 1);
+    assert_eq!(sb.expired_token_requests(), 0);
+}
