@@ -1560,6 +1560,48 @@ upstream = "https://ob.flinksapp.com"
         )
     }
 
+    fn credential(grant_lines: &str, store: &str) -> String {
+        format!(
+            r#"
+{store}
+[credentials.c]
+token_url = "https://api.flinks.io/api/v1/token"
+client_id = "id"
+{grant_lines}
+
+[routes.r]
+upstream = "https://ob.flinksapp.com"
+credential = "c"
+"#
+        )
+    }
+
+    #[test]
+    fn a_store_keeps_refresh_grants_and_shared_client_credentials() {
+        let store = format!("[store]\nkey = \"{KEY}\"");
+        let code =
+            "grant_type = \"authorization_code\"\ncode = \"x\"\nredirect_uri = \"https://a/cb\"";
+        let e = parse(&credential(code, "")).unwrap_err().to_string();
+        assert!(e.contains("credentials.c.state_file"), "{e}");
+        let c = parse(&credential(code, &store)).unwrap();
+        assert!(
+            c.credentials["c"].in_store,
+            "no state_file needed with a store"
+        );
+        let cc = "grant_type = \"client_credentials\"";
+        assert!(!parse(&credential(cc, &store)).unwrap().credentials["c"].in_store);
+        let shared = format!("{cc}\nshared = true");
+        assert!(parse(&credential(&shared, &store)).unwrap().credentials["c"].in_store);
+        let e = parse(&credential(&shared, "")).unwrap_err().to_string();
+        assert!(
+            e.contains("credentials.c.shared") && e.contains("[store]"),
+            "{e}"
+        );
+        let rt = "grant_type = \"refresh_token\"\nrefresh_token = \"rt\"\nshared = true";
+        let e = parse(&credential(rt, &store)).unwrap_err().to_string();
+        assert!(e.contains("credentials.c.shared"), "{e}");
+    }
+
     #[test]
     fn pools_need_a_store_with_a_32_byte_key() {
         let store = format!("[store]\nkey = \"{KEY}\"");

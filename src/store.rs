@@ -879,6 +879,28 @@ mod tests {
         }
     }
 
+    #[test]
+    fn notification_payloads_parse() {
+        assert_eq!(
+            Change::parse("users/alice/refreshed/abc"),
+            Some(Change::Connection {
+                pool: "users".into(),
+                id: "alice".into(),
+                kind: ChangeKind::Refreshed,
+                holder: "abc".into(),
+            })
+        );
+        assert!(matches!(
+            Change::parse("credential:c/0123/deleted/"),
+            Some(Change::Connection {
+                kind: ChangeKind::Deleted,
+                ..
+            })
+        ));
+        assert_eq!(Change::parse("users/alice/exploded/"), None);
+        assert_eq!(Change::parse("garbage"), None);
+    }
+
     #[tokio::test]
     async fn a_ciphertext_copied_to_another_row_does_not_open() {
         let dir = tempdir();
