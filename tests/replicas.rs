@@ -698,3 +698,49 @@ async fn a_shared_client_credentials_token_is_fetched_once_per_expiry_for_both_r
     assert_eq!(sb.max_concurrent_token_requests(), 1);
     assert_eq!(sb.expired_token_requests(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_speaks_tls_as_the_urls_sslmode_says() {
+    let pg = PgCluster::start();
+    pg.create_database("tls");
+    let pki = support::Pki::new("pg");
+    let leaf = pki.server_named(&["localhost"]);
+    pg.require_tls(&leaf.cert_pem, &leaf.key_pem);
+    let dir = TempDir::new();
+    let ca = dir.write("ca.pem", &pki.ca_pem);
+    let other_ca = dir.write("other.pem", support::Pki::new("other").ca_pem);
+    let key = new_key();
+    let url = |q: &str| {
+        format!(
+            "postgres://postgres:{PASSWORD}@localhost:{}/tls?{q}",
+            pg.port()
+        )
+    };
+    let open = |u: String| {
+        let key = key.clone();
+        async move { Store::open(&store_config(&u, &key), Metrics::new().store()).await }
+    };
+    // The server refuses plaintext: these only work over TLS.
+    open(url(&format!(
+        "sslmode=verify-full&sslrootcert={}",
+        ca.display()
+    )))
+    .await
+    .expect("verify-full against the right CA");
+    open(url("sslmode=require"))
+        .await
+        .expect("require: encrypted, not verified");
+    let e = open(url(&format!(
+        "sslmode=verify-full&sslrootcert={}",
+        other_ca.display()
+    )))
+    .await
+    .unwrap_err();
+    assert!(e.is_unavailable(), "{e}");
+    assert!(!format!("{e} {e:?}").contains(PASSWORD));
+    let e = open(url("sslmode=disable")).await.unwrap_err();
+    assert!(
+        e.is_unavailable(),
+        "plaintext is refused by this server: {e}"
+    );
+}

@@ -165,6 +165,44 @@ impl PgCluster {
         );
     }
 
+    /// Turns TLS on with `cert_pem`/`key_pem` and refuses plaintext host
+    /// connections (`hostssl` only), then restarts the server.
+    pub fn require_tls(&self, cert_pem: &str, key_pem: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.root.join("data");
+        std::fs::write(data.join("server.crt"), cert_pem).expect("write server.crt");
+        std::fs::write(data.join("server.key"), key_pem).expect("write server.key");
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod server.key");
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).expect("read postgresql.conf");
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).expect("write postgresql.conf");
+        let hba = data.join("pg_hba.conf");
+        let text = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+        let text: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("host ") {
+                Some(rest) => format!("hostssl {rest}\n"),
+                None => format!("{l}\n"),
+            })
+            .collect();
+        std::fs::write(&hba, text).expect("write pg_hba.conf");
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&data)
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown of {} failed", data.display());
+        }
+        self.stop();
+        self.start_server();
+    }
+
     /// The loopback port.
     pub fn port(&self) -> u16 {
         self.port
