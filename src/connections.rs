@@ -448,10 +448,15 @@ impl Pool {
             match pool.store.get(name, &conn.id).await {
                 Ok(None) => {
                     conn.revoke(false);
-                    pool.evict(&conn).await;
+                    pool.cache.invalidate(&conn.id).await;
                 }
                 Ok(Some(r)) if r.info.state == ConnectionState::NeedsReauthorization => {
                     conn.revoke(true);
+                }
+                // Re-authorized elsewhere (a notification was missed): read
+                // it afresh at the next request.
+                Ok(Some(_)) if conn.needs_reauthorization.load(Ordering::Acquire) => {
+                    pool.cache.invalidate(&conn.id).await;
                 }
                 Ok(Some(r)) => {
                     let held = conn.held.load().as_ref().map(|t| t.usable_until);
@@ -467,15 +472,6 @@ impl Pool {
             }
             conn.revalidating.store(false, Ordering::Release);
         });
-    }
-
-    /// Removes `conn` from the cache if it is still the cached one.
-    async fn evict(&self, conn: &Arc<Conn>) {
-        let id = conn.id.clone();
-        let conn = Arc::clone(conn);
-        self.cache
-            .invalidate_entries_if(move |k, v| *k == id && Arc::ptr_eq(v, &conn))
-            .ok();
     }
 
     /// Follows a shared store's announcements (see [`crate::store::Change`]).

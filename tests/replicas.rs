@@ -744,3 +744,38 @@ async fn the_store_speaks_tls_as_the_urls_sslmode_says() {
         "plaintext is refused by this server: {e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_whose_notification_is_lost_is_seen_by_the_periodic_check() {
+    let pg = PgCluster::start();
+    pg.create_database("lost");
+    let subs: Vec<String> = vec!["alice".to_owned()];
+    let sb = users_sandbox(&subs, 3600).await;
+    let p = support::start_proxy(&pg_toml(&sb, &pg.url("lost"), &new_key())).await;
+    connect(&p, "alice").await;
+    assert_eq!(get_as(&p, "/api/fdx/5/accounts", "alice").await.status, 200);
+    // Deleted behind the proxy's back, without a notification.
+    let db = sqlx::PgPool::connect(&pg.url("lost")).await.unwrap();
+    for sql in [
+        "ALTER TABLE connections DISABLE TRIGGER connections_notify",
+        "DELETE FROM connections WHERE id = 'alice'",
+        "ALTER TABLE connections ENABLE TRIGGER connections_notify",
+    ] {
+        sqlx::query(sql).execute(&db).await.unwrap();
+    }
+    let deleted = Instant::now();
+    let gone = eventually(Duration::from_secs(30), || async {
+        get_as(&p, "/api/fdx/5/accounts", "alice").await.status == 404
+    })
+    .await;
+    assert!(
+        gone,
+        "the cached token of a deleted connection stops being used"
+    );
+    let took = deleted.elapsed();
+    assert!(
+        took < flinks_proxy::connections::REVALIDATE_AFTER + Duration::from_secs(5),
+        "{took:?}"
+    );
+    p.shutdown().await;
+}
