@@ -300,6 +300,7 @@ async fn a_connection_made_on_one_replica_works_on_another_and_its_deletion_foll
 /// One proxied request of the fleet test.
 struct Outcome {
     replica: usize,
+    user: String,
     sent: Instant,
     done: Instant,
     status: u16,
@@ -384,9 +385,10 @@ async fn fleet_of_three_shares_one_token_per_user_per_expiry() {
                     replica = n % 2;
                 }
                 let sent = Instant::now();
-                let (status, body) = fleet_get(urls[replica].clone(), user).await;
+                let (status, body) = fleet_get(urls[replica].clone(), user.clone()).await;
                 outcomes.lock().unwrap().push(Outcome {
                     replica,
+                    user,
                     sent,
                     done: Instant::now(),
                     status,
@@ -441,6 +443,36 @@ async fn fleet_of_three_shares_one_token_per_user_per_expiry() {
         }
     }
     let total = outcomes.len();
+    // Store round trips per proxied request on replica 0 (warm after the
+    // first request of each user; the 5 s re-check and refreshes remain).
+    let m = support::get(&replicas[0].admin("/metrics")).await.text();
+    let store_ops: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("flinks_proxy_store_operations_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    let served0 = outcomes.iter().filter(|o| o.replica == 0).count();
+    // A cold user's first request on a replica: one store read.
+    let mut seen = std::collections::HashSet::new();
+    let mut cold: Vec<Duration> = outcomes
+        .iter()
+        .filter(|o| o.status == 200 && seen.insert((o.replica, o.user.clone())))
+        .map(|o| o.done - o.sent)
+        .collect();
+    cold.sort();
+    let warm_median = {
+        let mut all: Vec<Duration> = outcomes.iter().map(|o| o.done - o.sent).collect();
+        all.sort();
+        all.get(all.len() / 2).copied().unwrap_or_default()
+    };
+    eprintln!(
+        "fleet: store round trips per request on replica 0: {:.3} ({store_ops} for {served0}); \
+         cold first requests: median {:?}, max {:?} over {} (all requests: median {warm_median:?})",
+        store_ops / served0.max(1) as f64,
+        cold.get(cold.len() / 2).copied().unwrap_or_default(),
+        cold.last().copied().unwrap_or_default(),
+        cold.len()
+    );
     let refreshes: Vec<u64> = subs.iter().map(|s| sb.user_token_requests(s) - 1).collect();
     let total_refreshes: u64 = refreshes.iter().sum();
     // Refresh ahead renews a 3 s token after half its life: one expiry
