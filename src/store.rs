@@ -46,6 +46,10 @@ const CANARY: Place<'static> = Place {
     field: "canary",
 };
 
+/// Pool names under this prefix hold static credentials' tokens
+/// (`token/shared.rs`); config pool names cannot contain `:`.
+pub const CREDENTIAL_POOL_PREFIX: &str = "credential:";
+
 /// Whether a connection can be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -816,9 +820,13 @@ impl Store {
     }
 
     /// Every pool name that has rows (for `connections list` without
-    /// `--pool`).
+    /// `--pool`), static credentials' reserved pools left out.
     pub async fn pools(&self) -> Result<Vec<String>, StoreError> {
-        self.timed("pools", async { backend!(self.pools()) }).await
+        let mut pools = self
+            .timed("pools", async { backend!(self.pools()) })
+            .await?;
+        pools.retain(|p| !p.starts_with(CREDENTIAL_POOL_PREFIX));
+        Ok(pools)
     }
 
     /// The id of the key new values are sealed with.
@@ -1061,6 +1069,15 @@ mod tests {
             other.lease("users", "nobody", ttl).await.unwrap(),
             Lease::Gone
         ));
+        store
+            .seed("credential:flinks", "0123", &tokens("rt", "at"))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.pools().await.unwrap(),
+            ["users"],
+            "static credentials' rows are not listed as pools"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }

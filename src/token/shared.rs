@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::grant::{self, Endpoint, Grant, TokenError};
 use super::{state, stored_token, Token};
 use crate::config::{CredentialConfig, GrantType};
-use crate::store::{Lease, Record, Store, StoreError, Tokens};
+use crate::store::{Lease, Record, Store, StoreError, Tokens, CREDENTIAL_POOL_PREFIX};
 
 /// A lease outlives the token request it covers by this much.
 const LEASE_SLACK: Duration = Duration::from_secs(5);
@@ -56,7 +56,7 @@ impl StoreSlot {
         };
         StoreSlot {
             store,
-            pool: format!("credential:{}", c.name),
+            pool: format!("{CREDENTIAL_POOL_PREFIX}{}", c.name),
             id: configured.map_or_else(|| "client_credentials".into(), state::fingerprint),
         }
     }
