@@ -811,3 +811,61 @@ async fn a_deletion_whose_notification_is_lost_is_seen_by_the_periodic_check() {
     );
     p.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_refresh_token_the_store_could_not_take_is_committed_later() {
+    let sb = Sandbox::start(SandboxOptions {
+        expires_in: Some(3),
+        rotate_refresh_tokens: true,
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    let pg = PgCluster::start();
+    pg.create_database("pending");
+    let toml = credential_on_store(&sb, &pg.url("pending"), &new_key(), "refresh_token");
+    let p = support::start_proxy(&toml).await;
+    let url = support::proxy_url(&p, "/api/v1/accounts");
+    let first = eventually(Duration::from_secs(20), || async {
+        support::get(&url).await.status == 200
+    })
+    .await;
+    assert!(first, "a first token");
+    // The next renewal is on the wire when the database goes away: the
+    // server has rotated the refresh token, the store cannot take it.
+    sb.set_token_delay(Duration::from_millis(1500));
+    let on_wire = eventually(Duration::from_secs(20), || async {
+        sb.token_requests_in_flight() == 1
+    })
+    .await;
+    assert!(on_wire);
+    pg.stop();
+    let answered = eventually(Duration::from_secs(20), || async {
+        sb.token_requests_in_flight() == 0
+    })
+    .await;
+    assert!(answered);
+    sb.set_token_delay(Duration::ZERO);
+    // The commit has failed (not merely waiting for a connection).
+    let failed = eventually(Duration::from_secs(20), || async {
+        status(&p).await["store"]["healthy"] == false
+    })
+    .await;
+    assert!(failed, "the store reports the failed commit");
+    pg.start_server();
+    let before = sb.successful_token_requests();
+    let renewed = eventually(Duration::from_secs(30), || async {
+        sb.successful_token_requests() >= before + 2 && support::get(&url).await.status == 200
+    })
+    .await;
+    assert!(
+        renewed,
+        "renewed twice after the outage with the rotated refresh token"
+    );
+    assert_eq!(
+        sb.token_requests(),
+        sb.successful_token_requests(),
+        "the retired refresh token was never presented"
+    );
+    p.shutdown().await;
+}

@@ -31,6 +31,10 @@ pub struct StoreSlot {
     store: Arc<Store>,
     pool: String,
     id: String,
+    /// Tokens a request obtained that the store did not take (it was
+    /// down): a rotated refresh token must not be lost, so they are
+    /// committed first at the next attempt.
+    uncommitted: std::sync::Mutex<Option<Tokens>>,
 }
 
 impl std::fmt::Debug for StoreSlot {
@@ -58,6 +62,7 @@ impl StoreSlot {
             store,
             pool: format!("{CREDENTIAL_POOL_PREFIX}{}", c.name),
             id: configured.map_or_else(|| "client_credentials".into(), state::fingerprint),
+            uncommitted: std::sync::Mutex::new(None),
         }
     }
 
@@ -69,10 +74,19 @@ impl StoreSlot {
         endpoint: &Endpoint,
     ) -> Result<Token, TokenError> {
         let record = self.take_lease(c).await?;
-        let Some(record) = record else {
+        let Some(mut record) = record else {
             // Another replica committed a fresh token while we waited.
             return self.adopted(c).await;
         };
+        let pending = self.pending().clone();
+        if let Some(tokens) = pending {
+            // Committing frees the lease: take it again over the new row.
+            self.commit(&tokens).await?;
+            match self.take_lease(c).await? {
+                Some(r) => record = r,
+                None => return self.adopted(c).await,
+            }
+        }
         if let Some(t) = fresh(&record, c) {
             self.store
                 .release(&self.pool, &self.id)
@@ -178,12 +192,36 @@ impl StoreSlot {
         };
         // A rotated refresh token is committed even when the access token
         // is unusable.
-        match self.store.commit_refresh(&self.pool, &self.id, &tokens).await {
-            Ok(true) => token,
-            Ok(false) => Err(TokenError::State(
-                "this replica's lease expired before the commit; the next attempt re-reads the store".into(),
-            )),
-            Err(e) => Err(store_err(e)),
+        self.commit(&tokens).await?;
+        token
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Option<Tokens>> {
+        self.uncommitted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Commits under the lease; a store failure keeps the tokens for the
+    /// next attempt.
+    async fn commit(&self, tokens: &Tokens) -> Result<(), TokenError> {
+        match self
+            .store
+            .commit_refresh(&self.pool, &self.id, tokens)
+            .await
+        {
+            Ok(true) => {
+                *self.pending() = None;
+                Ok(())
+            }
+            Ok(false) => {
+                *self.pending() = None;
+                Err(TokenError::State(
+                    "this replica's lease expired before the commit; the next attempt re-reads the store".into(),
+                ))
+            }
+            Err(e) => {
+                *self.pending() = Some(tokens.clone());
+                Err(store_err(e))
+            }
         }
     }
 }
