@@ -29,6 +29,8 @@
 # the warm pooled run; self time by symbol in bench-results/connections-perf.txt).
 
 set -euo pipefail
+# REPLICAS=N: the replicas benchmark (N proxies on one PostgreSQL).
+[[ -z ${REPLICAS:-} ]] || exec "$(dirname "$0")/replicas.sh" "$@"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 USERS=${USERS:-10000}
