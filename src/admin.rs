@@ -1,6 +1,6 @@
 //! The admin listener's endpoints: `/metrics` (Prometheus text),
-//! `/healthz` (the process serves), `/readyz` (every credential has had a
-//! first token, and not draining) and `/status` (credentials and routes as
+//! `/healthz` (the process serves), `/readyz` (the store has been reached,
+//! every credential has had a first token, and not draining) and `/status` (credentials and routes as
 //! JSON, never a secret); `admin/connections.rs` serves the connections
 //! API under `/connections`.
 

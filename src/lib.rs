@@ -9,12 +9,13 @@
 //! - [`tls`]: PEM loading and rustls configs.
 //! - [`token`]: one `TokenSource` per credential: cache, single flight,
 //!   refresh task, state file; `token::grant` is the one token request
-//!   (shared with per-user pools), `token::jwt` the one JWT decoder.
+//!   (shared with per-user pools), `token::jwt` the one JWT decoder,
+//!   `token::shared` a credential's tokens kept in the store for replicas.
 //! - [`routes`]: host + longest-prefix route table.
 //! - [`connections`]: per-user connection pools: selection, bounded cache,
 //!   single flight per connection, re-authorization.
-//! - [`store`]: the connection store interface, its SQLite backend and
-//!   token sealing.
+//! - [`store`]: the connection store interface, its SQLite and PostgreSQL
+//!   backends (leases, change notifications) and token sealing.
 //! - [`runtime`]: a config turned into routes, access rules and token
 //!   sources; the `AppState` that swaps them on reload.
 //! - [`proxy`]: the request handler.
