@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::fmt;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -48,6 +48,7 @@ use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::CertificateDer;
+use tokio::sync::Notify;
 use tower_service::Service;
 
 use crate::body::RequestBody;
@@ -149,6 +150,8 @@ type Pools = Mutex<HashMap<PoolKey, Arc<Upstream>>>;
 pub struct UpstreamCache {
     pools: Arc<Pools>,
     timings: Arc<ArcSwap<PoolTimings>>,
+    /// Wakes the reaper to pick up new timings.
+    timings_changed: Arc<Notify>,
     reaper: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -157,6 +160,7 @@ impl Default for UpstreamCache {
         UpstreamCache {
             pools: Arc::default(),
             timings: Arc::new(ArcSwap::from_pointee(PoolTimings::default())),
+            timings_changed: Arc::default(),
             reaper: Mutex::new(None),
         }
     }
@@ -204,6 +208,7 @@ impl UpstreamCache {
             h2: H2List::default(),
             protocol: AtomicU8::new(Protocol::Unknown as u8),
             retired: AtomicBool::new(false),
+            drains: AtomicUsize::new(0),
         });
         pools.insert(key, Arc::clone(&u));
         Ok(u)
@@ -238,6 +243,7 @@ impl UpstreamCache {
     #[doc(hidden)]
     pub fn set_timings(&self, timings: PoolTimings) {
         self.timings.store(Arc::new(timings));
+        self.timings_changed.notify_one();
     }
 
     /// Starts the reaper on first use (inside a runtime).
@@ -251,11 +257,16 @@ impl UpstreamCache {
         };
         let pools = Arc::downgrade(&self.pools);
         let timings = Arc::clone(&self.timings);
+        let changed = Arc::clone(&self.timings_changed);
         *reaper = Some(handle.spawn(async move {
             loop {
                 let idle_timeout = timings.load().idle_timeout;
                 // A connection is closed at most a quarter of the timeout late.
-                tokio::time::sleep((idle_timeout / 4).max(Duration::from_millis(10))).await;
+                let period = (idle_timeout / 4).max(Duration::from_millis(10));
+                tokio::select! {
+                    () = tokio::time::sleep(period) => {}
+                    () = changed.notified() => continue,
+                }
                 let Some(pools) = pools.upgrade() else {
                     return;
                 };
@@ -293,6 +304,8 @@ pub struct Upstream {
     protocol: AtomicU8,
     /// No route uses it any more: returning connections are closed.
     retired: AtomicBool,
+    /// Exchanges being finished in the background after their client left.
+    drains: AtomicUsize,
 }
 
 /// A connection ready for one request.
@@ -409,7 +422,7 @@ impl Upstream {
         stream.settle();
         match result {
             Ok(resp) => Ok(resp.map(|body| UpstreamBody {
-                body,
+                body: Some(body),
                 release: Release::H2 { _stream: stream },
             })),
             Err(mut e) => {
@@ -452,7 +465,7 @@ impl Upstream {
         guard.exchange = None;
         match result {
             Ok(r) => Ok(r.map(|body| UpstreamBody {
-                body,
+                body: Some(body),
                 release: guard.ret.take().map_or(Release::Done, Release::H1),
             })),
             Err(mut e) => match e.take_message() {
@@ -587,6 +600,12 @@ impl Upstream {
     pub fn http2_connections(&self) -> usize {
         self.h2.len()
     }
+
+    /// HTTP/1.1 exchanges being finished in the background because their
+    /// client left, to keep their connections (for tests).
+    pub fn pending_drains(&self) -> usize {
+        self.drains.load(Ordering::Relaxed)
+    }
 }
 
 /// A copy of a request whose body can be sent again (buffered, or empty),
@@ -617,9 +636,11 @@ enum Release {
 
 /// An upstream response body; gives its connection (HTTP/1.1) or its
 /// stream's place (HTTP/2) back when it ends. An HTTP/1.1 body dropped
-/// early closes its connection instead (its unread bytes make it unusable).
+/// early (its client left) is read to its end in the background, within
+/// bounds, so its connection can go back to the pool too.
 pub struct UpstreamBody {
-    body: Incoming,
+    /// `None` once handed to a background drain.
+    body: Option<Incoming>,
     release: Release,
 }
 
@@ -646,7 +667,10 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(body).poll_frame(cx);
         if let Poll::Ready(None) = polled {
             this.release();
         }
@@ -654,18 +678,26 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.body.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        if self.body.is_end_stream() {
-            self.release();
+        let Release::H1(ret) = std::mem::replace(&mut self.release, Release::Done) else {
+            return;
+        };
+        match self.body.take() {
+            Some(body) if !body.is_end_stream() => {
+                h1::spawn_drain(std::future::ready(Some(body)), ret);
+            }
+            _ => ret.give_back(),
         }
     }
 }

@@ -232,14 +232,16 @@ impl<F: Exchange> Drop for Abandoned<F> {
 
 /// Spawns: wait for the body, read at most [`DRAIN_LIMIT`] of it within
 /// [`DRAIN_TIMEOUT`], and return the connection if it ended.
-fn spawn_drain<F>(body: F, ret: ReturnTo)
+pub(super) fn spawn_drain<F>(body: F, ret: ReturnTo)
 where
     F: std::future::Future<Output = Option<Incoming>> + Send + 'static,
 {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         return;
     };
+    let counted = Counted::enter(&ret.upstream);
     handle.spawn(async move {
+        let _counted = counted;
         let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
             let mut body = body.await?;
             let mut read = 0usize;
@@ -256,4 +258,20 @@ where
             ret.give_back();
         }
     });
+}
+
+/// Counts a background drain in its pool for as long as it runs.
+struct Counted(Arc<Upstream>);
+
+impl Counted {
+    fn enter(upstream: &Arc<Upstream>) -> Counted {
+        upstream.drains.fetch_add(1, Ordering::Relaxed);
+        Counted(Arc::clone(upstream))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.drains.fetch_sub(1, Ordering::Relaxed);
+    }
 }
