@@ -14,7 +14,8 @@
 //!   sources; the `AppState` that swaps them on reload.
 //! - [`proxy`]: the request handler.
 //! - [`body`]: streaming request and response bodies, replay buffer.
-//! - [`upstream`]: pooled hyper-util clients over rustls.
+//! - [`upstream`]: connection pools per upstream origin (HTTP/1.1 and
+//!   HTTP/2, limits, keep-alive, reaper) and the token endpoints' client.
 //! - [`server`]: accept loops, limits, TLS, graceful shutdown.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/status`.
 //! - [`metrics`]: the Prometheus registry and typed handles.

@@ -206,7 +206,12 @@ impl UpstreamCache {
             cap: Capacity::new(max_connections),
             idle: IdleList::default(),
             h2: H2List::default(),
-            protocol: AtomicU8::new(Protocol::Unknown as u8),
+            // Plain TCP is HTTP/1.1 (no h2c towards upstreams); TLS says by ALPN.
+            protocol: AtomicU8::new(if *scheme == Scheme::HTTP {
+                Protocol::Http1 as u8
+            } else {
+                Protocol::Unknown as u8
+            }),
             retired: AtomicBool::new(false),
             drains: AtomicUsize::new(0),
         });
@@ -336,6 +341,17 @@ impl SendError {
             client_body: false,
             source: e,
         }
+    }
+
+    /// The same error, and a handle to hand it to others too.
+    fn share(self) -> (SendError, Arc<dyn StdError + Send + Sync>) {
+        let shared: Arc<dyn StdError + Send + Sync> = Arc::from(self.source);
+        let e = SendError {
+            kind: self.kind,
+            client_body: self.client_body,
+            source: Box::new(Arc::clone(&shared)),
+        };
+        (e, shared)
     }
 
     fn exchange(e: hyper::Error) -> SendError {
@@ -489,9 +505,14 @@ impl Upstream {
             changed.as_mut().enable();
             match self.h2.pick(&self.cap) {
                 Pick::Stream(s) => return Ok((Checkout::H2(s), true)),
-                Pick::Wait => {
+                Pick::Wait(epoch) => {
                     changed.await;
-                    continue;
+                    // The connect we waited for failed: its error is ours
+                    // too (as Envoy fails requests queued on a connection).
+                    match self.h2.failure_since(epoch) {
+                        Some(e) => return Err(e),
+                        None => continue,
+                    }
                 }
                 Pick::Full => {}
             }
@@ -523,14 +544,28 @@ impl Upstream {
         let Some(slot) = self.cap.try_acquire() else {
             return Ok(None);
         };
-        let single_flight = self.protocol.load(Ordering::Relaxed) != Protocol::Http1 as u8;
-        let connecting = match single_flight {
-            true => match self.h2.begin_connect(&self.cap) {
-                Some(guard) => Some(guard),
-                None => return Ok(None),
-            },
-            false => None,
+        if self.protocol.load(Ordering::Relaxed) == Protocol::Http1 as u8 {
+            return self.connect(slot).await.map(Some);
+        }
+        let Some(connecting) = self.h2.begin_connect(&self.cap) else {
+            return Ok(None);
         };
+        match self.connect(slot).await {
+            Ok(checkout) => {
+                connecting.succeed();
+                Ok(Some(checkout))
+            }
+            Err(e) => {
+                let (e, shared) = e.share();
+                connecting.fail(e.kind, shared);
+                Err(e)
+            }
+        }
+    }
+
+    /// Connects, handshakes by ALPN, and for HTTP/2 adds the connection to
+    /// the list with a stream reserved for the caller.
+    async fn connect(&self, slot: capacity::Slot) -> Result<Checkout, SendError> {
         let io = self
             .connector
             .clone()
@@ -545,17 +580,14 @@ impl Upstream {
             let conn = H2Conn::handshake(io, slot, &timings, max_streams)
                 .await
                 .map_err(SendError::exchange)?;
-            let stream = self.h2.add(conn, &self.cap);
-            drop(connecting);
-            Ok(Some(Checkout::H2(stream)))
+            Ok(Checkout::H2(self.h2.add(conn, &self.cap)))
         } else {
             self.protocol
                 .store(Protocol::Http1 as u8, Ordering::Relaxed);
-            drop(connecting);
             let conn = H1Conn::handshake(io, slot)
                 .await
                 .map_err(SendError::exchange)?;
-            Ok(Some(Checkout::H1(conn)))
+            Ok(Checkout::H1(conn))
         }
     }
 

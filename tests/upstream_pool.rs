@@ -984,3 +984,60 @@ async fn a_second_http2_connection_opens_at_max_concurrent_streams() {
     let n = up.connections();
     assert!((2..=3).contains(&n), "{n} connections");
 }
+
+#[tokio::test]
+async fn a_burst_waiting_on_a_failed_connect_shares_its_failure() {
+    let sb = sandbox().await;
+    // An upstream that accepts TCP and closes without a TLS handshake once
+    // released: the connect the burst waits on fails.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(Notify::new());
+    let (a, r) = (Arc::clone(&accepted), Arc::clone(&release));
+    let _server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            tokio::select! {
+                Ok((tcp, _)) = listener.accept() => {
+                    a.fetch_add(1, Ordering::SeqCst);
+                    held.push(tcp);
+                }
+                () = r.notified() => held.clear(),
+            }
+        }
+    });
+    let warm = TestUpstream::start("warm").await;
+    let extra = format!(
+        "[routes.warm]\npath_prefix = \"/warm\"\ncredential = \"flinks\"\nupstream = \"{}\"",
+        warm.http_url()
+    );
+    let p = start_proxy(&config_for(&sb, &format!("https://{addr}"), &extra)).await;
+    // A token first, so the burst goes straight to the upstream pool.
+    assert_eq!(get(&proxy_url(&p, "/warm/x")).await.status, 200);
+    let c = client();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let (c, url) = (c.clone(), proxy_url(&p, &format!("/burst/{i}")));
+        tasks.spawn(async move { get_with(&c, &url).await.status });
+    }
+    let metrics = p.state();
+    eventually("the burst is in the proxy", || {
+        metrics.metrics.inflight.get() == 8
+    })
+    .await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one connect for the burst"
+    );
+    release.notify_one();
+    while let Some(status) = tasks.join_next().await {
+        assert_eq!(status.expect("task"), 502);
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "the waiters took the failure instead of connecting one after another"
+    );
+}

@@ -32,7 +32,7 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::capacity::{Capacity, Slot};
-use super::{lock, Io, PoolTimings};
+use super::{lock, ErrorKind, Io, PoolTimings, SendError};
 use crate::body::RequestBody;
 
 /// Beyond the keep-alive interval, how long a healthy connection takes to
@@ -158,6 +158,11 @@ struct H2State {
     conns: Vec<Arc<H2Conn>>,
     /// A connect is under way; others wait for it (single flight).
     connecting: bool,
+    /// Counts finished connects, so a waiter can tell whether the one it
+    /// waited for failed.
+    epoch: u64,
+    /// The last connect's failure and its epoch; cleared by a success.
+    failure: Option<(u64, ErrorKind, Arc<dyn std::error::Error + Send + Sync>)>,
     /// The origin's last announced `MAX_CONCURRENT_STREAMS`.
     learned_max: Option<usize>,
 }
@@ -166,8 +171,9 @@ struct H2State {
 pub(super) enum Pick {
     /// A stream on a connection with room.
     Stream(Stream),
-    /// Nothing has room but a connection is being made: wait for it.
-    Wait,
+    /// Nothing has room but a connection is being made: wait for it (the
+    /// connect epoch to pass to [`H2List::failure_since`] after the wait).
+    Wait(u64),
     /// Nothing has room and nothing is being made.
     Full,
 }
@@ -182,7 +188,7 @@ impl H2List {
         }
         match st.conns.iter().find(|c| c.has_room()) {
             Some(c) => Pick::Stream(Stream::open(c, cap)),
-            None if st.connecting => Pick::Wait,
+            None if st.connecting => Pick::Wait(st.epoch),
             None => Pick::Full,
         }
     }
@@ -208,6 +214,17 @@ impl H2List {
         }
         st.connecting = true;
         Some(Connecting { list: self, cap })
+    }
+
+    /// The error of a connect that failed after `epoch`, for its waiters.
+    pub(super) fn failure_since(&self, epoch: u64) -> Option<SendError> {
+        let st = lock(&self.state);
+        let (at, kind, source) = st.failure.as_ref()?;
+        (*at > epoch).then(|| SendError {
+            kind: *kind,
+            client_body: false,
+            source: Box::new(Arc::clone(source)),
+        })
     }
 
     /// Streams to assume on a new connection before its SETTINGS arrive.
@@ -247,14 +264,33 @@ impl H2List {
 }
 
 /// A connect in progress for [`H2List`]; see [`H2List::begin_connect`].
+/// Dropped without an outcome (its request was cancelled), a waiter takes
+/// over the connecting.
 pub(super) struct Connecting<'a> {
     list: &'a H2List,
     cap: &'a Capacity,
 }
 
+impl Connecting<'_> {
+    /// The connection is in the list (HTTP/2) or turned out HTTP/1.1.
+    pub(super) fn succeed(self) {
+        lock(&self.list.state).failure = None;
+    }
+
+    /// The connect failed: its waiters fail with the same error.
+    pub(super) fn fail(self, kind: ErrorKind, error: Arc<dyn std::error::Error + Send + Sync>) {
+        let mut st = lock(&self.list.state);
+        st.failure = Some((st.epoch.saturating_add(1), kind, error));
+    }
+}
+
 impl Drop for Connecting<'_> {
     fn drop(&mut self) {
-        lock(&self.list.state).connecting = false;
+        {
+            let mut st = lock(&self.list.state);
+            st.connecting = false;
+            st.epoch = st.epoch.saturating_add(1);
+        }
         self.cap.changed.notify_waiters();
     }
 }
