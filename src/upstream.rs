@@ -49,6 +49,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::Notify;
+use tokio::time::timeout;
 use tower_service::Service;
 
 use crate::body::RequestBody;
@@ -65,6 +66,11 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// Bound on idle connections per upstream; above the largest client
 /// concurrency we expect, so steady load opens no new connections.
 pub const POOL_MAX_IDLE_PER_HOST: usize = 1024;
+/// A pooled HTTP/1.1 connection not ready after this long is closed rather
+/// than waited on. Only connections whose exchange is over both ways are
+/// pooled, so the wait is their task catching up (microseconds); the bound
+/// is for a connection stuck in a way we did not foresee.
+pub const POOL_READY_GRACE: Duration = Duration::from_secs(1);
 /// TCP connect bound; the overall bound is `request_timeout`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// An HTTP/2 connection that received nothing for this long is sent a PING
@@ -87,6 +93,8 @@ pub struct PoolTimings {
     pub h2_keep_alive_interval: Duration,
     /// See [`H2_KEEP_ALIVE_TIMEOUT`].
     pub h2_keep_alive_timeout: Duration,
+    /// See [`POOL_READY_GRACE`].
+    pub ready_grace: Duration,
 }
 
 impl Default for PoolTimings {
@@ -95,6 +103,7 @@ impl Default for PoolTimings {
             idle_timeout: POOL_IDLE_TIMEOUT,
             h2_keep_alive_interval: H2_KEEP_ALIVE_INTERVAL,
             h2_keep_alive_timeout: H2_KEEP_ALIVE_TIMEOUT,
+            ready_grace: POOL_READY_GRACE,
         }
     }
 }
@@ -230,16 +239,16 @@ impl UpstreamCache {
                 None => limits.push((u, max)),
             }
         }
-        let mut pools = lock(&self.pools);
-        pools.retain(|_, u| {
-            match limits.iter().find(|(k, _)| Arc::ptr_eq(k, u)) {
-                Some((_, max)) => u.cap.set_max(*max),
-                None => {
-                    tracing::debug!(upstream = %u.origin, "no route uses this upstream any more; pool dropped");
-                    u.retire();
-                }
+        lock(&self.pools).retain(|_, u| match limits.iter().find(|(k, _)| Arc::ptr_eq(k, u)) {
+            Some((_, max)) => {
+                u.cap.set_max(*max);
+                true
             }
-            limits.iter().any(|(k, _)| Arc::ptr_eq(k, u))
+            None => {
+                tracing::debug!(upstream = %u.origin, "no route uses this upstream any more; pool dropped");
+                u.retire();
+                false
+            }
         });
     }
 
@@ -516,11 +525,17 @@ impl Upstream {
                 }
                 Pick::Full => {}
             }
-            if let Some(mut conn) = self.idle.take(self.timings.load().idle_timeout) {
-                // Pooled only once its exchange was over both ways, so this
-                // is the connection task catching up, not a wait on the
-                // upstream; a connection that closed meanwhile fails it.
-                if conn.sender.ready().await.is_ok() {
+            let timings = **self.timings.load();
+            if let Some(mut conn) = self.idle.take(timings.idle_timeout) {
+                // Pooled only once its exchange was over both ways, so a
+                // wait here is the connection task catching up, bounded in
+                // case it is stuck; a connection that closed fails it.
+                if conn.sender.is_ready()
+                    || matches!(
+                        timeout(timings.ready_grace, conn.sender.ready()).await,
+                        Ok(Ok(()))
+                    )
+                {
                     return Ok((Checkout::H1(conn), true));
                 }
                 continue;
