@@ -6,13 +6,13 @@
 //!
 //! - **Limit.** At most `max_connections` (the route key) connections are
 //!   open per pool; a checkout at the limit waits for one to come back or
-//!   close, bounded by the caller's request deadline ([`capacity`]).
-//! - **HTTP/1.1** ([`h1`]): a connection returns to the pool the moment its
+//!   close, bounded by the caller's request deadline (`capacity`).
+//! - **HTTP/1.1** (`h1`): a connection returns to the pool the moment its
 //!   response body ends and its request body is sent (no task per request
 //!   to watch for that); a pooled connection the upstream closed before the
 //!   request was written is retried once on a fresh one; an exchange whose
 //!   client left is finished in the background to keep its connection.
-//! - **HTTP/2** ([`h2`]): a short list of multiplexed connections with PING
+//! - **HTTP/2** (`h2`): a short list of multiplexed connections with PING
 //!   keep-alive; one connect at a time (a cold burst waits for it), another
 //!   connection when all are at the peer's `MAX_CONCURRENT_STREAMS`, and a
 //!   stream the upstream refused unprocessed is sent once more elsewhere.

@@ -16,7 +16,9 @@
 //! - **Capacity.** A stream is placed on the first connection below the
 //!   peer's limit; the parent opens another connection when all are full.
 //! - **Refused streams** (RST_STREAM `REFUSED_STREAM`, or above a GOAWAY's
-//!   last stream id) were not processed by the upstream: [`is_refused`].
+//!   last stream id) were not processed by the upstream ([`is_refused`]):
+//!   the parent sends them once more, and their connection takes no new
+//!   streams (a server refuses when it is going away or overloaded).
 //!
 //! Checkout order and connection limits live in the parent module.
 
