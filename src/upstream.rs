@@ -328,6 +328,14 @@ enum Checkout {
     H2(Stream),
 }
 
+/// What one look for a connection found.
+enum Attempt {
+    /// A connection, and whether it was reused.
+    Got(Checkout, bool),
+    /// Nothing free; when waiting on another checkout's connect, its epoch.
+    Wait(Option<u64>),
+}
+
 /// Why an exchange with the upstream failed.
 #[derive(Debug)]
 pub struct SendError {
@@ -509,47 +517,56 @@ impl Upstream {
     /// connection limit, waits for one of those. `true` when reused.
     async fn checkout(self: &Arc<Self>) -> Result<(Checkout, bool), SendError> {
         loop {
+            // The common case takes no lock on the wait list.
+            if let Attempt::Got(c, reused) = self.attempt().await? {
+                return Ok((c, reused));
+            }
             let changed = self.cap.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            match self.h2.pick(&self.cap) {
-                Pick::Stream(s) => return Ok((Checkout::H2(s), true)),
-                Pick::Wait(epoch) => {
-                    changed.await;
-                    // The connect we waited for failed: its error is ours
-                    // too (as Envoy fails requests queued on a connection).
-                    match self.h2.failure_since(epoch) {
-                        Some(e) => return Err(e),
-                        None => continue,
-                    }
-                }
-                Pick::Full => {}
-            }
-            let timings = **self.timings.load();
-            if let Some(mut conn) = self.idle.take(timings.idle_timeout) {
-                // Pooled only once its exchange was over both ways, so a
-                // wait here is the connection task catching up, bounded in
-                // case it is stuck; a connection that closed fails it.
-                if conn.sender.is_ready()
-                    || matches!(
-                        timeout(timings.ready_grace, conn.sender.ready()).await,
-                        Ok(Ok(()))
-                    )
-                {
-                    return Ok((Checkout::H1(conn), true));
-                }
-                continue;
-            }
-            if let Some(checkout) = self.try_connect().await? {
-                return Ok((checkout, false));
-            }
-            // At the limit: share an HTTP/2 connection past the peer's
-            // stream limit (hyper queues), or wait for a connection.
-            if let Some(s) = self.h2.least_loaded(&self.cap) {
-                return Ok((Checkout::H2(s), true));
-            }
+            let connect_epoch = match self.attempt().await? {
+                Attempt::Got(c, reused) => return Ok((c, reused)),
+                Attempt::Wait(epoch) => epoch,
+            };
             changed.await;
+            // The connect we waited for failed: its error is ours too (as
+            // Envoy fails the requests queued on a connection).
+            if let Some(e) = connect_epoch.and_then(|e| self.h2.failure_since(e)) {
+                return Err(e);
+            }
         }
+    }
+
+    /// One look for a connection, connecting if the pool may.
+    async fn attempt(&self) -> Result<Attempt, SendError> {
+        match self.h2.pick(&self.cap) {
+            Pick::Stream(s) => return Ok(Attempt::Got(Checkout::H2(s), true)),
+            Pick::Wait(epoch) => return Ok(Attempt::Wait(Some(epoch))),
+            Pick::Full => {}
+        }
+        let timings = **self.timings.load();
+        while let Some(mut conn) = self.idle.take(timings.idle_timeout) {
+            // Pooled only once its exchange was over both ways, so a wait
+            // here is the connection task catching up, bounded in case it
+            // is stuck; a connection that closed fails it.
+            let ready = conn.sender.is_ready()
+                || matches!(
+                    timeout(timings.ready_grace, conn.sender.ready()).await,
+                    Ok(Ok(()))
+                );
+            if ready {
+                return Ok(Attempt::Got(Checkout::H1(conn), true));
+            }
+        }
+        if let Some(checkout) = self.try_connect().await? {
+            return Ok(Attempt::Got(checkout, false));
+        }
+        // At the limit: share an HTTP/2 connection past the peer's stream
+        // limit (hyper queues), or wait for a connection.
+        Ok(match self.h2.least_loaded(&self.cap) {
+            Some(s) => Attempt::Got(Checkout::H2(s), true),
+            None => Attempt::Wait(None),
+        })
     }
 
     /// A new connection, unless the pool is at its limit or (for an origin
