@@ -4,6 +4,8 @@
 //! Every test file includes this with `mod support;` and uses what it needs.
 #![allow(dead_code)]
 
+pub mod prometheus;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
