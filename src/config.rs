@@ -217,6 +217,8 @@ struct RawLog {
     level: String,
     #[serde(default)]
     format: LogFormat,
+    #[serde(default = "d_access_log")]
+    access: bool,
 }
 
 impl Default for RawLog {
@@ -224,8 +226,15 @@ impl Default for RawLog {
         RawLog {
             level: default_level(),
             format: LogFormat::Text,
+            access: true,
         }
     }
+}
+
+/// The access log is on unless turned off: it is what an operator reads
+/// first, and what Flinks support asks for (`ob-correlation-id`).
+fn d_access_log() -> bool {
+    true
 }
 
 fn default_level() -> String {
@@ -351,6 +360,8 @@ pub struct LogConfig {
     pub level: String,
     /// Text or JSON lines.
     pub format: LogFormat,
+    /// One line per request (`[log] access`).
+    pub access: bool,
 }
 
 /// `[access]`: who may use the proxy.
@@ -492,6 +503,7 @@ impl Config {
             log: LogConfig {
                 level: raw.log.level,
                 format: raw.log.format,
+                access: raw.log.access,
             },
             access,
             credentials,
@@ -939,6 +951,15 @@ credential = "flinks"
                 .expose(),
             "s3cret"
         );
+    }
+
+    #[test]
+    fn access_log_is_on_by_default_and_can_be_turned_off() {
+        assert!(parse(GOOD).unwrap().log.access);
+        let off = parse(&format!("[log]\naccess = false\n{GOOD}")).unwrap();
+        assert!(!off.log.access);
+        let e = parse(&format!("[log]\naccess = \"no\"\n{GOOD}")).unwrap_err();
+        assert!(e.to_string().contains("log.access"), "{e}");
     }
 
     #[test]

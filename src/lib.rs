@@ -14,6 +14,8 @@
 //!   sources; the `AppState` that swaps them on reload.
 //! - [`proxy`]: the request handler.
 //! - [`body`]: streaming request and response bodies, replay buffer.
+//! - [`access_log`]: the one line per request, written when its response
+//!   body ends.
 //! - [`upstream`]: pooled hyper-util clients over rustls.
 //! - [`server`]: accept loops, limits, TLS, graceful shutdown.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/status`.
@@ -25,6 +27,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod config;
