@@ -208,6 +208,9 @@ fn d_token_timeout() -> Duration {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: SocketAddr,
+    /// `/status` shows each credential's `sub` claim (personal data).
+    #[serde(default)]
+    show_subjects: bool,
 }
 
 #[derive(Deserialize)]
@@ -307,6 +310,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// `[admin]`: where the admin listener listens.
     pub admin_listen: Option<SocketAddr>,
+    /// `[admin] show_subjects`: whether `/status` shows `sub` claims.
+    pub show_subjects: bool,
     /// `[log]`.
     pub log: LogConfig,
     /// `[access]`.
@@ -411,6 +416,23 @@ pub struct CredentialConfig {
     pub ca_certs: Vec<CertificateDer<'static>>,
 }
 
+impl CredentialConfig {
+    /// Whether the token URL is plain `http://` to a host beyond loopback:
+    /// the client secret and refresh token then travel in clear.
+    pub fn sends_secrets_in_clear(&self) -> bool {
+        if self.token_url.scheme() != Some(&http::uri::Scheme::HTTP) {
+            return false;
+        }
+        let host = self.token_url.host().unwrap_or("");
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        !loopback
+    }
+}
+
 /// How the token is written into the injected header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthScheme {
@@ -488,6 +510,7 @@ impl Config {
             let cred = ctx.credential(&name, c)?;
             credentials.insert(name, Arc::new(cred));
         }
+        unique_state_files(&credentials).map_err(|(k, m)| ctx.err(&k, m))?;
         let mut routes = Vec::new();
         for (name, r) in raw.routes {
             let route = ctx.route(&name, r, &credentials, &routes)?;
@@ -496,10 +519,11 @@ impl Config {
         Ok(Config {
             source: path.to_path_buf(),
             server,
-            admin_listen: Some(match raw.admin {
+            admin_listen: Some(match &raw.admin {
                 Some(a) => a.listen,
                 None => DEFAULT_ADMIN_LISTEN.parse().expect("constant address"),
             }),
+            show_subjects: raw.admin.as_ref().is_some_and(|a| a.show_subjects),
             log: LogConfig {
                 level: raw.log.level,
                 format: raw.log.format,
@@ -869,6 +893,29 @@ impl Ctx {
         }
         Ok(header)
     }
+}
+
+/// Two credentials writing one state file would overwrite each other's
+/// refresh tokens. The error is `(key, message)`.
+fn unique_state_files(
+    credentials: &BTreeMap<String, Arc<CredentialConfig>>,
+) -> Result<(), (String, String)> {
+    let mut seen: BTreeMap<&Path, &str> = BTreeMap::new();
+    for (name, c) in credentials {
+        let Some(path) = c.state_file.as_deref() else {
+            continue;
+        };
+        if let Some(first) = seen.insert(path, name) {
+            return Err((
+                format!("credentials.{name}.state_file"),
+                format!(
+                    "{} is also the state_file of [credentials.{first}]; each credential needs its own",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Token request fields the proxy fills in; `extra` may not override them.

@@ -20,7 +20,7 @@ use crate::access_log::{self, AccessLog, ResponseFacts};
 use crate::body::{ProxyBody, RequestBody};
 use crate::error::ProxyError;
 use crate::runtime::{AppState, Route, Runtime};
-use crate::token::Token;
+use crate::token::{Rejection, Token};
 use crate::upstream::{ErrorKind, UpstreamBody};
 
 /// `x-request-id`.
@@ -346,8 +346,10 @@ async fn handle_inner(
         .map(|_| (method.clone(), uri.clone(), headers.clone()));
     let mut resp = send(route, method, uri, headers, body, &token, deadline).await;
     if let Ok(r) = &resp {
-        if route.reauth_on.contains(&r.status()) {
-            route.source.reject(&token);
+        // A fresh token's rejection is the upstream's answer: passed through.
+        if route.reauth_on.contains(&r.status())
+            && route.source.reject(&token) != Rejection::IgnoredFresh
+        {
             if let (Some(body), Some((method, uri, headers))) = (replay, replay_head) {
                 if let Ok(fresh) = route.source.get(deadline).await {
                     route.metrics.replays.inc();

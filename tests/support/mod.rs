@@ -276,6 +276,11 @@ impl Pki {
         self.leaf(&["localhost", "127.0.0.1"], false)
     }
 
+    /// A server certificate for exactly `names`.
+    pub fn server_named(&self, names: &[&str]) -> Leaf {
+        self.leaf(names, false)
+    }
+
     /// A client certificate.
     pub fn client(&self, name: &str) -> Leaf {
         self.leaf(&[name], true)
