@@ -82,7 +82,7 @@ pub fn status(state: &AppState) -> serde_json::Value {
     let credentials: serde_json::Map<String, serde_json::Value> = rt
         .sources
         .iter()
-        .map(|(name, s)| (name.clone(), s.status_json()))
+        .map(|(name, s)| (name.clone(), s.status_json(rt.config.show_subjects)))
         .collect();
     let routes: serde_json::Map<String, serde_json::Value> = rt
         .route_list

@@ -4,6 +4,9 @@
 //! A request body of at most [`REPLAY_LIMIT`] is buffered so it can be
 //! replayed once after the upstream rejects a token; larger bodies stream
 //! with the part read so far sent first.
+//!
+//! A response body may carry its request's access log line
+//! ([`ProxyBody::Logged`]), counting the bytes sent into it.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -13,22 +16,44 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::access_log::AccessLog;
+
 /// Largest request body kept for a replay after `reauth_on` (SPEC §4).
 pub const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// The body of a response the proxy sends to its client.
+// `Logged` is a few hundred bytes inline: the body is moved once or twice
+// per response, which costs less than a heap allocation per request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ProxyBody {
     /// The upstream's response body, streamed.
     Upstream(crate::upstream::UpstreamBody),
     /// A body the proxy made (errors, admin pages).
     Full(Option<Bytes>),
+    /// The upstream's response body, its bytes counted into an access log
+    /// line that is written when the body is dropped.
+    Logged(crate::upstream::UpstreamBody, AccessLog),
 }
 
 impl ProxyBody {
     /// A body of the given bytes.
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         ProxyBody::Full(Some(bytes.into()))
+    }
+
+    /// Attaches the access log line: a streamed body counts its bytes and
+    /// writes the line when dropped; a body the proxy made has its length
+    /// known, so its line is written now.
+    pub fn with_access_log(self, mut log: AccessLog) -> ProxyBody {
+        match self {
+            ProxyBody::Upstream(b) => ProxyBody::Logged(b, log),
+            ProxyBody::Full(b) => {
+                log.sent(b.as_ref().map_or(0, Bytes::len));
+                ProxyBody::Full(b)
+            }
+            logged @ ProxyBody::Logged(..) => logged,
+        }
     }
 }
 
@@ -42,6 +67,13 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Logged(b, log) => {
+                let polled = Pin::new(b).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    log.sent(frame.data_ref().map_or(0, Bytes::len));
+                }
+                polled
+            }
             ProxyBody::Full(b) => Poll::Ready(
                 b.take()
                     .filter(|b| !b.is_empty())
@@ -52,14 +84,14 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Upstream(b) | ProxyBody::Logged(b, _) => b.is_end_stream(),
             ProxyBody::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Upstream(b) | ProxyBody::Logged(b, _) => b.size_hint(),
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }

@@ -213,6 +213,9 @@ fn d_token_timeout() -> Duration {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: SocketAddr,
+    /// `/status` shows each credential's `sub` claim (personal data).
+    #[serde(default)]
+    show_subjects: bool,
 }
 
 #[derive(Deserialize)]
@@ -222,6 +225,8 @@ struct RawLog {
     level: String,
     #[serde(default)]
     format: LogFormat,
+    #[serde(default = "d_access_log")]
+    access: bool,
 }
 
 impl Default for RawLog {
@@ -229,8 +234,15 @@ impl Default for RawLog {
         RawLog {
             level: default_level(),
             format: LogFormat::Text,
+            access: true,
         }
     }
+}
+
+/// The access log is on unless turned off: it is what an operator reads
+/// first, and what Flinks support asks for (`ob-correlation-id`).
+fn d_access_log() -> bool {
+    true
 }
 
 fn default_level() -> String {
@@ -304,6 +316,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// `[admin]`: where the admin listener listens.
     pub admin_listen: Option<SocketAddr>,
+    /// `[admin] show_subjects`: whether `/status` shows `sub` claims.
+    pub show_subjects: bool,
     /// `[log]`.
     pub log: LogConfig,
     /// `[access]`.
@@ -357,6 +371,8 @@ pub struct LogConfig {
     pub level: String,
     /// Text or JSON lines.
     pub format: LogFormat,
+    /// One line per request (`[log] access`).
+    pub access: bool,
 }
 
 /// `[access]`: who may use the proxy.
@@ -404,6 +420,23 @@ pub struct CredentialConfig {
     pub extra: Vec<(String, String)>,
     /// Extra trust roots for the token endpoint.
     pub ca_certs: Vec<CertificateDer<'static>>,
+}
+
+impl CredentialConfig {
+    /// Whether the token URL is plain `http://` to a host beyond loopback:
+    /// the client secret and refresh token then travel in clear.
+    pub fn sends_secrets_in_clear(&self) -> bool {
+        if self.token_url.scheme() != Some(&http::uri::Scheme::HTTP) {
+            return false;
+        }
+        let host = self.token_url.host().unwrap_or("");
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        !loopback
+    }
 }
 
 /// How the token is written into the injected header.
@@ -486,6 +519,7 @@ impl Config {
             let cred = ctx.credential(&name, c)?;
             credentials.insert(name, Arc::new(cred));
         }
+        unique_state_files(&credentials).map_err(|(k, m)| ctx.err(&k, m))?;
         let mut routes = Vec::new();
         for (name, r) in raw.routes {
             let route = ctx.route(&name, r, &credentials, &routes)?;
@@ -494,13 +528,15 @@ impl Config {
         Ok(Config {
             source: path.to_path_buf(),
             server,
-            admin_listen: Some(match raw.admin {
+            admin_listen: Some(match &raw.admin {
                 Some(a) => a.listen,
                 None => DEFAULT_ADMIN_LISTEN.parse().expect("constant address"),
             }),
+            show_subjects: raw.admin.as_ref().is_some_and(|a| a.show_subjects),
             log: LogConfig {
                 level: raw.log.level,
                 format: raw.log.format,
+                access: raw.log.access,
             },
             access,
             credentials,
@@ -875,6 +911,29 @@ impl Ctx {
     }
 }
 
+/// Two credentials writing one state file would overwrite each other's
+/// refresh tokens. The error is `(key, message)`.
+fn unique_state_files(
+    credentials: &BTreeMap<String, Arc<CredentialConfig>>,
+) -> Result<(), (String, String)> {
+    let mut seen: BTreeMap<&Path, &str> = BTreeMap::new();
+    for (name, c) in credentials {
+        let Some(path) = c.state_file.as_deref() else {
+            continue;
+        };
+        if let Some(first) = seen.insert(path, name) {
+            return Err((
+                format!("credentials.{name}.state_file"),
+                format!(
+                    "{} is also the state_file of [credentials.{first}]; each credential needs its own",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Token request fields the proxy fills in; `extra` may not override them.
 const RESERVED_TOKEN_FIELDS: &[&str] = &[
     "grant_type",
@@ -955,6 +1014,15 @@ credential = "flinks"
                 .expose(),
             "s3cret"
         );
+    }
+
+    #[test]
+    fn access_log_is_on_by_default_and_can_be_turned_off() {
+        assert!(parse(GOOD).unwrap().log.access);
+        let off = parse(&format!("[log]\naccess = false\n{GOOD}")).unwrap();
+        assert!(!off.log.access);
+        let e = parse(&format!("[log]\naccess = \"no\"\n{GOOD}")).unwrap_err();
+        assert!(e.to_string().contains("log.access"), "{e}");
     }
 
     #[test]

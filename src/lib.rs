@@ -8,12 +8,15 @@
 //! - [`secret`]: secrets from literals, env or files; redacted `Debug`.
 //! - [`tls`]: PEM loading and rustls configs.
 //! - [`token`]: one `TokenSource` per credential: cache, single flight,
-//!   refresh task, grants, state file.
+//!   refresh task, state file; `token::grant` is the one token request
+//!   (shared with per-user pools), `token::jwt` the one JWT decoder.
 //! - [`routes`]: host + longest-prefix route table.
 //! - [`runtime`]: a config turned into routes, access rules and token
 //!   sources; the `AppState` that swaps them on reload.
 //! - [`proxy`]: the request handler.
 //! - [`body`]: streaming request and response bodies, replay buffer.
+//! - [`access_log`]: the one line per request, written when its response
+//!   body ends.
 //! - [`upstream`]: connection pools per upstream origin (HTTP/1.1 and
 //!   HTTP/2, limits, keep-alive, reaper) and the token endpoints' client.
 //! - [`server`]: accept loops, limits, TLS, graceful shutdown.
@@ -26,6 +29,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod config;
@@ -117,6 +121,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
         for (name, cred) in &c.credentials {
             tracing::info!(credential = %name, grant = cred.grant_type.as_str(), token_url = %cred.token_url, client_id = %cred.client_id, "credential");
+            if cred.sends_secrets_in_clear() {
+                tracing::warn!(credential = %name, token_url = %cred.token_url, "the token URL is plain http:// beyond loopback: the client secret and tokens travel in clear; use https://");
+            }
         }
         if !proxy_addr.ip().is_loopback() && rt.access.is_open() && !c.server.mtls {
             tracing::warn!(addr = %proxy_addr, "the proxy listens beyond loopback with no [access] rules and no client certificates: anyone who reaches it can spend these credentials");
@@ -154,7 +161,18 @@ async fn exchange_codes(state: &AppState) -> Result<(), StartError> {
             continue;
         }
         tracing::info!(credential = %name, "exchanging the authorization code");
-        match source.fetch().await {
+        // In a task of its own so that a panic (a bug) is caught, logged and
+        // counted; the refresh task then retries.
+        let s = Arc::clone(source);
+        let result = match tokio::spawn(async move { s.fetch().await }).await {
+            Ok(r) => r,
+            Err(e) => {
+                state.metrics.credential(name).code_exchange_restarts.inc();
+                tracing::error!(credential = %name, error = %e, "the code exchange panicked (a bug: please report it); retrying in the background");
+                continue;
+            }
+        };
+        match result {
             Ok(token) => source.install(token),
             Err(e) if !e.is_transient() => {
                 return Err(StartError::CodeRejected {

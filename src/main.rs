@@ -181,7 +181,7 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                let _ = flinks_proxy::reload::reload_file(running.state(), path);
+                let _ = flinks_proxy::reload::reload_file(running.state(), path).await;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -260,6 +260,9 @@ fn check(path: &Path) -> ExitCode {
                 .map(|s| format!(", scope {s}"))
                 .unwrap_or_default()
         );
+        if c.sends_secrets_in_clear() {
+            eprintln!("warning: credentials.{name}.token_url is plain http:// beyond loopback: the client secret and tokens travel in clear; use https://");
+        }
     }
     println!("routes:");
     for r in &config.routes {

@@ -29,6 +29,8 @@ pub struct Metrics {
     token_request_duration: HistogramVec,
     token_expiry: IntGaugeVec,
     token_replays: IntCounterVec,
+    token_rejections: IntCounterVec,
+    task_restarts: IntCounterVec,
     /// Requests being handled now.
     pub inflight: IntGauge,
     config_reloads: IntCounterVec,
@@ -98,6 +100,17 @@ impl Metrics {
             "Requests replayed with a new token after the upstream rejected one",
             &["route"],
         );
+        let token_rejections = counter(
+            "flinks_proxy_token_rejections_total",
+            "Upstream rejections (reauth_on) of an injected token, by what the proxy did: \
+             refreshed, already_refreshed, ignored_fresh",
+            &["credential", "action"],
+        );
+        let task_restarts = counter(
+            "flinks_proxy_task_restarts_total",
+            "Background tasks restarted after a panic, by task (token_refresh, code_exchange)",
+            &["task", "credential"],
+        );
         let inflight = IntGauge::new("flinks_proxy_inflight_requests", "Requests being handled")
             .expect("valid metric");
         registry
@@ -123,6 +136,8 @@ impl Metrics {
             token_request_duration,
             token_expiry,
             token_replays,
+            token_rejections,
+            task_restarts,
             inflight,
             config_reloads,
         }
@@ -150,9 +165,12 @@ impl Metrics {
         }
     }
 
-    /// Handles for one credential.
+    /// Handles for one credential. Every series a dashboard or alert may
+    /// name exists (at 0) from here on.
     pub fn credential(&self, credential: &str) -> CredentialMetrics {
         let outcome = |o: &str| self.token_requests.with_label_values(&[credential, o]);
+        let rejection = |a: &str| self.token_rejections.with_label_values(&[credential, a]);
+        let restarts = |t: &str| self.task_restarts.with_label_values(&[t, credential]);
         CredentialMetrics {
             success: outcome("success"),
             rejected: outcome("rejected"),
@@ -162,6 +180,11 @@ impl Metrics {
             invalid_response: outcome("invalid_response"),
             duration: self.token_request_duration.with_label_values(&[credential]),
             expiry: self.token_expiry.with_label_values(&[credential]),
+            rejections_refreshed: rejection("refreshed"),
+            rejections_already_refreshed: rejection("already_refreshed"),
+            rejections_ignored_fresh: rejection("ignored_fresh"),
+            refresh_task_restarts: restarts("token_refresh"),
+            code_exchange_restarts: restarts("code_exchange"),
         }
     }
 
@@ -243,4 +266,16 @@ pub struct CredentialMetrics {
     pub duration: Histogram,
     /// Unix expiry of the cached token.
     pub expiry: prometheus::IntGauge,
+    /// Upstream rejections that dropped the token.
+    pub rejections_refreshed: IntCounter,
+    /// Upstream rejections of a token already dropped (the request is
+    /// replayed with its successor).
+    pub rejections_already_refreshed: IntCounter,
+    /// Upstream rejections of a token younger than the no-storm floor
+    /// (passed through, token kept).
+    pub rejections_ignored_fresh: IntCounter,
+    /// Panics of the refresh task.
+    pub refresh_task_restarts: IntCounter,
+    /// Panics of the startup code exchange.
+    pub code_exchange_restarts: IntCounter,
 }

@@ -16,10 +16,11 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
+use crate::access_log::{self, AccessLog, ResponseFacts};
 use crate::body::{ProxyBody, RequestBody};
 use crate::error::ProxyError;
 use crate::runtime::{AppState, Route, Runtime};
-use crate::token::Token;
+use crate::token::{Rejection, Token};
 use crate::upstream::{ErrorKind, UpstreamBody};
 
 /// `x-request-id`.
@@ -214,10 +215,10 @@ pub async fn handle(
     let _inflight = Inflight::enter(&state.metrics.inflight);
     let runtime = state.runtime.load_full();
     let rid = request_id(req.headers());
-    // The log line needs the method and path after the request is consumed;
-    // copy them only when the line will be written.
-    let log_line = tracing::enabled!(tracing::Level::INFO);
-    let target = log_line.then(|| (req.method().clone(), req.uri().clone()));
+    // The access log needs the method and path after the request is
+    // consumed; copy them only when the line will be written.
+    let logged = (runtime.config.log.access && access_log::enabled())
+        .then(|| access_log::RequestFacts::new(&req));
     let mut done = Done::default();
     let mut resp = match handle_inner(&runtime, &conn, req, &rid, &mut done).await {
         Ok(resp) => resp,
@@ -234,24 +235,23 @@ pub async fn handle(
         }
     };
     let status = resp.status().as_u16();
-    let elapsed = start.elapsed();
     let route_metrics = done
         .route
         .as_ref()
         .map_or(&runtime.unrouted, |r| &r.metrics);
     route_metrics.count(status);
-    route_metrics.duration.observe(elapsed.as_secs_f64());
-    if let Some((method, uri)) = target {
-        tracing::info!(
-            request_id = rid.to_str().unwrap_or(""),
-            route = done.route.as_ref().map_or("", |r| r.name.as_str()),
-            method = %method,
-            path = uri.path(),
+    route_metrics
+        .duration
+        .observe(start.elapsed().as_secs_f64());
+    if let Some(request) = logged {
+        let response = ResponseFacts {
             status,
-            upstream_ms = done.upstream.map(|d| d.as_secs_f64() * 1e3),
-            total_ms = elapsed.as_secs_f64() * 1e3,
-            "request"
-        );
+            headers: resp.headers(),
+            from_upstream: matches!(resp.body(), ProxyBody::Upstream(_)),
+            upstream: done.upstream,
+        };
+        let line = AccessLog::new(start, request, rid.clone(), done.route, response);
+        resp = resp.map(|body| body.with_access_log(line));
     }
     resp.headers_mut().insert(X_REQUEST_ID.clone(), rid);
     Ok(resp)
@@ -346,8 +346,10 @@ async fn handle_inner(
         .map(|_| (method.clone(), uri.clone(), headers.clone()));
     let mut resp = send(route, method, uri, headers, body, &token, deadline).await;
     if let Ok(r) = &resp {
-        if route.reauth_on.contains(&r.status()) {
-            route.source.reject(&token);
+        // A fresh token's rejection is the upstream's answer: passed through.
+        if route.reauth_on.contains(&r.status())
+            && route.source.reject(&token) != Rejection::IgnoredFresh
+        {
             if let (Some(body), Some((method, uri, headers))) = (replay, replay_head) {
                 if let Ok(fresh) = route.source.get(deadline).await {
                     route.metrics.replays.inc();

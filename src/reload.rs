@@ -8,11 +8,19 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::runtime::{AppState, Runtime};
 
-/// Reloads the config file at `path`; counts the outcome.
-pub fn reload_file(state: &AppState, path: &Path) -> Result<(), String> {
-    let result = Config::load(path)
-        .map_err(|e| e.to_string())
-        .and_then(|c| apply(state, c));
+/// Reloads the config file at `path`; counts the outcome. Reading the
+/// config, its secrets, PEM files and state files happens on a blocking
+/// thread, never on a runtime thread (with `workers = 1` a slow disk
+/// would stall all traffic).
+pub async fn reload_file(state: &Arc<AppState>, path: &Path) -> Result<(), String> {
+    let (st, p) = (Arc::clone(state), path.to_path_buf());
+    let result = tokio::task::spawn_blocking(move || {
+        Config::load(&p)
+            .map_err(|e| e.to_string())
+            .and_then(|c| apply(&st, c))
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("the reload task failed: {e}")));
     match &result {
         Ok(()) => tracing::info!(config = %path.display(), "config reloaded"),
         Err(e) => tracing::error!(error = %e, "config reload failed; keeping the running config"),
@@ -23,6 +31,8 @@ pub fn reload_file(state: &AppState, path: &Path) -> Result<(), String> {
 
 /// Swaps in a validated config: builds the new runtime (carrying over
 /// unchanged credentials), swaps it, then starts and stops refresh tasks.
+/// Builds on the calling thread (it reads state files): from async code,
+/// call it from a blocking thread as [`reload_file`] does.
 pub fn apply(state: &AppState, config: Config) -> Result<(), String> {
     let old = state.runtime.load_full();
     if config.server.listen != old.config.server.listen

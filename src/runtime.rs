@@ -26,6 +26,7 @@ use crate::error::ProxyError;
 use crate::metrics::{Metrics, RouteMetrics, NO_ROUTE};
 use crate::routes::RouteTable;
 use crate::secret::Secret;
+use crate::token::refresh::StateKey;
 use crate::token::TokenSource;
 use crate::upstream::{Upstream, UpstreamCache};
 
@@ -157,8 +158,21 @@ impl Runtime {
             let (source, cancel) = match reused {
                 Some((s, Some(c))) => (s, c),
                 _ => {
-                    let s = TokenSource::new(Arc::clone(cred), metrics.credential(name))
-                        .map_err(|e| BuildError(format!("credentials.{name}: {e}")))?;
+                    // A changed credential keeps the refresh-token state of
+                    // the one it replaces (same state file, or same name).
+                    let key = StateKey::of(cred);
+                    let inherited = previous.and_then(|p| {
+                        p.sources
+                            .values()
+                            .map(|s| s.refresh_state())
+                            .find(|r| *r.key() == key)
+                    });
+                    let s = TokenSource::with_state(
+                        Arc::clone(cred),
+                        metrics.credential(name),
+                        inherited,
+                    )
+                    .map_err(|e| BuildError(format!("credentials.{name}: {e}")))?;
                     (s, CancellationToken::new())
                 }
             };
@@ -227,17 +241,11 @@ impl Runtime {
 
     /// Starts the refresh task of every source not carried over from
     /// `previous`, and stops those of `previous` that are gone or replaced.
+    /// A replaced source's task stops between token requests, and its
+    /// successor (sharing its refresh-token state) starts only once it has
+    /// ended: never two token requests on one refresh token.
     pub fn start_new_sources(&self, previous: Option<&Runtime>, metrics: &Metrics) {
-        for (name, source) in &self.sources {
-            let carried = previous
-                .and_then(|p| p.sources.get(name))
-                .is_some_and(|old| Arc::ptr_eq(old, source));
-            if !carried {
-                if let Some(cancel) = self.cancels.get(name) {
-                    source.spawn(cancel.clone());
-                }
-            }
-        }
+        let mut stopped = Vec::new();
         if let Some(prev) = previous {
             for (name, old) in &prev.sources {
                 let kept = self.sources.get(name).is_some_and(|s| Arc::ptr_eq(s, old));
@@ -245,10 +253,26 @@ impl Runtime {
                     if let Some(c) = prev.cancels.get(name) {
                         c.cancel();
                     }
+                    stopped.push((Arc::clone(old.refresh_state()), old.take_task()));
                     if !self.sources.contains_key(name) {
                         metrics.remove_credential(name);
                     }
                 }
+            }
+        }
+        for (name, source) in &self.sources {
+            let carried = previous
+                .and_then(|p| p.sources.get(name))
+                .is_some_and(|old| Arc::ptr_eq(old, source));
+            if carried {
+                continue;
+            }
+            let after = stopped
+                .iter_mut()
+                .find(|(state, _)| *state.key() == *source.refresh_state().key())
+                .and_then(|(_, task)| task.take());
+            if let Some(cancel) = self.cancels.get(name) {
+                source.spawn(cancel.clone(), after);
             }
         }
     }

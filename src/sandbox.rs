@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -83,6 +83,21 @@ pub struct SandboxOptions {
     pub rotate_refresh_tokens: bool,
     /// The `sub` claim of issued tokens.
     pub subject: String,
+    /// With `rotate_refresh_tokens`: how long the previous refresh token
+    /// is still accepted after a rotation (Okta's and Auth0's "grace
+    /// period" / "reuse interval"); within it, the previous token gets the
+    /// current refresh token back and rotates nothing. Zero: none.
+    pub refresh_reuse_grace: Duration,
+}
+
+/// Overrides of the next successful token responses, for tests of bad
+/// endpoint data ([`Sandbox::set_token_override`]).
+#[derive(Debug, Clone, Default)]
+pub struct TokenOverride {
+    /// Sent as `expires_in` verbatim (any JSON: `1e300`, `-5`, a string).
+    pub expires_in: Option<Value>,
+    /// The JWT `exp` claim (e.g. `u64::MAX`).
+    pub exp: Option<u64>,
 }
 
 impl Default for SandboxOptions {
@@ -98,6 +113,7 @@ impl Default for SandboxOptions {
             redirect_uri: "https://example.com/callback".into(),
             rotate_refresh_tokens: false,
             subject: "user-123".into(),
+            refresh_reuse_grace: Duration::ZERO,
         }
     }
 }
@@ -260,6 +276,20 @@ impl Sandbox {
         self.shared.failure.send_replace(mode);
     }
 
+    /// Overrides fields of successful token responses from now on
+    /// (`TokenOverride::default()` ends it). The tokens stay valid for the
+    /// configured lifetime whatever the override says.
+    pub fn set_token_override(&self, o: TokenOverride) {
+        *lock(&self.shared.token_override) = o;
+    }
+
+    /// Makes the token endpoint wait this long before answering (zero: no
+    /// delay); the request counts as in flight meanwhile.
+    pub fn set_token_delay(&self, d: Duration) {
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.shared.n.token_delay_nanos.store(nanos, SeqCst);
+    }
+
     /// Makes the API reject (401) every access token issued so far.
     pub fn revoke_access_tokens(&self) {
         self.shared.grants().tokens.clear();
@@ -303,13 +333,11 @@ impl Sandbox {
     }
 }
 
-/// Decodes the claims (middle part) of a JWT-shaped token, verifying nothing.
+/// Decodes the claims (middle part) of a JWT-shaped token, verifying nothing;
+/// every claim, for tests (the proxy reads only `exp` and `sub`, with
+/// [`crate::token::jwt_claims`]).
 pub fn decode_jwt_claims(token: &str) -> Option<serde_json::Value> {
-    let claims = token.split('.').nth(1)?;
-    let raw = URL_SAFE_NO_PAD
-        .decode(claims)
-        .or_else(|_| URL_SAFE.decode(claims));
-    serde_json::from_slice(&raw.ok()?).ok()
+    serde_json::from_slice(&crate::token::jwt::payload(token)?).ok()
 }
 
 #[derive(Clone, Copy)]
@@ -353,6 +381,7 @@ struct Shared {
     n: Counters,
     grants: Mutex<GrantState>,
     recorded: Mutex<VecDeque<RecordedRequest>>,
+    token_override: Mutex<TokenOverride>,
 }
 
 #[derive(Default)]
@@ -365,6 +394,7 @@ struct Counters {
     rejected: AtomicU64,
     expired: AtomicU64,
     api_delay_nanos: AtomicU64,
+    token_delay_nanos: AtomicU64,
     next_id: AtomicU64,
 }
 
@@ -375,6 +405,9 @@ struct GrantState {
     code_used: bool,
     refresh_token: String,
     refresh_revoked: bool,
+    /// The refresh token rotated away last, and until when it is still
+    /// accepted.
+    previous_refresh: Option<(String, Instant)>,
 }
 
 impl GrantState {
@@ -404,6 +437,7 @@ impl Shared {
             code_used: false,
             refresh_token: opts.refresh_token.clone(),
             refresh_revoked: false,
+            previous_refresh: None,
         };
         Self {
             opts,
@@ -413,6 +447,7 @@ impl Shared {
             n: Counters::default(),
             grants: Mutex::new(grants),
             recorded: Mutex::default(),
+            token_override: Mutex::default(),
         }
     }
 
@@ -463,13 +498,29 @@ impl Shared {
             }
             Grant::RefreshToken => {
                 let presented = params.get("refresh_token");
-                if state.refresh_revoked || presented != Some(&state.refresh_token) {
+                let in_grace = state
+                    .previous_refresh
+                    .as_ref()
+                    .is_some_and(|(prev, until)| {
+                        Some(prev) == presented && Instant::now() < *until
+                    });
+                if state.refresh_revoked || (presented != Some(&state.refresh_token) && !in_grace) {
                     return Err("The refresh token is invalid or has been revoked");
                 }
-                opts.rotate_refresh_tokens.then(|| {
-                    state.refresh_token = format!("rt-{}", self.unique_id());
-                    state.refresh_token.clone()
-                })
+                if in_grace {
+                    Some(state.refresh_token.clone())
+                } else {
+                    opts.rotate_refresh_tokens.then(|| {
+                        let old = std::mem::replace(
+                            &mut state.refresh_token,
+                            format!("rt-{}", self.unique_id()),
+                        );
+                        let now = Instant::now();
+                        let until = now.checked_add(opts.refresh_reuse_grace).unwrap_or(now);
+                        state.previous_refresh = Some((old, until));
+                        state.refresh_token.clone()
+                    })
+                }
             }
         };
         let lifetime = opts
@@ -483,6 +534,8 @@ impl Shared {
         let exp = unix(wall.checked_add(lifetime).unwrap_or(wall + FOREVER));
         let (iat, jti) = (unix(wall), self.unique_id());
         let (client_id, sub) = (&opts.client_id, &opts.subject);
+        let over = lock(&self.token_override).clone();
+        let exp = over.exp.unwrap_or(exp);
         let claims =
             json!({"client_id": client_id, "sub": sub, "exp": exp, "iat": iat, "jti": jti});
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
@@ -495,6 +548,9 @@ impl Shared {
             json!({"access_token": access_token, "token_type": "Bearer", "scope": opts.scope});
         if let Some(expires_in) = opts.expires_in {
             body["expires_in"] = expires_in.into();
+        }
+        if let Some(expires_in) = over.expires_in {
+            body["expires_in"] = expires_in;
         }
         if let Some(refresh_token) = refresh_token {
             body["refresh_token"] = refresh_token.into();
@@ -598,6 +654,13 @@ async fn handle_token(shared: &Shared, req: Request<Incoming>) -> Response<Body>
         bump(&shared.n.by_grant[grant as usize]);
     }
 
+    let delay = Duration::from_nanos(get(&shared.n.token_delay_nanos));
+    if !delay.is_zero() {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shared.closed() => {}
+        }
+    }
     let failure = match shared.failure_mode().await {
         FailureMode::None => None,
         FailureMode::ServerError => Some(oauth_error("server_error", "Simulated failure")),

@@ -1,6 +1,8 @@
 //! One [`TokenSource`] per credential: the cached access token, the single
-//! background task that fetches and renews it, the grants, and the state
-//! file of refresh tokens.
+//! background task that fetches and renews it, and the state file of
+//! refresh tokens. [`Token`] (a cached token with prebuilt header values)
+//! is shared with per-user pools; so is [`grant`], the one token request,
+//! and [`jwt`], the one JWT claims decoder.
 //!
 //! The request path only reads: [`TokenSource::usable`] is a lock-free
 //! `arc-swap` load. Every token request is made by the source's refresh
@@ -9,28 +11,29 @@
 //! answer `503 token_unavailable` at once when the last attempt failed.
 //! This module does not know about routes or HTTP requests from clients.
 
+pub mod grant;
+pub mod jwt;
+pub mod refresh;
 pub mod state;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use base64::Engine as _;
-use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
-use serde::Deserialize;
+use http::HeaderValue;
 use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuthScheme, BodyFormat, ClientAuth, CredentialConfig, GrantType};
+use crate::config::{AuthScheme, CredentialConfig, GrantType};
 use crate::metrics::CredentialMetrics;
 use crate::secret::Secret;
-use crate::upstream::HttpClient;
+pub use grant::{Endpoint, Grant, Granted, TokenError, DEFAULT_LIFETIME, MAX_LIFETIME};
+pub use jwt::{jwt_claims, Claims};
+use refresh::RefreshState;
 
-/// Lifetime assumed when the endpoint gives neither `expires_in` nor a JWT `exp`.
-pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 /// First retry delay after a transient failure; doubles per attempt.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// Ceiling of the transient backoff.
@@ -38,20 +41,27 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Delay after a non-transient failure (bad credentials do not fix themselves
 /// quickly; hammering the endpoint can get the client locked out).
 pub const BACKOFF_REJECTED: Duration = Duration::from_secs(300);
-/// Largest token endpoint response read.
-const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 /// Never renew sooner than this after obtaining a token, whatever the
 /// endpoint says, so a zero lifetime cannot turn into a request loop.
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(500);
 /// A token is not sent in the last part of its life (a tenth, at most
 /// this), so clock drift and transit time cannot make it arrive expired.
 const EXPIRY_MARGIN_MAX: Duration = Duration::from_secs(5);
+/// An upstream rejection of a token younger than this (or a tenth of its
+/// lifetime, if less) is the upstream's answer, not a sign the token is bad:
+/// dropping it again would let one client hammer the token endpoint.
+pub const REJECT_FLOOR_MAX: Duration = Duration::from_secs(30);
 
 /// A cached access token with its prebuilt header values.
 pub struct Token {
     value: Secret,
     bearer: HeaderValue,
     bare: HeaderValue,
+    /// When the request that obtained it was sent.
+    pub obtained_at: Instant,
+    /// It was fetched because the upstream rejected its predecessor: while
+    /// fresh, a rejection of it is the upstream's answer.
+    pub replaces_rejected: bool,
     /// The last instant the token may be sent.
     pub usable_until: Instant,
     /// When the refresh task renews it.
@@ -102,93 +112,71 @@ impl Token {
         now < self.usable_until
     }
 
+    /// Whether an upstream rejection at `now` may drop it: not when it
+    /// replaces a rejected token and is younger than `min(30s,
+    /// lifetime/10)`. A fresh token refused right after its predecessor
+    /// was refused points at a permission problem, not a bad token, and
+    /// fetching yet another would only hammer the token endpoint.
+    pub fn rejectable(&self, now: Instant) -> bool {
+        let floor = REJECT_FLOOR_MAX.min(self.lifetime / 10);
+        !self.replaces_rejected || now.saturating_duration_since(self.obtained_at) >= floor
+    }
+
     /// A token obtained just now with `lifetime`, refreshed and retired as a
     /// fetched one would be (with the default `refresh_before`). For
     /// benchmarks and tests that put a token in a source with
     /// [`TokenSource::install`].
-    pub fn new(access: &str, lifetime: Duration) -> Result<Token, String> {
-        make_token(
-            access.to_owned(),
+    pub fn new(access: &str, lifetime: Duration) -> Result<Token, TokenError> {
+        let granted = Granted {
+            access_token: Secret::new(access.to_owned()),
+            refresh_token: None,
+            lifetime: lifetime.min(MAX_LIFETIME),
+            scope: None,
+            sub: None,
+            sent_at: Instant::now(),
+            expires_unix: state::unix_now().saturating_add(lifetime.as_secs()),
+        };
+        Token::from_granted(&granted, crate::config::DEFAULT_REFRESH_BEFORE)
+    }
+
+    /// The cached form of a token request's answer: header values built
+    /// once (marked sensitive), renewal due `refresh_before` ahead of expiry
+    /// (at most half the lifetime), and retired a margin before expiry.
+    /// Times count from when the request was sent.
+    pub fn from_granted(g: &Granted, refresh_before: Duration) -> Result<Token, TokenError> {
+        let access = g.access_token.expose();
+        let invalid = || {
+            TokenError::InvalidResponse(
+                "access_token has characters not allowed in a header".into(),
+            )
+        };
+        let mut bearer =
+            HeaderValue::from_str(&format!("Bearer {access}")).map_err(|_| invalid())?;
+        bearer.set_sensitive(true);
+        let mut bare = HeaderValue::from_str(access).map_err(|_| invalid())?;
+        bare.set_sensitive(true);
+        let lifetime = g.lifetime.min(MAX_LIFETIME);
+        let margin = (lifetime / 10).min(EXPIRY_MARGIN_MAX);
+        let ahead = refresh_before.min(lifetime / 2);
+        let refresh_in = lifetime.saturating_sub(ahead).max(MIN_REFRESH_INTERVAL);
+        let at = |d: Duration| {
+            g.sent_at
+                .checked_add(d)
+                .ok_or_else(|| TokenError::InvalidResponse("lifetime out of range".into()))
+        };
+        Ok(Token {
+            value: g.access_token.clone(),
+            obtained_at: g.sent_at,
+            replaces_rejected: false,
+            bearer,
+            bare,
+            usable_until: at(lifetime.saturating_sub(margin))?,
+            refresh_at: at(refresh_in)?,
+            expires_unix: g.expires_unix,
+            scope: g.scope.clone(),
+            sub: g.sub.clone(),
             lifetime,
-            crate::config::DEFAULT_REFRESH_BEFORE,
-            Instant::now(),
-            state::unix_now(),
-            None,
-            None,
-        )
-    }
-}
-
-/// Why a token request failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum TokenError {
-    /// The endpoint refused with a 4xx OAuth error.
-    #[error("token endpoint refused the request ({status}): {error}{}", description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
-    Rejected {
-        /// HTTP status.
-        status: u16,
-        /// OAuth `error`.
-        error: String,
-        /// OAuth `error_description`.
-        description: Option<String>,
-    },
-    /// A 5xx.
-    #[error("token endpoint failed ({status}){}", error.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
-    ServerError {
-        /// HTTP status.
-        status: u16,
-        /// OAuth `error`, if any.
-        error: Option<String>,
-    },
-    /// `token_timeout` passed.
-    #[error("token request timed out after {0:?}")]
-    Timeout(Duration),
-    /// Connect or I/O error.
-    #[error("cannot reach the token endpoint: {0}")]
-    Network(String),
-    /// A 200 without a usable token.
-    #[error("token endpoint answered without a usable token: {0}")]
-    InvalidResponse(String),
-    /// The request could not be made from the configured settings.
-    #[error("{0}")]
-    State(String),
-    /// The state file could not be written (retried like a transient failure).
-    #[error("state file: {0}")]
-    Persist(String),
-}
-
-impl TokenError {
-    /// Transient failures are retried quickly; others wait [`BACKOFF_REJECTED`].
-    pub fn is_transient(&self) -> bool {
-        match self {
-            TokenError::Rejected { status, error, .. } => {
-                *status == 429 || error == "temporarily_unavailable"
-            }
-            TokenError::ServerError { .. }
-            | TokenError::Timeout(_)
-            | TokenError::Network(_)
-            | TokenError::InvalidResponse(_) => true,
-            TokenError::State(_) => false,
-            TokenError::Persist(_) => true,
-        }
-    }
-
-    /// `error` and `error_description` for `/status`.
-    fn oauth_fields(&self) -> (String, Option<String>) {
-        match self {
-            TokenError::Rejected {
-                error, description, ..
-            } => (error.clone(), description.clone()),
-            TokenError::ServerError { error, .. } => (
-                error.clone().unwrap_or_else(|| "server_error".into()),
-                Some(self.to_string()),
-            ),
-            TokenError::Timeout(_) => ("timeout".into(), Some(self.to_string())),
-            TokenError::Network(_) => ("network".into(), Some(self.to_string())),
-            TokenError::InvalidResponse(_) => ("invalid_response".into(), Some(self.to_string())),
-            TokenError::State(_) => ("invalid_configuration".into(), Some(self.to_string())),
-            TokenError::Persist(_) => ("state_file".into(), Some(self.to_string())),
-        }
+        })
     }
 }
 
@@ -241,72 +229,106 @@ pub struct Unavailable {
     pub retry_after: Duration,
 }
 
+/// What [`TokenSource::reject`] did with an upstream rejection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The token was dropped; the refresh task fetches a new one.
+    Refreshed,
+    /// Another rejection already dropped it: its successor is (or will be)
+    /// there, and a replay may use it.
+    AlreadyRefreshed,
+    /// The token is younger than the floor ([`Token::rejectable`]): kept,
+    /// and the upstream's answer passed through.
+    IgnoredFresh,
+}
+
 /// The token cache and refresher of one credential.
 pub struct TokenSource {
     config: Arc<CredentialConfig>,
-    client: HttpClient<Full<Bytes>>,
+    endpoint: Endpoint,
     current: ArcSwapOption<Token>,
     failure: ArcSwapOption<Failure>,
     changed: watch::Sender<u64>,
     wake: Notify,
-    refresh_token: Mutex<Option<Secret>>,
-    sub: Mutex<Option<String>>,
+    refresh: Arc<RefreshState>,
     status: Mutex<Status>,
     ready: AtomicBool,
+    /// A token request is on the wire (requests wait for it rather than
+    /// answer from the previous failure).
+    in_flight: AtomicBool,
+    /// The upstream rejected the cached token: the next one replaces it.
+    rejected: AtomicBool,
+    /// The supervised refresh task, awaited by a successor after a reload.
+    task: Mutex<Option<JoinHandle<()>>>,
     metrics: CredentialMetrics,
+    /// Test hook: the next token request panics.
+    #[cfg(test)]
+    panic_next: AtomicBool,
+}
+
+/// Clears the in-flight flag however the request ends (panics included).
+struct InFlight<'a>(&'a TokenSource);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.store(false, Ordering::Release);
+        self.0.changed.send_modify(|g| *g += 1);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl TokenSource {
     /// Builds a source: its HTTP client and, for refresh grants, the refresh
     /// token from the state file (or the config). Fails on an unreadable or
-    /// corrupt state file.
+    /// corrupt state file. Reads the state file: call it off runtime threads
+    /// once serving.
     pub fn new(
         config: Arc<CredentialConfig>,
         metrics: CredentialMetrics,
     ) -> Result<Arc<TokenSource>, String> {
-        let client = crate::upstream::build_client(&config.ca_certs)?;
-        let configured = match config.grant_type {
-            GrantType::ClientCredentials => None,
-            GrantType::RefreshToken => config.refresh_token.clone(),
-            GrantType::AuthorizationCode => config.code.clone(),
-        };
-        let mut refresh_token = match config.grant_type {
-            GrantType::RefreshToken => config.refresh_token.clone(),
-            _ => None,
-        };
-        let mut sub = None;
-        if let (Some(path), Some(origin)) = (&config.state_file, &configured) {
-            if let Some(st) = state::load(path)? {
-                if st.origin == state::fingerprint(origin) {
-                    refresh_token = Some(Secret::new(st.refresh_token));
-                    sub = st.sub;
-                } else {
-                    tracing::info!(
-                        credential = %config.name,
-                        "configured {} changed since the state file was written; using the new one",
-                        if config.grant_type == GrantType::AuthorizationCode { "code" } else { "refresh_token" }
-                    );
-                }
-            }
-        }
+        TokenSource::with_state(config, metrics, None)
+    }
+
+    /// As [`TokenSource::new`], sharing `previous`'s refresh-token state
+    /// when it is the same state (see [`refresh`]).
+    pub fn with_state(
+        config: Arc<CredentialConfig>,
+        metrics: CredentialMetrics,
+        previous: Option<&Arc<RefreshState>>,
+    ) -> Result<Arc<TokenSource>, String> {
+        let endpoint = Endpoint::from_credential(&config).map_err(|e| e.to_string())?;
+        let refresh = RefreshState::inherit_or_load(&config, previous)?;
         Ok(Arc::new(TokenSource {
             config,
-            client,
+            endpoint,
             current: ArcSwapOption::empty(),
             failure: ArcSwapOption::empty(),
             changed: watch::Sender::new(0),
             wake: Notify::new(),
-            refresh_token: Mutex::new(refresh_token),
-            sub: Mutex::new(sub),
+            refresh,
             status: Mutex::new(Status::default()),
             ready: AtomicBool::new(false),
+            in_flight: AtomicBool::new(false),
+            rejected: AtomicBool::new(false),
+            task: Mutex::new(None),
             metrics,
+            #[cfg(test)]
+            panic_next: AtomicBool::new(false),
         }))
     }
 
     /// The credential's settings.
     pub fn config(&self) -> &Arc<CredentialConfig> {
         &self.config
+    }
+
+    /// The refresh-token state (shared with other generations of this
+    /// credential).
+    pub fn refresh_state(&self) -> &Arc<RefreshState> {
+        &self.refresh
     }
 
     /// The cached token if it may be sent now. Lock-free.
@@ -319,10 +341,12 @@ impl TokenSource {
         }
     }
 
-    /// A usable token, waiting until `deadline` for the refresh task when a
-    /// token request is under way; at once [`Unavailable`] when the last
-    /// attempt failed.
-    pub async fn get(&self, deadline: Instant) -> Result<Arc<Token>, Unavailable> {
+    /// A usable token, waiting until `deadline` while a token request is
+    /// under way (a retry after a failure included); at once
+    /// [`Unavailable`] when the last attempt failed and no retry is on the
+    /// wire.
+    pub async fn get(&self, deadline: impl Into<Instant>) -> Result<Arc<Token>, Unavailable> {
+        let deadline: Instant = deadline.into();
         if let Some(t) = self.usable() {
             return Ok(t);
         }
@@ -332,12 +356,14 @@ impl TokenSource {
                 return Ok(t);
             }
             if let Some(f) = &*self.failure.load() {
-                return Err(Unavailable {
-                    reason: f.reason.clone(),
-                    retry_after: f.retry_at.saturating_duration_since(Instant::now()),
-                });
+                if !self.in_flight.load(Ordering::Acquire) {
+                    return Err(Unavailable {
+                        reason: f.reason.clone(),
+                        retry_after: f.retry_at.saturating_duration_since(Instant::now()),
+                    });
+                }
             }
-            match tokio::time::timeout_at(deadline.into(), rx.changed()).await {
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => continue,
                 Ok(Err(_)) | Err(_) => {
                     return Err(Unavailable {
@@ -349,17 +375,43 @@ impl TokenSource {
         }
     }
 
-    /// The upstream rejected `token`: drop it if it is still the cached one
-    /// and have the refresh task fetch a new one. A burst of rejections of
-    /// one token causes one token request.
-    pub fn reject(&self, token: &Arc<Token>) {
-        let cur = self.current.load();
-        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, token)) {
-            let prev = self.current.compare_and_swap(&*cur, None);
-            if prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, token)) {
+    /// The upstream rejected `token`. Drops it if it is still the cached
+    /// one and old enough ([`Token::rejectable`]), and has the refresh task
+    /// fetch a new one: a burst of rejections of one token causes one token
+    /// request, and rejections of a fresh token cause none. Counted in
+    /// `flinks_proxy_token_rejections_total`.
+    pub fn reject(&self, token: &Arc<Token>) -> Rejection {
+        let outcome = self.drop_rejected(token);
+        let m = &self.metrics;
+        match outcome {
+            Rejection::Refreshed => {
                 tracing::info!(credential = %self.config.name, "upstream rejected the token; fetching a new one");
-                self.wake.notify_one();
+                m.rejections_refreshed.inc();
             }
+            Rejection::AlreadyRefreshed => m.rejections_already_refreshed.inc(),
+            Rejection::IgnoredFresh => {
+                tracing::debug!(credential = %self.config.name, "upstream rejected a fresh token; passing its answer through");
+                m.rejections_ignored_fresh.inc();
+            }
+        }
+        outcome
+    }
+
+    fn drop_rejected(&self, token: &Arc<Token>) -> Rejection {
+        let cur = self.current.load();
+        if !cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, token)) {
+            return Rejection::AlreadyRefreshed;
+        }
+        if !token.rejectable(Instant::now()) {
+            return Rejection::IgnoredFresh;
+        }
+        let prev = self.current.compare_and_swap(&*cur, None);
+        if prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, token)) {
+            self.rejected.store(true, Ordering::Release);
+            self.wake.notify_one();
+            Rejection::Refreshed
+        } else {
+            Rejection::AlreadyRefreshed
         }
     }
 
@@ -371,15 +423,7 @@ impl TokenSource {
     /// Whether this credential must exchange its authorization code first.
     pub fn needs_code_exchange(&self) -> bool {
         self.config.grant_type == GrantType::AuthorizationCode
-            && self.lock_refresh_token().is_none()
-    }
-
-    fn lock_refresh_token(&self) -> std::sync::MutexGuard<'_, Option<Secret>> {
-        self.refresh_token.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn lock_status(&self) -> std::sync::MutexGuard<'_, Status> {
-        self.status.lock().unwrap_or_else(|e| e.into_inner())
+            && self.refresh.refresh_token().is_none()
     }
 
     /// The current state, for `/status`.
@@ -393,20 +437,24 @@ impl TokenSource {
         }
     }
 
-    /// `/status` JSON for this credential (never a secret).
-    pub fn status_json(&self) -> serde_json::Value {
+    /// `/status` JSON for this credential (never a secret; the `sub` claim,
+    /// personal data, only with `show_subjects`; the token URL without its
+    /// query).
+    pub fn status_json(&self, show_subjects: bool) -> serde_json::Value {
         let token = self.current.load_full();
-        let st = self.lock_status();
+        let st = lock(&self.status);
         let fmt_time = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        let expires_at = token
+            .as_ref()
+            .and_then(|t| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(t.expires_unix)));
         let m = &self.metrics;
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "grant": self.config.grant_type.as_str(),
             "state": self.state(),
-            "token_url": self.config.token_url.to_string(),
+            "token_url": without_query(&self.config.token_url),
             "client_id": self.config.client_id,
-            "expires_at": token.as_ref().map(|t| fmt_time(SystemTime::UNIX_EPOCH + Duration::from_secs(t.expires_unix))),
+            "expires_at": expires_at.map(fmt_time),
             "scope": token.as_ref().and_then(|t| t.scope.clone()),
-            "sub": token.as_ref().and_then(|t| t.sub.clone()).or_else(|| self.sub.lock().unwrap_or_else(|e| e.into_inner()).clone()),
             "last_refresh": st.last_refresh.map(fmt_time),
             "last_error": st.last_error.as_ref().map(|(at, error, desc)| serde_json::json!({
                 "at": fmt_time(*at), "error": error, "error_description": desc,
@@ -420,21 +468,72 @@ impl TokenSource {
                 "network": m.network.get(),
                 "invalid_response": m.invalid_response.get(),
             },
-        })
-    }
-
-    /// Starts the refresh task; it stops when `cancel` is cancelled.
-    pub fn spawn(self: &Arc<Self>, cancel: CancellationToken) {
-        let me = Arc::clone(self);
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = me.refresh_loop() => {}
-            }
         });
+        if show_subjects {
+            let sub = token
+                .as_ref()
+                .and_then(|t| t.sub.clone())
+                .or_else(|| self.refresh.sub());
+            json["sub"] = sub.into();
+        }
+        json
     }
 
-    async fn refresh_loop(&self) {
+    /// Starts the supervised refresh task; it stops when `cancel` is
+    /// cancelled, between token requests (never mid-request). With `after`
+    /// (the task of the generation this source replaces), it first waits
+    /// for that task to end.
+    pub fn spawn(self: &Arc<Self>, cancel: CancellationToken, after: Option<JoinHandle<()>>) {
+        let me = Arc::clone(self);
+        let handle = tokio::spawn(async move {
+            if let Some(previous) = after {
+                let _ = previous.await;
+            }
+            me.supervise(cancel).await;
+        });
+        *lock(&self.task) = Some(handle);
+    }
+
+    /// The refresh task's handle, for a successor to await.
+    pub fn take_task(&self) -> Option<JoinHandle<()>> {
+        lock(&self.task).take()
+    }
+
+    /// Runs the refresh loop; a panic is logged, counted and the loop
+    /// restarted with backoff, so a credential never stays without a task.
+    async fn supervise(self: Arc<Self>, cancel: CancellationToken) {
+        let mut panics = 0u32;
+        loop {
+            let (me, c) = (Arc::clone(&self), cancel.clone());
+            let err = match tokio::spawn(async move { me.refresh_loop(&c).await }).await {
+                Ok(()) => return,
+                Err(e) if e.is_panic() => e,
+                Err(_) => return, // aborted: the runtime is shutting down
+            };
+            panics = panics.saturating_add(1);
+            self.metrics.refresh_task_restarts.inc();
+            let delay = backoff(true, panics, rand::random::<f64>());
+            tracing::error!(
+                credential = %self.config.name,
+                panic = %panic_message(err),
+                restart_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
+                "the token refresh task panicked (a bug: please report it); restarting"
+            );
+            self.record_failure(
+                &TokenError::State("internal error in the token refresh task".into()),
+                delay,
+            );
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Fetches and renews until `cancel` is cancelled; cancellation is
+    /// only looked at while waiting, so a token request (and the commit of
+    /// a rotated refresh token) always completes.
+    async fn refresh_loop(&self, cancel: &CancellationToken) {
         let mut failures = 0u32;
         loop {
             // A token obtained before the task started (an authorization
@@ -444,7 +543,8 @@ impl TokenSource {
             if let Some(refresh_at) = due {
                 loop {
                     tokio::select! {
-                        _ = tokio::time::sleep_until(refresh_at.into()) => break,
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep_until(refresh_at) => break,
                         _ = self.wake.notified() => {
                             if self.current.load().is_none() {
                                 break;
@@ -453,16 +553,35 @@ impl TokenSource {
                     }
                 }
             }
-            match self.fetch().await {
-                Ok(token) => {
+            if cancel.is_cancelled() {
+                return;
+            }
+            // Requests that find the last failure wait for this attempt
+            // instead of answering from it; its outcome is recorded before
+            // they are told.
+            self.in_flight.store(true, Ordering::Release);
+            let in_flight = InFlight(self);
+            let result = self.fetch().await;
+            let delay = match &result {
+                Ok(_) => None,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    Some(backoff(e.is_transient(), failures, rand::random::<f64>()))
+                }
+            };
+            match (result, delay) {
+                (Ok(mut token), _) => {
                     failures = 0;
+                    token.replaces_rejected = self.rejected.swap(false, Ordering::AcqRel);
                     self.install(token);
                 }
-                Err(e) => {
-                    failures += 1;
-                    let delay = backoff(e.is_transient(), failures, rand::random::<f64>());
-                    self.record_failure(&e, delay);
-                    tokio::time::sleep(delay).await;
+                (Err(e), delay) => self.record_failure(&e, delay.unwrap_or(BACKOFF_MAX)),
+            }
+            drop(in_flight);
+            if let Some(delay) = delay {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
@@ -470,43 +589,48 @@ impl TokenSource {
 
     /// Makes `token` the cached one and wakes waiting requests.
     pub fn install(&self, token: Token) {
-        self.metrics.expiry.set(token.expires_unix as i64);
+        self.metrics
+            .expiry
+            .set(i64::try_from(token.expires_unix).unwrap_or(i64::MAX));
         tracing::info!(
             credential = %self.config.name,
             expires_in = token.lifetime.as_secs(),
-            sub = token.sub.as_deref().unwrap_or(""),
             "token obtained"
         );
         self.current.store(Some(Arc::new(token)));
         self.failure.store(None);
         self.ready.store(true, Ordering::Release);
-        self.lock_status().last_refresh = Some(SystemTime::now());
+        lock(&self.status).last_refresh = Some(SystemTime::now());
         self.changed.send_modify(|g| *g += 1);
     }
 
-    fn record_failure(&self, e: &TokenError, delay: Duration) {
-        let needs_reauthorization = !e.is_transient()
-            && matches!(e, TokenError::Rejected { .. })
-            && self.config.grant_type != GrantType::ClientCredentials;
+    /// Records a failed attempt: `/status`, the log, and the answer of
+    /// requests until `delay` has passed.
+    pub fn record_failure(&self, e: &TokenError, delay: Duration) {
+        let needs_reauthorization =
+            e.is_refusal() && self.config.grant_type != GrantType::ClientCredentials;
         let (error, description) = e.oauth_fields();
+        let retry_in = humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
         if e.is_transient() {
-            tracing::warn!(credential = %self.config.name, error = %e, retry_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)), "token request failed");
+            tracing::warn!(credential = %self.config.name, error = %e, %retry_in, "token request failed");
+            tracing::debug!(credential = %self.config.name, cause = ?e, "token request failure detail");
         } else if needs_reauthorization {
             tracing::error!(
                 credential = %self.config.name, error = %error,
-                error_description = description.as_deref().unwrap_or(""), retry_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
+                error_description = description.as_deref().unwrap_or(""), %retry_in,
                 "refresh token refused: the user must authorize again; put the new authorization code in the config and reload"
             );
         } else {
             tracing::error!(
                 credential = %self.config.name, error = %error,
-                error_description = description.as_deref().unwrap_or(""), retry_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
+                error_description = description.as_deref().unwrap_or(""), %retry_in,
                 "token request refused"
             );
         }
-        self.lock_status().last_error = Some((SystemTime::now(), error, description));
+        lock(&self.status).last_error = Some((SystemTime::now(), error, description));
+        let now = Instant::now();
         self.failure.store(Some(Arc::new(Failure {
-            retry_at: Instant::now() + delay,
+            retry_at: now.checked_add(delay).unwrap_or(now),
             reason: if needs_reauthorization {
                 "the credential needs re-authorization".into()
             } else {
@@ -518,411 +642,99 @@ impl TokenSource {
     }
 
     /// Makes one token request with the credential's grant, counts it, and
-    /// persists any new refresh token before returning the access token.
+    /// commits any new refresh token before returning the access token.
+    /// Requests on one refresh token are one at a time (across reloads).
     pub async fn fetch(&self) -> Result<Token, TokenError> {
+        let _one_at_a_time = match self.config.grant_type {
+            GrantType::ClientCredentials => None,
+            _ => Some(self.refresh.lock().await),
+        };
+        #[cfg(test)]
+        if self.panic_next.swap(false, Ordering::AcqRel) {
+            panic!("test: token request panics");
+        }
         let started = Instant::now();
-        let result = tokio::time::timeout(self.config.token_timeout, self.request_token(started))
-            .await
-            .unwrap_or(Err(TokenError::Timeout(self.config.token_timeout)));
+        let result = self.request_token().await;
         self.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
-        let counter = match &result {
-            Ok(_) => &self.metrics.success,
-            Err(TokenError::Rejected { .. }) | Err(TokenError::State(_)) => &self.metrics.rejected,
-            // The endpoint answered fine; the failure is ours (disk).
-            Err(TokenError::Persist(_)) => &self.metrics.success,
-            Err(TokenError::ServerError { .. }) => &self.metrics.server_error,
-            Err(TokenError::Timeout(_)) => &self.metrics.timeout,
-            Err(TokenError::Network(_)) => &self.metrics.network,
-            Err(TokenError::InvalidResponse(_)) => &self.metrics.invalid_response,
+        let m = &self.metrics;
+        let counter = match result.as_ref().map_err(TokenError::outcome) {
+            Ok(_) | Err("success") => &m.success,
+            Err("rejected") => &m.rejected,
+            Err("server_error") => &m.server_error,
+            Err("timeout") => &m.timeout,
+            Err("network") => &m.network,
+            Err(_) => &m.invalid_response,
         };
         counter.inc();
         result
     }
 
-    async fn request_token(&self, started: Instant) -> Result<Token, TokenError> {
+    async fn request_token(&self) -> Result<Token, TokenError> {
         let c = &self.config;
-        let mut fields: Vec<(&str, String)> = Vec::with_capacity(8);
-        let using_refresh = self.lock_refresh_token().clone();
-        let grant = match (c.grant_type, &using_refresh) {
-            (GrantType::ClientCredentials, _) => GrantType::ClientCredentials,
-            (_, Some(_)) => GrantType::RefreshToken,
-            (GrantType::AuthorizationCode, None) => GrantType::AuthorizationCode,
+        let using = self.refresh.refresh_token();
+        let grant = match (c.grant_type, &using) {
+            (GrantType::ClientCredentials, _) => Grant::ClientCredentials,
+            (_, Some(rt)) => Grant::RefreshToken {
+                refresh_token: rt.expose(),
+            },
+            (GrantType::AuthorizationCode, None) => Grant::AuthorizationCode {
+                code: c.code.as_ref().map_or("", Secret::expose),
+                redirect_uri: c.redirect_uri.as_deref().unwrap_or(""),
+            },
             (GrantType::RefreshToken, None) => {
                 return Err(TokenError::State("no refresh token is configured".into()))
             }
         };
-        fields.push(("grant_type", grant.as_str().to_owned()));
-        if c.client_auth == ClientAuth::Body {
-            fields.push(("client_id", c.client_id.clone()));
-            if let Some(s) = &c.client_secret {
-                fields.push(("client_secret", s.expose().to_owned()));
-            }
+        let granted = grant::request(&self.endpoint, grant).await?;
+        if !matches!(grant, Grant::ClientCredentials) {
+            self.refresh.commit(c, &granted, using.as_ref()).await?;
         }
-        match grant {
-            GrantType::ClientCredentials | GrantType::RefreshToken => {
-                if let Some(scope) = &c.scope {
-                    fields.push(("scope", scope.clone()));
-                }
-            }
-            GrantType::AuthorizationCode => {}
-        }
-        match grant {
-            GrantType::RefreshToken => {
-                if let Some(rt) = &using_refresh {
-                    fields.push(("refresh_token", rt.expose().to_owned()));
-                }
-            }
-            GrantType::AuthorizationCode => {
-                if let Some(code) = &c.code {
-                    fields.push(("code", code.expose().to_owned()));
-                }
-                if let Some(uri) = &c.redirect_uri {
-                    fields.push(("redirect_uri", uri.clone()));
-                }
-            }
-            GrantType::ClientCredentials => {}
-        }
-        for (k, v) in &c.extra {
-            fields.push((k.as_str(), v.clone()));
-        }
-        let (content_type, body) = match c.body_format {
-            BodyFormat::Json => {
-                let map: serde_json::Map<String, serde_json::Value> = fields
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
-                    .collect();
-                (
-                    "application/json",
-                    serde_json::Value::Object(map).to_string(),
-                )
-            }
-            BodyFormat::Form => {
-                let body = fields
-                    .iter()
-                    .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
-                    .collect::<Vec<_>>()
-                    .join("&");
-                ("application/x-www-form-urlencoded", body)
-            }
-        };
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(c.token_url.clone())
-            .header(header::CONTENT_TYPE, content_type)
-            .header(header::ACCEPT, "application/json")
-            .header(
-                header::USER_AGENT,
-                concat!("flinks-proxy/", env!("CARGO_PKG_VERSION")),
-            )
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| TokenError::Network(e.to_string()))?;
-        if c.client_auth == ClientAuth::Basic {
-            let secret = c.client_secret.as_ref().map(|s| s.expose()).unwrap_or("");
-            let creds = format!("{}:{}", form_encode(&c.client_id), form_encode(secret));
-            let mut v = HeaderValue::from_str(&format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(creds)
-            ))
-            .map_err(|_| {
-                TokenError::State("client id or secret cannot be sent in a header".into())
-            })?;
-            v.set_sensitive(true);
-            req.headers_mut().insert(header::AUTHORIZATION, v);
-        }
-
-        let resp = self.client.request(req).await.map_err(|e| {
-            let kind = crate::upstream::ErrorKind::of(&e);
-            TokenError::Network(format!("{kind}"))
-        })?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| {
-                if status.is_success() {
-                    TokenError::InvalidResponse(format!("cannot read body: {e}"))
-                } else {
-                    TokenError::Network(format!("cannot read body: {e}"))
-                }
-            })?
-            .to_bytes();
-
-        if !status.is_success() {
-            let err: Option<OAuthError> = serde_json::from_slice(&body).ok();
-            let error = err.as_ref().map(|e| self.scrub(&e.error));
-            let description = err
-                .and_then(|e| e.error_description)
-                .map(|d| self.scrub(&d));
-            return Err(if status.is_server_error() {
-                TokenError::ServerError {
-                    status: status.as_u16(),
-                    error,
-                }
-            } else {
-                TokenError::Rejected {
-                    status: status.as_u16(),
-                    error: error.unwrap_or_else(|| {
-                        status
-                            .canonical_reason()
-                            .unwrap_or("error")
-                            .to_ascii_lowercase()
-                            .replace(' ', "_")
-                    }),
-                    description,
-                }
-            });
-        }
-        if status != StatusCode::OK {
-            return Err(TokenError::InvalidResponse(format!(
-                "unexpected status {status}"
-            )));
-        }
-        let parsed: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| TokenError::InvalidResponse(format!("not a token response: {e}")))?;
-        let access = parsed
-            .access_token
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| TokenError::InvalidResponse("no access_token".into()))?;
-        if let Some(tt) = &parsed.token_type {
-            if !tt.eq_ignore_ascii_case("bearer") {
-                return Err(TokenError::InvalidResponse(format!(
-                    "token_type {tt:?} is not Bearer"
-                )));
-            }
-        }
-        let claims = jwt_claims(&access);
-        let now_unix = state::unix_now();
-        let lifetime = match (
-            parsed.expires_in.as_ref().and_then(number),
-            claims.as_ref().and_then(|c| c.exp),
-        ) {
-            (Some(secs), _) => Duration::from_secs(secs),
-            // `exp` is whole seconds: measure from the precise time, not
-            // from `now_unix` (floored), or a token obtained late in a
-            // second would be used up to a second after its `exp`.
-            (None, Some(exp)) => Duration::from_secs(exp).saturating_sub(
-                SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap_or_default(),
-            ),
-            (None, None) => {
-                tracing::warn!(
-                    credential = %c.name,
-                    "token response has neither expires_in nor a JWT exp; assuming {}s",
-                    DEFAULT_LIFETIME.as_secs()
-                );
-                DEFAULT_LIFETIME
-            }
-        };
-        let sub = claims.and_then(|c| c.sub);
-
-        // A new refresh token (authorization code exchange, or a server that
-        // rotates) is persisted before the access token is ever used.
-        let new_refresh = parsed.refresh_token.filter(|t| !t.is_empty());
-        match grant {
-            GrantType::AuthorizationCode if new_refresh.is_none() => {
-                return Err(TokenError::InvalidResponse(
-                    "the code exchange returned no refresh_token".into(),
-                ))
-            }
-            GrantType::ClientCredentials => {}
-            _ => {
-                let rotated = match (&new_refresh, &using_refresh) {
-                    (Some(n), Some(old)) => n != old.expose(),
-                    (Some(_), None) => true,
-                    (None, _) => false,
-                };
-                if rotated || c.state_file.is_some() {
-                    let rt = new_refresh
-                        .clone()
-                        .or_else(|| using_refresh.as_ref().map(|s| s.expose().to_owned()))
-                        .unwrap_or_default();
-                    // Keep a rotated refresh token in memory even if the
-                    // write fails: the server has already replaced the old
-                    // one. The access token is not used until the write
-                    // succeeds (the retry rotates again and writes again).
-                    let persisted = self.persist(&rt, sub.clone(), rotated);
-                    if rotated {
-                        if c.state_file.is_none() && c.grant_type == GrantType::RefreshToken {
-                            tracing::warn!(
-                                credential = %c.name,
-                                "the token endpoint rotated the refresh token and no state_file is set: \
-                                 a restart will use the configured one, which the server no longer accepts"
-                            );
-                        }
-                        *self.lock_refresh_token() = Some(Secret::new(rt));
-                    }
-                    persisted?;
-                }
-            }
-        }
-        if let Some(s) = &sub {
-            *self.sub.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
-        }
-        make_token(
-            access,
-            lifetime,
-            c.refresh_before,
-            started,
-            now_unix,
-            parsed.scope,
-            sub,
-        )
-        .map_err(TokenError::InvalidResponse)
-    }
-
-    fn persist(
-        &self,
-        refresh_token: &str,
-        sub: Option<String>,
-        rotated: bool,
-    ) -> Result<(), TokenError> {
-        let Some(path) = &self.config.state_file else {
-            return Ok(());
-        };
-        let origin = match self.config.grant_type {
-            GrantType::AuthorizationCode => self.config.code.as_ref(),
-            _ => self.config.refresh_token.as_ref(),
-        };
-        let now = state::unix_now();
-        let obtained_at = if rotated {
-            now
-        } else {
-            state::load(path)
-                .ok()
-                .flatten()
-                .map(|s| s.obtained_at)
-                .unwrap_or(now)
-        };
-        let st = state::State {
-            refresh_token: refresh_token.to_owned(),
-            sub,
-            obtained_at,
-            last_used_at: Some(now),
-            origin: origin.map(state::fingerprint).unwrap_or_default(),
-        };
-        state::store(path, &st).map_err(TokenError::Persist)
-    }
-
-    /// Removes our own secrets from text the endpoint sent back.
-    fn scrub(&self, text: &str) -> String {
-        let mut out: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
-        let rt = self.lock_refresh_token().clone();
-        for s in [
-            &self.config.client_secret,
-            &self.config.code,
-            &self.config.refresh_token,
-            &rt,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if !s.expose().is_empty() {
-                out = out.replace(s.expose(), "***");
-            }
-        }
-        out
+        Token::from_granted(&granted, c.refresh_before)
     }
 }
 
-fn make_token(
-    access: String,
-    lifetime: Duration,
-    refresh_before: Duration,
-    started: Instant,
-    now_unix: u64,
-    scope: Option<String>,
-    sub: Option<String>,
-) -> Result<Token, String> {
-    let mut bearer = HeaderValue::from_str(&format!("Bearer {access}"))
-        .map_err(|_| "access_token has characters not allowed in a header".to_string())?;
-    bearer.set_sensitive(true);
-    let mut bare = HeaderValue::from_str(&access)
-        .map_err(|_| "access_token has characters not allowed in a header".to_string())?;
-    bare.set_sensitive(true);
-    // Times count from when the request was sent: conservative by the
-    // request's own latency.
-    let margin = (lifetime / 10).min(EXPIRY_MARGIN_MAX);
-    let ahead = refresh_before.min(lifetime / 2);
-    let refresh_at = started + (lifetime - ahead).max(MIN_REFRESH_INTERVAL);
-    Ok(Token {
-        value: Secret::new(access),
-        bearer,
-        bare,
-        usable_until: started + lifetime - margin,
-        refresh_at,
-        expires_unix: now_unix + lifetime.as_secs(),
-        scope,
-        sub,
-        lifetime,
-    })
-}
-
-#[derive(Deserialize)]
-struct TokenResponse {
-    access_token: Option<String>,
-    token_type: Option<String>,
-    expires_in: Option<serde_json::Value>,
-    scope: Option<String>,
-    refresh_token: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct OAuthError {
-    error: String,
-    error_description: Option<String>,
-}
-
-/// `expires_in` as a number or a numeric string (some servers send "3600").
-fn number(v: &serde_json::Value) -> Option<u64> {
-    match v {
-        serde_json::Value::Number(n) => {
-            n.as_u64().or_else(|| n.as_f64().map(|f| f.max(0.0) as u64))
-        }
-        serde_json::Value::String(s) => s.trim().parse().ok(),
-        _ => None,
+/// A token URL as `/status` shows it: without its query, which may carry
+/// secrets (some endpoints take an API key there).
+fn without_query(url: &http::Uri) -> String {
+    let mut s = String::new();
+    if let Some(scheme) = url.scheme_str() {
+        s.push_str(scheme);
+        s.push_str("://");
     }
-}
-
-/// The claims the proxy reads from a JWT access token.
-#[derive(Deserialize, Debug, Default)]
-pub struct Claims {
-    /// Expiry, Unix seconds.
-    pub exp: Option<u64>,
-    /// The user at the Data Provider.
-    pub sub: Option<String>,
-}
-
-/// Decodes (does not verify) the claims of a JWT; `None` for opaque tokens.
-pub fn jwt_claims(token: &str) -> Option<Claims> {
-    let mut parts = token.split('.');
-    let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
-/// `application/x-www-form-urlencoded` encoding of one key or value.
-fn form_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
-                out.push(b as char)
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
+    if let Some(a) = url.authority() {
+        s.push_str(a.as_str());
     }
-    out
+    s.push_str(url.path());
+    s
+}
+
+/// The message of a panic, when it is a string.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".into())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn granted(access: &str, lifetime: Duration) -> Granted {
+        Granted {
+            access_token: Secret::new(access.to_owned()),
+            refresh_token: None,
+            lifetime,
+            scope: None,
+            sub: None,
+            sent_at: Instant::now(),
+            expires_unix: 0,
+        }
+    }
 
     #[test]
     fn transient_backoff_doubles_to_a_minute() {
@@ -942,89 +754,80 @@ mod tests {
 
     #[test]
     fn refresh_ahead_is_capped_at_half_the_lifetime() {
-        let t0 = Instant::now();
-        let t = make_token(
-            "a".into(),
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-            t0,
-            0,
-            None,
-            None,
-        )
-        .unwrap();
-        assert_eq!(t.refresh_at - t0, Duration::from_secs(1));
-        assert!(t.usable_until - t0 >= Duration::from_millis(1800));
-        let t = make_token(
-            "a".into(),
-            Duration::from_secs(3600),
-            Duration::from_secs(60),
-            t0,
-            0,
-            None,
-            None,
-        )
-        .unwrap();
-        assert_eq!(t.refresh_at - t0, Duration::from_secs(3540));
+        let sixty = Duration::from_secs(60);
+        let g = granted("a", Duration::from_secs(2));
+        let t = Token::from_granted(&g, sixty).unwrap();
+        assert_eq!(t.refresh_at - g.sent_at, Duration::from_secs(1));
+        assert!(t.usable_until - g.sent_at >= Duration::from_millis(1800));
+        let g = granted("a", Duration::from_secs(3600));
+        let t = Token::from_granted(&g, sixty).unwrap();
+        assert_eq!(t.refresh_at - g.sent_at, Duration::from_secs(3540));
         assert!(t.usable_until > t.refresh_at);
-        let t = make_token(
-            "a".into(),
-            Duration::ZERO,
-            Duration::from_secs(60),
-            t0,
-            0,
-            None,
-            None,
+        let g = granted("a", Duration::ZERO);
+        let t = Token::from_granted(&g, sixty).unwrap();
+        assert_eq!(t.refresh_at - g.sent_at, MIN_REFRESH_INTERVAL);
+    }
+
+    #[test]
+    fn lifetimes_beyond_the_cap_are_capped() {
+        let g = granted("a", Duration::MAX);
+        let t = Token::from_granted(&g, Duration::from_secs(60)).unwrap();
+        assert_eq!(t.lifetime, MAX_LIFETIME);
+        assert!(t.usable_until - g.sent_at <= MAX_LIFETIME);
+    }
+
+    #[test]
+    fn header_unsafe_tokens_are_invalid_responses() {
+        let g = granted("a\nb", Duration::from_secs(60));
+        assert!(matches!(
+            Token::from_granted(&g, Duration::from_secs(1)),
+            Err(TokenError::InvalidResponse(_))
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_refresh_task_is_restarted_and_counted() {
+        let sb = crate::sandbox::Sandbox::start(crate::sandbox::SandboxOptions::default())
+            .await
+            .unwrap();
+        let toml = format!(
+            "[credentials.c]\ntoken_url = \"{}\"\ngrant_type = \"client_credentials\"\n\
+             client_id = \"demo-client\"\nclient_secret = \"demo-secret\"\n\
+             [routes.r]\nupstream = \"{}\"\ncredential = \"c\"\n",
+            sb.token_url(),
+            sb.api_url()
+        );
+        let config = crate::config::Config::parse(&toml, std::path::Path::new("p.toml")).unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        let source = TokenSource::new(
+            Arc::clone(&config.credentials["c"]),
+            metrics.credential("c"),
         )
         .unwrap();
-        assert_eq!(t.refresh_at - t0, MIN_REFRESH_INTERVAL);
-    }
-
-    #[test]
-    fn failure_classes() {
-        let rejected = |error: &str, status| TokenError::Rejected {
-            status,
-            error: error.into(),
-            description: None,
-        };
-        assert!(!rejected("invalid_client", 400).is_transient());
-        assert!(!rejected("invalid_grant", 400).is_transient());
-        assert!(rejected("temporarily_unavailable", 400).is_transient());
-        assert!(rejected("slow_down", 429).is_transient());
-        assert!(TokenError::ServerError {
-            status: 500,
-            error: None
+        source.panic_next.store(true, Ordering::SeqCst);
+        let cancel = CancellationToken::new();
+        source.spawn(cancel.clone(), None);
+        // Until the restart, requests are told the task failed.
+        let end = Instant::now() + Duration::from_secs(20);
+        while source.usable().is_none() {
+            assert!(Instant::now() < end, "no token after the panic");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        .is_transient());
-        assert!(TokenError::Timeout(Duration::from_secs(1)).is_transient());
-        assert!(TokenError::InvalidResponse("x".into()).is_transient());
-    }
-
-    #[test]
-    fn jwt_claims_are_read_without_verification() {
-        let payload =
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"sub":"u1","exp":42}"#);
-        let c = jwt_claims(&format!("e30.{payload}.sig")).unwrap();
-        assert_eq!(c.exp, Some(42));
-        assert_eq!(c.sub.as_deref(), Some("u1"));
-        assert!(jwt_claims("opaque-token").is_none());
-    }
-
-    #[test]
-    fn form_encoding() {
-        assert_eq!(form_encode("a b&c=d/é"), "a+b%26c%3Dd%2F%C3%A9");
+        assert_eq!(source.metrics.refresh_task_restarts.get(), 1);
+        assert_eq!(sb.token_requests(), 1, "the panic came before the request");
+        cancel.cancel();
+        let task = source.take_task().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[test]
     fn token_debug_is_redacted() {
-        let t = make_token(
-            "tok-123".into(),
-            Duration::from_secs(9),
+        let t = Token::from_granted(
+            &granted("tok-123", Duration::from_secs(9)),
             Duration::from_secs(1),
-            Instant::now(),
-            0,
-            None,
-            None,
         )
         .unwrap();
         assert!(!format!("{t:?}").contains("tok-123"));

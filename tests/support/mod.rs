@@ -4,6 +4,8 @@
 //! Every test file includes this with `mod support;` and uses what it needs.
 #![allow(dead_code)]
 
+pub mod prometheus;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -274,6 +276,11 @@ impl Pki {
         self.leaf(&["localhost", "127.0.0.1"], false)
     }
 
+    /// A server certificate for exactly `names`.
+    pub fn server_named(&self, names: &[&str]) -> Leaf {
+        self.leaf(names, false)
+    }
+
     /// A client certificate.
     pub fn client(&self, name: &str) -> Leaf {
         self.leaf(&[name], true)
@@ -343,9 +350,10 @@ impl ProxyProcess {
             log,
             lines: rx,
         };
+        // `addr=A` in text lines, `"addr":"A"` in JSON ones.
         let addr_of = |line: &str| -> Option<SocketAddr> {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix("addr="))
+            line.split([' ', ','])
+                .find_map(|w| w.strip_prefix("addr=").or(w.strip_prefix("\"addr\":")))
                 .and_then(|a| a.trim_matches('"').parse().ok())
         };
         // The listener lines come before "flinks-proxy started".

@@ -1,0 +1,763 @@
+//! One token request: the body (JSON or form), client authentication (body
+//! fields or HTTP Basic), the HTTP exchange bounded by `token_timeout`,
+//! parsing and validation of the answer (lifetime capped, header-safe
+//! token, JWT `exp` fallback), and the error classes.
+//!
+//! Shared by credentials ([`crate::token::TokenSource`]) and per-user
+//! connection pools. It never persists anything and keeps no state between
+//! requests: rotation of refresh tokens, caching and single flight belong to
+//! the caller.
+
+use std::error::Error as StdError;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use rustls::pki_types::CertificateDer;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use super::jwt::{jwt_claims, Claims};
+use crate::config::{BodyFormat, ClientAuth, CredentialConfig, DEFAULT_TOKEN_TIMEOUT};
+use crate::secret::Secret;
+use crate::upstream::HttpClient;
+
+/// Lifetime assumed when the endpoint gives neither `expires_in` nor a JWT `exp`.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
+/// Longest lifetime believed. Access tokens live minutes to hours; a day is
+/// plenty, and the cap keeps absurd values (`1e300`, a JWT `exp` of
+/// `u64::MAX`) away from clock arithmetic.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Largest token endpoint response read.
+const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
+/// Longest piece of endpoint text (`error`, `error_description`) kept.
+const MAX_ENDPOINT_TEXT: usize = 300;
+
+/// How to talk to one token endpoint (from a credential or a pool's settings).
+pub struct Endpoint {
+    /// Credential or pool name, for logs.
+    pub name: String,
+    /// The token endpoint.
+    pub token_url: Uri,
+    /// OAuth client id.
+    pub client_id: String,
+    /// OAuth client secret.
+    pub client_secret: Option<Secret>,
+    /// Body fields or HTTP Basic.
+    pub client_auth: ClientAuth,
+    /// JSON or form body.
+    pub body_format: BodyFormat,
+    /// Scope sent with `client_credentials` and `refresh_token` grants.
+    pub scope: Option<String>,
+    /// Extra body fields.
+    pub extra: Vec<(String, String)>,
+    /// One request, end to end.
+    pub token_timeout: Duration,
+    client: HttpClient<Full<Bytes>>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("name", &self.name)
+            .field("token_url", &self.token_url)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The endpoint's HTTP client could not be built (trust roots).
+#[derive(Debug, thiserror::Error)]
+#[error("token endpoint client: {0}")]
+pub struct EndpointError(String);
+
+impl Endpoint {
+    /// An endpoint with body client authentication, a JSON body, no client
+    /// secret, no scope, no extra fields and the default `token_timeout`;
+    /// set the public fields for anything else. Trusts the webpki roots
+    /// plus `ca_certs`.
+    pub fn new(
+        name: impl Into<String>,
+        token_url: Uri,
+        client_id: impl Into<String>,
+        ca_certs: &[CertificateDer<'static>],
+    ) -> Result<Endpoint, EndpointError> {
+        Ok(Endpoint {
+            name: name.into(),
+            token_url,
+            client_id: client_id.into(),
+            client_secret: None,
+            client_auth: ClientAuth::default(),
+            body_format: BodyFormat::default(),
+            scope: None,
+            extra: Vec::new(),
+            token_timeout: DEFAULT_TOKEN_TIMEOUT,
+            client: crate::upstream::build_client(ca_certs).map_err(EndpointError)?,
+        })
+    }
+
+    /// The endpoint of a `[credentials.NAME]` table.
+    pub fn from_credential(c: &CredentialConfig) -> Result<Endpoint, EndpointError> {
+        let mut e = Endpoint::new(&c.name, c.token_url.clone(), &c.client_id, &c.ca_certs)?;
+        e.client_secret = c.client_secret.clone();
+        e.client_auth = c.client_auth;
+        e.body_format = c.body_format;
+        e.scope = c.scope.clone();
+        e.extra = c.extra.clone();
+        e.token_timeout = c.token_timeout;
+        Ok(e)
+    }
+
+    /// The token URL's host, for messages.
+    pub fn host(&self) -> String {
+        self.token_url.host().unwrap_or("?").to_owned()
+    }
+}
+
+/// What one request asks for.
+#[derive(Clone, Copy)]
+pub enum Grant<'a> {
+    /// An application token from the client id and secret.
+    ClientCredentials,
+    /// Exchange a one-time code; the answer must carry a refresh token.
+    AuthorizationCode {
+        /// The code.
+        code: &'a str,
+        /// The redirect URI the code was issued for (empty: not sent).
+        redirect_uri: &'a str,
+    },
+    /// A new access token from a refresh token.
+    RefreshToken {
+        /// The refresh token.
+        refresh_token: &'a str,
+    },
+}
+
+impl Grant<'_> {
+    /// The `grant_type` value on the wire.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Grant::ClientCredentials => "client_credentials",
+            Grant::AuthorizationCode { .. } => "authorization_code",
+            Grant::RefreshToken { .. } => "refresh_token",
+        }
+    }
+
+    /// The secret this grant sends besides the client secret.
+    fn secret(&self) -> Option<&str> {
+        match self {
+            Grant::ClientCredentials => None,
+            Grant::AuthorizationCode { code, .. } => Some(code),
+            Grant::RefreshToken { refresh_token } => Some(refresh_token),
+        }
+    }
+}
+
+/// A successful answer, validated (lifetime capped, header-safe token).
+pub struct Granted {
+    /// The access token.
+    pub access_token: Secret,
+    /// A refresh token, when the endpoint sent one (new or the same).
+    pub refresh_token: Option<Secret>,
+    /// Lifetime granted, capped at [`MAX_LIFETIME`], never zero.
+    pub lifetime: Duration,
+    /// Granted scope, when the endpoint says.
+    pub scope: Option<String>,
+    /// The JWT `sub` claim, when present.
+    pub sub: Option<String>,
+    /// When the request was sent: lifetimes count from here, conservative
+    /// by the request's own latency.
+    pub sent_at: Instant,
+    /// Unix time the token expires.
+    pub expires_unix: u64,
+}
+
+impl std::fmt::Debug for Granted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Granted")
+            .field("lifetime", &self.lifetime)
+            .field("scope", &self.scope)
+            .field("sub", &self.sub)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a token request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    /// The endpoint refused with a 4xx OAuth error.
+    #[error("token endpoint refused the request ({status}): {error}{}", description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// OAuth `error`.
+        error: String,
+        /// OAuth `error_description`.
+        description: Option<String>,
+    },
+    /// A 5xx.
+    #[error("token endpoint failed ({status}){}", error.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    ServerError {
+        /// HTTP status.
+        status: u16,
+        /// OAuth `error`, if any.
+        error: Option<String>,
+    },
+    /// `token_timeout` passed.
+    #[error("token request to {host} timed out after {after:?}")]
+    Timeout {
+        /// The token URL's host.
+        host: String,
+        /// The timeout.
+        after: Duration,
+    },
+    /// Connect, TLS or I/O error.
+    #[error("cannot reach the token endpoint at {host}: {cause}")]
+    Network {
+        /// The token URL's host.
+        host: String,
+        /// What went wrong, read from the source chain ("connection
+        /// refused", "DNS lookup failed: ...", "TLS: invalid peer
+        /// certificate: ...").
+        cause: String,
+        /// The error itself.
+        #[source]
+        source: Arc<dyn StdError + Send + Sync>,
+    },
+    /// A 200 without a usable token.
+    #[error("token endpoint answered without a usable token: {0}")]
+    InvalidResponse(String),
+    /// The request could not be made from the configured settings.
+    #[error("{0}")]
+    State(String),
+    /// The state file could not be written (retried like a transient failure).
+    #[error("state file: {0}")]
+    Persist(String),
+}
+
+impl TokenError {
+    /// Transient failures are retried quickly; others wait long.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            TokenError::Rejected { status, error, .. } => {
+                *status == 429 || error == "temporarily_unavailable"
+            }
+            TokenError::ServerError { .. }
+            | TokenError::Timeout { .. }
+            | TokenError::Network { .. }
+            | TokenError::InvalidResponse(_)
+            | TokenError::Persist(_) => true,
+            TokenError::State(_) => false,
+        }
+    }
+
+    /// 400/401/403 from the endpoint (not a "try later"): the refresh token
+    /// or code is dead, or the client is not allowed.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            TokenError::Rejected {
+                status: 400 | 401 | 403,
+                ..
+            }
+        ) && !self.is_transient()
+    }
+
+    /// The `outcome` label of `flinks_proxy_token_requests_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            TokenError::Rejected { .. } | TokenError::State(_) => "rejected",
+            // The endpoint answered fine; the failure is ours (disk).
+            TokenError::Persist(_) => "success",
+            TokenError::ServerError { .. } => "server_error",
+            TokenError::Timeout { .. } => "timeout",
+            TokenError::Network { .. } => "network",
+            TokenError::InvalidResponse(_) => "invalid_response",
+        }
+    }
+
+    /// `error` and `error_description` for `/status`.
+    pub fn oauth_fields(&self) -> (String, Option<String>) {
+        match self {
+            TokenError::Rejected {
+                error, description, ..
+            } => (error.clone(), description.clone()),
+            TokenError::ServerError { error, .. } => (
+                error.clone().unwrap_or_else(|| "server_error".into()),
+                Some(self.to_string()),
+            ),
+            TokenError::Timeout { .. } => ("timeout".into(), Some(self.to_string())),
+            TokenError::Network { .. } => ("network".into(), Some(self.to_string())),
+            TokenError::InvalidResponse(_) => ("invalid_response".into(), Some(self.to_string())),
+            TokenError::State(_) => ("invalid_configuration".into(), Some(self.to_string())),
+            TokenError::Persist(_) => ("state_file".into(), Some(self.to_string())),
+        }
+    }
+
+    fn network(endpoint: &Endpoint, source: Arc<dyn StdError + Send + Sync>) -> TokenError {
+        TokenError::Network {
+            host: endpoint.host(),
+            cause: describe(&*source),
+            source,
+        }
+    }
+}
+
+/// Makes one request, bounded by `endpoint.token_timeout`; never persists
+/// anything.
+///
+/// A refresh token in the answer may replace the one sent (rotation): the
+/// caller must commit it durably **before** the access token is used, and
+/// keep it even if that fails, since the endpoint may already have retired
+/// the old one. A code exchange that returns no refresh token is an
+/// [`TokenError::InvalidResponse`].
+pub async fn request(endpoint: &Endpoint, grant: Grant<'_>) -> Result<Granted, TokenError> {
+    let sent_at = Instant::now();
+    match tokio::time::timeout(endpoint.token_timeout, exchange(endpoint, grant)).await {
+        Ok(Ok((status, body))) => parse(endpoint, grant, status, &body, sent_at),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(TokenError::Timeout {
+            host: endpoint.host(),
+            after: endpoint.token_timeout,
+        }),
+    }
+}
+
+/// Sends the request and reads the answer's status and body.
+async fn exchange(
+    endpoint: &Endpoint,
+    grant: Grant<'_>,
+) -> Result<(StatusCode, Bytes), TokenError> {
+    let req = build(endpoint, grant)?;
+    let resp = endpoint
+        .client
+        .request(req)
+        .await
+        .map_err(|e| TokenError::network(endpoint, Arc::new(e)))?;
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
+        .collect()
+        .await
+        .map_err(|e| {
+            if status.is_success() {
+                TokenError::InvalidResponse(format!("cannot read body: {e}"))
+            } else {
+                TokenError::network(endpoint, Arc::from(e))
+            }
+        })?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// The body fields of `grant`, in wire order.
+fn fields<'a>(endpoint: &'a Endpoint, grant: &Grant<'a>) -> Vec<(&'a str, &'a str)> {
+    let mut fields = Vec::with_capacity(8 + endpoint.extra.len());
+    fields.push(("grant_type", grant.as_str()));
+    if endpoint.client_auth == ClientAuth::Body {
+        fields.push(("client_id", endpoint.client_id.as_str()));
+        if let Some(s) = &endpoint.client_secret {
+            fields.push(("client_secret", s.expose()));
+        }
+    }
+    if !matches!(grant, Grant::AuthorizationCode { .. }) {
+        if let Some(scope) = &endpoint.scope {
+            fields.push(("scope", scope.as_str()));
+        }
+    }
+    match *grant {
+        Grant::ClientCredentials => {}
+        Grant::RefreshToken { refresh_token } => fields.push(("refresh_token", refresh_token)),
+        Grant::AuthorizationCode { code, redirect_uri } => {
+            fields.push(("code", code));
+            if !redirect_uri.is_empty() {
+                fields.push(("redirect_uri", redirect_uri));
+            }
+        }
+    }
+    for (k, v) in &endpoint.extra {
+        fields.push((k.as_str(), v.as_str()));
+    }
+    fields
+}
+
+fn build(endpoint: &Endpoint, grant: Grant<'_>) -> Result<Request<Full<Bytes>>, TokenError> {
+    let fields = fields(endpoint, &grant);
+    let (content_type, body) = match endpoint.body_format {
+        BodyFormat::Json => {
+            let map: serde_json::Map<String, serde_json::Value> = fields
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v.to_owned())))
+                .collect();
+            (
+                "application/json",
+                serde_json::Value::Object(map).to_string(),
+            )
+        }
+        BodyFormat::Form => {
+            let body = fields
+                .iter()
+                .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
+                .collect::<Vec<_>>()
+                .join("&");
+            ("application/x-www-form-urlencoded", body)
+        }
+    };
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(endpoint.token_url.clone())
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::ACCEPT, "application/json")
+        .header(
+            header::USER_AGENT,
+            concat!("flinks-proxy/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| TokenError::State(format!("cannot build the token request: {e}")))?;
+    if endpoint.client_auth == ClientAuth::Basic {
+        let secret = endpoint.client_secret.as_ref().map_or("", |s| s.expose());
+        let creds = format!(
+            "{}:{}",
+            form_encode(&endpoint.client_id),
+            form_encode(secret)
+        );
+        let mut v = HeaderValue::from_str(&format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(creds)
+        ))
+        .map_err(|_| TokenError::State("client id or secret cannot be sent in a header".into()))?;
+        v.set_sensitive(true);
+        req.headers_mut().insert(header::AUTHORIZATION, v);
+    }
+    Ok(req)
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: Option<String>,
+    token_type: Option<String>,
+    expires_in: Option<serde_json::Value>,
+    scope: Option<String>,
+    refresh_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct OAuthError {
+    error: String,
+    error_description: Option<String>,
+}
+
+fn parse(
+    endpoint: &Endpoint,
+    grant: Grant<'_>,
+    status: StatusCode,
+    body: &[u8],
+    sent_at: Instant,
+) -> Result<Granted, TokenError> {
+    if !status.is_success() {
+        return Err(refusal(endpoint, grant, status, body));
+    }
+    if status != StatusCode::OK {
+        return Err(TokenError::InvalidResponse(format!(
+            "unexpected status {status}"
+        )));
+    }
+    let parsed: TokenResponse = serde_json::from_slice(body)
+        .map_err(|e| TokenError::InvalidResponse(format!("not a token response: {e}")))?;
+    let access = parsed
+        .access_token
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| TokenError::InvalidResponse("no access_token".into()))?;
+    if let Some(tt) = &parsed.token_type {
+        if !tt.eq_ignore_ascii_case("bearer") {
+            return Err(TokenError::InvalidResponse(format!(
+                "token_type {:?} is not Bearer",
+                scrub(endpoint, grant, tt)
+            )));
+        }
+    }
+    if HeaderValue::from_str(&format!("Bearer {access}")).is_err() {
+        return Err(TokenError::InvalidResponse(
+            "access_token has characters not allowed in a header".into(),
+        ));
+    }
+    let refresh_token = parsed.refresh_token.filter(|t| !t.is_empty());
+    if matches!(grant, Grant::AuthorizationCode { .. }) && refresh_token.is_none() {
+        return Err(TokenError::InvalidResponse(
+            "the code exchange returned no refresh_token".into(),
+        ));
+    }
+    let claims = jwt_claims(&access);
+    let now = SystemTime::now();
+    let lifetime = match lifetime(parsed.expires_in.as_ref(), claims.as_ref(), now)? {
+        Some(l) => l,
+        None => {
+            tracing::warn!(
+                credential = %endpoint.name,
+                "token response has neither expires_in nor a JWT exp; assuming {}s",
+                DEFAULT_LIFETIME.as_secs()
+            );
+            DEFAULT_LIFETIME
+        }
+    };
+    let now_unix = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    Ok(Granted {
+        access_token: Secret::new(access),
+        refresh_token: refresh_token.map(Secret::new),
+        lifetime,
+        scope: parsed.scope,
+        sub: claims.and_then(|c| c.sub),
+        sent_at,
+        expires_unix: now_unix.saturating_add(lifetime.as_secs()),
+    })
+}
+
+/// The error of a non-2xx answer.
+fn refusal(endpoint: &Endpoint, grant: Grant<'_>, status: StatusCode, body: &[u8]) -> TokenError {
+    let err: Option<OAuthError> = serde_json::from_slice(body).ok();
+    let error = err.as_ref().map(|e| scrub(endpoint, grant, &e.error));
+    let description = err
+        .and_then(|e| e.error_description)
+        .map(|d| scrub(endpoint, grant, &d));
+    if status.is_server_error() {
+        return TokenError::ServerError {
+            status: status.as_u16(),
+            error,
+        };
+    }
+    TokenError::Rejected {
+        status: status.as_u16(),
+        error: error.unwrap_or_else(|| {
+            status
+                .canonical_reason()
+                .unwrap_or("error")
+                .to_ascii_lowercase()
+                .replace(' ', "_")
+        }),
+        description,
+    }
+}
+
+/// The lifetime the answer grants, capped at [`MAX_LIFETIME`]; `None` when
+/// it says nothing. `expires_in` wins over a JWT `exp`.
+fn lifetime(
+    expires_in: Option<&serde_json::Value>,
+    claims: Option<&Claims>,
+    now: SystemTime,
+) -> Result<Option<Duration>, TokenError> {
+    if let Some(v) = expires_in.filter(|v| !v.is_null()) {
+        let secs = match v {
+            serde_json::Value::Number(n) => n.as_f64(),
+            serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+            _ => None,
+        };
+        return match secs {
+            Some(s) if s.is_finite() && s > 0.0 => Ok(Some(
+                Duration::try_from_secs_f64(s)
+                    .unwrap_or(MAX_LIFETIME)
+                    .min(MAX_LIFETIME),
+            )),
+            _ => Err(TokenError::InvalidResponse(format!(
+                "expires_in {} is not a positive number of seconds",
+                short(&v.to_string())
+            ))),
+        };
+    }
+    let Some(exp) = claims.and_then(|c| c.exp) else {
+        return Ok(None);
+    };
+    // `exp` is whole seconds: measure from the precise time, not from the
+    // floored Unix seconds, or a token obtained late in a second would be
+    // used up to a second after its `exp`.
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    match Duration::from_secs(exp).checked_sub(since_epoch) {
+        Some(d) if !d.is_zero() => Ok(Some(d.min(MAX_LIFETIME))),
+        _ => Err(TokenError::InvalidResponse(
+            "the JWT exp is in the past (check the clocks) and there is no expires_in".into(),
+        )),
+    }
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+/// Endpoint text without control characters, bounded, and with the
+/// secrets we sent replaced by `***`.
+fn scrub(endpoint: &Endpoint, grant: Grant<'_>, text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_ENDPOINT_TEXT)
+        .collect();
+    let secrets = [
+        endpoint.client_secret.as_ref().map(Secret::expose),
+        grant.secret(),
+    ];
+    for s in secrets.into_iter().flatten().filter(|s| !s.is_empty()) {
+        out = out.replace(s, "***");
+    }
+    out
+}
+
+/// A short cause read from an error's source chain: what an operator needs
+/// to tell DNS from a refused connection from a certificate problem.
+pub fn describe(err: &(dyn StdError + 'static)) -> String {
+    let mut chain: Vec<&(dyn StdError + 'static)> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        chain.push(e);
+        // io::Error::source skips the error it wraps: look inside by hand
+        // (hyper-rustls wraps the rustls::Error in io::Errors).
+        next = match e.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|i| i as &(dyn StdError + 'static)),
+            None => e.source(),
+        };
+    }
+    if let Some(tls) = chain.iter().find_map(|e| e.downcast_ref::<rustls::Error>()) {
+        return format!("TLS: {tls}");
+    }
+    let io_kind = chain
+        .iter()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .map(std::io::Error::kind)
+        .find(|k| *k != std::io::ErrorKind::Other);
+    let innermost = chain.last().map(|e| e.to_string()).unwrap_or_default();
+    if chain.iter().any(|e| e.to_string().starts_with("dns error")) {
+        return format!("DNS lookup failed: {innermost}");
+    }
+    match io_kind {
+        Some(std::io::ErrorKind::ConnectionRefused) => "connection refused".into(),
+        Some(std::io::ErrorKind::TimedOut) => "connect timed out".into(),
+        Some(std::io::ErrorKind::ConnectionReset) => "connection reset".into(),
+        _ => {
+            let mut parts: Vec<String> = chain.iter().map(|e| e.to_string()).collect();
+            parts.dedup();
+            parts.join(": ")
+        }
+    }
+}
+
+/// `application/x-www-form-urlencoded` encoding of one key or value.
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn form_encoding() {
+        assert_eq!(form_encode("a b&c=d/é"), "a+b%26c%3Dd%2F%C3%A9");
+    }
+
+    #[test]
+    fn failure_classes() {
+        let rejected = |error: &str, status| TokenError::Rejected {
+            status,
+            error: error.into(),
+            description: None,
+        };
+        assert!(!rejected("invalid_client", 400).is_transient());
+        assert!(rejected("invalid_grant", 400).is_refusal());
+        assert!(rejected("invalid_client", 401).is_refusal());
+        assert!(!rejected("temporarily_unavailable", 400).is_refusal());
+        assert!(!rejected("slow_down", 429).is_refusal());
+        assert!(rejected("temporarily_unavailable", 400).is_transient());
+        assert!(rejected("slow_down", 429).is_transient());
+        let server = TokenError::ServerError {
+            status: 500,
+            error: None,
+        };
+        assert!(server.is_transient() && !server.is_refusal());
+        assert_eq!(server.outcome(), "server_error");
+        let timeout = TokenError::Timeout {
+            host: "h".into(),
+            after: Duration::from_secs(1),
+        };
+        assert!(timeout.is_transient());
+        assert_eq!(timeout.outcome(), "timeout");
+        assert!(TokenError::InvalidResponse("x".into()).is_transient());
+        assert_eq!(rejected("x", 400).outcome(), "rejected");
+    }
+
+    #[test]
+    fn lifetimes_from_outside_are_validated_and_capped() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let l = |v: serde_json::Value| lifetime(Some(&v), None, now);
+        assert_eq!(l(json!(3600)).unwrap(), Some(Duration::from_secs(3600)));
+        assert_eq!(l(json!("3600")).unwrap(), Some(Duration::from_secs(3600)));
+        assert_eq!(l(json!(1e300)).unwrap(), Some(MAX_LIFETIME));
+        assert_eq!(l(json!(u64::MAX)).unwrap(), Some(MAX_LIFETIME));
+        let huge: serde_json::Value = serde_json::from_str("18446744073709551616").unwrap();
+        assert_eq!(l(huge).unwrap(), Some(MAX_LIFETIME));
+        for bad in [
+            json!(0),
+            json!(-5),
+            json!("abc"),
+            json!(true),
+            json!("NaN"),
+            json!("inf"),
+        ] {
+            assert!(
+                matches!(l(bad.clone()), Err(TokenError::InvalidResponse(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(lifetime(Some(&json!(null)), None, now).unwrap(), None);
+        assert_eq!(lifetime(None, None, now).unwrap(), None);
+    }
+
+    #[test]
+    fn jwt_exp_is_capped_and_a_past_exp_is_invalid() {
+        let now = UNIX_EPOCH + Duration::from_millis(1_000_000_500);
+        let claims = |exp| Claims {
+            exp: Some(exp),
+            sub: None,
+        };
+        assert_eq!(
+            lifetime(None, Some(&claims(1_000_060)), now).unwrap(),
+            Some(Duration::from_millis(59_500))
+        );
+        assert_eq!(
+            lifetime(None, Some(&claims(u64::MAX)), now).unwrap(),
+            Some(MAX_LIFETIME)
+        );
+        assert!(lifetime(None, Some(&claims(5)), now).is_err());
+        // expires_in wins over exp.
+        assert_eq!(
+            lifetime(Some(&json!(10)), Some(&claims(u64::MAX)), now).unwrap(),
+            Some(Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn causes_name_refused_connections_and_tls() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(describe(&refused), "connection refused");
+        let tls = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName),
+        );
+        let outer = std::io::Error::other(tls);
+        assert!(
+            describe(&outer).starts_with("TLS: invalid peer certificate"),
+            "{}",
+            describe(&outer)
+        );
+    }
+}

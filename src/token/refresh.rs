@@ -1,0 +1,188 @@
+//! The refresh token of one `refresh_token` / `authorization_code`
+//! credential, shared by every config generation that serves it: the
+//! current refresh token (memory wins over the file, which may lag after a
+//! failed write), the "refresh in progress" lock that makes token requests
+//! on it one at a time, and committing a rotated token to the state file.
+//!
+//! A reload that changes a credential builds a new
+//! [`crate::token::TokenSource`]; when it keys the same state (same
+//! `state_file`, or same credential name without one) and descends from
+//! the same configured secret, it shares this state with the old source,
+//! so a refresh token the old task rotated is never lost or presented
+//! twice. This module does not make token requests.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::grant::{Granted, TokenError};
+use super::state;
+use crate::config::{CredentialConfig, GrantType};
+use crate::secret::Secret;
+
+/// What identifies a credential's refresh-token state across reloads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateKey {
+    /// The `state_file` path (config validation keeps it unique).
+    File(PathBuf),
+    /// The credential name, when it has no state file.
+    Credential(String),
+}
+
+impl StateKey {
+    /// The key of `c`.
+    pub fn of(c: &CredentialConfig) -> StateKey {
+        match &c.state_file {
+            Some(p) => StateKey::File(p.clone()),
+            None => StateKey::Credential(c.name.clone()),
+        }
+    }
+}
+
+struct Lineage {
+    refresh_token: Option<Secret>,
+    sub: Option<String>,
+    /// Unix time the refresh token was obtained.
+    obtained_at: u64,
+}
+
+/// One credential's refresh token and the lock of its token requests.
+pub struct RefreshState {
+    key: StateKey,
+    /// Fingerprint of the configured `code` / `refresh_token` it descends from.
+    origin: String,
+    lineage: Mutex<Lineage>,
+    in_progress: tokio::sync::Mutex<()>,
+}
+
+impl RefreshState {
+    /// The state of `c`: `previous` when it keys the same state and
+    /// descends from the same configured secret, else read from the
+    /// config and the state file (a blocking read: call it off runtime
+    /// threads). Fails on an unreadable or corrupt state file.
+    pub fn inherit_or_load(
+        c: &CredentialConfig,
+        previous: Option<&Arc<RefreshState>>,
+    ) -> Result<Arc<RefreshState>, String> {
+        let configured = match c.grant_type {
+            GrantType::ClientCredentials => None,
+            GrantType::RefreshToken => c.refresh_token.as_ref(),
+            GrantType::AuthorizationCode => c.code.as_ref(),
+        };
+        let origin = configured.map(state::fingerprint).unwrap_or_default();
+        let key = StateKey::of(c);
+        if let Some(p) = previous.filter(|p| p.key == key && p.origin == origin) {
+            return Ok(Arc::clone(p));
+        }
+        let mut lineage = Lineage {
+            refresh_token: match c.grant_type {
+                GrantType::RefreshToken => c.refresh_token.clone(),
+                _ => None,
+            },
+            sub: None,
+            obtained_at: state::unix_now(),
+        };
+        if let (Some(path), Some(_)) = (&c.state_file, configured) {
+            if let Some(st) = state::load(path)? {
+                if st.origin == origin {
+                    lineage = Lineage {
+                        refresh_token: Some(Secret::new(st.refresh_token)),
+                        sub: st.sub,
+                        obtained_at: st.obtained_at,
+                    };
+                } else {
+                    tracing::info!(
+                        credential = %c.name,
+                        "configured {} changed since the state file was written; using the new one",
+                        if c.grant_type == GrantType::AuthorizationCode { "code" } else { "refresh_token" }
+                    );
+                }
+            }
+        }
+        Ok(Arc::new(RefreshState {
+            key,
+            origin,
+            lineage: Mutex::new(lineage),
+            in_progress: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// The key.
+    pub fn key(&self) -> &StateKey {
+        &self.key
+    }
+
+    fn lineage(&self) -> MutexGuard<'_, Lineage> {
+        self.lineage.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The refresh token to present next.
+    pub fn refresh_token(&self) -> Option<Secret> {
+        self.lineage().refresh_token.clone()
+    }
+
+    /// The last `sub` seen.
+    pub fn sub(&self) -> Option<String> {
+        self.lineage().sub.clone()
+    }
+
+    /// Held for a token request and its commit: requests on one refresh
+    /// token are one at a time, across config generations.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.in_progress.lock().await
+    }
+
+    /// Commits the refresh token of `granted` (a new one from a code
+    /// exchange or a server that rotates; else the one presented, `using`)
+    /// before its access token is used: in memory at once (the server may
+    /// already have retired the old one), then in the state file off the
+    /// runtime threads. A failed write is an error (the access token is
+    /// not used; the retry rotates and writes again).
+    pub async fn commit(
+        &self,
+        c: &CredentialConfig,
+        granted: &Granted,
+        using: Option<&Secret>,
+    ) -> Result<(), TokenError> {
+        let new_refresh = granted.refresh_token.as_ref();
+        let rotated = match (new_refresh, using) {
+            (Some(n), Some(old)) => n.expose() != old.expose(),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        let Some(rt) = new_refresh.or(using) else {
+            return Ok(());
+        };
+        let now = state::unix_now();
+        let st = {
+            let mut l = self.lineage();
+            if rotated {
+                l.refresh_token = Some(rt.clone());
+                l.obtained_at = now;
+            }
+            if granted.sub.is_some() {
+                l.sub.clone_from(&granted.sub);
+            }
+            state::State {
+                refresh_token: rt.expose().to_owned(),
+                sub: l.sub.clone(),
+                obtained_at: l.obtained_at,
+                last_used_at: Some(now),
+                origin: self.origin.clone(),
+            }
+        };
+        if rotated && c.state_file.is_none() && c.grant_type == GrantType::RefreshToken {
+            tracing::warn!(
+                credential = %c.name,
+                "the token endpoint rotated the refresh token and no state_file is set: \
+                 a restart will use the configured one, which the server no longer accepts"
+            );
+        }
+        let Some(path) = c.state_file.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || state::store(&path, &st))
+            .await
+            .map_err(|e| TokenError::Persist(format!("the write task failed: {e}")))?
+            .map_err(TokenError::Persist)
+    }
+}
