@@ -9,6 +9,8 @@
 //! - [`tls`]: PEM loading and rustls configs.
 //! - [`token`]: one `TokenSource` per credential: cache, single flight,
 //!   refresh task, grants, state file.
+//! - [`headers`]: header policy: hop-by-hop, reserved names, X-Forwarded-*,
+//!   request ids, the request header rewrite.
 //! - [`routes`]: host + longest-prefix route table.
 //! - [`runtime`]: a config turned into routes, access rules and token
 //!   sources; the `AppState` that swaps them on reload.
@@ -29,6 +31,7 @@ pub mod admin;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod headers;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
