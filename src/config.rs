@@ -533,6 +533,35 @@ impl Config {
     }
 }
 
+/// Reads only `[admin] listen` from a config file (default
+/// [`DEFAULT_ADMIN_LISTEN`]): other tables are not validated and secrets
+/// are not resolved, so `healthcheck` works without them.
+pub fn admin_listen(path: &Path) -> Result<SocketAddr, ConfigError> {
+    #[derive(Deserialize)]
+    struct File {
+        admin: Option<Admin>,
+    }
+    #[derive(Deserialize)]
+    struct Admin {
+        #[serde(default, with = "socket_addr::option")]
+        listen: Option<SocketAddr>,
+    }
+    let ctx = Ctx::new(path);
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ctx.err("", format!("cannot read: {e}")))?;
+    let file: File =
+        serde_path_to_error::deserialize(toml::Deserializer::new(&text)).map_err(|e| {
+            ctx.err(
+                &e.path().to_string(),
+                e.into_inner().message().trim().to_owned(),
+            )
+        })?;
+    Ok(file
+        .admin
+        .and_then(|a| a.listen)
+        .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.parse().expect("constant address")))
+}
+
 /// What validation needs to know about the file: its name for errors and
 /// its folder for relative paths. One method per table.
 struct Ctx {
@@ -993,6 +1022,19 @@ mod socket_addr {
             }
         }
         d.deserialize_any(V)
+    }
+
+    /// The same for an optional key.
+    pub mod option {
+        use std::net::SocketAddr;
+
+        use serde::de::Deserializer;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<SocketAddr>, D::Error> {
+            super::deserialize(d).map(Some)
+        }
     }
 }
 
