@@ -33,12 +33,14 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("no body bytes moved in either direction for {0:?} (server.idle_timeout)")]
 pub struct IdleTimeout(pub Duration);
 
-/// When bytes last moved on the request body of an exchange; shared with
-/// the response body, whose timer counts both directions.
+/// When bytes last moved: on the request body of an exchange (shared with
+/// the response body, whose timer counts both directions), or on any body
+/// of a connection (its parent, which `server` watches).
 #[derive(Debug)]
 pub struct Activity {
     base: Instant,
     nanos: AtomicU64,
+    parent: Option<Arc<Activity>>,
 }
 
 impl Activity {
@@ -47,6 +49,16 @@ impl Activity {
         Arc::new(Activity {
             base: Instant::now(),
             nanos: AtomicU64::new(0),
+            parent: None,
+        })
+    }
+
+    /// A clock that says "now" and also moves `parent` when touched.
+    pub fn child(parent: &Arc<Activity>) -> Arc<Activity> {
+        Arc::new(Activity {
+            base: Instant::now(),
+            nanos: AtomicU64::new(0),
+            parent: Some(Arc::clone(parent)),
         })
     }
 
@@ -54,10 +66,13 @@ impl Activity {
     pub fn touch(&self) {
         let n = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.nanos.fetch_max(n, Ordering::Relaxed);
+        if let Some(p) = &self.parent {
+            p.touch();
+        }
     }
 
     /// When bytes last moved.
-    fn last(&self) -> Instant {
+    pub fn last(&self) -> Instant {
         let d = Duration::from_nanos(self.nanos.load(Ordering::Relaxed));
         self.base.checked_add(d).unwrap_or(self.base)
     }
@@ -264,15 +279,16 @@ pub enum RequestBody {
 }
 
 impl RequestBody {
-    /// The client's body as is, streamed.
-    pub fn streaming(body: Incoming) -> RequestBody {
+    /// The client's body as is, streamed; bytes arriving move `conn`, the
+    /// connection's clock.
+    pub fn streaming(body: Incoming, conn: &Arc<Activity>) -> RequestBody {
         if body.is_end_stream() {
             return RequestBody::Buffered(None, None);
         }
         RequestBody::Streaming {
             head: None,
             rest: body,
-            activity: Some(Activity::new()),
+            activity: Some(Activity::child(conn)),
         }
     }
 
@@ -282,6 +298,7 @@ impl RequestBody {
     pub async fn prepare(
         mut body: Incoming,
         budget: &Arc<ReplayBudget>,
+        conn: &Arc<Activity>,
     ) -> Result<RequestBody, hyper::Error> {
         if body.is_end_stream() {
             return Ok(RequestBody::Buffered(None, None));
@@ -291,7 +308,7 @@ impl RequestBody {
         let known = hint.exact().and_then(|n| usize::try_from(n).ok());
         let too_big = hint.lower() > REPLAY_LIMIT as u64;
         if too_big || known.is_some_and(|n| !held.grow(n)) {
-            return Ok(RequestBody::streaming(body));
+            return Ok(RequestBody::streaming(body, conn));
         }
         let mut buf = BytesMut::new();
         loop {
@@ -312,7 +329,7 @@ impl RequestBody {
                 return Ok(RequestBody::Streaming {
                     head: Some(buf.freeze()),
                     rest: body,
-                    activity: Some(Activity::new()),
+                    activity: Some(Activity::child(conn)),
                 });
             }
         }

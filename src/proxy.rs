@@ -16,7 +16,7 @@ use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
-use crate::body::{Idle, ProxyBody, RequestBody};
+use crate::body::{Activity, Idle, ProxyBody, RequestBody};
 use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, X_REQUEST_ID};
 use crate::runtime::{AppState, Route, Runtime};
@@ -33,6 +33,8 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The client's address as an `X-Forwarded-For` value.
     forwarded_for: HeaderValue,
+    /// When bytes last moved on any body of this connection.
+    pub activity: Arc<Activity>,
 }
 
 impl ConnInfo {
@@ -44,6 +46,7 @@ impl ConnInfo {
             tls,
             forwarded_for: HeaderValue::from_str(&ip)
                 .unwrap_or(HeaderValue::from_static("unknown")),
+            activity: Activity::new(),
         }
     }
 }
@@ -282,11 +285,11 @@ async fn handle_inner(
     let method = parts.method;
 
     let body = if route.reauth_on.is_empty() {
-        RequestBody::streaming(body)
+        RequestBody::streaming(body, &conn.activity)
     } else {
         tokio::time::timeout_at(
             deadline.into(),
-            RequestBody::prepare(body, &rt.replay_budget),
+            RequestBody::prepare(body, &rt.replay_budget, &conn.activity),
         )
         .await
         .map_err(|_| ProxyError::UpstreamTimeout)?

@@ -21,11 +21,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::body::{BoxError, ProxyBody};
+use crate::body::{Activity, BoxError, ProxyBody};
 use crate::proxy::ConnInfo;
 use crate::runtime::AppState;
 
@@ -76,44 +76,15 @@ pub async fn serve_proxy(
             idle_timeout: runtime.config.server.idle_timeout,
         };
         drop(runtime);
-        let state = Arc::clone(&state);
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _ = stream.set_nodelay(true);
-            let deadline = Instant::now()
-                .checked_add(limits.header_read_timeout)
-                .unwrap_or_else(far_future);
-            let conn = Arc::new(ConnInfo::new(peer, tls.is_some()));
-            let open = Arc::new(watch::Sender::new(0usize));
-            let service = {
-                let open = Arc::clone(&open);
-                service_fn(move |req: Request<Incoming>| {
-                    let guard = OpenRequest::enter(&open);
-                    let handled = crate::proxy::handle(Arc::clone(&state), Arc::clone(&conn), req);
-                    async move {
-                        let resp = handled.await?;
-                        Ok::<_, Infallible>(resp.map(|body| ServedBody { body, _open: guard }))
-                    }
-                })
-            };
-            let watch = ConnWatch {
-                limits,
-                deadline,
-                open: open.subscribe(),
-                shutdown,
-            };
-            match tls {
-                None => serve_connection(stream, service, watch).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout_at(deadline.into(), acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => serve_connection(tls, service, watch).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                }
-            }
-        });
+        tokio::spawn(serve_accepted(
+            stream,
+            peer,
+            tls,
+            Arc::clone(&state),
+            limits,
+            shutdown.clone(),
+            permit,
+        ));
     }
     drop(listener);
     let open = max - limit.available_permits();
@@ -126,6 +97,62 @@ pub async fn serve_proxy(
         .is_err()
     {
         tracing::warn!("shutdown grace period passed with requests still in flight");
+    }
+}
+
+/// One accepted connection: TLS handshake (within `header_read_timeout`),
+/// then HTTP until it ends; `permit` is its connection slot.
+async fn serve_accepted(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<AppState>,
+    limits: Limits,
+    shutdown: CancellationToken,
+    permit: OwnedSemaphorePermit,
+) {
+    let _permit = permit;
+    let _ = stream.set_nodelay(true);
+    let deadline = Instant::now()
+        .checked_add(limits.header_read_timeout)
+        .unwrap_or_else(far_future);
+    let conn = Arc::new(ConnInfo::new(peer, tls.is_some()));
+    let open = Arc::new(watch::Sender::new(0usize));
+    let bodies = Arc::new(watch::Sender::new(0usize));
+    let watch = ConnWatch {
+        limits,
+        deadline,
+        open: open.subscribe(),
+        bodies: bodies.subscribe(),
+        activity: Arc::clone(&conn.activity),
+        shutdown,
+    };
+    let service = service_fn(move |req: Request<Incoming>| {
+        let open = OpenRequest::enter(&open);
+        let bodies = Arc::clone(&bodies);
+        let activity = Arc::clone(&conn.activity);
+        let handled = crate::proxy::handle(Arc::clone(&state), Arc::clone(&conn), req);
+        async move {
+            let resp = handled.await?;
+            activity.touch();
+            let sending = OpenRequest::enter(&bodies);
+            Ok::<_, Infallible>(resp.map(|body| ServedBody {
+                body,
+                activity,
+                _sending: sending,
+                _open: open,
+            }))
+        }
+    });
+    match tls {
+        None => serve_connection(stream, service, watch).await,
+        Some(acceptor) => {
+            match tokio::time::timeout_at(deadline.into(), acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => serve_connection(tls, service, watch).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
     }
 }
 
@@ -142,11 +169,17 @@ struct Limits {
 }
 
 /// What ends a connection besides its peer: no first request head by
-/// `deadline`, no open request for `idle_timeout`, or shutdown.
+/// `deadline`, no open request for `idle_timeout`, response bodies on which
+/// nothing moved for `idle_timeout`, or shutdown.
 struct ConnWatch {
     limits: Limits,
     deadline: Instant,
+    /// Requests open (from their head to the end of their response body).
     open: watch::Receiver<usize>,
+    /// Response bodies being sent.
+    bodies: watch::Receiver<usize>,
+    /// When bytes last moved on a body of this connection, either way.
+    activity: Arc<Activity>,
     shutdown: CancellationToken,
 }
 
@@ -167,9 +200,12 @@ impl Drop for OpenRequest {
     }
 }
 
-/// A response body that keeps its request counted as open.
+/// A response body that keeps its request counted as open, and moves the
+/// connection's activity clock as it is sent.
 struct ServedBody {
     body: ProxyBody,
+    activity: Arc<Activity>,
+    _sending: OpenRequest,
     _open: OpenRequest,
 }
 
@@ -181,7 +217,12 @@ impl Body for ServedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if polled.is_ready() {
+            this.activity.touch();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -206,6 +247,34 @@ async fn idle_for(mut open: watch::Receiver<usize>, timeout: Duration) {
                 }
             }
             _ = open.changed() => {}
+        }
+    }
+}
+
+/// Resolves once response bodies are being sent and no bytes moved on any
+/// body of the connection for `timeout`: the upstream went silent, or the
+/// client stopped reading (then hyper stops polling the body, so the body's
+/// own timer cannot fire).
+async fn stalled_for(
+    mut bodies: watch::Receiver<usize>,
+    activity: Arc<Activity>,
+    timeout: Duration,
+) {
+    loop {
+        if bodies.wait_for(|n| *n > 0).await.is_err() {
+            return std::future::pending().await;
+        }
+        let last = activity.last();
+        let Some(deadline) = last.checked_add(timeout) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                if *bodies.borrow() > 0 && activity.last() == last {
+                    return;
+                }
+            }
+            _ = bodies.changed() => {}
         }
     }
 }
@@ -257,6 +326,8 @@ where
     tokio::pin!(first_request_deadline);
     let idle = idle_for(watch.open, watch.limits.idle_timeout);
     tokio::pin!(idle);
+    let stalled = stalled_for(watch.bodies, watch.activity, watch.limits.idle_timeout);
+    tokio::pin!(stalled);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -268,6 +339,11 @@ where
             }
             _ = &mut first_request_deadline, if !closing => {
                 tracing::debug!("no request head within header_read_timeout; closing");
+                return;
+            }
+            _ = &mut stalled => {
+                // Responses are incomplete: close rather than drain.
+                tracing::debug!("no body bytes moved for idle_timeout; closing the connection");
                 return;
             }
             _ = &mut idle, if !closing => {

@@ -1186,7 +1186,11 @@ async fn malformed_and_smuggling_requests_are_refused_and_never_forwarded() {
         "control request: {outcome:?} {:?}",
         String::from_utf8_lossy(&head)
     );
-    assert_eq!(sb.api_requests(), before + 1, "control request not forwarded");
+    assert_eq!(
+        sb.api_requests(),
+        before + 1,
+        "control request not forwarded"
+    );
     let mut report = Vec::new();
     for (name, bytes) in &cases {
         let before = sb.api_requests();

@@ -1250,6 +1250,70 @@ async fn stalled_upstream_body_ends_after_idle_timeout_and_frees_everything() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// An HTTP/1.1 upstream that answers with an endless chunked body, as fast
+/// as it is taken; reports on the channel when the proxy hangs up.
+async fn endless_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let closed = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let start = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                let mut chunk = b"10000\r\n".to_vec();
+                chunk.extend(std::iter::repeat_n(b'x', 0x10000));
+                chunk.extend_from_slice(b"\r\n");
+                if s.write_all(start).await.is_ok() {
+                    while s.write_all(&chunk).await.is_ok() {}
+                }
+                let _ = closed.send(());
+            });
+        }
+    });
+    (addr, closed_rx)
+}
+
+#[tokio::test]
+async fn client_that_stops_reading_is_disconnected_after_idle_timeout() {
+    let sb = sandbox().await;
+    let (endless, mut closed) = endless_upstream().await;
+    let routes = route(
+        "endless",
+        &format!("path_prefix = \"/endless\"\nupstream = \"http://{endless}\""),
+    );
+    let server = "idle_timeout = \"300ms\"\nmax_connections = 1\nheader_read_timeout = \"30s\"";
+    let p = start_proxy(&config_toml_with_server(&sb, server, &routes)).await;
+    wait_ready(&p).await;
+    let mut s = tokio::net::TcpStream::connect(p.proxy_addr())
+        .await
+        .expect("connect");
+    s.write_all(b"GET /endless/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    // The client never reads: once the buffers are full nothing moves, and
+    // the proxy ends the exchange, upstream connection included.
+    tokio::time::timeout(PATIENCE, closed.recv())
+        .await
+        .expect("the upstream connection was never closed");
+    // The slot is free: the next connection is served.
+    let r = tokio::time::timeout(PATIENCE, get(&proxy_url(&p, "/api/v1/accounts")))
+        .await
+        .expect("the next connection was never served");
+    assert_eq!(r.status, 200, "{}", r.text());
+    drop(s);
+}
+
 #[tokio::test]
 async fn idle_http1_keep_alive_connection_is_closed_after_idle_timeout() {
     let sb = sandbox().await;
