@@ -408,3 +408,59 @@ impl Body for RequestBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Polls the timer once.
+    async fn expired(idle: &mut Idle) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(idle.poll_expired(cx))).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timer_counts_bytes_in_either_direction() {
+        let request = Activity::new();
+        let mut idle = Idle::new(Duration::from_secs(60), Some(Arc::clone(&request)));
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(!expired(&mut idle).await);
+        // Request bytes at 59 s move the deadline to 119 s.
+        request.touch();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!expired(&mut idle).await);
+        // Response bytes at 61 s move it to 121 s.
+        idle.moved();
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(!expired(&mut idle).await);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(expired(&mut idle).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_child_clock_moves_its_parent() {
+        let conn = Activity::new();
+        let exchange = Activity::child(&conn);
+        let before = conn.last();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        exchange.touch();
+        assert_eq!(conn.last(), before + Duration::from_secs(5));
+    }
+
+    #[test]
+    fn replay_budget_is_shared_and_given_back_on_drop() {
+        let budget = ReplayBudget::new(100);
+        let mut a = Reservation::new(&budget);
+        let mut b = Reservation::new(&budget);
+        assert!(a.grow(60));
+        assert!(!b.grow(60), "over the budget");
+        assert!(b.grow(40));
+        assert_eq!(budget.used(), 100);
+        drop(a);
+        assert_eq!(budget.used(), 40);
+        assert!(b.grow(60));
+        drop(b);
+        assert_eq!(budget.used(), 0);
+        let zero = ReplayBudget::new(0);
+        assert!(!Reservation::new(&zero).grow(1));
+    }
+}
