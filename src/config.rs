@@ -43,6 +43,9 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_REPLAY_BUFFER_LIMIT: usize = 64 * 1024 * 1024;
 /// Far above what one proxy replica normally holds, far below fd limits.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Longest server timeout accepted: far beyond any sensible value, and keeps
+/// every deadline computed from one far from overflowing.
+const MAX_SERVER_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// Far beyond any file descriptor limit; keeps the connection semaphore in
 /// range.
 const MAX_CONNECTIONS_CEILING: usize = 1_000_000;
@@ -665,6 +668,16 @@ impl Ctx {
         ] {
             if d.is_zero() {
                 return Err(self.err(key, "must be greater than zero".into()));
+            }
+        }
+        for (key, d) in [
+            ("server.request_timeout", s.request_timeout),
+            ("server.header_read_timeout", s.header_read_timeout),
+            ("server.idle_timeout", s.idle_timeout),
+            ("server.shutdown_grace", s.shutdown_grace),
+        ] {
+            if d > MAX_SERVER_DURATION {
+                return Err(self.err(key, "must be at most 1 day".into()));
             }
         }
         Ok(ServerConfig {

@@ -266,35 +266,8 @@ async fn handle_inner(
     };
 
     let (parts, body) = req.into_parts();
-    let original_host = match parts.uri.authority() {
-        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-        None => parts.headers.get(header::HOST).cloned(),
-    };
-    let (authority, host) = upstream_authority(route, original_host.as_ref())?;
-    let uri = upstream_uri(route, &parts.uri, authority)?;
-    let headers = headers::rewrite_request(
-        parts.headers,
-        &Forwarding {
-            host: &host,
-            original_host: original_host.as_ref(),
-            peer: &conn.forwarded_for,
-            tls: conn.tls,
-            request_id: rid,
-        },
-    );
-    let method = parts.method;
-
-    let body = if route.reauth_on.is_empty() {
-        RequestBody::streaming(body, &conn.activity)
-    } else {
-        tokio::time::timeout_at(
-            deadline.into(),
-            RequestBody::prepare(body, &rt.replay_budget, &conn.activity),
-        )
-        .await
-        .map_err(|_| ProxyError::UpstreamTimeout)?
-        .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?
-    };
+    let (method, uri, headers) = upstream_head(route, conn, parts, rid)?;
+    let body = request_body(rt, route, conn, body, deadline).await?;
     let activity = body.activity();
     // Only a body prepared for replay (reauth_on set, at most 64 KiB,
     // within the replay budget) clones.
@@ -322,6 +295,53 @@ async fn handle_inner(
     parts.version = Version::HTTP_11;
     let idle = Idle::new(rt.idle_timeout, activity);
     Ok(Response::from_parts(parts, ProxyBody::Upstream(body, idle)))
+}
+
+/// The upstream request's method, URI and headers (SPEC §5 rewrite).
+fn upstream_head(
+    route: &Route,
+    conn: &ConnInfo,
+    parts: http::request::Parts,
+    rid: &HeaderValue,
+) -> Result<(Method, Uri, HeaderMap), ProxyError> {
+    let original_host = match parts.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => parts.headers.get(header::HOST).cloned(),
+    };
+    let (authority, host) = upstream_authority(route, original_host.as_ref())?;
+    let uri = upstream_uri(route, &parts.uri, authority)?;
+    let headers = headers::rewrite_request(
+        parts.headers,
+        &Forwarding {
+            host: &host,
+            original_host: original_host.as_ref(),
+            peer: &conn.forwarded_for,
+            tls: conn.tls,
+            request_id: rid,
+        },
+    );
+    Ok((parts.method, uri, headers))
+}
+
+/// The request body to send: streamed, or read ahead for a replay when the
+/// route replays (within the global replay budget).
+async fn request_body(
+    rt: &Runtime,
+    route: &Route,
+    conn: &ConnInfo,
+    body: Incoming,
+    deadline: Instant,
+) -> Result<RequestBody, ProxyError> {
+    if route.reauth_on.is_empty() {
+        return Ok(RequestBody::streaming(body, &conn.activity));
+    }
+    tokio::time::timeout_at(
+        deadline.into(),
+        RequestBody::prepare(body, &rt.replay_budget, &conn.activity),
+    )
+    .await
+    .map_err(|_| ProxyError::UpstreamTimeout)?
+    .map_err(|_| ProxyError::BadRequest("the request body could not be read"))
 }
 
 async fn send(

@@ -128,14 +128,14 @@ async fn serve_accepted(
         shutdown,
     };
     let service = service_fn(move |req: Request<Incoming>| {
-        let open = OpenRequest::enter(&open);
+        let open = Counted::enter(&open);
         let bodies = Arc::clone(&bodies);
         let activity = Arc::clone(&conn.activity);
         let handled = crate::proxy::handle(Arc::clone(&state), Arc::clone(&conn), req);
         async move {
             let resp = handled.await?;
             activity.touch();
-            let sending = OpenRequest::enter(&bodies);
+            let sending = Counted::enter(&bodies);
             Ok::<_, Infallible>(resp.map(|body| ServedBody {
                 body,
                 activity,
@@ -183,18 +183,18 @@ struct ConnWatch {
     shutdown: CancellationToken,
 }
 
-/// Counts one request as open on its connection until its response body is
-/// done (or dropped); the connection is idle while none is open.
-struct OpenRequest(Arc<watch::Sender<usize>>);
+/// Counts itself in a connection's counter while it lives: a request open
+/// (the connection is idle while none is), or a response body being sent.
+struct Counted(Arc<watch::Sender<usize>>);
 
-impl OpenRequest {
-    fn enter(open: &Arc<watch::Sender<usize>>) -> OpenRequest {
-        open.send_modify(|n| *n += 1);
-        OpenRequest(Arc::clone(open))
+impl Counted {
+    fn enter(counter: &Arc<watch::Sender<usize>>) -> Counted {
+        counter.send_modify(|n| *n += 1);
+        Counted(Arc::clone(counter))
     }
 }
 
-impl Drop for OpenRequest {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
@@ -205,8 +205,8 @@ impl Drop for OpenRequest {
 struct ServedBody {
     body: ProxyBody,
     activity: Arc<Activity>,
-    _sending: OpenRequest,
-    _open: OpenRequest,
+    _sending: Counted,
+    _open: Counted,
 }
 
 impl Body for ServedBody {
