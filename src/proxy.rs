@@ -1,9 +1,11 @@
 //! The request handler: access → route → token → rewrite → forward →
-//! respond. [`handle`] is infallible; [`handle_inner`] returns a
+//! respond. [`handle`] is infallible; `handle_inner` returns a
 //! [`ProxyError`] that becomes the JSON error of SPEC §6 in one place.
 //!
 //! Bodies stream both ways; a request body of at most 64 KiB is buffered
-//! when the route replays on `reauth_on`. This module does not own
+//! when the route replays on `reauth_on` and the global replay budget
+//! allows, and the response body carries the `idle_timeout` timer (see
+//! `body`). Header policy is `headers`'; this module does not own
 //! connections (see `server`) or tokens (see `token`).
 
 use std::convert::Infallible;
