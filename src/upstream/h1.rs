@@ -139,7 +139,7 @@ impl Tracked {
 
     /// The body back, for a retry of a request that was never written.
     pub(super) fn into_inner(mut self) -> RequestBody {
-        std::mem::replace(&mut self.body, RequestBody::Buffered(None))
+        std::mem::replace(&mut self.body, RequestBody::Buffered(None, None))
     }
 }
 
