@@ -1,7 +1,8 @@
 //! Criterion micro-benchmarks of the request path pieces, each in ns per
 //! operation: route lookup over 1, 10 and 100 routes; token load plus
 //! header injection; request header rewrite (hop-by-hop removal and
-//! X-Forwarded-*); request id generation; metric recording.
+//! X-Forwarded-*); request id generation; metric recording; the token of a
+//! pooled route's connection with a warm cache, next to a credential's.
 //!
 //! Run: `cargo bench --bench micro` (a filter narrows it, e.g.
 //! `cargo bench --bench micro -- route_lookup`). The side-by-side load
@@ -65,7 +66,11 @@ fn route_lookup(c: &mut Criterion) {
 
 /// An application state for one route to a loopback upstream (never
 /// contacted) with a token installed; the refresh task is not started.
-fn state() -> (Arc<AppState>, Arc<Route>) {
+fn state() -> (
+    Arc<AppState>,
+    Arc<Route>,
+    Arc<flinks_proxy::token::TokenSource>,
+) {
     let toml = r#"
 [server]
 listen = "127.0.0.1:0"
@@ -81,15 +86,14 @@ credential = "bench"
 "#;
     let config = Config::parse(toml, Path::new("bench.toml")).expect("bench config");
     let state = AppState::new(config).expect("bench state");
-    let route = {
+    let (route, source) = {
         let rt = state.runtime.load();
         let route = rt.routes.find(None, "/x").expect("route").clone();
-        route
-            .source
-            .install(Token::new(ACCESS_TOKEN, Duration::from_secs(24 * 3600)).expect("token"));
-        route
+        let source = Arc::clone(rt.sources.get("bench").expect("source"));
+        source.install(Token::new(ACCESS_TOKEN, Duration::from_secs(24 * 3600)).expect("token"));
+        (route, source)
     };
-    (state, route)
+    (state, route, source)
 }
 
 /// What a typical client sends (curl-like, HTTP/1.1 keep-alive).
@@ -103,26 +107,24 @@ fn inbound_headers() -> HeaderMap {
 }
 
 fn token_injection(c: &mut Criterion) {
-    let (_state, route) = state();
+    let (_state, route, source) = state();
     let mut g = c.benchmark_group("token");
     let mut headers = inbound_headers();
     g.bench_function("usable_and_insert_bearer", |b| {
         b.iter(|| {
-            let token = route.source.usable().expect("usable token");
+            let token = source.usable().expect("usable token");
             headers.insert(
                 route.header.clone(),
                 token.header_value(black_box(&AuthScheme::Bearer)),
             );
         })
     });
-    g.bench_function("usable_only", |b| {
-        b.iter(|| black_box(route.source.usable()))
-    });
+    g.bench_function("usable_only", |b| b.iter(|| black_box(source.usable())));
     g.finish();
 }
 
 fn rewrite(c: &mut Criterion) {
-    let (_state, route) = state();
+    let (_state, route, _source) = state();
     let conn = ConnInfo::new(SocketAddr::from(([127, 0, 0, 1], 40000)), false);
     let rid = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
     let base = inbound_headers();
@@ -199,6 +201,108 @@ fn metrics(c: &mut Criterion) {
     g.finish();
 }
 
+/// Connections in the pool benchmark's store (and cache).
+const POOL_USERS: usize = 10_000;
+
+/// A pool on an SQLite store in a temporary folder, `POOL_USERS`
+/// connections stored and loaded into its cache (warm), plus a credential
+/// source with a token, on one current-thread runtime.
+fn pool_state() -> (
+    tokio::runtime::Runtime,
+    Arc<flinks_proxy::connections::Pool>,
+    Arc<flinks_proxy::token::TokenSource>,
+    std::path::PathBuf,
+) {
+    use flinks_proxy::secret::Secret;
+    use flinks_proxy::store::{now_ms, Store, Tokens};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = std::env::temp_dir().join(format!("flinks-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let key = flinks_proxy::store::crypto::generate_key().expect("key");
+    let toml = format!(
+        r#"
+[credentials.bench]
+token_url = "http://127.0.0.1:9/token"
+grant_type = "client_credentials"
+client_id = "bench"
+client_secret = "bench-secret"
+[store]
+url = "sqlite:bench.db"
+key = "{key}"
+[connections.users]
+token_url = "http://127.0.0.1:9/token"
+client_id = "bench"
+[routes.api]
+path_prefix = "/"
+upstream = "http://127.0.0.1:9"
+connections = "users"
+[routes.cred]
+path_prefix = "/cred"
+upstream = "http://127.0.0.1:9"
+credential = "bench"
+"#
+    );
+    let config = Config::parse(&toml, &dir.join("bench.toml")).expect("bench config");
+    let (pool, source) = rt.block_on(async {
+        let metrics = Metrics::new();
+        let store = Store::open(config.store.as_ref().expect("store"), metrics.store())
+            .await
+            .expect("store");
+        let state = AppState::with_store(config, metrics, Some(Arc::new(store))).expect("state");
+        let runtime = state.runtime.load();
+        let pool = Arc::clone(&runtime.pools["users"]);
+        let tokens = Tokens {
+            refresh_token: Some(Secret::new("rt".to_owned())),
+            access_token: Some(Secret::new(ACCESS_TOKEN.to_owned())),
+            access_expires_at: Some(now_ms() + 24 * 3600 * 1000),
+        };
+        for i in 0..POOL_USERS {
+            let id = format!("user-{i}");
+            pool.store()
+                .authorize("users", &id, None, &tokens)
+                .await
+                .expect("authorize");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            pool.token(&id, deadline).await.expect("warm");
+        }
+        let source = Arc::clone(&runtime.sources["bench"]);
+        source.install(Token::new(ACCESS_TOKEN, Duration::from_secs(24 * 3600)).expect("token"));
+        (pool, source)
+    });
+    (rt, pool, source, dir)
+}
+
+fn pooled_lookup(c: &mut Criterion) {
+    let (rt, pool, source, dir) = pool_state();
+    let ids: Vec<HeaderValue> = (0..POOL_USERS)
+        .map(|i| HeaderValue::from_str(&format!("user-{i}")).expect("id"))
+        .collect();
+    let mut h = inbound_headers();
+    let name = http::header::HeaderName::from_static("x-flinks-connection");
+    let mut g = c.benchmark_group("pooled_token");
+    let mut n = 0usize;
+    // Both through `block_on`, so the difference is the lookup itself.
+    g.bench_function("credential_usable", |b| {
+        b.iter(|| rt.block_on(async { black_box(source.usable()) }))
+    });
+    g.bench_function("select_and_pool_token_warm", |b| {
+        b.iter(|| {
+            n = (n + 7919) % POOL_USERS;
+            h.insert(&name, ids[n].clone());
+            rt.block_on(async {
+                let id = flinks_proxy::connections::select(&mut h, &name).expect("id");
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                black_box(pool.token(id.as_str(), deadline).await.expect("token"))
+            })
+        })
+    });
+    g.finish();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -209,6 +313,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = route_lookup, token_injection, rewrite, request_id, metrics
+    targets = route_lookup, token_injection, rewrite, request_id, metrics, pooled_lookup
 }
 criterion_main!(benches);

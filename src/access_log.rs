@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
+use crate::config::RouteAuth;
 use crate::runtime::Route;
 
 /// Flinks's per-exchange id, on its API responses.
@@ -129,7 +130,14 @@ impl Drop for AccessLog {
         tracing::info!(
             request_id = self.request_id.to_str().unwrap_or(""),
             route = route.map_or("", |r| r.name.as_str()),
-            credential = route.map(|r| r.config.credential.as_str()),
+            credential = route.and_then(|r| match &r.config.auth {
+                RouteAuth::Credential(name) => Some(name.as_str()),
+                RouteAuth::Connections(_) => None,
+            }),
+            pool = route.and_then(|r| match &r.config.auth {
+                RouteAuth::Connections(name) => Some(name.as_str()),
+                RouteAuth::Credential(_) => None,
+            }),
             method = self.request.method.as_str(),
             path = self.request.path.as_ref().map_or("", |p| p.path()),
             status = self.status,

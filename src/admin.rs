@@ -1,7 +1,8 @@
 //! The admin listener's endpoints: `/metrics` (Prometheus text),
 //! `/healthz` (the process serves), `/readyz` (every credential has had a
 //! first token, and not draining) and `/status` (credentials and routes as
-//! JSON, never a secret).
+//! JSON, never a secret); `admin/connections.rs` serves the connections
+//! API under `/connections`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -9,6 +10,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+
+pub mod connections;
 
 use crate::body::ProxyBody;
 use crate::runtime::AppState;
@@ -32,6 +35,10 @@ pub async fn handle(
     state: Arc<AppState>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    let path = req.uri().path();
+    if path == "/connections" || path.starts_with("/connections/") {
+        return Ok(connections::handle(&state, req).await);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -94,12 +101,50 @@ pub fn status(state: &AppState) -> serde_json::Value {
                     "host": r.config.host,
                     "path_prefix": r.config.path_prefix,
                     "upstream": r.config.upstream_url(),
-                    "credential": r.config.credential,
+                    "credential": match &r.config.auth {
+                        crate::config::RouteAuth::Credential(c) => Some(c),
+                        crate::config::RouteAuth::Connections(_) => None,
+                    },
+                    "connections": match &r.config.auth {
+                        crate::config::RouteAuth::Connections(p) => Some(p),
+                        crate::config::RouteAuth::Credential(_) => None,
+                    },
                 }),
             )
         })
         .collect();
+    let pools: serde_json::Map<String, serde_json::Value> = rt
+        .pools
+        .iter()
+        .map(|(name, p)| {
+            let counts: serde_json::Map<String, serde_json::Value> =
+                crate::store::ConnectionState::ALL
+                    .iter()
+                    .map(|s| {
+                        let n = p.counts().iter().find(|c| c.0 == *s).map_or(0, |c| c.1);
+                        (s.as_str().to_owned(), n.into())
+                    })
+                    .collect();
+            (
+                name.clone(),
+                serde_json::json!({
+                    "connections": counts,
+                    "cache_size": p.cache_size(),
+                    "select_header": p.config().select_header.as_str(),
+                }),
+            )
+        })
+        .collect();
+    let store = state.store.as_ref().map(|s| {
+        serde_json::json!({
+            "kind": s.kind(),
+            "healthy": s.is_healthy(),
+            "key_id": s.key_id(),
+        })
+    });
     serde_json::json!({
+        "pools": pools,
+        "store": store,
         "version": env!("CARGO_PKG_VERSION"),
         "draining": state.is_draining(),
         "config": rt.config.source.display().to_string(),

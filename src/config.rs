@@ -60,6 +60,15 @@ pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// when an upstream slows down and requests pile up, and well below the
 /// file-descriptor limits of both sides.
 pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS: usize = 1024;
+/// The store when `[store] url` is not set: one SQLite file next to the
+/// config, so a single instance needs no database server.
+pub const DEFAULT_STORE_URL: &str = "sqlite:connections.db";
+/// The header that names a connection on a pooled route.
+pub const DEFAULT_SELECT_HEADER: &str = "x-flinks-connection";
+/// Flinks answers 401 with `"code": "602"` when the user's consent is gone.
+pub const DEFAULT_REVOKED_CODES: &[&str] = &["602"];
+/// Access tokens kept in memory per pool: 10,000 users fit in a few MiB.
+pub const DEFAULT_CACHE_SIZE: u64 = 10_000;
 
 /// A config error: one line naming the file, the key and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +173,42 @@ struct RawConfig {
     credentials: BTreeMap<String, RawCredential>,
     #[serde(default)]
     routes: BTreeMap<String, RawRoute>,
+    store: Option<RawStore>,
+    #[serde(default)]
+    connections: BTreeMap<String, RawPool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    url: Option<SecretSource>,
+    key: SecretSource,
+    #[serde(default)]
+    old_keys: Vec<SecretSource>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    token_url: String,
+    client_id: String,
+    client_secret: Option<SecretSource>,
+    scope: Option<String>,
+    redirect_uri: Option<String>,
+    #[serde(default)]
+    client_auth: ClientAuth,
+    #[serde(default)]
+    body_format: BodyFormat,
+    #[serde(default = "d_refresh_before", with = "humantime_serde")]
+    refresh_before: Duration,
+    #[serde(default = "d_token_timeout", with = "humantime_serde")]
+    token_timeout: Duration,
+    #[serde(default)]
+    extra: BTreeMap<String, String>,
+    ca_file: Option<PathBuf>,
+    select_header: Option<String>,
+    revoked_codes: Option<Vec<String>>,
+    cache_size: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -239,11 +284,16 @@ fn d_token_timeout() -> Duration {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
-    #[serde(with = "socket_addr")]
+    #[serde(default = "default_admin_listen", with = "socket_addr")]
     listen: SocketAddr,
+    api_token: Option<SecretSource>,
     /// `/status` shows each credential's `sub` claim (personal data).
     #[serde(default)]
     show_subjects: bool,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    DEFAULT_ADMIN_LISTEN.parse().expect("constant address")
 }
 
 #[derive(Deserialize)]
@@ -317,7 +367,8 @@ struct RawRoute {
     #[serde(default = "default_prefix")]
     path_prefix: String,
     upstream: String,
-    credential: String,
+    credential: Option<String>,
+    connections: Option<String>,
     host: Option<String>,
     strip_prefix: Option<String>,
     header: Option<String>,
@@ -344,6 +395,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// `[admin]`: where the admin listener listens.
     pub admin_listen: Option<SocketAddr>,
+    /// `[admin] api_token`: required by the connections API when set.
+    pub admin_api_token: Option<Secret>,
     /// `[admin] show_subjects`: whether `/status` shows `sub` claims.
     pub show_subjects: bool,
     /// `[log]`.
@@ -354,6 +407,94 @@ pub struct Config {
     pub credentials: BTreeMap<String, Arc<CredentialConfig>>,
     /// `[routes.NAME]`, by name.
     pub routes: Vec<RouteConfig>,
+    /// `[store]`, required once a pool exists.
+    pub store: Option<StoreConfig>,
+    /// `[connections.NAME]` pools, by name.
+    pub pools: BTreeMap<String, Arc<PoolConfig>>,
+}
+
+/// Where the store lives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreLocation {
+    /// An SQLite file (absolute, or resolved against the config folder).
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL (a secret: it may carry a password).
+    Postgres(Secret),
+}
+
+impl StoreLocation {
+    /// `sqlite` or `postgres`, for `/status` and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreLocation::Sqlite(_) => "sqlite",
+            StoreLocation::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// `[store]`: where connections are kept, and the keys that seal them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreConfig {
+    /// The database.
+    pub location: StoreLocation,
+    /// Base64 of 32 bytes; seals and opens (checked at load).
+    pub key: Secret,
+    /// Keys that only open.
+    pub old_keys: Vec<Secret>,
+}
+
+/// One `[connections.NAME]`: an OAuth client whose users' tokens are kept
+/// in the store. Compared whole on reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// The table name.
+    pub name: String,
+    /// The token endpoint.
+    pub token_url: Uri,
+    /// OAuth client id.
+    pub client_id: String,
+    /// OAuth client secret.
+    pub client_secret: Option<Secret>,
+    /// Requested scope on refresh.
+    pub scope: Option<String>,
+    /// Sent with codes when the admin request names none.
+    pub redirect_uri: Option<String>,
+    /// Body fields or HTTP Basic.
+    pub client_auth: ClientAuth,
+    /// JSON or form body.
+    pub body_format: BodyFormat,
+    /// Renew this long before expiry (capped at half the lifetime).
+    pub refresh_before: Duration,
+    /// One token request, end to end.
+    pub token_timeout: Duration,
+    /// Extra token request fields.
+    pub extra: Vec<(String, String)>,
+    /// Extra trust roots for the token endpoint.
+    pub ca_certs: Vec<CertificateDer<'static>>,
+    /// The request header naming the connection (removed before forwarding).
+    pub select_header: HeaderName,
+    /// Upstream error `code`s meaning the user's consent is gone.
+    pub revoked_codes: Vec<String>,
+    /// Access tokens kept in memory.
+    pub cache_size: u64,
+}
+
+/// Where a route's token comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteAuth {
+    /// `credential = "NAME"`: one token for every request.
+    Credential(String),
+    /// `connections = "NAME"`: the token of the connection each request names.
+    Connections(String),
+}
+
+impl fmt::Display for RouteAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteAuth::Credential(n) => write!(f, "credential {n}"),
+            RouteAuth::Connections(n) => write!(f, "connections {n}"),
+        }
+    }
 }
 
 /// `[server]`.
@@ -503,8 +644,8 @@ pub struct RouteConfig {
     pub upstream_authority: Authority,
     /// Upstream base path ("" or "/base", no trailing slash).
     pub upstream_base_path: String,
-    /// The credential's name.
-    pub credential: String,
+    /// The credential or pool that gives it tokens.
+    pub auth: RouteAuth,
     /// Header that carries the token.
     pub header: HeaderName,
     /// How the token is written in it.
@@ -556,19 +697,27 @@ impl Config {
             credentials.insert(name, Arc::new(cred));
         }
         unique_state_files(&credentials).map_err(|(k, m)| ctx.err(&k, m))?;
+        let mut pools = BTreeMap::new();
+        for (name, p) in raw.connections {
+            let pool = ctx.pool(&name, p)?;
+            pools.insert(name, Arc::new(pool));
+        }
+        let store = ctx.store(raw.store, &pools)?;
         let mut routes = Vec::new();
         for (name, r) in raw.routes {
-            let route = ctx.route(&name, r, &credentials, &routes)?;
+            let route = ctx.route(&name, r, &credentials, &pools, &routes)?;
             routes.push(route);
         }
+        let show_subjects = raw.admin.as_ref().is_some_and(|a| a.show_subjects);
+        let (admin_listen, admin_api_token) = ctx.admin(raw.admin, &pools)?;
         Ok(Config {
             source: path.to_path_buf(),
             server,
-            admin_listen: Some(match &raw.admin {
-                Some(a) => a.listen,
-                None => DEFAULT_ADMIN_LISTEN.parse().expect("constant address"),
-            }),
-            show_subjects: raw.admin.as_ref().is_some_and(|a| a.show_subjects),
+            admin_listen: Some(admin_listen),
+            admin_api_token,
+            show_subjects,
+            store,
+            pools,
             log: LogConfig {
                 level: raw.log.level,
                 format: raw.log.format,
@@ -769,7 +918,6 @@ impl Ctx {
     /// One `[credentials.NAME]`.
     fn credential(&self, name: &str, c: RawCredential) -> Result<CredentialConfig, ConfigError> {
         let key = |k: &str| format!("credentials.{name}.{k}");
-        let token_url = parse_url(&c.token_url).map_err(|m| self.err(&key("token_url"), m))?;
         let resolve = |k: &str, s: &Option<SecretSource>| {
             s.as_ref()
                 .map(|s| s.resolve(&self.base))
@@ -777,21 +925,16 @@ impl Ctx {
                 .map_err(|m| self.err(&key(k), m))
         };
         self.grant_keys(name, &c)?;
-        if c.client_id.is_empty() {
-            return Err(self.err(&key("client_id"), "is empty".into()));
-        }
-        if c.token_timeout.is_zero() {
-            return Err(self.err(&key("token_timeout"), "must be greater than zero".into()));
-        }
-        for k in c.extra.keys() {
-            if RESERVED_TOKEN_FIELDS.contains(&k.as_str()) {
-                return Err(self.err(
-                    &key(&format!("extra.{k}")),
-                    "is set by the proxy itself; use the dedicated key".into(),
-                ));
-            }
-        }
-        let ca_certs = self.load_certs(&key("ca_file"), &c.ca_file)?;
+        let (token_url, ca_certs) = self.endpoint(
+            &key(""),
+            &EndpointKeys {
+                token_url: &c.token_url,
+                client_id: &c.client_id,
+                token_timeout: c.token_timeout,
+                extra: &c.extra,
+                ca_file: &c.ca_file,
+            },
+        )?;
         Ok(CredentialConfig {
             name: name.to_owned(),
             token_url,
@@ -810,6 +953,194 @@ impl Ctx {
             extra: c.extra.into_iter().collect(),
             ca_certs,
         })
+    }
+
+    /// What credentials and pools share about their token endpoint:
+    /// `token_url`, `client_id`, `token_timeout`, `extra`, `ca_file`.
+    /// `prefix` is the table's key path ending in a dot.
+    fn endpoint(
+        &self,
+        prefix: &str,
+        e: &EndpointKeys<'_>,
+    ) -> Result<(Uri, Vec<CertificateDer<'static>>), ConfigError> {
+        let key = |k: &str| format!("{prefix}{k}");
+        let token_url = parse_url(e.token_url).map_err(|m| self.err(&key("token_url"), m))?;
+        if e.client_id.is_empty() {
+            return Err(self.err(&key("client_id"), "is empty".into()));
+        }
+        if e.token_timeout.is_zero() {
+            return Err(self.err(&key("token_timeout"), "must be greater than zero".into()));
+        }
+        for k in e.extra.keys() {
+            if RESERVED_TOKEN_FIELDS.contains(&k.as_str()) {
+                return Err(self.err(
+                    &key(&format!("extra.{k}")),
+                    "is set by the proxy itself; use the dedicated key".into(),
+                ));
+            }
+        }
+        let ca_certs = self.load_certs(&key("ca_file"), e.ca_file)?;
+        Ok((token_url, ca_certs))
+    }
+
+    /// One `[connections.NAME]` pool.
+    fn pool(&self, name: &str, p: RawPool) -> Result<PoolConfig, ConfigError> {
+        let key = |k: &str| format!("connections.{name}.{k}");
+        if !valid_pool_name(name) {
+            return Err(self.err(
+                &format!("connections.{name}"),
+                "a pool name is 1-64 of A-Z a-z 0-9 . _ - (it appears in admin URLs)".into(),
+            ));
+        }
+        let (token_url, ca_certs) = self.endpoint(
+            &key(""),
+            &EndpointKeys {
+                token_url: &p.token_url,
+                client_id: &p.client_id,
+                token_timeout: p.token_timeout,
+                extra: &p.extra,
+                ca_file: &p.ca_file,
+            },
+        )?;
+        let client_secret = p
+            .client_secret
+            .as_ref()
+            .map(|s| s.resolve(&self.base))
+            .transpose()
+            .map_err(|m| self.err(&key("client_secret"), m))?;
+        let select = p
+            .select_header
+            .unwrap_or_else(|| DEFAULT_SELECT_HEADER.to_owned());
+        let select_header = HeaderName::from_bytes(select.as_bytes()).map_err(|_| {
+            self.err(
+                &key("select_header"),
+                format!("{select:?} is not a header name"),
+            )
+        })?;
+        if crate::headers::is_reserved_header(&select_header)
+            || select_header == http::header::AUTHORIZATION
+        {
+            return Err(self.err(
+                &key("select_header"),
+                format!("{select_header} is managed by the proxy"),
+            ));
+        }
+        let cache_size = p.cache_size.unwrap_or(DEFAULT_CACHE_SIZE);
+        if cache_size == 0 {
+            return Err(self.err(&key("cache_size"), "must be at least 1".into()));
+        }
+        let revoked_codes = p.revoked_codes.unwrap_or_else(|| {
+            DEFAULT_REVOKED_CODES
+                .iter()
+                .map(|c| (*c).to_owned())
+                .collect()
+        });
+        Ok(PoolConfig {
+            name: name.to_owned(),
+            token_url,
+            client_id: p.client_id,
+            client_secret,
+            scope: p.scope,
+            redirect_uri: p.redirect_uri,
+            client_auth: p.client_auth,
+            body_format: p.body_format,
+            refresh_before: p.refresh_before,
+            token_timeout: p.token_timeout,
+            extra: p.extra.into_iter().collect(),
+            ca_certs,
+            select_header,
+            revoked_codes,
+            cache_size,
+        })
+    }
+
+    /// `[store]`: required once a pool exists.
+    fn store(
+        &self,
+        raw: Option<RawStore>,
+        pools: &BTreeMap<String, Arc<PoolConfig>>,
+    ) -> Result<Option<StoreConfig>, ConfigError> {
+        let Some(s) = raw else {
+            return match pools.keys().next() {
+                Some(p) => Err(self.err(
+                    "store",
+                    format!("[connections.{p}] keeps its users' tokens in a store: add a [store] table with a key (`flinks-proxy keygen` prints one)"),
+                )),
+                None => Ok(None),
+            };
+        };
+        let check_key = |k: &str, src: &SecretSource| {
+            let secret = src.resolve(&self.base).map_err(|m| self.err(k, m))?;
+            crate::store::crypto::Key::from_base64(secret.expose()).map_err(|m| self.err(k, m))?;
+            Ok::<_, ConfigError>(secret)
+        };
+        let key = check_key("store.key", &s.key)?;
+        let mut old_keys = Vec::new();
+        for (i, k) in s.old_keys.iter().enumerate() {
+            old_keys.push(check_key(&format!("store.old_keys[{i}]"), k)?);
+        }
+        let url = match &s.url {
+            Some(u) => u
+                .resolve(&self.base)
+                .map_err(|m| self.err("store.url", m))?,
+            None => Secret::new(DEFAULT_STORE_URL.to_owned()),
+        };
+        Ok(Some(StoreConfig {
+            location: self.store_location(url)?,
+            key,
+            old_keys,
+        }))
+    }
+
+    /// `sqlite:PATH` (relative to the config folder), `sqlite://PATH` or
+    /// `postgres://...`. Errors never echo a PostgreSQL URL (it may hold a
+    /// password).
+    fn store_location(&self, url: Secret) -> Result<StoreLocation, ConfigError> {
+        let u = url.expose();
+        if u.starts_with("postgres://") || u.starts_with("postgresql://") {
+            return Err(self.err(
+                "store.url",
+                "PostgreSQL stores are not supported by this version yet; use sqlite:PATH".into(),
+            ));
+        }
+        let Some(rest) = u.strip_prefix("sqlite:") else {
+            return Err(self.err(
+                "store.url",
+                "must start with sqlite: (for example sqlite:connections.db)".into(),
+            ));
+        };
+        let path = rest.strip_prefix("//").unwrap_or(rest);
+        if path.is_empty() || path.contains('?') || path == ":memory:" {
+            return Err(self.err(
+                "store.url",
+                format!("{u:?}: name a file, without options (for example sqlite:connections.db)"),
+            ));
+        }
+        Ok(StoreLocation::Sqlite(self.base.join(path)))
+    }
+
+    /// `[admin]`: its listener, and the API token the connections API needs
+    /// beyond loopback.
+    fn admin(
+        &self,
+        raw: Option<RawAdmin>,
+        pools: &BTreeMap<String, Arc<PoolConfig>>,
+    ) -> Result<(SocketAddr, Option<Secret>), ConfigError> {
+        let (listen, token) = match raw {
+            Some(a) => (a.listen, a.api_token),
+            None => (default_admin_listen(), None),
+        };
+        let token = token
+            .map(|t| t.resolve(&self.base))
+            .transpose()
+            .map_err(|m| self.err("admin.api_token", m))?;
+        if token.is_none() && !pools.is_empty() && !listen.ip().is_loopback() {
+            return Err(self.err(
+                "admin.api_token",
+                format!("is required: admin.listen ({listen}) is beyond loopback and the connections API can add and delete users"),
+            ));
+        }
+        Ok((listen, token))
     }
 
     /// Which keys each grant requires or refuses.
@@ -882,15 +1213,32 @@ impl Ctx {
         name: &str,
         r: RawRoute,
         credentials: &BTreeMap<String, Arc<CredentialConfig>>,
+        pools: &BTreeMap<String, Arc<PoolConfig>>,
         earlier: &[RouteConfig],
     ) -> Result<RouteConfig, ConfigError> {
         let key = |k: &str| format!("routes.{name}.{k}");
-        if !credentials.contains_key(&r.credential) {
-            return Err(self.err(
-                &key("credential"),
-                format!("no [credentials.{}] is defined", r.credential),
-            ));
-        }
+        let auth = match (r.credential, r.connections) {
+            (Some(c), None) if credentials.contains_key(&c) => RouteAuth::Credential(c),
+            (Some(c), None) => {
+                return Err(self.err(
+                    &key("credential"),
+                    format!("no [credentials.{c}] is defined"),
+                ))
+            }
+            (None, Some(p)) if pools.contains_key(&p) => RouteAuth::Connections(p),
+            (None, Some(p)) => {
+                return Err(self.err(
+                    &key("connections"),
+                    format!("no [connections.{p}] is defined"),
+                ))
+            }
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(self.err(
+                    &key("credential"),
+                    "set exactly one of credential and connections".into(),
+                ))
+            }
+        };
         let upstream: Uri = parse_url(&r.upstream).map_err(|m| self.err(&key("upstream"), m))?;
         if upstream.query().is_some() {
             return Err(self.err(&key("upstream"), "must not have a query string".into()));
@@ -971,7 +1319,7 @@ impl Ctx {
                 .authority
                 .ok_or_else(|| self.err(&key("upstream"), "has no host".into()))?,
             upstream_base_path: base_path,
-            credential: r.credential,
+            auth,
             header,
             scheme,
             reauth_on,
@@ -994,6 +1342,23 @@ impl Ctx {
         }
         Ok(header)
     }
+}
+
+/// The token endpoint keys credentials and pools share, as written.
+struct EndpointKeys<'a> {
+    token_url: &'a str,
+    client_id: &'a str,
+    token_timeout: Duration,
+    extra: &'a BTreeMap<String, String>,
+    ca_file: &'a Option<PathBuf>,
+}
+
+/// Pool names appear in admin URLs and the store: keep them plain.
+fn valid_pool_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Two credentials writing one state file would overwrite each other's
@@ -1390,6 +1755,107 @@ credential = "flinks"
         assert!(!prefix_matches("/api", "/apix"));
         assert!(prefix_matches("/", "/anything"));
         assert!(prefix_matches("/api/", "/api/x"));
+    }
+
+    const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    fn pooled(store: &str, admin: &str, route: &str) -> String {
+        format!(
+            r#"
+{admin}
+{store}
+[connections.users]
+token_url = "https://api.flinks.io/api/v1/token"
+client_id = "id"
+redirect_uri = "https://app.example.com/cb"
+
+[routes.ob]
+upstream = "https://ob.flinksapp.com"
+{route}
+"#
+        )
+    }
+
+    #[test]
+    fn pools_need_a_store_with_a_32_byte_key() {
+        let store = format!("[store]\nkey = \"{KEY}\"");
+        let c = parse(&pooled(&store, "", "connections = \"users\"")).unwrap();
+        assert_eq!(
+            c.store.as_ref().unwrap().location,
+            StoreLocation::Sqlite(PathBuf::from("./connections.db")),
+            "the default file sits next to the config"
+        );
+        let pool = &c.pools["users"];
+        assert_eq!(pool.select_header, "x-flinks-connection");
+        assert_eq!(pool.revoked_codes, ["602"]);
+        assert_eq!(pool.cache_size, DEFAULT_CACHE_SIZE);
+        assert_eq!(c.routes[0].auth, RouteAuth::Connections("users".into()));
+
+        let e = parse(&pooled("", "", "connections = \"users\"")).unwrap_err();
+        assert!(e.to_string().contains("store: [connections.users]"), "{e}");
+        let e = parse(&pooled(
+            "[store]\nkey = \"c2hvcnQ=\"",
+            "",
+            "connections = \"users\"",
+        ));
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("store.key: must be 32 bytes"), "{e}");
+        assert!(!e.contains("c2hvcnQ"), "{e}");
+        let bad_old = format!("{store}\nold_keys = [\"nope!\"]");
+        let e = parse(&pooled(&bad_old, "", "connections = \"users\"")).unwrap_err();
+        assert!(e.to_string().contains("store.old_keys[0]"), "{e}");
+        let relative = format!("[store]\nkey = \"{KEY}\"\nurl = \"sqlite:data/c.db\"");
+        let c = Config::parse(
+            &pooled(&relative, "", "connections = \"users\""),
+            Path::new("/etc/fp/proxy.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.store.unwrap().location,
+            StoreLocation::Sqlite(PathBuf::from("/etc/fp/data/c.db"))
+        );
+        let pg = format!("[store]\nkey = \"{KEY}\"\nurl = \"postgres://u:hunter2@db/x\"");
+        let e = parse(&pooled(&pg, "", "connections = \"users\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("store.url"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn routes_name_exactly_one_of_credential_and_connections() {
+        let store = format!("[store]\nkey = \"{KEY}\"");
+        for route in ["", "connections = \"users\"\ncredential = \"users\""] {
+            let e = parse(&pooled(&store, "", route)).unwrap_err().to_string();
+            assert!(e.contains("routes.ob.credential: set exactly one"), "{e}");
+        }
+        let e = parse(&pooled(&store, "", "connections = \"nope\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("routes.ob.connections: no [connections.nope]"),
+            "{e}"
+        );
+        let typo =
+            pooled(&store, "", "connections = \"users\"").replace("redirect_uri", "redirect_url");
+        let e = parse(&typo).unwrap_err().to_string();
+        assert!(e.contains("redirect_url"), "{e}");
+    }
+
+    #[test]
+    fn an_admin_listener_beyond_loopback_with_pools_needs_an_api_token() {
+        let store = format!("[store]\nkey = \"{KEY}\"");
+        let open = "[admin]\nlisten = \"0.0.0.0:9901\"";
+        let e = parse(&pooled(&store, open, "connections = \"users\"")).unwrap_err();
+        assert!(
+            e.to_string().contains("admin.api_token: is required"),
+            "{e}"
+        );
+        let guarded = format!("{open}\napi_token = \"t0ken\"");
+        let c = parse(&pooled(&store, &guarded, "connections = \"users\"")).unwrap();
+        assert_eq!(c.admin_api_token.unwrap().expose(), "t0ken");
+        let loopback = "[admin]\nlisten = \"127.0.0.1:9901\"";
+        assert!(parse(&pooled(&store, loopback, "connections = \"users\"")).is_ok());
     }
 
     #[test]

@@ -13,6 +13,10 @@
 //! - [`headers`]: header policy: hop-by-hop, reserved names, X-Forwarded-*,
 //!   request ids, the request header rewrite.
 //! - [`routes`]: host + longest-prefix route table.
+//! - [`connections`]: per-user connection pools: selection, bounded cache,
+//!   single flight per connection, re-authorization.
+//! - [`store`]: the connection store interface, its SQLite backend and
+//!   token sealing.
 //! - [`runtime`]: a config turned into routes, access rules and token
 //!   sources; the `AppState` that swaps them on reload.
 //! - [`proxy`]: the request handler.
@@ -22,7 +26,8 @@
 //! - [`upstream`]: connection pools per upstream origin (HTTP/1.1 and
 //!   HTTP/2, limits, keep-alive, reaper) and the token endpoints' client.
 //! - [`server`]: accept loops, limits, TLS, graceful shutdown.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/status`.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/status`, and the
+//!   connections API.
 //! - [`metrics`]: the Prometheus registry and typed handles.
 //! - [`error`]: errors the proxy answers itself.
 //! - [`reload`]: SIGHUP reloads.
@@ -35,6 +40,7 @@ pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod headers;
 pub mod metrics;
@@ -45,6 +51,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod secret;
 pub mod server;
+pub mod store;
 pub mod tls;
 pub mod token;
 pub mod upstream;
@@ -68,6 +75,9 @@ pub enum StartError {
     /// A listener could not be bound.
     #[error("{0}")]
     Bind(std::io::Error),
+    /// The connection store could not be opened (or its key does not match).
+    #[error("store: {0}")]
+    Store(#[source] store::StoreError),
     /// An authorization code was refused and there is no stored refresh token.
     #[error("credentials.{credential}: the authorization code was refused ({reason}). The code is single-use and short-lived: have the user authorize again, put the new code in credentials.{credential}.code and restart")]
     CodeRejected {
@@ -95,7 +105,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let listen = config.server.listen;
     let admin_listen = config.admin_listen;
     let grace = config.server.shutdown_grace;
-    let state = AppState::new(config).map_err(|e| StartError::Build(e.to_string()))?;
+    let metrics = metrics::Metrics::new();
+    let store = match &config.store {
+        Some(sc) => Some(Arc::new(
+            store::Store::open(sc, metrics.store())
+                .await
+                .map_err(StartError::Store)?,
+        )),
+        None => None,
+    };
+    let state = AppState::with_store(config, metrics, store)
+        .map_err(|e| StartError::Build(e.to_string()))?;
     exchange_codes(&state).await?;
     let listener = server::bind(listen, "server.listen")
         .await
@@ -120,7 +140,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             tracing::info!(addr = %a, "admin listening");
         }
         for r in &c.routes {
-            tracing::info!(route = %r.name, host = r.host.as_deref().unwrap_or("*"), path_prefix = %r.path_prefix, upstream = %r.upstream_url(), credential = %r.credential, "route");
+            tracing::info!(route = %r.name, host = r.host.as_deref().unwrap_or("*"), path_prefix = %r.path_prefix, upstream = %r.upstream_url(), auth = %r.auth, "route");
+        }
+        if let Some(store) = &state.store {
+            tracing::info!(kind = store.kind(), key_id = store.key_id(), "store open");
         }
         for (name, cred) in &c.credentials {
             tracing::info!(credential = %name, grant = cred.grant_type.as_str(), token_url = %cred.token_url, client_id = %cred.client_id, "credential");

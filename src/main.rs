@@ -45,6 +45,24 @@ impl ConfigPath {
     }
 }
 
+/// `--config` on a command with subcommands (`store rekey`,
+/// `connections list`): accepted after the subcommand too.
+#[derive(Args)]
+struct NestedConfigPath {
+    /// Config file [default: proxy.toml].
+    #[arg(long, short, global = true, env = "FLINKS_PROXY_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+impl NestedConfigPath {
+    fn or(self, top: &ConfigPath) -> PathBuf {
+        ConfigPath {
+            config: self.config,
+        }
+        .or(top)
+    }
+}
+
 /// The config file when none is named.
 const DEFAULT_CONFIG: &str = "proxy.toml";
 
@@ -88,6 +106,26 @@ enum Command {
         #[command(flatten)]
         config: ConfigPath,
     },
+    /// Print a new store key (base64 of 32 random bytes).
+    Keygen,
+    /// Store maintenance.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+        #[command(flatten)]
+        config: NestedConfigPath,
+    },
+    /// Per-user connections, straight from the store (without the admin API).
+    Connections {
+        #[command(subcommand)]
+        command: ConnectionsCommand,
+        /// The pool (default: every pool in the store for `list`; required
+        /// for `show` and `delete` when the config has several pools).
+        #[arg(long, global = true)]
+        pool: Option<String>,
+        #[command(flatten)]
+        config: NestedConfigPath,
+    },
     /// Run only the sandbox (token endpoint and API), for benchmarks.
     #[command(hide = true)]
     Sandbox {
@@ -100,6 +138,33 @@ enum Command {
         /// Access token lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         expires_in: u64,
+        /// End users u0..u{N-1}, each with code `code-uI` (per-user
+        /// connections benchmark).
+        #[arg(long, default_value_t = 0)]
+        users: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Re-seal every token under `store.key` (after moving the old key to
+    /// `store.old_keys`).
+    Rekey,
+}
+
+#[derive(Subcommand)]
+enum ConnectionsCommand {
+    /// List connections (id, state, sub).
+    List,
+    /// Show one connection as JSON (never a token).
+    Show {
+        /// The connection id.
+        id: String,
+    },
+    /// Delete one connection and its tokens.
+    Delete {
+        /// The connection id.
+        id: String,
     },
 }
 
@@ -115,6 +180,28 @@ fn main() -> ExitCode {
         Some(Command::Check { config }) => check(&config.or(&top)),
         Some(Command::Healthcheck { url, config }) => healthcheck(url, &config.or(&top)),
         Some(Command::Token { name, show, config }) => token(&config.or(&top), &name, show),
+        Some(Command::Keygen) => exit(
+            flinks_proxy::store::crypto::generate_key()
+                .map(|k| println!("{k}"))
+                .context("cannot generate a key"),
+        ),
+        Some(Command::Store {
+            command: StoreCommand::Rekey,
+            config,
+        }) => store_command(&config.or(&top), None, |store, _| {
+            Box::pin(async move {
+                let n = store.rekey().await?;
+                println!("re-sealed {n} connections under key {}", store.key_id());
+                Ok(())
+            })
+        }),
+        Some(Command::Connections {
+            command,
+            pool,
+            config,
+        }) => store_command(&config.or(&top), pool, move |store, pool| {
+            Box::pin(connections_command(store, pool, command))
+        }),
         Some(Command::Demo {
             listen,
             admin,
@@ -130,7 +217,8 @@ fn main() -> ExitCode {
             token_listen,
             api_listen,
             expires_in,
-        }) => sandbox(&token_listen, &api_listen, expires_in),
+            users,
+        }) => sandbox(&token_listen, &api_listen, expires_in, users),
     }
 }
 
@@ -330,7 +418,7 @@ fn check(path: &Path) -> ExitCode {
             r.host.as_deref().unwrap_or(""),
             r.path_prefix,
             r.upstream_url(),
-            r.credential
+            r.auth
         );
     }
     ExitCode::SUCCESS
@@ -389,14 +477,20 @@ fn demo(listen: &str, admin: &str, expires_in: u64) -> ExitCode {
 }
 
 async fn demo_inner(listen: &str, admin: &str, expires_in: u64) -> anyhow::Result<()> {
-    use flinks_proxy::sandbox::{Sandbox, SandboxOptions};
+    use flinks_proxy::sandbox::{Sandbox, SandboxOptions, SandboxUser};
     let opts = SandboxOptions {
         expires_in: Some(expires_in),
+        users: vec![SandboxUser::new("alice"), SandboxUser::new("bob")],
         ..SandboxOptions::default()
     };
     let sandbox = Sandbox::start(opts.clone())
         .await
         .context("starting the sandbox")?;
+    // The per-user connections live in an SQLite store in a temporary
+    // folder, sealed with a fresh key.
+    let folder = std::env::temp_dir().join(format!("flinks-proxy-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&folder).context("demo folder")?;
+    let key = flinks_proxy::store::crypto::generate_key().context("store key")?;
     let toml = format!(
         r#"
 [server]
@@ -413,7 +507,21 @@ scope = "{scope}"
 path_prefix = "/"
 upstream = "{api}"
 credential = "flinks"
+[store]
+url = "sqlite:{db}"
+key = "{key}"
+[connections.users]
+token_url = "{token_url}"
+client_id = "{client_id}"
+client_secret = "{client_secret}"
+redirect_uri = "{redirect_uri}"
+[routes.fdx]
+path_prefix = "/api/fdx"
+upstream = "{api}"
+connections = "users"
 "#,
+        db = folder.join("connections.db").display(),
+        redirect_uri = opts.redirect_uri,
         token_url = sandbox.token_url(),
         client_id = opts.client_id,
         client_secret = opts.client_secret,
@@ -448,6 +556,27 @@ credential = "flinks"
     if let Some(a) = running.admin_addr() {
         println!("  curl -s http://{a}/status");
         println!("  curl -s http://{a}/metrics | grep flinks_proxy_");
+        println!();
+        println!("Per-user connections (store: {}):", folder.display());
+        println!("  # connect two users with the codes their bank redirect gave the app");
+        println!(
+            "  curl -s -X POST http://{a}/connections/users -d '{{\"code\": \"code-alice\"}}'"
+        );
+        println!("  curl -s -X POST http://{a}/connections/users -d '{{\"code\": \"code-bob\"}}'");
+        println!("  # read each one's accounts: name the user, the proxy adds their token");
+        println!("  curl -s -H 'X-Flinks-Connection: alice' http://{p}/api/fdx/5/accounts");
+        println!("  curl -s -H 'X-Flinks-Connection: bob' http://{p}/api/fdx/5/accounts");
+        println!("  # alice revokes her consent at the bank");
+        println!(
+            "  curl -s -X POST {}/sandbox/users/alice/revoke",
+            sandbox.api_url()
+        );
+        println!("  curl -s -H 'X-Flinks-Connection: alice' http://{p}/api/fdx/5/accounts   # 401 code 602, passed through");
+        println!("  curl -s -H 'X-Flinks-Connection: alice' http://{p}/api/fdx/5/accounts   # 401 reauthorization_required");
+        println!("  curl -s http://{a}/connections/users/alice");
+        println!("  # she authorizes again: a new code for the same id");
+        println!("  CODE=$(curl -s -X POST {}/sandbox/users/alice/code | sed 's/.*\"code\":\"\\([^\"]*\\)\".*/\\1/')", sandbox.api_url());
+        println!("  curl -s -X POST http://{a}/connections/users -d \"{{\\\"code\\\": \\\"$CODE\\\", \\\"id\\\": \\\"alice\\\"}}\"");
     }
     println!();
     println!("Ctrl-C to stop.");
@@ -456,15 +585,102 @@ credential = "flinks"
         .context("waiting for Ctrl-C")?;
     running.shutdown().await;
     drop(sandbox);
+    let _ = std::fs::remove_dir_all(&folder);
     Ok(())
 }
 
-fn sandbox(token_listen: &str, api_listen: &str, expires_in: u64) -> ExitCode {
+type StoreJob = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>>>>;
+
+/// Opens the config's store (checking its key) and runs `job` on it with
+/// the pool named by `--pool` (or the config's only pool).
+fn store_command(
+    path: &Path,
+    pool: Option<String>,
+    job: impl FnOnce(std::sync::Arc<flinks_proxy::store::Store>, Option<String>) -> StoreJob,
+) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(store_config) = config.store.clone() else {
+        eprintln!("error: {}: no [store] table", path.display());
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    };
+    let pool = pool.or_else(|| {
+        (config.pools.len() == 1)
+            .then(|| config.pools.keys().next().cloned())
+            .flatten()
+    });
+    exit(block_on(1, async move {
+        let metrics = flinks_proxy::metrics::Metrics::new();
+        let store = flinks_proxy::store::Store::open(&store_config, metrics.store())
+            .await
+            .context("store")?;
+        job(std::sync::Arc::new(store), pool).await
+    }))
+}
+
+async fn connections_command(
+    store: std::sync::Arc<flinks_proxy::store::Store>,
+    pool: Option<String>,
+    command: ConnectionsCommand,
+) -> anyhow::Result<()> {
+    let need_pool = || pool.clone().context("name the pool with --pool");
+    match command {
+        ConnectionsCommand::List => {
+            let pools = match &pool {
+                Some(p) => vec![p.clone()],
+                None => store.pools().await?,
+            };
+            for p in pools {
+                let mut after: Option<String> = None;
+                loop {
+                    let page = store.list(&p, None, after.as_deref(), 500).await?;
+                    for c in &page {
+                        println!(
+                            "{}\t{}\t{}\t{}",
+                            p,
+                            c.id,
+                            c.state.as_str(),
+                            c.sub.as_deref().unwrap_or("-")
+                        );
+                    }
+                    match page.last() {
+                        Some(last) if page.len() == 500 => after = Some(last.id.clone()),
+                        _ => break,
+                    }
+                }
+            }
+        }
+        ConnectionsCommand::Show { id } => {
+            let p = need_pool()?;
+            let record = store
+                .get(&p, &id)
+                .await?
+                .with_context(|| format!("pool {p} has no connection {id}"))?;
+            println!("{}", serde_json::to_string_pretty(&record.info.to_json())?);
+        }
+        ConnectionsCommand::Delete { id } => {
+            let p = need_pool()?;
+            anyhow::ensure!(
+                store.delete(&p, &id).await?,
+                "pool {p} has no connection {id}"
+            );
+            println!("deleted {p}/{id} (a running proxy forgets it within its cache; restart or use the admin API for immediate effect)");
+        }
+    }
+    Ok(())
+}
+
+fn sandbox(token_listen: &str, api_listen: &str, expires_in: u64, users: usize) -> ExitCode {
     init_logging("warn", LogFormat::Text);
     exit(block_on(1, async {
-        use flinks_proxy::sandbox::{Sandbox, SandboxOptions};
+        use flinks_proxy::sandbox::{Sandbox, SandboxOptions, SandboxUser};
         let opts = SandboxOptions {
             expires_in: Some(expires_in),
+            users: (0..users)
+                .map(|i| SandboxUser::new(&format!("u{i}")))
+                .collect(),
             ..SandboxOptions::default()
         };
         let sb = Sandbox::start_on(opts, token_listen.parse()?, api_listen.parse()?).await?;

@@ -37,6 +37,7 @@ pub struct Metrics {
     /// Requests being handled now.
     pub inflight: IntGauge,
     config_reloads: IntCounterVec,
+    connections: ConnectionFamilies,
 }
 
 impl Metrics {
@@ -134,7 +135,9 @@ impl Metrics {
         for outcome in ["success", "failure"] {
             config_reloads.with_label_values(&[outcome]);
         }
+        let connections = ConnectionFamilies::register(&registry);
         Metrics {
+            connections,
             registry,
             requests,
             request_duration,
@@ -205,6 +208,41 @@ impl Metrics {
     /// Forgets the series of a credential that a reload removed.
     pub fn remove_credential(&self, credential: &str) {
         let _ = self.token_expiry.remove_label_values(&[credential]);
+    }
+
+    /// Handles for the store (series initialised at 0 for every operation).
+    pub fn store(&self) -> StoreMetrics {
+        let f = &self.connections;
+        for op in STORE_OPS {
+            for outcome in ["ok", "error"] {
+                f.store_ops.with_label_values(&[op, outcome]);
+            }
+            f.store_duration.with_label_values(&[op]);
+        }
+        StoreMetrics {
+            ops: f.store_ops.clone(),
+            duration: f.store_duration.clone(),
+        }
+    }
+
+    /// Handles for one connection pool (series initialised at 0).
+    pub fn pool(&self, pool: &str) -> PoolMetrics {
+        let f = &self.connections;
+        let source = |s: &str| f.tokens.with_label_values(&[pool, s]);
+        for outcome in TOKEN_OUTCOMES {
+            f.token_requests.with_label_values(&[pool, outcome]);
+        }
+        for state in ["active", "needs_reauthorization"] {
+            f.connections.with_label_values(&[pool, state]);
+        }
+        PoolMetrics {
+            pool: pool.to_owned(),
+            from_memory: source("memory"),
+            from_store: source("store"),
+            from_refresh: source("refresh"),
+            token_requests: f.token_requests.clone(),
+            connections: f.connections.clone(),
+        }
     }
 
     /// Counts a reload.
@@ -292,4 +330,143 @@ pub struct CredentialMetrics {
     pub refresh_task_restarts: IntCounter,
     /// Panics of the startup code exchange.
     pub code_exchange_restarts: IntCounter,
+}
+
+/// Store operations, each a label value of the store metrics.
+const STORE_OPS: &[&str] = &[
+    "get",
+    "list",
+    "authorize",
+    "delete",
+    "lease",
+    "commit",
+    "release",
+    "record_failure",
+    "counts",
+    "probe",
+];
+
+/// Outcomes of token requests, as for credentials.
+const TOKEN_OUTCOMES: &[&str] = &[
+    "success",
+    "rejected",
+    "server_error",
+    "timeout",
+    "network",
+    "invalid_response",
+];
+
+/// Store latency buckets: a local SQLite file answers in microseconds, a
+/// database across a network in milliseconds.
+const STORE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+];
+
+/// The families of per-user connections and the store (CONNECTIONS.md).
+/// No connection id is ever a label.
+struct ConnectionFamilies {
+    connections: IntGaugeVec,
+    token_requests: IntCounterVec,
+    tokens: IntCounterVec,
+    store_ops: IntCounterVec,
+    store_duration: HistogramVec,
+}
+
+impl ConnectionFamilies {
+    fn register(registry: &Registry) -> ConnectionFamilies {
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            registry.register(c).expect("unique metric");
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            reg(Box::new(c.clone()));
+            c
+        };
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                "flinks_proxy_connections",
+                "Connections in the store, by pool and state",
+            ),
+            &["pool", "state"],
+        )
+        .expect("valid metric");
+        reg(Box::new(connections.clone()));
+        let store_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "flinks_proxy_store_operation_duration_seconds",
+                "Store operation latency",
+            )
+            .buckets(STORE_BUCKETS.to_vec()),
+            &["op"],
+        )
+        .expect("valid metric");
+        reg(Box::new(store_duration.clone()));
+        ConnectionFamilies {
+            connections,
+            token_requests: counter(
+                "flinks_proxy_connection_token_requests_total",
+                "Token endpoint requests for pooled connections, by outcome",
+                &["pool", "outcome"],
+            ),
+            tokens: counter(
+                "flinks_proxy_connection_tokens_total",
+                "Access tokens handed to requests, by where they came from",
+                &["pool", "source"],
+            ),
+            store_ops: counter(
+                "flinks_proxy_store_operations_total",
+                "Store operations, by outcome",
+                &["op", "outcome"],
+            ),
+            store_duration,
+        }
+    }
+}
+
+/// Store handles.
+#[derive(Clone)]
+pub struct StoreMetrics {
+    ops: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl StoreMetrics {
+    /// Counts and times one operation.
+    pub fn observe(&self, op: &str, ok: bool, elapsed: std::time::Duration) {
+        self.ops
+            .with_label_values(&[op, if ok { "ok" } else { "error" }])
+            .inc();
+        self.duration
+            .with_label_values(&[op])
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Per-pool handles.
+pub struct PoolMetrics {
+    pool: String,
+    /// A token from memory.
+    pub from_memory: IntCounter,
+    /// A token read from the store.
+    pub from_store: IntCounter,
+    /// A token obtained by a refresh.
+    pub from_refresh: IntCounter,
+    token_requests: IntCounterVec,
+    connections: IntGaugeVec,
+}
+
+impl PoolMetrics {
+    /// Counts one token request by outcome.
+    pub fn token_request(&self, outcome: &str) {
+        self.token_requests
+            .with_label_values(&[&self.pool, outcome])
+            .inc();
+    }
+
+    /// Sets the number of connections in `state`.
+    pub fn set_connections(&self, state: &str, n: u64) {
+        self.connections
+            .with_label_values(&[&self.pool, state])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
 }

@@ -19,10 +19,11 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 use crate::access_log::{self, AccessLog, ResponseFacts};
-use crate::body::{Activity, Idle, ProxyBody, RequestBody};
+use crate::body::{Activity, Idle, ProxyBody, RequestBody, REPLAY_LIMIT};
+use crate::connections::{Conn, Pool, Rejected};
 use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, X_REQUEST_ID};
-use crate::runtime::{AppState, Route, Runtime};
+use crate::runtime::{AppState, Route, RouteTokens, Runtime};
 use crate::token::{Rejection, Token};
 use crate::upstream::{ErrorKind, UpstreamBody};
 
@@ -254,20 +255,8 @@ async fn handle_inner(
     done.route = Some(Arc::clone(route));
     let deadline = Instant::now() + rt.request_timeout;
 
-    let token = match route.source.usable() {
-        Some(t) => t,
-        None => route
-            .source
-            .get(deadline)
-            .await
-            .map_err(|u| ProxyError::TokenUnavailable {
-                credential: route.source.config().name.clone(),
-                reason: u.reason,
-                retry_after: u.retry_after,
-            })?,
-    };
-
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    let (token, picked) = token_for(route, &mut parts.headers, deadline).await?;
     let (method, uri, headers) = upstream_head(route, conn, parts, rid)?;
     let body = request_body(rt, route, conn, body, deadline).await?;
     let activity = body.activity();
@@ -280,15 +269,39 @@ async fn handle_inner(
         .map(|_| (method.clone(), uri.clone(), headers.clone()));
     let mut resp = send(route, method, uri, headers, body, &token, deadline).await;
     if let Ok(r) = &resp {
-        // A fresh token's rejection is the upstream's answer: passed through.
-        if route.reauth_on.contains(&r.status())
-            && route.source.reject(&token) != Rejection::IgnoredFresh
-        {
-            if let (Some(body), Some((method, uri, headers))) = (replay, replay_head) {
-                if let Ok(fresh) = route.source.get(deadline).await {
-                    route.metrics.replays.inc();
-                    resp = send(route, method, uri, headers, body, &fresh, deadline).await;
+        if route.reauth_on.contains(&r.status()) {
+            match (&route.tokens, picked) {
+                (RouteTokens::Pool(pool), Some(conn)) => {
+                    let answer = resp?;
+                    let again = replay.zip(replay_head);
+                    let can_replay = again.is_some();
+                    match pooled_rejection(pool, &conn, &token, answer, deadline, can_replay).await
+                    {
+                        Err(passed) => return Ok(passed),
+                        Ok(fresh) => {
+                            // `Ok` comes only when a replay is possible.
+                            resp = Err(ProxyError::BadRequest("the request cannot be replayed"));
+                            if let Some((body, (method, uri, headers))) = again {
+                                route.metrics.replays.inc();
+                                resp =
+                                    send(route, method, uri, headers, body, &fresh, deadline).await;
+                            }
+                        }
+                    }
                 }
+                // A fresh token's rejection is the upstream's answer: passed through.
+                (RouteTokens::Credential(source), _) => {
+                    if source.reject(&token) != Rejection::IgnoredFresh {
+                        if let (Some(body), Some((method, uri, headers))) = (replay, replay_head) {
+                            if let Ok(fresh) = source.get(deadline).await {
+                                route.metrics.replays.inc();
+                                resp =
+                                    send(route, method, uri, headers, body, &fresh, deadline).await;
+                            }
+                        }
+                    }
+                }
+                (RouteTokens::Pool(_), None) => {}
             }
         }
     }
@@ -346,6 +359,69 @@ async fn request_body(
     .await
     .map_err(|_| ProxyError::UpstreamTimeout)?
     .map_err(|_| ProxyError::BadRequest("the request body could not be read"))
+}
+
+/// The route's token: its credential's, or that of the connection the
+/// request names in the pool's select header (removed here).
+async fn token_for(
+    route: &Route,
+    headers: &mut HeaderMap,
+    deadline: Instant,
+) -> Result<(Arc<Token>, Option<Arc<Conn>>), ProxyError> {
+    match &route.tokens {
+        RouteTokens::Credential(source) => match source.usable() {
+            Some(t) => Ok((t, None)),
+            None => source.get(deadline).await.map(|t| (t, None)).map_err(|u| {
+                ProxyError::TokenUnavailable {
+                    credential: source.config().name.clone(),
+                    reason: u.reason,
+                    retry_after: u.retry_after,
+                }
+            }),
+        },
+        RouteTokens::Pool(pool) => {
+            let id = crate::connections::select(headers, &pool.config().select_header)?;
+            let (conn, token) = pool.token(id.as_str(), deadline.into()).await?;
+            Ok((token, Some(conn)))
+        }
+    }
+}
+
+/// A pooled route's `reauth_on` answer: the token to replay with, or the
+/// answer itself to pass through (consent revoked, token too young to
+/// drop, no new token). The body is read (up to the replay limit) to find
+/// a revoked-consent `code`.
+async fn pooled_rejection(
+    pool: &Arc<Pool>,
+    conn: &Arc<Conn>,
+    token: &Arc<Token>,
+    answer: Response<UpstreamBody>,
+    deadline: Instant,
+    replay: bool,
+) -> Result<Arc<Token>, Response<ProxyBody>> {
+    let (mut parts, body) = answer.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    let collected = tokio::time::timeout_at(
+        deadline.into(),
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, REPLAY_LIMIT)),
+    )
+    .await;
+    let Ok(Ok(read)) = collected.map(|r| r.map(|c| c.to_bytes())) else {
+        // Too large or broken: not a JSON error document; answer what the
+        // proxy knows, the status.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return Err(Response::from_parts(parts, ProxyBody::full(Vec::new())));
+    };
+    match pool
+        .rejected(conn, token, &read, deadline.into(), replay)
+        .await
+    {
+        Rejected::Replay(fresh) if replay => Ok(fresh),
+        Rejected::Replay(_) | Rejected::PassThrough => {
+            Err(Response::from_parts(parts, ProxyBody::full(read)))
+        }
+    }
 }
 
 async fn send(

@@ -42,11 +42,15 @@ pub fn apply(state: &AppState, config: Config) -> Result<(), String> {
     {
         tracing::warn!("server.listen, admin.listen, max_connections and workers take effect at the next restart");
     }
+    if config.store != old.config.store {
+        return Err("[store] changed: the store is opened once; restart to use the new one".into());
+    }
     let new = Runtime::build(
         Arc::new(config),
         Some(&old),
         &state.metrics,
         &state.upstreams,
+        state.store.as_ref(),
     )
     .map_err(|e| e.to_string())?;
     state.runtime.store(Arc::new(new));

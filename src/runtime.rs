@@ -22,11 +22,13 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::ReplayBudget;
-use crate::config::{AuthScheme, Config, RouteConfig};
+use crate::config::{AuthScheme, Config, RouteAuth, RouteConfig};
+use crate::connections::Pool;
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, RouteMetrics, NO_ROUTE};
 use crate::routes::RouteTable;
 use crate::secret::Secret;
+use crate::store::Store;
 use crate::token::refresh::StateKey;
 use crate::token::TokenSource;
 use crate::upstream::{Upstream, UpstreamCache};
@@ -53,14 +55,22 @@ pub struct Route {
     pub auth_scheme: AuthScheme,
     /// Statuses that mean "token rejected".
     pub reauth_on: Vec<StatusCode>,
-    /// The credential's token source.
-    pub source: Arc<TokenSource>,
+    /// Where its tokens come from.
+    pub tokens: RouteTokens,
     /// The upstream's connection pool.
     pub upstream: Arc<Upstream>,
     /// Metric handles.
     pub metrics: RouteMetrics,
     /// The settings, for `/status`.
     pub config: RouteConfig,
+}
+
+/// A route's token provider.
+pub enum RouteTokens {
+    /// One credential's token source.
+    Credential(Arc<TokenSource>),
+    /// A pool of per-user connections.
+    Pool(Arc<Pool>),
 }
 
 /// `[access]`, ready to check.
@@ -123,6 +133,8 @@ pub struct Runtime {
     pub access: Access,
     /// Token sources by credential name.
     pub sources: BTreeMap<String, Arc<TokenSource>>,
+    /// Connection pools by name.
+    pub pools: BTreeMap<String, Arc<Pool>>,
     /// Listener TLS.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Metric handles for requests that match no route.
@@ -152,7 +164,9 @@ impl Runtime {
         previous: Option<&Runtime>,
         metrics: &Metrics,
         upstreams: &UpstreamCache,
+        store: Option<&Arc<Store>>,
     ) -> Result<Runtime, BuildError> {
+        let pools = build_pools(&config, previous, metrics, store)?;
         let mut sources = BTreeMap::new();
         let mut cancels = BTreeMap::new();
         for (name, cred) in &config.credentials {
@@ -186,10 +200,11 @@ impl Runtime {
         }
         let mut route_list = Vec::new();
         for r in &config.routes {
-            let source = sources
-                .get(&r.credential)
-                .cloned()
-                .ok_or_else(|| BuildError(format!("routes.{}.credential: unknown", r.name)))?;
+            let tokens = match &r.auth {
+                RouteAuth::Credential(c) => sources.get(c).cloned().map(RouteTokens::Credential),
+                RouteAuth::Connections(p) => pools.get(p).cloned().map(RouteTokens::Pool),
+            }
+            .ok_or_else(|| BuildError(format!("routes.{}: unknown {}", r.name, r.auth)))?;
             let upstream = upstreams
                 .get(
                     &r.upstream_scheme,
@@ -211,7 +226,7 @@ impl Runtime {
                 header: r.header.clone(),
                 auth_scheme: r.scheme.clone(),
                 reauth_on: r.reauth_on.clone(),
-                source,
+                tokens,
                 upstream,
                 metrics: metrics.route(&r.name),
                 config: r.clone(),
@@ -232,6 +247,7 @@ impl Runtime {
                 allow: config.access.allow.clone(),
             },
             sources,
+            pools,
             tls: config
                 .server
                 .tls
@@ -247,11 +263,13 @@ impl Runtime {
     }
 
     /// Starts the refresh task of every source not carried over from
-    /// `previous`, and stops those of `previous` that are gone or replaced.
+    /// `previous`, and stops those of `previous` that are gone or replaced
+    /// (pools likewise).
     /// A replaced source's task stops between token requests, and its
     /// successor (sharing its refresh-token state) starts only once it has
     /// ended: never two token requests on one refresh token.
     pub fn start_new_sources(&self, previous: Option<&Runtime>, metrics: &Metrics) {
+        self.start_new_pools(previous);
         let mut stopped = Vec::new();
         if let Some(prev) = previous {
             for (name, old) in &prev.sources {
@@ -284,10 +302,60 @@ impl Runtime {
         }
     }
 
+    /// Starts the pools not carried over from `previous` and stops those of
+    /// `previous` that are gone or replaced.
+    fn start_new_pools(&self, previous: Option<&Runtime>) {
+        for (name, pool) in &self.pools {
+            let carried = previous
+                .and_then(|p| p.pools.get(name))
+                .is_some_and(|old| Arc::ptr_eq(old, pool));
+            if !carried {
+                pool.spawn();
+            }
+        }
+        if let Some(prev) = previous {
+            for (name, old) in &prev.pools {
+                if !self.pools.get(name).is_some_and(|p| Arc::ptr_eq(p, old)) {
+                    old.stop();
+                }
+            }
+        }
+    }
+
     /// Stops every refresh task (shutdown).
     pub fn stop_sources(&self) {
         self.cancels.values().for_each(CancellationToken::cancel);
+        self.pools.values().for_each(|p| p.stop());
     }
+}
+
+/// The pools of `config`, reusing `previous`'s where the settings are
+/// unchanged (their cached tokens survive a reload).
+fn build_pools(
+    config: &Config,
+    previous: Option<&Runtime>,
+    metrics: &Metrics,
+    store: Option<&Arc<Store>>,
+) -> Result<BTreeMap<String, Arc<Pool>>, BuildError> {
+    let mut pools = BTreeMap::new();
+    for (name, pc) in &config.pools {
+        let reused = previous
+            .and_then(|p| p.pools.get(name))
+            .filter(|p| p.config() == pc)
+            .cloned();
+        let pool = match reused {
+            Some(p) => p,
+            None => {
+                let store = store.ok_or_else(|| {
+                    BuildError(format!("connections.{name}: the store is not open"))
+                })?;
+                Pool::new(Arc::clone(pc), Arc::clone(store), metrics.pool(name))
+                    .map_err(|e| BuildError(e.to_string()))?
+            }
+        };
+        pools.insert(name.clone(), pool);
+    }
+    Ok(pools)
 }
 
 /// Process-wide state shared by listeners, handlers and the admin endpoints.
@@ -303,20 +371,33 @@ pub struct AppState {
     /// Set once every credential has had a first token; later failures
     /// (or credentials added by a reload) do not take readiness back.
     pub ready: AtomicBool,
+    /// The connection store, opened once at start (`[store]` changes need a
+    /// restart).
+    pub store: Option<Arc<Store>>,
 }
 
 impl AppState {
     /// Builds the first runtime from `config` and starts its token sources.
     pub fn new(config: Config) -> Result<Arc<AppState>, BuildError> {
-        let metrics = Metrics::new();
+        AppState::with_store(config, Metrics::new(), None)
+    }
+
+    /// Like [`AppState::new`], with the store its pools use (opened with
+    /// handles from `metrics`).
+    pub fn with_store(
+        config: Config,
+        metrics: Metrics,
+        store: Option<Arc<Store>>,
+    ) -> Result<Arc<AppState>, BuildError> {
         let upstreams = UpstreamCache::default();
-        let runtime = Runtime::build(Arc::new(config), None, &metrics, &upstreams)?;
+        let runtime = Runtime::build(Arc::new(config), None, &metrics, &upstreams, store.as_ref())?;
         Ok(Arc::new(AppState {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
             upstreams,
             draining: AtomicBool::new(false),
             ready: AtomicBool::new(false),
+            store,
         }))
     }
 

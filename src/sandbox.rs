@@ -83,6 +83,9 @@ pub struct SandboxOptions {
     pub rotate_refresh_tokens: bool,
     /// The `sub` claim of issued tokens.
     pub subject: String,
+    /// End users for per-user connections: each has its own `sub`, first
+    /// code and accounts (see [`SandboxUser`]).
+    pub users: Vec<SandboxUser>,
     /// With `rotate_refresh_tokens`: how long the previous refresh token
     /// is still accepted after a rotation (Okta's and Auth0's "grace
     /// period" / "reuse interval"); within it, the previous token gets the
@@ -100,6 +103,30 @@ pub struct TokenOverride {
     pub exp: Option<u64>,
 }
 
+/// An end user of the sandbox bank: authorizing gives tokens whose `sub`
+/// is theirs, and `GET /api/fdx/5/accounts` answers only their accounts.
+#[derive(Debug, Clone)]
+pub struct SandboxUser {
+    /// The `sub` claim of their tokens.
+    pub sub: String,
+    /// Their first authorization code (single-use; more from
+    /// [`Sandbox::new_code`]).
+    pub code: String,
+    /// Their account titles.
+    pub accounts: Vec<String>,
+}
+
+impl SandboxUser {
+    /// A user with one code `code-<sub>` and one account `<sub>'s chequing`.
+    pub fn new(sub: &str) -> SandboxUser {
+        SandboxUser {
+            sub: sub.to_owned(),
+            code: format!("code-{sub}"),
+            accounts: vec![format!("{sub}'s chequing")],
+        }
+    }
+}
+
 impl Default for SandboxOptions {
     fn default() -> Self {
         Self {
@@ -113,6 +140,7 @@ impl Default for SandboxOptions {
             redirect_uri: "https://example.com/callback".into(),
             rotate_refresh_tokens: false,
             subject: "user-123".into(),
+            users: Vec::new(),
             refresh_reuse_grace: Duration::ZERO,
         }
     }
@@ -326,6 +354,37 @@ impl Sandbox {
         lock(&self.shared.recorded).iter().cloned().collect()
     }
 
+    /// Revokes a user's consent: the API answers their tokens 401 with
+    /// `"code": "602"` and their refresh token is refused, until they
+    /// authorize again with a new code.
+    pub fn revoke_consent(&self, sub: &str) {
+        self.shared.revoke_consent(sub);
+    }
+
+    /// A new single-use code for a user (re-authorization).
+    pub fn new_code(&self, sub: &str) -> String {
+        self.shared.new_code(sub)
+    }
+
+    /// Token requests that named one of this user's codes or refresh tokens.
+    pub fn user_token_requests(&self, sub: &str) -> u64 {
+        lock(&self.shared.users)
+            .requests
+            .get(sub)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The user's live refresh tokens (changes when rotating).
+    pub fn user_refresh_tokens(&self, sub: &str) -> Vec<String> {
+        lock(&self.shared.users)
+            .refresh
+            .iter()
+            .filter(|(_, s)| s.as_str() == sub)
+            .map(|(rt, _)| rt.clone())
+            .collect()
+    }
+
     /// Makes the API wait this long before answering (zero: no delay).
     pub fn set_api_delay(&self, d: Duration) {
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
@@ -381,7 +440,24 @@ struct Shared {
     n: Counters,
     grants: Mutex<GrantState>,
     recorded: Mutex<VecDeque<RecordedRequest>>,
+    users: Mutex<Users>,
     token_override: Mutex<TokenOverride>,
+}
+
+/// Per-user grants: codes, refresh tokens, consent, and whose each access
+/// token is.
+#[derive(Default)]
+struct Users {
+    /// Unused codes -> sub.
+    codes: HashMap<String, String>,
+    /// Live refresh tokens -> sub.
+    refresh: HashMap<String, String>,
+    /// Access tokens -> sub.
+    tokens: HashMap<String, String>,
+    /// Subs whose consent is revoked.
+    revoked: std::collections::HashSet<String>,
+    /// Token requests per sub.
+    requests: HashMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -431,6 +507,14 @@ impl GrantState {
 
 impl Shared {
     fn new(opts: SandboxOptions) -> Self {
+        let users = Users {
+            codes: opts
+                .users
+                .iter()
+                .map(|u| (u.code.clone(), u.sub.clone()))
+                .collect(),
+            ..Users::default()
+        };
         let grants = GrantState {
             tokens: HashMap::new(),
             prune_at: PRUNE_AT,
@@ -447,6 +531,7 @@ impl Shared {
             n: Counters::default(),
             grants: Mutex::new(grants),
             recorded: Mutex::default(),
+            users: Mutex::new(users),
             token_override: Mutex::default(),
         }
     }
@@ -523,6 +608,17 @@ impl Shared {
                 }
             }
         };
+        Ok(self.mint(state, &opts.subject, refresh_token))
+    }
+
+    /// Issues an access token for `sub` (with `refresh_token`, if any).
+    fn mint(
+        &self,
+        mut state: MutexGuard<'_, GrantState>,
+        sub: &str,
+        refresh_token: Option<String>,
+    ) -> Value {
+        let opts = &self.opts;
         let lifetime = opts
             .expires_in
             .map_or(opts.jwt_lifetime, Duration::from_secs);
@@ -533,7 +629,7 @@ impl Shared {
         // Floor of the absolute expiry: the claim never outlives the real token.
         let exp = unix(wall.checked_add(lifetime).unwrap_or(wall + FOREVER));
         let (iat, jti) = (unix(wall), self.unique_id());
-        let (client_id, sub) = (&opts.client_id, &opts.subject);
+        let client_id = &opts.client_id;
         let over = lock(&self.token_override).clone();
         let exp = over.exp.unwrap_or(exp);
         let claims =
@@ -555,7 +651,53 @@ impl Shared {
         if let Some(refresh_token) = refresh_token {
             body["refresh_token"] = refresh_token.into();
         }
-        Ok(body)
+        body
+    }
+
+    /// A grant for one of [`SandboxOptions::users`]: `None` when the code
+    /// or refresh token is not a user's (the single-user grants apply).
+    fn issue_for_user(&self, grant: Grant, params: &Params) -> Option<Result<Value, &'static str>> {
+        let mut users = lock(&self.users);
+        let (sub, refresh_token) = match grant {
+            Grant::ClientCredentials => return None,
+            Grant::AuthorizationCode => {
+                let sub = users.codes.remove(params.get("code")?)?;
+                if params.get("redirect_uri") != Some(&self.opts.redirect_uri) {
+                    return Some(Err(
+                        "The redirect_uri does not match the authorization request",
+                    ));
+                }
+                users.revoked.remove(&sub);
+                let rt = format!("rt-{sub}-{}", self.unique_id());
+                users.refresh.insert(rt.clone(), sub.clone());
+                (sub, rt)
+            }
+            Grant::RefreshToken => {
+                let presented = params.get("refresh_token")?;
+                let sub = users.refresh.get(presented)?.clone();
+                if users.revoked.contains(&sub) {
+                    return Some(Err("The refresh token is invalid or has been revoked"));
+                }
+                let rt = if self.opts.rotate_refresh_tokens {
+                    users.refresh.remove(presented);
+                    let rt = format!("rt-{sub}-{}", self.unique_id());
+                    users.refresh.insert(rt.clone(), sub.clone());
+                    rt
+                } else {
+                    presented.clone()
+                };
+                (sub, rt)
+            }
+        };
+        *users.requests.entry(sub.clone()).or_default() += 1;
+        let body = self.mint(self.grants(), &sub, Some(refresh_token));
+        if let Some(at) = body["access_token"].as_str() {
+            if users.tokens.len() >= MAX_TOKENS {
+                users.tokens.clear();
+            }
+            users.tokens.insert(at.to_owned(), sub);
+        }
+        Some(Ok(body))
     }
 
     fn check_token(&self, headers: &HeaderMap) -> TokenCheck {
@@ -692,7 +834,10 @@ async fn handle_token(shared: &Shared, req: Request<Incoming>) -> Response<Body>
         Some((id, secret)) if id == opts.client_id && secret == opts.client_secret => {}
         _ => return oauth_error("invalid_client", "Client authentication failed"),
     }
-    match shared.issue(grant, &params) {
+    let issued = shared
+        .issue_for_user(grant, &params)
+        .unwrap_or_else(|| shared.issue(grant, &params));
+    match issued {
         Ok(body) => {
             bump(&shared.n.successful);
             no_store(json_response(StatusCode::OK, &body))
@@ -702,6 +847,9 @@ async fn handle_token(shared: &Shared, req: Request<Incoming>) -> Response<Body>
 }
 
 async fn handle_api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    if let Some(resp) = user_admin(shared, req.method(), req.uri().path()) {
+        return resp;
+    }
     bump(&shared.n.api_requests);
     let check = shared.check_token(req.headers());
     let token_valid = matches!(check, TokenCheck::Valid);
@@ -745,6 +893,9 @@ async fn handle_api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     };
 
     let path = parts.uri.path();
+    if let Some(resp) = user_api(shared, &parts.method, path, &parts.headers) {
+        return resp;
+    }
     if parts.method == Method::GET && path == "/api/v1/accounts" {
         return json_response(StatusCode::OK, &accounts(&shared.opts));
     }
@@ -783,6 +934,77 @@ async fn handle_api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let body_len = HeaderValue::from(body_len);
     resp.headers_mut().insert("x-echo-body-len", body_len);
     resp
+}
+
+/// `GET /api/fdx/5/accounts` for a user's token: 401 `code 602` once
+/// their consent is revoked, else only their accounts.
+fn user_api(
+    shared: &Shared,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> Option<Response<Body>> {
+    let users = lock(&shared.users);
+    let sub = users.tokens.get(credentials(headers, "bearer")?)?;
+    if users.revoked.contains(sub) {
+        let body = json!({"code": "602", "message": "Consent revoked or expired; the user must authorize again"});
+        let resp = json_response(StatusCode::UNAUTHORIZED, &body);
+        return Some(with_header(
+            resp,
+            HeaderName::from_static("ob-correlation-id"),
+            "sandbox-602",
+        ));
+    }
+    if method != Method::GET || path != "/api/fdx/5/accounts" {
+        return None;
+    }
+    let user = shared.opts.users.iter().find(|u| &u.sub == sub)?;
+    let accounts: Vec<Value> = user
+        .accounts
+        .iter()
+        .enumerate()
+        .map(|(i, title)| json!({"accountId": format!("{sub}-{i}"), "nickname": title, "accountCategory": "DEPOSIT_ACCOUNT"}))
+        .collect();
+    Some(json_response(
+        StatusCode::OK,
+        &json!({"sub": sub, "accounts": accounts}),
+    ))
+}
+
+/// `POST /sandbox/users/{sub}/revoke` (consent revoked) and
+/// `POST /sandbox/users/{sub}/code` (a new code): for the demo's curl lines.
+fn user_admin(shared: &Shared, method: &Method, path: &str) -> Option<Response<Body>> {
+    let rest = path.strip_prefix("/sandbox/users/")?;
+    let (sub, action) = rest.split_once('/')?;
+    if method != Method::POST || !shared.opts.users.iter().any(|u| u.sub == sub) {
+        return Some(error_json(StatusCode::NOT_FOUND, "unknown_user"));
+    }
+    match action {
+        "revoke" => {
+            shared.revoke_consent(sub);
+            Some(json_response(
+                StatusCode::OK,
+                &json!({"sub": sub, "consent": "revoked"}),
+            ))
+        }
+        "code" => Some(json_response(
+            StatusCode::OK,
+            &json!({"code": shared.new_code(sub)}),
+        )),
+        _ => Some(error_json(StatusCode::NOT_FOUND, "not_found")),
+    }
+}
+
+impl Shared {
+    fn revoke_consent(&self, sub: &str) {
+        lock(&self.users).revoked.insert(sub.to_owned());
+    }
+
+    fn new_code(&self, sub: &str) -> String {
+        let code = format!("code-{sub}-{}", self.unique_id());
+        lock(&self.users).codes.insert(code.clone(), sub.to_owned());
+        code
+    }
 }
 
 fn accounts(opts: &SandboxOptions) -> Value {

@@ -1,0 +1,375 @@
+//! The connections API on the admin listener (CONNECTIONS.md, "Admin
+//! API"): `POST /connections/{pool}`, `GET /connections/{pool}[/{id}]`,
+//! `DELETE /connections/{pool}/{id}`. JSON in and out, bodies of at most
+//! 16 KiB, bearer `api_token` compared in constant time. Answers never
+//! carry a token.
+//!
+//! This module speaks HTTP only: grants and storage are `connections`'.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use crate::body::ProxyBody;
+use crate::connections::{valid_id, AuthorizeError, Exchange, Pool};
+use crate::runtime::AppState;
+use crate::store::{ConnectionState, StoreError};
+
+/// Largest request body: a code or refresh token and an id fit many times.
+const MAX_BODY: usize = 16 * 1024;
+/// Page size when `limit` is not given.
+const DEFAULT_LIMIT: u32 = 100;
+/// Largest page.
+const MAX_LIMIT: u32 = 1000;
+/// A store outage is retried after this long.
+const STORE_RETRY_AFTER: u64 = 5;
+
+/// An answer: status, JSON body, optional extra header.
+struct Answer {
+    status: StatusCode,
+    body: serde_json::Value,
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Answer {
+    Answer {
+        status,
+        body: serde_json::json!({"error": code, "message": message.into()}),
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> Answer {
+    error(StatusCode::BAD_REQUEST, "bad_request", message)
+}
+
+fn store_error(e: &StoreError) -> Answer {
+    if e.is_unavailable() {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the connection store is unavailable",
+        )
+    } else {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store_error",
+            e.to_string(),
+        )
+    }
+}
+
+fn connection_not_found(pool: &str, id: &str) -> Answer {
+    error(
+        StatusCode::NOT_FOUND,
+        "connection_not_found",
+        format!("pool {pool} has no connection {id}"),
+    )
+}
+
+fn respond(a: Answer) -> Response<ProxyBody> {
+    if a.status == StatusCode::NO_CONTENT {
+        let mut r = Response::new(ProxyBody::full(Bytes::new()));
+        *r.status_mut() = a.status;
+        return r;
+    }
+    let mut r = Response::new(ProxyBody::full(Bytes::from(a.body.to_string())));
+    *r.status_mut() = a.status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    match a.status {
+        StatusCode::UNAUTHORIZED => {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"flinks-proxy admin\""),
+            );
+        }
+        StatusCode::SERVICE_UNAVAILABLE => {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(STORE_RETRY_AFTER));
+        }
+        _ => {}
+    }
+    r
+}
+
+/// Serves one `/connections...` request.
+pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<ProxyBody> {
+    respond(answer(state, req).await)
+}
+
+async fn answer(state: &AppState, req: Request<Incoming>) -> Answer {
+    let rt = state.runtime.load_full();
+    if let Some(token) = &rt.config.admin_api_token {
+        if !authorized(req.headers(), token.expose()) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "admin_unauthorized",
+                "the connections API needs Authorization: Bearer <admin.api_token>",
+            );
+        }
+    }
+    let path = req.uri().path().to_owned();
+    let mut segments = path.trim_start_matches('/').split('/');
+    let (Some("connections"), Some(pool_name), id, None) = (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "use /connections/{pool} or /connections/{pool}/{id}",
+        );
+    };
+    let Some(pool) = rt.pools.get(pool_name).cloned() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "pool_not_found",
+            format!("no [connections.{pool_name}] pool is configured"),
+        );
+    };
+    let id = id.filter(|s| !s.is_empty());
+    if let Some(id) = id {
+        if !valid_id(id) {
+            return bad_request("a connection id is 1-128 of A-Z a-z 0-9 . _ : @ -");
+        }
+    }
+    match (req.method().clone(), id) {
+        (Method::POST, None) => post(&pool, req).await,
+        (Method::GET, None) => list(&pool, req.uri().query().unwrap_or("")).await,
+        (Method::GET, Some(id)) => get(&pool, id).await,
+        (Method::DELETE, Some(id)) => delete(&pool, id).await,
+        _ => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "POST and GET /connections/{pool}; GET and DELETE /connections/{pool}/{id}",
+        ),
+    }
+}
+
+/// `Authorization: Bearer <token>`, compared in constant time.
+fn authorized(headers: &http::HeaderMap, token: &str) -> bool {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes)
+        .and_then(|v| {
+            let (scheme, rest) = v.split_at(v.iter().position(|&b| b == b' ')?);
+            scheme
+                .eq_ignore_ascii_case(b"bearer")
+                .then(|| rest.trim_ascii())
+        });
+    presented.is_some_and(|p| bool::from(p.ct_eq(token.as_bytes())))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostBody {
+    code: Option<String>,
+    refresh_token: Option<String>,
+    id: Option<String>,
+    redirect_uri: Option<String>,
+}
+
+async fn post(pool: &Arc<Pool>, req: Request<Incoming>) -> Answer {
+    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "bad_request",
+                "the body must be JSON of at most 16 KiB",
+            )
+        }
+    };
+    let body: PostBody = match serde_json::from_slice(&bytes) {
+        Ok(b) => b,
+        // serde's message names the field or position, never a value.
+        Err(e) => return bad_request(format!("the body is not the expected JSON: {e}")),
+    };
+    if let Some(id) = &body.id {
+        if !valid_id(id) {
+            return bad_request("id: 1-128 of A-Z a-z 0-9 . _ : @ -");
+        }
+    }
+    let exchange = match (&body.code, &body.refresh_token) {
+        (Some(code), None) if !code.is_empty() => Exchange::Code {
+            code,
+            redirect_uri: body.redirect_uri.as_deref(),
+        },
+        (None, Some(rt)) if !rt.is_empty() && body.redirect_uri.is_none() => {
+            Exchange::RefreshToken(rt)
+        }
+        (None, Some(_)) if body.redirect_uri.is_some() => {
+            return bad_request("redirect_uri goes with a code, not a refresh_token")
+        }
+        _ => return bad_request("give exactly one of code and refresh_token, not empty"),
+    };
+    match pool.authorize(exchange, body.id.as_deref()).await {
+        Ok((info, created)) => Answer {
+            status: if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
+            body: info.to_json(),
+        },
+        Err(AuthorizeError::Rejected {
+            error: e,
+            description,
+        }) => Answer {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            body: serde_json::json!({
+                "error": "grant_rejected",
+                "message": "the token endpoint refused the grant",
+                "token_error": e,
+                "token_error_description": description,
+            }),
+        },
+        Err(AuthorizeError::EndpointUnavailable(e)) => error(
+            StatusCode::BAD_GATEWAY,
+            "token_endpoint_unavailable",
+            e.to_string(),
+        ),
+        Err(AuthorizeError::Store(e)) => store_error(&e),
+    }
+}
+
+async fn get(pool: &Pool, id: &str) -> Answer {
+    let name = &pool.config().name;
+    match pool.store().get(name, id).await {
+        Ok(Some(record)) => Answer {
+            status: StatusCode::OK,
+            body: record.info.to_json(),
+        },
+        Ok(None) => connection_not_found(name, id),
+        Err(e) => store_error(&e),
+    }
+}
+
+async fn delete(pool: &Pool, id: &str) -> Answer {
+    let name = &pool.config().name;
+    match pool.store().delete(name, id).await {
+        Ok(true) => {
+            pool.forget(id).await;
+            tracing::info!(pool = %name, connection = id, "connection deleted");
+            Answer {
+                status: StatusCode::NO_CONTENT,
+                body: serde_json::Value::Null,
+            }
+        }
+        Ok(false) => connection_not_found(name, id),
+        Err(e) => store_error(&e),
+    }
+}
+
+/// `state`, `after` and `limit` from a query string.
+fn list_query(query: &str) -> Result<(Option<ConnectionState>, Option<String>, u32), Answer> {
+    let (mut state, mut after, mut limit) = (None, None, DEFAULT_LIMIT);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "state" => {
+                state = Some(
+                    ConnectionState::parse(v)
+                        .ok_or_else(|| bad_request("state: active or needs_reauthorization"))?,
+                )
+            }
+            "after" if valid_id(v) => after = Some(v.to_owned()),
+            "after" => return Err(bad_request("after: a connection id")),
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=MAX_LIMIT).contains(l))
+                    .ok_or_else(|| bad_request("limit: 1 to 1000"))?
+            }
+            _ => return Err(bad_request(format!("unknown parameter {k:?}"))),
+        }
+    }
+    Ok((state, after, limit))
+}
+
+async fn list(pool: &Pool, query: &str) -> Answer {
+    let (state, after, limit) = match list_query(query) {
+        Ok(q) => q,
+        Err(a) => return a,
+    };
+    let name = &pool.config().name;
+    let mut page = match pool
+        .store()
+        .list(name, state, after.as_deref(), limit + 1)
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => return store_error(&e),
+    };
+    let more = page.len() > limit as usize;
+    page.truncate(limit as usize);
+    let next = more.then(|| page.last().map(|c| c.id.clone())).flatten();
+    Answer {
+        status: StatusCode::OK,
+        body: serde_json::json!({
+            "connections": page.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
+            "next": next,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_compared_whole() {
+        let mut h = http::HeaderMap::new();
+        assert!(!authorized(&h, "secret"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer secret"),
+        );
+        assert!(authorized(&h, "secret"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer secret"),
+        );
+        assert!(authorized(&h, "secret"));
+        for bad in [
+            "Bearer secre",
+            "Bearer secrets",
+            "Basic secret",
+            "secret",
+            "Bearer",
+        ] {
+            h.insert(header::AUTHORIZATION, HeaderValue::from_static(bad));
+            assert!(!authorized(&h, "secret"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn list_queries_are_checked() {
+        assert_eq!(list_query("").ok().unwrap().2, DEFAULT_LIMIT);
+        let (s, a, l) = list_query("state=active&after=bob&limit=5").ok().unwrap();
+        assert_eq!(
+            (s, a.as_deref(), l),
+            (Some(ConnectionState::Active), Some("bob"), 5)
+        );
+        for bad in [
+            "limit=0",
+            "limit=1001",
+            "limit=x",
+            "state=gone",
+            "after=a%20b",
+            "x=1",
+        ] {
+            assert!(list_query(bad).is_err(), "{bad}");
+        }
+    }
+}
