@@ -12,6 +12,10 @@
 //! ([`build_client`]). This module does not decide what to send; `proxy` and
 //! `token` do.
 
+// The wire format of the in-task HTTP/1.1 client (its driver follows).
+#[allow(dead_code)]
+mod wire;
+
 use std::collections::{HashMap, VecDeque};
 use std::error::Error as StdError;
 use std::fmt;
