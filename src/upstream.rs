@@ -12,9 +12,15 @@
 //! ([`build_client`]). This module does not decide what to send; `proxy` and
 //! `token` do.
 
-// The wire format of the in-task HTTP/1.1 client (its driver follows).
+// The in-task HTTP/1.1 client: its wire format and connection driver
+// (wired into the pool next).
+#[allow(dead_code)]
+mod conn;
 #[allow(dead_code)]
 mod wire;
+
+/// A connection's I/O, TLS or not.
+type Io = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
 
 use std::collections::{HashMap, VecDeque};
 use std::error::Error as StdError;
