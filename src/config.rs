@@ -40,6 +40,11 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(60);
 /// One token request, end to end.
 pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections one upstream pool may hold open (`routes.NAME.max_connections`):
+/// above the concurrency one replica sees in steady load, so it only bites
+/// when an upstream slows down and requests pile up, and well below the
+/// file-descriptor limits of both sides.
+pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS: usize = 1024;
 
 /// A config error: one line naming the file, the key and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -293,6 +298,7 @@ struct RawRoute {
     ca_file: Option<PathBuf>,
     #[serde(default)]
     preserve_host: bool,
+    max_connections: Option<usize>,
 }
 
 fn default_prefix() -> String {
@@ -473,6 +479,9 @@ pub struct RouteConfig {
     pub ca_certs: Vec<CertificateDer<'static>>,
     /// Forward the client's Host header.
     pub preserve_host: bool,
+    /// Most connections open to the upstream; routes sharing an upstream
+    /// share one pool, which takes the largest of their limits.
+    pub max_connections: usize,
 }
 
 impl RouteConfig {
@@ -849,6 +858,12 @@ impl Ctx {
             }
         }
         let ca_certs = self.load_certs(&key("ca_file"), &r.ca_file)?;
+        let max_connections = r
+            .max_connections
+            .unwrap_or(DEFAULT_UPSTREAM_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(self.err(&key("max_connections"), "must be at least 1".into()));
+        }
         if let Some(other) = earlier
             .iter()
             .find(|o| o.host == host && o.path_prefix == prefix)
@@ -877,6 +892,7 @@ impl Ctx {
             reauth_on,
             ca_certs,
             preserve_host: r.preserve_host,
+            max_connections,
         })
     }
 
@@ -1024,6 +1040,21 @@ credential = "flinks"
         let text = format!("[server]\nrequest_timeout = \"soon\"\n{GOOD}");
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains("server.request_timeout"), "{e}");
+    }
+
+    #[test]
+    fn upstream_max_connections_defaults_and_must_be_positive() {
+        assert_eq!(
+            parse(GOOD).unwrap().routes[0].max_connections,
+            DEFAULT_UPSTREAM_MAX_CONNECTIONS
+        );
+        let c = parse(&format!("{GOOD}max_connections = 8\n")).unwrap();
+        assert_eq!(c.routes[0].max_connections, 8);
+        let e = parse(&format!("{GOOD}max_connections = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("routes.flinks.max_connections"), "{e}");
+        assert!(e.contains("at least 1"), "{e}");
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //! - [`body`]: streaming request and response bodies, replay buffer.
 //! - [`access_log`]: the one line per request, written when its response
 //!   body ends.
-//! - [`upstream`]: pooled hyper-util clients over rustls.
+//! - [`upstream`]: connection pools per upstream origin (HTTP/1.1 and
+//!   HTTP/2, limits, keep-alive, reaper) and the token endpoints' client.
 //! - [`server`]: accept loops, limits, TLS, graceful shutdown.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/status`.
 //! - [`metrics`]: the Prometheus registry and typed handles.

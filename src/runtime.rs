@@ -186,7 +186,12 @@ impl Runtime {
                 .cloned()
                 .ok_or_else(|| BuildError(format!("routes.{}.credential: unknown", r.name)))?;
             let upstream = upstreams
-                .get(&r.upstream_scheme, &r.upstream_authority, &r.ca_certs)
+                .get(
+                    &r.upstream_scheme,
+                    &r.upstream_authority,
+                    &r.ca_certs,
+                    r.max_connections,
+                )
                 .map_err(|e| BuildError(format!("routes.{}.upstream: {e}", r.name)))?;
             let host_header = HeaderValue::from_str(r.upstream_authority.as_str())
                 .map_err(|_| BuildError(format!("routes.{}.upstream: bad authority", r.name)))?;
