@@ -21,6 +21,9 @@ use crate::access_log::AccessLog;
 /// Largest request body kept for a replay after `reauth_on` (SPEC §4).
 pub const REPLAY_LIMIT: usize = 64 * 1024;
 
+/// Errors a body passes to hyper.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body of a response the proxy sends to its client.
 // `Logged` is a few hundred bytes inline: the body is moved once or twice
 // per response, which costs less than a heap allocation per request.
@@ -59,12 +62,12 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Logged(b, log) => {

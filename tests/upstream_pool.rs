@@ -784,12 +784,6 @@ async fn an_early_answer_while_the_client_uploads_does_not_hold_up_the_next_requ
     let sb = sandbox().await;
     let up = RawUpstream::start().await;
     let p = start_proxy(&config_for(&sb, &up.url(), "")).await;
-    // Past the request timeout: a checkout that waited on the uploading
-    // connection would answer 504.
-    p.state().upstreams.set_timings(PoolTimings {
-        ready_grace: Duration::from_secs(60),
-        ..PoolTimings::default()
-    });
     // A client announces a large body, sends a little of it and stalls; the
     // upstream answers 413 without waiting for the rest.
     let mut uploader = TcpStream::connect(p.proxy_addr()).await.expect("connect");

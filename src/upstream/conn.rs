@@ -13,13 +13,14 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWrite;
 
-use super::wire::{self, Decoded, Decoder, Parsed, WireError};
+pub(crate) use super::wire::Decoder;
+use super::wire::{self, Decoded, Parsed, WireError};
 use super::Io;
 use crate::body::RequestBody;
 
@@ -51,9 +52,13 @@ pub(crate) struct Failure {
 
 /// An HTTP/1.1 connection between exchanges.
 pub(crate) struct Wire {
-    io: TokioIo<Io>,
+    /// Boxed: a TLS stream is large, and a connection moves in and out of
+    /// the pool and the exchange on every request.
+    io: Box<TokioIo<Io>>,
     read: BytesMut,
     write: BytesMut,
+    /// Scratch space for parsing response heads.
+    spans: Vec<wire::Span>,
     /// It can carry another request once the current response has ended.
     reusable: bool,
 }
@@ -81,9 +86,10 @@ impl Wire {
     /// A connection over `io`, fresh from the connector.
     pub(crate) fn new(io: Io) -> Wire {
         Wire {
-            io: TokioIo::new(io),
+            io: Box::new(TokioIo::new(io)),
             read: BytesMut::with_capacity(READ_BUF),
             write: BytesMut::new(),
+            spans: Vec::new(),
             reusable: true,
         }
     }
@@ -96,9 +102,8 @@ impl Wire {
             return false;
         }
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        self.read.reserve(READ_BUF);
         // Ready means EOF, an error, or bytes nobody asked for.
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), &mut cx, &mut self.read).is_pending()
+        self.poll_fill(&mut cx).is_pending()
     }
 
     /// Sends `req` (origin-form URI) and reads the final response head. The
@@ -194,12 +199,12 @@ impl Wire {
         let mut moved = false;
         loop {
             while !self.write.is_empty() {
-                match Pin::new(&mut self.io).poll_write(cx, &self.write) {
+                match Pin::new(&mut *self.io).poll_write(cx, &self.write) {
                     Poll::Ready(Ok(0)) => {
                         return Err(ExchangeError::Io(io::ErrorKind::WriteZero.into()))
                     }
                     Poll::Ready(Ok(n)) => {
-                        let _ = self.write.split_to(n);
+                        self.write.advance(n);
                         *progress = (*progress).max_written();
                         moved = true;
                     }
@@ -243,9 +248,11 @@ impl Wire {
         loop {
             while !self.read.is_empty() {
                 *progress = Progress::Answered;
-                match wire::parse_head(&mut self.read, method).map_err(ExchangeError::Wire)? {
-                    Parsed::Final(_, head) => return Poll::Ready(Ok(head)),
-                    Parsed::Interim(_) => continue,
+                match wire::parse_head(&mut self.read, method, &mut self.spans)
+                    .map_err(ExchangeError::Wire)?
+                {
+                    Parsed::Final(head) => return Poll::Ready(Ok(head)),
+                    Parsed::Interim => continue,
                     Parsed::Partial => break,
                 }
             }
@@ -269,7 +276,7 @@ impl Wire {
         if self.read.capacity() - self.read.len() < READ_BUF / 4 {
             self.read.reserve(READ_BUF);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+        tokio_util::io::poll_read_buf(Pin::new(&mut *self.io), cx, &mut self.read)
     }
 
     /// Whether the connection can be pooled now that its response ended:
@@ -395,7 +402,7 @@ impl<R: Release> WireBody<R> {
             return;
         };
         let guard = release.drain_guard();
-        let mut rest = WireBody {
+        let rest = WireBody {
             wire: Some(wire),
             decoder: std::mem::replace(&mut self.decoder, Decoder::new(wire::Framing::Empty)),
             eof: self.eof,
@@ -404,18 +411,27 @@ impl<R: Release> WireBody<R> {
         };
         handle.spawn(async move {
             let _guard = guard;
-            let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
-                let mut read = 0usize;
-                while let Some(frame) = http_body_util::BodyExt::frame(&mut rest).await {
-                    read += frame.ok()?.data_ref().map_or(0, Bytes::len);
-                    if read > DRAIN_LIMIT {
-                        return None;
-                    }
-                }
-                Some(())
-            })
-            .await;
+            rest.drain(tokio::time::Instant::now() + DRAIN_TIMEOUT)
+                .await;
         });
+    }
+
+    /// Reads the body to its end (releasing the connection), unless it is
+    /// longer than [`DRAIN_LIMIT`] or takes past `deadline`: then the
+    /// connection is closed.
+    pub(crate) async fn drain(mut self, deadline: tokio::time::Instant) {
+        self.drain_on_drop = false;
+        let _ = tokio::time::timeout_at(deadline, async {
+            let mut read = 0usize;
+            while let Some(frame) = http_body_util::BodyExt::frame(&mut self).await {
+                read += frame.ok()?.data_ref().map_or(0, Bytes::len);
+                if read > DRAIN_LIMIT {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await;
     }
 }
 

@@ -74,19 +74,30 @@ pub(crate) struct Head {
 pub(crate) enum Parsed {
     /// More bytes are needed.
     Partial,
-    /// An interim (1xx) response of this many bytes, to skip.
-    Interim(usize),
-    /// A final response head of this many bytes.
-    Final(usize, Head),
+    /// An interim (1xx) response, consumed.
+    Interim,
+    /// A final response head, consumed.
+    Final(Head),
 }
+
+/// Where a header's name and value sit in the head: offsets and lengths.
+pub(crate) type Span = (usize, usize, usize, usize);
 
 /// Parses a response head at the start of `buf` for a request with
 /// `method`. The head's header values share `buf`'s memory (`buf` is split
 /// at the end of the head); nothing is consumed when the head is partial.
-pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, WireError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let len = match resp.parse(buf) {
+/// `spans` is scratch space, kept by the caller across responses.
+pub(crate) fn parse_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    spans: &mut Vec<Span>,
+) -> Result<Parsed, WireError> {
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
+    let len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
             return Err(WireError::HeadTooLarge)
@@ -110,20 +121,19 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, 
             return Err(WireError::Head("unexpected 101 Switching Protocols"));
         }
         buf.advance(len);
-        return Ok(Parsed::Interim(len));
+        return Ok(Parsed::Interim);
     }
     // Header positions, so the values can share the frozen head's memory.
     let base = buf.as_ptr() as usize;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let count = resp.headers.len();
-    for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+    spans.clear();
+    spans.extend(resp.headers.iter().map(|h| {
         let name = h.name.as_ptr() as usize - base;
         let value = h.value.as_ptr() as usize - base;
-        *span = (name, h.name.len(), value, h.value.len());
-    }
+        (name, h.name.len(), value, h.value.len())
+    }));
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(n, nl, v, vl) in &spans[..count] {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for &(n, nl, v, vl) in spans.iter() {
         let name = HeaderName::from_bytes(&head[n..n + nl])
             .map_err(|_| WireError::Head("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
@@ -132,16 +142,13 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, 
     }
     let framing = framing(&headers, status, method)?;
     let keep_alive = keep_alive(&headers, version) && framing != Framing::Close;
-    Ok(Parsed::Final(
-        len,
-        Head {
-            status,
-            version,
-            headers,
-            framing,
-            keep_alive,
-        },
-    ))
+    Ok(Parsed::Final(Head {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+    }))
 }
 
 fn parse_error(e: httparse::Error) -> &'static str {
