@@ -10,6 +10,8 @@
 //! - [`token`]: one `TokenSource` per credential: cache, single flight,
 //!   refresh task, state file; `token::grant` is the one token request
 //!   (shared with per-user pools), `token::jwt` the one JWT decoder.
+//! - [`headers`]: header policy: hop-by-hop, reserved names, X-Forwarded-*,
+//!   request ids, the request header rewrite.
 //! - [`routes`]: host + longest-prefix route table.
 //! - [`runtime`]: a config turned into routes, access rules and token
 //!   sources; the `AppState` that swaps them on reload.
@@ -34,6 +36,7 @@ pub mod admin;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod headers;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

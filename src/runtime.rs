@@ -21,6 +21,7 @@ use ipnet::IpNet;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
+use crate::body::ReplayBudget;
 use crate::config::{AuthScheme, Config, RouteConfig};
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, RouteMetrics, NO_ROUTE};
@@ -128,6 +129,10 @@ pub struct Runtime {
     pub unrouted: RouteMetrics,
     /// Until the upstream's response headers.
     pub request_timeout: Duration,
+    /// No body bytes moving for this long ends an exchange.
+    pub idle_timeout: Duration,
+    /// Bytes all replay buffers of this generation may hold at once.
+    pub replay_budget: Arc<ReplayBudget>,
     /// Stops this generation's new refresh tasks (carried-over ones keep
     /// their own tokens).
     pub(crate) cancels: BTreeMap<String, CancellationToken>,
@@ -234,6 +239,8 @@ impl Runtime {
                 .map(tokio_rustls::TlsAcceptor::from),
             unrouted: metrics.route(NO_ROUTE),
             request_timeout: config.server.request_timeout,
+            idle_timeout: config.server.idle_timeout,
+            replay_budget: ReplayBudget::new(config.server.replay_buffer_limit),
             cancels,
             config,
         })

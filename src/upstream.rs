@@ -660,7 +660,7 @@ impl Upstream {
 fn replay_copy(req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
     let body = match req.body().try_clone() {
         Some(b) => b,
-        None if req.body().is_end_stream() => RequestBody::Buffered(None),
+        None if req.body().is_end_stream() => RequestBody::Buffered(None, None),
         None => return None,
     };
     let mut copy = Request::new(body);

@@ -122,11 +122,11 @@ impl Wire {
         let chunked = length.is_none();
         // A small buffered body goes out with the head, in one write.
         let mut upload = match &body {
-            RequestBody::Buffered(Some(b)) if b.len() <= INLINE_BODY => {
+            RequestBody::Buffered(Some(b), _) if b.len() <= INLINE_BODY => {
                 self.write.extend_from_slice(b);
                 Upload::Done
             }
-            RequestBody::Buffered(None) => Upload::Done,
+            RequestBody::Buffered(None, _) => Upload::Done,
             _ => Upload::Body { chunked },
         };
         let mut progress = Progress::Nothing;

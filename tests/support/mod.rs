@@ -443,6 +443,8 @@ impl Drop for ProxyProcess {
 #[derive(Debug, Clone)]
 pub struct UpstreamRequest {
     pub version: http::Version,
+    /// The request target's authority (HTTP/2 `:authority`), if any.
+    pub authority: Option<String>,
     pub method: String,
     pub path_and_query: String,
     pub headers: HeaderMap,
@@ -580,6 +582,7 @@ async fn serve_upstream_connection(
                 .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
             recorded.lock().unwrap().push(UpstreamRequest {
                 version: parts.version,
+                authority: parts.uri.authority().map(|a| a.to_string()),
                 method: parts.method.to_string(),
                 path_and_query: path_and_query.clone(),
                 headers: parts.headers,

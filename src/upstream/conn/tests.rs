@@ -59,7 +59,7 @@ fn get(path: &str) -> Request<RequestBody> {
     Request::builder()
         .uri(path)
         .header("host", "up")
-        .body(RequestBody::Buffered(None))
+        .body(RequestBody::Buffered(None, None))
         .unwrap()
 }
 
@@ -164,7 +164,7 @@ async fn buffered_bodies_go_with_the_head_and_chunked_bodies_stream() {
     let pool = Pool::default();
     let mut req = get("/upload");
     *req.method_mut() = Method::POST;
-    *req.body_mut() = RequestBody::Buffered(Some(Bytes::from_static(b"payload")));
+    *req.body_mut() = RequestBody::Buffered(Some(Bytes::from_static(b"payload")), None);
     let server = async {
         let got = read_request(&mut up, 7).await;
         assert!(
@@ -216,6 +216,7 @@ async fn an_answer_before_the_upload_ends_makes_the_connection_unusable() {
     *req.body_mut() = RequestBody::Streaming {
         head: None,
         rest: incoming,
+        activity: None,
     };
     let server = async {
         read_request(&mut up, 4).await;
