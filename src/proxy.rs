@@ -256,20 +256,24 @@ async fn handle_inner(
 
     let token = match route.source.usable() {
         Some(t) => t,
-        None => route
-            .source
-            .get(deadline)
-            .await
-            .map_err(|u| ProxyError::TokenUnavailable {
+        // Boxed: waiting for a token is rare and its future large.
+        None => Box::pin(route.source.get(deadline)).await.map_err(|u| {
+            ProxyError::TokenUnavailable {
                 credential: route.source.config().name.clone(),
                 reason: u.reason,
                 retry_after: u.retry_after,
-            })?,
+            }
+        })?,
     };
 
     let (parts, body) = req.into_parts();
     let (method, uri, headers) = upstream_head(route, conn, parts, rid)?;
-    let body = request_body(rt, route, conn, body, deadline).await?;
+    let body = if route.reauth_on.is_empty() {
+        RequestBody::streaming(body, &conn.activity)
+    } else {
+        // Boxed: reading ahead for a replay is the rarer case.
+        Box::pin(replay_body(rt, conn, body, deadline)).await?
+    };
     let activity = body.activity();
     // Only a body prepared for replay (reauth_on set, at most 64 KiB,
     // within the replay budget) clones.
@@ -285,9 +289,15 @@ async fn handle_inner(
             && route.source.reject(&token) != Rejection::IgnoredFresh
         {
             if let (Some(body), Some((method, uri, headers))) = (replay, replay_head) {
-                if let Ok(fresh) = route.source.get(deadline).await {
+                // Boxed: the rare second attempt would otherwise double the
+                // space every request's future takes.
+                let again = Box::pin(async {
+                    let fresh = route.source.get(deadline).await.ok()?;
                     route.metrics.replays.inc();
-                    resp = send(route, method, uri, headers, body, &fresh, deadline).await;
+                    Some(send(route, method, uri, headers, body, &fresh, deadline).await)
+                });
+                if let Some(r) = again.await {
+                    resp = r;
                 }
             }
         }
@@ -327,18 +337,14 @@ fn upstream_head(
     Ok((parts.method, uri, headers))
 }
 
-/// The request body to send: streamed, or read ahead for a replay when the
-/// route replays (within the global replay budget).
-async fn request_body(
+/// The request body read ahead for a replay (within the global replay
+/// budget, else streamed).
+async fn replay_body(
     rt: &Runtime,
-    route: &Route,
     conn: &ConnInfo,
     body: Incoming,
     deadline: Instant,
 ) -> Result<RequestBody, ProxyError> {
-    if route.reauth_on.is_empty() {
-        return Ok(RequestBody::streaming(body, &conn.activity));
-    }
     tokio::time::timeout_at(
         deadline.into(),
         RequestBody::prepare(body, &rt.replay_budget, &conn.activity),

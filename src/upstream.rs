@@ -414,7 +414,9 @@ impl Upstream {
         loop {
             let (checkout, reused) = self.checkout().await?;
             let failed = match checkout {
-                Checkout::H2(stream) => self.send_h2(stream, req).await,
+                // Boxed: hyper's HTTP/2 exchange future is large, and would be
+                // moved with every request's future, HTTP/1.1 ones too.
+                Checkout::H2(stream) => Box::pin(self.send_h2(stream, req)).await,
                 Checkout::H1(conn) => self.send_h1(conn, req, reused).await,
             };
             let f = match failed {
@@ -544,7 +546,9 @@ impl Upstream {
         if let Some(conn) = self.idle.take(timings.idle_timeout) {
             return Ok(Attempt::Got(Checkout::H1(conn), true));
         }
-        if let Some(checkout) = self.try_connect().await? {
+        // Boxed: connecting (TCP, TLS, handshake) is rare and its future
+        // large; inline it would be moved with every request's future.
+        if let Some(checkout) = Box::pin(self.try_connect()).await? {
             return Ok(Attempt::Got(checkout, false));
         }
         // At the limit: share an HTTP/2 connection past the peer's stream
