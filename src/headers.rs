@@ -67,31 +67,50 @@ fn connection_listed(value: &HeaderValue) -> impl Iterator<Item = &str> {
         })
 }
 
+/// The fixed hop-by-hop set, `Connection` first.
+static HOP_BY_HOP: [&HeaderName; 7] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+];
+
 /// Removes hop-by-hop headers from a response: the fixed set and those any
 /// `Connection` header lists.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Names listed in Connection, removed by `&str` (no allocation). Each
-    // value is cloned first (shared bytes, no copy) because the map cannot
-    // stay borrowed while names are removed from it.
-    let listed = headers.get_all(header::CONNECTION).iter().count();
-    for i in 0..listed {
-        let Some(value) = headers.get_all(header::CONNECTION).iter().nth(i).cloned() else {
-            break;
-        };
-        for token in connection_listed(&value) {
-            headers.remove(token);
+    // One pass over the names, without hashing, finds the hop-by-hop ones
+    // present (an upstream's response usually has just `Connection`); only
+    // those are removed, by hashed lookup.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
+            present |= 1 << i;
         }
     }
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
-        headers.remove(name);
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
+        // Names listed in Connection, removed by `&str` (no allocation).
+        // Each value is cloned first (shared bytes, no copy) because the map
+        // cannot stay borrowed while names are removed from it.
+        let listed = headers.get_all(header::CONNECTION).iter().count();
+        for i in 0..listed {
+            let Some(value) = headers.get_all(header::CONNECTION).iter().nth(i).cloned() else {
+                break;
+            };
+            for token in connection_listed(&value) {
+                headers.remove(token);
+            }
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
+        }
     }
 }
 
