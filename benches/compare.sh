@@ -239,6 +239,8 @@ start_sandbox() {
     start_pinned "$name" "$BIN" sandbox --token-listen 127.0.0.1:0 --api-listen 127.0.0.1:0 --expires-in "$expires"
     SANDBOX_PID=$STARTED_PID
     for _ in $(seq 100); do
+        # The shell may not have opened the output file yet.
+        [[ -f "$WORK/$name.out" ]] || { sleep 0.1 && continue; }
         TOKEN_URL=$(awk '$1 == "token_url" { print $2 }' "$WORK/$name.out")
         API_URL=$(awk '$1 == "api_url" { print $2 }' "$WORK/$name.out")
         [[ -n $TOKEN_URL && -n $API_URL ]] && return 0
