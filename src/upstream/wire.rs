@@ -133,15 +133,17 @@ pub(crate) fn parse_head(
     }));
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut present = Present::default();
     for &(n, nl, v, vl) in spans.iter() {
         let name = HeaderName::from_bytes(&head[n..n + nl])
             .map_err(|_| WireError::Head("invalid header name"))?;
+        present.note(&name);
         let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
             .map_err(|_| WireError::Head("invalid header value"))?;
         headers.append(name, value);
     }
-    let framing = framing(&headers, status, method)?;
-    let keep_alive = keep_alive(&headers, version) && framing != Framing::Close;
+    let framing = framing(&headers, present, status, method)?;
+    let keep_alive = keep_alive(&headers, present, version) && framing != Framing::Close;
     Ok(Parsed::Final(Head {
         status,
         version,
@@ -163,17 +165,38 @@ fn parse_error(e: httparse::Error) -> &'static str {
     }
 }
 
+/// Which framing headers a head has, noted while its map is built so that
+/// absent ones cost no hashed lookup.
+#[derive(Debug, Default, Clone, Copy)]
+struct Present {
+    transfer_encoding: bool,
+    content_length: bool,
+    connection: bool,
+}
+
+impl Present {
+    fn note(&mut self, name: &HeaderName) {
+        self.transfer_encoding |= name == header::TRANSFER_ENCODING;
+        self.content_length |= name == header::CONTENT_LENGTH;
+        self.connection |= name == header::CONNECTION;
+    }
+}
+
 /// RFC 9112 §6.3, strictly.
-fn framing(headers: &HeaderMap, status: StatusCode, method: &Method) -> Result<Framing, WireError> {
+fn framing(
+    headers: &HeaderMap,
+    present: Present,
+    status: StatusCode,
+    method: &Method,
+) -> Result<Framing, WireError> {
     if method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
         return Ok(Framing::Empty);
     }
-    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
-    let has_length = headers.contains_key(header::CONTENT_LENGTH);
-    if te.peek().is_some() {
+    let has_length = present.content_length;
+    if present.transfer_encoding {
         if has_length {
             return Err(WireError::Framing(
                 "both Transfer-Encoding and Content-Length",
@@ -181,7 +204,7 @@ fn framing(headers: &HeaderMap, status: StatusCode, method: &Method) -> Result<F
         }
         // Chunked must be the last coding, and only once.
         let mut codings = Vec::<&[u8]>::new();
-        for v in te {
+        for v in headers.get_all(header::TRANSFER_ENCODING) {
             for c in v.as_bytes().split(|&b| b == b',') {
                 let c = c.trim_ascii();
                 if !c.is_empty() {
@@ -230,7 +253,10 @@ fn parse_decimal(s: &[u8]) -> Option<u64> {
 }
 
 /// HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with `keep-alive`.
-fn keep_alive(headers: &HeaderMap, version: Version) -> bool {
+fn keep_alive(headers: &HeaderMap, present: Present, version: Version) -> bool {
+    if !present.connection {
+        return version == Version::HTTP_11;
+    }
     let mut close = false;
     let mut keep = false;
     for v in headers.get_all(header::CONNECTION) {
@@ -504,14 +530,10 @@ pub(crate) fn encode_head(
     headers: &HeaderMap,
     body_len: Option<u64>,
 ) {
-    let size = method.as_str().len()
-        + path_and_query.len()
-        + 64
-        + headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 4)
-            .sum::<usize>();
-    out.reserve(size);
+    // The buffer is the connection's and keeps its capacity: after the first
+    // request this reserves nothing, and no sizing pass over the headers is
+    // needed.
+    out.reserve(method.as_str().len() + path_and_query.len() + 40 * headers.len() + 64);
     out.extend_from_slice(method.as_str().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(path_and_query.as_bytes());
