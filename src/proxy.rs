@@ -24,7 +24,7 @@ use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, X_REQUEST_ID};
 use crate::runtime::{AppState, Route, Runtime};
 use crate::token::{Rejection, Token};
-use crate::upstream::{ErrorKind, UpstreamBody};
+use crate::upstream::{ErrorKind, Sent};
 
 /// What the handler knows about the connection a request came on; made
 /// once per connection.
@@ -279,16 +279,23 @@ async fn handle_inner(
     // within the replay budget) clones.
     let replay = body.try_clone();
     let started = Instant::now();
+    // An HTTP/1.1 upstream gives the request's head back with its answer;
+    // for any other, a copy is made now in case of a replay.
     let replay_head = replay
         .as_ref()
+        .filter(|_| !route.upstream.gives_request_back())
         .map(|_| (method.clone(), uri.clone(), headers.clone()));
     let mut resp = send(route, method, uri, headers, body, &token, deadline).await;
-    if let Ok(r) = &resp {
+    if let Ok(sent) = &mut resp {
         // A fresh token's rejection is the upstream's answer: passed through.
-        if route.reauth_on.contains(&r.status())
+        if route.reauth_on.contains(&sent.response.status())
             && route.source.reject(&token) != Rejection::IgnoredFresh
         {
-            if let (Some(body), Some((method, uri, headers))) = (replay, replay_head) {
+            let head = replay_head.or_else(|| {
+                let p = sent.request.take()?;
+                Some((p.method, p.uri, p.headers))
+            });
+            if let (Some(body), Some((method, uri, headers))) = (replay, head) {
                 // Boxed: the rare second attempt would otherwise double the
                 // space every request's future takes.
                 let again = Box::pin(async {
@@ -303,7 +310,7 @@ async fn handle_inner(
         }
     }
     done.upstream = Some(started.elapsed());
-    let resp = resp?;
+    let resp = resp?.response;
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
@@ -362,7 +369,7 @@ async fn send(
     body: RequestBody,
     token: &Token,
     deadline: Instant,
-) -> Result<Response<UpstreamBody>, ProxyError> {
+) -> Result<Sent, ProxyError> {
     headers.insert(route.header.clone(), token.header_value(&route.auth_scheme));
     let mut req = Request::new(body);
     *req.method_mut() = method;

@@ -399,6 +399,18 @@ struct Failed {
     refused: bool,
 }
 
+/// A response from an upstream, and the request's head when the exchange
+/// gave it back.
+#[derive(Debug)]
+pub struct Sent {
+    /// The response; its body streams.
+    pub response: Response<UpstreamBody>,
+    /// The request's method, URI (origin-form) and headers, from an
+    /// HTTP/1.1 exchange (written, no longer needed): a replay needs no copy
+    /// made in advance. `None` from HTTP/2.
+    pub request: Option<http::request::Parts>,
+}
+
 impl Upstream {
     /// Sends a request (absolute URI) and returns the response head; the
     /// body streams, and the connection returns to the pool when it ends.
@@ -406,10 +418,7 @@ impl Upstream {
     /// Sent again once, on another connection, when a pooled connection
     /// turned out closed before the request was written, or when an HTTP/2
     /// upstream refused the stream unprocessed.
-    pub async fn send(
-        self: &Arc<Self>,
-        mut req: Request<RequestBody>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
+    pub async fn send(self: &Arc<Self>, mut req: Request<RequestBody>) -> Result<Sent, SendError> {
         let mut retried = false;
         loop {
             let (checkout, reused) = self.checkout().await?;
@@ -438,7 +447,7 @@ impl Upstream {
         &self,
         mut stream: Stream,
         mut req: Request<RequestBody>,
-    ) -> Result<Response<UpstreamBody>, Failed> {
+    ) -> Result<Sent, Failed> {
         // The URI's own authority is kept (`:authority` must match what the
         // proxy chose for `Host`); only a relative URI gets the pool's.
         if req.uri().authority().is_none() {
@@ -453,12 +462,15 @@ impl Upstream {
         let result = stream.sender().try_send_request(req).await;
         stream.settle();
         match result {
-            Ok(resp) => Ok(resp.map(|body| UpstreamBody {
-                inner: Inner::H2 {
-                    body,
-                    _stream: stream,
-                },
-            })),
+            Ok(resp) => Ok(Sent {
+                response: resp.map(|body| UpstreamBody {
+                    inner: Inner::H2 {
+                        body,
+                        _stream: stream,
+                    },
+                }),
+                request: None,
+            }),
             Err(mut e) => {
                 let not_written = e.take_message();
                 let e = e.into_error();
@@ -480,7 +492,7 @@ impl Upstream {
         conn: H1Conn,
         mut req: Request<RequestBody>,
         reused: bool,
-    ) -> Result<Response<UpstreamBody>, Failed> {
+    ) -> Result<Sent, Failed> {
         // HTTP/1.1 origin-form: the path, not the absolute URI.
         if req.uri().authority().is_some() {
             if let Some(pq) = req.uri().path_and_query() {
@@ -498,9 +510,12 @@ impl Upstream {
         };
         guard.exchange = None;
         match (result, guard.ret.take()) {
-            (Ok((head, decoder, wire)), Some(ret)) => Ok(head.map(|()| UpstreamBody {
-                inner: Inner::H1(WireBody::new(wire, decoder, ret)),
-            })),
+            (Ok((head, decoder, wire, request)), Some(ret)) => Ok(Sent {
+                response: head.map(|()| UpstreamBody {
+                    inner: Inner::H1(WireBody::new(wire, decoder, ret)),
+                }),
+                request: Some(request),
+            }),
             (Ok(_), None) => unreachable!("the guard keeps its loan until here"),
             (Err(f), _) => Err(Failed {
                 error: SendError::wire(f.error),
@@ -635,6 +650,12 @@ impl Upstream {
         self.retired.store(true, Ordering::Relaxed);
         self.idle.clear();
         self.h2.clear();
+    }
+
+    /// Whether [`Upstream::send`] gives the request's head back ([`Sent`]):
+    /// the origin speaks HTTP/1.1, as far as is known.
+    pub fn gives_request_back(&self) -> bool {
+        self.protocol.load(Ordering::Relaxed) == Protocol::Http1 as u8
     }
 
     /// Idle HTTP/1.1 connections now (for tests and `/status`).

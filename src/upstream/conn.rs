@@ -106,14 +106,15 @@ impl Wire {
         self.poll_fill(&mut cx).is_pending()
     }
 
-    /// Sends `req` (origin-form URI) and reads the final response head. The
-    /// body of the response is read through the returned [`WireBody`],
-    /// which gives the connection back (to `release`) when it ends cleanly.
+    /// Sends `req` (origin-form URI) and reads the final response head; the
+    /// response body is read through a [`WireBody`] made of the returned
+    /// decoder and connection. The request's head comes back too (it is
+    /// written and no longer needed), for a replay without a copy.
     pub(crate) async fn exchange(
         mut self,
         req: Request<RequestBody>,
         reused: bool,
-    ) -> Result<(Response<()>, Decoder, Wire), Failure> {
+    ) -> Result<(Response<()>, Decoder, Wire, http::request::Parts), Failure> {
         let (parts, mut body) = req.into_parts();
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let length = body.size_hint().exact();
@@ -144,7 +145,7 @@ impl Wire {
                 *resp.version_mut() = head.version;
                 *resp.headers_mut() = head.headers;
                 self.reusable = keep;
-                Ok((resp, decoder, self))
+                Ok((resp, decoder, self, parts))
             }
             Err(error) => {
                 // Not processed for sure when nothing was written; when the

@@ -132,7 +132,11 @@ impl Release for ReturnTo {
 
 /// The future of an exchange on a connection lent out.
 pub(super) type Exchange = Pin<
-    Box<dyn std::future::Future<Output = Result<(Response<()>, Decoder, Wire), Failure>> + Send>,
+    Box<
+        dyn std::future::Future<
+                Output = Result<(Response<()>, Decoder, Wire, http::request::Parts), Failure>,
+            > + Send,
+    >,
 >;
 
 /// Finishes an HTTP/1.1 exchange in the background when the request that
@@ -157,7 +161,8 @@ impl Drop for Abandoned {
         handle.spawn(async move {
             let _counted = counted;
             let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-            if let Ok(Ok((_, decoder, wire))) = tokio::time::timeout_at(deadline, exchange).await {
+            if let Ok(Ok((_, decoder, wire, _))) = tokio::time::timeout_at(deadline, exchange).await
+            {
                 WireBody::new(wire, decoder, ret).drain(deadline).await;
             }
         });

@@ -81,7 +81,7 @@ async fn sequential_exchanges_reuse_the_connection() {
                 .unwrap();
         };
         let (r, ()) = tokio::join!(wire.exchange(get(&format!("/r{i}")), i > 0), server);
-        let Ok((resp, decoder, w)) = r else {
+        let Ok((resp, decoder, w, _)) = r else {
             panic!("exchange failed")
         };
         assert_eq!(resp.status(), 200);
@@ -103,7 +103,7 @@ async fn a_body_known_complete_releases_at_once_and_is_end_stream() {
             .unwrap();
     };
     let (r, ()) = tokio::join!(wire.exchange(get("/"), false), server);
-    let Ok((_, decoder, w)) = r else {
+    let Ok((_, decoder, w, _)) = r else {
         panic!("exchange failed")
     };
     let body = WireBody::new(w, decoder, pool.clone());
@@ -177,7 +177,7 @@ async fn buffered_bodies_go_with_the_head_and_chunked_bodies_stream() {
             .unwrap();
     };
     let (r, ()) = tokio::join!(wire.exchange(req, false), server);
-    let Ok((resp, decoder, w)) = r else {
+    let Ok((resp, decoder, w, _)) = r else {
         panic!("exchange failed")
     };
     assert_eq!(resp.status(), 201);
@@ -225,7 +225,7 @@ async fn an_answer_before_the_upload_ends_makes_the_connection_unusable() {
             .unwrap();
     };
     let (r, ()) = tokio::join!(wire.exchange(req, false), server);
-    let Ok((resp, decoder, w)) = r else {
+    let Ok((resp, decoder, w, _)) = r else {
         panic!("exchange failed")
     };
     assert_eq!(resp.status(), 413);
@@ -263,7 +263,7 @@ async fn a_body_dropped_early_is_drained_and_released() {
             .unwrap();
     };
     let (r, ()) = tokio::join!(wire.exchange(get("/"), false), server);
-    let Ok((_, decoder, w)) = r else {
+    let Ok((_, decoder, w, _)) = r else {
         panic!("exchange failed")
     };
     let mut body = WireBody::new(w, decoder, pool.clone());
