@@ -187,7 +187,7 @@ fn poll_upstream(
     match Pin::new(body).poll_frame(cx) {
         Poll::Ready(frame) => {
             idle.moved();
-            Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+            Poll::Ready(frame)
         }
         Poll::Pending if idle.poll_expired(cx) => {
             // hyper ends the exchange: HTTP/1.1 closes the client's

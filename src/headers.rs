@@ -67,31 +67,50 @@ fn connection_listed(value: &HeaderValue) -> impl Iterator<Item = &str> {
         })
 }
 
+/// The fixed hop-by-hop set, `Connection` first.
+static HOP_BY_HOP: [&HeaderName; 7] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+];
+
 /// Removes hop-by-hop headers from a response: the fixed set and those any
 /// `Connection` header lists.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Names listed in Connection, removed by `&str` (no allocation). Each
-    // value is cloned first (shared bytes, no copy) because the map cannot
-    // stay borrowed while names are removed from it.
-    let listed = headers.get_all(header::CONNECTION).iter().count();
-    for i in 0..listed {
-        let Some(value) = headers.get_all(header::CONNECTION).iter().nth(i).cloned() else {
-            break;
-        };
-        for token in connection_listed(&value) {
-            headers.remove(token);
+    // One pass over the names, without hashing, finds the hop-by-hop ones
+    // present (an upstream's response usually has just `Connection`); only
+    // those are removed, by hashed lookup.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
+            present |= 1 << i;
         }
     }
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
-        headers.remove(name);
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
+        // Names listed in Connection, removed by `&str` (no allocation).
+        // Each value is cloned first (shared bytes, no copy) because the map
+        // cannot stay borrowed while names are removed from it.
+        let listed = headers.get_all(header::CONNECTION).iter().count();
+        for i in 0..listed {
+            let Some(value) = headers.get_all(header::CONNECTION).iter().nth(i).cloned() else {
+                break;
+            };
+            for token in connection_listed(&value) {
+                headers.remove(token);
+            }
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
+        }
     }
 }
 
@@ -108,14 +127,43 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     new_request_id()
 }
 
+/// Request ids made at once: one allocation per batch instead of one per
+/// request (each id shares the batch's bytes).
+const ID_BATCH: usize = 64;
+/// Hex digits in a generated request id (128 random bits).
+const ID_LEN: usize = 32;
+
+thread_local! {
+    /// This thread's batch of fresh request ids and how much of it is used.
+    /// Per thread rather than in `AppState`: it is a cache of random bytes,
+    /// like `rand`'s own thread-local generator, with no state to share.
+    static IDS: std::cell::RefCell<(bytes::Bytes, usize)> =
+        const { std::cell::RefCell::new((bytes::Bytes::new(), 0)) };
+}
+
 fn new_request_id() -> HeaderValue {
+    IDS.with(|ids| {
+        let mut ids = ids.borrow_mut();
+        let (batch, used) = &mut *ids;
+        if *used + ID_LEN > batch.len() {
+            *batch = id_batch();
+            *used = 0;
+        }
+        let id = batch.slice(*used..*used + ID_LEN);
+        *used += ID_LEN;
+        HeaderValue::from_maybe_shared(id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    })
+}
+
+/// [`ID_BATCH`] random ids of [`ID_LEN`] hex digits, back to back.
+fn id_batch() -> bytes::Bytes {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let n: u128 = rand::random();
-    let mut buf = [0u8; 32];
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = HEX[((n >> (i * 4)) & 0xf) as usize];
+    let mut buf = Vec::with_capacity(ID_BATCH * ID_LEN);
+    for _ in 0..ID_BATCH {
+        let n: u128 = rand::random();
+        buf.extend((0..ID_LEN).map(|i| HEX[((n >> (i * 4)) & 0xf) as usize]));
     }
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    bytes::Bytes::from(buf)
 }
 
 /// What the rewrite adds to a request, decided by `proxy`.
@@ -343,5 +391,15 @@ mod tests {
         );
         assert_eq!(request_id(&h).len(), 32);
         assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn generated_request_ids_are_distinct_across_batches() {
+        let ids: Vec<HeaderValue> = (0..3 * ID_BATCH + 5).map(|_| new_request_id()).collect();
+        let distinct: std::collections::HashSet<&[u8]> = ids.iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(distinct.len(), ids.len());
+        assert!(ids
+            .iter()
+            .all(|v| v.len() == ID_LEN && v.as_bytes().iter().all(u8::is_ascii_hexdigit)));
     }
 }

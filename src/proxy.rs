@@ -25,7 +25,7 @@ use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, X_REQUEST_ID};
 use crate::runtime::{AppState, Route, RouteTokens, Runtime};
 use crate::token::{Rejection, Token};
-use crate::upstream::{ErrorKind, UpstreamBody};
+use crate::upstream::{ErrorKind, Sent, UpstreamBody};
 
 /// What the handler knows about the connection a request came on; made
 /// once per connection.
@@ -258,55 +258,52 @@ async fn handle_inner(
     let (mut parts, body) = req.into_parts();
     let (token, picked) = token_for(route, &mut parts.headers, deadline).await?;
     let (method, uri, headers) = upstream_head(route, conn, parts, rid)?;
-    let body = request_body(rt, route, conn, body, deadline).await?;
+    let body = if route.reauth_on.is_empty() {
+        RequestBody::streaming(body, &conn.activity)
+    } else {
+        // Boxed: reading ahead for a replay is the rarer case.
+        Box::pin(replay_body(rt, conn, body, deadline)).await?
+    };
     let activity = body.activity();
     // Only a body prepared for replay (reauth_on set, at most 64 KiB,
     // within the replay budget) clones.
     let replay = body.try_clone();
     let started = Instant::now();
+    // An HTTP/1.1 upstream gives the request's head back with its answer;
+    // for any other, a copy is made now in case of a replay.
     let replay_head = replay
         .as_ref()
+        .filter(|_| !route.upstream.gives_request_back())
         .map(|_| (method.clone(), uri.clone(), headers.clone()));
     let mut resp = send(route, method, uri, headers, body, &token, deadline).await;
-    if let Ok(r) = &resp {
-        if route.reauth_on.contains(&r.status()) {
-            match (&route.tokens, picked) {
-                (RouteTokens::Pool(pool), Some(conn)) => {
-                    let answer = resp?;
-                    let again = replay.zip(replay_head);
-                    let can_replay = again.is_some();
-                    match pooled_rejection(pool, &conn, &token, answer, deadline, can_replay).await
-                    {
-                        Err(passed) => return Ok(passed),
-                        Ok(fresh) => {
-                            // `Ok` comes only when a replay is possible.
-                            resp = Err(ProxyError::BadRequest("the request cannot be replayed"));
-                            if let Some((body, (method, uri, headers))) = again {
-                                route.metrics.replays.inc();
-                                resp =
-                                    send(route, method, uri, headers, body, &fresh, deadline).await;
-                            }
-                        }
-                    }
-                }
-                // A fresh token's rejection is the upstream's answer: passed through.
-                (RouteTokens::Credential(source), _) => {
-                    if source.reject(&token) != Rejection::IgnoredFresh {
-                        if let (Some(body), Some((method, uri, headers))) = (replay, replay_head) {
-                            if let Ok(fresh) = source.get(deadline).await {
-                                route.metrics.replays.inc();
-                                resp =
-                                    send(route, method, uri, headers, body, &fresh, deadline).await;
-                            }
-                        }
-                    }
-                }
-                (RouteTokens::Pool(_), None) => {}
-            }
+    // The head to replay with: the copy made above, or the one an HTTP/1.1
+    // upstream gave back with its answer.
+    let mut again = None;
+    let rejected = match &mut resp {
+        Ok(sent) if route.reauth_on.contains(&sent.response.status()) => {
+            let head = replay_head.or_else(|| {
+                let p = sent.request.take()?;
+                Some((p.method, p.uri, p.headers))
+            });
+            again = replay.zip(head);
+            true
+        }
+        _ => false,
+    };
+    if rejected {
+        // Boxed: the rare second attempt would otherwise double the space
+        // every request's future takes.
+        match Box::pin(after_rejection(
+            route, picked, &token, resp, again, deadline,
+        ))
+        .await
+        {
+            Ok(r) => resp = r,
+            Err(passed) => return Ok(passed),
         }
     }
     done.upstream = Some(started.elapsed());
-    let resp = resp?;
+    let resp = resp?.response;
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
@@ -340,18 +337,14 @@ fn upstream_head(
     Ok((parts.method, uri, headers))
 }
 
-/// The request body to send: streamed, or read ahead for a replay when the
-/// route replays (within the global replay budget).
-async fn request_body(
+/// The request body read ahead for a replay (within the global replay
+/// budget, else streamed).
+async fn replay_body(
     rt: &Runtime,
-    route: &Route,
     conn: &ConnInfo,
     body: Incoming,
     deadline: Instant,
 ) -> Result<RequestBody, ProxyError> {
-    if route.reauth_on.is_empty() {
-        return Ok(RequestBody::streaming(body, &conn.activity));
-    }
     tokio::time::timeout_at(
         deadline.into(),
         RequestBody::prepare(body, &rt.replay_budget, &conn.activity),
@@ -371,20 +364,69 @@ async fn token_for(
     match &route.tokens {
         RouteTokens::Credential(source) => match source.usable() {
             Some(t) => Ok((t, None)),
-            None => source.get(deadline).await.map(|t| (t, None)).map_err(|u| {
-                ProxyError::TokenUnavailable {
+            // Boxed: waiting for a token is rare and its future large.
+            None => Box::pin(source.get(deadline))
+                .await
+                .map(|t| (t, None))
+                .map_err(|u| ProxyError::TokenUnavailable {
                     credential: source.config().name.clone(),
                     reason: u.reason,
                     retry_after: u.retry_after,
-                }
-            }),
+                }),
         },
         RouteTokens::Pool(pool) => {
             let id = crate::connections::select(headers, &pool.config().select_header)?;
-            let (conn, token) = pool.token(id.as_str(), deadline.into()).await?;
+            // Boxed: the pool's lookup future is large, and the handler's
+            // future is moved for every request.
+            let (conn, token) = Box::pin(pool.token(id.as_str(), deadline.into())).await?;
             Ok((token, Some(conn)))
         }
     }
+}
+
+/// A request's head and replayable body, for a second attempt.
+type Replay = (RequestBody, (Method, Uri, HeaderMap));
+
+/// A `reauth_on` answer: the rejected token is dropped (unless too young to
+/// drop again) and the request replayed once with a new one when it can be;
+/// otherwise the answer stands. A pooled route may instead pass the answer
+/// through at once, e.g. when the user's consent is gone: that is the `Err`.
+async fn after_rejection(
+    route: &Route,
+    picked: Option<Arc<Conn>>,
+    token: &Arc<Token>,
+    resp: Result<Sent, ProxyError>,
+    again: Option<Replay>,
+    deadline: Instant,
+) -> Result<Result<Sent, ProxyError>, Response<ProxyBody>> {
+    let fresh = match (&route.tokens, picked) {
+        (RouteTokens::Pool(pool), Some(conn)) => {
+            let answer = match resp {
+                Ok(sent) => sent.response,
+                Err(e) => return Ok(Err(e)),
+            };
+            pooled_rejection(pool, &conn, token, answer, deadline, again.is_some()).await?
+        }
+        (RouteTokens::Credential(source), _) => {
+            // A fresh token's rejection is the upstream's answer.
+            if source.reject(token) == Rejection::IgnoredFresh || again.is_none() {
+                return Ok(resp);
+            }
+            match source.get(deadline).await {
+                Ok(fresh) => fresh,
+                Err(_) => return Ok(resp),
+            }
+        }
+        (RouteTokens::Pool(_), None) => return Ok(resp),
+    };
+    // A pooled route hands out a new token only when a replay is possible.
+    let Some((body, (method, uri, headers))) = again else {
+        return Ok(Err(ProxyError::BadRequest(
+            "the request cannot be replayed",
+        )));
+    };
+    route.metrics.replays.inc();
+    Ok(send(route, method, uri, headers, body, &fresh, deadline).await)
 }
 
 /// A pooled route's `reauth_on` answer: the token to replay with, or the
@@ -432,7 +474,7 @@ async fn send(
     body: RequestBody,
     token: &Token,
     deadline: Instant,
-) -> Result<Response<UpstreamBody>, ProxyError> {
+) -> Result<Sent, ProxyError> {
     headers.insert(route.header.clone(), token.header_value(&route.auth_scheme));
     let mut req = Request::new(body);
     *req.method_mut() = method;

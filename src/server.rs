@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{Activity, BoxError, ProxyBody};
@@ -117,25 +118,23 @@ async fn serve_accepted(
         .checked_add(limits.header_read_timeout)
         .unwrap_or_else(far_future);
     let conn = Arc::new(ConnInfo::new(peer, tls.is_some()));
-    let open = Arc::new(watch::Sender::new(0usize));
-    let bodies = Arc::new(watch::Sender::new(0usize));
+    let counters = Arc::new(Counters::new());
     let watch = ConnWatch {
         limits,
         deadline,
-        open: open.subscribe(),
-        bodies: bodies.subscribe(),
+        counters: Arc::clone(&counters),
         activity: Arc::clone(&conn.activity),
         shutdown,
     };
     let service = service_fn(move |req: Request<Incoming>| {
-        let open = Counted::enter(&open);
-        let bodies = Arc::clone(&bodies);
+        let open = Counted::enter(&counters, Counter::Open);
+        let bodies = Arc::clone(&counters);
         let activity = Arc::clone(&conn.activity);
         let handled = crate::proxy::handle(Arc::clone(&state), Arc::clone(&conn), req);
         async move {
             let resp = handled.await?;
             activity.touch();
-            let sending = Counted::enter(&bodies);
+            let sending = Counted::enter(&bodies, Counter::Bodies);
             Ok::<_, Infallible>(resp.map(|body| ServedBody {
                 body,
                 activity,
@@ -174,29 +173,73 @@ struct Limits {
 struct ConnWatch {
     limits: Limits,
     deadline: Instant,
-    /// Requests open (from their head to the end of their response body).
-    open: watch::Receiver<usize>,
-    /// Response bodies being sent.
-    bodies: watch::Receiver<usize>,
+    /// Requests open and response bodies being sent.
+    counters: Arc<Counters>,
     /// When bytes last moved on a body of this connection, either way.
     activity: Arc<Activity>,
     shutdown: CancellationToken,
 }
 
-/// Counts itself in a connection's counter while it lives: a request open
-/// (the connection is idle while none is), or a response body being sent.
-struct Counted(Arc<watch::Sender<usize>>);
+/// A connection's counters. Updated on every request without waking the
+/// watchdog: its timers re-arm themselves lazily from these values (a timer
+/// reset and a task wake-up per request cost more than the request's own
+/// header rewrite).
+struct Counters {
+    /// Requests open (from their head to the end of their response body).
+    open: AtomicUsize,
+    /// Response bodies being sent.
+    bodies: AtomicUsize,
+    /// Requests seen so far (any at all ends the first-request deadline).
+    seen: AtomicBool,
+    /// When the last open request ended.
+    idle_since: Arc<Activity>,
+}
+
+#[derive(Clone, Copy)]
+enum Counter {
+    Open,
+    Bodies,
+}
+
+impl Counters {
+    fn new() -> Counters {
+        Counters {
+            open: AtomicUsize::new(0),
+            bodies: AtomicUsize::new(0),
+            seen: AtomicBool::new(false),
+            idle_since: Activity::new(),
+        }
+    }
+
+    fn get(&self, which: Counter) -> &AtomicUsize {
+        match which {
+            Counter::Open => &self.open,
+            Counter::Bodies => &self.bodies,
+        }
+    }
+}
+
+/// Counts itself in one of a connection's counters while it lives: a
+/// request open (the connection is idle while none is), or a response body
+/// being sent.
+struct Counted(Arc<Counters>, Counter);
 
 impl Counted {
-    fn enter(counter: &Arc<watch::Sender<usize>>) -> Counted {
-        counter.send_modify(|n| *n += 1);
-        Counted(Arc::clone(counter))
+    fn enter(counters: &Arc<Counters>, which: Counter) -> Counted {
+        counters.get(which).fetch_add(1, Ordering::Relaxed);
+        if let Counter::Open = which {
+            counters.seen.store(true, Ordering::Relaxed);
+        }
+        Counted(Arc::clone(counters), which)
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
+        let before = self.0.get(self.1).fetch_sub(1, Ordering::Relaxed);
+        if let (Counter::Open, 1) = (self.1, before) {
+            self.0.idle_since.touch();
+        }
     }
 }
 
@@ -235,18 +278,24 @@ impl Body for ServedBody {
 }
 
 /// Resolves once no request has been open on the connection for `timeout`.
-async fn idle_for(mut open: watch::Receiver<usize>, timeout: Duration) {
+async fn idle_for(counters: Arc<Counters>, timeout: Duration) {
+    let Some(mut at) = tokio::time::Instant::now().checked_add(timeout) else {
+        return std::future::pending().await;
+    };
     loop {
-        if open.wait_for(|n| *n == 0).await.is_err() {
-            return std::future::pending().await;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(timeout) => {
-                if *open.borrow() == 0 {
-                    return;
-                }
+        tokio::time::sleep_until(at).await;
+        let now = tokio::time::Instant::now();
+        let next = if counters.open.load(Ordering::Relaxed) == 0 {
+            match counters.idle_since.last().checked_add(timeout) {
+                Some(t) if t <= now => return,
+                t => t,
             }
-            _ = open.changed() => {}
+        } else {
+            now.checked_add(timeout)
+        };
+        match next {
+            Some(t) => at = t,
+            None => return std::future::pending().await,
         }
     }
 }
@@ -255,26 +304,24 @@ async fn idle_for(mut open: watch::Receiver<usize>, timeout: Duration) {
 /// body of the connection for `timeout`: the upstream went silent, or the
 /// client stopped reading (then hyper stops polling the body, so the body's
 /// own timer cannot fire).
-async fn stalled_for(
-    mut bodies: watch::Receiver<usize>,
-    activity: Arc<Activity>,
-    timeout: Duration,
-) {
+async fn stalled_for(counters: Arc<Counters>, activity: Arc<Activity>, timeout: Duration) {
+    let Some(mut at) = tokio::time::Instant::now().checked_add(timeout) else {
+        return std::future::pending().await;
+    };
     loop {
-        if bodies.wait_for(|n| *n > 0).await.is_err() {
-            return std::future::pending().await;
-        }
-        let last = activity.last();
-        let Some(deadline) = last.checked_add(timeout) else {
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => {
-                if *bodies.borrow() > 0 && activity.last() == last {
-                    return;
-                }
+        tokio::time::sleep_until(at).await;
+        let now = tokio::time::Instant::now();
+        let next = if counters.bodies.load(Ordering::Relaxed) > 0 {
+            match activity.last().checked_add(timeout) {
+                Some(t) if t <= now => return,
+                t => t,
             }
-            _ = bodies.changed() => {}
+        } else {
+            now.checked_add(timeout)
+        };
+        match next {
+            Some(t) => at = t,
+            None => return std::future::pending().await,
         }
     }
 }
@@ -315,18 +362,17 @@ where
         .serve_connection(TokioIo::new(io), service)
         .into_owned();
     tokio::pin!(conn);
-    let seen_request = watch.open.clone();
+    let seen_request = Arc::clone(&watch.counters);
     let first_request_deadline = async move {
         tokio::time::sleep_until(watch.deadline.into()).await;
-        let served = seen_request.has_changed().unwrap_or(true) || *seen_request.borrow() > 0;
-        if served {
+        if seen_request.seen.load(Ordering::Relaxed) {
             std::future::pending::<()>().await;
         }
     };
     tokio::pin!(first_request_deadline);
-    let idle = idle_for(watch.open, watch.limits.idle_timeout);
+    let idle = idle_for(Arc::clone(&watch.counters), watch.limits.idle_timeout);
     tokio::pin!(idle);
-    let stalled = stalled_for(watch.bodies, watch.activity, watch.limits.idle_timeout);
+    let stalled = stalled_for(watch.counters, watch.activity, watch.limits.idle_timeout);
     tokio::pin!(stalled);
     let mut closing = false;
     loop {

@@ -1,18 +1,21 @@
 //! Connections to upstreams and token endpoints over hyper-rustls: verified
 //! TLS only (webpki roots plus `ca_file`), HTTP/1.1 or HTTP/2 by ALPN.
 //!
-//! Forwarded requests go through an [`Upstream`]: the pool of hyper
-//! connections to one origin, on hyper's connection API.
+//! Forwarded requests go through an [`Upstream`]: the pool of connections
+//! to one origin.
 //!
 //! - **Limit.** At most `max_connections` (the route key) connections are
 //!   open per pool; a checkout at the limit waits for one to come back or
 //!   close, bounded by the caller's request deadline (`capacity`).
-//! - **HTTP/1.1** (`h1`): a connection returns to the pool the moment its
-//!   response body ends and its request body is sent (no task per request
-//!   to watch for that); a pooled connection the upstream closed before the
-//!   request was written is retried once on a fresh one; an exchange whose
-//!   client left is finished in the background to keep its connection.
-//! - **HTTP/2** (`h2`): a short list of multiplexed connections with PING
+//! - **HTTP/1.1** (`h1`): the proxy's own client (`conn` drives a
+//!   connection, `wire` parses httparse-strict responses), run in the task
+//!   of the request that uses it: no connection task and no channel per
+//!   exchange. A connection returns to the pool the moment its response
+//!   body ends and its request body is sent; a request on a pooled
+//!   connection the upstream had closed is retried once on a fresh one; an
+//!   exchange whose client left is finished in the background to keep its
+//!   connection.
+//! - **HTTP/2** (`h2`, on hyper): a short list of multiplexed connections with PING
 //!   keep-alive; one connect at a time (a cold burst waits for it), another
 //!   connection when all are at the peer's `MAX_CONCURRENT_STREAMS`, and a
 //!   stream the upstream refused unprocessed is sent once more elsewhere.
@@ -25,8 +28,10 @@
 //! `token` do.
 
 mod capacity;
+mod conn;
 mod h1;
 mod h2;
+mod wire;
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -49,11 +54,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::Notify;
-use tokio::time::timeout;
 use tower_service::Service;
 
 use crate::body::RequestBody;
 use capacity::Capacity;
+use conn::WireBody;
 use h1::{Abandoned, H1Conn, IdleList, ReturnTo};
 use h2::{H2Conn, H2List, Pick, Stream};
 
@@ -66,11 +71,6 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// Bound on idle connections per upstream; above the largest client
 /// concurrency we expect, so steady load opens no new connections.
 pub const POOL_MAX_IDLE_PER_HOST: usize = 1024;
-/// A pooled HTTP/1.1 connection not ready after this long is closed rather
-/// than waited on. Only connections whose exchange is over both ways are
-/// pooled, so the wait is their task catching up (microseconds); the bound
-/// is for a connection stuck in a way we did not foresee.
-pub const POOL_READY_GRACE: Duration = Duration::from_secs(1);
 /// TCP connect bound; the overall bound is `request_timeout`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// An HTTP/2 connection that received nothing for this long is sent a PING
@@ -93,8 +93,6 @@ pub struct PoolTimings {
     pub h2_keep_alive_interval: Duration,
     /// See [`H2_KEEP_ALIVE_TIMEOUT`].
     pub h2_keep_alive_timeout: Duration,
-    /// See [`POOL_READY_GRACE`].
-    pub ready_grace: Duration,
 }
 
 impl Default for PoolTimings {
@@ -103,7 +101,6 @@ impl Default for PoolTimings {
             idle_timeout: POOL_IDLE_TIMEOUT,
             h2_keep_alive_interval: H2_KEEP_ALIVE_INTERVAL,
             h2_keep_alive_timeout: H2_KEEP_ALIVE_TIMEOUT,
-            ready_grace: POOL_READY_GRACE,
         }
     }
 }
@@ -371,6 +368,16 @@ impl SendError {
         (e, shared)
     }
 
+    /// An HTTP/1.1 exchange's failure.
+    fn wire(e: conn::ExchangeError) -> SendError {
+        let client_body = matches!(e, conn::ExchangeError::ClientBody(_));
+        SendError {
+            kind: ErrorKind::scan(&e).unwrap_or(ErrorKind::Protocol),
+            client_body,
+            source: Box::new(e),
+        }
+    }
+
     fn exchange(e: hyper::Error) -> SendError {
         // hyper reports a failing request body as a "user body" error whose
         // cause is the inbound connection's own hyper::Error.
@@ -392,14 +399,16 @@ struct Failed {
     refused: bool,
 }
 
-impl Failed {
-    fn fatal(e: hyper::Error) -> Failed {
-        Failed {
-            error: SendError::exchange(e),
-            retry: None,
-            refused: false,
-        }
-    }
+/// A response from an upstream, and the request's head when the exchange
+/// gave it back.
+#[derive(Debug)]
+pub struct Sent {
+    /// The response; its body streams.
+    pub response: Response<UpstreamBody>,
+    /// The request's method, URI (origin-form) and headers, from an
+    /// HTTP/1.1 exchange (written, no longer needed): a replay needs no copy
+    /// made in advance. `None` from HTTP/2.
+    pub request: Option<http::request::Parts>,
 }
 
 impl Upstream {
@@ -409,16 +418,15 @@ impl Upstream {
     /// Sent again once, on another connection, when a pooled connection
     /// turned out closed before the request was written, or when an HTTP/2
     /// upstream refused the stream unprocessed.
-    pub async fn send(
-        self: &Arc<Self>,
-        mut req: Request<RequestBody>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
+    pub async fn send(self: &Arc<Self>, mut req: Request<RequestBody>) -> Result<Sent, SendError> {
         let mut retried = false;
         loop {
             let (checkout, reused) = self.checkout().await?;
             let failed = match checkout {
-                Checkout::H2(stream) => self.send_h2(stream, req).await,
-                Checkout::H1(conn) => self.send_h1(conn, req).await,
+                // Boxed: hyper's HTTP/2 exchange future is large, and would be
+                // moved with every request's future, HTTP/1.1 ones too.
+                Checkout::H2(stream) => Box::pin(self.send_h2(stream, req)).await,
+                Checkout::H1(conn) => self.send_h1(conn, req, reused).await,
             };
             let f = match failed {
                 Ok(resp) => return Ok(resp),
@@ -439,7 +447,7 @@ impl Upstream {
         &self,
         mut stream: Stream,
         mut req: Request<RequestBody>,
-    ) -> Result<Response<UpstreamBody>, Failed> {
+    ) -> Result<Sent, Failed> {
         // The URI's own authority is kept (`:authority` must match what the
         // proxy chose for `Host`); only a relative URI gets the pool's.
         if req.uri().authority().is_none() {
@@ -454,10 +462,15 @@ impl Upstream {
         let result = stream.sender().try_send_request(req).await;
         stream.settle();
         match result {
-            Ok(resp) => Ok(resp.map(|body| UpstreamBody {
-                body: Some(body),
-                release: Release::H2 { _stream: stream },
-            })),
+            Ok(resp) => Ok(Sent {
+                response: resp.map(|body| UpstreamBody {
+                    inner: Inner::H2 {
+                        body,
+                        _stream: stream,
+                    },
+                }),
+                request: None,
+            }),
             Err(mut e) => {
                 let not_written = e.take_message();
                 let e = e.into_error();
@@ -476,39 +489,39 @@ impl Upstream {
 
     async fn send_h1(
         self: &Arc<Self>,
-        mut conn: H1Conn,
+        conn: H1Conn,
         mut req: Request<RequestBody>,
-    ) -> Result<Response<UpstreamBody>, Failed> {
+        reused: bool,
+    ) -> Result<Sent, Failed> {
         // HTTP/1.1 origin-form: the path, not the absolute URI.
-        if let Some(pq) = req.uri().path_and_query() {
-            *req.uri_mut() = Uri::from(pq.clone());
+        if req.uri().authority().is_some() {
+            if let Some(pq) = req.uri().path_and_query() {
+                *req.uri_mut() = Uri::from(pq.clone());
+            }
         }
-        let exchange = Box::pin(conn.sender.try_send_request(conn.track(req)));
+        let (wire, ret) = conn.lend(self);
         let mut guard = Abandoned {
-            exchange: Some(exchange),
-            ret: Some(ReturnTo {
-                upstream: Arc::clone(self),
-                conn,
-            }),
+            exchange: Some(Box::pin(wire.exchange(req, reused))),
+            ret: Some(ret),
         };
         let result = match guard.exchange.as_mut() {
             Some(exchange) => exchange.await,
             None => unreachable!("set above"),
         };
         guard.exchange = None;
-        match result {
-            Ok(r) => Ok(r.map(|body| UpstreamBody {
-                body: Some(body),
-                release: guard.ret.take().map_or(Release::Done, Release::H1),
-            })),
-            Err(mut e) => match e.take_message() {
-                Some(r) => Err(Failed {
-                    error: SendError::exchange(e.into_error()),
-                    retry: Some(r.map(h1::Tracked::into_inner)),
-                    refused: false,
+        match (result, guard.ret.take()) {
+            (Ok((head, decoder, wire, request)), Some(ret)) => Ok(Sent {
+                response: head.map(|()| UpstreamBody {
+                    inner: Inner::H1(WireBody::new(wire, decoder, ret)),
                 }),
-                None => Err(Failed::fatal(e.into_error())),
-            },
+                request: Some(request),
+            }),
+            (Ok(_), None) => unreachable!("the guard keeps its loan until here"),
+            (Err(f), _) => Err(Failed {
+                error: SendError::wire(f.error),
+                retry: f.retry,
+                refused: false,
+            }),
         }
     }
 
@@ -545,20 +558,12 @@ impl Upstream {
             Pick::Full => {}
         }
         let timings = **self.timings.load();
-        while let Some(mut conn) = self.idle.take(timings.idle_timeout) {
-            // Pooled only once its exchange was over both ways, so a wait
-            // here is the connection task catching up, bounded in case it
-            // is stuck; a connection that closed fails it.
-            let ready = conn.sender.is_ready()
-                || matches!(
-                    timeout(timings.ready_grace, conn.sender.ready()).await,
-                    Ok(Ok(()))
-                );
-            if ready {
-                return Ok(Attempt::Got(Checkout::H1(conn), true));
-            }
+        if let Some(conn) = self.idle.take(timings.idle_timeout) {
+            return Ok(Attempt::Got(Checkout::H1(conn), true));
         }
-        if let Some(checkout) = self.try_connect().await? {
+        // Boxed: connecting (TCP, TLS, handshake) is rare and its future
+        // large; inline it would be moved with every request's future.
+        if let Some(checkout) = Box::pin(self.try_connect()).await? {
             return Ok(Attempt::Got(checkout, false));
         }
         // At the limit: share an HTTP/2 connection past the peer's stream
@@ -616,10 +621,7 @@ impl Upstream {
         } else {
             self.protocol
                 .store(Protocol::Http1 as u8, Ordering::Relaxed);
-            let conn = H1Conn::handshake(io, slot)
-                .await
-                .map_err(SendError::exchange)?;
-            Ok(Checkout::H1(conn))
+            Ok(Checkout::H1(H1Conn::new(io, slot)))
         }
     }
 
@@ -648,6 +650,12 @@ impl Upstream {
         self.retired.store(true, Ordering::Relaxed);
         self.idle.clear();
         self.h2.clear();
+    }
+
+    /// Whether [`Upstream::send`] gives the request's head back ([`Sent`]):
+    /// the origin speaks HTTP/1.1, as far as is known.
+    pub fn gives_request_back(&self) -> bool {
+        self.protocol.load(Ordering::Relaxed) == Protocol::Http1 as u8
     }
 
     /// Idle HTTP/1.1 connections now (for tests and `/status`).
@@ -688,32 +696,22 @@ fn replay_copy(req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
     Some(copy)
 }
 
-/// What an [`UpstreamBody`] gives back when it ends.
-enum Release {
-    Done,
-    H1(ReturnTo),
-    /// Held for its drop: the stream's place on its connection.
+/// An upstream response body. HTTP/1.1: read off the connection in the
+/// reader's task; the connection goes back to the pool when the body ends,
+/// and a body dropped early (its client left) is read to its end in the
+/// background, within bounds, so its connection can go back too. HTTP/2:
+/// hyper's stream, holding its place on the connection until dropped.
+pub struct UpstreamBody {
+    inner: Inner,
+}
+
+enum Inner {
+    H1(WireBody<ReturnTo>),
     H2 {
+        body: Incoming,
+        /// Held for its drop: the stream's place on its connection.
         _stream: Stream,
     },
-}
-
-/// An upstream response body; gives its connection (HTTP/1.1) or its
-/// stream's place (HTTP/2) back when it ends. An HTTP/1.1 body dropped
-/// early (its client left) is read to its end in the background, within
-/// bounds, so its connection can go back to the pool too.
-pub struct UpstreamBody {
-    /// `None` once handed to a background drain.
-    body: Option<Incoming>,
-    release: Release,
-}
-
-impl UpstreamBody {
-    fn release(&mut self) {
-        if let Release::H1(r) = std::mem::replace(&mut self.release, Release::Done) {
-            r.give_back();
-        }
-    }
 }
 
 impl fmt::Debug for UpstreamBody {
@@ -724,44 +722,29 @@ impl fmt::Debug for UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn StdError + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let Some(body) = this.body.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let polled = Pin::new(body).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            this.release();
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match &mut self.get_mut().inner {
+            Inner::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::H2 { body, .. } => Pin::new(body).poll_frame(cx).map_err(Into::into),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.as_ref().is_none_or(Incoming::is_end_stream)
+        match &self.inner {
+            Inner::H1(b) => b.is_end_stream(),
+            Inner::H2 { body, .. } => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        let Release::H1(ret) = std::mem::replace(&mut self.release, Release::Done) else {
-            return;
-        };
-        match self.body.take() {
-            Some(body) if !body.is_end_stream() => {
-                h1::spawn_drain(std::future::ready(Some(body)), ret);
-            }
-            _ => ret.give_back(),
+        match &self.inner {
+            Inner::H1(b) => b.size_hint(),
+            Inner::H2 { body, .. } => body.size_hint(),
         }
     }
 }

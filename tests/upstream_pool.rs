@@ -190,6 +190,52 @@ async fn pooled_connections_the_upstream_closed_are_not_an_error() {
     }
 }
 
+/// An upstream answering every request with `response`, keeping its
+/// connections open; counts the connections it accepted.
+async fn scripted_upstream(response: &'static [u8]) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                while !read_until(&mut s, b"\r\n\r\n").await.is_empty() {
+                    if s.write_all(response).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), accepted)
+}
+
+#[tokio::test]
+async fn ambiguous_upstream_framing_is_a_502_and_the_connection_is_not_reused() {
+    let sb = sandbox().await;
+    let (url, accepted) = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    let p = start_proxy(&config_for(&sb, &url, "")).await;
+    let c = client();
+    for i in 0..3 {
+        let r = get_with(&c, &proxy_url(&p, &format!("/smuggle/{i}"))).await;
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert!(r.text().contains("upstream_unavailable"), "{}", r.text());
+    }
+    // The upstream keeps its connections open: only the proxy's refusal to
+    // reuse a connection whose framing it could not trust makes new ones.
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        3,
+        "each request on a new connection"
+    );
+    assert_eq!(pool(&p).idle_connections(), 0);
+}
+
 #[tokio::test]
 async fn a_client_leaving_before_the_response_keeps_the_upstream_connection() {
     let sb = sandbox().await;
@@ -784,12 +830,6 @@ async fn an_early_answer_while_the_client_uploads_does_not_hold_up_the_next_requ
     let sb = sandbox().await;
     let up = RawUpstream::start().await;
     let p = start_proxy(&config_for(&sb, &up.url(), "")).await;
-    // Past the request timeout: a checkout that waited on the uploading
-    // connection would answer 504.
-    p.state().upstreams.set_timings(PoolTimings {
-        ready_grace: Duration::from_secs(60),
-        ..PoolTimings::default()
-    });
     // A client announces a large body, sends a little of it and stalls; the
     // upstream answers 413 without waiting for the rest.
     let mut uploader = TcpStream::connect(p.proxy_addr()).await.expect("connect");
