@@ -1,7 +1,8 @@
 //! The Grafana dashboard (issue 12 point 3): current schema, the
 //! `datasource`, `instance` and `route` variables, and every PromQL
-//! expression in it evaluated against a real Prometheus after traffic,
-//! with the recording rules loaded: each parses and returns data.
+//! expression in it evaluated against a real Prometheus after traffic
+//! (per-user connections and their store included), with the recording
+//! rules loaded: each parses and returns data.
 
 mod support;
 
@@ -9,17 +10,6 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 use support::prometheus::{repo_file, Monitored};
-
-/// Metrics of per-user connections (CONNECTIONS.md) that this branch does
-/// not have yet: expressions reading them must parse but may return
-/// nothing. Empty this list once per-user connections are merged.
-const AWAITING_CONNECTIONS_METRICS: &[&str] = &[
-    "flinks_proxy_connections",
-    "flinks_proxy_connection_token_requests_total",
-    "flinks_proxy_connection_tokens_total",
-    "flinks_proxy_store_operations_total",
-    "flinks_proxy_store_operation_duration_seconds",
-];
 
 /// Oldest Grafana dashboard schema accepted (Grafana 10.4 / 11).
 const MIN_SCHEMA_VERSION: u64 = 39;
@@ -81,12 +71,6 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
                 .to_owned()
         })
         .collect()
-}
-
-fn awaits_connections(expr: &str) -> bool {
-    metric_names(expr)
-        .iter()
-        .any(|m| AWAITING_CONNECTIONS_METRICS.contains(&m.as_str()))
 }
 
 /// `label_values(SELECTOR, LABEL)` as PromQL that returns one sample per
@@ -182,40 +166,23 @@ async fn every_dashboard_query_parses_and_returns_data_from_a_real_prometheus() 
 
     let exprs = expressions(&d);
     assert!(exprs.len() >= 15, "{} expressions", exprs.len());
-    let mut awaited = Vec::new();
     for (title, expr) in &exprs {
         let e = substitute(expr);
-        if awaits_connections(expr) {
-            // Must parse: Prometheus answers bad_data otherwise.
-            if let Err(err) = m.prometheus.query(&e).await {
-                panic!("{title}: {e} does not parse: {err:?}");
-            }
-            awaited.push(title.as_str());
-            continue;
-        }
         let samples = m
             .prometheus
             .wait_for(&e, |s| s.iter().any(|s| s.value.is_finite()))
             .await;
         assert!(!samples.is_empty(), "{title}: {e}");
     }
-    // The list names exactly the connection panels, nothing else.
-    assert!(!awaited.is_empty() || AWAITING_CONNECTIONS_METRICS.is_empty());
-    for t in &awaited {
-        assert!(
-            t.contains("Connection") || t.contains("Store"),
-            "{t} is skipped as awaiting connections"
-        );
-    }
 }
 
 #[test]
 fn expression_helpers_find_metric_families_and_variables() {
     let e = r#"histogram_quantile(0.99, sum by (op, le) (rate(flinks_proxy_store_operation_duration_seconds_bucket{instance=~"$instance"}[$__rate_interval])))"#;
-    assert!(awaits_connections(e));
-    assert!(!awaits_connections(
-        "sum(rate(flinks_proxy_requests_total[1m]))"
-    ));
+    assert_eq!(
+        metric_names(e),
+        BTreeSet::from(["flinks_proxy_store_operation_duration_seconds".to_owned()])
+    );
     let recorded = "instance_route_le:flinks_proxy_request_duration_seconds_bucket:rate5m";
     assert_eq!(
         metric_names(recorded),

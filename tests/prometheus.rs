@@ -8,7 +8,7 @@ mod support;
 
 use std::collections::BTreeSet;
 
-use support::prometheus::{promtool, repo_file, Monitored, Sample, JOB, WRONG_SECRET};
+use support::prometheus::{promtool, repo_file, Monitored, Sample, JOB, POOL_USERS, WRONG_SECRET};
 
 /// The value of the only sample of `expr`, once it satisfies `done`.
 async fn value(m: &Monitored, expr: &str, done: impl Fn(f64) -> bool) -> Sample {
@@ -61,6 +61,7 @@ async fn series_arrive_in_a_real_prometheus_with_their_labels_and_values() {
     let reloads = r#"flinks_proxy_config_reloads_total{outcome="success"}"#;
     value(&m, reloads, |v| v == 1.0).await;
     value(&m, "process_resident_memory_bytes", |v| v > 1e6).await;
+    pooled_series_arrive(&m).await;
 
     // A recording rule from rules.yml, evaluated on these series.
     let p99 = r#"instance_route:flinks_proxy_request_duration_seconds:p99_5m{route="flinks"}"#;
@@ -75,6 +76,16 @@ async fn series_arrive_in_a_real_prometheus_with_their_labels_and_values() {
         let s = value(&m, &pending, |v| v == 1.0).await;
         assert_eq!(s.label("route"), route, "{s:?}");
     }
+    // The revoked consent: the gauge went from 0 to 1.
+    let reauth =
+        r#"ALERTS{alertname="FlinksProxyConnectionsNeedReauthorization",alertstate="pending"}"#;
+    let s = m.prometheus.wait_for_value(reauth, |v| v == 1.0).await;
+    assert_eq!(s.label("pool"), "users", "{s:?}");
+    // The store works: its alert, evaluated on the same series for as long
+    // as the one above, is not even pending.
+    let store_alert = r#"ALERTS{alertname="FlinksProxyStoreUnavailable"}"#;
+    let firing = m.prometheus.query(store_alert).await.expect("query");
+    assert!(firing.is_empty(), "{firing:?}");
 
     // No label anywhere carries the refused client secret or a path.
     let every = m
@@ -93,9 +104,67 @@ async fn series_arrive_in_a_real_prometheus_with_their_labels_and_values() {
         );
     }
     let routes: BTreeSet<&str> = every.iter().map(|s| s.label("route")).collect();
-    for r in ["flinks", "status", "dead", "broken", "none"] {
+    for r in ["flinks", "status", "dead", "broken", "none", "users"] {
         assert!(routes.contains(r), "no series for route {r}: {routes:?}");
     }
+}
+
+/// The per-user connection and store series after [`Monitored::send_traffic`]:
+/// three users connected, one of them turned `needs_reauthorization`, one
+/// refresh.
+async fn pooled_series_arrive(m: &Monitored) {
+    let users = POOL_USERS.len() as f64;
+    let requests = |status: &str| {
+        format!("flinks_proxy_requests_total{{route=\"users\",status=\"{status}\"}}")
+    };
+    value(m, &requests("200"), |v| v == users + 1.0).await;
+    value(m, &requests("401"), |v| v == 1.0).await;
+    // The gauge is read from the store every 5 s.
+    let state =
+        |state: &str| format!("flinks_proxy_connections{{pool=\"users\",state=\"{state}\"}}");
+    value(m, &state("active"), |v| v == users - 1.0).await;
+    value(m, &state("needs_reauthorization"), |v| v == 1.0).await;
+    let tokens = |source: &str| {
+        format!("flinks_proxy_connection_tokens_total{{pool=\"users\",source=\"{source}\"}}")
+    };
+    value(m, &tokens("refresh"), |v| v == 1.0).await;
+    // Each user's first request reads the store; alice's second and bob's
+    // after the revocation find their token in memory.
+    value(m, &tokens("store"), |v| v == users).await;
+    value(m, &tokens("memory"), |v| v == 2.0).await;
+    // One code exchange per user, then the refresh.
+    let token_requests = |outcome: &str| {
+        format!(
+            "flinks_proxy_connection_token_requests_total{{pool=\"users\",outcome=\"{outcome}\"}}"
+        )
+    };
+    value(m, &token_requests("success"), |v| v == users + 1.0).await;
+    value(m, &token_requests("rejected"), |v| v == 0.0).await;
+
+    // Store operations: counted by op with outcome ok or error, and timed.
+    let ops = m
+        .prometheus
+        .wait_for("flinks_proxy_store_operations_total", |s| {
+            s.iter()
+                .any(|s| s.label("op") == "counts" && s.label("outcome") == "ok" && s.value > 0.0)
+        })
+        .await;
+    for s in &ops {
+        assert!(["ok", "error"].contains(&s.label("outcome")), "{s:?}");
+        assert!(!s.label("op").is_empty(), "{s:?}");
+        assert_eq!(s.label("instance"), m.instance(), "{s:?}");
+    }
+    let ok: f64 = ops
+        .iter()
+        .filter(|s| s.label("outcome") == "ok")
+        .map(|s| s.value)
+        .sum();
+    assert!(
+        ok >= users,
+        "at least one write per connected user: {ops:?}"
+    );
+    let timed = r#"flinks_proxy_store_operation_duration_seconds_count{op="counts"}"#;
+    value(m, timed, |v| v >= 1.0).await;
 }
 
 #[test]

@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use flinks_proxy::sandbox::{SandboxOptions, SandboxUser};
+
+use super::connections::{connect, get_as, new_key, API_TOKEN};
 use super::TempDir;
 
 /// The scrape job name; the alert rules expect it (`up{job="flinks-proxy"}`).
@@ -297,17 +300,24 @@ pub fn promtool(args: &[&str]) -> (bool, String) {
 /// refuses; must never reach a metric.
 pub const WRONG_SECRET: &str = "wrong-secret-3c9f1e7d";
 
-/// A proxy in this process, its sandbox, and a real Prometheus scraping
-/// its admin listener with this repository's recording and alert rules
-/// loaded. Routes: `flinks` (`/api`, works), `status` (`/status`, the
-/// sandbox answers the status in the path), `dead` (`/dead`, nothing
-/// listens upstream), `broken` (`/broken`, a credential the token endpoint
-/// refuses).
+/// The users [`Monitored::send_traffic`] connects to pool `users`; the
+/// first has their consent revoked.
+pub const POOL_USERS: [&str; 3] = ["alice", "bob", "carol"];
+
+/// A proxy in this process, its sandbox (with [`POOL_USERS`]), and a real
+/// Prometheus scraping its admin listener with this repository's recording
+/// and alert rules loaded. Routes: `flinks` (`/api`, works), `status`
+/// (`/status`, the sandbox answers the status in the path), `dead`
+/// (`/dead`, nothing listens upstream), `broken` (`/broken`, a credential
+/// the token endpoint refuses), `users` (`/api/fdx`, per-user connections
+/// of pool `users` on an SQLite store in a temporary folder).
 pub struct Monitored {
     pub prometheus: Prometheus,
     pub proxy: flinks_proxy::Running,
     pub sandbox: flinks_proxy::sandbox::Sandbox,
     toml: String,
+    /// Holds the store; removed after the proxy stopped.
+    _store_dir: TempDir,
 }
 
 impl Monitored {
@@ -315,8 +325,14 @@ impl Monitored {
     pub async fn start() -> Monitored {
         // Fail before starting anything when Prometheus is missing.
         tool("prometheus");
-        let sandbox = super::sandbox().await;
+        let sandbox = super::sandbox_with(SandboxOptions {
+            users: POOL_USERS.iter().map(|s| SandboxUser::new(s)).collect(),
+            ..SandboxOptions::default()
+        })
+        .await;
+        let store_dir = TempDir::new();
         let dead = free_port();
+        let o = SandboxOptions::default();
         let toml = format!(
             r#"
 [server]
@@ -324,6 +340,10 @@ listen = "127.0.0.1:0"
 request_timeout = "5s"
 [admin]
 listen = "127.0.0.1:0"
+api_token = "{API_TOKEN}"
+[store]
+url = "sqlite:{db}"
+key = "{key}"
 {flinks}
 [credentials.broken]
 token_url = "{token_url}"
@@ -348,7 +368,23 @@ credential = "flinks"
 path_prefix = "/broken"
 upstream = "{api}"
 credential = "broken"
+
+[connections.users]
+token_url = "{token_url}"
+client_id = "{client_id}"
+client_secret = "{client_secret}"
+redirect_uri = "{redirect_uri}"
+token_timeout = "2s"
+[routes.users]
+path_prefix = "/api/fdx"
+upstream = "{api}"
+connections = "users"
 "#,
+            db = store_dir.join("connections.db").display(),
+            key = new_key(),
+            client_id = o.client_id,
+            client_secret = o.client_secret,
+            redirect_uri = o.redirect_uri,
             flinks = super::credential_toml(&sandbox),
             token_url = sandbox.token_url(),
             api = sandbox.api_url(),
@@ -368,6 +404,7 @@ credential = "broken"
             proxy,
             sandbox,
             toml,
+            _store_dir: store_dir,
         }
     }
 
@@ -388,12 +425,19 @@ credential = "broken"
     /// from the upstream and one with no route, two 502 from the dead
     /// upstream and two 503 `token_unavailable`, the second of each after
     /// Prometheus saw the first (so rates see an increase), and one reload.
+    /// On route `users`: [`POOL_USERS`] connected and read once each, the
+    /// first then gets a 401 for revoked consent (its connection turns
+    /// `needs_reauthorization`), and the second, after the access-token
+    /// revocation, is served by a refresh and a replay.
     pub async fn send_traffic(&self) {
         for _ in 0..3 {
             assert_eq!(self.get("/api/v1/accounts").await, 200);
         }
+        self.send_pooled_traffic().await;
         self.sandbox.revoke_access_tokens();
         assert_eq!(self.get("/api/v1/accounts").await, 200);
+        let refreshed = get_as(&self.proxy, POOL_PATH, POOL_USERS[1]).await;
+        assert_eq!(refreshed.status, 200, "{}", refreshed.text());
         assert_eq!(self.get("/status/404").await, 404);
         assert_eq!(self.get("/nowhere").await, 404);
         assert_eq!(self.get("/dead/x").await, 502);
@@ -407,4 +451,20 @@ credential = "broken"
             assert_eq!(self.get(&format!("/{route}/again")).await, status);
         }
     }
+
+    /// Connects [`POOL_USERS`] through the admin API, reads as each, then
+    /// revokes the first one's consent and reads as them again (401).
+    async fn send_pooled_traffic(&self) {
+        for user in POOL_USERS {
+            assert_eq!(connect(&self.proxy, user).await["state"], "active");
+            let r = get_as(&self.proxy, POOL_PATH, user).await;
+            assert_eq!(r.status, 200, "{user}: {}", r.text());
+        }
+        self.sandbox.revoke_consent(POOL_USERS[0]);
+        let r = get_as(&self.proxy, POOL_PATH, POOL_USERS[0]).await;
+        assert_eq!(r.status, 401, "{}", r.text());
+    }
 }
+
+/// A user's accounts in the sandbox, through route `users`.
+const POOL_PATH: &str = "/api/fdx/5/accounts";
