@@ -15,6 +15,7 @@ ENV FLINKS_PROXY_CONFIG=/etc/flinks-proxy/proxy.toml
 USER nonroot:nonroot
 # Proxy and admin ports (set listen = "0.0.0.0:8080" / "0.0.0.0:9901" in the
 # mounted config to reach them from outside the container).
+# healthcheck reads only [admin] listen from the config: no secrets needed.
 EXPOSE 8080 9901
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s \
   CMD ["/usr/local/bin/flinks-proxy", "healthcheck"]

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use flinks_proxy::config::AuthScheme;
+use flinks_proxy::headers;
 use flinks_proxy::metrics::Metrics;
 use flinks_proxy::proxy::{self, ConnInfo};
 use flinks_proxy::routes::RouteTable;
@@ -133,7 +134,7 @@ fn rewrite(c: &mut Criterion) {
     g.bench_function("remove_hop_by_hop", |b| {
         b.iter_batched_ref(
             || base.clone(),
-            proxy::remove_hop_by_hop,
+            headers::remove_hop_by_hop,
             BatchSize::SmallInput,
         )
     });
@@ -163,15 +164,15 @@ fn request_id(c: &mut Criterion) {
     let mut g = c.benchmark_group("request_id");
     let none = HeaderMap::new();
     g.bench_function("generated", |b| {
-        b.iter(|| proxy::request_id(black_box(&none)))
+        b.iter(|| headers::request_id(black_box(&none)))
     });
     let mut given = HeaderMap::new();
     given.insert(
-        &proxy::X_REQUEST_ID,
+        &headers::X_REQUEST_ID,
         HeaderValue::from_static("7f0c1e52-4b9a-4d0e-9a55-3c1f2e8d9b10"),
     );
     g.bench_function("client_supplied", |b| {
-        b.iter(|| proxy::request_id(black_box(&given)))
+        b.iter(|| headers::request_id(black_box(&given)))
     });
     g.finish();
 }

@@ -32,14 +32,34 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Slowloris bound: a client has this long to send its request headers.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// No bytes on a body in either direction, or an idle keep-alive
+/// connection, for this long ends it: longer than any pause a healthy
+/// streaming upstream makes, short enough that a stalled one does not hold a
+/// client, an upstream connection and a connection slot for long. Matches
+/// the usual 60 s idle timeout of load balancers in front of the proxy.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// All request bodies buffered for a replay at once: 1024 bodies of the
+/// 64 KiB maximum, a ceiling a small container can afford.
+pub const DEFAULT_REPLAY_BUFFER_LIMIT: usize = 64 * 1024 * 1024;
 /// Far above what one proxy replica normally holds, far below fd limits.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Longest server timeout accepted: far beyond any sensible value, and keeps
+/// every deadline computed from one far from overflowing.
+const MAX_SERVER_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// Far beyond any file descriptor limit; keeps the connection semaphore in
+/// range.
+const MAX_CONNECTIONS_CEILING: usize = 1_000_000;
 /// Load balancers usually wait 30 s between deregistration and SIGKILL.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Renew a token this long before it expires (capped at half its lifetime).
 pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(60);
 /// One token request, end to end.
 pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections one upstream pool may hold open (`routes.NAME.max_connections`):
+/// above the concurrency one replica sees in steady load, so it only bites
+/// when an upstream slows down and requests pile up, and well below the
+/// file-descriptor limits of both sides.
+pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS: usize = 1024;
 /// The store when `[store] url` is not set: one SQLite file next to the
 /// config, so a single instance needs no database server.
 pub const DEFAULT_STORE_URL: &str = "sqlite:connections.db";
@@ -199,20 +219,24 @@ struct RawPool {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawServer {
-    #[serde(default = "default_listen")]
+    #[serde(default = "default_listen", with = "socket_addr")]
     listen: SocketAddr,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
-    #[serde(default = "d_request_timeout", with = "humantime_serde")]
+    #[serde(default = "d_request_timeout", with = "duration")]
     request_timeout: Duration,
-    #[serde(default = "d_header_read_timeout", with = "humantime_serde")]
+    #[serde(default = "d_header_read_timeout", with = "duration")]
     header_read_timeout: Duration,
+    #[serde(default = "d_idle_timeout", with = "duration")]
+    idle_timeout: Duration,
+    #[serde(default = "d_replay_buffer_limit", with = "byte_size")]
+    replay_buffer_limit: usize,
     #[serde(default = "d_max_connections")]
     max_connections: usize,
     #[serde(default)]
     workers: usize,
-    #[serde(default = "d_shutdown_grace", with = "humantime_serde")]
+    #[serde(default = "d_shutdown_grace", with = "duration")]
     shutdown_grace: Duration,
 }
 
@@ -225,6 +249,8 @@ impl Default for RawServer {
             client_ca: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            replay_buffer_limit: DEFAULT_REPLAY_BUFFER_LIMIT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             workers: 0,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
@@ -240,6 +266,12 @@ fn d_request_timeout() -> Duration {
 }
 fn d_header_read_timeout() -> Duration {
     DEFAULT_HEADER_READ_TIMEOUT
+}
+fn d_idle_timeout() -> Duration {
+    DEFAULT_IDLE_TIMEOUT
+}
+fn d_replay_buffer_limit() -> usize {
+    DEFAULT_REPLAY_BUFFER_LIMIT
 }
 fn d_max_connections() -> usize {
     DEFAULT_MAX_CONNECTIONS
@@ -257,7 +289,7 @@ fn d_token_timeout() -> Duration {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
-    #[serde(default = "default_admin_listen")]
+    #[serde(default = "default_admin_listen", with = "socket_addr")]
     listen: SocketAddr,
     api_token: Option<SecretSource>,
     /// `/status` shows each credential's `sub` claim (personal data).
@@ -276,6 +308,8 @@ struct RawLog {
     level: String,
     #[serde(default)]
     format: LogFormat,
+    #[serde(default = "d_access_log")]
+    access: bool,
 }
 
 impl Default for RawLog {
@@ -283,8 +317,15 @@ impl Default for RawLog {
         RawLog {
             level: default_level(),
             format: LogFormat::Text,
+            access: true,
         }
     }
+}
+
+/// The access log is on unless turned off: it is what an operator reads
+/// first, and what Flinks support asks for (`ob-correlation-id`).
+fn d_access_log() -> bool {
+    true
 }
 
 fn default_level() -> String {
@@ -312,9 +353,9 @@ struct RawCredential {
     client_auth: ClientAuth,
     #[serde(default)]
     body_format: BodyFormat,
-    #[serde(default = "d_refresh_before", with = "humantime_serde")]
+    #[serde(default = "d_refresh_before", with = "duration")]
     refresh_before: Duration,
-    #[serde(default = "d_token_timeout", with = "humantime_serde")]
+    #[serde(default = "d_token_timeout", with = "duration")]
     token_timeout: Duration,
     refresh_token: Option<SecretSource>,
     code: Option<SecretSource>,
@@ -343,6 +384,7 @@ struct RawRoute {
     ca_file: Option<PathBuf>,
     #[serde(default)]
     preserve_host: bool,
+    max_connections: Option<usize>,
 }
 
 fn default_prefix() -> String {
@@ -478,6 +520,12 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// A client must send its request headers within this.
     pub header_read_timeout: Duration,
+    /// No body bytes in either direction, or an idle connection, this long
+    /// ends the exchange or closes the connection.
+    pub idle_timeout: Duration,
+    /// Bytes of request bodies buffered for replays at once, all requests
+    /// together; over it a request streams and is not replayed.
+    pub replay_buffer_limit: usize,
     /// Connections served at once; more wait in the accept backlog.
     pub max_connections: usize,
     /// Runtime worker threads; 0 = one per core.
@@ -494,6 +542,8 @@ impl fmt::Debug for ServerConfig {
             .field("mtls", &self.mtls)
             .field("request_timeout", &self.request_timeout)
             .field("header_read_timeout", &self.header_read_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("replay_buffer_limit", &self.replay_buffer_limit)
             .field("max_connections", &self.max_connections)
             .field("workers", &self.workers)
             .field("shutdown_grace", &self.shutdown_grace)
@@ -508,6 +558,8 @@ pub struct LogConfig {
     pub level: String,
     /// Text or JSON lines.
     pub format: LogFormat,
+    /// One line per request (`[log] access`).
+    pub access: bool,
 }
 
 /// `[access]`: who may use the proxy.
@@ -621,6 +673,9 @@ pub struct RouteConfig {
     pub ca_certs: Vec<CertificateDer<'static>>,
     /// Forward the client's Host header.
     pub preserve_host: bool,
+    /// Most connections open to the upstream; routes sharing an upstream
+    /// share one pool, which takes the largest of their limits.
+    pub max_connections: usize,
 }
 
 impl RouteConfig {
@@ -688,12 +743,42 @@ impl Config {
             log: LogConfig {
                 level: raw.log.level,
                 format: raw.log.format,
+                access: raw.log.access,
             },
             access,
             credentials,
             routes,
         })
     }
+}
+
+/// Reads only `[admin] listen` from a config file (default
+/// [`DEFAULT_ADMIN_LISTEN`]): other tables are not validated and secrets
+/// are not resolved, so `healthcheck` works without them.
+pub fn admin_listen(path: &Path) -> Result<SocketAddr, ConfigError> {
+    #[derive(Deserialize)]
+    struct File {
+        admin: Option<Admin>,
+    }
+    #[derive(Deserialize)]
+    struct Admin {
+        #[serde(default, with = "socket_addr::option")]
+        listen: Option<SocketAddr>,
+    }
+    let ctx = Ctx::new(path);
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ctx.err("", format!("cannot read: {e}")))?;
+    let file: File =
+        serde_path_to_error::deserialize(toml::Deserializer::new(&text)).map_err(|e| {
+            ctx.err(
+                &e.path().to_string(),
+                e.into_inner().message().trim().to_owned(),
+            )
+        })?;
+    Ok(file
+        .admin
+        .and_then(|a| a.listen)
+        .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.parse().expect("constant address")))
 }
 
 /// What validation needs to know about the file: its name for errors and
@@ -786,12 +871,29 @@ impl Ctx {
         if s.max_connections == 0 {
             return Err(self.err("server.max_connections", "must be at least 1".into()));
         }
+        if s.max_connections > MAX_CONNECTIONS_CEILING {
+            return Err(self.err(
+                "server.max_connections",
+                format!("must be at most {MAX_CONNECTIONS_CEILING}"),
+            ));
+        }
         for (key, d) in [
             ("server.request_timeout", s.request_timeout),
             ("server.header_read_timeout", s.header_read_timeout),
+            ("server.idle_timeout", s.idle_timeout),
         ] {
             if d.is_zero() {
                 return Err(self.err(key, "must be greater than zero".into()));
+            }
+        }
+        for (key, d) in [
+            ("server.request_timeout", s.request_timeout),
+            ("server.header_read_timeout", s.header_read_timeout),
+            ("server.idle_timeout", s.idle_timeout),
+            ("server.shutdown_grace", s.shutdown_grace),
+        ] {
+            if d > MAX_SERVER_DURATION {
+                return Err(self.err(key, "must be at most 1 day".into()));
             }
         }
         Ok(ServerConfig {
@@ -800,6 +902,8 @@ impl Ctx {
             tls,
             request_timeout: s.request_timeout,
             header_read_timeout: s.header_read_timeout,
+            idle_timeout: s.idle_timeout,
+            replay_buffer_limit: s.replay_buffer_limit,
             max_connections: s.max_connections,
             workers: s.workers,
             shutdown_grace: s.shutdown_grace,
@@ -937,7 +1041,7 @@ impl Ctx {
                 format!("{select:?} is not a header name"),
             )
         })?;
-        if crate::proxy::is_reserved_header(&select_header)
+        if crate::headers::is_reserved_header(&select_header)
             || select_header == http::header::AUTHORIZATION
         {
             return Err(self.err(
@@ -1215,7 +1319,8 @@ impl Ctx {
             return Err(self.err(&key("path_prefix"), "must start with '/'".into()));
         }
         if let Some(strip) = &r.strip_prefix {
-            if !strip.starts_with('/') || !prefix_matches(&prefix, strip) {
+            // strip_prefix must be a '/'-bounded prefix of path_prefix.
+            if !strip.starts_with('/') || !prefix_matches(strip, &prefix) {
                 return Err(self.err(
                     &key("strip_prefix"),
                     format!("must be a '/'-bounded prefix of path_prefix {prefix:?}"),
@@ -1252,6 +1357,12 @@ impl Ctx {
             }
         }
         let ca_certs = self.load_certs(&key("ca_file"), &r.ca_file)?;
+        let max_connections = r
+            .max_connections
+            .unwrap_or(DEFAULT_UPSTREAM_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(self.err(&key("max_connections"), "must be at least 1".into()));
+        }
         if let Some(other) = earlier
             .iter()
             .find(|o| o.host == host && o.path_prefix == prefix)
@@ -1280,6 +1391,7 @@ impl Ctx {
             reauth_on,
             ca_certs,
             preserve_host: r.preserve_host,
+            max_connections,
         })
     }
 
@@ -1288,7 +1400,7 @@ impl Ctx {
         let name = name.unwrap_or_else(|| "authorization".to_owned());
         let header = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| self.err(key, format!("{name:?} is not a header name")))?;
-        if crate::proxy::is_reserved_header(&header) {
+        if crate::headers::is_reserved_header(&header) {
             return Err(self.err(
                 key,
                 format!("{header} is managed by the proxy and cannot carry the token"),
@@ -1316,8 +1428,7 @@ fn valid_pool_name(name: &str) -> bool {
 }
 
 /// Two credentials writing one state file would overwrite each other's
-/// refresh tokens.
-/// The error is `(key, message)`.
+/// refresh tokens. The error is `(key, message)`.
 fn unique_state_files(
     credentials: &BTreeMap<String, Arc<CredentialConfig>>,
 ) -> Result<(), (String, String)> {
@@ -1381,6 +1492,119 @@ fn parse_url(s: &str) -> Result<Uri, String> {
     Ok(uri)
 }
 
+/// Durations in the config: strings like `"30s"`; anything else says what
+/// is expected.
+mod duration {
+    use std::fmt;
+    use std::time::Duration;
+
+    use serde::de::{self, Deserializer, Visitor};
+
+    const EXPECTED: &str = r#"a duration like "30s", "250ms", "5m""#;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Duration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+                humantime::parse_duration(v)
+                    .map_err(|_| E::custom(format!("{v:?} is not a duration: expected {EXPECTED}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Listener addresses: `ip:port`, never a host name (nothing is resolved).
+mod socket_addr {
+    use std::fmt;
+    use std::net::SocketAddr;
+
+    use serde::de::{self, Deserializer, Visitor};
+
+    const EXPECTED: &str =
+        r#"an ip:port like "127.0.0.1:8080" or "[::]:8080" (host names are not resolved)"#;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = SocketAddr;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SocketAddr, E> {
+                v.parse()
+                    .map_err(|_| E::custom(format!("{v:?} is not an address: expected {EXPECTED}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+
+    /// The same for an optional key.
+    pub mod option {
+        use std::net::SocketAddr;
+
+        use serde::de::Deserializer;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<SocketAddr>, D::Error> {
+            super::deserialize(d).map(Some)
+        }
+    }
+}
+
+/// Sizes in bytes: a number, or a string with a binary unit (`"64MiB"`).
+pub(crate) mod byte_size {
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, Visitor};
+
+    const EXPECTED: &str = r#"a size like "64MiB", "512KiB", "1GiB" or a number of bytes"#;
+
+    /// Parses `"64MiB"`, `"512 KiB"`, `"100B"`, `"100"`.
+    pub fn parse(s: &str) -> Option<usize> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: usize = num.parse().ok()?;
+        let mult: usize = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            _ => return None,
+        };
+        n.checked_mul(mult)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = usize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<usize, E> {
+                usize::try_from(v)
+                    .map_err(|_| E::custom(format!("{v} is not a size: expected {EXPECTED}")))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<usize, E> {
+                usize::try_from(v)
+                    .map_err(|_| E::custom(format!("{v} is too large: expected {EXPECTED}")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<usize, E> {
+                parse(v)
+                    .ok_or_else(|| E::custom(format!("{v:?} is not a size: expected {EXPECTED}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1422,54 +1646,12 @@ credential = "flinks"
     }
 
     #[test]
-    fn two_credentials_sharing_a_state_file_is_an_error_naming_the_key() {
-        let cred = |name: &str, file: &str| {
-            format!(
-                "[credentials.{name}]\ntoken_url = \"https://t.example/token\"\n\
-                 grant_type = \"refresh_token\"\nclient_id = \"id\"\n\
-                 refresh_token = \"rt\"\nstate_file = \"{file}\"\n"
-            )
-        };
-        let text = format!(
-            "{}{}",
-            cred("a", "state/one.json"),
-            cred("b", "state/one.json")
-        );
-        let e = parse(&text).unwrap_err().to_string();
-        assert!(e.contains("credentials.b.state_file"), "{e}");
-        assert!(e.contains("[credentials.a]"), "{e}");
-        let text = format!(
-            "{}{}",
-            cred("a", "state/one.json"),
-            cred("b", "state/two.json")
-        );
-        assert!(parse(&text).is_ok());
-    }
-
-    #[test]
-    fn show_subjects_defaults_to_off() {
-        assert!(!parse(GOOD).unwrap().show_subjects);
-        let on = format!("[admin]\nlisten = \"127.0.0.1:9901\"\nshow_subjects = true\n{GOOD}");
-        assert!(parse(&on).unwrap().show_subjects);
-    }
-
-    #[test]
-    fn cleartext_token_urls_beyond_loopback_are_flagged() {
-        let c = parse(GOOD).unwrap();
-        assert!(!c.credentials["flinks"].sends_secrets_in_clear());
-        let http = GOOD.replace("https://api.flinks.io", "http://api.flinks.io");
-        assert!(parse(&http).unwrap().credentials["flinks"].sends_secrets_in_clear());
-        for local in [
-            "http://127.0.0.1:8000",
-            "http://localhost:8000",
-            "http://[::1]:8000",
-        ] {
-            let text = GOOD.replace("https://api.flinks.io", local);
-            assert!(
-                !parse(&text).unwrap().credentials["flinks"].sends_secrets_in_clear(),
-                "{local}"
-            );
-        }
+    fn access_log_is_on_by_default_and_can_be_turned_off() {
+        assert!(parse(GOOD).unwrap().log.access);
+        let off = parse(&format!("[log]\naccess = false\n{GOOD}")).unwrap();
+        assert!(!off.log.access);
+        let e = parse(&format!("[log]\naccess = \"no\"\n{GOOD}")).unwrap_err();
+        assert!(e.to_string().contains("log.access"), "{e}");
     }
 
     #[test]
@@ -1487,6 +1669,106 @@ credential = "flinks"
         let text = format!("[server]\nrequest_timeout = \"soon\"\n{GOOD}");
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains("server.request_timeout"), "{e}");
+    }
+
+    #[test]
+    fn upstream_max_connections_defaults_and_must_be_positive() {
+        assert_eq!(
+            parse(GOOD).unwrap().routes[0].max_connections,
+            DEFAULT_UPSTREAM_MAX_CONNECTIONS
+        );
+        let c = parse(&format!("{GOOD}max_connections = 8\n")).unwrap();
+        assert_eq!(c.routes[0].max_connections, 8);
+        let e = parse(&format!("{GOOD}max_connections = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("routes.flinks.max_connections"), "{e}");
+        assert!(e.contains("at least 1"), "{e}");
+    }
+
+    #[test]
+    fn bad_durations_say_what_is_expected() {
+        for (bad, shown) in [
+            ("\"30x\"", "\"30x\""),
+            ("\"30\"", "\"30\""),
+            ("30", "integer"),
+        ] {
+            let text = format!("[server]\nidle_timeout = {bad}\n{GOOD}");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains("server.idle_timeout"), "{bad}: {e}");
+            assert!(
+                e.contains(r#"expected a duration like "30s", "250ms", "5m""#),
+                "{bad}: {e}"
+            );
+            assert!(e.contains(shown), "{bad}: {e}");
+        }
+        let text = GOOD.replace(
+            "client_id = \"id\"",
+            "client_id = \"id\"\ntoken_timeout = 5",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("credentials.flinks.token_timeout"), "{e}");
+        assert!(e.contains("expected a duration like"), "{e}");
+    }
+
+    #[test]
+    fn a_host_name_as_listen_address_names_the_key_and_asks_for_ip_port() {
+        let text = format!("[server]\nlisten = \"localhost:8080\"\n{GOOD}");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("server.listen"), "{e}");
+        assert!(e.contains("\"localhost:8080\""), "{e}");
+        assert!(e.contains("expected an ip:port"), "{e}");
+        let text = format!("[admin]\nlisten = \"localhost:9901\"\n{GOOD}");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("admin.listen"), "{e}");
+        assert!(e.contains("expected an ip:port"), "{e}");
+    }
+
+    #[test]
+    fn idle_timeout_and_replay_buffer_limit_have_defaults_and_parse() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.server.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(c.server.replay_buffer_limit, 64 * 1024 * 1024);
+        let text =
+            format!("[server]\nidle_timeout = \"300ms\"\nreplay_buffer_limit = \"512KiB\"\n{GOOD}");
+        let c = parse(&text).unwrap();
+        assert_eq!(c.server.idle_timeout, Duration::from_millis(300));
+        assert_eq!(c.server.replay_buffer_limit, 512 * 1024);
+        let c = parse(&format!("[server]\nreplay_buffer_limit = 100\n{GOOD}")).unwrap();
+        assert_eq!(c.server.replay_buffer_limit, 100);
+        for bad in ["\"64MB\"", "\"lots\"", "-1"] {
+            let text = format!("[server]\nreplay_buffer_limit = {bad}\n{GOOD}");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains("server.replay_buffer_limit"), "{bad}: {e}");
+            assert!(e.contains("expected a size like"), "{bad}: {e}");
+        }
+        let e = parse(&format!("[server]\nidle_timeout = \"0s\"\n{GOOD}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server.idle_timeout: must be greater than zero"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn strip_prefix_may_be_a_shorter_prefix_of_path_prefix() {
+        let text = GOOD.replace(
+            "credential = \"flinks\"",
+            "credential = \"flinks\"\npath_prefix = \"/deep/er\"\nstrip_prefix = \"/deep\"",
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.routes[0].strip_prefix.as_deref(), Some("/deep"));
+        for bad in ["/deeper", "/deep/er/x", "deep"] {
+            let text = GOOD.replace(
+                "credential = \"flinks\"",
+                &format!(
+                    "credential = \"flinks\"\npath_prefix = \"/deep/er\"\nstrip_prefix = \"{bad}\""
+                ),
+            );
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains("routes.flinks.strip_prefix"), "{bad}: {e}");
+        }
     }
 
     #[test]

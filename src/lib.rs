@@ -11,6 +11,8 @@
 //!   refresh task, state file; `token::grant` is the one token request
 //!   (shared with per-user pools), `token::jwt` the one JWT decoder,
 //!   `token::shared` a credential's tokens kept in the store for replicas.
+//! - [`headers`]: header policy: hop-by-hop, reserved names, X-Forwarded-*,
+//!   request ids, the request header rewrite.
 //! - [`routes`]: host + longest-prefix route table.
 //! - [`connections`]: per-user connection pools: selection, bounded cache,
 //!   single flight per connection, re-authorization.
@@ -20,7 +22,10 @@
 //!   sources; the `AppState` that swaps them on reload.
 //! - [`proxy`]: the request handler.
 //! - [`body`]: streaming request and response bodies, replay buffer.
-//! - [`upstream`]: pooled hyper-util clients over rustls.
+//! - [`access_log`]: the one line per request, written when its response
+//!   body ends.
+//! - [`upstream`]: connection pools per upstream origin (HTTP/1.1 and
+//!   HTTP/2, limits, keep-alive, reaper) and the token endpoints' client.
 //! - [`server`]: accept loops, limits, TLS, graceful shutdown.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/status`, and the
 //!   connections API.
@@ -32,11 +37,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod config;
 pub mod connections;
 pub mod error;
+pub mod headers;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -6,11 +6,14 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use flinks_proxy::config::{Config, LogFormat};
 
 /// Exit code for a config that cannot be used (sysexits EX_USAGE-style).
 const EXIT_BAD_CONFIG: u8 = 64;
+/// Exit code for a command line that cannot be used (clap's).
+const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
 #[command(
@@ -19,23 +22,58 @@ const EXIT_BAD_CONFIG: u8 = 64;
     about = "Authenticating reverse proxy for the Flinks API and OAuth 2.0 protected APIs"
 )]
 struct Cli {
-    /// Config file.
-    #[arg(
-        long,
-        short,
-        global = true,
-        env = "FLINKS_PROXY_CONFIG",
-        default_value = "proxy.toml"
-    )]
-    config: PathBuf,
+    #[command(flatten)]
+    config: ConfigPath,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
+/// `--config`, on the commands that read a config file (not on `demo`).
+#[derive(Args)]
+struct ConfigPath {
+    /// Config file [default: proxy.toml].
+    #[arg(long, short, env = "FLINKS_PROXY_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigPath {
+    /// The subcommand's `--config`, else the top-level one, else `proxy.toml`.
+    fn or(self, top: &ConfigPath) -> PathBuf {
+        self.config
+            .or_else(|| top.config.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+    }
+}
+
+/// `--config` on a command with subcommands (`store rekey`,
+/// `connections list`): accepted after the subcommand too.
+#[derive(Args)]
+struct NestedConfigPath {
+    /// Config file [default: proxy.toml].
+    #[arg(long, short, global = true, env = "FLINKS_PROXY_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+impl NestedConfigPath {
+    fn or(self, top: &ConfigPath) -> PathBuf {
+        ConfigPath {
+            config: self.config,
+        }
+        .or(top)
+    }
+}
+
+/// The config file when none is named.
+const DEFAULT_CONFIG: &str = "proxy.toml";
+
 #[derive(Subcommand)]
 enum Command {
-    /// Validate the config and the secrets it names; print routes and credentials.
-    Check,
+    /// Validate the config and the secrets it names; print the effective
+    /// server settings, routes and credentials.
+    Check {
+        #[command(flatten)]
+        config: ConfigPath,
+    },
     /// Fetch one token for a credential and describe it.
     Token {
         /// The credential's name.
@@ -43,8 +81,11 @@ enum Command {
         /// Also print the access token itself.
         #[arg(long)]
         show: bool,
+        #[command(flatten)]
+        config: ConfigPath,
     },
-    /// Start a sandbox token endpoint and API with the proxy in front, on loopback.
+    /// Start a sandbox token endpoint and API with the proxy in front, on
+    /// loopback, with a built-in config.
     Demo {
         /// Proxy listener.
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -56,14 +97,23 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         expires_in: u64,
     },
-    /// Exit 0 if the running proxy's admin `/healthz` answers 200 (container HEALTHCHECK).
-    Healthcheck,
+    /// Exit 0 if the running proxy's admin `/healthz` answers 200 (container
+    /// HEALTHCHECK). Reads only `[admin] listen` from the config.
+    Healthcheck {
+        /// The URL to ask instead, e.g. http://127.0.0.1:9901/healthz.
+        #[arg(long)]
+        url: Option<String>,
+        #[command(flatten)]
+        config: ConfigPath,
+    },
     /// Print a new store key (base64 of 32 random bytes).
     Keygen,
     /// Store maintenance.
     Store {
         #[command(subcommand)]
         command: StoreCommand,
+        #[command(flatten)]
+        config: NestedConfigPath,
     },
     /// Per-user connections, straight from the store (without the admin API).
     Connections {
@@ -73,6 +123,8 @@ enum Command {
         /// for `show` and `delete` when the config has several pools).
         #[arg(long, global = true)]
         pool: Option<String>,
+        #[command(flatten)]
+        config: NestedConfigPath,
     },
     /// Run only the sandbox (token endpoint and API), for benchmarks.
     #[command(hide = true)]
@@ -117,12 +169,17 @@ enum ConnectionsCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let top = cli.config;
     match cli.command {
-        None => run(&cli.config),
-        Some(Command::Check) => check(&cli.config),
-        Some(Command::Healthcheck) => healthcheck(&cli.config),
-        Some(Command::Token { name, show }) => token(&cli.config, &name, show),
+        None => run(&ConfigPath { config: None }.or(&top)),
+        Some(Command::Check { config }) => check(&config.or(&top)),
+        Some(Command::Healthcheck { url, config }) => healthcheck(url, &config.or(&top)),
+        Some(Command::Token { name, show, config }) => token(&config.or(&top), &name, show),
         Some(Command::Keygen) => exit(
             flinks_proxy::store::crypto::generate_key()
                 .map(|k| println!("{k}"))
@@ -130,23 +187,32 @@ fn main() -> ExitCode {
         ),
         Some(Command::Store {
             command: StoreCommand::Rekey,
-        }) => store_command(&cli.config, None, |store, _| {
+            config,
+        }) => store_command(&config.or(&top), None, |store, _| {
             Box::pin(async move {
                 let n = store.rekey().await?;
                 println!("re-sealed {n} connections under key {}", store.key_id());
                 Ok(())
             })
         }),
-        Some(Command::Connections { command, pool }) => {
-            store_command(&cli.config, pool, move |store, pool| {
-                Box::pin(connections_command(store, pool, command))
-            })
-        }
+        Some(Command::Connections {
+            command,
+            pool,
+            config,
+        }) => store_command(&config.or(&top), pool, move |store, pool| {
+            Box::pin(connections_command(store, pool, command))
+        }),
         Some(Command::Demo {
             listen,
             admin,
             expires_in,
-        }) => demo(&listen, &admin, expires_in),
+        }) => {
+            if matches.value_source("config") == Some(ValueSource::CommandLine) {
+                eprintln!("error: demo runs a built-in config; --config is not used");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            demo(&listen, &admin, expires_in)
+        }
         Some(Command::Sandbox {
             token_listen,
             api_listen,
@@ -284,6 +350,23 @@ fn check(path: &Path) -> ExitCode {
             ""
         }
     );
+    println!(
+        "server  request_timeout {}, header_read_timeout {}, idle_timeout {}, shutdown_grace {}",
+        humantime::format_duration(s.request_timeout),
+        humantime::format_duration(s.header_read_timeout),
+        humantime::format_duration(s.idle_timeout),
+        humantime::format_duration(s.shutdown_grace),
+    );
+    println!(
+        "        max_connections {}, replay_buffer_limit {} bytes, workers {}",
+        s.max_connections,
+        s.replay_buffer_limit,
+        if s.workers == 0 {
+            "one per core".to_owned()
+        } else {
+            s.workers.to_string()
+        }
+    );
     if let Some(a) = config.admin_listen {
         println!("admin   {a}");
     }
@@ -385,6 +468,9 @@ fn token(path: &Path, name: &str, show: bool) -> ExitCode {
     }))
 }
 
+/// What `/status` and errors call the demo's config.
+const DEMO_CONFIG: &str = "(built-in demo)";
+
 fn demo(listen: &str, admin: &str, expires_in: u64) -> ExitCode {
     init_logging("info", LogFormat::Text);
     exit(block_on(0, demo_inner(listen, admin, expires_in)))
@@ -442,7 +528,8 @@ connections = "users"
         scope = opts.scope,
         api = sandbox.api_url(),
     );
-    let config = Config::parse(&toml, Path::new("demo.toml")).context("demo config")?;
+    // Named for what it is: there is no file (shows in /status and errors).
+    let config = Config::parse(&toml, Path::new(DEMO_CONFIG)).context("demo config")?;
     let running = flinks_proxy::start(config)
         .await
         .context("starting the proxy")?;
@@ -604,35 +691,39 @@ fn sandbox(token_listen: &str, api_listen: &str, expires_in: u64, users: usize) 
     }))
 }
 
-fn healthcheck(path: &Path) -> ExitCode {
+fn healthcheck(url: Option<String>, path: &Path) -> ExitCode {
     use http_body_util::Empty;
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
+    let url = match url {
+        Some(u) => u,
+        None => match flinks_proxy::config::admin_listen(path) {
+            Ok(mut addr) => {
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(if addr.is_ipv4() {
+                        std::net::Ipv4Addr::LOCALHOST.into()
+                    } else {
+                        std::net::Ipv6Addr::LOCALHOST.into()
+                    });
+                }
+                format!("http://{addr}/healthz")
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+        },
     };
-    let Some(mut addr) = config.admin_listen else {
-        eprintln!("error: no admin listener configured");
-        return ExitCode::FAILURE;
-    };
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
     let healthy = block_on(1, async {
         let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
-        let uri: http::Uri = format!("http://{addr}/healthz").parse()?;
+        let uri: http::Uri = url.parse()?;
         let resp = tokio::time::timeout(Duration::from_secs(3), client.get(uri)).await??;
         Ok(resp.status() == http::StatusCode::OK)
     });
     if healthy.unwrap_or(false) {
         ExitCode::SUCCESS
     } else {
-        eprintln!("unhealthy: http://{addr}/healthz did not answer 200");
+        eprintln!("unhealthy: {url} did not answer 200");
         ExitCode::FAILURE
     }
 }

@@ -16,6 +16,9 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// The `kind` labels of `flinks_proxy_upstream_errors_total` (SPEC §7).
+pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "tls", "timeout", "protocol"];
+
 /// Label value for requests that matched no route.
 pub const NO_ROUTE: &str = "none";
 
@@ -128,6 +131,10 @@ impl Metrics {
             // Registration only fails on a duplicate; one collector per registry.
             let _ = registry.register(Box::new(pc));
         }
+        // Series alerts are written against exist from the start, at 0.
+        for outcome in ["success", "failure"] {
+            config_reloads.with_label_values(&[outcome]);
+        }
         let connections = ConnectionFamilies::register(&registry);
         Metrics {
             connections,
@@ -158,6 +165,13 @@ impl Metrics {
 
     /// Handles for one route (or [`NO_ROUTE`]).
     pub fn route(&self, route: &str) -> RouteMetrics {
+        // Every documented kind exists at 0 from the start, so alerts on a
+        // rate see a series; requests matching no route reach no upstream.
+        if route != NO_ROUTE {
+            for kind in UPSTREAM_ERROR_KINDS {
+                self.upstream_errors.with_label_values(&[route, kind]);
+            }
+        }
         RouteMetrics {
             name: route.to_owned(),
             requests: self.requests.clone(),

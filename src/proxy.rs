@@ -1,9 +1,11 @@
 //! The request handler: access → route → token → rewrite → forward →
-//! respond. [`handle`] is infallible; [`handle_inner`] returns a
+//! respond. [`handle`] is infallible; `handle_inner` returns a
 //! [`ProxyError`] that becomes the JSON error of SPEC §6 in one place.
 //!
 //! Bodies stream both ways; a request body of at most 64 KiB is buffered
-//! when the route replays on `reauth_on`. This module does not own
+//! when the route replays on `reauth_on` and the global replay budget
+//! allows, and the response body carries the `idle_timeout` timer (see
+//! `body`). Header policy is `headers`'; this module does not own
 //! connections (see `server`) or tokens (see `token`).
 
 use std::convert::Infallible;
@@ -11,27 +13,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderName};
-use http::uri::PathAndQuery;
+use http::header;
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
-use crate::body::{ProxyBody, RequestBody, REPLAY_LIMIT};
+use crate::access_log::{self, AccessLog, ResponseFacts};
+use crate::body::{Activity, Idle, ProxyBody, RequestBody, REPLAY_LIMIT};
 use crate::connections::{Conn, Pool, Rejected};
 use crate::error::ProxyError;
+use crate::headers::{self, Forwarding, X_REQUEST_ID};
 use crate::runtime::{AppState, Route, RouteTokens, Runtime};
 use crate::token::{Rejection, Token};
-use crate::upstream::{ErrorKind, UpstreamBody};
-
-/// `x-request-id`.
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-/// Longest client request id kept; longer ones are replaced.
-const MAX_REQUEST_ID_LEN: usize = 128;
+use crate::upstream::{ErrorKind, Sent, UpstreamBody};
 
 /// What the handler knows about the connection a request came on; made
 /// once per connection.
@@ -43,6 +37,8 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The client's address as an `X-Forwarded-For` value.
     forwarded_for: HeaderValue,
+    /// When bytes last moved on any body of this connection.
+    pub activity: Arc<Activity>,
 }
 
 impl ConnInfo {
@@ -54,88 +50,9 @@ impl ConnInfo {
             tls,
             forwarded_for: HeaderValue::from_str(&ip)
                 .unwrap_or(HeaderValue::from_static("unknown")),
+            activity: Activity::new(),
         }
     }
-}
-
-/// Headers the proxy manages itself; a route cannot put its token in them.
-pub fn is_reserved_header(name: &HeaderName) -> bool {
-    is_hop_by_hop(name)
-        || name == header::HOST
-        || name == header::PROXY_AUTHORIZATION
-        || name == header::CONTENT_LENGTH
-        || name == X_REQUEST_ID
-        || name == X_FORWARDED_FOR
-        || name == X_FORWARDED_PROTO
-        || name == X_FORWARDED_HOST
-}
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-}
-
-/// Removes hop-by-hop headers: the fixed set and those `Connection` lists.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Names listed in Connection, removed by `&str` (no allocation). Each
-    // value is cloned first (shared bytes, no copy) because the map cannot
-    // stay borrowed while names are removed from it.
-    let listed = headers.get_all(header::CONNECTION).iter().count();
-    for i in 0..listed {
-        let Some(value) = headers.get_all(header::CONNECTION).iter().nth(i).cloned() else {
-            break;
-        };
-        for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
-            // `close` and `keep-alive` are options, not header names (and
-            // Keep-Alive goes below anyway).
-            if !token.is_empty()
-                && !token.eq_ignore_ascii_case("close")
-                && !token.eq_ignore_ascii_case("keep-alive")
-                && !token.eq_ignore_ascii_case("connection")
-            {
-                headers.remove(token);
-            }
-        }
-    }
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
-}
-
-/// The client's request id if sane (printable ASCII without spaces, at most
-/// 128 bytes), else a new random one.
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(&X_REQUEST_ID) {
-        let b = v.as_bytes();
-        if !b.is_empty() && b.len() <= MAX_REQUEST_ID_LEN && b.iter().all(|c| c.is_ascii_graphic())
-        {
-            return v.clone();
-        }
-    }
-    new_request_id()
-}
-
-fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let n: u128 = rand::random();
-    let mut buf = [0u8; 32];
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = HEX[((n >> (i * 4)) & 0xf) as usize];
-    }
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// The host a request is routed by: the authority of an absolute-form or
@@ -159,16 +76,50 @@ fn strip_port(authority: &str) -> &str {
 }
 
 /// A path that could climb out of a route's prefix once the upstream
-/// normalises it (`/api/../admin`), plain or percent-encoded.
+/// normalises it (`/api/../admin`): `.` or `..` segments, plain or
+/// percent-encoded, with a `;` path parameter (`..;x`, which Tomcat-style
+/// servers read as `..`), or between backslashes or encoded slashes
+/// (`..\`, `%2e%2e%2f`, `%5c`), which many servers treat as `/`.
 fn has_dot_segments(path: &str) -> bool {
-    path.split('/').any(|seg| {
-        seg == "."
-            || seg == ".."
-            || (seg.len() <= 6 && seg.contains('%') && {
-                let lower = seg.to_ascii_lowercase().replace("%2e", ".");
-                lower == "." || lower == ".."
-            })
+    // Fast path: nothing that could spell a dot segment.
+    if !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
+        return false;
+    }
+    let decoded = decode_path_delimiters(path);
+    decoded.split(['/', '\\']).any(|seg| {
+        let seg = seg.split(';').next().unwrap_or(seg);
+        seg == "." || seg == ".."
     })
+}
+
+/// `path` with the percent-encodings of `.`, `/`, `\` and `;` decoded
+/// (any case); everything else as is.
+fn decode_path_delimiters(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 3).map(str::to_ascii_lowercase);
+        let decoded = match code.as_deref() {
+            Some("2e") => Some('.'),
+            Some("2f") => Some('/'),
+            Some("5c") => Some('\\'),
+            Some("3b") => Some(';'),
+            _ => None,
+        };
+        match decoded {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[i + 3..];
+            }
+            None => {
+                out.push('%');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Refuses targets the proxy will not route, and returns the routing host.
@@ -214,11 +165,11 @@ pub async fn handle(
     let start = Instant::now();
     let _inflight = Inflight::enter(&state.metrics.inflight);
     let runtime = state.runtime.load_full();
-    let rid = request_id(req.headers());
-    // The log line needs the method and path after the request is consumed;
-    // copy them only when the line will be written.
-    let log_line = tracing::enabled!(tracing::Level::INFO);
-    let target = log_line.then(|| (req.method().clone(), req.uri().clone()));
+    let rid = headers::request_id(req.headers());
+    // The access log needs the method and path after the request is
+    // consumed; copy them only when the line will be written.
+    let logged = (runtime.config.log.access && access_log::enabled())
+        .then(|| access_log::RequestFacts::new(&req));
     let mut done = Done::default();
     let mut resp = match handle_inner(&runtime, &conn, req, &rid, &mut done).await {
         Ok(resp) => resp,
@@ -235,24 +186,23 @@ pub async fn handle(
         }
     };
     let status = resp.status().as_u16();
-    let elapsed = start.elapsed();
     let route_metrics = done
         .route
         .as_ref()
         .map_or(&runtime.unrouted, |r| &r.metrics);
     route_metrics.count(status);
-    route_metrics.duration.observe(elapsed.as_secs_f64());
-    if let Some((method, uri)) = target {
-        tracing::info!(
-            request_id = rid.to_str().unwrap_or(""),
-            route = done.route.as_ref().map_or("", |r| r.name.as_str()),
-            method = %method,
-            path = uri.path(),
+    route_metrics
+        .duration
+        .observe(start.elapsed().as_secs_f64());
+    if let Some(request) = logged {
+        let response = ResponseFacts {
             status,
-            upstream_ms = done.upstream.map(|d| d.as_secs_f64() * 1e3),
-            total_ms = elapsed.as_secs_f64() * 1e3,
-            "request"
-        );
+            headers: resp.headers(),
+            from_upstream: matches!(resp.body(), ProxyBody::Upstream(..)),
+            upstream: done.upstream,
+        };
+        let line = AccessLog::new(start, request, rid.clone(), done.route, response);
+        resp = resp.map(|body| body.with_access_log(line));
     }
     resp.headers_mut().insert(X_REQUEST_ID.clone(), rid);
     Ok(resp)
@@ -307,77 +257,101 @@ async fn handle_inner(
 
     let (mut parts, body) = req.into_parts();
     let (token, picked) = token_for(route, &mut parts.headers, deadline).await?;
+    let (method, uri, headers) = upstream_head(route, conn, parts, rid)?;
+    let body = if route.reauth_on.is_empty() {
+        RequestBody::streaming(body, &conn.activity)
+    } else {
+        // Boxed: reading ahead for a replay is the rarer case.
+        Box::pin(replay_body(rt, conn, body, deadline)).await?
+    };
+    let activity = body.activity();
+    // Only a body prepared for replay (reauth_on set, at most 64 KiB,
+    // within the replay budget) clones.
+    let replay = body.try_clone();
+    let started = Instant::now();
+    // An HTTP/1.1 upstream gives the request's head back with its answer;
+    // for any other, a copy is made now in case of a replay.
+    let replay_head = replay
+        .as_ref()
+        .filter(|_| !route.upstream.gives_request_back())
+        .map(|_| (method.clone(), uri.clone(), headers.clone()));
+    let mut resp = send(route, method, uri, headers, body, &token, deadline).await;
+    // The head to replay with: the copy made above, or the one an HTTP/1.1
+    // upstream gave back with its answer.
+    let mut again = None;
+    let rejected = match &mut resp {
+        Ok(sent) if route.reauth_on.contains(&sent.response.status()) => {
+            let head = replay_head.or_else(|| {
+                let p = sent.request.take()?;
+                Some((p.method, p.uri, p.headers))
+            });
+            again = replay.zip(head);
+            true
+        }
+        _ => false,
+    };
+    if rejected {
+        // Boxed: the rare second attempt would otherwise double the space
+        // every request's future takes.
+        match Box::pin(after_rejection(
+            route, picked, &token, resp, again, deadline,
+        ))
+        .await
+        {
+            Ok(r) => resp = r,
+            Err(passed) => return Ok(passed),
+        }
+    }
+    done.upstream = Some(started.elapsed());
+    let resp = resp?.response;
+    let (mut parts, body) = resp.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    let idle = Idle::new(rt.idle_timeout, activity);
+    Ok(Response::from_parts(parts, ProxyBody::Upstream(body, idle)))
+}
 
+/// The upstream request's method, URI and headers (SPEC §5 rewrite).
+fn upstream_head(
+    route: &Route,
+    conn: &ConnInfo,
+    parts: http::request::Parts,
+    rid: &HeaderValue,
+) -> Result<(Method, Uri, HeaderMap), ProxyError> {
     let original_host = match parts.uri.authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
         None => parts.headers.get(header::HOST).cloned(),
     };
-    let uri = upstream_uri(route, &parts.uri)?;
-    let mut headers = parts.headers;
-    rewrite_headers(&mut headers, route, conn, original_host, rid);
-    let method = parts.method;
+    let (authority, host) = upstream_authority(route, original_host.as_ref())?;
+    let uri = upstream_uri(route, &parts.uri, authority)?;
+    let headers = headers::rewrite_request(
+        parts.headers,
+        &Forwarding {
+            host: &host,
+            original_host: original_host.as_ref(),
+            peer: &conn.forwarded_for,
+            tls: conn.tls,
+            request_id: rid,
+        },
+    );
+    Ok((parts.method, uri, headers))
+}
 
-    let body = if route.reauth_on.is_empty() {
-        RequestBody::Streaming {
-            head: None,
-            rest: body,
-        }
-    } else {
-        tokio::time::timeout_at(deadline.into(), RequestBody::prepare(body))
-            .await
-            .map_err(|_| ProxyError::UpstreamTimeout)?
-            .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?
-    };
-    // Only a body prepared for replay (reauth_on set, at most 64 KiB) clones.
-    let replay = body.try_clone();
-    let started = Instant::now();
-    let replay_head = replay
-        .as_ref()
-        .map(|_| (method.clone(), uri.clone(), headers.clone()));
-    let mut resp = send(route, method, uri, headers, body, &token, deadline).await;
-    if let Ok(r) = &resp {
-        if route.reauth_on.contains(&r.status()) {
-            match (&route.tokens, picked) {
-                (RouteTokens::Pool(pool), Some(conn)) => {
-                    let answer = resp?;
-                    let again = replay.zip(replay_head);
-                    let can_replay = again.is_some();
-                    match pooled_rejection(pool, &conn, &token, answer, deadline, can_replay).await
-                    {
-                        Err(passed) => return Ok(passed),
-                        Ok(fresh) => {
-                            // `Ok` comes only when a replay is possible.
-                            resp = Err(ProxyError::BadRequest("the request cannot be replayed"));
-                            if let Some((body, (method, uri, headers))) = again {
-                                route.metrics.replays.inc();
-                                resp =
-                                    send(route, method, uri, headers, body, &fresh, deadline).await;
-                            }
-                        }
-                    }
-                }
-                // A fresh token's rejection is the upstream's answer: passed through.
-                (RouteTokens::Credential(source), _) => {
-                    if source.reject(&token) != Rejection::IgnoredFresh {
-                        if let (Some(body), Some((method, uri, headers))) = (replay, replay_head) {
-                            if let Ok(fresh) = source.get(deadline).await {
-                                route.metrics.replays.inc();
-                                resp =
-                                    send(route, method, uri, headers, body, &fresh, deadline).await;
-                            }
-                        }
-                    }
-                }
-                (RouteTokens::Pool(_), None) => {}
-            }
-        }
-    }
-    done.upstream = Some(started.elapsed());
-    let resp = resp?;
-    let (mut parts, body) = resp.into_parts();
-    remove_hop_by_hop(&mut parts.headers);
-    parts.version = Version::HTTP_11;
-    Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+/// The request body read ahead for a replay (within the global replay
+/// budget, else streamed).
+async fn replay_body(
+    rt: &Runtime,
+    conn: &ConnInfo,
+    body: Incoming,
+    deadline: Instant,
+) -> Result<RequestBody, ProxyError> {
+    tokio::time::timeout_at(
+        deadline.into(),
+        RequestBody::prepare(body, &rt.replay_budget, &conn.activity),
+    )
+    .await
+    .map_err(|_| ProxyError::UpstreamTimeout)?
+    .map_err(|_| ProxyError::BadRequest("the request body could not be read"))
 }
 
 /// The route's token: its credential's, or that of the connection the
@@ -390,20 +364,69 @@ async fn token_for(
     match &route.tokens {
         RouteTokens::Credential(source) => match source.usable() {
             Some(t) => Ok((t, None)),
-            None => source.get(deadline).await.map(|t| (t, None)).map_err(|u| {
-                ProxyError::TokenUnavailable {
+            // Boxed: waiting for a token is rare and its future large.
+            None => Box::pin(source.get(deadline))
+                .await
+                .map(|t| (t, None))
+                .map_err(|u| ProxyError::TokenUnavailable {
                     credential: source.config().name.clone(),
                     reason: u.reason,
                     retry_after: u.retry_after,
-                }
-            }),
+                }),
         },
         RouteTokens::Pool(pool) => {
             let id = crate::connections::select(headers, &pool.config().select_header)?;
-            let (conn, token) = pool.token(id.as_str(), deadline.into()).await?;
+            // Boxed: the pool's lookup future is large, and the handler's
+            // future is moved for every request.
+            let (conn, token) = Box::pin(pool.token(id.as_str(), deadline.into())).await?;
             Ok((token, Some(conn)))
         }
     }
+}
+
+/// A request's head and replayable body, for a second attempt.
+type Replay = (RequestBody, (Method, Uri, HeaderMap));
+
+/// A `reauth_on` answer: the rejected token is dropped (unless too young to
+/// drop again) and the request replayed once with a new one when it can be;
+/// otherwise the answer stands. A pooled route may instead pass the answer
+/// through at once, e.g. when the user's consent is gone: that is the `Err`.
+async fn after_rejection(
+    route: &Route,
+    picked: Option<Arc<Conn>>,
+    token: &Arc<Token>,
+    resp: Result<Sent, ProxyError>,
+    again: Option<Replay>,
+    deadline: Instant,
+) -> Result<Result<Sent, ProxyError>, Response<ProxyBody>> {
+    let fresh = match (&route.tokens, picked) {
+        (RouteTokens::Pool(pool), Some(conn)) => {
+            let answer = match resp {
+                Ok(sent) => sent.response,
+                Err(e) => return Ok(Err(e)),
+            };
+            pooled_rejection(pool, &conn, token, answer, deadline, again.is_some()).await?
+        }
+        (RouteTokens::Credential(source), _) => {
+            // A fresh token's rejection is the upstream's answer.
+            if source.reject(token) == Rejection::IgnoredFresh || again.is_none() {
+                return Ok(resp);
+            }
+            match source.get(deadline).await {
+                Ok(fresh) => fresh,
+                Err(_) => return Ok(resp),
+            }
+        }
+        (RouteTokens::Pool(_), None) => return Ok(resp),
+    };
+    // A pooled route hands out a new token only when a replay is possible.
+    let Some((body, (method, uri, headers))) = again else {
+        return Ok(Err(ProxyError::BadRequest(
+            "the request cannot be replayed",
+        )));
+    };
+    route.metrics.replays.inc();
+    Ok(send(route, method, uri, headers, body, &fresh, deadline).await)
 }
 
 /// A pooled route's `reauth_on` answer: the token to replay with, or the
@@ -419,7 +442,7 @@ async fn pooled_rejection(
     replay: bool,
 ) -> Result<Arc<Token>, Response<ProxyBody>> {
     let (mut parts, body) = answer.into_parts();
-    remove_hop_by_hop(&mut parts.headers);
+    headers::remove_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
     let collected = tokio::time::timeout_at(
         deadline.into(),
@@ -451,7 +474,7 @@ async fn send(
     body: RequestBody,
     token: &Token,
     deadline: Instant,
-) -> Result<Response<UpstreamBody>, ProxyError> {
+) -> Result<Sent, ProxyError> {
     headers.insert(route.header.clone(), token.header_value(&route.auth_scheme));
     let mut req = Request::new(body);
     *req.method_mut() = method;
@@ -481,9 +504,28 @@ async fn send(
     }
 }
 
-/// The upstream URI: upstream origin + base path + request path (minus
+/// The authority of the upstream request and the `Host` that goes with it:
+/// the upstream's, or with `preserve_host` the client's. Both are the same
+/// so that an HTTP/2 upstream sees `:authority` equal to `Host` (RFC 9113
+/// §8.3.1); which connection the request uses is the route's choice, not
+/// the URI's.
+fn upstream_authority(
+    route: &Route,
+    original_host: Option<&HeaderValue>,
+) -> Result<(Authority, HeaderValue), ProxyError> {
+    match original_host {
+        Some(h) if route.preserve_host => {
+            let authority = Authority::try_from(h.as_bytes())
+                .map_err(|_| ProxyError::BadRequest("the Host header is not a valid authority"))?;
+            Ok((authority, h.clone()))
+        }
+        _ => Ok((route.authority.clone(), route.host_header.clone())),
+    }
+}
+
+/// The upstream URI: `authority` + base path + request path (minus
 /// `strip_prefix`) + query. The client's scheme and authority are ignored.
-fn upstream_uri(route: &Route, inbound: &Uri) -> Result<Uri, ProxyError> {
+fn upstream_uri(route: &Route, inbound: &Uri, authority: Authority) -> Result<Uri, ProxyError> {
     let path = inbound.path();
     let path = match &route.strip_prefix {
         Some(p) if path.starts_with(p.as_str()) => &path[p.len()..],
@@ -509,15 +551,14 @@ fn upstream_uri(route: &Route, inbound: &Uri) -> Result<Uri, ProxyError> {
     };
     Uri::builder()
         .scheme(route.scheme.clone())
-        .authority(route.authority.clone())
+        .authority(authority)
         .path_and_query(pq)
         .build()
         .map_err(|_| ProxyError::BadRequest("invalid request target"))
 }
 
-/// Request header rewrite: hop-by-hop and client credentials out; Host,
-/// X-Forwarded-* and x-request-id in. The token header is set by `send`.
-/// Public for the benchmarks.
+/// Request header rewrite as the handler does it (see
+/// [`headers::rewrite_request`]), for the benchmarks.
 pub fn rewrite_headers(
     headers: &mut HeaderMap,
     route: &Route,
@@ -525,88 +566,25 @@ pub fn rewrite_headers(
     original_host: Option<HeaderValue>,
     rid: &HeaderValue,
 ) {
-    // hyper sizes the map for the headers it parsed; make room for the five
-    // the proxy adds at once rather than growing (rehashing) several times.
-    headers.reserve(6);
-    remove_hop_by_hop(headers);
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(header::PROXY_AUTHORIZATION);
-    match (&original_host, route.preserve_host) {
-        (Some(h), true) => {
-            headers.insert(header::HOST, h.clone());
-        }
-        _ => {
-            headers.insert(header::HOST, route.host_header.clone());
-        }
-    }
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => {
-            let peer = conn.forwarded_for.to_str().unwrap_or("unknown");
-            HeaderValue::from_str(&format!("{prev}, {peer}")).ok()
-        }
-        None => Some(conn.forwarded_for.clone()),
+    let host = match (&original_host, route.preserve_host) {
+        (Some(h), true) => h.clone(),
+        _ => route.host_header.clone(),
     };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    *headers = headers::rewrite_request(
+        std::mem::take(headers),
+        &Forwarding {
+            host: &host,
+            original_host: original_host.as_ref(),
+            peer: &conn.forwarded_for,
+            tls: conn.tls,
+            request_id: rid,
+        },
     );
-    match original_host {
-        Some(h) => {
-            headers.insert(X_FORWARDED_HOST.clone(), h);
-        }
-        None => {
-            headers.remove(&X_FORWARDED_HOST);
-        }
-    }
-    headers.insert(X_REQUEST_ID.clone(), rid.clone());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_and_listed_ones_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-secret-hop"),
-        );
-        h.insert("x-secret-hop", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(header::TRAILER, HeaderValue::from_static("x"));
-        h.insert("x-keep", HeaderValue::from_static("1"));
-        h.append(header::CONNECTION, HeaderValue::from_static("X-Second-Hop"));
-        h.insert("x-second-hop", HeaderValue::from_static("1"));
-        remove_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert!(h.contains_key("x-keep"));
-    }
-
-    #[test]
-    fn request_ids_are_kept_when_sane() {
-        let mut h = HeaderMap::new();
-        h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&h), "abc-123");
-        h.insert(&X_REQUEST_ID, HeaderValue::from_static("has space"));
-        let fresh = request_id(&h);
-        assert_eq!(fresh.len(), 32);
-        h.insert(
-            &X_REQUEST_ID,
-            HeaderValue::from_str(&"a".repeat(200)).unwrap(),
-        );
-        assert_eq!(request_id(&h).len(), 32);
-        assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
-    }
 
     #[test]
     fn ports_are_stripped_from_hosts() {
@@ -625,5 +603,30 @@ mod tests {
         assert!(!has_dot_segments("/api/v1.2/x"));
         assert!(!has_dot_segments("/api/..."));
         assert!(!has_dot_segments("/"));
+        assert!(!has_dot_segments("/files/a%2Fb"));
+        assert!(!has_dot_segments("/a/%2e%2e%2e/b"));
+        assert!(!has_dot_segments("/a/..x;/b"));
+        assert!(!has_dot_segments("/50%25/x"));
+    }
+
+    #[test]
+    fn dot_segments_hidden_by_path_parameters_backslashes_and_encodings_are_detected() {
+        for path in [
+            "/api/..;/admin",
+            "/api/..;jsessionid=1/admin",
+            "/api/.;/x",
+            "/api/..\\admin",
+            "/api\\..\\admin",
+            "/api/.%2e/admin",
+            "/api/%2e%2e%3b/admin",
+            "/api/%2E%2E%3Bx/admin",
+            "/api/..%2fadmin",
+            "/api%2f..%2fadmin",
+            "/api/..%5cadmin",
+            "/api%5C..",
+            "/api/%2e",
+        ] {
+            assert!(has_dot_segments(path), "{path}");
+        }
     }
 }

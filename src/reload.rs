@@ -54,6 +54,11 @@ pub fn apply(state: &AppState, config: Config) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     state.runtime.store(Arc::new(new));
+    let current = state.runtime.load();
+    let used = current.route_list.iter();
+    state
+        .upstreams
+        .retain(used.map(|r| (&r.upstream, r.config.max_connections)));
     state
         .runtime
         .load()

@@ -21,6 +21,7 @@ use ipnet::IpNet;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
+use crate::body::ReplayBudget;
 use crate::config::{AuthScheme, Config, RouteAuth, RouteConfig};
 use crate::connections::Pool;
 use crate::error::ProxyError;
@@ -140,6 +141,10 @@ pub struct Runtime {
     pub unrouted: RouteMetrics,
     /// Until the upstream's response headers.
     pub request_timeout: Duration,
+    /// No body bytes moving for this long ends an exchange.
+    pub idle_timeout: Duration,
+    /// Bytes all replay buffers of this generation may hold at once.
+    pub replay_budget: Arc<ReplayBudget>,
     /// Stops this generation's new refresh tasks (carried-over ones keep
     /// their own tokens).
     pub(crate) cancels: BTreeMap<String, CancellationToken>,
@@ -202,7 +207,12 @@ impl Runtime {
             }
             .ok_or_else(|| BuildError(format!("routes.{}: unknown {}", r.name, r.auth)))?;
             let upstream = upstreams
-                .get(&r.upstream_scheme, &r.upstream_authority, &r.ca_certs)
+                .get(
+                    &r.upstream_scheme,
+                    &r.upstream_authority,
+                    &r.ca_certs,
+                    r.max_connections,
+                )
                 .map_err(|e| BuildError(format!("routes.{}.upstream: {e}", r.name)))?;
             let host_header = HeaderValue::from_str(r.upstream_authority.as_str())
                 .map_err(|_| BuildError(format!("routes.{}.upstream: bad authority", r.name)))?;
@@ -246,6 +256,8 @@ impl Runtime {
                 .map(tokio_rustls::TlsAcceptor::from),
             unrouted: metrics.route(NO_ROUTE),
             request_timeout: config.server.request_timeout,
+            idle_timeout: config.server.idle_timeout,
+            replay_budget: ReplayBudget::new(config.server.replay_buffer_limit),
             cancels,
             config,
         })

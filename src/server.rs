@@ -1,27 +1,32 @@
 //! The accept loops: connection limit, TLS handshake, HTTP/1.1 and HTTP/2
-//! (ALPN on TLS, prior knowledge on plain TCP), header read timeout, and
+//! (ALPN on TLS, prior knowledge on plain TCP), header read timeout, idle
+//! connections closed after `idle_timeout` (HTTP/2 with GOAWAY), and
 //! graceful shutdown (stop accepting, let in-flight requests finish, GOAWAY).
 //!
 //! Serving a request is `proxy`'s job; this module only owns connections.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::body::ProxyBody;
+use crate::body::{Activity, BoxError, ProxyBody};
 use crate::proxy::ConnInfo;
 use crate::runtime::AppState;
 
@@ -48,7 +53,6 @@ pub async fn serve_proxy(
 ) {
     let max = state.runtime.load().config.server.max_connections;
     let limit = Arc::new(Semaphore::new(max));
-    let graceful = GracefulShutdown::new();
     loop {
         let permit = tokio::select! {
             p = Arc::clone(&limit).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -68,45 +72,28 @@ pub async fn serve_proxy(
         };
         let runtime = state.runtime.load();
         let tls = runtime.tls.clone();
-        let header_read_timeout = runtime.config.server.header_read_timeout;
+        let limits = Limits {
+            header_read_timeout: runtime.config.server.header_read_timeout,
+            idle_timeout: runtime.config.server.idle_timeout,
+        };
         drop(runtime);
-        let state = Arc::clone(&state);
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _ = stream.set_nodelay(true);
-            let deadline = Instant::now() + header_read_timeout;
-            let conn = Arc::new(ConnInfo::new(peer, tls.is_some()));
-            let service_state = Arc::clone(&state);
-            let make = move |seen: Arc<AtomicBool>| {
-                service_fn(move |req: Request<Incoming>| {
-                    seen.store(true, Ordering::Relaxed);
-                    crate::proxy::handle(Arc::clone(&service_state), Arc::clone(&conn), req)
-                })
-            };
-            match tls {
-                None => {
-                    serve_connection(stream, make, header_read_timeout, deadline, watcher).await
-                }
-                Some(acceptor) => {
-                    match tokio::time::timeout_at(deadline.into(), acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            serve_connection(tls, make, header_read_timeout, deadline, watcher)
-                                .await
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                }
-            }
-        });
+        tokio::spawn(serve_accepted(
+            stream,
+            peer,
+            tls,
+            Arc::clone(&state),
+            limits,
+            shutdown.clone(),
+            permit,
+        ));
     }
     drop(listener);
-    tracing::info!(
-        connections = graceful.count(),
-        "stopped accepting; draining"
-    );
-    if tokio::time::timeout(grace, graceful.shutdown())
+    let open = max - limit.available_permits();
+    tracing::info!(connections = open, "stopped accepting; draining");
+    // Every connection holds a permit until it ends: all permits back means
+    // all connections are done.
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    if tokio::time::timeout(grace, limit.acquire_many(all))
         .await
         .is_err()
     {
@@ -114,34 +101,253 @@ pub async fn serve_proxy(
     }
 }
 
-/// Serves one connection with HTTP/1.1 or HTTP/2. The connection is dropped
-/// if no request head arrived by `deadline` (covers idle connections and
-/// half-sent HTTP/2 prefaces, which hyper's HTTP/1 header timeout does not).
-async fn serve_connection<I, M, S, F>(
-    io: I,
-    make: M,
+/// One accepted connection: TLS handshake (within `header_read_timeout`),
+/// then HTTP until it ends; `permit` is its connection slot.
+async fn serve_accepted(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<AppState>,
+    limits: Limits,
+    shutdown: CancellationToken,
+    permit: OwnedSemaphorePermit,
+) {
+    let _permit = permit;
+    let _ = stream.set_nodelay(true);
+    let deadline = Instant::now()
+        .checked_add(limits.header_read_timeout)
+        .unwrap_or_else(far_future);
+    let conn = Arc::new(ConnInfo::new(peer, tls.is_some()));
+    let counters = Arc::new(Counters::new());
+    let watch = ConnWatch {
+        limits,
+        deadline,
+        counters: Arc::clone(&counters),
+        activity: Arc::clone(&conn.activity),
+        shutdown,
+    };
+    let service = service_fn(move |req: Request<Incoming>| {
+        let open = Counted::enter(&counters, Counter::Open);
+        let bodies = Arc::clone(&counters);
+        let activity = Arc::clone(&conn.activity);
+        let handled = crate::proxy::handle(Arc::clone(&state), Arc::clone(&conn), req);
+        async move {
+            let resp = handled.await?;
+            activity.touch();
+            let sending = Counted::enter(&bodies, Counter::Bodies);
+            Ok::<_, Infallible>(resp.map(|body| ServedBody {
+                body,
+                activity,
+                _sending: sending,
+                _open: open,
+            }))
+        }
+    });
+    match tls {
+        None => serve_connection(stream, service, watch).await,
+        Some(acceptor) => {
+            match tokio::time::timeout_at(deadline.into(), acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => serve_connection(tls, service, watch).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+/// An instant no timer reaches (for durations too large to add).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86400 * 365)
+}
+
+/// Per-connection time limits, read from the config when it is accepted.
+#[derive(Clone, Copy)]
+struct Limits {
     header_read_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+/// What ends a connection besides its peer: no first request head by
+/// `deadline`, no open request for `idle_timeout`, response bodies on which
+/// nothing moved for `idle_timeout`, or shutdown.
+struct ConnWatch {
+    limits: Limits,
     deadline: Instant,
-    watcher: Watcher,
-) where
+    /// Requests open and response bodies being sent.
+    counters: Arc<Counters>,
+    /// When bytes last moved on a body of this connection, either way.
+    activity: Arc<Activity>,
+    shutdown: CancellationToken,
+}
+
+/// A connection's counters. Updated on every request without waking the
+/// watchdog: its timers re-arm themselves lazily from these values (a timer
+/// reset and a task wake-up per request cost more than the request's own
+/// header rewrite).
+struct Counters {
+    /// Requests open (from their head to the end of their response body).
+    open: AtomicUsize,
+    /// Response bodies being sent.
+    bodies: AtomicUsize,
+    /// Requests seen so far (any at all ends the first-request deadline).
+    seen: AtomicBool,
+    /// When the last open request ended.
+    idle_since: Arc<Activity>,
+}
+
+#[derive(Clone, Copy)]
+enum Counter {
+    Open,
+    Bodies,
+}
+
+impl Counters {
+    fn new() -> Counters {
+        Counters {
+            open: AtomicUsize::new(0),
+            bodies: AtomicUsize::new(0),
+            seen: AtomicBool::new(false),
+            idle_since: Activity::new(),
+        }
+    }
+
+    fn get(&self, which: Counter) -> &AtomicUsize {
+        match which {
+            Counter::Open => &self.open,
+            Counter::Bodies => &self.bodies,
+        }
+    }
+}
+
+/// Counts itself in one of a connection's counters while it lives: a
+/// request open (the connection is idle while none is), or a response body
+/// being sent.
+struct Counted(Arc<Counters>, Counter);
+
+impl Counted {
+    fn enter(counters: &Arc<Counters>, which: Counter) -> Counted {
+        counters.get(which).fetch_add(1, Ordering::Relaxed);
+        if let Counter::Open = which {
+            counters.seen.store(true, Ordering::Relaxed);
+        }
+        Counted(Arc::clone(counters), which)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let before = self.0.get(self.1).fetch_sub(1, Ordering::Relaxed);
+        if let (Counter::Open, 1) = (self.1, before) {
+            self.0.idle_since.touch();
+        }
+    }
+}
+
+/// A response body that keeps its request counted as open, and moves the
+/// connection's activity clock as it is sent.
+struct ServedBody {
+    body: ProxyBody,
+    activity: Arc<Activity>,
+    _sending: Counted,
+    _open: Counted,
+}
+
+impl Body for ServedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if polled.is_ready() {
+            this.activity.touch();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Resolves once no request has been open on the connection for `timeout`.
+async fn idle_for(counters: Arc<Counters>, timeout: Duration) {
+    let Some(mut at) = tokio::time::Instant::now().checked_add(timeout) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep_until(at).await;
+        let now = tokio::time::Instant::now();
+        let next = if counters.open.load(Ordering::Relaxed) == 0 {
+            match counters.idle_since.last().checked_add(timeout) {
+                Some(t) if t <= now => return,
+                t => t,
+            }
+        } else {
+            now.checked_add(timeout)
+        };
+        match next {
+            Some(t) => at = t,
+            None => return std::future::pending().await,
+        }
+    }
+}
+
+/// Resolves once response bodies are being sent and no bytes moved on any
+/// body of the connection for `timeout`: the upstream went silent, or the
+/// client stopped reading (then hyper stops polling the body, so the body's
+/// own timer cannot fire).
+async fn stalled_for(counters: Arc<Counters>, activity: Arc<Activity>, timeout: Duration) {
+    let Some(mut at) = tokio::time::Instant::now().checked_add(timeout) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep_until(at).await;
+        let now = tokio::time::Instant::now();
+        let next = if counters.bodies.load(Ordering::Relaxed) > 0 {
+            match activity.last().checked_add(timeout) {
+                Some(t) if t <= now => return,
+                t => t,
+            }
+        } else {
+            now.checked_add(timeout)
+        };
+        match next {
+            Some(t) => at = t,
+            None => return std::future::pending().await,
+        }
+    }
+}
+
+/// Serves one connection with HTTP/1.1 or HTTP/2 until the peer closes it,
+/// or closes it: dropped if no request head arrived by `watch.deadline`
+/// (covers idle connections and half-sent HTTP/2 prefaces, which hyper's
+/// HTTP/1 header timeout does not); shut down gracefully (HTTP/2 GOAWAY)
+/// when idle for `idle_timeout` or at shutdown.
+async fn serve_connection<I, S, F>(io: I, service: S, watch: ConnWatch)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    M: FnOnce(Arc<AtomicBool>) -> S,
     S: hyper::service::Service<
             Request<Incoming>,
-            Response = Response<ProxyBody>,
-            Error = std::convert::Infallible,
+            Response = Response<ServedBody>,
+            Error = Infallible,
             Future = F,
         > + Send
         + 'static,
-    F: Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send + 'static,
+    F: Future<Output = Result<Response<ServedBody>, Infallible>> + Send + 'static,
 {
-    let seen = Arc::new(AtomicBool::new(false));
-    let service = make(Arc::clone(&seen));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
+        .header_read_timeout(watch.limits.header_read_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS)
         .keep_alive(true);
@@ -155,19 +361,47 @@ async fn serve_connection<I, M, S, F>(
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .into_owned();
-    let conn = watcher.watch(conn);
     tokio::pin!(conn);
-    let first_request_deadline = async {
-        tokio::time::sleep_until(deadline.into()).await;
-        if seen.load(Ordering::Relaxed) {
+    let seen_request = Arc::clone(&watch.counters);
+    let first_request_deadline = async move {
+        tokio::time::sleep_until(watch.deadline.into()).await;
+        if seen_request.seen.load(Ordering::Relaxed) {
             std::future::pending::<()>().await;
         }
     };
-    tokio::select! {
-        r = &mut conn => if let Err(e) = r {
-            tracing::debug!(error = %e, "connection ended with an error");
-        },
-        _ = first_request_deadline => tracing::debug!("no request head within header_read_timeout; closing"),
+    tokio::pin!(first_request_deadline);
+    let idle = idle_for(Arc::clone(&watch.counters), watch.limits.idle_timeout);
+    tokio::pin!(idle);
+    let stalled = stalled_for(watch.counters, watch.activity, watch.limits.idle_timeout);
+    tokio::pin!(stalled);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = &mut first_request_deadline, if !closing => {
+                tracing::debug!("no request head within header_read_timeout; closing");
+                return;
+            }
+            _ = &mut stalled => {
+                // Responses are incomplete: close rather than drain.
+                tracing::debug!("no body bytes moved for idle_timeout; closing the connection");
+                return;
+            }
+            _ = &mut idle, if !closing => {
+                tracing::debug!("connection idle for idle_timeout; closing");
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = watch.shutdown.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
     }
 }
 

@@ -1,39 +1,68 @@
 //! Connections to upstreams and token endpoints over hyper-rustls: verified
 //! TLS only (webpki roots plus `ca_file`), HTTP/1.1 or HTTP/2 by ALPN.
 //!
-//! Forwarded requests go through an [`Upstream`]: a small pool of hyper
-//! connections per origin. An HTTP/1.1 connection goes back to the pool the
-//! moment its response body ends (no task per request to watch for that),
-//! and a pooled connection the upstream closed before the request was
-//! written is retried once on a fresh one. An HTTP/2 upstream gets one
-//! multiplexed connection. Pools are kept in an [`UpstreamCache`] across
-//! reloads, so a reload does not throw away warm connections. Token
-//! requests, a few per hour, use hyper-util's pooled client
+//! Forwarded requests go through an [`Upstream`]: the pool of connections
+//! to one origin.
+//!
+//! - **Limit.** At most `max_connections` (the route key) connections are
+//!   open per pool; a checkout at the limit waits for one to come back or
+//!   close, bounded by the caller's request deadline (`capacity`).
+//! - **HTTP/1.1** (`h1`): the proxy's own client (`conn` drives a
+//!   connection, `wire` parses httparse-strict responses), run in the task
+//!   of the request that uses it: no connection task and no channel per
+//!   exchange. A connection returns to the pool the moment its response
+//!   body ends and its request body is sent; a request on a pooled
+//!   connection the upstream had closed is retried once on a fresh one; an
+//!   exchange whose client left is finished in the background to keep its
+//!   connection.
+//! - **HTTP/2** (`h2`, on hyper): a short list of multiplexed connections with PING
+//!   keep-alive; one connect at a time (a cold burst waits for it), another
+//!   connection when all are at the peer's `MAX_CONCURRENT_STREAMS`, and a
+//!   stream the upstream refused unprocessed is sent once more elsewhere.
+//! - **Idle** connections are closed after [`POOL_IDLE_TIMEOUT`] by a reaper
+//!   task the [`UpstreamCache`] owns. The cache keeps pools across reloads
+//!   (warm connections survive) and drops those no route uses any more.
+//!
+//! Token requests, a few per hour, use hyper-util's pooled client
 //! ([`build_client`]). This module does not decide what to send; `proxy` and
 //! `token` do.
 
-use std::collections::{HashMap, VecDeque};
+mod capacity;
+mod conn;
+mod h1;
+mod h2;
+mod wire;
+
+use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::CertificateDer;
+use tokio::sync::Notify;
 use tower_service::Service;
 
 use crate::body::RequestBody;
+use capacity::Capacity;
+use conn::WireBody;
+use h1::{Abandoned, H1Conn, IdleList, ReturnTo};
+use h2::{H2Conn, H2List, Pick, Stream};
+
+pub use h2::PING_ANSWER_GRACE;
 
 /// Idle upstream connections are kept this long: shorter than the usual
 /// 60-120 s keep-alive of servers and load balancers, so the proxy stops
@@ -44,9 +73,43 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 pub const POOL_MAX_IDLE_PER_HOST: usize = 1024;
 /// TCP connect bound; the overall bound is `request_timeout`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// An HTTP/2 connection that received nothing for this long is sent a PING
+/// (also while idle, so a dead idle connection is found before a request
+/// needs it). Well inside the default 30 s `request_timeout`.
+pub const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// An unanswered PING closes the connection after this long: a black-holed
+/// upstream is found within interval + timeout (15 s), not when TCP gives up
+/// (minutes), and a healthy one answers within milliseconds.
+pub const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The pool's timers. The constants above in production; tests shorten them
+/// with [`UpstreamCache::set_timings`].
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct PoolTimings {
+    /// See [`POOL_IDLE_TIMEOUT`].
+    pub idle_timeout: Duration,
+    /// See [`H2_KEEP_ALIVE_INTERVAL`].
+    pub h2_keep_alive_interval: Duration,
+    /// See [`H2_KEEP_ALIVE_TIMEOUT`].
+    pub h2_keep_alive_timeout: Duration,
+}
+
+impl Default for PoolTimings {
+    fn default() -> Self {
+        PoolTimings {
+            idle_timeout: POOL_IDLE_TIMEOUT,
+            h2_keep_alive_interval: H2_KEEP_ALIVE_INTERVAL,
+            h2_keep_alive_timeout: H2_KEEP_ALIVE_TIMEOUT,
+        }
+    }
+}
 
 /// hyper-util's pooled client, used for token requests.
 pub type HttpClient<B> = Client<HttpsConnector<HttpConnector>, B>;
+
+/// A connection's I/O, TLS or not.
+type Io = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
 
 fn connector(
     extra_roots: &[CertificateDer<'static>],
@@ -86,25 +149,54 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// What makes two routes share a pool: trust roots and origin.
 type PoolKey = (Vec<CertificateDer<'static>>, Scheme, Authority);
+type Pools = Mutex<HashMap<PoolKey, Arc<Upstream>>>;
 
 /// Upstream pools by origin and trust roots, shared by routes and kept
-/// across reloads.
-#[derive(Default)]
+/// across reloads; owns the reaper task that closes idle connections.
 pub struct UpstreamCache {
-    pools: Mutex<HashMap<PoolKey, Arc<Upstream>>>,
+    pools: Arc<Pools>,
+    timings: Arc<ArcSwap<PoolTimings>>,
+    /// Wakes the reaper to pick up new timings.
+    timings_changed: Arc<Notify>,
+    reaper: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Default for UpstreamCache {
+    fn default() -> Self {
+        UpstreamCache {
+            pools: Arc::default(),
+            timings: Arc::new(ArcSwap::from_pointee(PoolTimings::default())),
+            timings_changed: Arc::default(),
+            reaper: Mutex::new(None),
+        }
+    }
+}
+
+impl Drop for UpstreamCache {
+    fn drop(&mut self) {
+        if let Some(task) = lock(&self.reaper).take() {
+            task.abort();
+        }
+    }
 }
 
 impl UpstreamCache {
     /// The pool for this origin and these extra roots, made on first use.
+    /// Routes sharing a pool share its connection limit, the largest of
+    /// theirs: the pool serves them all, and a smaller limit from one route
+    /// would throttle the others.
     pub fn get(
         &self,
         scheme: &Scheme,
         authority: &Authority,
         extra_roots: &[CertificateDer<'static>],
+        max_connections: usize,
     ) -> Result<Arc<Upstream>, String> {
+        self.spawn_reaper();
         let key = (extra_roots.to_vec(), scheme.clone(), authority.clone());
         let mut pools = lock(&self.pools);
         if let Some(u) = pools.get(&key) {
+            u.cap.raise_max(max_connections);
             return Ok(Arc::clone(u));
         }
         let origin = Uri::builder()
@@ -116,32 +208,129 @@ impl UpstreamCache {
         let u = Arc::new(Upstream {
             origin,
             connector: connector(extra_roots)?,
-            idle: Mutex::new(VecDeque::new()),
-            h2: Mutex::new(None),
+            timings: Arc::clone(&self.timings),
+            cap: Capacity::new(max_connections),
+            idle: IdleList::default(),
+            h2: H2List::default(),
+            // Plain TCP is HTTP/1.1 (no h2c towards upstreams); TLS says by ALPN.
+            protocol: AtomicU8::new(if *scheme == Scheme::HTTP {
+                Protocol::Http1 as u8
+            } else {
+                Protocol::Unknown as u8
+            }),
+            retired: AtomicBool::new(false),
+            drains: AtomicUsize::new(0),
         });
         pools.insert(key, Arc::clone(&u));
         Ok(u)
     }
+
+    /// After a reload: keeps the pools the current routes use, each with the
+    /// largest limit of its routes, and drops every other pool, closing its
+    /// idle connections (exchanges in flight finish, then close).
+    pub fn retain<'a>(&self, used: impl IntoIterator<Item = (&'a Arc<Upstream>, usize)>) {
+        let mut limits: Vec<(&Arc<Upstream>, usize)> = Vec::new();
+        for (u, max) in used {
+            match limits.iter_mut().find(|(k, _)| Arc::ptr_eq(k, u)) {
+                Some((_, m)) => *m = (*m).max(max),
+                None => limits.push((u, max)),
+            }
+        }
+        lock(&self.pools).retain(|_, u| match limits.iter().find(|(k, _)| Arc::ptr_eq(k, u)) {
+            Some((_, max)) => {
+                u.cap.set_max(*max);
+                true
+            }
+            None => {
+                tracing::debug!(upstream = %u.origin, "no route uses this upstream any more; pool dropped");
+                u.retire();
+                false
+            }
+        });
+    }
+
+    /// Replaces the pool timers (tests); new connections and the reaper's
+    /// next round use them.
+    #[doc(hidden)]
+    pub fn set_timings(&self, timings: PoolTimings) {
+        self.timings.store(Arc::new(timings));
+        self.timings_changed.notify_one();
+    }
+
+    /// Starts the reaper on first use (inside a runtime).
+    fn spawn_reaper(&self) {
+        let mut reaper = lock(&self.reaper);
+        if reaper.is_some() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pools = Arc::downgrade(&self.pools);
+        let timings = Arc::clone(&self.timings);
+        let changed = Arc::clone(&self.timings_changed);
+        *reaper = Some(handle.spawn(async move {
+            loop {
+                let idle_timeout = timings.load().idle_timeout;
+                // A connection is closed at most a quarter of the timeout late.
+                let period = (idle_timeout / 4).max(Duration::from_millis(10));
+                tokio::select! {
+                    () = tokio::time::sleep(period) => {}
+                    () = changed.notified() => continue,
+                }
+                let Some(pools) = pools.upgrade() else {
+                    return;
+                };
+                let list: Vec<Arc<Upstream>> = lock(&pools).values().cloned().collect();
+                drop(pools);
+                for u in list {
+                    u.reap(idle_timeout);
+                }
+            }
+        }));
+    }
+}
+
+/// What an origin spoke on its last new connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Protocol {
+    Unknown = 0,
+    Http1 = 1,
+    Http2 = 2,
 }
 
 /// The connections to one upstream origin.
 pub struct Upstream {
     origin: Uri,
     connector: HttpsConnector<HttpConnector>,
-    /// HTTP/1.1 connections waiting for a request; most recent at the back.
-    idle: Mutex<VecDeque<IdleConn>>,
-    /// The shared connection, when the upstream speaks HTTP/2.
-    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    timings: Arc<ArcSwap<PoolTimings>>,
+    cap: Arc<Capacity>,
+    /// HTTP/1.1 connections waiting for a request.
+    idle: IdleList,
+    /// HTTP/2 connections.
+    h2: H2List,
+    /// Until known, new connections are made one at a time (an HTTP/2
+    /// origin needs just one).
+    protocol: AtomicU8,
+    /// No route uses it any more: returning connections are closed.
+    retired: AtomicBool,
+    /// Exchanges being finished in the background after their client left.
+    drains: AtomicUsize,
 }
 
-struct IdleConn {
-    sender: http1::SendRequest<RequestBody>,
-    since: Instant,
+/// A connection ready for one request.
+enum Checkout {
+    H1(H1Conn),
+    H2(Stream),
 }
 
-enum Sender {
-    H1(http1::SendRequest<RequestBody>),
-    H2(http2::SendRequest<RequestBody>),
+/// What one look for a connection found.
+enum Attempt {
+    /// A connection, and whether it was reused.
+    Got(Checkout, bool),
+    /// Nothing free; when waiting on another checkout's connect, its epoch.
+    Wait(Option<u64>),
 }
 
 /// Why an exchange with the upstream failed.
@@ -168,6 +357,27 @@ impl SendError {
         }
     }
 
+    /// The same error, and a handle to hand it to others too.
+    fn share(self) -> (SendError, Arc<dyn StdError + Send + Sync>) {
+        let shared: Arc<dyn StdError + Send + Sync> = Arc::from(self.source);
+        let e = SendError {
+            kind: self.kind,
+            client_body: self.client_body,
+            source: Box::new(Arc::clone(&shared)),
+        };
+        (e, shared)
+    }
+
+    /// An HTTP/1.1 exchange's failure.
+    fn wire(e: conn::ExchangeError) -> SendError {
+        let client_body = matches!(e, conn::ExchangeError::ClientBody(_));
+        SendError {
+            kind: ErrorKind::scan(&e).unwrap_or(ErrorKind::Protocol),
+            client_body,
+            source: Box::new(e),
+        }
+    }
+
     fn exchange(e: hyper::Error) -> SendError {
         // hyper reports a failing request body as a "user body" error whose
         // cause is the inbound connection's own hyper::Error.
@@ -180,91 +390,219 @@ impl SendError {
     }
 }
 
+/// A failed attempt, and the request back when it may be sent again.
+struct Failed {
+    error: SendError,
+    /// The request, when the upstream never processed it.
+    retry: Option<Request<RequestBody>>,
+    /// The upstream refused it (HTTP/2): retry even on a fresh connection.
+    refused: bool,
+}
+
+/// A response from an upstream, and the request's head when the exchange
+/// gave it back.
+#[derive(Debug)]
+pub struct Sent {
+    /// The response; its body streams.
+    pub response: Response<UpstreamBody>,
+    /// The request's method, URI (origin-form) and headers, from an
+    /// HTTP/1.1 exchange (written, no longer needed): a replay needs no copy
+    /// made in advance. `None` from HTTP/2.
+    pub request: Option<http::request::Parts>,
+}
+
 impl Upstream {
     /// Sends a request (absolute URI) and returns the response head; the
     /// body streams, and the connection returns to the pool when it ends.
-    pub async fn send(
-        self: &Arc<Self>,
-        mut req: Request<RequestBody>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        let absolute = req.uri().clone();
+    ///
+    /// Sent again once, on another connection, when a pooled connection
+    /// turned out closed before the request was written, or when an HTTP/2
+    /// upstream refused the stream unprocessed.
+    pub async fn send(self: &Arc<Self>, mut req: Request<RequestBody>) -> Result<Sent, SendError> {
         let mut retried = false;
         loop {
-            let (sender, reused) = self.checkout().await?;
-            let result = match sender {
-                Sender::H2(mut s) => {
-                    *req.uri_mut() = absolute.clone();
-                    s.try_send_request(req)
-                        .await
-                        .map(|r| r.map(|b| UpstreamBody { body: b, ret: None }))
-                }
-                Sender::H1(mut s) => {
-                    // HTTP/1.1 origin-form: the path, not the absolute URI.
-                    if let Some(pq) = absolute.path_and_query() {
-                        *req.uri_mut() = Uri::from(pq.clone());
-                    }
-                    let exchange = Box::pin(s.try_send_request(req));
-                    let mut guard = Abandoned {
-                        exchange: Some(exchange),
-                        ret: Some(ReturnTo {
-                            upstream: Arc::clone(self),
-                            sender: s,
-                        }),
-                    };
-                    let result = match guard.exchange.as_mut() {
-                        Some(exchange) => exchange.await,
-                        None => unreachable!("set above"),
-                    };
-                    guard.exchange = None;
-                    match result {
-                        Ok(r) => Ok(r.map(|b| UpstreamBody {
-                            body: b,
-                            ret: guard.ret.take(),
-                        })),
-                        Err(e) => Err(e),
-                    }
-                }
+            let (checkout, reused) = self.checkout().await?;
+            let failed = match checkout {
+                // Boxed: hyper's HTTP/2 exchange future is large, and would be
+                // moved with every request's future, HTTP/1.1 ones too.
+                Checkout::H2(stream) => Box::pin(self.send_h2(stream, req)).await,
+                Checkout::H1(conn) => self.send_h1(conn, req, reused).await,
             };
-            match result {
+            let f = match failed {
                 Ok(resp) => return Ok(resp),
-                Err(mut e) => match e.take_message() {
-                    // Not written: a pooled connection closed under us.
-                    // Once, on a new connection.
-                    Some(r) if reused && !retried => {
-                        tracing::debug!(upstream = %self.origin, "pooled connection was closed; retrying on a new one");
-                        lock(&self.h2).take();
-                        retried = true;
-                        req = r;
-                    }
-                    _ => return Err(SendError::exchange(e.into_error())),
-                },
-            }
-        }
-    }
-
-    /// A ready connection: the HTTP/2 one, the most recently used idle
-    /// HTTP/1.1 one, or a new one. `true` when reused.
-    async fn checkout(&self) -> Result<(Sender, bool), SendError> {
-        if let Some(s) = lock(&self.h2).as_ref().filter(|s| !s.is_closed()) {
-            return Ok((Sender::H2(s.clone()), true));
-        }
-        loop {
-            let Some(mut conn) = lock(&self.idle).pop_back() else {
-                break;
+                Err(f) => f,
             };
-            if conn.sender.is_closed() || conn.since.elapsed() > POOL_IDLE_TIMEOUT {
-                continue;
-            }
-            // It was put back when its last response body ended; the
-            // connection task may not have caught up yet.
-            if conn.sender.ready().await.is_ok() {
-                return Ok((Sender::H1(conn.sender), true));
+            match f.retry {
+                Some(r) if !retried && (reused || f.refused) => {
+                    tracing::debug!(upstream = %self.origin, refused = f.refused, "request not processed; sending it once more");
+                    retried = true;
+                    req = r;
+                }
+                _ => return Err(f.error),
             }
         }
-        self.connect().await.map(|s| (s, false))
     }
 
-    async fn connect(&self) -> Result<Sender, SendError> {
+    async fn send_h2(
+        &self,
+        mut stream: Stream,
+        mut req: Request<RequestBody>,
+    ) -> Result<Sent, Failed> {
+        // The URI's own authority is kept (`:authority` must match what the
+        // proxy chose for `Host`); only a relative URI gets the pool's.
+        if req.uri().authority().is_none() {
+            let mut parts = req.uri().clone().into_parts();
+            parts.scheme = self.origin.scheme().cloned();
+            parts.authority = self.origin.authority().cloned();
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+        let copy = replay_copy(&req);
+        let result = stream.sender().try_send_request(req).await;
+        stream.settle();
+        match result {
+            Ok(resp) => Ok(Sent {
+                response: resp.map(|body| UpstreamBody {
+                    inner: Inner::H2 {
+                        body,
+                        _stream: stream,
+                    },
+                }),
+                request: None,
+            }),
+            Err(mut e) => {
+                let not_written = e.take_message();
+                let e = e.into_error();
+                let refused = h2::is_refused(&e);
+                if not_written.is_some() || refused {
+                    stream.evict();
+                }
+                Err(Failed {
+                    retry: not_written.or(if refused { copy } else { None }),
+                    refused,
+                    error: SendError::exchange(e),
+                })
+            }
+        }
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        conn: H1Conn,
+        mut req: Request<RequestBody>,
+        reused: bool,
+    ) -> Result<Sent, Failed> {
+        // HTTP/1.1 origin-form: the path, not the absolute URI.
+        if req.uri().authority().is_some() {
+            if let Some(pq) = req.uri().path_and_query() {
+                *req.uri_mut() = Uri::from(pq.clone());
+            }
+        }
+        let (wire, ret) = conn.lend(self);
+        let mut guard = Abandoned {
+            exchange: Some(Box::pin(wire.exchange(req, reused))),
+            ret: Some(ret),
+        };
+        let result = match guard.exchange.as_mut() {
+            Some(exchange) => exchange.await,
+            None => unreachable!("set above"),
+        };
+        guard.exchange = None;
+        match (result, guard.ret.take()) {
+            (Ok((head, decoder, wire, request)), Some(ret)) => Ok(Sent {
+                response: head.map(|()| UpstreamBody {
+                    inner: Inner::H1(WireBody::new(wire, decoder, ret)),
+                }),
+                request: Some(request),
+            }),
+            (Ok(_), None) => unreachable!("the guard keeps its loan until here"),
+            (Err(f), _) => Err(Failed {
+                error: SendError::wire(f.error),
+                retry: f.retry,
+                refused: false,
+            }),
+        }
+    }
+
+    /// A connection for one request: a stream on an HTTP/2 connection with
+    /// room, the most recently used idle HTTP/1.1 one, or a new one; at the
+    /// connection limit, waits for one of those. `true` when reused.
+    async fn checkout(self: &Arc<Self>) -> Result<(Checkout, bool), SendError> {
+        loop {
+            // The common case takes no lock on the wait list.
+            if let Attempt::Got(c, reused) = self.attempt().await? {
+                return Ok((c, reused));
+            }
+            let changed = self.cap.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let connect_epoch = match self.attempt().await? {
+                Attempt::Got(c, reused) => return Ok((c, reused)),
+                Attempt::Wait(epoch) => epoch,
+            };
+            changed.await;
+            // The connect we waited for failed: its error is ours too (as
+            // Envoy fails the requests queued on a connection).
+            if let Some(e) = connect_epoch.and_then(|e| self.h2.failure_since(e)) {
+                return Err(e);
+            }
+        }
+    }
+
+    /// One look for a connection, connecting if the pool may.
+    async fn attempt(&self) -> Result<Attempt, SendError> {
+        match self.h2.pick(&self.cap) {
+            Pick::Stream(s) => return Ok(Attempt::Got(Checkout::H2(s), true)),
+            Pick::Wait(epoch) => return Ok(Attempt::Wait(Some(epoch))),
+            Pick::Full => {}
+        }
+        let timings = **self.timings.load();
+        if let Some(conn) = self.idle.take(timings.idle_timeout) {
+            return Ok(Attempt::Got(Checkout::H1(conn), true));
+        }
+        // Boxed: connecting (TCP, TLS, handshake) is rare and its future
+        // large; inline it would be moved with every request's future.
+        if let Some(checkout) = Box::pin(self.try_connect()).await? {
+            return Ok(Attempt::Got(checkout, false));
+        }
+        // At the limit: share an HTTP/2 connection past the peer's stream
+        // limit (hyper queues), or wait for a connection.
+        Ok(match self.h2.least_loaded(&self.cap) {
+            Some(s) => Attempt::Got(Checkout::H2(s), true),
+            None => Attempt::Wait(None),
+        })
+    }
+
+    /// A new connection, unless the pool is at its limit or (for an origin
+    /// that may speak HTTP/2) another checkout is already connecting:
+    /// `None`, and the caller waits.
+    async fn try_connect(&self) -> Result<Option<Checkout>, SendError> {
+        let Some(slot) = self.cap.try_acquire() else {
+            return Ok(None);
+        };
+        if self.protocol.load(Ordering::Relaxed) == Protocol::Http1 as u8 {
+            return self.connect(slot).await.map(Some);
+        }
+        let Some(connecting) = self.h2.begin_connect(&self.cap) else {
+            return Ok(None);
+        };
+        match self.connect(slot).await {
+            Ok(checkout) => {
+                connecting.succeed();
+                Ok(Some(checkout))
+            }
+            Err(e) => {
+                let (e, shared) = e.share();
+                connecting.fail(e.kind, shared);
+                Err(e)
+            }
+        }
+    }
+
+    /// Connects, handshakes by ALPN, and for HTTP/2 adds the connection to
+    /// the list with a stream reserved for the caller.
+    async fn connect(&self, slot: capacity::Slot) -> Result<Checkout, SendError> {
         let io = self
             .connector
             .clone()
@@ -272,153 +610,108 @@ impl Upstream {
             .await
             .map_err(SendError::connect)?;
         if io.connected().is_negotiated_h2() {
-            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .handshake(io)
+            self.protocol
+                .store(Protocol::Http2 as u8, Ordering::Relaxed);
+            let timings = **self.timings.load();
+            let max_streams = self.h2.expected_max_streams();
+            let conn = H2Conn::handshake(io, slot, &timings, max_streams)
                 .await
                 .map_err(SendError::exchange)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                }
-            });
-            *lock(&self.h2) = Some(sender.clone());
-            Ok(Sender::H2(sender))
+            Ok(Checkout::H2(self.h2.add(conn, &self.cap)))
         } else {
-            let (sender, conn) = http1::Builder::new()
-                .handshake(io)
-                .await
-                .map_err(SendError::exchange)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-            });
-            Ok(Sender::H1(sender))
+            self.protocol
+                .store(Protocol::Http1 as u8, Ordering::Relaxed);
+            Ok(Checkout::H1(H1Conn::new(io, slot)))
         }
     }
 
-    fn put_back(&self, sender: http1::SendRequest<RequestBody>) {
-        if sender.is_closed() {
+    /// Pools a connection whose exchange is over, unless it cannot take
+    /// another request (closed, or its request body is still being sent
+    /// after an early answer: it closes once the upload ends) or the pool
+    /// no longer wants it.
+    fn put_back(&self, conn: H1Conn) {
+        if !conn.is_reusable() || self.retired.load(Ordering::Relaxed) || self.cap.is_over() {
             return;
         }
-        let now = Instant::now();
-        let mut idle = lock(&self.idle);
-        while idle
-            .front()
-            .is_some_and(|c| now.duration_since(c.since) > POOL_IDLE_TIMEOUT)
-        {
-            idle.pop_front();
+        self.idle.put(conn, POOL_MAX_IDLE_PER_HOST);
+        self.cap.changed.notify_one();
+    }
+
+    /// Closes idle connections past `idle_timeout` (the reaper).
+    fn reap(&self, idle_timeout: Duration) {
+        let closed = self.idle.reap(idle_timeout) + self.h2.reap(idle_timeout);
+        if closed > 0 {
+            tracing::debug!(upstream = %self.origin, closed, "idle upstream connections closed");
         }
-        if idle.len() >= POOL_MAX_IDLE_PER_HOST {
-            idle.pop_front();
-        }
-        idle.push_back(IdleConn { sender, since: now });
+    }
+
+    /// No route uses this pool any more.
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        self.idle.clear();
+        self.h2.clear();
+    }
+
+    /// Whether [`Upstream::send`] gives the request's head back ([`Sent`]):
+    /// the origin speaks HTTP/1.1, as far as is known.
+    pub fn gives_request_back(&self) -> bool {
+        self.protocol.load(Ordering::Relaxed) == Protocol::Http1 as u8
     }
 
     /// Idle HTTP/1.1 connections now (for tests and `/status`).
     pub fn idle_connections(&self) -> usize {
-        lock(&self.idle).len()
+        self.idle.len()
+    }
+
+    /// Connections open now, HTTP/1.1 and HTTP/2, idle or busy.
+    pub fn open_connections(&self) -> usize {
+        self.cap.open()
+    }
+
+    /// HTTP/2 connections taking new streams (for tests).
+    pub fn http2_connections(&self) -> usize {
+        self.h2.len()
+    }
+
+    /// HTTP/1.1 exchanges being finished in the background because their
+    /// client left, to keep their connections (for tests).
+    pub fn pending_drains(&self) -> usize {
+        self.drains.load(Ordering::Relaxed)
     }
 }
 
-struct ReturnTo {
-    upstream: Arc<Upstream>,
-    sender: http1::SendRequest<RequestBody>,
-}
-
-/// Most that is read, after the client went away, of a response nobody will
-/// see, to keep its connection: small API answers, not downloads.
-const DRAIN_LIMIT: usize = 64 * 1024;
-/// How long an abandoned exchange may take to finish in the background.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Finishes an HTTP/1.1 exchange in the background when the request that
-/// started it is dropped (its client went away), so the connection goes
-/// back to the pool instead of being closed; a load balancer's health checks
-/// or a client's timeouts otherwise churn upstream connections.
-struct Abandoned<F: Exchange> {
-    exchange: Option<Pin<Box<F>>>,
-    ret: Option<ReturnTo>,
-}
-
-/// The future of an HTTP/1.1 request sent on a pooled connection.
-trait Exchange:
-    std::future::Future<
-        Output = Result<
-            Response<Incoming>,
-            hyper::client::conn::TrySendError<Request<RequestBody>>,
-        >,
-    > + Send
-    + 'static
-{
-}
-
-impl<F> Exchange for F where
-    F: std::future::Future<
-            Output = Result<
-                Response<Incoming>,
-                hyper::client::conn::TrySendError<Request<RequestBody>>,
-            >,
-        > + Send
-        + 'static
-{
-}
-
-impl<F: Exchange> Drop for Abandoned<F> {
-    fn drop(&mut self) {
-        let (Some(exchange), Some(ret)) = (self.exchange.take(), self.ret.take()) else {
-            return;
-        };
-        spawn_drain(
-            async move { exchange.await.ok().map(Response::into_body) },
-            ret,
-        );
-    }
-}
-
-/// Spawns: wait for the body, read at most [`DRAIN_LIMIT`] of it within
-/// [`DRAIN_TIMEOUT`], and return the connection if it ended.
-fn spawn_drain<F>(body: F, ret: ReturnTo)
-where
-    F: std::future::Future<Output = Option<Incoming>> + Send + 'static,
-{
-    let Ok(handle) = tokio::runtime::Handle::try_current() else {
-        return;
+/// A copy of a request whose body can be sent again (buffered, or empty),
+/// for a retry after a refused HTTP/2 stream.
+fn replay_copy(req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
+    let body = match req.body().try_clone() {
+        Some(b) => b,
+        None if req.body().is_end_stream() => RequestBody::Buffered(None, None),
+        None => return None,
     };
-    handle.spawn(async move {
-        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            let mut body = body.await?;
-            let mut read = 0usize;
-            while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-                read += frame.ok()?.data_ref().map_or(0, Bytes::len);
-                if read > DRAIN_LIMIT {
-                    return None;
-                }
-            }
-            Some(())
-        })
-        .await;
-        if let Ok(Some(())) = drained {
-            ret.upstream.put_back(ret.sender);
-        }
-    });
+    let mut copy = Request::new(body);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
 }
 
-/// An upstream response body; gives its connection back to the pool when
-/// it ends. Dropped early, the connection is closed instead (its unread
-/// bytes make it unusable).
+/// An upstream response body. HTTP/1.1: read off the connection in the
+/// reader's task; the connection goes back to the pool when the body ends,
+/// and a body dropped early (its client left) is read to its end in the
+/// background, within bounds, so its connection can go back too. HTTP/2:
+/// hyper's stream, holding its place on the connection until dropped.
 pub struct UpstreamBody {
-    body: Incoming,
-    ret: Option<ReturnTo>,
+    inner: Inner,
 }
 
-impl UpstreamBody {
-    fn release(&mut self) {
-        if let Some(r) = self.ret.take() {
-            r.upstream.put_back(r.sender);
-        }
-    }
+enum Inner {
+    H1(WireBody<ReturnTo>),
+    H2 {
+        body: Incoming,
+        /// Held for its drop: the stream's place on its connection.
+        _stream: Stream,
+    },
 }
 
 impl fmt::Debug for UpstreamBody {
@@ -429,33 +722,29 @@ impl fmt::Debug for UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn StdError + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            this.release();
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match &mut self.get_mut().inner {
+            Inner::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::H2 { body, .. } => Pin::new(body).poll_frame(cx).map_err(Into::into),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.inner {
+            Inner::H1(b) => b.is_end_stream(),
+            Inner::H2 { body, .. } => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        if self.body.is_end_stream() {
-            self.release();
+        match &self.inner {
+            Inner::H1(b) => b.size_hint(),
+            Inner::H2 { body, .. } => body.size_hint(),
         }
     }
 }

@@ -309,3 +309,125 @@ credential = "flinks"
         }
     }
 }
+
+#[test]
+fn check_prints_the_effective_server_settings() {
+    let dir = TempDir::new();
+    let toml = config_with(
+        "listen = \"127.0.0.1:0\"\n[admin]",
+        "listen = \"127.0.0.1:0\"\nidle_timeout = \"45s\"\nreplay_buffer_limit = \"1MiB\"\nmax_connections = 77\n[admin]",
+    );
+    let path = dir.write("proxy.toml", toml).display().to_string();
+    let (code, stdout, stderr) = run_binary(&["check", "--config", &path], &[(SECRET_VAR, SECRET)]);
+    assert_eq!(code, 0, "stdout {stdout}\nstderr {stderr}");
+    for needle in [
+        "request_timeout 30s",
+        "header_read_timeout 10s",
+        "idle_timeout 45s",
+        "shutdown_grace 30s",
+        "max_connections 77",
+        "replay_buffer_limit 1048576 bytes",
+        "workers one per core",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "check does not show {needle:?}:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn a_host_name_as_listen_address_is_refused_asking_for_ip_port() {
+    assert_refused(
+        &config_with("listen = \"127.0.0.1:0\"", "listen = \"localhost:8080\""),
+        &[(SECRET_VAR, SECRET)],
+        "server.listen",
+        "expected an ip:port",
+    );
+}
+
+#[test]
+fn demo_has_no_config_flag() {
+    let (code, _, stderr) = run_binary(&["demo", "--config", "x.toml"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--config"), "{stderr}");
+    let (code, _, stderr) = run_binary(&["--config", "x.toml", "demo"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--config is not used"), "{stderr}");
+}
+
+#[tokio::test]
+async fn demo_status_names_the_built_in_config() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(binary())
+        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .env_remove("FLINKS_PROXY_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("demo starts");
+    let stdout = child.stdout.take().expect("stdout");
+    // The banner names the admin address; read it off the thread pool.
+    let admin = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.trim().strip_prefix("admin").map(|a| a.trim().to_owned()))
+    });
+    let admin = tokio::time::timeout(Duration::from_secs(30), admin).await;
+    let admin = admin.ok().and_then(|r| r.ok().flatten());
+    let status = match &admin {
+        Some(a) => Some(get(&format!("{a}/status")).await),
+        None => None,
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let status = status.expect("the demo printed its admin address");
+    assert_eq!(status.status, 200, "{}", status.text());
+    assert_eq!(status.json()["config"], "(built-in demo)");
+}
+
+/// A config whose secret variable is not set: only `[admin] listen` matters
+/// to `healthcheck`.
+fn config_for_healthcheck(admin: std::net::SocketAddr) -> String {
+    config_with(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!("[admin]\nlisten = \"{admin}\""),
+    )
+}
+
+#[tokio::test]
+async fn healthcheck_needs_only_the_admin_address_or_a_url() {
+    let sb = sandbox().await;
+    let p = start_proxy(&config_toml(&sb, "")).await;
+    let admin = p.admin_addr().expect("admin listener");
+    let dir = TempDir::new();
+    let path = dir
+        .write("proxy.toml", config_for_healthcheck(admin))
+        .display()
+        .to_string();
+    let url = admin_url(&p, "/healthz");
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}/healthz", l.local_addr().expect("addr"))
+    };
+    // The binary is run off the runtime that serves the proxy.
+    let down_url = closed.clone();
+    let results = tokio::task::spawn_blocking(move || {
+        [
+            run_binary(&["healthcheck", "--config", &path], &[]),
+            run_binary(&["healthcheck", "--url", &url], &[]),
+            run_binary(&["healthcheck", "--url", &down_url], &[]),
+        ]
+    })
+    .await
+    .expect("healthchecks ran");
+    let [by_file, by_url, down] = results;
+    assert_eq!(by_file.0, 0, "{by_file:?}");
+    assert_eq!(by_url.0, 0, "{by_url:?}");
+    assert_eq!(down.0, 1, "{down:?}");
+    assert!(down.2.contains(&closed), "{down:?}");
+}

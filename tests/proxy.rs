@@ -356,6 +356,57 @@ async fn get_carries_the_token_and_drops_client_credentials_and_hop_by_hop_heade
 }
 
 #[tokio::test]
+async fn every_x_forwarded_for_header_is_kept_in_order_and_forwarded_is_removed() {
+    let sb = sandbox().await;
+    let p = start_proxy(&config_toml(&sb, "")).await;
+    let (status, text) = raw_request(
+        p.proxy_addr(),
+        "GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.1\r\n\
+         Forwarded: for=6.6.6.6;host=evil.example;proto=https\r\n\
+         X-Forwarded-For: 10.0.0.2, 10.0.0.3\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let up = sb.recorded().pop().expect("one request upstream");
+    assert_eq!(
+        recorded_header(&up, "x-forwarded-for"),
+        ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"]
+    );
+    assert_eq!(recorded_header(&up, "forwarded"), Vec::<&str>::new());
+    assert_eq!(recorded_header(&up, "x-forwarded-host"), ["x"]);
+}
+
+#[tokio::test]
+async fn preserved_host_is_also_the_http2_authority() {
+    let sb = sandbox().await;
+    let pki = Pki::new("upstream");
+    let up = TestUpstream::start_tls("h2", &pki.server()).await;
+    let dir = TempDir::new();
+    let ca = dir.write("upstream-ca.pem", &pki.ca_pem);
+    let routes = route(
+        "h2",
+        &format!(
+            "path_prefix = \"/\"\nupstream = \"{}\"\nca_file = \"{}\"\npreserve_host = true",
+            up.https_url(),
+            ca.display()
+        ),
+    );
+    let p = start_proxy(&config_with_routes(&sb, &routes)).await;
+    let b = Request::get(proxy_url(&p, "/x")).header("host", "public.example:8443");
+    let r = send(&client(), b.body(Full::default()).expect("request")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = up.requests();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].version, http::Version::HTTP_2);
+    assert_eq!(got[0].authority.as_deref(), Some("public.example:8443"));
+    let hosts: Vec<_> = got[0].headers.get_all("host").iter().collect();
+    assert!(
+        hosts.is_empty() || hosts == ["public.example:8443"],
+        "Host differs from :authority: {hosts:?}"
+    );
+}
+
+#[tokio::test]
 async fn post_with_a_one_mib_body_round_trips_intact() {
     let sb = sandbox().await;
     let p = start_proxy(&config_toml(&sb, "")).await;
@@ -809,6 +860,31 @@ async fn strip_prefix_and_upstream_base_path_are_applied() {
 }
 
 #[tokio::test]
+async fn strip_prefix_shorter_than_path_prefix_is_accepted_and_stripped() {
+    let sb = sandbox().await;
+    let up = TestUpstream::start("deep").await;
+    let routes = route(
+        "deep",
+        &format!(
+            "path_prefix = \"/deep/er\"\nstrip_prefix = \"/deep\"\nupstream = \"{}\"",
+            up.http_url()
+        ),
+    );
+    let p = start_proxy(&config_with_routes(&sb, &routes)).await;
+    let r = get(&proxy_url(&p, "/deep/er/x?q=1")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = up.requests();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].path_and_query, "/er/x?q=1");
+    // Only /deep/er is routed.
+    assert_proxy_error(
+        &get(&proxy_url(&p, "/deep/x")).await,
+        404,
+        "route_not_found",
+    );
+}
+
+#[tokio::test]
 async fn connect_is_refused_with_405() {
     let r = Routed::start().await;
     let (status, text) = raw_request(
@@ -866,6 +942,12 @@ async fn dot_segments_in_the_path_get_400() {
         "/api/./x",
         "/api/%2e%2e/admin",
         "/api/v2/..",
+        "/api/..;/admin",
+        "/api/.%2e/admin",
+        "/api/%2e%2e%3b/admin",
+        "/api/..%2fadmin",
+        "/api%2f..%2fadmin",
+        "/api/..%5cadmin",
     ] {
         let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         let (status, text) = raw_request(r.p.proxy_addr(), &request).await;
@@ -1026,10 +1108,17 @@ async fn metrics_parse_and_show_request_and_token_counters_moving() {
         "process_open_fds",
         "process_start_time_seconds",
     ] {
-        let v = sample(&m1, process, &[]).unwrap_or_else(|| panic!("no {process}"));
-        assert!(v >= 0.0, "{process} = {v}");
+        assert!(sample(&m1, process, &[]).is_some(), "no {process}");
     }
-    assert!(sample(&m1, "process_resident_memory_bytes", &[]).unwrap() > 0.0);
+    // The values describe this process: it holds memory and open sockets,
+    // and started within the last hour.
+    assert!(sample(&m1, "process_resident_memory_bytes", &[]).unwrap() > 1e6);
+    assert!(sample(&m1, "process_open_fds", &[]).unwrap() >= 3.0);
+    let started = sample(&m1, "process_start_time_seconds", &[]).unwrap();
+    assert!(
+        (now - 3600.0..=now + 1.0).contains(&started),
+        "start time {started}, now {now}"
+    );
 }
 
 #[tokio::test]
@@ -1078,4 +1167,401 @@ async fn inflight_gauge_returns_to_zero_when_a_client_hangs_up_mid_request() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+// ------------------------------------------------------------ idle timeout
+
+/// An HTTP/1.1 upstream that answers every request with its headers and
+/// part of a 1000-byte body, then goes silent. Each connection the proxy
+/// closes is reported on the returned channel.
+async fn stalling_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let closed = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let partial = "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npartial";
+                if s.write_all(partial.as_bytes()).await.is_err() {
+                    return;
+                }
+                // Silent from here on; wait for the proxy to hang up.
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = closed.send(());
+            });
+        }
+    });
+    (addr, closed_rx)
+}
+
+#[tokio::test]
+async fn stalled_upstream_body_ends_after_idle_timeout_and_frees_everything() {
+    let sb = sandbox().await;
+    let (stall, mut closed) = stalling_upstream().await;
+    let routes = route(
+        "stall",
+        &format!("path_prefix = \"/stall\"\nupstream = \"http://{stall}\""),
+    );
+    let server = "idle_timeout = \"300ms\"\nmax_connections = 1\nheader_read_timeout = \"30s\"";
+    let p = start_proxy(&config_toml_with_server(&sb, server, &routes)).await;
+    wait_ready(&p).await;
+    let started = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(p.proxy_addr())
+        .await
+        .expect("connect");
+    s.write_all(b"GET /stall/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    // The client's connection is closed: its response cannot be completed.
+    let read = tokio::time::timeout(PATIENCE, s.read_to_end(&mut got)).await;
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        read.is_ok(),
+        "the stalled response was never ended: {text:?}"
+    );
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("partial"), "{text}");
+    assert!(took >= Duration::from_millis(300), "ended after {took:?}");
+    // The upstream connection is closed too.
+    tokio::time::timeout(PATIENCE, closed.recv())
+        .await
+        .expect("the upstream connection was never closed");
+    // The only connection slot is free again: a new connection is served.
+    let r = tokio::time::timeout(PATIENCE, get(&proxy_url(&p, "/api/v1/accounts")))
+        .await
+        .expect("the next connection was never served");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// An HTTP/1.1 upstream that answers with an endless chunked body, as fast
+/// as it is taken; reports on the channel when the proxy hangs up.
+async fn endless_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let closed = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let start = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                let mut chunk = b"10000\r\n".to_vec();
+                chunk.extend(std::iter::repeat_n(b'x', 0x10000));
+                chunk.extend_from_slice(b"\r\n");
+                if s.write_all(start).await.is_ok() {
+                    while s.write_all(&chunk).await.is_ok() {}
+                }
+                let _ = closed.send(());
+            });
+        }
+    });
+    (addr, closed_rx)
+}
+
+#[tokio::test]
+async fn client_that_stops_reading_is_disconnected_after_idle_timeout() {
+    let sb = sandbox().await;
+    let (endless, mut closed) = endless_upstream().await;
+    let routes = route(
+        "endless",
+        &format!("path_prefix = \"/endless\"\nupstream = \"http://{endless}\""),
+    );
+    let server = "idle_timeout = \"300ms\"\nmax_connections = 1\nheader_read_timeout = \"30s\"";
+    let p = start_proxy(&config_toml_with_server(&sb, server, &routes)).await;
+    wait_ready(&p).await;
+    let mut s = tokio::net::TcpStream::connect(p.proxy_addr())
+        .await
+        .expect("connect");
+    s.write_all(b"GET /endless/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    // The client never reads: once the buffers are full nothing moves, and
+    // the proxy ends the exchange, upstream connection included.
+    tokio::time::timeout(PATIENCE, closed.recv())
+        .await
+        .expect("the upstream connection was never closed");
+    // The slot is free: the next connection is served.
+    let r = tokio::time::timeout(PATIENCE, get(&proxy_url(&p, "/api/v1/accounts")))
+        .await
+        .expect("the next connection was never served");
+    assert_eq!(r.status, 200, "{}", r.text());
+    drop(s);
+}
+
+#[tokio::test]
+async fn idle_http1_keep_alive_connection_is_closed_after_idle_timeout() {
+    let sb = sandbox().await;
+    let server = "idle_timeout = \"300ms\"\nheader_read_timeout = \"30s\"";
+    let p = start_proxy(&config_toml_with_server(&sb, server, "")).await;
+    wait_ready(&p).await;
+    let mut s = tokio::net::TcpStream::connect(p.proxy_addr())
+        .await
+        .expect("connect");
+    s.write_all(b"GET /v1/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, s.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        read.is_ok(),
+        "idle keep-alive connection left open: {text:?}"
+    );
+    // One whole response, then the close.
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+}
+
+#[tokio::test]
+async fn idle_http2_connection_gets_goaway_after_idle_timeout() {
+    let sb = sandbox().await;
+    let server = "idle_timeout = \"300ms\"\nheader_read_timeout = \"30s\"";
+    let p = start_proxy(&config_toml_with_server(&sb, server, "")).await;
+    wait_ready(&p).await;
+    let tcp = tokio::net::TcpStream::connect(p.proxy_addr())
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let req = Request::get(proxy_url(&p, "/v1/x"))
+        .body(Full::<Bytes>::default())
+        .expect("request");
+    let sent = Instant::now();
+    let resp = sender.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    use http_body_util::BodyExt;
+    resp.into_body().collect().await.expect("body");
+    // The server's GOAWAY and close end the client's connection task, no
+    // sooner than idle_timeout after the request.
+    let ended = tokio::time::timeout(PATIENCE, conn).await;
+    assert!(ended.is_ok(), "idle HTTP/2 connection left open");
+    assert!(
+        sent.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert!(sender.is_closed());
+}
+
+// ---------------------------------------------------------- replay budget
+
+/// An upstream that answers 401 to the first token it sees and 200 to any
+/// other, reports each request head as it arrives (before reading the
+/// body), and holds first attempts marked `x-hold` until `release` is
+/// notified.
+struct JudgingUpstream {
+    addr: SocketAddr,
+    heads: tokio::sync::mpsc::UnboundedReceiver<String>,
+    release: std::sync::Arc<tokio::sync::Notify>,
+}
+
+async fn judging_upstream() -> JudgingUpstream {
+    use std::sync::{Arc, Mutex};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (heads_tx, heads) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let first_token: Arc<Mutex<Option<String>>> = Arc::default();
+    let hold = Arc::clone(&release);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (heads_tx, hold, first_token) = (
+                heads_tx.clone(),
+                Arc::clone(&hold),
+                Arc::clone(&first_token),
+            );
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (heads_tx, hold, first_token) = (
+                    heads_tx.clone(),
+                    Arc::clone(&hold),
+                    Arc::clone(&first_token),
+                );
+                async move {
+                    use http_body_util::BodyExt;
+                    let name = req.uri().path().to_owned();
+                    let _ = heads_tx.send(name);
+                    let token = req
+                        .headers()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    let held = req.headers().contains_key("x-hold");
+                    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                    let first = first_token.lock().unwrap().get_or_insert(token.clone()) == &token;
+                    // Only first attempts are held; a replay is answered at once.
+                    if held && first {
+                        hold.notified().await;
+                    }
+                    let status = if first { 401 } else { 200 };
+                    let len = body.map_or(0, |b| b.len());
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .status(status)
+                            .header("x-body-len", len.to_string())
+                            .body(Full::<Bytes>::default())
+                            .expect("response"),
+                    )
+                }
+            });
+            tokio::spawn(
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+                    .into_owned(),
+            );
+        }
+    });
+    JudgingUpstream {
+        addr,
+        heads,
+        release,
+    }
+}
+
+#[tokio::test]
+async fn bodies_over_the_global_replay_budget_stream_and_only_budgeted_ones_replay() {
+    let sb = sandbox().await;
+    let mut up = judging_upstream().await;
+    let routes = route(
+        "judged",
+        &format!(
+            "path_prefix = \"/judged\"\nupstream = \"http://{}\"",
+            up.addr
+        ),
+    );
+    let server = "replay_buffer_limit = 100";
+    let p = start_proxy(&config_toml_with_server(&sb, server, &routes)).await;
+    wait_ready(&p).await;
+    let body = "a".repeat(60);
+    // A: buffered (60 of 100 bytes), held by the upstream.
+    let a = {
+        let req = Request::post(proxy_url(&p, "/judged/a"))
+            .header("x-hold", "1")
+            .body(Full::new(Bytes::from(body.clone())))
+            .expect("request");
+        tokio::spawn(async move { send(&client(), req).await })
+    };
+    let head = tokio::time::timeout(PATIENCE, up.heads.recv()).await;
+    assert_eq!(
+        head.expect("A reached the upstream").as_deref(),
+        Some("/judged/a")
+    );
+    // B: 60 more bytes do not fit, so B streams: the upstream sees its
+    // head while the client has sent only half of the body.
+    let mut b = tokio::net::TcpStream::connect(p.proxy_addr())
+        .await
+        .expect("connect");
+    let b_head =
+        "POST /judged/b HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\nConnection: close\r\n\r\n";
+    b.write_all(format!("{b_head}{}", &body[..30]).as_bytes())
+        .await
+        .expect("write");
+    let head = tokio::time::timeout(PATIENCE, up.heads.recv()).await;
+    assert_eq!(
+        head.expect("B was held back for buffering over the budget")
+            .as_deref(),
+        Some("/judged/b")
+    );
+    b.write_all(&body.as_bytes()[30..]).await.expect("write");
+    let mut b_resp = Vec::new();
+    tokio::time::timeout(PATIENCE, b.read_to_end(&mut b_resp))
+        .await
+        .expect("B answered")
+        .expect("read");
+    let b_resp = String::from_utf8_lossy(&b_resp);
+    // Streamed, so not replayable: the upstream's 401 comes back as is.
+    assert!(b_resp.starts_with("HTTP/1.1 401"), "{b_resp}");
+    assert!(b_resp.contains("x-body-len: 60"), "{b_resp}");
+    up.release.notify_one();
+    let a = tokio::time::timeout(PATIENCE, a)
+        .await
+        .expect("A answered")
+        .expect("A's task");
+    // A was buffered: replayed with a new token.
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.header("x-body-len"), Some("60"));
+    let m = scrape(&p).await;
+    assert_eq!(
+        sample(
+            &m,
+            "flinks_proxy_token_replays_total",
+            &[("route", "judged")]
+        ),
+        Some(1.0)
+    );
+}
+
+// ---------------------------------------------------------------- metrics
+
+#[tokio::test]
+async fn documented_series_exist_at_zero_right_after_start() {
+    let sb = sandbox().await;
+    let p = start_proxy(&config_toml(&sb, "")).await;
+    let m = scrape(&p).await;
+    for kind in ["connect", "tls", "timeout", "protocol"] {
+        let labels = [("route", "flinks"), ("kind", kind)];
+        assert_eq!(
+            sample(&m, "flinks_proxy_upstream_errors_total", &labels),
+            Some(0.0),
+            "{kind}"
+        );
+    }
+    assert_eq!(
+        sample(
+            &m,
+            "flinks_proxy_token_replays_total",
+            &[("route", "flinks")]
+        ),
+        Some(0.0)
+    );
+    for outcome in ["success", "failure"] {
+        assert_eq!(
+            sample(
+                &m,
+                "flinks_proxy_config_reloads_total",
+                &[("outcome", outcome)]
+            ),
+            Some(0.0),
+            "{outcome}"
+        );
+    }
+    // Requests that match no route never reach an upstream.
+    let none = [("route", "none"), ("kind", "connect")];
+    assert_eq!(
+        sample(&m, "flinks_proxy_upstream_errors_total", &none),
+        None
+    );
 }

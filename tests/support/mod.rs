@@ -6,6 +6,7 @@
 
 pub mod connections;
 pub mod postgres;
+pub mod prometheus;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -351,9 +352,10 @@ impl ProxyProcess {
             log,
             lines: rx,
         };
+        // `addr=A` in text lines, `"addr":"A"` in JSON ones.
         let addr_of = |line: &str| -> Option<SocketAddr> {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix("addr="))
+            line.split([' ', ','])
+                .find_map(|w| w.strip_prefix("addr=").or(w.strip_prefix("\"addr\":")))
                 .and_then(|a| a.trim_matches('"').parse().ok())
         };
         // The listener lines come before "flinks-proxy started".
@@ -443,6 +445,8 @@ impl Drop for ProxyProcess {
 #[derive(Debug, Clone)]
 pub struct UpstreamRequest {
     pub version: http::Version,
+    /// The request target's authority (HTTP/2 `:authority`), if any.
+    pub authority: Option<String>,
     pub method: String,
     pub path_and_query: String,
     pub headers: HeaderMap,
@@ -580,6 +584,7 @@ async fn serve_upstream_connection(
                 .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
             recorded.lock().unwrap().push(UpstreamRequest {
                 version: parts.version,
+                authority: parts.uri.authority().map(|a| a.to_string()),
                 method: parts.method.to_string(),
                 path_and_query: path_and_query.clone(),
                 headers: parts.headers,

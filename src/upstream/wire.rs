@@ -1,0 +1,605 @@
+//! HTTP/1.1 on the wire towards an upstream, without I/O: the request head
+//! the proxy writes, and strict parsing of what comes back — the response
+//! head (httparse) and its body framing (RFC 9112 §6.3: no body for HEAD,
+//! 1xx, 204 and 304; `Transfer-Encoding: chunked`; `Content-Length`; else
+//! until the connection closes).
+//!
+//! Anything ambiguous is refused rather than guessed at: `Content-Length`
+//! together with `Transfer-Encoding`, differing or malformed lengths, a
+//! transfer coding other than a final `chunked`, obsolete line folding, bare
+//! LF in chunk framing, chunk sizes that overflow. The connection driver
+//! (reads, writes, the pool) lives in the parent module; this one only
+//! turns bytes into heads and frames.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
+
+/// Longest response head accepted (status line and headers).
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
+/// Most headers in a response head (and in a trailer section).
+pub(crate) const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line (size and extensions).
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// Longest trailer section.
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// What is wrong with an upstream's response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum WireError {
+    /// The head is not valid HTTP/1.x.
+    #[error("malformed response head: {0}")]
+    Head(&'static str),
+    /// The head is longer than [`MAX_HEAD`] or has more than
+    /// [`MAX_HEADERS`] headers.
+    #[error("response head too large")]
+    HeadTooLarge,
+    /// The body's framing headers are ambiguous or invalid.
+    #[error("invalid response framing: {0}")]
+    Framing(&'static str),
+    /// The chunked body is malformed.
+    #[error("malformed chunked body: {0}")]
+    Chunk(&'static str),
+    /// The connection closed before the response was complete.
+    #[error("connection closed before the response was complete")]
+    Incomplete,
+}
+
+/// How the response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// No body at all.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Until the upstream closes the connection.
+    Close,
+}
+
+/// A parsed final response head.
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub(crate) status: StatusCode,
+    pub(crate) version: Version,
+    pub(crate) headers: HeaderMap,
+    pub(crate) framing: Framing,
+    /// The connection may carry another request once the body has ended.
+    pub(crate) keep_alive: bool,
+}
+
+/// The outcome of parsing the start of the read buffer.
+#[derive(Debug)]
+pub(crate) enum Parsed {
+    /// More bytes are needed.
+    Partial,
+    /// An interim (1xx) response, consumed.
+    Interim,
+    /// A final response head, consumed.
+    Final(Head),
+}
+
+/// Where a header's name and value sit in the head: offsets and lengths.
+pub(crate) type Span = (usize, usize, usize, usize);
+
+/// Parses a response head at the start of `buf` for a request with
+/// `method`. The head's header values share `buf`'s memory (`buf` is split
+/// at the end of the head); nothing is consumed when the head is partial.
+/// `spans` is scratch space, kept by the caller across responses.
+pub(crate) fn parse_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    spans: &mut Vec<Span>,
+) -> Result<Parsed, WireError> {
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
+    let len = match parsed {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err(WireError::HeadTooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(httparse::Error::TooManyHeaders) => return Err(WireError::HeadTooLarge),
+        Err(e) => return Err(WireError::Head(parse_error(e))),
+    };
+    if len > MAX_HEAD {
+        return Err(WireError::HeadTooLarge);
+    }
+    let code = resp.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code).map_err(|_| WireError::Head("invalid status code"))?;
+    let version = match resp.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    if status.is_informational() {
+        // 101 would switch protocols; the proxy never asks for an upgrade.
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(WireError::Head("unexpected 101 Switching Protocols"));
+        }
+        buf.advance(len);
+        return Ok(Parsed::Interim);
+    }
+    // Header positions, so the values can share the frozen head's memory.
+    let base = buf.as_ptr() as usize;
+    spans.clear();
+    spans.extend(resp.headers.iter().map(|h| {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        (name, h.name.len(), value, h.value.len())
+    }));
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut present = Present::default();
+    for &(n, nl, v, vl) in spans.iter() {
+        let name = HeaderName::from_bytes(&head[n..n + nl])
+            .map_err(|_| WireError::Head("invalid header name"))?;
+        present.note(&name);
+        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
+            .map_err(|_| WireError::Head("invalid header value"))?;
+        headers.append(name, value);
+    }
+    let framing = framing(&headers, present, status, method)?;
+    let keep_alive = keep_alive(&headers, present, version) && framing != Framing::Close;
+    Ok(Parsed::Final(Head {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+    }))
+}
+
+fn parse_error(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::HeaderName => "invalid header name",
+        httparse::Error::HeaderValue => "invalid header value",
+        httparse::Error::NewLine => "invalid line ending",
+        httparse::Error::Status => "invalid status",
+        httparse::Error::Token => "invalid token",
+        httparse::Error::Version => "invalid version",
+        httparse::Error::TooManyHeaders => "too many headers",
+    }
+}
+
+/// Which framing headers a head has, noted while its map is built so that
+/// absent ones cost no hashed lookup.
+#[derive(Debug, Default, Clone, Copy)]
+struct Present {
+    transfer_encoding: bool,
+    content_length: bool,
+    connection: bool,
+}
+
+impl Present {
+    fn note(&mut self, name: &HeaderName) {
+        self.transfer_encoding |= name == header::TRANSFER_ENCODING;
+        self.content_length |= name == header::CONTENT_LENGTH;
+        self.connection |= name == header::CONNECTION;
+    }
+}
+
+/// RFC 9112 §6.3, strictly.
+fn framing(
+    headers: &HeaderMap,
+    present: Present,
+    status: StatusCode,
+    method: &Method,
+) -> Result<Framing, WireError> {
+    if method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Empty);
+    }
+    let has_length = present.content_length;
+    if present.transfer_encoding {
+        if has_length {
+            return Err(WireError::Framing(
+                "both Transfer-Encoding and Content-Length",
+            ));
+        }
+        // Chunked must be the last coding, and only once.
+        let mut codings = Vec::<&[u8]>::new();
+        for v in headers.get_all(header::TRANSFER_ENCODING) {
+            for c in v.as_bytes().split(|&b| b == b',') {
+                let c = c.trim_ascii();
+                if !c.is_empty() {
+                    codings.push(c);
+                }
+            }
+        }
+        let chunked = |c: &&[u8]| c.eq_ignore_ascii_case(b"chunked");
+        return match codings.iter().position(chunked) {
+            Some(i) if i + 1 == codings.len() => Ok(Framing::Chunked),
+            Some(_) => Err(WireError::Framing("chunked is not the final coding")),
+            // Another coding without chunked: delimited by the close.
+            None if !codings.is_empty() => Ok(Framing::Close),
+            None => Err(WireError::Framing("empty Transfer-Encoding")),
+        };
+    }
+    if has_length {
+        return content_length(headers).map(Framing::Length);
+    }
+    Ok(Framing::Close)
+}
+
+/// The one length all `Content-Length` values agree on.
+fn content_length(headers: &HeaderMap) -> Result<u64, WireError> {
+    let mut length = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let n = parse_decimal(part.trim_ascii())
+                .ok_or(WireError::Framing("invalid Content-Length"))?;
+            match length {
+                Some(l) if l != n => return Err(WireError::Framing("differing Content-Length")),
+                _ => length = Some(n),
+            }
+        }
+    }
+    length.ok_or(WireError::Framing("invalid Content-Length"))
+}
+
+fn parse_decimal(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 {
+        return None;
+    }
+    s.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
+}
+
+/// HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with `keep-alive`.
+fn keep_alive(headers: &HeaderMap, present: Present, version: Version) -> bool {
+    if !present.connection {
+        return version == Version::HTTP_11;
+    }
+    let mut close = false;
+    let mut keep = false;
+    for v in headers.get_all(header::CONNECTION) {
+        for token in v.as_bytes().split(|&b| b == b',') {
+            let t = token.trim_ascii();
+            close |= t.eq_ignore_ascii_case(b"close");
+            keep |= t.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    !close && (version == Version::HTTP_11 || keep)
+}
+
+/// A body frame decoded from the read buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decoded {
+    /// Body bytes.
+    Data(Bytes),
+    /// The trailer section of a chunked body (then the end).
+    Trailers(HeaderMap),
+    /// The body is complete.
+    End,
+    /// More bytes are needed.
+    NeedMore,
+}
+
+/// Decodes a body out of the connection's read buffer, frame by frame.
+#[derive(Debug)]
+pub(crate) struct Decoder {
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Bytes left of a `Content-Length` body.
+    Length(u64),
+    /// Everything until the connection closes.
+    Close,
+    /// Expecting a chunk-size line.
+    ChunkSize,
+    /// Bytes left of the current chunk.
+    ChunkData(u64),
+    /// Expecting the CRLF after a chunk's data.
+    ChunkEnd,
+    /// Expecting the trailer section (or the final CRLF).
+    Trailers,
+    /// Done.
+    Done,
+}
+
+impl Decoder {
+    /// A decoder for a body framed as `framing`.
+    pub(crate) fn new(framing: Framing) -> Decoder {
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::Close => State::Close,
+        };
+        Decoder { state }
+    }
+
+    /// Whether the body has ended.
+    pub(crate) fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Bytes still expected, when known (the exact remaining length).
+    pub(crate) fn remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) => Some(n),
+            State::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// The next frame from `buf`; `eof` says the connection has closed
+    /// (no more bytes will come).
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut, eof: bool) -> Result<Decoded, WireError> {
+        loop {
+            match self.state {
+                State::Done => return Ok(Decoded::End),
+                State::Length(n) => {
+                    if buf.is_empty() {
+                        return if eof {
+                            Err(WireError::Incomplete)
+                        } else {
+                            Ok(Decoded::NeedMore)
+                        };
+                    }
+                    let take = take_len(n, buf.len());
+                    let left = n - take as u64;
+                    self.state = if left == 0 {
+                        State::Done
+                    } else {
+                        State::Length(left)
+                    };
+                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
+                }
+                State::Close => {
+                    if !buf.is_empty() {
+                        return Ok(Decoded::Data(buf.split().freeze()));
+                    }
+                    if eof {
+                        self.state = State::Done;
+                        continue;
+                    }
+                    return Ok(Decoded::NeedMore);
+                }
+                State::ChunkSize => {
+                    let Some(line) = line(buf, MAX_CHUNK_LINE, eof, "chunk-size line too long")?
+                    else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    let size = chunk_size(&line)?;
+                    self.state = if size == 0 {
+                        State::Trailers
+                    } else {
+                        State::ChunkData(size)
+                    };
+                }
+                State::ChunkData(n) => {
+                    if buf.is_empty() {
+                        return if eof {
+                            Err(WireError::Incomplete)
+                        } else {
+                            Ok(Decoded::NeedMore)
+                        };
+                    }
+                    let take = take_len(n, buf.len());
+                    let left = n - take as u64;
+                    self.state = if left == 0 {
+                        State::ChunkEnd
+                    } else {
+                        State::ChunkData(left)
+                    };
+                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
+                }
+                State::ChunkEnd => {
+                    if buf.len() < 2 {
+                        return if eof {
+                            Err(WireError::Incomplete)
+                        } else {
+                            Ok(Decoded::NeedMore)
+                        };
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(WireError::Chunk("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    self.state = State::ChunkSize;
+                }
+                State::Trailers => {
+                    if buf.len() >= 2 && &buf[..2] == b"\r\n" {
+                        buf.advance(2);
+                        self.state = State::Done;
+                        continue;
+                    }
+                    return match trailer_section(buf, eof)? {
+                        Some(t) => {
+                            self.state = State::Done;
+                            Ok(Decoded::Trailers(t))
+                        }
+                        None => Ok(Decoded::NeedMore),
+                    };
+                }
+            }
+        }
+    }
+}
+
+fn take_len(wanted: u64, available: usize) -> usize {
+    usize::try_from(wanted).map_or(available, |w| w.min(available))
+}
+
+/// The line at the start of `buf` (without its CRLF), consumed; `None`
+/// while incomplete. Bare LF is an error.
+fn line(
+    buf: &mut BytesMut,
+    max: usize,
+    eof: bool,
+    too_long: &'static str,
+) -> Result<Option<BytesMut>, WireError> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(i) if i > max => Err(WireError::Chunk(too_long)),
+        Some(0) => Err(WireError::Chunk("bare LF")),
+        Some(i) if buf[i - 1] != b'\r' => Err(WireError::Chunk("bare LF")),
+        Some(i) => {
+            let mut l = buf.split_to(i + 1);
+            l.truncate(i - 1);
+            Ok(Some(l))
+        }
+        None if buf.len() > max => Err(WireError::Chunk(too_long)),
+        None if eof => Err(WireError::Incomplete),
+        None => Ok(None),
+    }
+}
+
+/// A chunk-size line: hex digits, then optional extensions after `;`.
+fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return Err(WireError::Chunk("missing chunk size"));
+    }
+    if digits > 15 {
+        return Err(WireError::Chunk("chunk size too large"));
+    }
+    let rest = line[digits..].trim_ascii_start();
+    if !rest.is_empty() && rest[0] != b';' {
+        return Err(WireError::Chunk("invalid chunk size"));
+    }
+    if rest
+        .iter()
+        .any(|&b| b == b'\r' || (b < 0x20 && b != b'\t') || b == 0x7f)
+    {
+        return Err(WireError::Chunk("invalid chunk extension"));
+    }
+    let mut n = 0u64;
+    for &b in &line[..digits] {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => b - b'A' + 10,
+        };
+        n = n * 16 + u64::from(d);
+    }
+    Ok(n)
+}
+
+/// The trailer section (up to and including its final empty line) once it
+/// is all in `buf`.
+fn trailer_section(buf: &mut BytesMut, eof: bool) -> Result<Option<HeaderMap>, WireError> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n");
+    let Some(end) = end else {
+        if buf.len() > MAX_TRAILERS {
+            return Err(WireError::Chunk("trailer section too large"));
+        }
+        return if eof {
+            Err(WireError::Incomplete)
+        } else {
+            Ok(None)
+        };
+    };
+    if end + 4 > MAX_TRAILERS {
+        return Err(WireError::Chunk("trailer section too large"));
+    }
+    let section = buf.split_to(end + 4).freeze();
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let parsed = match httparse::parse_headers(&section, &mut slots) {
+        Ok(httparse::Status::Complete((_, parsed))) => parsed,
+        _ => return Err(WireError::Chunk("malformed trailer section")),
+    };
+    let mut trailers = HeaderMap::with_capacity(parsed.len());
+    for h in parsed.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| WireError::Chunk("invalid trailer name"))?;
+        let value = HeaderValue::from_maybe_shared(section.slice_ref(h.value))
+            .map_err(|_| WireError::Chunk("invalid trailer value"))?;
+        trailers.append(name, value);
+    }
+    Ok(Some(trailers))
+}
+
+/// Writes the request head into `out`: request line in origin form,
+/// `headers` minus any framing the client sent, then the framing of the
+/// body the proxy will write: `content-length` when its length is known
+/// (`None` for no body on a method that has none), else chunked.
+pub(crate) fn encode_head(
+    out: &mut BytesMut,
+    method: &Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body_len: Option<u64>,
+) {
+    // The buffer is the connection's and keeps its capacity: after the first
+    // request this reserves nothing, and no sizing pass over the headers is
+    // needed.
+    out.reserve(method.as_str().len() + path_and_query.len() + 40 * headers.len() + 64);
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(path_and_query.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match body_len {
+        Some(0) if !method_has_body(method) => {}
+        Some(n) => {
+            out.extend_from_slice(b"content-length: ");
+            push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Methods whose requests announce an empty body (`content-length: 0`).
+fn method_has_body(method: &Method) -> bool {
+    method == Method::POST || method == Method::PUT || method == Method::PATCH
+}
+
+fn push_decimal(out: &mut BytesMut, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Writes one chunk of a chunked request body.
+pub(crate) fn encode_chunk(out: &mut BytesMut, data: &[u8]) {
+    out.reserve(data.len() + 20);
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = data.len();
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[n % 16];
+        n /= 16;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The end of a chunked request body.
+pub(crate) const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+#[cfg(test)]
+mod tests;
