@@ -65,7 +65,14 @@
 # `valgrind --tool=callgrind --instr-atstart=no`; INSTR_WARMUP (2000)
 # requests with `h2load --h1 -c 16`, then `callgrind_control -i on`,
 # INSTR_REQUESTS (20000) requests, `-i off`, a dump, and the dump's total Ir
-# divided by the requests. Then each proxy runs natively under
+# divided by the requests. flinks-proxy is measured twice: on its
+# credential route (client_credentials token from the sandbox), and on a
+# per-user connection route (a pool on an SQLite store in the work dir; the
+# sandbox runs with `--users INSTR_USERS` and every user is connected
+# through the admin API first, the proxy running natively; the measured
+# load is spread evenly over INSTR_POOL_SELECT of those users, one h2load
+# run per user with its `X-Flinks-Connection` header, as h2load cannot vary
+# headers per request). Then each proxy runs natively under
 # `strace -c -f` for the same number of requests (after the same warm-up):
 # syscalls per request, in total and by name. Prints both tables and the
 # ratios, writes bench-results/instr.md and keeps the callgrind dumps in
@@ -75,7 +82,8 @@
 # CONNS ("1 64 256"), LOAD_CPU (0), SERVER_CPU (1), PORT_BASE (21000),
 # RENEWAL_DURATION (30), RENEWAL_CONNS (64), RENEWAL_EXPIRES (2),
 # PROFILE_DURATION (15), PROFILE_CONNS (64), INSTR_WARMUP (2000),
-# INSTR_REQUESTS (20000), INSTR_CONNS (16),
+# INSTR_REQUESTS (20000), INSTR_CONNS (16), INSTR_USERS (300),
+# INSTR_POOL_SELECT (4),
 # OUT (bench-results), SKIP_BUILD (unset; 1 uses the existing binary).
 
 set -euo pipefail
@@ -108,6 +116,8 @@ PROFILE_CONNS=${PROFILE_CONNS:-64}
 INSTR_WARMUP=${INSTR_WARMUP:-2000}
 INSTR_REQUESTS=${INSTR_REQUESTS:-20000}
 INSTR_CONNS=${INSTR_CONNS:-16}
+INSTR_USERS=${INSTR_USERS:-300}
+INSTR_POOL_SELECT=${INSTR_POOL_SELECT:-4}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$ROOT/bench-results}
@@ -234,9 +244,11 @@ up_accepts() {
     curl -s -m 2 "http://127.0.0.1:$UP_STATUS_PORT/" | awk 'NR == 3 { print $1 }'
 }
 
+# start_sandbox EXPIRES NAME [EXTRA ARGS...]
 start_sandbox() {
     local expires=$1 name=$2
-    start_pinned "$name" "$BIN" sandbox --token-listen 127.0.0.1:0 --api-listen 127.0.0.1:0 --expires-in "$expires"
+    shift 2
+    start_pinned "$name" "$BIN" sandbox --token-listen 127.0.0.1:0 --api-listen 127.0.0.1:0 --expires-in "$expires" "$@"
     SANDBOX_PID=$STARTED_PID
     for _ in $(seq 100); do
         # The shell may not have opened the output file yet.
@@ -568,7 +580,7 @@ port_of() {
     direct) echo "$UP_PORT" ;;
     nginx) echo "$NGINX_PORT" ;;
     haproxy) echo "$HAPROXY_PORT" ;;
-    flinks-proxy) echo "$FLINKS_PORT" ;;
+    flinks-proxy | flinks-pooled) echo "$FLINKS_PORT" ;;
     esac
 }
 
@@ -974,10 +986,12 @@ profile_mode() {
 
 # -------------------------------------------------------------- instr mode
 
-# h2load, HTTP/1.1, INSTR_CONNS connections, N requests to PORT.
+# h2load, HTTP/1.1, INSTR_CONNS connections, N requests to PORT; extra
+# arguments (a header) go to h2load.
 run_h2load() {
     local port=$1 n=$2 out
-    out=$(taskset -c "$LOAD_CPU" h2load --h1 -c "$INSTR_CONNS" -n "$n" "http://127.0.0.1:$port/" 2>&1) ||
+    shift 2
+    out=$(taskset -c "$LOAD_CPU" h2load --h1 -c "$INSTR_CONNS" -n "$n" "$@" "http://127.0.0.1:$port/" 2>&1) ||
         die "h2load failed: $(tail -5 <<<"$out")"
     grep -q "requests: $n total, $n started, $n done, $n succeeded, 0 failed, 0 errored" <<<"$out" ||
         die "h2load: not every request succeeded: $(grep '^requests:' <<<"$out")"
@@ -999,19 +1013,89 @@ start_measured() {
         PROXY_PID=$STARTED_PID
         wait_http "http://127.0.0.1:$FLINKS_PORT/" 200 "$WORK/flinks-proxy.err" "$PROXY_PID"
         ;;
+    flinks-pooled)
+        # Without the select header the pooled route answers 400: wait for
+        # readiness on the admin listener instead.
+        start_pinned "$name" "$@" "$BIN" --config "$WORK/flinks-pooled.toml"
+        PROXY_PID=$STARTED_PID
+        wait_http "http://127.0.0.1:$FLINKS_ADMIN_PORT/readyz" 200 "$WORK/flinks-pooled.err" "$PROXY_PID"
+        ;;
     esac
+}
+
+# N requests of the measured load to NAME: for flinks-pooled, spread evenly
+# over INSTR_POOL_SELECT users (u0, u(USERS/K), ...), one h2load run per user
+# with its `X-Flinks-Connection` header (h2load sends the same headers on
+# every request).
+run_load() {
+    local name=$1 n=$2 port k i
+    port=$(port_of "$name")
+    if [[ $name != flinks-pooled ]]; then
+        run_h2load "$port" "$n"
+        return
+    fi
+    k=$INSTR_POOL_SELECT
+    for ((i = 0; i < k; i++)); do
+        run_h2load "$port" $((n / k)) -H "X-Flinks-Connection: u$((i * INSTR_USERS / k))"
+    done
+}
+
+# The flinks-proxy config of the pooled measurement: the same server, log
+# and upstream as flinks-proxy.toml, its one route on a pool of per-user
+# connections (SQLite store in WORK, tokens from the sandbox).
+write_flinks_pooled_conf() {
+    local upstream=$1 key
+    key=$("$BIN" keygen)
+    rm -f "$WORK"/connections.db*
+    cat >"$WORK/flinks-pooled.toml" <<EOF
+[server]
+listen = "127.0.0.1:$FLINKS_PORT"
+workers = 1
+
+[admin]
+listen = "127.0.0.1:$FLINKS_ADMIN_PORT"
+
+[log]
+level = "warn"
+
+[store]
+url = "sqlite:connections.db"
+key = "$key"
+
+[connections.users]
+token_url = "$TOKEN_URL"
+client_id = "$CLIENT_ID"
+client_secret = "$CLIENT_SECRET"
+redirect_uri = "https://example.com/callback"
+
+[routes.bench]
+path_prefix = "/"
+upstream = "$upstream"
+connections = "users"
+EOF
+}
+
+# Connects users u0..u(INSTR_USERS-1) through the admin API of the pooled
+# proxy running natively (the store keeps them for the measured runs).
+connect_users() {
+    local connected
+    start_measured flinks-pooled
+    seq 0 $((INSTR_USERS - 1)) | xargs -P 8 -I{} curl -s -m 10 -o /dev/null -w '%{http_code}\n' -X POST \
+        "http://127.0.0.1:$FLINKS_ADMIN_PORT/connections/users" -d '{"code": "code-u{}"}' | sort | uniq -c >"$WORK/connect.txt"
+    stop_pid "$PROXY_PID"
+    connected=$(awk '$2 == 201 { print $1 }' "$WORK/connect.txt")
+    [[ ${connected:-0} -eq $INSTR_USERS ]] || die "not every user connected: $(tr '\n' ' ' <"$WORK/connect.txt")"
 }
 
 # Instructions per request of NAME under callgrind; prints Ir/request.
 measure_instr() {
-    local name=$1 port out total
-    port=$(port_of "$name")
+    local name=$1 out total
     rm -f "$WORK/$name.callgrind".*
     start_measured "$name" valgrind --tool=callgrind --instr-atstart=no \
         --callgrind-out-file="$WORK/$name.callgrind.%p"
-    run_h2load "$port" "$INSTR_WARMUP"
+    run_load "$name" "$INSTR_WARMUP"
     callgrind_control -i on "$PROXY_PID" >/dev/null
-    run_h2load "$port" "$INSTR_REQUESTS"
+    run_load "$name" "$INSTR_REQUESTS"
     callgrind_control -i off "$PROXY_PID" >/dev/null
     callgrind_control -d "$PROXY_PID" >/dev/null
     stop_pid "$PROXY_PID"
@@ -1028,10 +1112,9 @@ measure_instr() {
 # Syscalls per request of NAME, natively under strace -c -f; writes
 # WORK/NAME.strace and prints the total per request.
 measure_syscalls() {
-    local name=$1 port spid
-    port=$(port_of "$name")
+    local name=$1 spid
     start_measured "$name"
-    run_h2load "$port" "$INSTR_WARMUP"
+    run_load "$name" "$INSTR_WARMUP"
     strace -c -f -p "$PROXY_PID" -o "$WORK/$name.strace" 2>"$WORK/$name.strace.err" &
     spid=$!
     PIDS+=("$spid")
@@ -1040,7 +1123,7 @@ measure_syscalls() {
         grep -q attached "$WORK/$name.strace.err" 2>/dev/null && break
         sleep 0.1
     done
-    run_h2load "$port" "$INSTR_REQUESTS"
+    run_load "$name" "$INSTR_REQUESTS"
     kill -INT "$spid"
     wait "$spid" 2>/dev/null || true
     unset 'PIDS[-1]'
@@ -1063,21 +1146,24 @@ instr_mode() {
     alloc_port NGINX_PORT
     alloc_port FLINKS_PORT
     alloc_port FLINKS_ADMIN_PORT
-    start_sandbox 3600 sandbox
+    start_sandbox 3600 sandbox --users "$INSTR_USERS"
     STATIC_TOKEN=$(fetch_token)
     [[ -n $STATIC_TOKEN ]] || die "could not get a token from $TOKEN_URL"
     write_upstream_conf
     write_nginx_conf
     write_flinks_conf "http://127.0.0.1:$UP_PORT"
+    write_flinks_pooled_conf "http://127.0.0.1:$UP_PORT"
     start_upstream
     nginx -t -q -p "$WORK/" -c "$WORK/nginx.conf" -e "$WORK/nginx.err" || die "nginx.conf: $(cat "$WORK/nginx.err")"
-    local t ir=() sc=()
-    for t in nginx flinks-proxy; do
+    log "connecting $INSTR_USERS users to the pool through the admin API"
+    connect_users
+    local t ir=() sc=() targets=(nginx flinks-proxy flinks-pooled)
+    for t in "${targets[@]}"; do
         log "$t under callgrind: $INSTR_WARMUP warm-up requests, then $INSTR_REQUESTS measured (h2load --h1 -c $INSTR_CONNS)"
         ir+=("$(measure_instr "$t")")
         log "$t: ${ir[-1]} instructions per request"
     done
-    for t in nginx flinks-proxy; do
+    for t in "${targets[@]}"; do
         log "$t under strace -c -f: $INSTR_REQUESTS requests"
         sc+=("$(measure_syscalls "$t")")
         log "$t: ${sc[-1]} syscalls per request"
@@ -1088,16 +1174,20 @@ instr_mode() {
         echo
         machine | grep -v '^- [0-9]* runs' | grep -v '^- layout'
         echo "- callgrind (valgrind $(valgrind --version | sed 's/^valgrind-//')), \`--instr-atstart=no\`; $INSTR_WARMUP warm-up requests, then $INSTR_REQUESTS measured with \`h2load --h1 -c $INSTR_CONNS\`; Ir of every thread of the proxy over the measured requests, divided by $INSTR_REQUESTS; syscalls from \`strace -c -f\` over $INSTR_REQUESTS requests of the proxy running natively"
+        echo "- pooled route: $INSTR_USERS users connected through the admin API (SQLite store), the load spread evenly over $INSTR_POOL_SELECT of them (one h2load run per user, \`X-Flinks-Connection: uI\`), each user's token loaded during the warm-up"
         echo
         echo "| proxy | instructions / request | syscalls / request |"
         echo "|---|---:|---:|"
         printf '| nginx | %s | %s |\n' "${ir[0]}" "${sc[0]}"
-        printf '| flinks-proxy | %s | %s |\n' "${ir[1]}" "${sc[1]}"
-        printf '| flinks-proxy / nginx | %s× | %s× |\n' "$(ratio "${ir[1]}" "${ir[0]}")" "$(ratio "${sc[1]}" "${sc[0]}")"
+        printf '| flinks-proxy, credential route | %s | %s |\n' "${ir[1]}" "${sc[1]}"
+        printf '| flinks-proxy, pooled route | %s | %s |\n' "${ir[2]}" "${sc[2]}"
+        printf '| credential route / nginx | %s× | %s× |\n' "$(ratio "${ir[1]}" "${ir[0]}")" "$(ratio "${sc[1]}" "${sc[0]}")"
+        printf '| pooled route / nginx | %s× | %s× |\n' "$(ratio "${ir[2]}" "${ir[0]}")" "$(ratio "${sc[2]}" "${sc[0]}")"
+        printf '| pooled route / credential route | %s× | %s× |\n' "$(ratio "${ir[2]}" "${ir[1]}")" "$(ratio "${sc[2]}" "${sc[1]}")"
         echo
         echo "Syscalls per request by name:"
         echo
-        for t in nginx flinks-proxy; do
+        for t in "${targets[@]}"; do
             echo "- $t: $(syscall_breakdown "$t" | awk '$2 >= 0.01 { printf "%s%s %s", sep, $1, $2; sep = ", " }')"
         done
         echo
