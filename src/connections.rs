@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PoolConfig;
+use crate::lock;
 use crate::metrics::PoolMetrics;
 use crate::secret::Secret;
 use crate::store::{
@@ -206,10 +207,6 @@ impl Conn {
     fn failure(&self) -> MutexGuard<'_, Option<Failure>> {
         lock(&self.failure)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What an admin request exchanges for a connection.

@@ -65,6 +65,15 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+
+/// Locks a std mutex, ignoring poisoning: every mutex in the crate guards
+/// plain data that a panicking holder cannot leave half-written (counters,
+/// option swaps, queues), so the data stays usable and a panic elsewhere
+/// must not take the proxy down with it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub use runtime::AppState;
 
 /// Why the proxy could not start.

@@ -15,7 +15,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -31,6 +31,8 @@ use hyper_util::server::conn::auto::Builder;
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+use crate::lock;
 use tokio::task::{JoinHandle, JoinSet};
 
 /// Path of the token endpoint, as Flinks serves it.
@@ -1148,10 +1150,6 @@ fn get(counter: &AtomicU64) -> u64 {
 /// Increments and returns the new value.
 fn bump(counter: &AtomicU64) -> u64 {
     counter.fetch_add(1, SeqCst) + 1
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn response(status: StatusCode, mime: &'static str, body: impl Into<Bytes>) -> Response<Body> {

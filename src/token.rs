@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AuthScheme, CredentialConfig, GrantType};
+use crate::lock;
 use crate::metrics::CredentialMetrics;
 use crate::secret::Secret;
 pub use grant::{Endpoint, Grant, Granted, TokenError, DEFAULT_LIFETIME, MAX_LIFETIME};
@@ -275,10 +276,6 @@ impl Drop for InFlight<'_> {
         self.0.in_flight.store(false, Ordering::Release);
         self.0.changed.send_modify(|g| *g += 1);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl TokenSource {

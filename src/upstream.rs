@@ -38,7 +38,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -57,6 +57,7 @@ use tokio::sync::Notify;
 use tower_service::Service;
 
 use crate::body::RequestBody;
+use crate::lock;
 use capacity::Capacity;
 use conn::WireBody;
 use h1::{Abandoned, H1Conn, IdleList, ReturnTo};
@@ -141,10 +142,6 @@ where
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
         .build(connector(extra_roots)?))
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What makes two routes share a pool: trust roots and origin.

@@ -152,7 +152,7 @@ impl RefreshState {
     }
 
     fn lineage(&self) -> MutexGuard<'_, Lineage> {
-        self.lineage.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.lineage)
     }
 
     /// The refresh token to present next.

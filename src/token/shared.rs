@@ -197,7 +197,7 @@ impl StoreSlot {
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Option<Tokens>> {
-        self.uncommitted.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.uncommitted)
     }
 
     /// Commits under the lease; a store failure keeps the tokens for the
