@@ -333,14 +333,7 @@ async fn revoked_consent_passes_the_602_through_then_asks_for_reauthorization() 
     );
 
     // The user authorizes again: a new code for the same id.
-    let code = sb.new_code("alice");
-    let r = admin(
-        &p,
-        "POST",
-        "/connections/users",
-        Some(serde_json::json!({"code": code, "id": "alice"})),
-    )
-    .await;
+    let r = reauthorize(&p, &sb, "alice").await;
     assert_eq!(r.status, 200, "replaced: {}", r.text());
     assert_eq!(r.json()["state"], "active");
     assert_eq!(r.json()["last_error"], serde_json::Value::Null);

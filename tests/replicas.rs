@@ -17,7 +17,7 @@ use flinks_proxy::secret::Secret;
 use flinks_proxy::store::{Lease, Store, StoreError, Tokens};
 use http::Request;
 use http_body_util::Full;
-use support::connections::{admin, connect, get_as, new_key, API_TOKEN, SELECT};
+use support::connections::{admin, connect, get_as, new_key, reauthorize, API_TOKEN, SELECT};
 use support::postgres::{PgCluster, PASSWORD};
 use support::{client, send, ProxyProcess, Resp, TempDir};
 
@@ -592,14 +592,7 @@ async fn revocation_and_reauthorization_on_one_replica_reach_the_other() {
     );
 
     // Re-authorized through a: b serves her again.
-    let code = sb.new_code("alice");
-    let r = admin(
-        &a,
-        "POST",
-        "/connections/users",
-        Some(serde_json::json!({"code": code, "id": "alice"})),
-    )
-    .await;
+    let r = reauthorize(&a, &sb, "alice").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let back = eventually(Duration::from_secs(20), || async {
         get_as(&b, "/api/fdx/5/accounts", "alice").await.status == 200

@@ -113,6 +113,19 @@ pub async fn connect(p: &Running, sub: &str) -> serde_json::Value {
     r.json()
 }
 
+/// Re-authorizes sandbox user `sub` (connection id `sub`) with a new code;
+/// the caller asserts on the answer (200: an existing connection replaced).
+pub async fn reauthorize(p: &Running, sb: &Sandbox, sub: &str) -> Resp {
+    let code = sb.new_code(sub);
+    admin(
+        p,
+        "POST",
+        "/connections/users",
+        Some(serde_json::json!({"code": code, "id": sub})),
+    )
+    .await
+}
+
 /// A proxied GET naming connection `id`.
 pub async fn get_as(p: &Running, path: &str, id: &str) -> Resp {
     let req = Request::get(super::proxy_url(p, path))
