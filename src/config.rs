@@ -73,6 +73,14 @@ pub const DEFAULT_SELECT_HEADER: &str = "x-flinks-connection";
 pub const DEFAULT_REVOKED_CODES: &[&str] = &["602"];
 /// Access tokens kept in memory per pool: 10,000 users fit in a few MiB.
 pub const DEFAULT_CACHE_SIZE: u64 = 10_000;
+/// Refreshes per pool in flight at once: a thousand connections entering
+/// their refresh window together must not send a thousand token requests
+/// (nor exhaust the store's connections). Refreshes a request waits for
+/// queue for a slot; background ones skip when none is free and are tried
+/// at a later request (the token is still good).
+pub const DEFAULT_REFRESH_CONCURRENCY: usize = 32;
+/// More would defeat the bound.
+pub const MAX_REFRESH_CONCURRENCY: usize = 4096;
 
 /// A config error: one line naming the file, the key and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +222,7 @@ struct RawPool {
     select_header: Option<String>,
     revoked_codes: Option<Vec<String>>,
     cache_size: Option<u64>,
+    refresh_concurrency: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -487,6 +496,8 @@ pub struct PoolConfig {
     pub revoked_codes: Vec<String>,
     /// Access tokens kept in memory.
     pub cache_size: u64,
+    /// Refreshes of this pool's connections in flight at once, at most.
+    pub refresh_concurrency: usize,
 }
 
 /// Where a route's token comes from.
@@ -688,6 +699,29 @@ impl RouteConfig {
     }
 }
 
+/// A proxy listener beyond loopback that serves per-user connections must
+/// say who may use it (`[access]` keys or networks, or client
+/// certificates): otherwise anyone who reaches it acts as any user by
+/// naming their id (by default the token's guessable `sub`). Like the admin
+/// `api_token` rule, this is an error, not a warning.
+fn open_pooled_listener(
+    server: &ServerConfig,
+    access: &AccessConfig,
+    routes: &[RouteConfig],
+) -> Result<(), String> {
+    let pooled = routes
+        .iter()
+        .find(|r| matches!(r.auth, RouteAuth::Connections(_)));
+    let open = access.api_keys.is_empty() && access.allow.is_empty() && !server.mtls;
+    match pooled {
+        Some(r) if open && !server.listen.ip().is_loopback() => Err(format!(
+            "is required: server.listen ({}) is beyond loopback and routes.{} serves per-user connections, so without [access] api_keys or allow (or client certificates) anyone who reaches the proxy can act as any user by naming their connection id",
+            server.listen, r.name
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -730,6 +764,7 @@ impl Config {
             let route = ctx.route(&name, r, &credentials, &pools, &routes)?;
             routes.push(route);
         }
+        open_pooled_listener(&server, &access, &routes).map_err(|m| ctx.err("access", m))?;
         let show_subjects = raw.admin.as_ref().is_some_and(|a| a.show_subjects);
         let (admin_listen, admin_api_token) = ctx.admin(raw.admin, &pools)?;
         Ok(Config {
@@ -1053,6 +1088,13 @@ impl Ctx {
         if cache_size == 0 {
             return Err(self.err(&key("cache_size"), "must be at least 1".into()));
         }
+        let refresh_concurrency = p.refresh_concurrency.unwrap_or(DEFAULT_REFRESH_CONCURRENCY);
+        if !(1..=MAX_REFRESH_CONCURRENCY).contains(&refresh_concurrency) {
+            return Err(self.err(
+                &key("refresh_concurrency"),
+                format!("must be 1 to {MAX_REFRESH_CONCURRENCY}"),
+            ));
+        }
         let revoked_codes = p.revoked_codes.unwrap_or_else(|| {
             DEFAULT_REVOKED_CODES
                 .iter()
@@ -1075,6 +1117,7 @@ impl Ctx {
             select_header,
             revoked_codes,
             cache_size,
+            refresh_concurrency,
         })
     }
 
@@ -1959,6 +2002,21 @@ credential = "c"
             pooled(&store, "", "connections = \"users\"").replace("redirect_uri", "redirect_url");
         let e = parse(&typo).unwrap_err().to_string();
         assert!(e.contains("redirect_url"), "{e}");
+    }
+
+    #[test]
+    fn a_proxy_listener_beyond_loopback_with_pools_needs_access_rules() {
+        let store = format!("[store]\nkey = \"{KEY}\"");
+        let open = "[server]\nlisten = \"0.0.0.0:8080\"";
+        let e = parse(&pooled(&store, open, "connections = \"users\"")).unwrap_err();
+        assert!(e.to_string().contains("access: is required"), "{e}");
+        assert!(e.to_string().contains("routes.ob"), "{e}");
+        let keyed = format!("{open}\n[access]\napi_keys = [\"k-0123456789abcdef\"]");
+        parse(&pooled(&store, &keyed, "connections = \"users\"")).expect("keys make it fine");
+        let networks = format!("{open}\n[access]\nallow = [\"10.0.0.0/8\"]");
+        parse(&pooled(&store, &networks, "connections = \"users\"")).expect("networks too");
+        let lo = "[server]\nlisten = \"127.0.0.1:8080\"";
+        parse(&pooled(&store, lo, "connections = \"users\"")).expect("loopback is fine");
     }
 
     #[test]

@@ -1,18 +1,35 @@
-//! Per-user connection pools: one [`Pool`] per `[connections.NAME]`.
+//! Per-user connection pools: one [`Pool`] per `[connections.NAME]`, and
+//! the process-wide [`Ledger`] of refreshes in flight that every config
+//! generation's pools share.
 //!
 //! A request names its connection in the pool's select header; its access
 //! token comes from memory (a bounded LRU cache), else the store (one read,
-//! coalesced per connection), else one refresh. Per connection there is one
-//! token request at a time (single flight): a refresh takes the row's lease
-//! in the store, re-reads it, uses a token another holder just committed if
-//! it is fresh, else calls the endpoint and commits both tokens before the
-//! access token is used. A token inside its refresh window is served while
-//! one background refresh runs.
+//! coalesced per connection), else one refresh. Per connection and process
+//! there is one refresh at a time, whichever generation's pool asks: it
+//! runs in a task of its own ([`Ledger`]), so a request that leaves (its
+//! deadline, its client, a reload or shutdown) never cancels a refresh the
+//! provider may already have answered with a rotated refresh token. The
+//! refresh takes the row's lease in the store (one token request per
+//! expiry across replicas), re-reads it, uses a token another holder just
+//! committed if it is fresh, else calls the endpoint and commits both
+//! tokens before the access token is used. A token inside its refresh
+//! window is served while one background refresh runs.
 //!
-//! Refusals turn the connection `needs_reauthorization` in the store;
-//! transient failures back off per connection. This module does not parse
-//! HTTP requests beyond the select header, and does not own the store's SQL.
+//! The rule this module keeps: a connection ends only when the provider
+//! says its grant is dead (`invalid_grant` on a refresh, a `revoked_codes`
+//! answer for the token in use) or someone deletes it; nothing ever erases
+//! a refresh token. Every store write says which refresh token it expects
+//! ([`Version`]) and does nothing when the row has moved on, so a stale
+//! answer never undoes a re-authorization. Tokens a refresh obtained that
+//! the store could not take are parked in the ledger (not in the evictable
+//! cache) and committed as soon as it can. A refusal of the *client*
+//! (`invalid_client`, other 4xx) is the pool's problem, not the users':
+//! 503 `token_unavailable` for everyone, no state change.
+//!
+//! This module does not parse HTTP requests beyond the select header, and
+//! does not own the store's SQL.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -20,8 +37,10 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue};
+use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::PoolConfig;
 use crate::lock;
@@ -29,7 +48,7 @@ use crate::metrics::PoolMetrics;
 use crate::secret::Secret;
 use crate::store::{
     Change, ChangeKind, ConnectionInfo, ConnectionState, LastError, Lease, Record, Store,
-    StoreError, Tokens,
+    StoreError, Tokens, Version, Written,
 };
 use crate::token::{self, Endpoint, Grant, Granted, Token, TokenError};
 use tokio::sync::broadcast::error::RecvError;
@@ -37,7 +56,7 @@ use tokio::sync::broadcast::error::RecvError;
 /// Longest connection id (CONNECTIONS.md).
 pub const MAX_ID_LEN: usize = 128;
 /// A waiter re-reads a row whose lease another holder has after this,
-/// doubling up to [`LEASE_POLL_MAX`] (bounded by `request_timeout`).
+/// doubling up to [`LEASE_POLL_MAX`].
 const LEASE_POLL: Duration = Duration::from_millis(25);
 /// The longest wait between two reads of a leased row.
 const LEASE_POLL_MAX: Duration = Duration::from_millis(400);
@@ -46,10 +65,27 @@ const LEASE_POLL_MAX: Duration = Duration::from_millis(400);
 /// safety net under notifications, so a deletion or new tokens missed by the
 /// listener are seen within this bound plus one store read.
 pub const REVALIDATE_AFTER: Duration = Duration::from_secs(5);
-/// A lease outlives the token request it covers by this much.
-const LEASE_SLACK: Duration = Duration::from_secs(5);
+/// A lease outlives the token request it covers (bounded by
+/// `token_timeout`) by this much: room for waiting on a store connection
+/// and the commit. Should it still expire, nothing is lost: the commit is
+/// conditional on the refresh token sent, not on the lease.
+const LEASE_SLACK: Duration = Duration::from_secs(15);
 /// How often the per-state counts (`/status`, metrics) are read.
 const COUNT_INTERVAL: Duration = Duration::from_secs(5);
+/// Parked tokens are tried again this often while the store is down.
+const PARKED_RETRY: Duration = Duration::from_secs(2);
+/// A refused client (`invalid_client`…) is tried again after this,
+/// doubling up to [`CLIENT_BACKOFF_MAX`]: short, because the users come
+/// back the moment the endpoint accepts the client again.
+const CLIENT_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest wait between two tries of a refused client.
+const CLIENT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Refresh-ahead moments are spread over up to this share of a token's
+/// lifetime, so connections authorized together do not refresh together.
+const REFRESH_JITTER: f64 = 0.1;
+/// The admin API's code exchange keeps trying to store what it obtained
+/// for this long (the code is spent; the tokens must not be).
+const AUTHORIZE_STORE_RETRY: Duration = Duration::from_secs(10);
 
 /// `1`-`128` of `[A-Za-z0-9._:@-]`.
 pub fn valid_id(id: &str) -> bool {
@@ -60,7 +96,7 @@ pub fn valid_id(id: &str) -> bool {
 }
 
 /// Why a pooled request gets no token.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PoolError {
     /// The select header is missing, empty, repeated or malformed.
     #[error("name the connection in the {0} header (1-128 of A-Z a-z 0-9 . _ : @ -)")]
@@ -112,31 +148,221 @@ pub fn select(headers: &mut HeaderMap, name: &HeaderName) -> Result<ConnectionId
         .ok_or_else(|| PoolError::ConnectionRequired(name.clone()))
 }
 
-/// The last failure of a connection's refresh: requests answer at once
-/// until `retry_at`.
+/// The last failure of a connection's refresh (or of the pool's client):
+/// requests answer at once until `retry_at`.
 struct Failure {
     retry_at: Instant,
     attempts: u32,
     reason: String,
 }
 
+impl Failure {
+    fn after(
+        prev: Option<&Failure>,
+        delay: impl FnOnce(u32) -> Duration,
+        reason: String,
+    ) -> Failure {
+        let attempts = prev.map_or(0, |f| f.attempts).saturating_add(1);
+        let now = Instant::now();
+        Failure {
+            retry_at: now.checked_add(delay(attempts)).unwrap_or(now),
+            attempts,
+            reason,
+        }
+    }
+
+    /// While it holds: the answer for a request.
+    fn pending(&self, id: &str) -> Option<PoolError> {
+        let now = Instant::now();
+        (now < self.retry_at).then(|| PoolError::Unavailable {
+            id: id.to_owned(),
+            reason: self.reason.clone(),
+            retry_after: self.retry_at.saturating_duration_since(now),
+        })
+    }
+}
+
+/// A token a refresh obtained, with the row version it was committed as.
+#[derive(Clone)]
+struct Fresh {
+    token: Arc<Token>,
+    version: Version,
+}
+
+/// What a refresh in flight ends with; everyone waiting gets a copy.
+type Outcome = Result<Fresh, PoolError>;
+
+/// A connection in the ledger's maps: pool name and id.
+type Key = (String, String);
+
+/// Tokens a refresh obtained that the store did not take yet, with the
+/// refresh token they replace (the commit's condition).
+struct Parked {
+    tokens: Tokens,
+    seen: Version,
+}
+
+/// Process-wide bookkeeping of per-user refreshes, shared by the pools of
+/// every config generation (a reload hands refreshes in flight to the new
+/// pools): one refresh per connection in flight at a time, in tasks of
+/// their own that shutdown waits for, and rotated tokens the store could
+/// not take yet, kept until it does (where no cache eviction reaches them).
+pub struct Ledger {
+    flights: Mutex<HashMap<Key, watch::Receiver<Option<Outcome>>>>,
+    parked: Mutex<HashMap<Key, Parked>>,
+    parked_added: tokio::sync::Notify,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("in_flight", &lock(&self.flights).len())
+            .field("parked", &lock(&self.parked).len())
+            .finish()
+    }
+}
+
+impl Ledger {
+    /// A ledger over `store`, with the task that commits parked tokens.
+    pub fn new(store: &Arc<Store>) -> Arc<Ledger> {
+        let ledger = Arc::new(Ledger {
+            flights: Mutex::new(HashMap::new()),
+            parked: Mutex::new(HashMap::new()),
+            parked_added: tokio::sync::Notify::new(),
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+        });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(Arc::clone(&ledger).commit_parked_loop(Arc::downgrade(store)));
+        }
+        ledger
+    }
+
+    /// Refreshes in flight.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.flights).len()
+    }
+
+    /// Connections whose obtained tokens wait for the store.
+    pub fn parked(&self) -> usize {
+        lock(&self.parked).len()
+    }
+
+    fn park(&self, key: Key, parked: Parked) {
+        lock(&self.parked).insert(key, parked);
+        self.parked_added.notify_one();
+    }
+
+    /// Commits every parked entry it can; the ones the store refuses to
+    /// take now stay.
+    async fn commit_all_parked(&self, store: &Store) {
+        let keys: Vec<Key> = lock(&self.parked).keys().cloned().collect();
+        for key in keys {
+            let Some((tokens, seen)) = lock(&self.parked)
+                .get(&key)
+                .map(|p| (p.tokens.clone(), p.seen.clone()))
+            else {
+                continue;
+            };
+            match store.commit_refresh(&key.0, &key.1, &seen, &tokens).await {
+                Ok(w) => {
+                    if !matches!(w, Written::Done(_)) {
+                        tracing::info!(pool = %key.0, connection = %key.1, "tokens obtained while the store was down were superseded (re-authorized or deleted meanwhile); dropped");
+                    }
+                    let mut parked = lock(&self.parked);
+                    // A newer refresh may have parked newer tokens meanwhile.
+                    if parked
+                        .get(&key)
+                        .is_some_and(|p| p.seen.same_refresh_token(&seen))
+                    {
+                        parked.remove(&key);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(pool = %key.0, connection = %key.1, error = %e, "parked tokens still wait for the store");
+                }
+            }
+        }
+    }
+
+    async fn commit_parked_loop(self: Arc<Self>, store: std::sync::Weak<Store>) {
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                () = self.parked_added.notified() => {}
+                () = tokio::time::sleep(PARKED_RETRY) => {}
+            }
+            if self.parked() == 0 {
+                continue;
+            }
+            let Some(store) = store.upgrade() else { return };
+            self.commit_all_parked(&store).await;
+        }
+    }
+
+    /// Shutdown: lets refreshes in flight finish and commit (within
+    /// `grace`), tries parked tokens once more, and says loudly what could
+    /// not be kept.
+    pub async fn drain(&self, store: &Store, grace: Duration) {
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = self.in_flight(),
+                "refreshes still in flight at the end of shutdown_grace"
+            );
+        }
+        if self.parked() > 0 {
+            let _ = tokio::time::timeout(grace, self.commit_all_parked(store)).await;
+        }
+        let lost = self.parked();
+        if lost > 0 {
+            tracing::error!(connections = lost, "the store did not take tokens obtained while it was down; with rotating refresh tokens these users may have to authorize again");
+        }
+        self.cancel.cancel();
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Removes a flight from the ledger when its task ends (or panics).
+struct FlightGuard {
+    ledger: Arc<Ledger>,
+    key: Key,
+    conn: Arc<Conn>,
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        lock(&self.ledger.flights).remove(&self.key);
+        self.conn.refreshing.store(false, Ordering::Release);
+    }
+}
+
 /// One connection in memory.
 pub struct Conn {
     id: String,
     held: ArcSwapOption<Token>,
+    /// The row version the held token belongs to: what a `revoked_codes`
+    /// answer for it expects to find in the store.
+    version: Mutex<Version>,
     /// The token dropped after an upstream rejection, until the next one is
     /// installed: that one is subject to the no-storm floor
     /// ([`Token::rejectable`]), and a stored copy of this one is not used.
     rejected: ArcSwapOption<Token>,
     needs_reauthorization: AtomicBool,
+    /// This connection started the refresh in flight (a cheap check before
+    /// the ledger's map).
     refreshing: AtomicBool,
-    /// Single flight: whoever holds it refreshes.
-    flight: tokio::sync::Mutex<()>,
     failure: Mutex<Option<Failure>>,
-    /// Tokens a refresh obtained that the store did not take yet: a rotated
-    /// refresh token must not be lost, and no access token is used before
-    /// its refresh token is committed.
-    uncommitted: Mutex<Option<Tokens>>,
     /// A shared store announced a change (or may have): read it again.
     stale: AtomicBool,
     /// When it was last read from the store.
@@ -149,12 +375,11 @@ impl Conn {
         Conn {
             id,
             held: ArcSwapOption::empty(),
+            version: Mutex::new(Version::default()),
             rejected: ArcSwapOption::empty(),
             needs_reauthorization: AtomicBool::new(false),
             refreshing: AtomicBool::new(false),
-            flight: tokio::sync::Mutex::new(()),
             failure: Mutex::new(None),
-            uncommitted: Mutex::new(None),
             stale: AtomicBool::new(false),
             checked: Mutex::new(Instant::now()),
             revalidating: AtomicBool::new(false),
@@ -185,12 +410,31 @@ impl Conn {
         held.as_ref().filter(|t| t.is_usable(now)).map(Arc::clone)
     }
 
-    fn install(&self, mut token: Token) -> Arc<Token> {
+    /// Installs a token just obtained or read, its refresh moment spread
+    /// by a little jitter.
+    fn install(&self, mut token: Token, version: Version) -> Fresh {
         token.replaces_rejected = self.rejected.swap(None).is_some();
-        let token = Arc::new(token);
-        self.held.store(Some(Arc::clone(&token)));
+        let window = token
+            .refresh_at
+            .saturating_duration_since(token.obtained_at);
+        let jitter = window.mul_f64(REFRESH_JITTER * rand::random::<f64>());
+        if let Some(at) = token.refresh_at.checked_sub(jitter) {
+            token.refresh_at = at.max(token.obtained_at);
+        }
+        let fresh = Fresh {
+            token: Arc::new(token),
+            version,
+        };
+        self.install_fresh(&fresh);
+        fresh
+    }
+
+    /// Installs what a refresh (maybe another generation's) obtained.
+    fn install_fresh(&self, fresh: &Fresh) {
+        self.held.store(Some(Arc::clone(&fresh.token)));
+        *lock(&self.version) = fresh.version.clone();
+        self.needs_reauthorization.store(false, Ordering::Release);
         *lock(&self.failure) = None;
-        token
     }
 
     /// Drops `token` if it is still the current one.
@@ -256,7 +500,16 @@ pub struct Pool {
     config: Arc<PoolConfig>,
     endpoint: Endpoint,
     store: Arc<Store>,
+    ledger: Arc<Ledger>,
     cache: moka::future::Cache<String, Arc<Conn>>,
+    /// Bounds this pool's refreshes in flight (`refresh_concurrency`).
+    slots: Arc<Semaphore>,
+    /// The endpoint refused the client itself: every user waits.
+    client_failure: Mutex<Option<Failure>>,
+    /// Bumped whenever a connection is forgotten (deleted, re-authorized):
+    /// a store read that began before must not put the old row back into
+    /// the cache.
+    forgets: AtomicU64,
     metrics: PoolMetrics,
     cancel: CancellationToken,
     counts: Mutex<Vec<(ConnectionState, u64)>>,
@@ -281,11 +534,25 @@ pub struct PoolBuildError {
     source: token::grant::EndpointError,
 }
 
+fn store_err(e: StoreError) -> PoolError {
+    PoolError::Store(Arc::new(e))
+}
+
+fn last_error(error: String, description: Option<String>) -> LastError {
+    LastError {
+        error,
+        description,
+        at: crate::store::now_ms(),
+    }
+}
+
 impl Pool {
     /// A pool over `store`; [`Pool::spawn`] starts its counting task.
+    /// `ledger` is the process's, shared with every other pool.
     pub fn new(
         config: Arc<PoolConfig>,
         store: Arc<Store>,
+        ledger: Arc<Ledger>,
         metrics: PoolMetrics,
     ) -> Result<Arc<Pool>, PoolBuildError> {
         let c = &config;
@@ -307,7 +574,11 @@ impl Pool {
         Ok(Arc::new(Pool {
             endpoint,
             store,
+            ledger,
             cache,
+            slots: Arc::new(Semaphore::new(c.refresh_concurrency)),
+            client_failure: Mutex::new(None),
+            forgets: AtomicU64::new(0),
             metrics,
             cancel: CancellationToken::new(),
             counts: Mutex::new(Vec::new()),
@@ -351,7 +622,7 @@ impl Pool {
             return Err(PoolError::Reauthorization(conn.id.clone()));
         }
         if let Some(t) = conn.usable(now) {
-            if now >= t.refresh_at && !self.backing_off(&conn) {
+            if now >= t.refresh_at && self.backoff(&conn).is_none() {
                 self.refresh_behind(&conn);
             }
             if loaded {
@@ -366,8 +637,22 @@ impl Pool {
     }
 
     /// Reads a connection from the store into the cache; concurrent misses
-    /// for one id share one read. `true` for the caller that read it.
+    /// for one id share one read. `true` for the caller that read it. A
+    /// read that raced a deletion (or re-authorization) is not kept.
     async fn load(&self, id: &str) -> Result<(Arc<Conn>, bool), PoolError> {
+        let mut tries = 0;
+        loop {
+            let before = self.forgets.load(Ordering::Acquire);
+            let (conn, fresh) = self.load_once(id).await?;
+            tries += 1;
+            if !fresh || self.forgets.load(Ordering::Acquire) == before || tries >= 3 {
+                return Ok((conn, fresh));
+            }
+            self.cache.invalidate(id).await;
+        }
+    }
+
+    async fn load_once(&self, id: &str) -> Result<(Arc<Conn>, bool), PoolError> {
         let pool = &self.config.name;
         let refresh_before = self.config.refresh_before;
         self.cache
@@ -377,13 +662,16 @@ impl Pool {
                     .store
                     .get(pool, id)
                     .await
-                    .map_err(|e| PoolError::Store(Arc::new(e)))?
+                    .map_err(store_err)?
                     .ok_or_else(|| PoolError::NotFound(id.to_owned()))?;
                 let conn = Conn::new(id.to_owned());
                 if record.info.state == ConnectionState::NeedsReauthorization {
                     conn.needs_reauthorization.store(true, Ordering::Release);
+                    *lock(&conn.version) = record.version.clone();
                 } else if let Some(t) = token::stored_token(&record, refresh_before) {
-                    conn.install(t);
+                    conn.install(t, record.version.clone());
+                } else {
+                    *lock(&conn.version) = record.version.clone();
                 }
                 Ok(Arc::new(conn))
             })
@@ -392,41 +680,61 @@ impl Pool {
                 let fresh = entry.is_fresh();
                 (entry.into_value(), fresh)
             })
-            .map_err(|e: Arc<PoolError>| match &*e {
-                PoolError::NotFound(id) => PoolError::NotFound(id.clone()),
-                PoolError::Store(s) => PoolError::Store(Arc::clone(s)),
-                other => PoolError::Unavailable {
-                    id: id.to_owned(),
-                    reason: other.to_string(),
-                    retry_after: Duration::from_secs(1),
-                },
-            })
+            .map_err(|e: Arc<PoolError>| (*e).clone())
     }
 
-    /// Starts one background refresh unless one runs.
+    /// Starts one background refresh unless one runs or all of the pool's
+    /// refresh slots are taken (the token stays usable; a later request
+    /// tries again).
     fn refresh_behind(self: &Arc<Self>, conn: &Arc<Conn>) {
-        if conn.refreshing.swap(true, Ordering::AcqRel) {
-            return;
+        if !conn.refreshing.load(Ordering::Acquire) {
+            let _ = self.start_refresh(conn, true);
         }
+    }
+
+    /// Joins this connection's refresh in flight in this process (whichever
+    /// generation's pool started it), or starts one in a task of its own:
+    /// once sent, a token request runs to completion and its tokens are
+    /// committed (or parked), whoever still waits. `None` only when
+    /// `background` and no refresh slot is free.
+    fn start_refresh(
+        self: &Arc<Self>,
+        conn: &Arc<Conn>,
+        background: bool,
+    ) -> Option<watch::Receiver<Option<Outcome>>> {
+        let key = (self.config.name.clone(), conn.id.clone());
+        let mut flights = lock(&self.ledger.flights);
+        if let Some(rx) = flights.get(&key) {
+            return Some(rx.clone());
+        }
+        let permit = if background {
+            Some(Arc::clone(&self.slots).try_acquire_owned().ok()?)
+        } else {
+            None
+        };
+        let (tx, rx) = watch::channel(None);
+        flights.insert(key.clone(), rx.clone());
+        drop(flights);
+        conn.refreshing.store(true, Ordering::Release);
+        let guard = FlightGuard {
+            ledger: Arc::clone(&self.ledger),
+            key,
+            conn: Arc::clone(conn),
+        };
         let (pool, conn) = (Arc::clone(self), Arc::clone(conn));
-        tokio::spawn(async move {
-            let work = async {
-                let _flight = conn.flight.lock().await;
-                let due = conn
-                    .usable(Instant::now())
-                    .is_none_or(|t| Instant::now() >= t.refresh_at);
-                if due && !pool.backing_off(&conn) {
-                    if let Err(e) = pool.refresh(&conn).await {
-                        tracing::debug!(pool = %pool.config.name, error = %e, "background refresh failed");
-                    }
-                }
+        self.ledger.tasks.spawn(async move {
+            let _permit = match permit {
+                Some(p) => Some(p),
+                None => Arc::clone(&pool.slots).acquire_owned().await.ok(),
             };
-            tokio::select! {
-                () = work => {}
-                () = pool.cancel.cancelled() => {}
+            let outcome = pool.refresh(&conn).await;
+            if let Err(e) = &outcome {
+                tracing::debug!(pool = %pool.config.name, connection = %conn.id, error = %e, "refresh failed");
             }
-            conn.refreshing.store(false, Ordering::Release);
+            tx.send_replace(Some(outcome));
+            drop(guard);
         });
+        Some(rx)
     }
 
     /// Reads a cached connection again in the background (one at a time):
@@ -445,7 +753,7 @@ impl Pool {
             match pool.store.get(name, &conn.id).await {
                 Ok(None) => {
                     conn.revoke(false);
-                    pool.cache.invalidate(&conn.id).await;
+                    pool.forget_local(&conn.id).await;
                 }
                 Ok(Some(r)) if r.info.state == ConnectionState::NeedsReauthorization => {
                     conn.revoke(true);
@@ -453,7 +761,7 @@ impl Pool {
                 // Re-authorized elsewhere (a notification was missed): read
                 // it afresh at the next request.
                 Ok(Some(_)) if conn.needs_reauthorization.load(Ordering::Acquire) => {
-                    pool.cache.invalidate(&conn.id).await;
+                    pool.forget_local(&conn.id).await;
                 }
                 Ok(Some(r)) => {
                     let held = conn.held.load().as_ref().map(|t| t.usable_until);
@@ -471,7 +779,8 @@ impl Pool {
         });
     }
 
-    /// Follows a shared store's announcements (see [`crate::store::Change`]).
+    /// Follows the store's announcements of changes other processes (or
+    /// replicas) made (see [`crate::store::Change`]).
     async fn apply(&self, change: Result<Change, RecvError>) {
         let (id, kind, holder) = match change {
             Ok(Change::Connection {
@@ -490,12 +799,12 @@ impl Pool {
             Err(RecvError::Closed) => return,
         };
         match kind {
-            ChangeKind::Created | ChangeKind::Reauthorized => self.cache.invalidate(&id).await,
+            ChangeKind::Created | ChangeKind::Reauthorized => self.forget_local(&id).await,
             ChangeKind::Deleted => {
                 if let Some(c) = self.cache.get(&id).await {
                     c.revoke(false);
                 }
-                self.cache.invalidate(&id).await;
+                self.forget_local(&id).await;
             }
             ChangeKind::NeedsReauthorization => {
                 if let Some(c) = self.cache.get(&id).await {
@@ -512,103 +821,190 @@ impl Pool {
         self.recount.notify_one();
     }
 
-    fn backing_off(&self, conn: &Conn) -> bool {
-        conn.failure()
+    /// Why a refresh must not be tried now: the connection's own backoff,
+    /// or the pool's client refused.
+    fn backoff(&self, conn: &Conn) -> Option<PoolError> {
+        if let Some(e) = lock(&self.client_failure)
             .as_ref()
-            .is_some_and(|f| Instant::now() < f.retry_at)
+            .and_then(|f| f.pending(&conn.id))
+        {
+            return Some(e);
+        }
+        conn.failure().as_ref().and_then(|f| f.pending(&conn.id))
     }
 
-    /// Waits for (or makes) a refresh, until `deadline`.
+    /// Waits for (or starts) a refresh, until `deadline`. Leaving early
+    /// does not cancel the refresh.
     async fn refresh_now(
-        &self,
+        self: &Arc<Self>,
         conn: &Arc<Conn>,
         deadline: Instant,
     ) -> Result<Arc<Token>, PoolError> {
-        let unavailable = |reason: String, retry_after| PoolError::Unavailable {
+        if let Some(e) = self.backoff(conn) {
+            return Err(e);
+        }
+        let unavailable = |reason: &str| PoolError::Unavailable {
             id: conn.id.clone(),
-            reason,
-            retry_after,
+            reason: reason.to_owned(),
+            retry_after: Duration::from_secs(1),
         };
-        let work = async {
-            if let Some(f) = conn
-                .failure()
-                .as_ref()
-                .filter(|f| Instant::now() < f.retry_at)
-            {
-                return Err(unavailable(f.reason.clone(), f.retry_at - Instant::now()));
-            }
-            let _flight = conn.flight.lock().await;
-            if let Some(t) = conn.usable(Instant::now()) {
-                self.metrics.from_memory.inc();
-                return Ok(t);
-            }
-            if conn.needs_reauthorization.load(Ordering::Acquire) {
-                return Err(PoolError::Reauthorization(conn.id.clone()));
-            }
-            if let Some(f) = conn
-                .failure()
-                .as_ref()
-                .filter(|f| Instant::now() < f.retry_at)
-            {
-                return Err(unavailable(f.reason.clone(), f.retry_at - Instant::now()));
-            }
-            self.refresh(conn).await
+        let Some(mut rx) = self.start_refresh(conn, false) else {
+            return Err(unavailable("no refresh slot is free"));
         };
-        tokio::time::timeout_at(deadline, work)
-            .await
-            .unwrap_or_else(|_| {
-                Err(unavailable(
-                    "the token request is taking too long".into(),
-                    Duration::from_secs(1),
-                ))
-            })
+        let outcome = match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(done)) => match &*done {
+                Some(outcome) => outcome.clone(),
+                None => Err(unavailable("the refresh ended without an answer")),
+            },
+            Ok(Err(_)) => Err(unavailable("the refresh ended without an answer")),
+            Err(_) => Err(unavailable("the token request is taking too long")),
+        };
+        match outcome {
+            Ok(fresh) => {
+                // A refresh another generation's pool started: this
+                // connection object learns its outcome too.
+                if !conn
+                    .held
+                    .load()
+                    .as_ref()
+                    .is_some_and(|t| Arc::ptr_eq(t, &fresh.token))
+                {
+                    conn.install_fresh(&fresh);
+                }
+                Ok(fresh.token)
+            }
+            Err(e) => {
+                if matches!(e, PoolError::Reauthorization(_)) {
+                    conn.revoke(true);
+                }
+                Err(e)
+            }
+        }
     }
 
-    /// One refresh under the connection's flight lock: lease, re-read, use
-    /// a fresh stored token or call the endpoint, commit, install.
-    async fn refresh(&self, conn: &Conn) -> Result<Arc<Token>, PoolError> {
+    /// One refresh, in its own task: tokens parked earlier go first; then
+    /// lease, re-read, use a fresh stored token or call the endpoint,
+    /// commit, install.
+    async fn refresh(&self, conn: &Conn) -> Outcome {
+        if let Some(fresh) = self.commit_parked(conn).await? {
+            return Ok(fresh);
+        }
+        let mut superseded = false;
+        loop {
+            let record = match self.take_lease(conn).await? {
+                Ok(record) => record,
+                Err(adopted) => return Ok(adopted),
+            };
+            match self.refresh_with(conn, record).await {
+                // The row moved on under this refresh (another holder
+                // rotated the refresh token): once more with the new one.
+                Err(Retry::Superseded) if !superseded => superseded = true,
+                Err(Retry::Superseded) => {
+                    return Err(PoolError::Unavailable {
+                        id: conn.id.clone(),
+                        reason: "the connection changed while it was refreshed".into(),
+                        retry_after: Duration::from_secs(1),
+                    })
+                }
+                Err(Retry::No(e)) => return Err(e),
+                Ok(fresh) => return Ok(fresh),
+            }
+        }
+    }
+
+    /// Commits tokens an earlier refresh of this connection obtained but
+    /// could not store; a fresh access token among them is used.
+    async fn commit_parked(&self, conn: &Conn) -> Result<Option<Fresh>, PoolError> {
+        let key = (self.config.name.clone(), conn.id.clone());
+        let Some((tokens, seen)) = lock(&self.ledger.parked)
+            .get(&key)
+            .map(|p| (p.tokens.clone(), p.seen.clone()))
+        else {
+            return Ok(None);
+        };
+        let written = self
+            .store
+            .commit_refresh(&key.0, &key.1, &seen, &tokens)
+            .await
+            .map_err(store_err)?;
+        {
+            let mut parked = lock(&self.ledger.parked);
+            if parked
+                .get(&key)
+                .is_some_and(|p| p.seen.same_refresh_token(&seen))
+            {
+                parked.remove(&key);
+            }
+        }
+        match written {
+            Written::Done(record) | Written::Superseded(record) => Ok(self.adopt(conn, &record)),
+            Written::Gone => {
+                self.forget_local(&conn.id).await;
+                Err(PoolError::NotFound(conn.id.clone()))
+            }
+        }
+    }
+
+    /// Takes the row's lease: `Ok(record)` to refresh, `Err(fresh)` when
+    /// another holder committed a fresh token meanwhile.
+    async fn take_lease(&self, conn: &Conn) -> Result<Result<Record, Fresh>, PoolError> {
         let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
-        let store_err = |e: StoreError| PoolError::Store(Arc::new(e));
-        let ttl = self.config.token_timeout + LEASE_SLACK;
+        let ttl = self.config.token_timeout.saturating_add(LEASE_SLACK);
+        let start = Instant::now();
+        let give_up = start
+            .checked_add(ttl.saturating_add(LEASE_SLACK))
+            .unwrap_or(start);
         let mut poll = LEASE_POLL;
-        let record = loop {
+        loop {
             match self.store.lease(pool, id, ttl).await.map_err(store_err)? {
-                Lease::Taken(r) => break r,
+                Lease::Taken(r) => return Ok(Ok(r)),
                 Lease::Gone => {
-                    self.cache.invalidate(id).await;
+                    self.forget_local(id).await;
                     return Err(PoolError::NotFound(id.to_owned()));
                 }
                 Lease::Busy(r) => {
+                    if r.info.state == ConnectionState::NeedsReauthorization {
+                        conn.revoke(true);
+                        return Err(PoolError::Reauthorization(id.to_owned()));
+                    }
                     if let Some(t) = self.adopt(conn, &r) {
-                        return Ok(t);
+                        return Ok(Err(t));
+                    }
+                    if Instant::now() >= give_up {
+                        return Err(PoolError::Unavailable {
+                            id: id.to_owned(),
+                            reason: "another replica holds the connection's refresh lease".into(),
+                            retry_after: Duration::from_secs(1),
+                        });
                     }
                     tokio::time::sleep(poll).await;
                     poll = (poll * 2).min(LEASE_POLL_MAX);
                 }
             }
-        };
-        if record.info.state == ConnectionState::NeedsReauthorization {
-            conn.needs_reauthorization.store(true, Ordering::Release);
-            return Err(PoolError::Reauthorization(id.to_owned()));
         }
-        let pending = lock(&conn.uncommitted).clone();
-        if let Some(tokens) = pending {
-            // A rotated refresh token the store did not take last time.
-            // Committed (lease freed): the next round reads and adopts it.
-            self.commit(conn, &tokens).await?;
-            return Box::pin(self.refresh(conn)).await;
+    }
+
+    /// The token request under the lease, and what its answer means.
+    async fn refresh_with(&self, conn: &Conn, record: Record) -> Result<Fresh, Retry> {
+        let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
+        if record.info.state == ConnectionState::NeedsReauthorization {
+            let _ = self.store.release(pool, id).await;
+            conn.revoke(true);
+            return Err(Retry::No(PoolError::Reauthorization(id.to_owned())));
         }
         if let Some(t) = self.adopt(conn, &record) {
-            self.store.release(pool, id).await.map_err(store_err)?;
+            self.store
+                .release(pool, id)
+                .await
+                .map_err(|e| Retry::No(store_err(e)))?;
             return Ok(t);
         }
         let Some(rt) = record.tokens.refresh_token.clone() else {
-            let e = LastError {
-                error: "no_refresh_token".into(),
-                description: Some("the store holds no refresh token for this connection".into()),
-                at: crate::store::now_ms(),
-            };
-            return self.reauthorization(conn, &e).await;
+            let e = last_error(
+                "no_refresh_token".into(),
+                Some("the store holds no refresh token for this connection".into()),
+            );
+            return self.grant_dead(conn, &record, &e).await;
         };
         let result = token::grant::request(
             &self.endpoint,
@@ -623,23 +1019,25 @@ impl Pool {
                 .map_or_else(TokenError::outcome, |_| "success"),
         );
         match result {
-            Ok(g) => self.granted(conn, g, rt).await,
-            Err(e) if e.is_refusal() => {
+            Ok(g) => self.granted(conn, g, rt, &record.version).await,
+            Err(e) if e.is_invalid_grant() => {
                 let (error, description) = e.oauth_fields();
-                tracing::warn!(pool, connection = id, error = %e, "refresh token refused: the connection needs reauthorization");
-                let last = LastError {
-                    error,
-                    description,
-                    at: crate::store::now_ms(),
-                };
-                self.reauthorization(conn, &last).await
+                tracing::warn!(pool, connection = id, error = %e, "the token endpoint says the refresh token is dead");
+                self.grant_dead(conn, &record, &last_error(error, description))
+                    .await
             }
-            Err(e) => Err(self.failed(conn, &e).await),
+            Err(e) if e.is_refusal() => {
+                Err(Retry::No(self.client_refused(conn, &record, &e).await))
+            }
+            Err(e) => Err(Retry::No(self.failed(conn, &record, &e).await)),
         }
     }
 
     /// Uses the stored token if another holder refreshed it.
-    fn adopt(&self, conn: &Conn, record: &Record) -> Option<Arc<Token>> {
+    fn adopt(&self, conn: &Conn, record: &Record) -> Option<Fresh> {
+        if record.info.state != ConnectionState::Active {
+            return None;
+        }
         let t = token::stored_token(record, self.config.refresh_before)?;
         let rejected = conn.rejected.load();
         if rejected
@@ -651,93 +1049,159 @@ impl Pool {
         let now = Instant::now();
         (t.is_usable(now) && now < t.refresh_at).then(|| {
             self.metrics.from_store.inc();
-            conn.install(t)
+            conn.install(t, record.version.clone())
         })
     }
 
-    /// Commits what a refresh obtained, then installs the access token.
+    /// Commits what a refresh obtained (conditional on the refresh token
+    /// sent), then installs the access token. A store that cannot take it
+    /// now gets it later: the tokens are parked in the ledger. An access
+    /// token whose refresh token did not rotate serves at once either way
+    /// (nothing the store lacks could be lost).
     async fn granted(
         &self,
         conn: &Conn,
         g: Granted,
         sent: Secret,
-    ) -> Result<Arc<Token>, PoolError> {
-        let refresh_token = Some(g.refresh_token.clone().unwrap_or(sent));
-        let token = match Token::from_granted(&g, self.config.refresh_before) {
-            Ok(t) => t,
-            Err(e) => {
-                // The access token is unusable, but a rotated refresh token
-                // must still be kept.
-                let keep = Tokens {
-                    refresh_token,
-                    access_token: None,
-                    access_expires_at: None,
-                };
-                self.commit(conn, &keep).await?;
-                return Err(self.failed(conn, &e).await);
-            }
-        };
+        seen: &Version,
+    ) -> Result<Fresh, Retry> {
+        let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
+        let rotated = g
+            .refresh_token
+            .as_ref()
+            .is_some_and(|n| n.expose() != sent.expose());
+        let token = Token::from_granted(&g, self.config.refresh_before);
         let tokens = Tokens {
-            refresh_token,
-            access_token: Some(g.access_token.clone()),
-            access_expires_at: Some(expires_ms(&g)),
+            refresh_token: Some(g.refresh_token.clone().unwrap_or(sent)),
+            access_token: token.as_ref().ok().map(|_| g.access_token.clone()),
+            access_expires_at: token.as_ref().ok().map(|_| expires_ms(&g)),
         };
-        self.commit(conn, &tokens).await?;
-        self.metrics.from_refresh.inc();
-        Ok(conn.install(token))
-    }
-
-    /// Writes tokens; on failure keeps them in memory for the next attempt.
-    async fn commit(&self, conn: &Conn, tokens: &Tokens) -> Result<(), PoolError> {
-        let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
-        match self.store.commit_refresh(pool, id, tokens).await {
-            Ok(true) => {
-                *lock(&conn.uncommitted) = None;
-                Ok(())
+        match self.store.commit_refresh(pool, id, seen, &tokens).await {
+            Ok(Written::Done(record)) => match token {
+                Ok(t) => {
+                    self.metrics.from_refresh.inc();
+                    Ok(conn.install(t, record.version))
+                }
+                Err(e) => Err(Retry::No(self.failed(conn, &record, &e).await)),
+            },
+            Ok(Written::Superseded(record)) => {
+                tracing::info!(pool, connection = id, "the connection changed while it was refreshed (re-authorized, or refreshed by another replica); the stored tokens win");
+                let _ = self.store.release(pool, id).await;
+                match self.adopt(conn, &record) {
+                    Some(t) => Ok(t),
+                    None => Err(Retry::Superseded),
+                }
             }
-            Ok(false) => {
-                // Deleted or turned needs_reauthorization meanwhile.
-                *lock(&conn.uncommitted) = None;
-                self.cache.invalidate(id).await;
-                Err(PoolError::NotFound(id.to_owned()))
+            Ok(Written::Gone) => {
+                self.forget_local(id).await;
+                Err(Retry::No(PoolError::NotFound(id.to_owned())))
             }
             Err(e) => {
-                *lock(&conn.uncommitted) = Some(tokens.clone());
-                Err(PoolError::Store(Arc::new(e)))
+                tracing::warn!(pool, connection = id, error = %e, rotated, "the store did not take the refreshed tokens; they are kept in memory and committed when it does");
+                self.ledger.park(
+                    (pool.to_owned(), id.to_owned()),
+                    Parked {
+                        tokens,
+                        seen: seen.clone(),
+                    },
+                );
+                match token {
+                    Ok(t) if !rotated => Ok(conn.install(t, seen.clone())),
+                    _ => Err(Retry::No(store_err(e))),
+                }
             }
         }
     }
 
-    async fn reauthorization(&self, conn: &Conn, e: &LastError) -> Result<Arc<Token>, PoolError> {
-        conn.needs_reauthorization.store(true, Ordering::Release);
-        conn.held.store(None);
-        conn.rejected.store(None);
+    /// The provider said the grant is dead: the connection turns
+    /// `needs_reauthorization`, unless the row holds another refresh token
+    /// by now (re-authorized, or rotated by another holder: then that one
+    /// is tried).
+    async fn grant_dead(
+        &self,
+        conn: &Conn,
+        record: &Record,
+        e: &LastError,
+    ) -> Result<Fresh, Retry> {
         let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
-        if let Err(err) = self.store.record_failure(pool, id, e, true).await {
-            tracing::warn!(pool, connection = id, error = %err, "cannot record needs_reauthorization");
+        match self
+            .store
+            .mark_needs_reauthorization(pool, id, &record.version, e)
+            .await
+        {
+            Ok(Written::Done(_)) => {}
+            Ok(Written::Superseded(r)) => {
+                return match self.adopt(conn, &r) {
+                    Some(t) => Ok(t),
+                    None => Err(Retry::Superseded),
+                }
+            }
+            Ok(Written::Gone) => {
+                self.forget_local(id).await;
+                return Err(Retry::No(PoolError::NotFound(id.to_owned())));
+            }
+            Err(err) => {
+                tracing::warn!(pool, connection = id, error = %err, "cannot record needs_reauthorization in the store; this process stops using the connection");
+            }
         }
+        conn.revoke(true);
+        conn.rejected.store(None);
         self.recount.notify_one();
-        Err(PoolError::Reauthorization(id.to_owned()))
+        Err(Retry::No(PoolError::Reauthorization(id.to_owned())))
+    }
+
+    /// The endpoint refused the client (not the user's grant): every user
+    /// of the pool waits a short, growing while; no connection changes.
+    async fn client_refused(&self, conn: &Conn, record: &Record, e: &TokenError) -> PoolError {
+        let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
+        let delay = {
+            let mut f = lock(&self.client_failure);
+            let next = Failure::after(
+                f.as_ref(),
+                |n| {
+                    CLIENT_BACKOFF
+                        .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+                        .min(CLIENT_BACKOFF_MAX)
+                },
+                e.to_string(),
+            );
+            let delay = next.retry_at.saturating_duration_since(Instant::now());
+            *f = Some(next);
+            delay
+        };
+        tracing::error!(pool, error = %e, retry_in = %humantime::format_duration(delay), "the token endpoint refused the pool's client (check client_id, client_secret and client_auth); no connection is changed, and every user works again once the endpoint accepts the client");
+        let (error, description) = e.oauth_fields();
+        if let Err(err) = self
+            .store
+            .record_failure(pool, id, &record.version, &last_error(error, description))
+            .await
+        {
+            tracing::debug!(pool, connection = id, error = %err, "cannot record the failure");
+        }
+        PoolError::Unavailable {
+            id: id.to_owned(),
+            reason: e.to_string(),
+            retry_after: delay,
+        }
     }
 
     /// Records a transient failure and its backoff.
-    async fn failed(&self, conn: &Conn, e: &TokenError) -> PoolError {
+    async fn failed(&self, conn: &Conn, record: &Record, e: &TokenError) -> PoolError {
         let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
-        let attempts = conn.failure().as_ref().map_or(0, |f| f.attempts) + 1;
-        let delay = token::backoff(e.is_transient(), attempts, rand::random());
+        let next = Failure::after(
+            conn.failure().as_ref(),
+            |n| token::backoff(e.is_transient(), n, rand::random()),
+            e.to_string(),
+        );
+        let delay = next.retry_at.saturating_duration_since(Instant::now());
         tracing::warn!(pool, connection = id, error = %e, retry_in = %humantime::format_duration(delay), "refresh failed");
-        *conn.failure() = Some(Failure {
-            retry_at: Instant::now() + delay,
-            attempts,
-            reason: e.to_string(),
-        });
+        *conn.failure() = Some(next);
         let (error, description) = e.oauth_fields();
-        let last = LastError {
-            error,
-            description,
-            at: crate::store::now_ms(),
-        };
-        if let Err(err) = self.store.record_failure(pool, id, &last, false).await {
+        if let Err(err) = self
+            .store
+            .record_failure(pool, id, &record.version, &last_error(error, description))
+            .await
+        {
             tracing::debug!(pool, connection = id, error = %err, "cannot record the failure");
         }
         PoolError::Unavailable {
@@ -749,8 +1213,10 @@ impl Pool {
 
     /// The upstream answered `reauth_on` to `token`. A JSON `code` in
     /// `revoked_codes` turns the connection `needs_reauthorization` (no
-    /// refresh, no replay); otherwise the token is dropped (unless younger
-    /// than the floor) and a new one obtained for one replay.
+    /// refresh, no replay) — if the store still holds the refresh token
+    /// that token came from (a re-authorization since wins); otherwise the
+    /// token is dropped (unless younger than the floor) and a new one
+    /// obtained for one replay.
     pub async fn rejected(
         self: &Arc<Self>,
         conn: &Arc<Conn>,
@@ -760,15 +1226,7 @@ impl Pool {
         replay: bool,
     ) -> Rejected {
         if let Some(code) = self.revoked_code(body) {
-            let e = LastError {
-                error: "consent_revoked".into(),
-                description: Some(format!(
-                    "the API answered code {code}: the user's consent is revoked or expired"
-                )),
-                at: crate::store::now_ms(),
-            };
-            tracing::info!(pool = %self.config.name, connection = %conn.id, code, "consent revoked: the connection needs reauthorization");
-            let _ = self.reauthorization(conn, &e).await;
+            self.consent_revoked(conn, &code).await;
             return Rejected::PassThrough;
         }
         let now = Instant::now();
@@ -784,15 +1242,51 @@ impl Pool {
         match conn.usable(now) {
             // Another request already replaced it.
             Some(t) if !Arc::ptr_eq(&t, token) => Rejected::Replay(t),
-            _ => self.replay_with_new(conn, deadline).await,
+            _ => match self.refresh_now(conn, deadline).await {
+                Ok(t) => Rejected::Replay(t),
+                Err(_) => Rejected::PassThrough,
+            },
         }
     }
 
-    async fn replay_with_new(self: &Arc<Self>, conn: &Arc<Conn>, deadline: Instant) -> Rejected {
-        match self.refresh_now(conn, deadline).await {
-            Ok(t) => Rejected::Replay(t),
-            Err(_) => Rejected::PassThrough,
+    async fn consent_revoked(&self, conn: &Conn, code: &str) {
+        let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
+        let e = last_error(
+            "consent_revoked".into(),
+            Some(format!(
+                "the API answered code {code}: the user's consent is revoked or expired"
+            )),
+        );
+        let seen = lock(&conn.version).clone();
+        match self
+            .store
+            .mark_needs_reauthorization(pool, id, &seen, &e)
+            .await
+        {
+            Ok(Written::Superseded(_)) => {
+                tracing::info!(pool, connection = id, code, "consent revoked for tokens replaced since (the user authorized again): ignored");
+                return;
+            }
+            Ok(Written::Gone) => {
+                conn.revoke(false);
+                self.forget_local(id).await;
+                return;
+            }
+            Ok(Written::Done(_)) => {
+                tracing::info!(
+                    pool,
+                    connection = id,
+                    code,
+                    "consent revoked: the connection needs reauthorization"
+                );
+            }
+            Err(err) => {
+                tracing::warn!(pool, connection = id, code, error = %err, "consent revoked, but the store cannot record it; this process stops using the connection");
+            }
         }
+        conn.revoke(true);
+        conn.rejected.store(None);
+        self.recount.notify_one();
     }
 
     /// The `code` of a JSON error body when it is one of `revoked_codes`.
@@ -809,23 +1303,53 @@ impl Pool {
     /// Exchanges a code or refresh token now and stores the connection
     /// (replacing one with the same id: re-authorization). The id is
     /// `id`, else the token's `sub` if it is a valid id, else random.
-    /// Returns the connection and whether it was created.
+    /// Returns the connection and whether it was created. Runs in a task
+    /// of its own: an admin client that leaves does not lose the tokens a
+    /// spent code bought.
     pub async fn authorize(
-        &self,
+        self: &Arc<Self>,
         exchange: Exchange<'_>,
         id: Option<&str>,
     ) -> Result<(ConnectionInfo, bool), AuthorizeError> {
-        let (grant, sent) = match exchange {
+        let (grant, code_or_rt, redirect_uri) = match exchange {
             Exchange::Code { code, redirect_uri } => (
-                Grant::AuthorizationCode {
-                    code,
-                    redirect_uri: redirect_uri
-                        .or(self.config.redirect_uri.as_deref())
-                        .unwrap_or(""),
-                },
-                None,
+                false,
+                Secret::new(code.to_owned()),
+                redirect_uri
+                    .or(self.config.redirect_uri.as_deref())
+                    .unwrap_or("")
+                    .to_owned(),
             ),
-            Exchange::RefreshToken(rt) => (Grant::RefreshToken { refresh_token: rt }, Some(rt)),
+            Exchange::RefreshToken(rt) => (true, Secret::new(rt.to_owned()), String::new()),
+        };
+        let (pool, id) = (Arc::clone(self), id.map(str::to_owned));
+        let task = self.ledger.tasks.spawn(async move {
+            pool.authorize_owned(grant, code_or_rt, redirect_uri, id)
+                .await
+        });
+        task.await.unwrap_or_else(|e| {
+            Err(AuthorizeError::EndpointUnavailable(
+                TokenError::InvalidResponse(format!("the exchange ended abnormally: {e}")),
+            ))
+        })
+    }
+
+    async fn authorize_owned(
+        &self,
+        refresh: bool,
+        presented: Secret,
+        redirect_uri: String,
+        id: Option<String>,
+    ) -> Result<(ConnectionInfo, bool), AuthorizeError> {
+        let grant = if refresh {
+            Grant::RefreshToken {
+                refresh_token: presented.expose(),
+            }
+        } else {
+            Grant::AuthorizationCode {
+                code: presented.expose(),
+                redirect_uri: &redirect_uri,
+            }
         };
         // A single-use code must not be spent on a grant the store cannot keep.
         self.store
@@ -847,7 +1371,7 @@ impl Pool {
             Err(e) => return Err(AuthorizeError::EndpointUnavailable(e)),
         };
         let id = match id {
-            Some(id) => id.to_owned(),
+            Some(id) => id,
             None => g
                 .sub
                 .clone()
@@ -858,24 +1382,47 @@ impl Pool {
             refresh_token: g
                 .refresh_token
                 .clone()
-                .or_else(|| sent.map(|s| Secret::new(s.to_owned()))),
+                .or_else(|| refresh.then_some(presented)),
             access_token: Some(g.access_token.clone()),
             access_expires_at: Some(expires_ms(&g)),
         };
-        let stored = self
-            .store
-            .authorize(&self.config.name, &id, g.sub.as_deref(), &tokens)
-            .await
-            .map_err(AuthorizeError::Store)?;
+        let name = &self.config.name;
+        let start = Instant::now();
+        let mut wait = Duration::from_millis(100);
+        let stored = loop {
+            match self
+                .store
+                .authorize(name, &id, g.sub.as_deref(), &tokens)
+                .await
+            {
+                Ok(stored) => break stored,
+                Err(e) if e.is_unavailable() && start.elapsed() < AUTHORIZE_STORE_RETRY => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::error!(pool = %name, connection = %id, error = %e, "the store did not take a just-authorized connection; the user must authorize again");
+                    return Err(AuthorizeError::Store(e));
+                }
+            }
+        };
         self.forget(&id).await;
-        tracing::info!(pool = %self.config.name, connection = %id, created = stored.1, "connection authorized");
+        tracing::info!(pool = %name, connection = %id, created = stored.1, "connection authorized");
         Ok(stored)
     }
 
     /// Forgets a connection in memory (after an admin change).
     pub async fn forget(&self, id: &str) {
-        self.cache.invalidate(id).await;
+        self.forget_local(id).await;
         self.recount.notify_one();
+    }
+
+    /// Drops a connection from the cache, so that the next request reads
+    /// it afresh (and a read in progress is not kept).
+    async fn forget_local(&self, id: &str) {
+        self.forgets.fetch_add(1, Ordering::AcqRel);
+        self.cache.invalidate(id).await;
+        self.cache.run_pending_tasks().await;
     }
 
     /// Access tokens in memory.
@@ -888,21 +1435,20 @@ impl Pool {
         lock(&self.counts).clone()
     }
 
-    /// Starts the task that reads the per-state counts (every few seconds,
-    /// and after admin changes) into `/status` and the gauge.
+    /// Starts the tasks that follow the store's change announcements and
+    /// read the per-state counts (every few seconds, and after changes)
+    /// into `/status` and the gauge.
     pub fn spawn(self: &Arc<Self>) {
-        if self.store.is_shared() {
-            let pool = Arc::clone(self);
-            let mut changes = self.store.subscribe();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        () = pool.cancel.cancelled() => return,
-                        c = changes.recv() => pool.apply(c).await,
-                    }
+        let pool = Arc::clone(self);
+        let mut changes = self.store.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = pool.cancel.cancelled() => return,
+                    c = changes.recv() => pool.apply(c).await,
                 }
-            });
-        }
+            }
+        });
         let pool = Arc::clone(self);
         tokio::spawn(async move {
             loop {
@@ -924,9 +1470,18 @@ impl Pool {
     }
 
     /// Stops the pool's tasks (shutdown, or a reload that replaced it).
+    /// Refreshes in flight are the ledger's and run on.
     pub fn stop(&self) {
         self.cancel.cancel();
     }
+}
+
+/// Why a refresh under the lease did not produce a token.
+enum Retry {
+    /// The row holds another refresh token than the one read: try again.
+    Superseded,
+    /// The answer.
+    No(PoolError),
 }
 
 /// When a granted token expires, in Unix milliseconds.

@@ -300,6 +300,12 @@ impl Running {
         }
         self.admin_shutdown.cancel();
         self.state.runtime.load().stop_sources();
+        // Per-user refreshes in flight finish and commit (a rotated refresh
+        // token must reach the store), within the grace.
+        if let (Some(ledger), Some(store)) = (&self.state.ledger, &self.state.store) {
+            let grace = self.state.runtime.load().config.server.shutdown_grace;
+            ledger.drain(store, grace).await;
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use flinks_proxy::config::{Config, LogFormat};
+use flinks_proxy::store::Access;
 
 /// Exit code for a config that cannot be used (sysexits EX_USAGE-style).
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -188,10 +189,16 @@ fn main() -> ExitCode {
         Some(Command::Store {
             command: StoreCommand::Rekey,
             config,
-        }) => store_command(&config.or(&top), None, |store, _| {
+        }) => store_command(&config.or(&top), Access::Write, None, |store, _| {
             Box::pin(async move {
-                let n = store.rekey().await?;
-                println!("re-sealed {n} connections under key {}", store.key_id());
+                let r = store.rekey().await?;
+                println!(
+                    "re-sealed {} connections under key {} ({} already were; {} changed while being re-sealed and were read again)",
+                    r.resealed,
+                    store.key_id(),
+                    r.current,
+                    r.raced
+                );
                 Ok(())
             })
         }),
@@ -199,9 +206,16 @@ fn main() -> ExitCode {
             command,
             pool,
             config,
-        }) => store_command(&config.or(&top), pool, move |store, pool| {
-            Box::pin(connections_command(store, pool, command))
-        }),
+        }) => {
+            // Reads never write, so they cannot disturb a running proxy.
+            let access = match command {
+                ConnectionsCommand::Delete { .. } => Access::Write,
+                ConnectionsCommand::List | ConnectionsCommand::Show { .. } => Access::ReadOnly,
+            };
+            store_command(&config.or(&top), access, pool, move |store, pool| {
+                Box::pin(connections_command(store, pool, command))
+            })
+        }
         Some(Command::Demo {
             listen,
             admin,
@@ -333,12 +347,20 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Building the runtime also reads state files.
-    if let Err(e) = flinks_proxy::AppState::new(config.clone()) {
-        eprintln!("error: {}: {e}", path.display());
-        return ExitCode::FAILURE;
-    }
+    // Building the runtime also reads state files; with a [store], it is
+    // built over the store opened read-only (nothing is created or written,
+    // so checking next to a running proxy disturbs nothing).
+    let store_note = match block_on(1, check_runtime(config.clone())) {
+        Ok(note) => note,
+        Err(e) => {
+            eprintln!("error: {}: {e:#}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
     println!("{}: OK", path.display());
+    if let Some(note) = store_note {
+        println!("{note}");
+    }
     let s = &config.server;
     println!(
         "listen  {}{}{}",
@@ -589,12 +611,49 @@ connections = "users"
     Ok(())
 }
 
+/// Builds the runtime of `config` as `check` does, and what it has to say
+/// about the store: its key checked against the store's canary when the
+/// store can be reached (a wrong key or a newer schema is an error; a store
+/// not created yet or not reachable now is only said).
+async fn check_runtime(config: Config) -> anyhow::Result<Option<String>> {
+    use flinks_proxy::store::{Access, Store, StoreError};
+    let Some(sc) = config.store.clone() else {
+        flinks_proxy::AppState::new(config)?;
+        return Ok(None);
+    };
+    let metrics = flinks_proxy::metrics::Metrics::new();
+    let store = std::sync::Arc::new(
+        Store::new_for(&sc, metrics.store(), Access::ReadOnly)
+            .await
+            .context("store")?,
+    );
+    flinks_proxy::AppState::with_store(config, metrics, Some(std::sync::Arc::clone(&store)))?;
+    let kind = sc.location.kind();
+    Ok(Some(match store.init().await {
+        Ok(()) => format!(
+            "store   {kind}, key id {} matches the store",
+            store.key_id()
+        ),
+        Err(e @ (StoreError::KeyMismatch { .. } | StoreError::SchemaTooNew { .. })) => {
+            return Err(anyhow::Error::new(e).context("store"))
+        }
+        Err(StoreError::NotAStore(why)) => {
+            format!("store   {kind}, key id {}: {why}", store.key_id())
+        }
+        Err(e) => format!(
+            "store   {kind}, key id {}: warning: not checked against the store ({e})",
+            store.key_id()
+        ),
+    }))
+}
+
 type StoreJob = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>>>>;
 
 /// Opens the config's store (checking its key) and runs `job` on it with
 /// the pool named by `--pool` (or the config's only pool).
 fn store_command(
     path: &Path,
+    access: flinks_proxy::store::Access,
     pool: Option<String>,
     job: impl FnOnce(std::sync::Arc<flinks_proxy::store::Store>, Option<String>) -> StoreJob,
 ) -> ExitCode {
@@ -613,7 +672,7 @@ fn store_command(
     });
     exit(block_on(1, async move {
         let metrics = flinks_proxy::metrics::Metrics::new();
-        let store = flinks_proxy::store::Store::open(&store_config, metrics.store())
+        let store = flinks_proxy::store::Store::open_for(&store_config, metrics.store(), access)
             .await
             .context("store")?;
         job(std::sync::Arc::new(store), pool).await
@@ -666,7 +725,7 @@ async fn connections_command(
                 store.delete(&p, &id).await?,
                 "pool {p} has no connection {id}"
             );
-            println!("deleted {p}/{id} (a running proxy forgets it within its cache; restart or use the admin API for immediate effect)");
+            println!("deleted {p}/{id} (a running proxy stops using it within 5 seconds)");
         }
     }
     Ok(())

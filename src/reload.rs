@@ -51,6 +51,7 @@ pub fn apply(state: &AppState, config: Config) -> Result<(), String> {
         &state.metrics,
         &state.upstreams,
         state.store.as_ref(),
+        state.ledger.as_ref(),
     )
     .map_err(|e| e.to_string())?;
     state.runtime.store(Arc::new(new));

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::ReplayBudget;
 use crate::config::{AuthScheme, Config, RouteAuth, RouteConfig};
-use crate::connections::Pool;
+use crate::connections::{Ledger, Pool};
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, RouteMetrics, NO_ROUTE};
 use crate::routes::RouteTable;
@@ -165,8 +165,9 @@ impl Runtime {
         metrics: &Metrics,
         upstreams: &UpstreamCache,
         store: Option<&Arc<Store>>,
+        ledger: Option<&Arc<Ledger>>,
     ) -> Result<Runtime, BuildError> {
-        let pools = build_pools(&config, previous, metrics, store)?;
+        let pools = build_pools(&config, previous, metrics, store, ledger)?;
         let mut sources = BTreeMap::new();
         let mut cancels = BTreeMap::new();
         for (name, cred) in &config.credentials {
@@ -337,6 +338,7 @@ fn build_pools(
     previous: Option<&Runtime>,
     metrics: &Metrics,
     store: Option<&Arc<Store>>,
+    ledger: Option<&Arc<Ledger>>,
 ) -> Result<BTreeMap<String, Arc<Pool>>, BuildError> {
     let mut pools = BTreeMap::new();
     for (name, pc) in &config.pools {
@@ -347,11 +349,18 @@ fn build_pools(
         let pool = match reused {
             Some(p) => p,
             None => {
-                let store = store.ok_or_else(|| {
-                    BuildError(format!("connections.{name}: the store is not open"))
-                })?;
-                Pool::new(Arc::clone(pc), Arc::clone(store), metrics.pool(name))
-                    .map_err(|e| BuildError(e.to_string()))?
+                let (Some(store), Some(ledger)) = (store, ledger) else {
+                    return Err(BuildError(format!(
+                        "connections.{name}: the store is not open"
+                    )));
+                };
+                Pool::new(
+                    Arc::clone(pc),
+                    Arc::clone(store),
+                    Arc::clone(ledger),
+                    metrics.pool(name),
+                )
+                .map_err(|e| BuildError(e.to_string()))?
             }
         };
         pools.insert(name.clone(), pool);
@@ -375,6 +384,9 @@ pub struct AppState {
     /// The connection store, opened once at start (`[store]` changes need a
     /// restart).
     pub store: Option<Arc<Store>>,
+    /// Per-user refreshes in flight and tokens waiting for the store,
+    /// shared by every generation's pools (with the store).
+    pub ledger: Option<Arc<Ledger>>,
 }
 
 impl AppState {
@@ -391,7 +403,15 @@ impl AppState {
         store: Option<Arc<Store>>,
     ) -> Result<Arc<AppState>, BuildError> {
         let upstreams = UpstreamCache::default();
-        let runtime = Runtime::build(Arc::new(config), None, &metrics, &upstreams, store.as_ref())?;
+        let ledger = store.as_ref().map(Ledger::new);
+        let runtime = Runtime::build(
+            Arc::new(config),
+            None,
+            &metrics,
+            &upstreams,
+            store.as_ref(),
+            ledger.as_ref(),
+        )?;
         Ok(Arc::new(AppState {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
@@ -399,6 +419,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             store,
+            ledger,
         }))
     }
 

@@ -173,6 +173,45 @@ pub struct Record {
     pub info: ConnectionInfo,
     /// The tokens.
     pub tokens: Tokens,
+    /// What a conditional write of this row expects to find.
+    pub version: Version,
+}
+
+/// The refresh token a row held when it was read: every write that
+/// replaces a connection's tokens or state says which refresh token it
+/// expects to find (STYLE: "writes are conditional on what was read"), and
+/// does nothing when the row moved on (re-authorized, or refreshed by
+/// another holder). The sealed text is compared in SQL; the opened token
+/// tells a rekey (same token, new sealing) from a real change.
+#[derive(Debug, Clone, Default)]
+pub struct Version {
+    sealed: Option<String>,
+    refresh_token: Option<Secret>,
+}
+
+impl Version {
+    /// Whether both name the same refresh token (whatever its sealing).
+    pub fn same_refresh_token(&self, other: &Version) -> bool {
+        match (&self.refresh_token, &other.refresh_token) {
+            (Some(a), Some(b)) => a.expose() == b.expose(),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The outcome of a conditional write ([`Store::commit_refresh`],
+/// [`Store::mark_needs_reauthorization`], [`Store::record_failure`]).
+#[derive(Debug)]
+pub enum Written {
+    /// Written; the row as it is now.
+    Done(Record),
+    /// Nothing written: the row holds another refresh token than expected
+    /// (re-authorized, or another holder committed a rotation). The row as
+    /// it is now.
+    Superseded(Record),
+    /// No such connection.
+    Gone,
 }
 
 /// A row as backends move it: tokens still sealed.
@@ -304,6 +343,17 @@ pub enum StoreError {
         #[source]
         source: CryptoError,
     },
+    /// A conditional write kept missing a row that keeps changing.
+    #[error("connection {pool}/{id} kept changing while it was written; try again")]
+    Contended {
+        /// Pool.
+        pool: String,
+        /// Connection id.
+        id: String,
+    },
+    /// A read-only command found no store (or one never initialized).
+    #[error("{0}")]
+    NotAStore(String),
     /// A row held a value the binary does not understand.
     #[error("connection {pool}/{id}: corrupt row ({what})")]
     Corrupt {
@@ -322,7 +372,7 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            StoreError::Unavailable { .. } | StoreError::FileGone(_)
+            StoreError::Unavailable { .. } | StoreError::FileGone(_) | StoreError::Contended { .. }
         )
     }
 }
@@ -384,6 +434,21 @@ impl Change {
     }
 }
 
+/// How often a conditional write is tried against a row whose refresh
+/// token stays the same but whose sealing keeps changing (a rekey racing).
+const CONDITIONAL_TRIES: usize = 8;
+
+/// What [`Store::rekey`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rekeyed {
+    /// Rows re-sealed under the current key.
+    pub resealed: u64,
+    /// Rows already under the current key.
+    pub current: u64,
+    /// Rows that changed between reading and rewriting (read again).
+    pub raced: u64,
+}
+
 /// Changes buffered per subscriber; one that falls further behind gets
 /// [`Change::All`] semantics (`Lagged`).
 const CHANGE_BUFFER: usize = 4096;
@@ -410,6 +475,7 @@ pub struct Store {
     backend: Backend,
     sealer: Sealer,
     kind: &'static str,
+    access: Access,
     /// Identifies this process's leases.
     holder: String,
     healthy: AtomicBool,
@@ -447,11 +513,34 @@ pub fn sealer(config: &StoreConfig) -> Result<Sealer, String> {
     Ok(Sealer::new(current, old))
 }
 
+/// What a process may do with the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The proxy: creates and migrates the store, follows changes.
+    Serve,
+    /// A CLI command that writes (`connections delete`, `store rekey`):
+    /// creates and migrates, follows nothing.
+    Write,
+    /// A command that only reads (`connections list|show`, `check`): never
+    /// creates, migrates or writes anything, so it cannot disturb a running
+    /// proxy.
+    ReadOnly,
+}
+
 impl Store {
     /// Opens (creating if needed) the store: schema check and migrations,
     /// then the key canary. A store written with another key is refused.
     pub async fn open(config: &StoreConfig, metrics: StoreMetrics) -> Result<Store, StoreError> {
-        let store = Store::new(config, metrics).await?;
+        Store::open_for(config, metrics, Access::Serve).await
+    }
+
+    /// [`Store::open`] for a process with `access`.
+    pub async fn open_for(
+        config: &StoreConfig,
+        metrics: StoreMetrics,
+        access: Access,
+    ) -> Result<Store, StoreError> {
+        let store = Store::new_for(config, metrics, access).await?;
         store.init().await?;
         Ok(store)
     }
@@ -459,13 +548,29 @@ impl Store {
     /// The store without its initialization: an SQLite file is opened and
     /// migrated, a PostgreSQL pool is only configured (no connection yet).
     pub async fn new(config: &StoreConfig, metrics: StoreMetrics) -> Result<Store, StoreError> {
+        Store::new_for(config, metrics, Access::Serve).await
+    }
+
+    /// [`Store::new`] for a process with `access` ([`Access::ReadOnly`]
+    /// does no I/O at all until the first operation).
+    pub async fn new_for(
+        config: &StoreConfig,
+        metrics: StoreMetrics,
+        access: Access,
+    ) -> Result<Store, StoreError> {
         let sealer = sealer(config).map_err(|what| StoreError::Corrupt {
             pool: String::new(),
             id: String::new(),
             what,
         })?;
         let backend = match &config.location {
-            StoreLocation::Sqlite(path) => Backend::Sqlite(sqlite::Sqlite::open(path).await?),
+            StoreLocation::Sqlite(path) => {
+                let b = sqlite::Sqlite::open(path, access).await?;
+                if access == Access::Serve {
+                    b.free_dead_holders().await?;
+                }
+                Backend::Sqlite(b)
+            }
             StoreLocation::Postgres(url) => Backend::Postgres(Box::new(postgres::Postgres::new(
                 url,
                 config.max_connections,
@@ -475,7 +580,10 @@ impl Store {
             backend,
             sealer,
             kind: config.location.kind(),
-            holder: format!("{:016x}", rand::random::<u64>()),
+            access,
+            // The process id first: an SQLite store frees the leases of
+            // holders that died (see `free_dead_holders`).
+            holder: format!("{}-{:016x}", std::process::id(), rand::random::<u64>()),
             healthy: AtomicBool::new(true),
             metrics,
             initialized: tokio::sync::OnceCell::new(),
@@ -485,13 +593,17 @@ impl Store {
     }
 
     /// Migrations (PostgreSQL) and the key canary, once; until it succeeds
-    /// every operation tries it first.
+    /// every operation tries it first. Read-only: the schema and the canary
+    /// are only checked.
     pub async fn init(&self) -> Result<(), StoreError> {
         self.initialized
             .get_or_try_init(|| async {
                 let r = async {
-                    if let Backend::Postgres(b) = &self.backend {
-                        b.init().await?;
+                    match (&self.backend, self.access) {
+                        (Backend::Postgres(b), Access::ReadOnly) => b.check_schema().await?,
+                        (Backend::Postgres(b), _) => b.init().await?,
+                        (Backend::Sqlite(b), Access::ReadOnly) => b.check_read_only().await?,
+                        (Backend::Sqlite(_), _) => {}
                     }
                     self.check_canary().await
                 }
@@ -511,6 +623,11 @@ impl Store {
     async fn check_canary(&self) -> Result<(), StoreError> {
         let sealed = match backend!(self.get_meta("canary"))? {
             Some(sealed) => sealed,
+            None if self.access == Access::ReadOnly => {
+                return Err(StoreError::NotAStore(
+                    "the store has never been opened by a proxy (no key canary yet)".into(),
+                ))
+            }
             None => {
                 // Two replicas creating the store together: the first wins.
                 let sealed = self.seal(CANARY, CANARY_PLAINTEXT)?;
@@ -539,20 +656,45 @@ impl Store {
         self.changes.subscribe()
     }
 
-    /// Starts listening for changes (PostgreSQL), until the store is
-    /// dropped.
+    /// Starts following changes made by other processes until the store is
+    /// dropped: PostgreSQL's notifications, SQLite's change log (a CLI
+    /// command's delete reaches the running proxy within a second).
     pub fn spawn_listener(&self) {
-        if !self.is_shared() {
-            return;
-        }
-        let Backend::Postgres(pg) = &self.backend else {
-            return;
-        };
-        // The task does not keep the store alive: it listens through its
-        // own connection and stops when the store is dropped.
-        let listener = pg.listener();
         let (tx, cancel) = (self.changes.clone(), self.cancel.clone());
-        tokio::spawn(listener.listen(tx, cancel));
+        // The tasks do not keep the store alive: they read through their
+        // own connections and stop when the store is dropped.
+        match &self.backend {
+            Backend::Postgres(pg) => {
+                tokio::spawn(pg.listener().listen(tx, cancel));
+            }
+            Backend::Sqlite(sqlite) => {
+                tokio::spawn(sqlite.poller().listen(tx, cancel));
+            }
+        }
+    }
+
+    /// Keyed fingerprints of a configured secret (a static credential's
+    /// code or refresh token) to name its row: under the current key first,
+    /// then each old key (a row named before a key rotation).
+    pub fn fingerprints(&self, secret: &Secret) -> Vec<String> {
+        self.sealer.fingerprints(secret.expose().as_bytes())
+    }
+
+    /// Renames a static credential's row (found under an older name: an
+    /// old key's fingerprint, or the unkeyed one of earlier versions),
+    /// re-sealing its tokens for the new name; conditional on the row
+    /// still holding what was read. Whether it was renamed.
+    pub async fn rename(&self, pool: &str, from: &str, to: &str) -> Result<bool, StoreError> {
+        self.timed("rename", async {
+            let Some(row) = backend!(self.get(pool, from))? else {
+                return Ok(false);
+            };
+            let (rt, at) = (row.refresh_token.clone(), row.access_token.clone());
+            let record = self.open_row(row)?;
+            let sealed = self.seal_tokens(pool, to, &record.tokens)?;
+            backend!(self.rename(pool, from, to, rt.as_deref(), at.as_deref(), &sealed))
+        })
+        .await
     }
 
     /// This process's lease holder name (a refresh it committed is not news
@@ -658,9 +800,14 @@ impl Store {
             access_token: open("access_token", &row.access_token)?,
             access_expires_at: row.info.access_token_expires_at,
         };
+        let version = Version {
+            sealed: row.refresh_token,
+            refresh_token: tokens.refresh_token.clone(),
+        };
         Ok(Record {
             info: row.info,
             tokens,
+            version,
         })
     }
 
@@ -748,19 +895,33 @@ impl Store {
         .await
     }
 
-    /// Commits a refresh's tokens (both at once) and frees the lease.
-    /// `false` when this holder no longer holds the lease, or the
-    /// connection is gone, re-authorized or turned needs_reauthorization
-    /// meanwhile (the tokens are then stale).
+    /// Commits a refresh's tokens (both at once), turns the connection
+    /// `active` (the provider just honoured its grant) and frees this
+    /// holder's lease, if the row still holds the refresh token `seen`
+    /// (whoever holds the lease: the refresh token sent is what makes the
+    /// answer valid). A row re-authorized or refreshed by another holder
+    /// meanwhile is left alone ([`Written::Superseded`]).
     pub async fn commit_refresh(
         &self,
         pool: &str,
         id: &str,
+        seen: &Version,
         tokens: &Tokens,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Written, StoreError> {
         self.timed("commit", async {
-            let sealed = self.seal_tokens(pool, id, tokens)?;
-            backend!(self.commit_refresh(pool, id, &self.holder, &sealed, now_ms()))
+            let sealed = &self.seal_tokens(pool, id, tokens)?;
+            let now = now_ms();
+            self.conditional(pool, id, seen, |expected| async move {
+                backend!(self.commit_refresh(
+                    pool,
+                    id,
+                    expected.as_deref(),
+                    &self.holder,
+                    sealed,
+                    now
+                ))
+            })
+            .await
         })
         .await
     }
@@ -773,19 +934,84 @@ impl Store {
         .await
     }
 
-    /// Records a failure; `needs_reauthorization` also erases the tokens
-    /// (they are dead) and turns the connection so for every reader.
+    /// Turns the connection `needs_reauthorization` (the provider said its
+    /// grant is dead) if it still holds the refresh token `seen`. The access
+    /// token is dropped; the sealed refresh token is kept (an operator may
+    /// need it back, and a refresh that was in flight may still prove it
+    /// good).
+    pub async fn mark_needs_reauthorization(
+        &self,
+        pool: &str,
+        id: &str,
+        seen: &Version,
+        error: &LastError,
+    ) -> Result<Written, StoreError> {
+        self.timed("record_failure", async {
+            self.conditional(pool, id, seen, |expected| async move {
+                backend!(self.mark_needs_reauthorization(
+                    pool,
+                    id,
+                    expected.as_deref(),
+                    &self.holder,
+                    error
+                ))
+            })
+            .await
+        })
+        .await
+    }
+
+    /// Records a transient failure (state unchanged) and frees this
+    /// holder's lease, if the row still holds the refresh token `seen`.
     pub async fn record_failure(
         &self,
         pool: &str,
         id: &str,
+        seen: &Version,
         error: &LastError,
-        needs_reauthorization: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Written, StoreError> {
         self.timed("record_failure", async {
-            backend!(self.record_failure(pool, id, &self.holder, error, needs_reauthorization))
+            self.conditional(pool, id, seen, |expected| async move {
+                backend!(self.record_failure(pool, id, expected.as_deref(), &self.holder, error))
+            })
+            .await
         })
         .await
+    }
+
+    /// Runs a write that expects the row's sealed refresh token until it
+    /// lands, or the row really holds another refresh token (or is gone).
+    /// A miss whose row holds the same token sealed anew (a rekey ran) is
+    /// tried again with the new sealing.
+    async fn conditional<F, Fut>(
+        &self,
+        pool: &str,
+        id: &str,
+        seen: &Version,
+        write: F,
+    ) -> Result<Written, StoreError>
+    where
+        F: Fn(Option<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<SealedRow>, StoreError>>,
+    {
+        let mut expected = seen.sealed.clone();
+        for _ in 0..CONDITIONAL_TRIES {
+            if let Some(row) = write(expected.clone()).await? {
+                return Ok(Written::Done(self.open_row(row)?));
+            }
+            let Some(row) = backend!(self.get(pool, id))? else {
+                return Ok(Written::Gone);
+            };
+            let now = self.open_row(row)?;
+            if !now.version.same_refresh_token(seen) {
+                return Ok(Written::Superseded(now));
+            }
+            expected = now.version.sealed;
+        }
+        Err(StoreError::Contended {
+            pool: pool.to_owned(),
+            id: id.to_owned(),
+        })
     }
 
     /// Connections per state in `pool`.
@@ -794,29 +1020,58 @@ impl Store {
             .await
     }
 
-    /// Re-seals every token and the canary under the current key; returns
-    /// the number of connections rewritten.
-    pub async fn rekey(&self) -> Result<u64, StoreError> {
+    /// Re-seals every token not yet under the current key, and the canary.
+    /// Each row is rewritten only if it still holds the sealed values read
+    /// (a refresh that committed meanwhile wins; the row is read again), so
+    /// a rekey on a live fleet never puts back a rotated-away token.
+    pub async fn rekey(&self) -> Result<Rekeyed, StoreError> {
         self.timed("rekey", async {
             let canary = self.seal(CANARY, CANARY_PLAINTEXT)?;
-            let mut n = 0;
+            let mut report = Rekeyed::default();
             let mut after: Option<(String, String)> = None;
             loop {
                 let page = backend!(self.page_all(after.as_ref(), 500))?;
                 let Some(last) = page.last() else { break };
                 after = Some((last.info.pool.clone(), last.info.id.clone()));
                 for row in page {
-                    let record = self.open_row(row)?;
-                    let (pool, id) = (&record.info.pool, &record.info.id);
-                    let sealed = self.seal_tokens(pool, id, &record.tokens)?;
-                    backend!(self.rewrite_tokens(pool, id, &sealed))?;
-                    n += 1;
+                    self.rekey_row(row, &mut report).await?;
                 }
             }
             backend!(self.put_meta("canary", &canary))?;
-            Ok(n)
+            Ok(report)
         })
         .await
+    }
+
+    async fn rekey_row(&self, mut row: SealedRow, report: &mut Rekeyed) -> Result<(), StoreError> {
+        let current = self.sealer.current_id();
+        let is_current = |s: &Option<String>| {
+            s.as_deref()
+                .is_none_or(|s| Sealer::key_id_of(s) == Some(current))
+        };
+        for _ in 0..CONDITIONAL_TRIES {
+            if is_current(&row.refresh_token) && is_current(&row.access_token) {
+                report.current += 1;
+                return Ok(());
+            }
+            let (pool, id) = (row.info.pool.clone(), row.info.id.clone());
+            let (rt, at) = (row.refresh_token.clone(), row.access_token.clone());
+            let record = self.open_row(row)?;
+            let sealed = self.seal_tokens(&pool, &id, &record.tokens)?;
+            if backend!(self.rewrite_tokens(&pool, &id, rt.as_deref(), at.as_deref(), &sealed))? {
+                report.resealed += 1;
+                return Ok(());
+            }
+            report.raced += 1;
+            match backend!(self.get(&pool, &id))? {
+                Some(r) => row = r,
+                None => return Ok(()),
+            }
+        }
+        Err(StoreError::Contended {
+            pool: row.info.pool,
+            id: row.info.id,
+        })
     }
 
     /// Every pool name that has rows (for `connections list` without
@@ -855,7 +1110,10 @@ impl Store {
             access_token: None,
             access_expires_at: None,
         };
-        backend!(self.rewrite_tokens(pool, id, &sealed))
+        let row = backend!(self.get(pool, id))?.expect("row to rewrite");
+        let (rt, at) = (row.refresh_token.as_deref(), row.access_token.as_deref());
+        assert!(backend!(self.rewrite_tokens(pool, id, rt, at, &sealed))?);
+        Ok(())
     }
 }
 
@@ -1004,7 +1262,16 @@ mod tests {
             "rt-a",
             "old key opens"
         );
-        assert_eq!(store.rekey().await.unwrap(), 1);
+        assert_eq!(store.rekey().await.unwrap().resealed, 1);
+        assert_eq!(
+            store.rekey().await.unwrap(),
+            Rekeyed {
+                resealed: 0,
+                current: 1,
+                raced: 0
+            },
+            "rows already under the key are left alone"
+        );
         drop(store);
         let only_new = Store::open(&config(&dir, &k2), Metrics::new().store())
             .await
@@ -1035,18 +1302,20 @@ mod tests {
             .unwrap();
         other.holder = "other".into();
         let ttl = Duration::from_secs(60);
-        assert!(matches!(
-            store.lease("users", "alice", ttl).await.unwrap(),
-            Lease::Taken(_)
-        ));
+        let Lease::Taken(mine) = store.lease("users", "alice", ttl).await.unwrap() else {
+            panic!("free lease")
+        };
         assert!(matches!(
             other.lease("users", "alice", ttl).await.unwrap(),
             Lease::Busy(_)
         ));
-        assert!(store
-            .commit_refresh("users", "alice", &tokens("rt2", "at2"))
-            .await
-            .unwrap());
+        assert!(matches!(
+            store
+                .commit_refresh("users", "alice", &mine.version, &tokens("rt2", "at2"))
+                .await
+                .unwrap(),
+            Written::Done(_)
+        ));
         match other.lease("users", "alice", ttl).await.unwrap() {
             Lease::Taken(r) => assert_eq!(r.tokens.refresh_token.unwrap().expose(), "rt2"),
             l => panic!("{l:?}"),
@@ -1079,5 +1348,400 @@ mod tests {
             "static credentials' rows are not listed as pools"
         );
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    async fn open(dir: &std::path::Path, key: &str) -> Store {
+        Store::open(&config(dir, key), Metrics::new().store())
+            .await
+            .unwrap()
+    }
+
+    async fn record(store: &Store, id: &str) -> Record {
+        store.get("users", id).await.unwrap().expect("row")
+    }
+
+    fn rt(r: &Record) -> &str {
+        r.tokens.refresh_token.as_ref().map_or("", |s| s.expose())
+    }
+
+    #[tokio::test]
+    async fn a_commit_lands_after_its_lease_expired_and_the_late_holder_is_superseded() {
+        // Fault 6: the lease expires before the commit and a second holder
+        // refreshes with the same refresh token. The first commit is
+        // conditional on the refresh token it sent, not on the lease; the
+        // second then finds the row moved on and writes nothing.
+        let dir = tempdir();
+        let key = crypto::generate_key().unwrap();
+        let a = open(&dir, &key).await;
+        let mut b = open(&dir, &key).await;
+        b.holder = "b".into();
+        a.authorize("users", "alice", None, &tokens("rt1", "at1"))
+            .await
+            .unwrap();
+        let Lease::Taken(ra) = a.lease("users", "alice", Duration::ZERO).await.unwrap() else {
+            panic!("free lease")
+        };
+        let Lease::Taken(rb) = b
+            .lease("users", "alice", Duration::from_secs(60))
+            .await
+            .unwrap()
+        else {
+            panic!("an expired lease is free")
+        };
+        let w = a
+            .commit_refresh("users", "alice", &ra.version, &tokens("rt2", "at2"))
+            .await
+            .unwrap();
+        assert!(matches!(w, Written::Done(_)), "{w:?}");
+        let w = b
+            .commit_refresh("users", "alice", &rb.version, &tokens("rt2-b", "at2-b"))
+            .await
+            .unwrap();
+        let Written::Superseded(now) = w else {
+            panic!("{w:?}")
+        };
+        assert_eq!(rt(&now), "rt2");
+        assert_eq!(rt(&record(&a, "alice").await), "rt2");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_stale_failure_does_not_touch_a_fresh_reauthorization() {
+        // Fault 2: a 602 (or invalid_grant) for the old tokens lands after
+        // the user authorized again.
+        let dir = tempdir();
+        let store = open(&dir, &crypto::generate_key().unwrap()).await;
+        store
+            .authorize("users", "alice", None, &tokens("rt-old", "at-old"))
+            .await
+            .unwrap();
+        let old = record(&store, "alice").await;
+        store
+            .authorize("users", "alice", None, &tokens("rt-new", "at-new"))
+            .await
+            .unwrap();
+        let e = LastError {
+            error: "consent_revoked".into(),
+            description: None,
+            at: now_ms(),
+        };
+        let w = store
+            .mark_needs_reauthorization("users", "alice", &old.version, &e)
+            .await
+            .unwrap();
+        assert!(matches!(w, Written::Superseded(_)), "{w:?}");
+        let w = store
+            .record_failure("users", "alice", &old.version, &e)
+            .await
+            .unwrap();
+        assert!(matches!(w, Written::Superseded(_)), "{w:?}");
+        let now = record(&store, "alice").await;
+        assert_eq!(now.info.state, ConnectionState::Active);
+        assert_eq!(now.info.last_error, None);
+        assert_eq!(rt(&now), "rt-new");
+        // The current tokens' failure does count.
+        let w = store
+            .mark_needs_reauthorization("users", "alice", &now.version, &e)
+            .await
+            .unwrap();
+        assert!(matches!(w, Written::Done(_)), "{w:?}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn needs_reauthorization_keeps_the_sealed_refresh_token() {
+        // Fault 1: never NULL a refresh token.
+        let dir = tempdir();
+        let store = open(&dir, &crypto::generate_key().unwrap()).await;
+        store
+            .authorize("users", "alice", None, &tokens("rt-a", "at-a"))
+            .await
+            .unwrap();
+        let r = record(&store, "alice").await;
+        let e = LastError {
+            error: "invalid_grant".into(),
+            description: None,
+            at: now_ms(),
+        };
+        store
+            .mark_needs_reauthorization("users", "alice", &r.version, &e)
+            .await
+            .unwrap();
+        let (sealed_rt, sealed_at) = store.raw_tokens("users", "alice").await.unwrap().unwrap();
+        assert!(
+            sealed_rt.is_some_and(|s| !s.contains("rt-a")),
+            "kept, sealed"
+        );
+        assert_eq!(sealed_at, None, "the dead access token goes");
+        let now = record(&store, "alice").await;
+        assert_eq!(now.info.state, ConnectionState::NeedsReauthorization);
+        assert_eq!(rt(&now), "rt-a", "an operator can still get it back");
+        // A refresh that was in flight with it and succeeded proves it good.
+        let w = store
+            .commit_refresh("users", "alice", &now.version, &tokens("rt-b", "at-b"))
+            .await
+            .unwrap();
+        let Written::Done(after) = w else {
+            panic!("{w:?}")
+        };
+        assert_eq!(after.info.state, ConnectionState::Active);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn rekey_never_puts_back_a_token_rotated_after_it_read_the_row() {
+        // Fault 5: rekey reads a page, a refresh commits a rotated token,
+        // then rekey writes. The write is conditional on what it read: the
+        // rotation survives (and is re-sealed on the second read).
+        let dir = tempdir();
+        let (k1, k2) = (
+            crypto::generate_key().unwrap(),
+            crypto::generate_key().unwrap(),
+        );
+        let first = open(&dir, &k1).await;
+        first
+            .authorize("users", "alice", None, &tokens("rt1", "at1"))
+            .await
+            .unwrap();
+        drop(first);
+        let mut rotated = config(&dir, &k2);
+        rotated.old_keys = vec![Secret::new(k1.clone())];
+        let store = Store::open(&rotated, Metrics::new().store()).await.unwrap();
+        // The rekey's read …
+        let Backend::Sqlite(b) = &store.backend else {
+            unreachable!()
+        };
+        let page = b.page_all(None, 500).await.unwrap();
+        // … a refresh commits meanwhile (by a proxy still sealing with k1) …
+        let proxy = open(&dir, &k1).await;
+        let r = record(&proxy, "alice").await;
+        assert!(matches!(
+            proxy
+                .commit_refresh("users", "alice", &r.version, &tokens("rt2", "at2"))
+                .await
+                .unwrap(),
+            Written::Done(_)
+        ));
+        // … then the rekey's write.
+        let mut report = Rekeyed::default();
+        for row in page {
+            store.rekey_row(row, &mut report).await.unwrap();
+        }
+        assert_eq!(
+            report,
+            Rekeyed {
+                resealed: 1,
+                current: 0,
+                raced: 1
+            }
+        );
+        let now = record(&store, "alice").await;
+        assert_eq!(rt(&now), "rt2", "the rotated token survives the rekey");
+        let (sealed, _) = store.raw_tokens("users", "alice").await.unwrap().unwrap();
+        assert_eq!(
+            sealed.as_deref().and_then(Sealer::key_id_of),
+            Some(store.key_id()),
+            "and is under the new key"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_commit_after_a_rekey_still_lands() {
+        // The row's sealing changed (same refresh token): the conditional
+        // write notices the token is the same and writes.
+        let dir = tempdir();
+        let (k1, k2) = (
+            crypto::generate_key().unwrap(),
+            crypto::generate_key().unwrap(),
+        );
+        let proxy = open(&dir, &k1).await;
+        proxy
+            .authorize("users", "alice", None, &tokens("rt1", "at1"))
+            .await
+            .unwrap();
+        let seen = record(&proxy, "alice").await.version;
+        let mut rotated = config(&dir, &k2);
+        rotated.old_keys = vec![Secret::new(k1.clone())];
+        let cli = Store::open(&rotated, Metrics::new().store()).await.unwrap();
+        assert_eq!(cli.rekey().await.unwrap().resealed, 1);
+        drop(proxy);
+        let proxy = Store::open(&rotated, Metrics::new().store()).await.unwrap();
+        let w = proxy
+            .commit_refresh("users", "alice", &seen, &tokens("rt2", "at2"))
+            .await
+            .unwrap();
+        assert!(matches!(w, Written::Done(_)), "{w:?}");
+        assert_eq!(rt(&record(&proxy, "alice").await), "rt2");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_read_only_store_creates_and_writes_nothing() {
+        // Fault 4: a CLI read next to a running proxy must not free its
+        // leases (or write at all).
+        let dir = tempdir();
+        let key = crypto::generate_key().unwrap();
+        let missing = Store::open_for(
+            &config(&dir, &key),
+            Metrics::new().store(),
+            Access::ReadOnly,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(missing, StoreError::NotAStore(_)), "{missing}");
+        assert!(!dir.join("c.db").exists(), "a read creates no file");
+        let proxy = open(&dir, &key).await;
+        proxy
+            .authorize("users", "alice", None, &tokens("rt", "at"))
+            .await
+            .unwrap();
+        assert!(matches!(
+            proxy
+                .lease("users", "alice", Duration::from_secs(60))
+                .await
+                .unwrap(),
+            Lease::Taken(_)
+        ));
+        let before = std::fs::read(dir.join("c.db-wal")).unwrap_or_default();
+        for _ in 0..2 {
+            let cli = Store::open_for(
+                &config(&dir, &key),
+                Metrics::new().store(),
+                Access::ReadOnly,
+            )
+            .await
+            .unwrap();
+            assert_eq!(cli.list("users", None, None, 10).await.unwrap().len(), 1);
+            assert!(cli.get("users", "alice").await.unwrap().is_some());
+        }
+        let mut other = open(&dir, &key).await;
+        other.holder = "other".into();
+        assert!(
+            matches!(
+                other
+                    .lease("users", "alice", Duration::from_secs(60))
+                    .await
+                    .unwrap(),
+                Lease::Busy(_)
+            ),
+            "the proxy's lease is still held"
+        );
+        drop(other);
+        assert_eq!(
+            std::fs::read(dir.join("c.db-wal"))
+                .unwrap_or_default()
+                .len(),
+            before.len(),
+            "nothing was written"
+        );
+        let wrong = Store::open_for(
+            &config(&dir, &crypto::generate_key().unwrap()),
+            Metrics::new().store(),
+            Access::ReadOnly,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(wrong, StoreError::KeyMismatch { .. }), "{wrong}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn counts_are_kept_by_triggers() {
+        let dir = tempdir();
+        let store = open(&dir, &crypto::generate_key().unwrap()).await;
+        for id in ["a", "b", "c"] {
+            store
+                .authorize("users", id, None, &tokens("rt", "at"))
+                .await
+                .unwrap();
+        }
+        let b = record(&store, "b").await;
+        let e = LastError {
+            error: "invalid_grant".into(),
+            description: None,
+            at: now_ms(),
+        };
+        store
+            .mark_needs_reauthorization("users", "b", &b.version, &e)
+            .await
+            .unwrap();
+        store.delete("users", "c").await.unwrap();
+        store
+            .authorize("users", "b", None, &tokens("rt", "at"))
+            .await
+            .unwrap();
+        store
+            .mark_needs_reauthorization("users", "a", &record(&store, "a").await.version, &e)
+            .await
+            .unwrap();
+        let mut counts = store.counts("users").await.unwrap();
+        counts.sort_by_key(|c| c.0.as_str());
+        assert_eq!(
+            counts,
+            [
+                (ConnectionState::Active, 1),
+                (ConnectionState::NeedsReauthorization, 1)
+            ]
+        );
+        assert_eq!(store.counts("other").await.unwrap(), []);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn another_process_deleting_is_announced_through_the_change_log() {
+        // Fault 7: an SQLite store now tells the serving process what a CLI
+        // command changed.
+        let dir = tempdir();
+        let key = crypto::generate_key().unwrap();
+        let proxy = open(&dir, &key).await;
+        proxy
+            .authorize("users", "alice", None, &tokens("rt", "at"))
+            .await
+            .unwrap();
+        let mut changes = proxy.subscribe();
+        proxy.spawn_listener();
+        // The poller starts after the newest change present.
+        tokio::time::sleep(sqlite::CHANGE_POLL * 2).await;
+        let cli = Store::open_for(&config(&dir, &key), Metrics::new().store(), Access::Write)
+            .await
+            .unwrap();
+        assert!(cli.delete("users", "alice").await.unwrap());
+        let change = tokio::time::timeout(Duration::from_secs(5), changes.recv())
+            .await
+            .expect("announced within the bound")
+            .unwrap();
+        assert_eq!(
+            change,
+            Change::Connection {
+                pool: "users".into(),
+                id: "alice".into(),
+                kind: ChangeKind::Deleted,
+                holder: String::new(),
+            }
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn fingerprints_are_keyed_and_old_keys_still_name_old_rows() {
+        let (k1, k2) = (
+            crypto::generate_key().unwrap(),
+            crypto::generate_key().unwrap(),
+        );
+        let one = Sealer::new(Key::from_base64(&k1).unwrap(), vec![]);
+        let rotated = Sealer::new(
+            Key::from_base64(&k2).unwrap(),
+            vec![Key::from_base64(&k1).unwrap()],
+        );
+        let a = one.fingerprints(b"rt-secret");
+        let b = rotated.fingerprints(b"rt-secret");
+        assert_eq!(a.len(), 1);
+        assert_eq!(b.len(), 2);
+        assert_ne!(a[0], b[0], "keyed: another key, another name");
+        assert_eq!(a[0], b[1], "the old key still finds the old name");
+        assert_eq!(a[0].len(), 32);
+        assert_ne!(one.fingerprints(b"other")[0], a[0]);
+        assert!(!a[0].contains("rt-secret"));
     }
 }

@@ -14,7 +14,7 @@ use flinks_proxy::config::{StoreConfig, StoreLocation};
 use flinks_proxy::metrics::Metrics;
 use flinks_proxy::sandbox::{Sandbox, SandboxOptions, SandboxUser};
 use flinks_proxy::secret::Secret;
-use flinks_proxy::store::{Lease, Store, StoreError, Tokens};
+use flinks_proxy::store::{Lease, Store, StoreError, Tokens, Written};
 use http::Request;
 use http_body_util::Full;
 use support::connections::{admin, connect, get_as, new_key, reauthorize, API_TOKEN, SELECT};
@@ -129,24 +129,28 @@ async fn the_postgres_backend_keeps_the_store_contract() {
         .await
         .unwrap();
     let ttl = Duration::from_secs(60);
+    let Lease::Taken(leased) = a.lease("users", "alice", ttl).await.unwrap() else {
+        panic!("free lease")
+    };
+    let Lease::Busy(read_by_b) = b.lease("users", "alice", ttl).await.unwrap() else {
+        panic!("a holds the lease")
+    };
     assert!(matches!(
-        a.lease("users", "alice", ttl).await.unwrap(),
-        Lease::Taken(_)
-    ));
-    assert!(matches!(
-        b.lease("users", "alice", ttl).await.unwrap(),
-        Lease::Busy(_)
-    ));
-    assert!(
-        !b.commit_refresh("users", "alice", &tokens("x", "y"))
+        a.commit_refresh("users", "alice", &leased.version, &tokens("rt2", "at2"))
             .await
             .unwrap(),
-        "not the holder"
+        Written::Done(_)
+    ));
+    // Writes are conditional on the refresh token read: b's view is stale.
+    assert!(
+        matches!(
+            b.commit_refresh("users", "alice", &read_by_b.version, &tokens("x", "y"))
+                .await
+                .unwrap(),
+            Written::Superseded(_)
+        ),
+        "a stale commit writes nothing"
     );
-    assert!(a
-        .commit_refresh("users", "alice", &tokens("rt2", "at2"))
-        .await
-        .unwrap());
     match b.lease("users", "alice", Duration::ZERO).await.unwrap() {
         Lease::Taken(r) => assert_eq!(r.tokens.refresh_token.unwrap().expose(), "rt2"),
         l => panic!("{l:?}"),

@@ -21,11 +21,17 @@ use crate::secret::Secret;
 const VERSION: &str = "v1";
 /// Key length: AES-256.
 pub const KEY_LEN: usize = 32;
+/// What the fingerprint key is derived with (HMAC-SHA256 of this under the
+/// store key), so the sealing key is never used for anything else.
+const MAC_KEY_LABEL: &[u8] = b"flinks-proxy fingerprint key v1";
 
 /// A store key: 32 bytes, with its id.
 pub struct Key {
     id: String,
     key: LessSafeKey,
+    /// Keys [`Sealer::fingerprints`]: derived from the key, never the key
+    /// itself (one key, one purpose).
+    mac: ring::hmac::Key,
 }
 
 impl fmt::Debug for Key {
@@ -82,9 +88,12 @@ impl Key {
             .collect();
         let unbound =
             UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| "unusable key".to_owned())?;
+        let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bytes);
+        let mac_key = ring::hmac::sign(&derive, MAC_KEY_LABEL);
         Ok(Key {
             id,
             key: LessSafeKey::new(unbound),
+            mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, mac_key.as_ref()),
         })
     }
 
@@ -143,6 +152,22 @@ impl Sealer {
     /// The id of the key new values are sealed with.
     pub fn current_id(&self) -> &str {
         self.current.id()
+    }
+
+    /// Keyed fingerprints of `value` (HMAC-SHA256, 32 hex digits), under
+    /// the current key first, then each old key: a stable name for a
+    /// configured secret that reveals nothing about it without the key.
+    /// The old keys' fingerprints find what was stored before a rotation.
+    pub fn fingerprints(&self, value: &[u8]) -> Vec<String> {
+        std::iter::once(&self.current)
+            .chain(&self.old)
+            .map(|k| {
+                ring::hmac::sign(&k.mac, value).as_ref()[..16]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            })
+            .collect()
     }
 
     /// Every key id this sealer can open.

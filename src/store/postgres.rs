@@ -62,6 +62,18 @@ impl Postgres {
     /// Refuses a schema newer than the embedded migrations, then migrates
     /// (sqlx takes an advisory lock: replicas starting together migrate once).
     pub(super) async fn init(&self) -> Result<(), StoreError> {
+        self.check_schema().await?;
+        MIGRATOR.run(&self.pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(source) => StoreError::Unavailable {
+                op: "migrate",
+                source,
+            },
+            e => StoreError::Migrate(e),
+        })
+    }
+
+    /// Refuses a schema newer than the embedded migrations (writes nothing).
+    pub(super) async fn check_schema(&self) -> Result<(), StoreError> {
         let known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
         let (has_table,): (bool,) =
             sqlx::query_as("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
@@ -78,13 +90,7 @@ impl Postgres {
                 return Err(StoreError::SchemaTooNew { found, known });
             }
         }
-        MIGRATOR.run(&self.pool).await.map_err(|e| match e {
-            sqlx::migrate::MigrateError::Execute(source) => StoreError::Unavailable {
-                op: "migrate",
-                source,
-            },
-            e => StoreError::Migrate(e),
-        })
+        Ok(())
     }
 
     /// What listens for changes, on a connection of its own.
@@ -302,54 +308,163 @@ impl Postgres {
         Ok(self.get(pool, id).await?.map(|row| (false, row)))
     }
 
+    /// `UPDATE connections SET {set}, <this holder's lease freed> WHERE
+    /// <the row> AND <its refresh token is the expected one> RETURNING
+    /// <the row>`; `set` uses `$1`…`$n` and [`Postgres::run_conditional`]
+    /// binds the rest.
+    fn conditional_sql(set: &str, n: usize) -> String {
+        let (h, p, i, e) = (n + 1, n + 2, n + 3, n + 4);
+        // Every SET expression sees the old row, so both CASEs read the
+        // old lease owner.
+        format!(
+            "UPDATE connections SET {set}, \
+             lease_until = CASE WHEN lease_owner = ${h} THEN NULL ELSE lease_until END, \
+             lease_owner = CASE WHEN lease_owner = ${h} THEN NULL ELSE lease_owner END \
+             WHERE pool = ${p} AND id = ${i} AND refresh_token IS NOT DISTINCT FROM ${e}::TEXT \
+             RETURNING {COLUMNS}"
+        )
+    }
+
+    async fn run_conditional<'q>(
+        &self,
+        op: &'static str,
+        q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        holder: &'q str,
+        pool: &'q str,
+        id: &'q str,
+        expected: Option<&'q str>,
+    ) -> Result<Option<SealedRow>, StoreError> {
+        q.bind(holder)
+            .bind(pool)
+            .bind(id)
+            .bind(expected)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable(op))?
+            .map(|r| sealed_row(&r))
+            .transpose()
+    }
+
     pub(super) async fn commit_refresh(
         &self,
         pool: &str,
         id: &str,
+        expected: Option<&str>,
         holder: &str,
         t: &SealedTokens,
-        now: i64,
-    ) -> Result<bool, StoreError> {
-        let r = sqlx::query(
-            "UPDATE connections SET refresh_token = $1, access_token = $2, \
-             access_token_expires_at = $3, last_refresh_at = $4, last_error = NULL, \
-             last_error_description = NULL, last_error_at = NULL, \
-             lease_owner = NULL, lease_until = NULL \
-             WHERE pool = $5 AND id = $6 AND state = 'active' AND lease_owner = $7",
-        )
-        .bind(&t.refresh_token)
-        .bind(&t.access_token)
-        .bind(t.access_expires_at)
-        .bind(now)
-        .bind(pool)
-        .bind(id)
-        .bind(holder)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable("commit"))?;
-        Ok(r.rows_affected() > 0)
+        _now: i64,
+    ) -> Result<Option<SealedRow>, StoreError> {
+        let sql = Self::conditional_sql(
+            "refresh_token = $1, access_token = $2, access_token_expires_at = $3, \
+             last_refresh_at = $4, state = 'active', last_error = NULL, \
+             last_error_description = NULL, last_error_at = NULL",
+            4,
+        );
+        let q = sqlx::query(&sql)
+            .bind(&t.refresh_token)
+            .bind(&t.access_token)
+            .bind(t.access_expires_at)
+            .bind(_now);
+        self.run_conditional("commit", q, holder, pool, id, expected)
+            .await
     }
 
+    pub(super) async fn mark_needs_reauthorization(
+        &self,
+        pool: &str,
+        id: &str,
+        expected: Option<&str>,
+        holder: &str,
+        e: &LastError,
+    ) -> Result<Option<SealedRow>, StoreError> {
+        let sql = Self::conditional_sql(
+            "state = 'needs_reauthorization', access_token = NULL, \
+             access_token_expires_at = NULL, last_error = $1, \
+             last_error_description = $2, last_error_at = $3",
+            3,
+        );
+        let q = sqlx::query(&sql)
+            .bind(&e.error)
+            .bind(&e.description)
+            .bind(e.at);
+        self.run_conditional("record_failure", q, holder, pool, id, expected)
+            .await
+    }
+
+    pub(super) async fn record_failure(
+        &self,
+        pool: &str,
+        id: &str,
+        expected: Option<&str>,
+        holder: &str,
+        e: &LastError,
+    ) -> Result<Option<SealedRow>, StoreError> {
+        let sql = Self::conditional_sql(
+            "last_error = $1, last_error_description = $2, last_error_at = $3",
+            3,
+        );
+        let q = sqlx::query(&sql)
+            .bind(&e.error)
+            .bind(&e.description)
+            .bind(e.at);
+        self.run_conditional("record_failure", q, holder, pool, id, expected)
+            .await
+    }
+
+    /// Re-sealed tokens, written only over the sealed values read.
     pub(super) async fn rewrite_tokens(
         &self,
         pool: &str,
         id: &str,
+        expected_refresh: Option<&str>,
+        expected_access: Option<&str>,
         t: &SealedTokens,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE connections SET refresh_token = $1, access_token = $2, \
-             access_token_expires_at = COALESCE($3, access_token_expires_at) \
-             WHERE pool = $4 AND id = $5",
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE connections SET refresh_token = $1, access_token = $2 \
+             WHERE pool = $3 AND id = $4 AND refresh_token IS NOT DISTINCT FROM $5::TEXT \
+             AND access_token IS NOT DISTINCT FROM $6::TEXT",
         )
         .bind(&t.refresh_token)
         .bind(&t.access_token)
-        .bind(t.access_expires_at)
         .bind(pool)
         .bind(id)
+        .bind(expected_refresh)
+        .bind(expected_access)
         .execute(&self.pool)
         .await
         .map_err(unavailable("rekey"))?;
-        Ok(())
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Moves a row to another id with tokens sealed for it, if it still
+    /// holds the sealed values read.
+    pub(super) async fn rename(
+        &self,
+        pool: &str,
+        from: &str,
+        to: &str,
+        expected_refresh: Option<&str>,
+        expected_access: Option<&str>,
+        t: &SealedTokens,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE connections SET id = $1, refresh_token = $2, access_token = $3, \
+             lease_owner = NULL, lease_until = NULL \
+             WHERE pool = $4 AND id = $5 AND refresh_token IS NOT DISTINCT FROM $6::TEXT \
+             AND access_token IS NOT DISTINCT FROM $7::TEXT",
+        )
+        .bind(to)
+        .bind(&t.refresh_token)
+        .bind(&t.access_token)
+        .bind(pool)
+        .bind(from)
+        .bind(expected_refresh)
+        .bind(expected_access)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable("rename"))?;
+        Ok(r.rows_affected() > 0)
     }
 
     pub(super) async fn release(
@@ -371,49 +486,17 @@ impl Postgres {
         Ok(())
     }
 
-    pub(super) async fn record_failure(
-        &self,
-        pool: &str,
-        id: &str,
-        holder: &str,
-        e: &LastError,
-        needs_reauthorization: bool,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE connections SET last_error = $1, last_error_description = $2, \
-             last_error_at = $3, \
-             state = CASE WHEN $4 THEN 'needs_reauthorization' ELSE state END, \
-             refresh_token = CASE WHEN $4 THEN NULL ELSE refresh_token END, \
-             access_token = CASE WHEN $4 THEN NULL ELSE access_token END, \
-             access_token_expires_at = CASE WHEN $4 THEN NULL ELSE access_token_expires_at END, \
-             lease_until = CASE WHEN lease_owner = $5 THEN NULL ELSE lease_until END, \
-             lease_owner = CASE WHEN lease_owner = $5 THEN NULL ELSE lease_owner END \
-             WHERE pool = $6 AND id = $7",
-        )
-        .bind(&e.error)
-        .bind(&e.description)
-        .bind(e.at)
-        .bind(needs_reauthorization)
-        .bind(holder)
-        .bind(pool)
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable("record_failure"))?;
-        Ok(())
-    }
-
+    /// Per-state counts as the trigger keeps them (no scan).
     pub(super) async fn counts(
         &self,
         pool: &str,
     ) -> Result<Vec<(ConnectionState, u64)>, StoreError> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT state, COUNT(*) FROM connections WHERE pool = $1 GROUP BY state",
-        )
-        .bind(pool)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable("counts"))?;
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, n FROM connection_counts WHERE pool = $1 AND n > 0")
+                .bind(pool)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable("counts"))?;
         Ok(rows
             .into_iter()
             .filter_map(|(s, n)| Some((ConnectionState::parse(&s)?, u64::try_from(n).ok()?)))

@@ -14,8 +14,12 @@ use std::time::Duration;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
 use super::{
-    sealed_row, ConnectionInfo, ConnectionState, LastError, SealedRow, SealedTokens, StoreError,
+    sealed_row, Access, Change, ConnectionInfo, ConnectionState, LastError, SealedRow,
+    SealedTokens, StoreError,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -26,6 +30,14 @@ const MAX_CONNECTIONS: u32 = 4;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Until a pooled database connection is handed out.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the serving process reads the change log: a connection
+/// deleted by the CLI stops serving within this (CONNECTIONS.md promises
+/// 5 s, as for PostgreSQL).
+pub(super) const CHANGE_POLL: Duration = Duration::from_secs(1);
+/// Change-log rows kept behind the newest one read (older ones are pruned).
+const CHANGES_KEPT: i64 = 10_000;
+/// Changes read per poll.
+const CHANGES_PER_POLL: i64 = 1_000;
 
 const COLUMNS: &str = "pool, id, sub, state, last_error, last_error_description, last_error_at, \
      created_at, authorized_at, last_refresh_at, access_token_expires_at, refresh_token, access_token";
@@ -33,7 +45,9 @@ const COLUMNS: &str = "pool, id, sub, state, last_error, last_error_description,
 pub(super) struct Sqlite {
     pool: SqlitePool,
     path: PathBuf,
-    identity: (u64, u64),
+    /// The file's device and inode when opened (`None`: opened read-only
+    /// before it existed).
+    identity: Option<(u64, u64)>,
 }
 
 fn unavailable(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -71,19 +85,36 @@ async fn create_private(path: &Path) -> Result<(), StoreError> {
 }
 
 impl Sqlite {
-    pub(super) async fn open(path: &Path) -> Result<Sqlite, StoreError> {
-        create_private(path).await?;
+    /// Opens the file. [`Access::ReadOnly`] opens it lazily and read-only:
+    /// no file is created, nothing is written or migrated (a CLI read next
+    /// to a running proxy changes nothing under it). Otherwise the file is
+    /// created (0600) and migrated. Leases are left alone: they expire by
+    /// themselves, and another process may be the one holding them.
+    pub(super) async fn open(path: &Path, access: Access) -> Result<Sqlite, StoreError> {
+        let read_only = access == Access::ReadOnly;
+        if !read_only {
+            create_private(path).await?;
+        }
         let options = SqliteConnectOptions::from_str("sqlite:")
             .map_err(unavailable("open"))?
             .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
+            .create_if_missing(!read_only)
+            .read_only(read_only)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
+        let pool_options = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
+            .acquire_timeout(ACQUIRE_TIMEOUT);
+        if read_only {
+            let identity = tokio::fs::metadata(path).await.ok().map(|m| identity(&m));
+            return Ok(Sqlite {
+                pool: pool_options.connect_lazy_with(options),
+                path: path.to_path_buf(),
+                identity,
+            });
+        }
+        let pool = pool_options
+            .connect_with(options.journal_mode(SqliteJournalMode::Wal))
             .await
             .map_err(unavailable("open"))?;
         let meta = tokio::fs::metadata(path)
@@ -95,18 +126,73 @@ impl Sqlite {
         let store = Sqlite {
             pool,
             path: path.to_path_buf(),
-            identity: identity(&meta),
+            identity: Some(identity(&meta)),
         };
         store.migrate().await?;
-        sqlx::query("UPDATE connections SET lease_owner = NULL, lease_until = NULL WHERE lease_owner IS NOT NULL")
-            .execute(&store.pool)
-            .await
-            .map_err(unavailable("open"))?;
         Ok(store)
+    }
+
+    /// Frees the leases of holders that are dead processes on this host
+    /// (a proxy killed mid-refresh), so their users need not wait for the
+    /// leases to expire. A live holder's lease (another proxy on the same
+    /// file during a rolling restart) is left alone. Holder names start
+    /// with the process id; where processes cannot be looked up (no
+    /// `/proc`), leases only expire.
+    pub(super) async fn free_dead_holders(&self) -> Result<(), StoreError> {
+        if !Path::new("/proc/self").exists() {
+            return Ok(());
+        }
+        let owners: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT lease_owner FROM connections WHERE lease_owner IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable("open"))?;
+        for (owner,) in owners {
+            let pid = owner.split('-').next().and_then(|p| p.parse::<u32>().ok());
+            let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            if pid.is_some() && !alive {
+                sqlx::query(
+                    "UPDATE connections SET lease_owner = NULL, lease_until = NULL \
+                     WHERE lease_owner = ?",
+                )
+                .bind(&owner)
+                .execute(&self.pool)
+                .await
+                .map_err(unavailable("open"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a read-only store: it exists and its schema is one this
+    /// binary knows.
+    pub(super) async fn check_read_only(&self) -> Result<(), StoreError> {
+        if self.identity.is_none() {
+            return Err(StoreError::NotAStore(format!(
+                "there is no store at {} yet (the proxy creates it at its first start)",
+                self.path.display()
+            )));
+        }
+        self.check_schema().await
+    }
+
+    /// What listens for changes other processes made (a CLI command): the
+    /// change log the triggers keep, read every [`CHANGE_POLL`].
+    pub(super) fn poller(&self) -> Poller {
+        Poller {
+            pool: self.pool.clone(),
+        }
     }
 
     /// Refuses a schema newer than the embedded migrations, then migrates.
     async fn migrate(&self) -> Result<(), StoreError> {
+        self.check_schema().await?;
+        MIGRATOR.run(&self.pool).await.map_err(StoreError::Migrate)
+    }
+
+    /// Refuses a schema newer than the embedded migrations.
+    async fn check_schema(&self) -> Result<(), StoreError> {
         let known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
         let has_table: Option<(String,)> = sqlx::query_as(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
@@ -124,13 +210,16 @@ impl Sqlite {
                 return Err(StoreError::SchemaTooNew { found, known });
             }
         }
-        MIGRATOR.run(&self.pool).await.map_err(StoreError::Migrate)
+        Ok(())
     }
 
     /// The file must still be the one opened.
     async fn check_file(&self) -> Result<(), StoreError> {
+        let Some(opened) = self.identity else {
+            return Ok(());
+        };
         match tokio::fs::metadata(&self.path).await {
-            Ok(m) if identity(&m) == self.identity => Ok(()),
+            Ok(m) if identity(&m) == opened => Ok(()),
             _ => Err(StoreError::FileGone(self.path.display().to_string())),
         }
     }
@@ -358,55 +447,158 @@ impl Sqlite {
         Ok(self.get(pool, id).await?.map(|row| (false, row)))
     }
 
+    /// `UPDATE connections SET {set}, <this holder's lease freed> WHERE
+    /// <the row> AND <its refresh token is the expected one> RETURNING
+    /// <the row>`: [`Sqlite::run_conditional`] binds the rest.
+    fn conditional_sql(set: &str) -> String {
+        // Every SET expression sees the old row, so both CASEs read the
+        // old lease owner.
+        format!(
+            "UPDATE connections SET {set}, \
+             lease_until = CASE WHEN lease_owner = ? THEN NULL ELSE lease_until END, \
+             lease_owner = CASE WHEN lease_owner = ? THEN NULL ELSE lease_owner END \
+             WHERE pool = ? AND id = ? AND refresh_token IS ? RETURNING {COLUMNS}"
+        )
+    }
+
+    async fn run_conditional<'q>(
+        &self,
+        op: &'static str,
+        q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+        holder: &'q str,
+        pool: &'q str,
+        id: &'q str,
+        expected: Option<&'q str>,
+    ) -> Result<Option<SealedRow>, StoreError> {
+        self.check_file().await?;
+        q.bind(holder)
+            .bind(holder)
+            .bind(pool)
+            .bind(id)
+            .bind(expected)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable(op))?
+            .map(|r| sealed_row(&r))
+            .transpose()
+    }
+
     pub(super) async fn commit_refresh(
         &self,
         pool: &str,
         id: &str,
+        expected: Option<&str>,
         holder: &str,
         t: &SealedTokens,
         now: i64,
-    ) -> Result<bool, StoreError> {
-        self.check_file().await?;
-        let r = sqlx::query(
-            "UPDATE connections SET refresh_token = ?, access_token = ?, \
-             access_token_expires_at = ?, last_refresh_at = ?, last_error = NULL, \
-             last_error_description = NULL, last_error_at = NULL, \
-             lease_owner = NULL, lease_until = NULL \
-             WHERE pool = ? AND id = ? AND state = 'active' AND lease_owner = ?",
-        )
-        .bind(&t.refresh_token)
-        .bind(&t.access_token)
-        .bind(t.access_expires_at)
-        .bind(now)
-        .bind(pool)
-        .bind(id)
-        .bind(holder)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable("commit"))?;
-        Ok(r.rows_affected() > 0)
+    ) -> Result<Option<SealedRow>, StoreError> {
+        let sql = Self::conditional_sql(
+            "refresh_token = ?, access_token = ?, access_token_expires_at = ?, \
+             last_refresh_at = ?, state = 'active', last_error = NULL, \
+             last_error_description = NULL, last_error_at = NULL",
+        );
+        let q = sqlx::query(&sql)
+            .bind(&t.refresh_token)
+            .bind(&t.access_token)
+            .bind(t.access_expires_at)
+            .bind(now);
+        self.run_conditional("commit", q, holder, pool, id, expected)
+            .await
     }
 
+    pub(super) async fn mark_needs_reauthorization(
+        &self,
+        pool: &str,
+        id: &str,
+        expected: Option<&str>,
+        holder: &str,
+        e: &LastError,
+    ) -> Result<Option<SealedRow>, StoreError> {
+        let sql = Self::conditional_sql(
+            "state = 'needs_reauthorization', access_token = NULL, \
+             access_token_expires_at = NULL, last_error = ?, \
+             last_error_description = ?, last_error_at = ?",
+        );
+        let q = sqlx::query(&sql)
+            .bind(&e.error)
+            .bind(&e.description)
+            .bind(e.at);
+        self.run_conditional("record_failure", q, holder, pool, id, expected)
+            .await
+    }
+
+    pub(super) async fn record_failure(
+        &self,
+        pool: &str,
+        id: &str,
+        expected: Option<&str>,
+        holder: &str,
+        e: &LastError,
+    ) -> Result<Option<SealedRow>, StoreError> {
+        let sql =
+            Self::conditional_sql("last_error = ?, last_error_description = ?, last_error_at = ?");
+        let q = sqlx::query(&sql)
+            .bind(&e.error)
+            .bind(&e.description)
+            .bind(e.at);
+        self.run_conditional("record_failure", q, holder, pool, id, expected)
+            .await
+    }
+
+    /// Re-sealed tokens, written only over the sealed values read.
     pub(super) async fn rewrite_tokens(
         &self,
         pool: &str,
         id: &str,
+        expected_refresh: Option<&str>,
+        expected_access: Option<&str>,
         t: &SealedTokens,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         self.check_file().await?;
-        sqlx::query(
-            "UPDATE connections SET refresh_token = ?, access_token = ?, \
-             access_token_expires_at = COALESCE(?, access_token_expires_at) WHERE pool = ? AND id = ?",
+        let r = sqlx::query(
+            "UPDATE connections SET refresh_token = ?, access_token = ? \
+             WHERE pool = ? AND id = ? AND refresh_token IS ? AND access_token IS ?",
         )
         .bind(&t.refresh_token)
         .bind(&t.access_token)
-        .bind(t.access_expires_at)
         .bind(pool)
         .bind(id)
+        .bind(expected_refresh)
+        .bind(expected_access)
         .execute(&self.pool)
         .await
         .map_err(unavailable("rekey"))?;
-        Ok(())
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Moves a row to another id with tokens sealed for it, if it still
+    /// holds the sealed values read.
+    pub(super) async fn rename(
+        &self,
+        pool: &str,
+        from: &str,
+        to: &str,
+        expected_refresh: Option<&str>,
+        expected_access: Option<&str>,
+        t: &SealedTokens,
+    ) -> Result<bool, StoreError> {
+        self.check_file().await?;
+        let r = sqlx::query(
+            "UPDATE connections SET id = ?, refresh_token = ?, access_token = ?, \
+             lease_owner = NULL, lease_until = NULL \
+             WHERE pool = ? AND id = ? AND refresh_token IS ? AND access_token IS ?",
+        )
+        .bind(to)
+        .bind(&t.refresh_token)
+        .bind(&t.access_token)
+        .bind(pool)
+        .bind(from)
+        .bind(expected_refresh)
+        .bind(expected_access)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable("rename"))?;
+        Ok(r.rows_affected() > 0)
     }
 
     pub(super) async fn release(
@@ -429,49 +621,14 @@ impl Sqlite {
         Ok(())
     }
 
-    pub(super) async fn record_failure(
-        &self,
-        pool: &str,
-        id: &str,
-        holder: &str,
-        e: &LastError,
-        needs_reauthorization: bool,
-    ) -> Result<(), StoreError> {
-        self.check_file().await?;
-        sqlx::query(
-            "UPDATE connections SET last_error = ?, last_error_description = ?, last_error_at = ?, \
-             state = CASE WHEN ? THEN 'needs_reauthorization' ELSE state END, \
-             refresh_token = CASE WHEN ? THEN NULL ELSE refresh_token END, \
-             access_token = CASE WHEN ? THEN NULL ELSE access_token END, \
-             access_token_expires_at = CASE WHEN ? THEN NULL ELSE access_token_expires_at END, \
-             lease_owner = CASE WHEN lease_owner = ? THEN NULL ELSE lease_owner END, \
-             lease_until = CASE WHEN lease_owner = ? THEN NULL ELSE lease_until END \
-             WHERE pool = ? AND id = ?",
-        )
-        .bind(&e.error)
-        .bind(&e.description)
-        .bind(e.at)
-        .bind(needs_reauthorization)
-        .bind(needs_reauthorization)
-        .bind(needs_reauthorization)
-        .bind(needs_reauthorization)
-        .bind(holder)
-        .bind(holder)
-        .bind(pool)
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable("record_failure"))?;
-        Ok(())
-    }
-
+    /// Per-state counts as the triggers keep them (no scan).
     pub(super) async fn counts(
         &self,
         pool: &str,
     ) -> Result<Vec<(ConnectionState, u64)>, StoreError> {
         self.check_file().await?;
         let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, COUNT(*) FROM connections WHERE pool = ? GROUP BY state")
+            sqlx::query_as("SELECT state, n FROM connection_counts WHERE pool = ? AND n > 0")
                 .bind(pool)
                 .fetch_all(&self.pool)
                 .await
@@ -490,6 +647,70 @@ impl Sqlite {
                 .await
                 .map_err(unavailable("pools"))?;
         Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+}
+
+/// Reads the change log the triggers of `0002_changes_and_counts.sql` keep.
+pub(super) struct Poller {
+    pool: SqlitePool,
+}
+
+impl Poller {
+    /// Polls until `cancel`: every change after the newest one present at
+    /// the start becomes a [`Change`]. Old rows are pruned now and then.
+    pub(super) async fn listen(self, tx: broadcast::Sender<Change>, cancel: CancellationToken) {
+        let mut last: Option<i64> = None;
+        let mut polls = 0u32;
+        loop {
+            match self.poll(&mut last, &tx).await {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the store's change log; trying again")
+                }
+            }
+            polls = polls.wrapping_add(1);
+            if polls % 60 == 0 {
+                if let Some(seen) = last {
+                    let _ = sqlx::query("DELETE FROM connection_changes WHERE seq <= ?")
+                        .bind(seen.saturating_sub(CHANGES_KEPT))
+                        .execute(&self.pool)
+                        .await;
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(CHANGE_POLL) => {}
+            }
+        }
+    }
+
+    async fn poll(
+        &self,
+        last: &mut Option<i64>,
+        tx: &broadcast::Sender<Change>,
+    ) -> Result<(), sqlx::Error> {
+        let Some(from) = *last else {
+            let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM connection_changes")
+                .fetch_one(&self.pool)
+                .await?;
+            *last = Some(max.unwrap_or(0));
+            return Ok(());
+        };
+        let rows: Vec<(i64, String, String, String, String)> = sqlx::query_as(
+            "SELECT seq, pool, id, event, holder FROM connection_changes \
+             WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(from)
+        .bind(CHANGES_PER_POLL)
+        .fetch_all(&self.pool)
+        .await?;
+        for (seq, pool, id, event, holder) in rows {
+            if let Some(c) = Change::parse(&format!("{pool}/{id}/{event}/{holder}")) {
+                let _ = tx.send(c);
+            }
+            *last = Some(seq);
+        }
+        Ok(())
     }
 }
 

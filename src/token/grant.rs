@@ -259,6 +259,12 @@ impl TokenError {
         }
     }
 
+    /// The endpoint says the grant itself (refresh token or code) is dead:
+    /// `invalid_grant`. Only this ends a per-user connection.
+    pub fn is_invalid_grant(&self) -> bool {
+        matches!(self, TokenError::Rejected { error, .. } if error == "invalid_grant")
+    }
+
     /// 400/401/403 from the endpoint (not a "try later"): the refresh token
     /// or code is dead, or the client is not allowed.
     pub fn is_refusal(&self) -> bool {

@@ -1,8 +1,10 @@
 //! A credential's tokens kept in the `[store]` instead of a state file, so
 //! several replicas share one credential: one row per credential, in a
 //! reserved pool `credential:NAME` (`:` never appears in a pool name), keyed
-//! by the fingerprint of the configured code or refresh token (an operator
-//! who configures a new one starts a new row), sealed like connections.
+//! by a keyed fingerprint (HMAC under the store key) of the configured code
+//! or refresh token (an operator who configures a new one starts a new row),
+//! sealed like connections. A row named under an old key, or by the
+//! unkeyed fingerprint of earlier versions, is renamed on first use.
 //!
 //! A token request takes the row's lease ([`Store::lease`]): a replica that
 //! finds a fresh token another one committed uses it; otherwise it calls
@@ -18,7 +20,9 @@ use tokio::time::Instant;
 use super::grant::{self, Endpoint, Grant, TokenError};
 use super::{state, stored_token, Token};
 use crate::config::{CredentialConfig, GrantType};
-use crate::store::{Lease, Record, Store, StoreError, Tokens, CREDENTIAL_POOL_PREFIX};
+use crate::store::{
+    Lease, Record, Store, StoreError, Tokens, Version, Written, CREDENTIAL_POOL_PREFIX,
+};
 
 /// A lease outlives the token request it covers by this much.
 const LEASE_SLACK: Duration = Duration::from_secs(5);
@@ -31,10 +35,13 @@ pub struct StoreSlot {
     store: Arc<Store>,
     pool: String,
     id: String,
+    /// Names the row may have from before (an old key's fingerprint, the
+    /// unkeyed one of earlier versions).
+    old_ids: Vec<String>,
     /// Tokens a request obtained that the store did not take (it was
-    /// down): a rotated refresh token must not be lost, so they are
-    /// committed first at the next attempt.
-    uncommitted: std::sync::Mutex<Option<Tokens>>,
+    /// down), with the refresh token they replace: a rotated refresh token
+    /// must not be lost, so they are committed first at the next attempt.
+    uncommitted: std::sync::Mutex<Option<(Tokens, Version)>>,
 }
 
 impl std::fmt::Debug for StoreSlot {
@@ -58,10 +65,21 @@ impl StoreSlot {
             GrantType::RefreshToken => c.refresh_token.as_ref(),
             GrantType::AuthorizationCode => c.code.as_ref(),
         };
+        let (id, old_ids) = match configured {
+            None => ("client_credentials".to_owned(), Vec::new()),
+            Some(secret) => {
+                let mut names = store.fingerprints(secret).into_iter();
+                let id = names.next().unwrap_or_else(|| state::fingerprint(secret));
+                let mut old: Vec<String> = names.collect();
+                old.push(state::fingerprint(secret));
+                (id, old)
+            }
+        };
         StoreSlot {
             store,
             pool: format!("{CREDENTIAL_POOL_PREFIX}{}", c.name),
-            id: configured.map_or_else(|| "client_credentials".into(), state::fingerprint),
+            id,
+            old_ids,
             uncommitted: std::sync::Mutex::new(None),
         }
     }
@@ -79,9 +97,9 @@ impl StoreSlot {
             return self.adopted(c).await;
         };
         let pending = self.pending().clone();
-        if let Some(tokens) = pending {
+        if let Some((tokens, seen)) = pending {
             // Committing frees the lease: take it again over the new row.
-            self.commit(&tokens).await?;
+            self.commit(&tokens, &seen).await?;
             match self.take_lease(c).await? {
                 Some(r) => record = r,
                 None => return self.adopted(c).await,
@@ -127,6 +145,7 @@ impl StoreSlot {
                     tokio::time::sleep(poll).await;
                     poll = (poll * 2).min(POLL_MAX);
                 }
+                Lease::Gone if self.rename_old_row().await? => {}
                 Lease::Gone => {
                     let seed = Tokens {
                         refresh_token: match c.grant_type {
@@ -142,6 +161,22 @@ impl StoreSlot {
                 }
             }
         }
+    }
+
+    /// Finds the row under one of its older names and renames it.
+    async fn rename_old_row(&self) -> Result<bool, TokenError> {
+        for old in &self.old_ids {
+            if self
+                .store
+                .rename(&self.pool, old, &self.id)
+                .await
+                .map_err(store_err)?
+            {
+                tracing::info!(pool = %self.pool, "the credential's stored tokens were renamed to their keyed fingerprint");
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     async fn adopted(&self, c: &CredentialConfig) -> Result<Token, TokenError> {
@@ -192,34 +227,42 @@ impl StoreSlot {
         };
         // A rotated refresh token is committed even when the access token
         // is unusable.
-        self.commit(&tokens).await?;
+        self.commit(&tokens, &record.version).await?;
         token
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, Option<Tokens>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Option<(Tokens, Version)>> {
         crate::lock(&self.uncommitted)
     }
 
-    /// Commits under the lease; a store failure keeps the tokens for the
-    /// next attempt.
-    async fn commit(&self, tokens: &Tokens) -> Result<(), TokenError> {
+    /// Commits, conditional on the row still holding the refresh token
+    /// sent; a store failure keeps the tokens for the next attempt.
+    async fn commit(&self, tokens: &Tokens, seen: &Version) -> Result<(), TokenError> {
         match self
             .store
-            .commit_refresh(&self.pool, &self.id, tokens)
+            .commit_refresh(&self.pool, &self.id, seen, tokens)
             .await
         {
-            Ok(true) => {
+            Ok(Written::Done(_)) => {
                 *self.pending() = None;
                 Ok(())
             }
-            Ok(false) => {
+            Ok(Written::Superseded(_)) => {
+                // Another replica committed newer tokens: the store keeps
+                // theirs; the access token just obtained is still good.
+                *self.pending() = None;
+                tracing::debug!(pool = %self.pool, "another replica committed newer tokens for this credential");
+                let _ = self.store.release(&self.pool, &self.id).await;
+                Ok(())
+            }
+            Ok(Written::Gone) => {
                 *self.pending() = None;
                 Err(TokenError::State(
-                    "this replica's lease expired before the commit; the next attempt re-reads the store".into(),
+                    "the credential's row vanished from the store; the next attempt starts it again".into(),
                 ))
             }
             Err(e) => {
-                *self.pending() = Some(tokens.clone());
+                *self.pending() = Some((tokens.clone(), seen.clone()));
                 Err(store_err(e))
             }
         }
