@@ -113,6 +113,8 @@ struct Books {
     lifetime: f64,
     /// Every grant is answered with this status and OAuth error.
     refusal: Option<(u16, String)>,
+    /// API answers `602`.
+    consent_revoked_answers: u64,
     /// Refresh grants received, per sub.
     refreshes: HashMap<String, u64>,
     /// Code exchanges that issued tokens, per sub.
@@ -197,13 +199,14 @@ impl Books {
         }
     }
 
-    fn api(&self, bearer: Option<&str>) -> (StatusCode, Value) {
+    fn api(&mut self, bearer: Option<&str>) -> (StatusCode, Value) {
         let access = bearer.and_then(|t| self.access.get(t).map(|a| (t, a)));
         match access {
-            Some((_, a)) if a.consent_revoked => (
-                StatusCode::UNAUTHORIZED,
-                json!({"code": "602", "message": "consent revoked"}),
-            ),
+            Some((_, a)) if a.consent_revoked => {
+                self.consent_revoked_answers += 1;
+                let body = json!({"code": "602", "message": "consent revoked"});
+                (StatusCode::UNAUTHORIZED, body)
+            }
             Some((t, a)) if Instant::now() < a.until => {
                 (StatusCode::OK, json!({"sub": a.sub, "token": t}))
             }
@@ -365,6 +368,11 @@ impl Bank {
     pub fn authorizations(&self, sub: &str) -> u64 {
         let b = self.shared.books();
         b.authorizations.get(sub).copied().unwrap_or(0)
+    }
+
+    /// API answers `401 {"code":"602"}` so far.
+    pub fn consent_revoked_answers(&self) -> u64 {
+        self.shared.books().consent_revoked_answers
     }
 
     /// Rotated-away refresh tokens presented again: each is a rotation the
