@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod connections;
+pub mod durability;
 pub mod postgres;
 pub mod prometheus;
 
