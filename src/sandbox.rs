@@ -14,7 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -343,6 +343,14 @@ impl Sandbox {
         self.shared.n.token_delay_nanos.store(nanos, SeqCst);
     }
 
+    /// `true`: a token request whose client left (gave up, was killed) is
+    /// still handled to the end, as a real server's transaction is: a
+    /// rotation it makes is then lost to the client. `false` (default):
+    /// the handler is dropped with the connection.
+    pub fn set_finish_abandoned(&self, on: bool) {
+        self.shared.n.finish_abandoned.store(on, SeqCst);
+    }
+
     /// Makes the API reject (401) every access token issued so far.
     pub fn revoke_access_tokens(&self) {
         self.shared.grants().tokens.clear();
@@ -634,6 +642,7 @@ struct Counters {
     token_delay_nanos: AtomicU64,
     next_id: AtomicU64,
     reused: AtomicU64,
+    finish_abandoned: AtomicBool,
 }
 
 struct GrantState {
@@ -955,6 +964,13 @@ async fn serve_connection(stream: tokio::net::TcpStream, shared: Arc<Shared>, ro
         let shared = shared.clone();
         async move {
             Ok::<_, Infallible>(match role {
+                Role::Token if shared.n.finish_abandoned.load(SeqCst) => {
+                    // Its own task: a client that leaves does not stop it.
+                    let task = tokio::spawn(async move { handle_token(&shared, req).await });
+                    task.await.unwrap_or_else(|_| {
+                        error_json(StatusCode::INTERNAL_SERVER_ERROR, "handler_failed")
+                    })
+                }
                 Role::Token => handle_token(&shared, req).await,
                 Role::Api => handle_api(&shared, req).await,
             })
