@@ -66,7 +66,7 @@ const PROBE_DEADLINE: Duration = Duration::from_secs(4);
 const WRONG_SECRET: &str = "chaos-wrong-client-secret";
 const DEFAULT_STEPS: usize = 10;
 const SQLITE_SEEDS: [u64; 2] = [1, 2];
-const POSTGRES_SEEDS: [u64; 2] = [1, 2];
+const POSTGRES_SEEDS: [u64; 2] = [3, 4];
 const ACCOUNTS: &str = "/api/fdx/5/accounts";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -183,7 +183,8 @@ impl World {
             races: 0,
             load_requests: Arc::default(),
         };
-        w.config.write(&w.config_text(&SandboxOptions::default().client_secret));
+        w.config
+            .write(&w.config_text(&SandboxOptions::default().client_secret));
         let replicas = if backend == Backend::Sqlite { 1 } else { 2 };
         for _ in 0..replicas {
             let p = tokio::task::block_in_place(|| Proc::start(&w.config.0));
@@ -315,7 +316,8 @@ connections = "users"
                 Backend::Sqlite => Instant::now(),
                 Backend::Postgres => Instant::now() + SETTLE,
             };
-            self.fates.insert(sub.to_owned(), Fate::Live { checked_from });
+            self.fates
+                .insert(sub.to_owned(), Fate::Live { checked_from });
         }
         a
     }
@@ -324,19 +326,19 @@ connections = "users"
     async fn step(&mut self) -> String {
         let roll = self.rng.below(100);
         match roll {
-            0..=11 => {
+            0..=7 => {
                 let n = 6 + self.rng.below(14);
                 let spread = self.rng.millis(200, 1200);
                 format!("requests: {}", self.burst(n, spread).await)
             }
-            12..=21 => {
+            8..=17 => {
                 let delay = self.rng.millis(200, 1800);
                 self.sb.set_token_delay(delay);
                 let out = self.burst(10, delay + Duration::from_millis(500)).await;
                 self.sb.set_token_delay(Duration::ZERO);
                 format!("slow token endpoint ({delay:?}): {out}")
             }
-            22..=35 => {
+            18..=31 => {
                 let modes = [
                     FailureMode::ServerError,
                     FailureMode::TemporarilyUnavailable,
@@ -352,7 +354,7 @@ connections = "users"
                 self.sb.set_failure(FailureMode::None);
                 format!("token endpoint {mode:?} for {spread:?}: {out}")
             }
-            36..=41 => {
+            32..=37 => {
                 let sub = self.user();
                 self.sb.revoke_consent(&sub);
                 if !matches!(self.fates[&sub], Fate::Deleted { .. }) {
@@ -362,7 +364,7 @@ connections = "users"
                 let a = get_as(&url, &sub, &[], PROBE_DEADLINE).await;
                 format!("revoke consent of {sub}; its request: {a}")
             }
-            42..=51 => {
+            38..=47 => {
                 let sub = match self.ended_user() {
                     Some(s) if self.rng.percent(75) => s,
                     _ => self.user(),
@@ -370,8 +372,8 @@ connections = "users"
                 let a = self.reauthorize(&sub).await;
                 format!("re-authorize {sub}: {a}")
             }
-            52..=56 => self.stale_602().await,
-            57..=61 => {
+            48..=52 => self.stale_602().await,
+            53..=57 => {
                 let sub = self.user();
                 let p = self.proxy();
                 let url = self.procs[p].admin(&format!("/connections/users/{sub}"));
@@ -380,17 +382,19 @@ connections = "users"
                 if a.status == 204 {
                     let at = Instant::now();
                     self.fates.insert(sub.clone(), Fate::Deleted { at });
-                } else if a.is(404, "connection_not_found")
-                    && !matches!(was, Fate::Deleted { .. })
+                } else if a.is(404, "connection_not_found") && !matches!(was, Fate::Deleted { .. })
                 {
                     self.violation(
                         1,
-                        format!("admin DELETE of {sub} ({}) found no connection", was.label()),
+                        format!(
+                            "admin DELETE of {sub} ({}) found no connection",
+                            was.label()
+                        ),
                     );
                 }
                 format!("admin DELETE {sub} on proxy {p}: {a}")
             }
-            62..=66 => {
+            58..=62 => {
                 let sub = self.user();
                 let (code, out) = cli(self.cli_args(&["connections", "delete", &sub])).await;
                 let was = self.fates[&sub];
@@ -398,13 +402,16 @@ connections = "users"
                     let at = Instant::now();
                     self.fates.insert(sub.clone(), Fate::Deleted { at });
                 } else if out.contains("no connection") && !matches!(was, Fate::Deleted { .. }) {
-                    self.violation(1, format!("CLI delete of {sub} ({}) found none", was.label()));
+                    self.violation(
+                        1,
+                        format!("CLI delete of {sub} ({}) found none", was.label()),
+                    );
                 }
                 let summary = out.lines().last().unwrap_or("").to_owned();
                 self.logs.push(out);
                 format!("CLI connections delete {sub}: exit {code} {summary}")
             }
-            67..=74 => {
+            63..=69 => {
                 let sub = self.user();
                 let args = if self.rng.percent(50) {
                     vec!["connections", "list"]
@@ -415,13 +422,13 @@ connections = "users"
                 self.logs.push(out);
                 format!("CLI {}: exit {code}", args.join(" "))
             }
-            75..=80 => {
+            70..=75 => {
                 let (code, out) = cli(self.cli_args(&["store", "rekey"])).await;
                 let summary = out.lines().last().unwrap_or("").to_owned();
                 self.logs.push(out);
                 format!("CLI store rekey: exit {code} {summary}")
             }
-            81..=86 => {
+            76..=81 => {
                 let spread = self.rng.millis(500, 2000);
                 let wrong = self.reload(WRONG_SECRET);
                 let out = self.burst(10, spread).await;
@@ -431,7 +438,7 @@ connections = "users"
                 }
                 format!("reload with a wrong client_secret (reloaded: {wrong}), {spread:?}: {out}; right one again (reloaded: {right})")
             }
-            87..=92 if self.backend == Backend::Postgres => {
+            82..=88 if self.backend == Backend::Postgres => {
                 let spread = self.rng.millis(800, 2500);
                 let pg = self.pg.as_ref().expect("cluster");
                 tokio::task::block_in_place(|| pg.stop());
@@ -444,7 +451,7 @@ connections = "users"
                 }
                 format!("database down for {spread:?}: {out}")
             }
-            87..=94 => {
+            82..=89 => {
                 let pause = self.rng.millis(300, 1500);
                 tokio::time::sleep(pause).await;
                 format!("quiet {pause:?} (background load only)")
@@ -520,9 +527,10 @@ connections = "users"
                 continue;
             };
             let recent = rotation + KILL_WINDOW >= killed;
-            let in_outage = self.outages.iter().any(|&(s, e)| {
-                rotation >= s && e.is_none_or(|e| rotation <= e + KILL_WINDOW)
-            });
+            let in_outage = self
+                .outages
+                .iter()
+                .any(|&(s, e)| rotation >= s && e.is_none_or(|e| rotation <= e + KILL_WINDOW));
             if recent || in_outage {
                 self.risky.push((sub.clone(), rotation));
                 if matches!(self.fates[&sub], Fate::Live { .. } | Fate::AtRisk { .. }) {
@@ -569,7 +577,7 @@ connections = "users"
         let reuses = self.sb.refresh_token_reuses();
         let total = self.sb.reused_refresh_tokens();
         let mut legit = 0u64;
-        let mut bad = Vec::new();
+        let mut bad = std::collections::BTreeSet::new();
         for r in &reuses {
             if self
                 .risky
@@ -578,7 +586,7 @@ connections = "users"
             {
                 legit += 1;
             } else {
-                bad.push(r.sub.clone());
+                bad.insert(r.sub.clone());
             }
         }
         // Beyond the sandbox's memory of reuses, count them as findings.
@@ -628,7 +636,10 @@ connections = "users"
         for (sub, fate) in &self.fates {
             let due = match *fate {
                 Fate::Live { checked_from } => {
-                    at_end || self.due(checked_from, Duration::ZERO).is_some_and(|t| t <= now)
+                    at_end
+                        || self
+                            .due(checked_from, Duration::ZERO)
+                            .is_some_and(|t| t <= now)
                 }
                 Fate::Deleted { at } => {
                     at_end || self.due(at, DELETE_BOUND).is_some_and(|t| t <= now)
@@ -707,7 +718,11 @@ connections = "users"
             }
             if Instant::now() > deadline {
                 for (sub, fate, i, a) in wrong {
-                    let n = if matches!(fate, Fate::Live { .. }) { 1 } else { 3 };
+                    let n = if matches!(fate, Fate::Live { .. }) {
+                        1
+                    } else {
+                        3
+                    };
                     self.violation(
                         n,
                         format!("at the end, {sub} ({}) on proxy {i}: {a}", fate.label()),

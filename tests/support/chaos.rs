@@ -211,7 +211,11 @@ pub async fn exchange(c: &HttpClient, req: Request<Full<Bytes>>, deadline: Durat
     let work = async {
         let resp = c.request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?;
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
         Ok::<_, String>((status, body.to_bytes()))
     };
     match tokio::time::timeout(deadline, work).await {
@@ -307,7 +311,10 @@ pub fn leaked<'a>(text: &str, secrets: &'a [String], prefixes: &[&str]) -> Vec<&
         }
     }
     // Secrets with none of the prefixes: plain search (there are few).
-    for s in secrets.iter().filter(|s| !prefixes.iter().any(|p| s.starts_with(p))) {
+    for s in secrets
+        .iter()
+        .filter(|s| !prefixes.iter().any(|p| s.starts_with(p)))
+    {
         if text.contains(s.as_str()) {
             found.insert(s.as_str());
         }
