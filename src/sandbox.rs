@@ -14,7 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,6 +39,16 @@ use tokio::task::{JoinHandle, JoinSet};
 pub const TOKEN_PATH: &str = "/api/v1/token";
 /// API requests kept by [`Sandbox::recorded`]: enough for any test, bounded for benches.
 const RECORD_CAPACITY: usize = 1000;
+/// Secrets kept by [`Sandbox::issued_secrets`] (the newest): a fault-injection
+/// run issues a few thousand; benches issuing millions keep only the tail.
+const ISSUED_CAPACITY: usize = 50_000;
+/// Rotated-away refresh tokens remembered for [`Sandbox::reused_refresh_tokens`];
+/// past it the memory starts over (benches only get there).
+const RETIRED_CAPACITY: usize = 100_000;
+/// A request header for the API: wait this many milliseconds before
+/// answering, deciding the answer for a revoked user's token (`602`) on
+/// arrival, as a server that checked the token first and answers late does.
+pub const DELAY_HEADER: &str = "x-sandbox-delay-ms";
 /// Larger API bodies get 413; 16 MiB leaves room for the 1 MiB round-trip tests.
 const MAX_API_BODY: usize = 16 << 20;
 /// Real grant requests are a few hundred bytes; anything near 64 KiB is abuse.
@@ -183,6 +193,19 @@ pub struct RecordedRequest {
     pub token_valid: bool,
 }
 
+/// A refresh token presented again after a rotation had retired it: with
+/// rotation and no reuse grace, the presenter lost the token that replaced
+/// it (a lost rotation), or two holders used one token.
+#[derive(Debug, Clone)]
+pub struct RefreshReuse {
+    /// The user whose token it was.
+    pub sub: String,
+    /// When the rotation retired it ([`Sandbox::last_rotation`] at the time).
+    pub rotated_at: Instant,
+    /// When it was presented again.
+    pub presented_at: Instant,
+}
+
 /// A running sandbox. Clones share it; its servers stop when the last clone drops.
 #[derive(Clone)]
 pub struct Sandbox {
@@ -320,6 +343,14 @@ impl Sandbox {
         self.shared.n.token_delay_nanos.store(nanos, SeqCst);
     }
 
+    /// `true`: a token request whose client left (gave up, was killed) is
+    /// still handled to the end, as a real server's transaction is: a
+    /// rotation it makes is then lost to the client. `false` (default):
+    /// the handler is dropped with the connection.
+    pub fn set_finish_abandoned(&self, on: bool) {
+        self.shared.n.finish_abandoned.store(on, SeqCst);
+    }
+
     /// Makes the API reject (401) every access token issued so far.
     pub fn revoke_access_tokens(&self) {
         self.shared.grants().tokens.clear();
@@ -398,6 +429,52 @@ impl Sandbox {
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         self.shared.n.api_delay_nanos.store(nanos, SeqCst);
     }
+
+    /// Presentations (any outcome, whatever the failure mode) of a user's
+    /// refresh token that a rotation had already retired. With
+    /// `rotate_refresh_tokens` and no reuse grace, anything above zero is a
+    /// lost rotation.
+    pub fn reused_refresh_tokens(&self) -> u64 {
+        get(&self.shared.n.reused)
+    }
+
+    /// The last 1000 of those presentations, oldest first.
+    pub fn refresh_token_reuses(&self) -> Vec<RefreshReuse> {
+        lock(&self.shared.users).reuses.iter().cloned().collect()
+    }
+
+    /// When a refresh grant last rotated this user's refresh token.
+    pub fn last_rotation(&self, sub: &str) -> Option<Instant> {
+        lock(&self.shared.users).last_rotation.get(sub).copied()
+    }
+
+    /// Token requests for this user's codes or live refresh tokens being
+    /// handled now.
+    pub fn user_token_requests_in_flight(&self, sub: &str) -> u64 {
+        lock(&self.shared.users)
+            .in_flight
+            .get(sub)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Every secret issued (access tokens, refresh tokens, the users'
+    /// codes), the newest 50,000, oldest first: what must never appear in
+    /// a log.
+    pub fn issued_secrets(&self) -> Vec<String> {
+        lock(&self.shared.issued).iter().cloned().collect()
+    }
+
+    /// Gives this user's tokens issued from now on their own lifetime
+    /// (`expires_in` and validity) instead of the configured one; `None`
+    /// goes back to it.
+    pub fn set_user_token_lifetime(&self, sub: &str, lifetime: Option<Duration>) {
+        let mut users = lock(&self.shared.users);
+        match lifetime {
+            Some(d) => users.lifetimes.insert(sub.to_owned(), d),
+            None => users.lifetimes.remove(sub),
+        };
+    }
 }
 
 /// Decodes the claims (middle part) of a JWT-shaped token, verifying nothing;
@@ -450,6 +527,8 @@ struct Shared {
     recorded: Mutex<VecDeque<RecordedRequest>>,
     users: Mutex<Users>,
     token_override: Mutex<TokenOverride>,
+    /// What [`Sandbox::issued_secrets`] returns.
+    issued: Mutex<VecDeque<String>>,
 }
 
 /// Per-user grants: codes, refresh tokens, consent, and whose each access
@@ -470,6 +549,48 @@ struct Users {
     in_flight: HashMap<String, u64>,
     /// The most token requests ever handled at once for one sub.
     max_in_flight: u64,
+    /// Refresh tokens a rotation retired -> (sub, when).
+    retired: HashMap<String, (String, Instant)>,
+    /// Presentations of retired refresh tokens (the last 1000).
+    reuses: VecDeque<RefreshReuse>,
+    /// When each sub's refresh token was last rotated.
+    last_rotation: HashMap<String, Instant>,
+    /// Per-sub token lifetimes ([`Sandbox::set_user_token_lifetime`]).
+    lifetimes: HashMap<String, Duration>,
+}
+
+impl Users {
+    /// Counts a refresh grant presenting a token a rotation retired.
+    fn note_presentation(&mut self, n: &Counters, params: &Params) {
+        if params.get("grant_type").map(String::as_str) != Some("refresh_token") {
+            return;
+        }
+        let retired = params
+            .get("refresh_token")
+            .and_then(|rt| self.retired.get(rt));
+        let Some((sub, rotated_at)) = retired.cloned() else {
+            return;
+        };
+        bump(&n.reused);
+        if self.reuses.len() >= RECORD_CAPACITY {
+            self.reuses.pop_front();
+        }
+        self.reuses.push_back(RefreshReuse {
+            sub,
+            rotated_at,
+            presented_at: Instant::now(),
+        });
+    }
+
+    /// Retires `old` (rotated away from `sub` now).
+    fn retire(&mut self, old: String, sub: &str) {
+        if self.retired.len() >= RETIRED_CAPACITY {
+            self.retired.clear();
+        }
+        let now = Instant::now();
+        self.retired.insert(old, (sub.to_owned(), now));
+        self.last_rotation.insert(sub.to_owned(), now);
+    }
 }
 
 /// Counts a token request for one user while it is handled.
@@ -520,6 +641,8 @@ struct Counters {
     api_delay_nanos: AtomicU64,
     token_delay_nanos: AtomicU64,
     next_id: AtomicU64,
+    reused: AtomicU64,
+    finish_abandoned: AtomicBool,
 }
 
 struct GrantState {
@@ -563,6 +686,7 @@ impl Shared {
                 .collect(),
             ..Users::default()
         };
+        let opts_codes = opts.users.iter().map(|u| u.code.clone()).collect();
         let grants = GrantState {
             tokens: HashMap::new(),
             prune_at: PRUNE_AT,
@@ -581,7 +705,17 @@ impl Shared {
             recorded: Mutex::default(),
             users: Mutex::new(users),
             token_override: Mutex::default(),
+            issued: Mutex::new(opts_codes),
         }
+    }
+
+    /// Remembers a secret for [`Sandbox::issued_secrets`].
+    fn note_issued(&self, secret: &str) {
+        let mut issued = lock(&self.issued);
+        if issued.len() >= ISSUED_CAPACITY {
+            issued.pop_front();
+        }
+        issued.push_back(secret.to_owned());
     }
 
     fn grants(&self) -> MutexGuard<'_, GrantState> {
@@ -662,14 +796,26 @@ impl Shared {
     /// Issues an access token for `sub` (with `refresh_token`, if any).
     fn mint(
         &self,
+        state: MutexGuard<'_, GrantState>,
+        sub: &str,
+        refresh_token: Option<String>,
+    ) -> Value {
+        self.mint_for(state, sub, refresh_token, None)
+    }
+
+    /// [`Shared::mint`] with the token's own lifetime, if given.
+    fn mint_for(
+        &self,
         mut state: MutexGuard<'_, GrantState>,
         sub: &str,
         refresh_token: Option<String>,
+        own_lifetime: Option<Duration>,
     ) -> Value {
         let opts = &self.opts;
         let lifetime = opts
             .expires_in
             .map_or(opts.jwt_lifetime, Duration::from_secs);
+        let lifetime = own_lifetime.unwrap_or(lifetime);
         let now = Instant::now();
         let expiry = now.checked_add(lifetime).unwrap_or(now + FOREVER);
         let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
@@ -688,9 +834,14 @@ impl Shared {
         state.insert_token(access_token.clone(), expiry);
         drop(state);
 
+        self.note_issued(&access_token);
+        if let Some(rt) = &refresh_token {
+            self.note_issued(rt);
+        }
         let mut body =
             json!({"access_token": access_token, "token_type": "Bearer", "scope": opts.scope});
         if let Some(expires_in) = opts.expires_in {
+            let expires_in = own_lifetime.map_or(expires_in, |d| d.as_secs());
             body["expires_in"] = expires_in.into();
         }
         if let Some(expires_in) = over.expires_in {
@@ -728,6 +879,7 @@ impl Shared {
                 }
                 let rt = if self.opts.rotate_refresh_tokens {
                     users.refresh.remove(presented);
+                    users.retire(presented.clone(), &sub);
                     let rt = format!("rt-{sub}-{}", self.unique_id());
                     users.refresh.insert(rt.clone(), sub.clone());
                     rt
@@ -738,7 +890,8 @@ impl Shared {
             }
         };
         *users.requests.entry(sub.clone()).or_default() += 1;
-        let body = self.mint(self.grants(), &sub, Some(refresh_token));
+        let lifetime = users.lifetimes.get(&sub).copied();
+        let body = self.mint_for(self.grants(), &sub, Some(refresh_token), lifetime);
         if let Some(at) = body["access_token"].as_str() {
             if users.tokens.len() >= MAX_TOKENS {
                 users.tokens.clear();
@@ -811,6 +964,13 @@ async fn serve_connection(stream: tokio::net::TcpStream, shared: Arc<Shared>, ro
         let shared = shared.clone();
         async move {
             Ok::<_, Infallible>(match role {
+                Role::Token if shared.n.finish_abandoned.load(SeqCst) => {
+                    // Its own task: a client that leaves does not stop it.
+                    let task = tokio::spawn(async move { handle_token(&shared, req).await });
+                    task.await.unwrap_or_else(|_| {
+                        error_json(StatusCode::INTERNAL_SERVER_ERROR, "handler_failed")
+                    })
+                }
                 Role::Token => handle_token(&shared, req).await,
                 Role::Api => handle_api(&shared, req).await,
             })
@@ -838,6 +998,9 @@ async fn handle_token(shared: &Shared, req: Request<Incoming>) -> Response<Body>
         Ok(collected) => parse_params(&parts.headers, &collected.to_bytes()),
         Err(_) => Err("The request body could not be read or is too large"),
     };
+    if let Ok(params) = &params {
+        lock(&shared.users).note_presentation(&shared.n, params);
+    }
     let _user_flight = UserFlight::enter(shared, params.as_ref().ok());
     let grant = params.as_ref().ok().and_then(|p| p.get("grant_type"));
     let grant = grant.and_then(|g| Grant::parse(g));
@@ -924,6 +1087,15 @@ async fn handle_api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             () = shared.closed() => {}
         }
     }
+    let own_delay = parts.headers.get(DELAY_HEADER);
+    let own_delay = own_delay.and_then(|v| v.to_str().ok()?.parse().ok());
+    let revoked_on_arrival = own_delay.is_some() && shared.consent_revoked(&parts.headers);
+    if let Some(ms) = own_delay {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(ms)) => {}
+            () = shared.closed() => {}
+        }
+    }
 
     if !token_valid {
         bump(&shared.n.rejected);
@@ -941,6 +1113,9 @@ async fn handle_api(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         Err(_) => return error_json(StatusCode::BAD_REQUEST, "body_read_failed"),
     };
 
+    if revoked_on_arrival {
+        return consent_revoked();
+    }
     let path = parts.uri.path();
     if let Some(resp) = user_api(shared, &parts.method, path, &parts.headers) {
         return resp;
@@ -996,13 +1171,7 @@ fn user_api(
     let users = lock(&shared.users);
     let sub = users.tokens.get(credentials(headers, "bearer")?)?;
     if users.revoked.contains(sub) {
-        let body = json!({"code": "602", "message": "Consent revoked or expired; the user must authorize again"});
-        let resp = json_response(StatusCode::UNAUTHORIZED, &body);
-        return Some(with_header(
-            resp,
-            HeaderName::from_static("ob-correlation-id"),
-            "sandbox-602",
-        ));
+        return Some(consent_revoked());
     }
     if method != Method::GET || path != "/api/fdx/5/accounts" {
         return None;
@@ -1018,6 +1187,17 @@ fn user_api(
         StatusCode::OK,
         &json!({"sub": sub, "accounts": accounts}),
     ))
+}
+
+/// Flinks' answer to a token whose consent is gone: 401 with code 602.
+fn consent_revoked() -> Response<Body> {
+    let body = json!({"code": "602", "message": "Consent revoked or expired; the user must authorize again"});
+    let resp = json_response(StatusCode::UNAUTHORIZED, &body);
+    with_header(
+        resp,
+        HeaderName::from_static("ob-correlation-id"),
+        "sandbox-602",
+    )
 }
 
 /// `POST /sandbox/users/{sub}/revoke` (consent revoked) and
@@ -1045,12 +1225,20 @@ fn user_admin(shared: &Shared, method: &Method, path: &str) -> Option<Response<B
 }
 
 impl Shared {
+    /// Whether the bearer token is a user's whose consent is revoked now.
+    fn consent_revoked(&self, headers: &HeaderMap) -> bool {
+        let users = lock(&self.users);
+        let sub = credentials(headers, "bearer").and_then(|t| users.tokens.get(t));
+        sub.is_some_and(|sub| users.revoked.contains(sub))
+    }
+
     fn revoke_consent(&self, sub: &str) {
         lock(&self.users).revoked.insert(sub.to_owned());
     }
 
     fn new_code(&self, sub: &str) -> String {
         let code = format!("code-{sub}-{}", self.unique_id());
+        self.note_issued(&code);
         lock(&self.users).codes.insert(code.clone(), sub.to_owned());
         code
     }
@@ -1514,6 +1702,106 @@ mod tests {
         assert_eq!(headers[CONTENT_TYPE], "application/octet-stream");
         assert_eq!(headers["x-echo-body-len"], "1048576");
         assert!(body == payload && sb.recorded()[0].body == payload);
+    }
+
+    fn user_opts() -> SandboxOptions {
+        SandboxOptions {
+            users: vec![SandboxUser::new("alice")],
+            expires_in: Some(60),
+            rotate_refresh_tokens: true,
+            ..Default::default()
+        }
+    }
+
+    fn code_grant(code: &str) -> Value {
+        let fields = json!({"code": code, "redirect_uri": "https://example.com/callback"});
+        grant("authorization_code", fields)
+    }
+
+    #[tokio::test]
+    async fn a_retired_refresh_token_presented_again_counts_as_a_reuse() {
+        let sb = start(user_opts()).await;
+        let (status, body) = token(&sb, code_grant("code-alice")).await;
+        assert_eq!(status, 200, "{body}");
+        let first = body["refresh_token"].as_str().expect("rt").to_owned();
+        assert_eq!(
+            sb.last_rotation("alice"),
+            None,
+            "a code exchange rotates nothing"
+        );
+        let (status, body) = token(&sb, refresh(&first)).await;
+        assert_eq!(status, 200, "{body}");
+        let rotated_at = sb.last_rotation("alice").expect("rotated");
+        assert_eq!(sb.reused_refresh_tokens(), 0);
+        // Counted whatever the endpoint answers: the presenter lost the new one.
+        sb.set_failure(FailureMode::ServerError);
+        assert_eq!(token(&sb, refresh(&first)).await.0, 500);
+        sb.set_failure(FailureMode::None);
+        let (status, body) = token(&sb, refresh(&first)).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_grant"))
+        );
+        assert_eq!(sb.reused_refresh_tokens(), 2);
+        let reuses = sb.refresh_token_reuses();
+        assert_eq!(reuses.len(), 2);
+        assert_eq!(reuses[0].sub, "alice");
+        assert_eq!(reuses[0].rotated_at, rotated_at);
+        assert!(reuses[1].presented_at >= reuses[0].presented_at);
+        // An unknown token is no reuse.
+        assert_eq!(token(&sb, refresh("rt-never-issued")).await.0, 400);
+        assert_eq!(sb.reused_refresh_tokens(), 2);
+    }
+
+    #[tokio::test]
+    async fn issued_secrets_and_per_user_lifetimes() {
+        let sb = start(user_opts()).await;
+        sb.set_user_token_lifetime("alice", Some(Duration::from_secs(7)));
+        let code = sb.new_code("alice");
+        let (status, body) = token(&sb, code_grant(&code)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["expires_in"], 7);
+        let issued = sb.issued_secrets();
+        for s in ["code-alice", code.as_str()] {
+            assert!(issued.iter().any(|i| i == s), "{s} in {issued:?}");
+        }
+        for field in ["access_token", "refresh_token"] {
+            let s = body[field].as_str().expect("token");
+            assert!(issued.iter().any(|i| i == s), "{field}");
+        }
+        sb.set_user_token_lifetime("alice", None);
+        let rt = body["refresh_token"].as_str().expect("rt");
+        assert_eq!(token(&sb, refresh(rt)).await.1["expires_in"], 60);
+    }
+
+    #[tokio::test]
+    async fn a_delayed_request_of_a_revoked_user_answers_602_after_reauthorization() {
+        let sb = start(user_opts()).await;
+        let (_, body) = token(&sb, code_grant("code-alice")).await;
+        let old = body["access_token"].as_str().expect("token").to_owned();
+        sb.revoke_consent("alice");
+        let late = {
+            let sb = sb.clone();
+            let old = old.clone();
+            tokio::spawn(async move {
+                let req = Request::get(format!("{}/api/fdx/5/accounts", sb.api_url()))
+                    .header(AUTHORIZATION, format!("Bearer {old}"))
+                    .header(DELAY_HEADER, "300")
+                    .body(Body::default())
+                    .expect("request");
+                send(&http1(), req).await
+            })
+        };
+        while sb.api_requests() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (status, _) = token(&sb, code_grant(&sb.new_code("alice"))).await;
+        assert_eq!(status, 200);
+        let (status, _, body) = late.await.expect("task");
+        assert_eq!(status, 401, "decided on arrival");
+        assert_eq!(json_of(&body)["code"], "602");
+        let (status, _, _) = api(&sb, Method::GET, "/api/fdx/5/accounts", &old).await;
+        assert_eq!(status, 200, "without the header: decided now");
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 //! Every test file includes this with `mod support;` and uses what it needs.
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod connections;
 pub mod durability;
 pub mod postgres;
