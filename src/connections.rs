@@ -67,9 +67,11 @@ const LEASE_POLL_MAX: Duration = Duration::from_millis(400);
 pub const REVALIDATE_AFTER: Duration = Duration::from_secs(5);
 /// A lease outlives the token request it covers (bounded by
 /// `token_timeout`) by this much: room for waiting on a store connection
-/// and the commit. Should it still expire, nothing is lost: the commit is
-/// conditional on the refresh token sent, not on the lease.
-const LEASE_SLACK: Duration = Duration::from_secs(15);
+/// and the commit. Short on purpose: a replica that dies mid-refresh holds
+/// its users up for no longer than this. Should a lease expire before its
+/// holder commits, nothing is lost: the commit is conditional on the
+/// refresh token sent, not on the lease.
+const LEASE_SLACK: Duration = Duration::from_secs(5);
 /// How often the per-state counts (`/status`, metrics) are read.
 const COUNT_INTERVAL: Duration = Duration::from_secs(5);
 /// Parked tokens are tried again this often while the store is down.

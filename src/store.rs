@@ -615,6 +615,16 @@ impl Store {
             .map(|_| ())
     }
 
+    /// Closes the database connections (waiting for them: an SQLite file
+    /// is checkpointed and quiet afterwards).
+    pub async fn close(&self) {
+        self.cancel.cancel();
+        match &self.backend {
+            Backend::Sqlite(b) => b.close().await,
+            Backend::Postgres(b) => b.close().await,
+        }
+    }
+
     /// Whether [`Store::init`] has succeeded.
     pub fn is_initialized(&self) -> bool {
         self.initialized.initialized()

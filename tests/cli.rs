@@ -431,3 +431,51 @@ async fn healthcheck_needs_only_the_admin_address_or_a_url() {
     assert_eq!(down.0, 1, "{down:?}");
     assert!(down.2.contains(&closed), "{down:?}");
 }
+
+/// Issue 15: `check` on a config with a `[store]` and a pool builds the
+/// runtime over the store opened read-only: before the store exists (it
+/// says so and creates nothing), against the store (the key is checked
+/// against its canary), and with another key (refused, naming the key ids).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_works_with_a_store_and_checks_its_key_without_writing() {
+    use support::connections::{new_key, pool_toml};
+    let sb = sandbox().await;
+    let dir = TempDir::new();
+    let db = dir.join("c.db");
+    let key = new_key();
+    let path = dir.write("proxy.toml", pool_toml(&sb, &db, &key, ""));
+    let path_s = path.to_str().unwrap();
+    let run = || tokio::task::block_in_place(|| run_binary(&["check", "--config", path_s], &[]));
+
+    let (code, stdout, stderr) = run();
+    assert_eq!(code, 0, "before the store exists: {stdout}{stderr}");
+    assert!(stdout.contains("store   sqlite"), "{stdout}");
+    assert!(stdout.contains("creates it at its first start"), "{stdout}");
+    assert!(!db.exists(), "check created the store file");
+
+    let store_config = parse_config(&std::fs::read_to_string(&path).unwrap(), dir.path())
+        .store
+        .unwrap();
+    let metrics = flinks_proxy::metrics::Metrics::new();
+    let store = flinks_proxy::store::Store::open(&store_config, metrics.store())
+        .await
+        .unwrap();
+    store.close().await;
+    let before = std::fs::metadata(&db).unwrap().modified().unwrap();
+    let (code, stdout, stderr) = run();
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("matches the store"), "{stdout}");
+    assert_eq!(
+        std::fs::metadata(&db).unwrap().modified().unwrap(),
+        before,
+        "check wrote to the store"
+    );
+
+    let other = dir.write("other.toml", pool_toml(&sb, &db, &new_key(), ""));
+    let (code, stdout, stderr) = tokio::task::block_in_place(|| {
+        run_binary(&["check", "--config", other.to_str().unwrap()], &[])
+    });
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stderr.contains("store key does not match"), "{stderr}");
+    assert!(!stderr.contains(&key), "no key material in the error");
+}

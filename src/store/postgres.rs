@@ -100,6 +100,10 @@ impl Postgres {
         }
     }
 
+    pub(super) async fn close(&self) {
+        self.pool.close().await;
+    }
+
     pub(super) async fn get_meta(&self, name: &str) -> Result<Option<String>, StoreError> {
         let row: Option<(String,)> = sqlx::query_as("SELECT value FROM store_meta WHERE name = $1")
             .bind(name)

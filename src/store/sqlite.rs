@@ -224,6 +224,10 @@ impl Sqlite {
         }
     }
 
+    pub(super) async fn close(&self) {
+        self.pool.close().await;
+    }
+
     pub(super) async fn get_meta(&self, name: &str) -> Result<Option<String>, StoreError> {
         self.check_file().await?;
         let row: Option<(String,)> = sqlx::query_as("SELECT value FROM store_meta WHERE name = ?")

@@ -275,3 +275,61 @@ fn fresh(record: &Record, c: &CredentialConfig) -> Option<Token> {
     let now = Instant::now();
     (t.is_usable(now) && now < t.refresh_at).then_some(t)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+    use crate::secret::Secret;
+
+    #[tokio::test]
+    async fn a_row_named_by_the_old_unkeyed_fingerprint_is_renamed_not_replaced() {
+        // Earlier versions named the row by an unsalted FNV-1a hash of the
+        // configured refresh token. The row holds the rotated token now:
+        // starting a new row from the configured (long rotated away) one
+        // would lose the credential.
+        let dir = std::env::temp_dir().join(format!("flinks-slot-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = crate::store::crypto::generate_key().unwrap();
+        let toml = format!(
+            r#"
+[store]
+url = "sqlite:{db}"
+key = "{key}"
+[credentials.c]
+token_url = "http://127.0.0.1:9/token"
+client_id = "id"
+client_secret = "s"
+grant_type = "refresh_token"
+refresh_token = "rt-configured"
+"#,
+            db = dir.join("c.db").display()
+        );
+        let config = Config::parse(&toml, &dir.join("proxy.toml")).unwrap();
+        let store = Arc::new(
+            Store::open(config.store.as_ref().unwrap(), Metrics::new().store())
+                .await
+                .unwrap(),
+        );
+        let c = config.credentials.get("c").unwrap();
+        let legacy = state::fingerprint(c.refresh_token.as_ref().unwrap());
+        let pool = format!("{CREDENTIAL_POOL_PREFIX}c");
+        let rotated = Tokens {
+            refresh_token: Some(Secret::new("rt-rotated".to_owned())),
+            access_token: Some(Secret::new("at-stored".to_owned())),
+            access_expires_at: Some(crate::store::now_ms() + 3_600_000),
+        };
+        store.seed(&pool, &legacy, &rotated).await.unwrap();
+        let slot = StoreSlot::new(Arc::clone(&store), c);
+        assert_ne!(slot.id, legacy, "keyed now");
+        assert!(!slot.id.contains("rt-configured"));
+        let endpoint = Endpoint::from_credential(c).unwrap();
+        let token = slot.fetch(c, &endpoint).await.expect("the stored token");
+        assert_eq!(token.secret().expose(), "at-stored");
+        let row = store.get(&pool, &slot.id).await.unwrap().expect("renamed");
+        assert_eq!(row.tokens.refresh_token.unwrap().expose(), "rt-rotated");
+        assert!(store.get(&pool, &legacy).await.unwrap().is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
