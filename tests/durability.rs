@@ -514,3 +514,77 @@ async fn rotated_tokens_the_store_could_not_take_survive_their_connection_leavin
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["sub"], "alice");
 }
+
+// ------------------------------ fault 3: shutdown during a refresh
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_refresh_in_flight_and_commits_its_rotated_token() {
+    let bank = Bank::start(true, SHORT).await;
+    let dir = TempDir::new();
+    let db = dir.join("c.db");
+    let mut cfg = ProxyConfig::new(&bank, &db);
+    cfg.request_timeout = Duration::from_secs(1);
+    let p = start(&cfg).await;
+    connect(&p, &bank, "alice").await;
+    let (_, before) = stored_row(&db, "alice").await;
+    expire().await;
+
+    bank.hold_tokens();
+    let r = get_as(&p, PATH, "alice").await;
+    assert_eq!(r.status, 503, "the deadline passed: {}", r.text());
+    assert_eq!(bank.refreshes("alice"), 1, "the endpoint rotated");
+    let mut shutdown = tokio::spawn(p.shutdown());
+    // No event says "still waiting": a bounded look that it has not ended.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut shutdown)
+            .await
+            .is_err(),
+        "shutdown ended while a refresh was in flight"
+    );
+    bank.release_tokens();
+    shutdown.await.expect("shutdown");
+    let (state, after) = stored_row(&db, "alice").await;
+    assert_ne!(
+        after, before,
+        "the rotated refresh token was committed before the exit"
+    );
+    assert_eq!(state, "active");
+}
+
+// ------------------------------ extras: bounded refreshes
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshes_in_flight_are_bounded_by_refresh_concurrency() {
+    let bank = Bank::start(false, SHORT).await;
+    let dir = TempDir::new();
+    let mut cfg = ProxyConfig::new(&bank, &dir.join("c.db"));
+    cfg.refresh_concurrency = Some(2);
+    let p = start(&cfg).await;
+    let users: Vec<String> = (0..6).map(|i| format!("user{i}")).collect();
+    for u in &users {
+        connect(&p, &bank, u).await;
+    }
+    expire().await;
+    let base = bank.token_counts().arrived;
+    bank.hold_tokens();
+    let pending: Vec<_> = users.iter().map(|u| spawn_get(&p, u)).collect();
+    bank.wait_token("two refreshes at the endpoint", |c| c.arrived >= base + 2)
+        .await;
+    // No event says "no third one came": a bounded look.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        bank.token_counts().arrived,
+        base + 2,
+        "at most refresh_concurrency token requests at once"
+    );
+    bank.release_tokens();
+    for (u, r) in users.iter().zip(pending) {
+        let r = r.await.expect("request");
+        assert_eq!(r.status, 200, "{u}: {}", r.text());
+    }
+    assert_eq!(
+        bank.token_counts().arrived,
+        base + 6,
+        "one refresh per user"
+    );
+}

@@ -477,6 +477,7 @@ pub struct ProxyConfig {
     pub request_timeout: Duration,
     pub token_timeout: Duration,
     pub cache_size: Option<u64>,
+    pub refresh_concurrency: Option<usize>,
 }
 
 impl ProxyConfig {
@@ -490,6 +491,7 @@ impl ProxyConfig {
             request_timeout: Duration::from_secs(5),
             token_timeout: Duration::from_secs(5),
             cache_size: None,
+            refresh_concurrency: None,
         }
     }
 
@@ -498,7 +500,10 @@ impl ProxyConfig {
         let d = |d: Duration| humantime::format_duration(d).to_string();
         let cache = self
             .cache_size
-            .map_or(String::new(), |n| format!("cache_size = {n}\n"));
+            .map_or(String::new(), |n| format!("cache_size = {n}\n"))
+            + &self
+                .refresh_concurrency
+                .map_or(String::new(), |n| format!("refresh_concurrency = {n}\n"));
         format!(
             r#"
 [server]
