@@ -16,8 +16,9 @@ use support::TempDir;
 
 /// The binary's exit code for a bad config (src/main.rs).
 const EXIT_BAD_CONFIG: &str = "64";
-/// RSS measured at 256 concurrent connections (README, Performance).
-const MEASURED_RSS_MIB: f64 = 30.8;
+/// RSS measured at 256 concurrent connections (README, Performance:
+/// `benches/compare.sh`, commit 04711df, flinks-proxy at 256 connections).
+const MEASURED_RSS_MIB: f64 = 23.1;
 
 // ------------------------------------------------------------ helpers
 
