@@ -3,9 +3,13 @@
 # so the runtime image needs no CA bundle.
 FROM rust:1-bookworm AS build
 WORKDIR /src
+# Everything the build reads: the manifest, the sources, the bench the
+# manifest declares, and the migrations `sqlx::migrate!` embeds at compile
+# time. `.ci/docker-context` checks the crate builds from exactly these.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
+COPY migrations ./migrations
 RUN cargo build --release --locked --bin flinks-proxy
 
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -1600,6 +1600,11 @@ mod socket_addr {
     }
 }
 
+/// A size as a config would say it: `"64MiB"`, `"512KiB"`, `"1000B"`.
+pub fn format_size(bytes: usize) -> String {
+    byte_size::format(bytes)
+}
+
 /// Sizes in bytes: a number, or a string with a binary unit (`"64MiB"`).
 pub(crate) mod byte_size {
     use std::fmt;
@@ -1622,6 +1627,16 @@ pub(crate) mod byte_size {
             _ => return None,
         };
         n.checked_mul(mult)
+    }
+
+    /// The way a user writes `n`: the largest binary unit that divides it
+    /// (`"64MiB"`), else bytes (`"1000B"`); `parse` reads it back.
+    pub fn format(n: usize) -> String {
+        const UNITS: [(usize, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+        match UNITS.iter().find(|(size, _)| n != 0 && n % size == 0) {
+            Some((size, unit)) => format!("{}{unit}", n / size),
+            None => format!("{n}B"),
+        }
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
@@ -1765,6 +1780,22 @@ credential = "flinks"
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains("admin.listen"), "{e}");
         assert!(e.contains("expected an ip:port"), "{e}");
+    }
+
+    #[test]
+    fn sizes_are_printed_as_written_and_read_back() {
+        for (n, text) in [
+            (64 << 20, "64MiB"),
+            (512 << 10, "512KiB"),
+            (1 << 30, "1GiB"),
+            (3 << 30, "3GiB"),
+            (1536 << 10, "1536KiB"),
+            (1000, "1000B"),
+            (0, "0B"),
+        ] {
+            assert_eq!(format_size(n), text);
+            assert_eq!(byte_size::parse(text), Some(n), "{text}");
+        }
     }
 
     #[test]

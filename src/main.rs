@@ -308,11 +308,24 @@ fn run(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(&config.log.level, config.log.format);
-    let result = block_on(config.server.workers, serve(config, path));
-    if let Err(e) = &result {
-        tracing::error!("{e:#}");
+    match block_on(config.server.workers, serve(config, path)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Once, as a log line in the configured format (not again on
+            // stderr by `exit`).
+            tracing::error!("{e:#}");
+            ExitCode::from(serve_exit_code(&e))
+        }
     }
-    exit(result)
+}
+
+/// A listen address that cannot be bound (in use, not local) is the
+/// config's to fix, like any other bad value: 64; anything else 1.
+fn serve_exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<flinks_proxy::StartError>() {
+        Some(flinks_proxy::StartError::Bind(_)) => EXIT_BAD_CONFIG,
+        _ => 1,
+    }
 }
 
 async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
@@ -361,6 +374,12 @@ fn check(path: &Path) -> ExitCode {
     if let Some(note) = store_note {
         println!("{note}");
     }
+    if config.routes.is_empty() {
+        eprintln!(
+            "warning: {}: no [routes.*]: the proxy would answer every request 404 route_not_found",
+            path.display()
+        );
+    }
     let s = &config.server;
     println!(
         "listen  {}{}{}",
@@ -380,9 +399,9 @@ fn check(path: &Path) -> ExitCode {
         humantime::format_duration(s.shutdown_grace),
     );
     println!(
-        "        max_connections {}, replay_buffer_limit {} bytes, workers {}",
+        "        max_connections {}, replay_buffer_limit {}, workers {}",
         s.max_connections,
-        s.replay_buffer_limit,
+        flinks_proxy::config::format_size(s.replay_buffer_limit),
         if s.workers == 0 {
             "one per core".to_owned()
         } else {
@@ -599,6 +618,31 @@ connections = "users"
         println!("  # she authorizes again: a new code for the same id");
         println!("  CODE=$(curl -s -X POST {}/sandbox/users/alice/code | sed 's/.*\"code\":\"\\([^\"]*\\)\".*/\\1/')", sandbox.api_url());
         println!("  curl -s -X POST http://{a}/connections/users -d \"{{\\\"code\\\": \\\"$CODE\\\", \\\"id\\\": \\\"alice\\\"}}\"");
+        println!();
+        println!("The sandbox bank, for a [connections.*] pool of your own against it:");
+        println!("  token_url       {}", sandbox.token_url());
+        println!(
+            "  client          client_id \"{}\", client_secret \"{}\"",
+            opts.client_id, opts.client_secret
+        );
+        println!(
+            "  redirect_uri    \"{}\"   (a code exchange must repeat it exactly, else 422)",
+            opts.redirect_uri
+        );
+        let users: Vec<&str> = opts.users.iter().map(|u| u.sub.as_str()).collect();
+        println!(
+            "  users (sub)     {}   (first codes: {}; each code works once)",
+            users.join(", "),
+            opts.users
+                .iter()
+                .map(|u| u.code.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "  a new code      curl -s -X POST {}/sandbox/users/USER/code",
+            sandbox.api_url()
+        );
     }
     println!();
     println!("Ctrl-C to stop.");
@@ -691,10 +735,17 @@ async fn connections_command(
                 Some(p) => vec![p.clone()],
                 None => store.pools().await?,
             };
+            if pools.is_empty() {
+                eprintln!("no connections in the store");
+            }
             for p in pools {
                 let mut after: Option<String> = None;
                 loop {
                     let page = store.list(&p, None, after.as_deref(), 500).await?;
+                    if page.is_empty() && after.is_none() {
+                        // On stderr: stdout stays one line per connection.
+                        eprintln!("no connections in pool {p}");
+                    }
                     for c in &page {
                         println!(
                             "{}\t{}\t{}\t{}",

@@ -198,7 +198,7 @@ pub async fn handle(
         let response = ResponseFacts {
             status,
             headers: resp.headers(),
-            from_upstream: matches!(resp.body(), ProxyBody::Upstream(..)),
+            from_upstream: done.passed_through || matches!(resp.body(), ProxyBody::Upstream(..)),
             upstream: done.upstream,
         };
         let line = AccessLog::new(start, request, rid.clone(), done.route, response);
@@ -230,6 +230,9 @@ impl Drop for Inflight<'_> {
 struct Done {
     route: Option<Arc<Route>>,
     upstream: Option<Duration>,
+    /// The answer is the upstream's, re-sent from a read body (a pooled
+    /// route's pass-through, e.g. a revoked-consent 401).
+    passed_through: bool,
 }
 
 async fn handle_inner(
@@ -276,6 +279,8 @@ async fn handle_inner(
         .filter(|_| !route.upstream.gives_request_back())
         .map(|_| (method.clone(), uri.clone(), headers.clone()));
     let mut resp = send(route, method, uri, headers, body, &token, deadline).await;
+    // Until the first answer's head: what a pass-through reports.
+    let first_answer = started.elapsed();
     // The head to replay with: the copy made above, or the one an HTTP/1.1
     // upstream gave back with its answer.
     let mut again = None;
@@ -299,7 +304,11 @@ async fn handle_inner(
         .await
         {
             Ok(r) => resp = r,
-            Err(passed) => return Ok(passed),
+            Err(passed) => {
+                done.upstream = Some(first_answer);
+                done.passed_through = true;
+                return Ok(passed);
+            }
         }
     }
     done.upstream = Some(started.elapsed());

@@ -256,3 +256,61 @@ fn access_false_writes_no_request_lines() {
     assert!(!log.contains("\"message\":\"request\""), "{log}");
     assert!(!log.contains("rid-quiet"), "{log}");
 }
+
+/// A pooled route's revoked-consent answer (401, JSON `code` 602) is the
+/// upstream's, passed back: its line says so with `upstream_status` and
+/// `upstream_us`, unlike the proxy's own `reauthorization_required` that
+/// follows.
+#[test]
+fn passed_through_602_is_logged_as_the_upstreams_answer() {
+    use support::connections::{new_key, pool_toml, users_sandbox, API_TOKEN, SELECT};
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let sb = rt.block_on(users_sandbox(3600, false));
+    let dir = TempDir::new();
+    let toml = pool_toml(
+        &sb,
+        &dir.join("connections.db"),
+        &new_key(),
+        "[log]\nformat = \"json\"",
+    );
+    let cfg = dir.write("proxy.toml", toml);
+    let p = ProxyProcess::start(&cfg, &[]);
+    let c = client();
+    let connect = Request::post(p.admin("/connections/users"))
+        .header("authorization", format!("Bearer {API_TOKEN}"))
+        .body(Full::new(Bytes::from_static(br#"{"code": "code-alice"}"#)))
+        .expect("request");
+    let r = rt.block_on(send(&c, connect));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let as_alice = |rid: &str| {
+        let req = Request::get(p.url("/api/fdx/5/accounts"))
+            .header(SELECT, "alice")
+            .header("x-request-id", rid)
+            .body(Full::default())
+            .expect("request");
+        rt.block_on(send(&c, req))
+    };
+    assert_eq!(as_alice("rid-alice").status, 200);
+    sb.revoke_consent("alice");
+    let r = as_alice("rid-602");
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.json()["code"], "602", "{}", r.text());
+    let r = as_alice("rid-reauth");
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.json()["error"], "reauthorization_required");
+
+    let passed = line_of(&p, "rid-602");
+    assert_eq!(passed["pool"], "users", "{passed}");
+    assert_eq!(passed["status"], 401, "{passed}");
+    assert_eq!(passed["upstream_status"], 401, "{passed}");
+    assert_eq!(passed["ob_correlation_id"], "sandbox-602", "{passed}");
+    let upstream_us = passed["upstream_us"].as_u64().expect("upstream_us");
+    let total_us = passed["total_us"].as_u64().expect("total_us");
+    assert!(upstream_us > 0 && total_us >= upstream_us, "{passed}");
+
+    let own = line_of(&p, "rid-reauth");
+    assert_eq!(own["status"], 401, "{own}");
+    for absent in ["upstream_status", "upstream_us", "ob_correlation_id"] {
+        assert!(own.get(absent).is_none(), "{absent} in {own}");
+    }
+}

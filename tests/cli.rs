@@ -326,7 +326,7 @@ fn check_prints_the_effective_server_settings() {
         "idle_timeout 45s",
         "shutdown_grace 30s",
         "max_connections 77",
-        "replay_buffer_limit 1048576 bytes",
+        "replay_buffer_limit 1MiB",
         "workers one per core",
     ] {
         assert!(
@@ -357,7 +357,7 @@ fn demo_has_no_config_flag() {
 }
 
 #[tokio::test]
-async fn demo_status_names_the_built_in_config() {
+async fn demo_prints_the_sandbox_users_and_redirect_uri_and_status_names_the_built_in_config() {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
     let mut child = Command::new(binary())
@@ -370,24 +370,61 @@ async fn demo_status_names_the_built_in_config() {
         .spawn()
         .expect("demo starts");
     let stdout = child.stdout.take().expect("stdout");
-    // The banner names the admin address; read it off the thread pool.
-    let admin = tokio::task::spawn_blocking(move || {
-        std::io::BufReader::new(stdout)
+    // The banner, up to its last line; read off the thread pool.
+    let banner = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for l in std::io::BufReader::new(stdout)
             .lines()
             .map_while(Result::ok)
-            .find_map(|l| l.trim().strip_prefix("admin").map(|a| a.trim().to_owned()))
+        {
+            let last = l.starts_with("Ctrl-C");
+            lines.push(l);
+            if last {
+                break;
+            }
+        }
+        lines
     });
-    let admin = tokio::time::timeout(Duration::from_secs(30), admin).await;
-    let admin = admin.ok().and_then(|r| r.ok().flatten());
+    let banner = tokio::time::timeout(Duration::from_secs(30), banner).await;
+    let banner = banner.ok().and_then(|r| r.ok()).unwrap_or_default();
+    let admin = banner
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("admin").map(|a| a.trim().to_owned()));
     let status = match &admin {
         Some(a) => Some(get(&format!("{a}/status")).await),
         None => None,
     };
     let _ = child.kill();
     let _ = child.wait();
-    let status = status.expect("the demo printed its admin address");
+    let text = banner.join("\n");
+    let status = status.unwrap_or_else(|| panic!("no admin address in:\n{text}"));
     assert_eq!(status.status, 200, "{}", status.text());
     assert_eq!(status.json()["config"], "(built-in demo)");
+    // What a first pool config of one's own against the sandbox needs.
+    let o = SandboxOptions::default();
+    let line = |prefix: &str| {
+        banner
+            .iter()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{text}"))
+            .clone()
+    };
+    assert!(
+        line("redirect_uri").contains(&format!("\"{}\"", o.redirect_uri)),
+        "{text}"
+    );
+    let users = line("users");
+    assert!(users.contains("alice, bob"), "{users}");
+    assert!(users.contains("code-alice, code-bob"), "{users}");
+    let client = line("client ");
+    assert!(
+        client.contains(&o.client_id) && client.contains(&o.client_secret),
+        "{client}"
+    );
+    assert!(
+        line("a new code").contains("/sandbox/users/USER/code"),
+        "{text}"
+    );
 }
 
 /// A config whose secret variable is not set: only `[admin] listen` matters
@@ -478,4 +515,81 @@ async fn check_works_with_a_store_and_checks_its_key_without_writing() {
     assert_eq!(code, 1, "{stdout}{stderr}");
     assert!(stderr.contains("store key does not match"), "{stderr}");
     assert!(!stderr.contains(&key), "no key material in the error");
+}
+
+#[test]
+fn a_busy_listen_port_is_one_error_and_exit_64() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = busy.local_addr().expect("addr");
+    let toml = config_with("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
+    let dir = TempDir::new();
+    let path = dir.write("proxy.toml", toml).display().to_string();
+    let (code, stdout, stderr) = run_binary(&["--config", &path], &[(SECRET_VAR, SECRET)]);
+    assert_eq!(code, EXIT_BAD_CONFIG, "stdout {stdout}\nstderr {stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(&addr.to_string()))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line expected:\n{stderr}");
+    assert!(errors[0].contains("cannot listen on"), "{stderr}");
+    assert!(errors[0].contains("server.listen"), "{stderr}");
+    drop(busy);
+}
+
+#[test]
+fn check_warns_about_a_config_without_routes() {
+    let good = good_config();
+    let routes = good.find("[routes.accounts]").expect("a route table");
+    let dir = TempDir::new();
+    let path = dir
+        .write("proxy.toml", &good[..routes])
+        .display()
+        .to_string();
+    let (code, stdout, stderr) = run_binary(&["check", "--config", &path], &[(SECRET_VAR, SECRET)]);
+    assert_eq!(code, 0, "stdout {stdout}\nstderr {stderr}");
+    assert!(stdout.contains(": OK"), "{stdout}");
+    assert!(
+        stderr.starts_with("warning: ") && stderr.contains("no [routes.*]"),
+        "{stderr}"
+    );
+    // With its route, no warning.
+    let path = dir.write("routed.toml", good).display().to_string();
+    let (code, _, stderr) = run_binary(&["check", "--config", &path], &[(SECRET_VAR, SECRET)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+#[test]
+fn check_prints_sizes_as_a_config_writes_them() {
+    let dir = TempDir::new();
+    let path = dir.write("proxy.toml", good_config()).display().to_string();
+    let (code, stdout, stderr) = run_binary(&["check", "--config", &path], &[(SECRET_VAR, SECRET)]);
+    assert_eq!(code, 0, "stdout {stdout}\nstderr {stderr}");
+    assert!(stdout.contains("replay_buffer_limit 64MiB,"), "{stdout}");
+    assert!(!stdout.contains("bytes"), "{stdout}");
+}
+
+#[tokio::test]
+async fn connections_list_says_when_a_pool_has_none() {
+    use support::connections::{connect, new_key, pool_toml, users_sandbox};
+    let sb = users_sandbox(3600, false).await;
+    let dir = TempDir::new();
+    let toml = pool_toml(&sb, &dir.join("connections.db"), &new_key(), "");
+    let cfg = dir.write("proxy.toml", &toml).display().to_string();
+    // The running proxy creates the store; the CLI reads it beside it.
+    let p = start_proxy(&toml).await;
+    let list = |cfg: String| {
+        tokio::task::spawn_blocking(move || {
+            run_binary(&["connections", "list", "--config", &cfg], &[])
+        })
+    };
+    let (code, stdout, stderr) = list(cfg.clone()).await.expect("list ran");
+    assert_eq!(code, 0, "stdout {stdout}\nstderr {stderr}");
+    assert_eq!(stdout, "", "{stdout}");
+    assert!(stderr.contains("no connections in pool users"), "{stderr}");
+    connect(&p, "alice").await;
+    let (code, stdout, stderr) = list(cfg).await.expect("list ran");
+    assert_eq!(code, 0, "stdout {stdout}\nstderr {stderr}");
+    assert!(stdout.starts_with("users\talice\tactive"), "{stdout}");
+    assert!(!stderr.contains("no connections"), "{stderr}");
 }

@@ -16,8 +16,9 @@ use support::TempDir;
 
 /// The binary's exit code for a bad config (src/main.rs).
 const EXIT_BAD_CONFIG: &str = "64";
-/// RSS measured at 256 concurrent connections (README, Performance).
-const MEASURED_RSS_MIB: f64 = 30.8;
+/// RSS measured at 256 concurrent connections (README, Performance:
+/// `benches/compare.sh`, commit 04711df, flinks-proxy at 256 connections).
+const MEASURED_RSS_MIB: f64 = 23.1;
 
 // ------------------------------------------------------------ helpers
 
@@ -419,4 +420,90 @@ fn systemd_unit_matches_its_config_and_is_hardened() {
     }
     // The admin listener stays on the host; Prometheus scrapes it there.
     assert!(config.admin_listen.expect("admin").ip().is_loopback());
+}
+
+// ------------------------------------------------------------ container
+
+/// The sources of the Dockerfile's build-stage `COPY` lines (up to the
+/// second `FROM`), as paths in the repository.
+fn build_stage_copies() -> Vec<String> {
+    let text = std::fs::read_to_string(repo_file("Dockerfile")).expect("Dockerfile");
+    let mut out = Vec::new();
+    let mut stages = 0;
+    for line in text.lines().map(str::trim) {
+        let mut words = line.split_whitespace();
+        match words.next().map(str::to_ascii_uppercase).as_deref() {
+            Some("FROM") => {
+                stages += 1;
+                if stages > 1 {
+                    break;
+                }
+            }
+            Some("COPY") => {
+                let args: Vec<&str> = words.filter(|w| !w.starts_with("--")).collect();
+                assert!(args.len() >= 2, "COPY without a destination: {line}");
+                let sources = &args[..args.len() - 1];
+                out.extend(
+                    sources
+                        .iter()
+                        .map(|s| s.trim_start_matches("./").to_owned()),
+                );
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The quick half of `.ci/docker-context` (which builds from a copy): what
+/// the compiler reads beyond `src/` — every `sqlx::migrate!` folder and
+/// every target path in Cargo.toml — is under a build-stage `COPY`.
+#[test]
+fn dockerfile_copies_everything_the_build_reads() {
+    let copies = build_stage_copies();
+    let copied = |path: &str| {
+        copies
+            .iter()
+            .any(|c| path == c || path.starts_with(&format!("{}/", c.trim_end_matches('/'))))
+    };
+    let mut read = vec!["Cargo.toml".to_owned(), "Cargo.lock".to_owned()];
+    let manifest: toml::Value =
+        toml::from_str(&std::fs::read_to_string(repo_file("Cargo.toml")).expect("Cargo.toml"))
+            .expect("Cargo.toml parses");
+    read.extend(manifest["lib"]["path"].as_str().map(str::to_owned));
+    for kind in ["bin", "bench"] {
+        for target in manifest[kind].as_array().into_iter().flatten() {
+            let name = target["name"].as_str().expect("target name");
+            read.push(
+                target
+                    .get("path")
+                    .and_then(|p| p.as_str())
+                    .map_or_else(|| format!("benches/{name}.rs"), str::to_owned),
+            );
+        }
+    }
+    let mut stack = vec![repo_file("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("src readable") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            for rest in text.split("sqlx::migrate!(\"").skip(1) {
+                read.extend(rest.split_once('"').map(|(dir, _)| dir.to_owned()));
+            }
+        }
+    }
+    assert!(
+        read.iter().any(|r| r.starts_with("migrations/")),
+        "no sqlx::migrate! found: {read:?}"
+    );
+    for path in &read {
+        assert!(
+            copied(path),
+            "the Dockerfile's build stage does not COPY {path} (copies {copies:?})"
+        );
+    }
 }

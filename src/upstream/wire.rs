@@ -463,7 +463,13 @@ fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
     if digits > 15 {
         return Err(WireError::Chunk("chunk size too large"));
     }
-    let rest = line[digits..].trim_ascii_start();
+    // RFC 9112 §7.1.1: only BWS (spaces, tabs) before an extension's `;`;
+    // a CR or form feed there would be read differently by other parsers.
+    let ws = line[digits..]
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count();
+    let rest = &line[digits + ws..];
     if !rest.is_empty() && rest[0] != b';' {
         return Err(WireError::Chunk("invalid chunk size"));
     }

@@ -354,11 +354,12 @@ impl ProxyProcess {
             log,
             lines: rx,
         };
-        // `addr=A` in text lines, `"addr":"A"` in JSON ones.
+        // `addr=A` in text lines, `"addr":"A"` in JSON ones (where it may be
+        // the last field, before the closing brace).
         let addr_of = |line: &str| -> Option<SocketAddr> {
             line.split([' ', ','])
                 .find_map(|w| w.strip_prefix("addr=").or(w.strip_prefix("\"addr\":")))
-                .and_then(|a| a.trim_matches('"').parse().ok())
+                .and_then(|a| a.trim_end_matches('}').trim_matches('"').parse().ok())
         };
         // The listener lines come before "flinks-proxy started".
         loop {

@@ -249,6 +249,43 @@ fn malformed_chunks_are_refused() {
 }
 
 #[test]
+fn only_spaces_and_tabs_may_precede_a_chunk_extension() {
+    // RFC 9112 §7.1.1: BWS (SP / HTAB) before `;`, nothing else.
+    for bad in [
+        b"5\r".as_slice(),
+        b"5\x0c",
+        b"5\x0b",
+        b"5\x0c;ext",
+        b"5\r;ext",
+    ] {
+        assert_eq!(
+            chunk_size(bad),
+            Err(WireError::Chunk("invalid chunk size")),
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    for good in [b"5 ;ext".as_slice(), b"5\t;x", b"5 \t ;a=b", b"5;ext", b"5"] {
+        assert_eq!(
+            chunk_size(good),
+            Ok(5),
+            "{:?}",
+            String::from_utf8_lossy(good)
+        );
+    }
+    // And on the wire: `5\r\r\n` is refused, `5 ;ext\r\n` read.
+    let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".as_slice();
+    let r = [head, b"5\r\r\nhello\r\n0\r\n\r\n"].concat();
+    assert!(
+        matches!(whole(&r), Err(WireError::Chunk(_))),
+        "{:?}",
+        whole(&r)
+    );
+    let r = [head, b"5 ;ext\r\nhello\r\n0\r\n\r\n"].concat();
+    assert_eq!(whole(&r).map(|o| o.body), Ok(b"hello".to_vec()));
+}
+
+#[test]
 fn truncated_responses_are_incomplete() {
     assert_eq!(whole(&CL[..CL.len() - 1]), Err(WireError::Incomplete));
     assert_eq!(
