@@ -74,8 +74,16 @@ pub const REVALIDATE_AFTER: Duration = Duration::from_secs(5);
 const LEASE_SLACK: Duration = Duration::from_secs(5);
 /// How often the per-state counts (`/status`, metrics) are read.
 const COUNT_INTERVAL: Duration = Duration::from_secs(5);
-/// Parked tokens are tried again this often while the store is down.
-const PARKED_RETRY: Duration = Duration::from_secs(2);
+/// Parked tokens are tried again this often while the store is down:
+/// often, so that they land before another replica's lease on the row
+/// expires and it refreshes with the old refresh token.
+const PARKED_RETRY: Duration = Duration::from_millis(500);
+/// After taking over an expired lease, how long to watch the row for the
+/// previous holder's commit before refreshing (see
+/// [`Pool::after_takeover`]).
+const TAKEOVER_WAIT: Duration = Duration::from_millis(1500);
+/// How often the row is read meanwhile.
+const TAKEOVER_POLL: Duration = Duration::from_millis(100);
 /// A refused client (`invalid_client`…) is tried again after this,
 /// doubling up to [`CLIENT_BACKOFF_MAX`]: short, because the users come
 /// back the moment the endpoint accepts the client again.
@@ -353,9 +361,11 @@ impl Drop for FlightGuard {
 pub struct Conn {
     id: String,
     held: ArcSwapOption<Token>,
-    /// The row version the held token belongs to: what a `revoked_codes`
-    /// answer for it expects to find in the store.
-    version: Mutex<Version>,
+    /// The row version the held token belongs to (with that token): what a
+    /// `revoked_codes` answer for it expects to find in the store. A
+    /// refresh another request shares installs its token and version here
+    /// together, so an answer for an older token is told apart.
+    version: Mutex<(Option<Arc<Token>>, Version)>,
     /// The token dropped after an upstream rejection, until the next one is
     /// installed: that one is subject to the no-storm floor
     /// ([`Token::rejectable`]), and a stored copy of this one is not used.
@@ -377,7 +387,7 @@ impl Conn {
         Conn {
             id,
             held: ArcSwapOption::empty(),
-            version: Mutex::new(Version::default()),
+            version: Mutex::new((None, Version::default())),
             rejected: ArcSwapOption::empty(),
             needs_reauthorization: AtomicBool::new(false),
             refreshing: AtomicBool::new(false),
@@ -434,7 +444,7 @@ impl Conn {
     /// Installs what a refresh (maybe another generation's) obtained.
     fn install_fresh(&self, fresh: &Fresh) {
         self.held.store(Some(Arc::clone(&fresh.token)));
-        *lock(&self.version) = fresh.version.clone();
+        *lock(&self.version) = (Some(Arc::clone(&fresh.token)), fresh.version.clone());
         self.needs_reauthorization.store(false, Ordering::Release);
         *lock(&self.failure) = None;
     }
@@ -669,11 +679,11 @@ impl Pool {
                 let conn = Conn::new(id.to_owned());
                 if record.info.state == ConnectionState::NeedsReauthorization {
                     conn.needs_reauthorization.store(true, Ordering::Release);
-                    *lock(&conn.version) = record.version.clone();
+                    *lock(&conn.version) = (None, record.version.clone());
                 } else if let Some(t) = token::stored_token(&record, refresh_before) {
                     conn.install(t, record.version.clone());
                 } else {
-                    *lock(&conn.version) = record.version.clone();
+                    *lock(&conn.version) = (None, record.version.clone());
                 }
                 Ok(Arc::new(conn))
             })
@@ -960,6 +970,7 @@ impl Pool {
         loop {
             match self.store.lease(pool, id, ttl).await.map_err(store_err)? {
                 Lease::Taken(r) => return Ok(Ok(r)),
+                Lease::TakenOver(r) => return self.after_takeover(conn, r).await,
                 Lease::Gone => {
                     self.forget_local(id).await;
                     return Err(PoolError::NotFound(id.to_owned()));
@@ -984,6 +995,40 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// A lease taken over from a holder whose lease expired (a replica cut
+    /// off from the store while it refreshed): if that replica obtained a
+    /// rotated refresh token, it commits it as soon as the store answers
+    /// again, and refreshing with the old one meanwhile would present a
+    /// rotated-away token (which providers with reuse detection punish by
+    /// revoking the grant). So the row is watched for a short while first.
+    async fn after_takeover(
+        &self,
+        conn: &Conn,
+        record: Record,
+    ) -> Result<Result<Record, Fresh>, PoolError> {
+        let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
+        let start = Instant::now();
+        let until = start.checked_add(TAKEOVER_WAIT).unwrap_or(start);
+        while Instant::now() < until {
+            tokio::time::sleep(TAKEOVER_POLL).await;
+            match self.store.get(pool, id).await.map_err(store_err)? {
+                None => {
+                    self.forget_local(id).await;
+                    return Err(PoolError::NotFound(id.to_owned()));
+                }
+                Some(now) if !now.version.same_refresh_token(&record.version) => {
+                    let _ = self.store.release(pool, id).await;
+                    return Ok(match self.adopt(conn, &now) {
+                        Some(t) => Err(t),
+                        None => Ok(now),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(Ok(record))
     }
 
     /// The token request under the lease, and what its answer means.
@@ -1228,7 +1273,7 @@ impl Pool {
         replay: bool,
     ) -> Rejected {
         if let Some(code) = self.revoked_code(body) {
-            self.consent_revoked(conn, &code).await;
+            self.consent_revoked(conn, token, &code).await;
             return Rejected::PassThrough;
         }
         let now = Instant::now();
@@ -1251,7 +1296,7 @@ impl Pool {
         }
     }
 
-    async fn consent_revoked(&self, conn: &Conn, code: &str) {
+    async fn consent_revoked(&self, conn: &Conn, token: &Arc<Token>, code: &str) {
         let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
         let e = last_error(
             "consent_revoked".into(),
@@ -1259,7 +1304,20 @@ impl Pool {
                 "the API answered code {code}: the user's consent is revoked or expired"
             )),
         );
-        let seen = lock(&conn.version).clone();
+        let seen = {
+            let held = lock(&conn.version);
+            match &held.0 {
+                Some(t) if Arc::ptr_eq(t, token) => Some(held.1.clone()),
+                _ => None,
+            }
+        };
+        let Some(seen) = seen else {
+            // The connection holds another token by now (a refresh, or a
+            // re-authorization): this answer is about the old one. Passed
+            // through; a request with the current token tells.
+            tracing::info!(pool, connection = id, code, "consent revoked for a token replaced since: passed through, the connection is left as it is");
+            return;
+        };
         match self
             .store
             .mark_needs_reauthorization(pool, id, &seen, &e)

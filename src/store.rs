@@ -280,10 +280,25 @@ pub(crate) struct SealedTokens {
 pub enum Lease {
     /// This process holds the refresh lease; the record is as of now.
     Taken(Record),
+    /// This process holds the lease, taken over from another holder whose
+    /// lease had expired: that holder may be alive with tokens the store
+    /// could not take yet (it commits them as soon as it can), so a
+    /// refresh with the stored refresh token should wait for that a little.
+    TakenOver(Record),
     /// Another holder refreshes right now; the record is as of now.
     Busy(Record),
     /// No such connection (deleted meanwhile).
     Gone,
+}
+
+/// How a backend's lease attempt went.
+pub(crate) enum Took {
+    /// Free (or already this holder's).
+    Free,
+    /// Another holder's, expired.
+    Over,
+    /// Another holder's, live.
+    Busy,
 }
 
 /// Why a store operation failed. Never carries a token, key or password.
@@ -890,16 +905,16 @@ impl Store {
     pub async fn lease(&self, pool: &str, id: &str, ttl: Duration) -> Result<Lease, StoreError> {
         self.timed("lease", async {
             let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-            let (taken, row) = match backend!(self.lease(pool, id, &self.holder, now_ms(), ttl_ms))?
+            let (took, row) = match backend!(self.lease(pool, id, &self.holder, now_ms(), ttl_ms))?
             {
                 Some(x) => x,
                 None => return Ok(Lease::Gone),
             };
             let record = self.open_row(row)?;
-            Ok(if taken {
-                Lease::Taken(record)
-            } else {
-                Lease::Busy(record)
+            Ok(match took {
+                Took::Free => Lease::Taken(record),
+                Took::Over => Lease::TakenOver(record),
+                Took::Busy => Lease::Busy(record),
             })
         })
         .await

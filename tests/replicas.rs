@@ -159,7 +159,7 @@ async fn the_postgres_backend_keeps_the_store_contract() {
     // lease frees itself).
     assert!(matches!(
         a.lease("users", "alice", ttl).await.unwrap(),
-        Lease::Taken(_)
+        Lease::TakenOver(_)
     ));
     a.release("users", "alice").await.unwrap();
     assert!(matches!(

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     sealed_row, Change, ConnectionInfo, ConnectionState, LastError, SealedRow, SealedTokens,
-    StoreError,
+    StoreError, Took,
 };
 use crate::secret::Secret;
 
@@ -291,12 +291,17 @@ impl Postgres {
         holder: &str,
         _now: i64,
         ttl_ms: i64,
-    ) -> Result<Option<(bool, SealedRow)>, StoreError> {
+    ) -> Result<Option<(Took, SealedRow)>, StoreError> {
+        // The row lock of the CTE makes the previous owner the one this
+        // UPDATE replaced.
         let sql = format!(
-            "UPDATE connections SET lease_owner = $1, lease_until = {DB_NOW} + $2 \
+            "WITH prev AS (SELECT lease_owner AS previous_owner FROM connections \
+             WHERE pool = $3 AND id = $4 FOR UPDATE) \
+             UPDATE connections SET lease_owner = $1, lease_until = {DB_NOW} + $2 FROM prev \
              WHERE pool = $3 AND id = $4 \
-             AND (lease_owner IS NULL OR lease_owner = $1 OR lease_until <= {DB_NOW}) \
-             RETURNING {COLUMNS}"
+             AND (connections.lease_owner IS NULL OR connections.lease_owner = $1 \
+                  OR connections.lease_until <= {DB_NOW}) \
+             RETURNING {COLUMNS}, prev.previous_owner"
         );
         let taken = sqlx::query(&sql)
             .bind(holder)
@@ -307,9 +312,16 @@ impl Postgres {
             .await
             .map_err(unavailable("lease"))?;
         if let Some(row) = taken {
-            return Ok(Some((true, sealed_row(&row)?)));
+            let previous: Option<String> = row
+                .try_get("previous_owner")
+                .map_err(unavailable("lease"))?;
+            let took = match previous {
+                Some(p) if p != holder => Took::Over,
+                _ => Took::Free,
+            };
+            return Ok(Some((took, sealed_row(&row)?)));
         }
-        Ok(self.get(pool, id).await?.map(|row| (false, row)))
+        Ok(self.get(pool, id).await?.map(|row| (Took::Busy, row)))
     }
 
     /// `UPDATE connections SET {set}, <this holder's lease freed> WHERE

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     sealed_row, Access, Change, ConnectionInfo, ConnectionState, LastError, SealedRow,
-    SealedTokens, StoreError,
+    SealedTokens, StoreError, Took,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -429,7 +429,7 @@ impl Sqlite {
         holder: &str,
         now: i64,
         ttl_ms: i64,
-    ) -> Result<Option<(bool, SealedRow)>, StoreError> {
+    ) -> Result<Option<(Took, SealedRow)>, StoreError> {
         self.check_file().await?;
         let sql = format!(
             "UPDATE connections SET lease_owner = ?, lease_until = ? WHERE pool = ? AND id = ? \
@@ -445,10 +445,12 @@ impl Sqlite {
             .fetch_optional(&self.pool)
             .await
             .map_err(unavailable("lease"))?;
+        // One serving process per file (a killed one's leases are freed
+        // at the next start): a lease is never taken over from a live one.
         if let Some(row) = taken {
-            return Ok(Some((true, sealed_row(&row)?)));
+            return Ok(Some((Took::Free, sealed_row(&row)?)));
         }
-        Ok(self.get(pool, id).await?.map(|row| (false, row)))
+        Ok(self.get(pool, id).await?.map(|row| (Took::Busy, row)))
     }
 
     /// `UPDATE connections SET {set}, <this holder's lease freed> WHERE

@@ -134,7 +134,7 @@ impl StoreSlot {
                 .await
                 .map_err(store_err)?
             {
-                Lease::Taken(r) => return Ok(Some(r)),
+                Lease::Taken(r) | Lease::TakenOver(r) => return Ok(Some(r)),
                 Lease::Busy(r) if fresh(&r, c).is_some() => return Ok(None),
                 Lease::Busy(_) if Instant::now() >= deadline => {
                     return Err(TokenError::State(
