@@ -1546,8 +1546,7 @@ enum Retry {
 
 /// When a granted token expires, in Unix milliseconds.
 pub fn expires_ms(g: &Granted) -> i64 {
-    let lifetime = i64::try_from(g.lifetime.as_millis()).unwrap_or(i64::MAX);
-    crate::store::now_ms().saturating_add(lifetime)
+    g.expires_ms()
 }
 
 #[cfg(test)]

@@ -175,6 +175,21 @@ pub struct Granted {
     pub expires_unix: u64,
 }
 
+impl Granted {
+    /// When the access token expires, in Unix milliseconds: counted from
+    /// when its request was sent (as the endpoint counts), not from when
+    /// the answer arrived, so that another replica adopting it from the
+    /// store never sends it past its real expiry after a slow token request.
+    pub fn expires_ms(&self) -> i64 {
+        let lifetime = i64::try_from(self.lifetime.as_millis()).unwrap_or(i64::MAX);
+        let waited = Instant::now().saturating_duration_since(self.sent_at);
+        let waited = i64::try_from(waited.as_millis()).unwrap_or(i64::MAX);
+        crate::store::now_ms()
+            .saturating_sub(waited)
+            .saturating_add(lifetime)
+    }
+}
+
 impl std::fmt::Debug for Granted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Granted")

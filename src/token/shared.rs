@@ -220,10 +220,7 @@ impl StoreSlot {
         let tokens = Tokens {
             refresh_token: g.refresh_token.clone().or(using),
             access_token: token.as_ref().ok().map(|_| g.access_token.clone()),
-            access_expires_at: token.as_ref().ok().map(|_| {
-                let lifetime = i64::try_from(g.lifetime.as_millis()).unwrap_or(i64::MAX);
-                crate::store::now_ms().saturating_add(lifetime)
-            }),
+            access_expires_at: token.as_ref().ok().map(|_| g.expires_ms()),
         };
         // A rotated refresh token is committed even when the access token
         // is unusable.
