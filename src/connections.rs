@@ -265,15 +265,31 @@ impl Ledger {
         self.parked_added.notify_one();
     }
 
+    /// A copy of what is parked for `key`.
+    fn parked_for(&self, key: &Key) -> Option<(Tokens, Version)> {
+        lock(&self.parked)
+            .get(key)
+            .map(|p| (p.tokens.clone(), p.seen.clone()))
+    }
+
+    /// The store answered a commit of the entry that replaced `seen`: it
+    /// leaves, unless a newer refresh parked newer tokens meanwhile.
+    fn settle(&self, key: &Key, seen: &Version) {
+        let mut parked = lock(&self.parked);
+        if parked
+            .get(key)
+            .is_some_and(|p| p.seen.same_refresh_token(seen))
+        {
+            parked.remove(key);
+        }
+    }
+
     /// Commits every parked entry it can; the ones the store refuses to
     /// take now stay.
     async fn commit_all_parked(&self, store: &Store) {
         let keys: Vec<Key> = lock(&self.parked).keys().cloned().collect();
         for key in keys {
-            let Some((tokens, seen)) = lock(&self.parked)
-                .get(&key)
-                .map(|p| (p.tokens.clone(), p.seen.clone()))
-            else {
+            let Some((tokens, seen)) = self.parked_for(&key) else {
                 continue;
             };
             match store.commit_refresh(&key.0, &key.1, &seen, &tokens).await {
@@ -281,14 +297,7 @@ impl Ledger {
                     if !matches!(w, Written::Done(_)) {
                         tracing::info!(pool = %key.0, connection = %key.1, "tokens obtained while the store was down were superseded (re-authorized or deleted meanwhile); dropped");
                     }
-                    let mut parked = lock(&self.parked);
-                    // A newer refresh may have parked newer tokens meanwhile.
-                    if parked
-                        .get(&key)
-                        .is_some_and(|p| p.seen.same_refresh_token(&seen))
-                    {
-                        parked.remove(&key);
-                    }
+                    self.settle(&key, &seen);
                 }
                 Err(e) => {
                     tracing::debug!(pool = %key.0, connection = %key.1, error = %e, "parked tokens still wait for the store");
@@ -928,10 +937,7 @@ impl Pool {
     /// could not store; a fresh access token among them is used.
     async fn commit_parked(&self, conn: &Conn) -> Result<Option<Fresh>, PoolError> {
         let key = (self.config.name.clone(), conn.id.clone());
-        let Some((tokens, seen)) = lock(&self.ledger.parked)
-            .get(&key)
-            .map(|p| (p.tokens.clone(), p.seen.clone()))
-        else {
+        let Some((tokens, seen)) = self.ledger.parked_for(&key) else {
             return Ok(None);
         };
         let written = self
@@ -939,15 +945,7 @@ impl Pool {
             .commit_refresh(&key.0, &key.1, &seen, &tokens)
             .await
             .map_err(store_err)?;
-        {
-            let mut parked = lock(&self.ledger.parked);
-            if parked
-                .get(&key)
-                .is_some_and(|p| p.seen.same_refresh_token(&seen))
-            {
-                parked.remove(&key);
-            }
-        }
+        self.ledger.settle(&key, &seen);
         match written {
             Written::Done(record) | Written::Superseded(record) => Ok(self.adopt(conn, &record)),
             Written::Gone => {
@@ -1121,7 +1119,7 @@ impl Pool {
         let tokens = Tokens {
             refresh_token: Some(g.refresh_token.clone().unwrap_or(sent)),
             access_token: token.as_ref().ok().map(|_| g.access_token.clone()),
-            access_expires_at: token.as_ref().ok().map(|_| expires_ms(&g)),
+            access_expires_at: token.as_ref().ok().map(|_| g.expires_ms()),
         };
         match self.store.commit_refresh(pool, id, seen, &tokens).await {
             Ok(Written::Done(record)) => match token {
@@ -1200,7 +1198,7 @@ impl Pool {
     /// The endpoint refused the client (not the user's grant): every user
     /// of the pool waits a short, growing while; no connection changes.
     async fn client_refused(&self, conn: &Conn, record: &Record, e: &TokenError) -> PoolError {
-        let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
+        let pool = self.config.name.as_str();
         let delay = {
             let mut f = lock(&self.client_failure);
             let next = Failure::after(
@@ -1217,19 +1215,7 @@ impl Pool {
             delay
         };
         tracing::error!(pool, error = %e, retry_in = %humantime::format_duration(delay), "the token endpoint refused the pool's client (check client_id, client_secret and client_auth); no connection is changed, and every user works again once the endpoint accepts the client");
-        let (error, description) = e.oauth_fields();
-        if let Err(err) = self
-            .store
-            .record_failure(pool, id, &record.version, &last_error(error, description))
-            .await
-        {
-            tracing::debug!(pool, connection = id, error = %err, "cannot record the failure");
-        }
-        PoolError::Unavailable {
-            id: id.to_owned(),
-            reason: e.to_string(),
-            retry_after: delay,
-        }
+        self.record_failure(conn, record, e, delay).await
     }
 
     /// Records a transient failure and its backoff.
@@ -1243,6 +1229,19 @@ impl Pool {
         let delay = next.retry_at.saturating_duration_since(Instant::now());
         tracing::warn!(pool, connection = id, error = %e, retry_in = %humantime::format_duration(delay), "refresh failed");
         *conn.failure() = Some(next);
+        self.record_failure(conn, record, e, delay).await
+    }
+
+    /// Writes a failure to the row (frees the lease; conditional like every
+    /// write) and answers it with `Retry-After: delay`.
+    async fn record_failure(
+        &self,
+        conn: &Conn,
+        record: &Record,
+        e: &TokenError,
+        delay: Duration,
+    ) -> PoolError {
+        let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
         let (error, description) = e.oauth_fields();
         if let Err(err) = self
             .store
@@ -1444,7 +1443,7 @@ impl Pool {
                 .clone()
                 .or_else(|| refresh.then_some(presented)),
             access_token: Some(g.access_token.clone()),
-            access_expires_at: Some(expires_ms(&g)),
+            access_expires_at: Some(g.expires_ms()),
         };
         let name = &self.config.name;
         let start = Instant::now();
@@ -1542,11 +1541,6 @@ enum Retry {
     Superseded,
     /// The answer.
     No(PoolError),
-}
-
-/// When a granted token expires, in Unix milliseconds.
-pub fn expires_ms(g: &Granted) -> i64 {
-    g.expires_ms()
 }
 
 #[cfg(test)]
