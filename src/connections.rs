@@ -72,6 +72,11 @@ pub const REVALIDATE_AFTER: Duration = Duration::from_secs(5);
 /// holder commits, nothing is lost: the commit is conditional on the
 /// refresh token sent, not on the lease.
 const LEASE_SLACK: Duration = Duration::from_secs(5);
+/// How long a refresh's answer is awaited (at least `token_timeout`).
+/// Requests stop waiting for it at `token_timeout`; the refresh does not,
+/// because an endpoint that answers late rotates the refresh token all the
+/// same.
+const REFRESH_PATIENCE: Duration = Duration::from_secs(120);
 /// How often the per-state counts (`/status`, metrics) are read.
 const COUNT_INTERVAL: Duration = Duration::from_secs(5);
 /// Parked tokens are tried again this often while the store is down:
@@ -748,7 +753,7 @@ impl Pool {
                 Some(p) => Some(p),
                 None => Arc::clone(&pool.slots).acquire_owned().await.ok(),
             };
-            let outcome = pool.refresh(&conn).await;
+            let outcome = pool.refresh(&conn, &tx).await;
             if let Err(e) = &outcome {
                 tracing::debug!(pool = %pool.config.name, connection = %conn.id, error = %e, "refresh failed");
             }
@@ -906,7 +911,7 @@ impl Pool {
     /// One refresh, in its own task: tokens parked earlier go first; then
     /// lease, re-read, use a fresh stored token or call the endpoint,
     /// commit, install.
-    async fn refresh(&self, conn: &Conn) -> Outcome {
+    async fn refresh(&self, conn: &Conn, flight: &watch::Sender<Option<Outcome>>) -> Outcome {
         if let Some(fresh) = self.commit_parked(conn).await? {
             return Ok(fresh);
         }
@@ -916,7 +921,7 @@ impl Pool {
                 Ok(record) => record,
                 Err(adopted) => return Ok(adopted),
             };
-            match self.refresh_with(conn, record).await {
+            match self.refresh_with(conn, record, flight).await {
                 // The row moved on under this refresh (another holder
                 // rotated the refresh token): once more with the new one.
                 Err(Retry::Superseded) if !superseded => superseded = true,
@@ -1030,7 +1035,12 @@ impl Pool {
     }
 
     /// The token request under the lease, and what its answer means.
-    async fn refresh_with(&self, conn: &Conn, record: Record) -> Result<Fresh, Retry> {
+    async fn refresh_with(
+        &self,
+        conn: &Conn,
+        record: Record,
+        flight: &watch::Sender<Option<Outcome>>,
+    ) -> Result<Fresh, Retry> {
         let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
         if record.info.state == ConnectionState::NeedsReauthorization {
             let _ = self.store.release(pool, id).await;
@@ -1051,13 +1061,7 @@ impl Pool {
             );
             return self.grant_dead(conn, &record, &e).await;
         };
-        let result = token::grant::request(
-            &self.endpoint,
-            Grant::RefreshToken {
-                refresh_token: rt.expose(),
-            },
-        )
-        .await;
+        let result = self.patient_refresh(conn, &rt, flight).await;
         self.metrics.token_request(
             result
                 .as_ref()
@@ -1075,6 +1079,57 @@ impl Pool {
                 Err(Retry::No(self.client_refused(conn, &record, &e).await))
             }
             Err(e) => Err(Retry::No(self.failed(conn, &record, &e).await)),
+        }
+    }
+
+    /// Sends the refresh and waits for its answer, however late (up to
+    /// [`REFRESH_PATIENCE`]): an endpoint that answers after the proxy left
+    /// has still rotated the refresh token sent, and the new one would be
+    /// lost. Requests waiting on the refresh are answered at `token_timeout`
+    /// as before (503, the request timed out); the lease is renewed while
+    /// the answer is awaited, so no other replica refreshes meanwhile.
+    async fn patient_refresh(
+        &self,
+        conn: &Conn,
+        refresh_token: &Secret,
+        flight: &watch::Sender<Option<Outcome>>,
+    ) -> Result<Granted, TokenError> {
+        let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
+        let token_timeout = self.config.token_timeout;
+        let grant = Grant::RefreshToken {
+            refresh_token: refresh_token.expose(),
+        };
+        let answer = token::grant::request_within(
+            &self.endpoint,
+            grant,
+            token_timeout.max(REFRESH_PATIENCE),
+        );
+        tokio::pin!(answer);
+        if let Ok(result) = tokio::time::timeout(token_timeout, &mut answer).await {
+            return result;
+        }
+        let late = TokenError::Timeout {
+            host: self.endpoint.host(),
+            after: token_timeout,
+        };
+        tracing::warn!(pool, connection = id, error = %late, "still waiting for the refresh's answer: a refresh token it rotates must not be lost");
+        flight.send_replace(Some(Err(PoolError::Unavailable {
+            id: id.to_owned(),
+            reason: late.to_string(),
+            retry_after: Duration::from_secs(1),
+        })));
+        let ttl = token_timeout.saturating_add(LEASE_SLACK);
+        let mut renew = tokio::time::interval(ttl / 2);
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                result = &mut answer => return result,
+                _ = renew.tick() => {
+                    if let Err(e) = self.store.lease(pool, id, ttl).await {
+                        tracing::debug!(pool, connection = id, error = %e, "cannot renew the refresh lease");
+                    }
+                }
+            }
         }
     }
 

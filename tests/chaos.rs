@@ -792,6 +792,13 @@ async fn run(backend: Backend, seed: u64, steps: usize) -> Report {
     stop.store(true, Ordering::Release);
     while load.join_next().await.is_some() {}
     w.finish().await;
+    if let (false, Ok(dir)) = (w.violations.is_empty(), std::env::var("CHAOS_LOGS")) {
+        // The proxies' own lines, for reading a finding (they hold no secret:
+        // invariant 4 checks that).
+        let path = std::path::Path::new(&dir).join(format!("{backend:?}-{seed}.log"));
+        std::fs::write(&path, w.logs.join("\n")).expect("write CHAOS_LOGS");
+        eprintln!("chaos: proxy logs in {}", path.display());
+    }
     let _ = &w.dir;
     Report {
         steps: std::mem::take(&mut w.steps),

@@ -315,6 +315,46 @@ async fn a_refresh_whose_client_left_keeps_the_rotated_refresh_token() {
     keeps_working_through_refreshes(&p, &bank, "alice", 3).await;
 }
 
+/// An endpoint that answers after `token_timeout` has rotated the refresh
+/// token all the same (found by chaos seeds 222164, 739949, 712722, 29694):
+/// requests stop waiting at `token_timeout`, the refresh does not.
+#[tokio::test]
+async fn a_refresh_answered_after_token_timeout_keeps_the_rotated_refresh_token() {
+    let bank = Bank::start(true, SHORT).await;
+    let dir = TempDir::new();
+    let mut cfg = ProxyConfig::new(&bank, &dir.join("c.db"));
+    cfg.token_timeout = Duration::from_secs(1);
+    let p = start(&cfg).await;
+    connect(&p, &bank, "alice").await;
+    expire().await;
+
+    bank.hold_tokens();
+    let sent = Instant::now();
+    let r = get_as(&p, PATH, "alice").await;
+    assert_eq!(r.status, 503, "the token request timed out: {}", r.text());
+    assert_eq!(r.json()["error"], "token_unavailable");
+    assert!(
+        sent.elapsed() < cfg.request_timeout,
+        "answered at token_timeout, not at the request's deadline: {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(bank.refreshes("alice"), 1, "the endpoint rotated");
+    // A request meanwhile is answered at once, without a second refresh.
+    let r = get_as(&p, PATH, "alice").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(bank.refreshes("alice"), 1, "one refresh in flight");
+    bank.release_tokens();
+    bank.wait_token("the late refresh to end", |c| c.answered + c.abandoned >= 2)
+        .await;
+    assert_eq!(
+        bank.token_counts().abandoned,
+        0,
+        "the proxy left the refresh"
+    );
+
+    keeps_working_through_refreshes(&p, &bank, "alice", 3).await;
+}
+
 // ------------------------------ fault 4: CLI commands during a refresh
 
 /// Runs a CLI command while alice's refresh is held at the endpoint, then

@@ -425,9 +425,33 @@ async fn fleet_of_three_shares_one_token_per_user_per_expiry() {
     let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
     let mut in_flight_at_kill = 0;
     let mut store_unavailable = 0;
+    // The one loss no proxy can prevent: a refresh the endpoint answered
+    // (rotating the refresh token) as replica 2 died, so the new refresh
+    // token never reached a store; the next refresh presents the retired
+    // one and the sandbox refuses it. Such a user (the sandbox saw its
+    // rotation within a second of the kill) is at risk, as in the chaos
+    // suite; any other reauthorization is a failure.
+    let at_risk: std::collections::BTreeSet<String> = sb
+        .refresh_token_reuses()
+        .into_iter()
+        .filter(|r| {
+            let (at, kill) = (r.rotated_at, killed_at);
+            at + Duration::from_secs(1) >= kill && at <= kill + Duration::from_secs(1)
+        })
+        .map(|r| r.sub)
+        .collect();
+    assert!(
+        at_risk.len() <= 2,
+        "at most the refreshes in flight on replica 2 at the kill: {at_risk:?}"
+    );
+    let mut lost_at_kill = 0;
     let mut failures = Vec::new();
     for o in outcomes.iter().filter(|o| o.status != 200) {
-        if o.replica == 2 && o.sent <= killed_at + Duration::from_millis(50) && o.done >= killed_at
+        if o.status == 401 && at_risk.contains(&o.user) {
+            lost_at_kill += 1;
+        } else if o.replica == 2
+            && o.sent <= killed_at + Duration::from_millis(50)
+            && o.done >= killed_at
         {
             in_flight_at_kill += 1;
         } else if o.status == 503
@@ -486,11 +510,41 @@ async fn fleet_of_three_shares_one_token_per_user_per_expiry() {
     eprintln!(
         "fleet: {total} requests in {elapsed:?}, {in_flight_at_kill} in flight at the kill, \
          {store_unavailable} store_unavailable during the database restart, \
+         {lost_at_kill} refused for users whose rotation was answered to replica 2 as it died {at_risk:?}, \
          {total_refreshes} refreshes ({per_cycle:.2} per user per renewal cycle), \
          max per user in flight {}, expired tokens sent {}",
         sb.max_user_token_requests_in_flight(),
         sb.expired_token_requests()
     );
+    if !failures.is_empty() {
+        // What the replicas said about the users that failed (the logs
+        // hold no secrets: checked below and in the chaos suite).
+        let failed: std::collections::BTreeSet<&str> = outcomes
+            .iter()
+            .filter(|o| o.status == 401)
+            .map(|o| o.user.as_str())
+            .collect();
+        for r in sb.refresh_token_reuses() {
+            eprintln!(
+                "{} presented a retired refresh token at {:?} (rotated at {:?}; replica 2 killed at {:?})",
+                r.sub,
+                r.presented_at - start,
+                r.rotated_at - start,
+                killed_at - start
+            );
+        }
+        for (i, r) in replicas.iter().enumerate() {
+            for line in r.log().lines() {
+                if failed
+                    .iter()
+                    .any(|u| line.contains(&format!("={u}")) || line.contains(&format!("=\"{u}\"")))
+                    && !line.contains(" INFO request ")
+                {
+                    eprintln!("replica {i}: {line}");
+                }
+            }
+        }
+    }
     assert!(
         failures.is_empty(),
         "{} failures:\n{}",
@@ -513,7 +567,7 @@ async fn fleet_of_three_shares_one_token_per_user_per_expiry() {
         "every user was refreshed: {refreshes:?}"
     );
     // Every user still works at the end, on both live replicas.
-    for sub in &subs {
+    for sub in subs.iter().filter(|s| !at_risk.contains(*s)) {
         for url in &urls[..2] {
             let (status, body) = fleet_get(url.clone(), sub.clone()).await;
             assert_eq!(status, 200, "{sub}: {body}");

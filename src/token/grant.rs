@@ -344,13 +344,24 @@ impl TokenError {
 /// the old one. A code exchange that returns no refresh token is an
 /// [`TokenError::InvalidResponse`].
 pub async fn request(endpoint: &Endpoint, grant: Grant<'_>) -> Result<Granted, TokenError> {
+    request_within(endpoint, grant, endpoint.token_timeout).await
+}
+
+/// [`request`], bounded by `limit` instead of `token_timeout`: for a refresh
+/// whose answer must not be abandoned (an endpoint that answers late still
+/// rotates the refresh token sent).
+pub async fn request_within(
+    endpoint: &Endpoint,
+    grant: Grant<'_>,
+    limit: Duration,
+) -> Result<Granted, TokenError> {
     let sent_at = Instant::now();
-    match tokio::time::timeout(endpoint.token_timeout, exchange(endpoint, grant)).await {
+    match tokio::time::timeout(limit, exchange(endpoint, grant)).await {
         Ok(Ok((status, body))) => parse(endpoint, grant, status, &body, sent_at),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(TokenError::Timeout {
             host: endpoint.host(),
-            after: endpoint.token_timeout,
+            after: limit,
         }),
     }
 }

@@ -87,10 +87,13 @@ fn capture(
 impl Proc {
     /// Starts `flinks-proxy --config PATH` and waits for its listeners.
     pub fn start(config: &Path) -> Proc {
-        let mut child = Command::new(binary())
-            .arg("--config")
-            .arg(config)
-            .env_remove("RUST_LOG")
+        let mut cmd = Command::new(binary());
+        cmd.arg("--config").arg(config).env_remove("RUST_LOG");
+        // CHAOS_RUST_LOG=debug: more of the proxies' lines for reading a finding.
+        if let Ok(filter) = std::env::var("CHAOS_RUST_LOG") {
+            cmd.env("RUST_LOG", filter);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
