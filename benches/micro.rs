@@ -16,12 +16,12 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use flinks_proxy::config::AuthScheme;
-use flinks_proxy::headers;
-use flinks_proxy::metrics::Metrics;
-use flinks_proxy::proxy::{self, ConnInfo};
-use flinks_proxy::routes::RouteTable;
-use flinks_proxy::runtime::Route;
-use flinks_proxy::token::Token;
+use flinks_proxy::net::headers;
+use flinks_proxy::ground::metrics::Metrics;
+use flinks_proxy::proxy::{handler, ConnInfo};
+use flinks_proxy::proxy::routes::RouteTable;
+use flinks_proxy::proxy::generation::Route;
+use flinks_proxy::tokens::Token;
 use flinks_proxy::{AppState, Config};
 use http::{header, HeaderMap, HeaderValue};
 
@@ -69,7 +69,7 @@ fn route_lookup(c: &mut Criterion) {
 fn state() -> (
     Arc<AppState>,
     Arc<Route>,
-    Arc<flinks_proxy::token::TokenSource>,
+    Arc<flinks_proxy::tokens::TokenSource>,
 ) {
     let toml = r#"
 [server]
@@ -141,14 +141,14 @@ fn rewrite(c: &mut Criterion) {
     g.bench_function("rewrite_headers", |b| {
         b.iter_batched_ref(
             || (base.clone(), base.get(header::HOST).cloned()),
-            |(h, host)| proxy::rewrite_headers(h, &route, &conn, host.take(), &rid),
+            |(h, host)| handler::rewrite_headers(h, &route, &conn, host.take(), &rid),
             BatchSize::SmallInput,
         )
     });
     g.bench_function("rewrite_headers_appending_xff", |b| {
         b.iter_batched_ref(
             || (with_xff.clone(), with_xff.get(header::HOST).cloned()),
-            |(h, host)| proxy::rewrite_headers(h, &route, &conn, host.take(), &rid),
+            |(h, host)| handler::rewrite_headers(h, &route, &conn, host.take(), &rid),
             BatchSize::SmallInput,
         )
     });
@@ -210,18 +210,19 @@ const POOL_USERS: usize = 10_000;
 fn pool_state() -> (
     tokio::runtime::Runtime,
     Arc<flinks_proxy::connections::Pool>,
-    Arc<flinks_proxy::token::TokenSource>,
+    Arc<flinks_proxy::tokens::TokenSource>,
     std::path::PathBuf,
 ) {
-    use flinks_proxy::secret::Secret;
-    use flinks_proxy::store::{now_ms, Store, Tokens};
+    use flinks_proxy::ground::secret::Secret;
+    use flinks_proxy::ground::now_ms;
+    use flinks_proxy::store::{Store, Tokens};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let dir = std::env::temp_dir().join(format!("flinks-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
-    let key = flinks_proxy::store::crypto::generate_key().expect("key");
+    let key = flinks_proxy::ground::crypto::generate_key().expect("key");
     let toml = format!(
         r#"
 [credentials.bench]

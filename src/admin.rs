@@ -13,8 +13,8 @@ use hyper::body::Incoming;
 
 pub mod connections;
 
-use crate::body::ProxyBody;
-use crate::runtime::AppState;
+use crate::proxy::body::ProxyBody;
+use crate::proxy::generation::AppState;
 
 fn reply(
     status: StatusCode,

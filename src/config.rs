@@ -20,7 +20,7 @@ use ipnet::IpNet;
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
-use crate::secret::{Secret, SecretSource};
+use crate::ground::secret::{Secret, SecretSource};
 
 /// Where the proxy listens when `server.listen` is not set.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -871,7 +871,7 @@ impl Ctx {
         file: &Option<PathBuf>,
     ) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
         match file {
-            Some(p) => crate::tls::load_certs(&self.base.join(p)).map_err(|m| self.err(key, m)),
+            Some(p) => crate::net::tls::load_certs(&self.base.join(p)).map_err(|m| self.err(key, m)),
             None => Ok(Vec::new()),
         }
     }
@@ -892,7 +892,7 @@ impl Ctx {
             (Some(cert), Some(key)) => {
                 let ca = s.client_ca.as_ref().map(|p| base.join(p));
                 Some(
-                    crate::tls::server_config(&base.join(cert), &base.join(key), ca.as_deref())
+                    crate::net::tls::server_config(&base.join(cert), &base.join(key), ca.as_deref())
                         .map_err(|m| self.err("server.tls_cert", m))?,
                 )
             }
@@ -1076,7 +1076,7 @@ impl Ctx {
                 format!("{select:?} is not a header name"),
             )
         })?;
-        if crate::headers::is_reserved_header(&select_header)
+        if crate::net::headers::is_reserved_header(&select_header)
             || select_header == http::header::AUTHORIZATION
         {
             return Err(self.err(
@@ -1138,7 +1138,7 @@ impl Ctx {
         };
         let check_key = |k: &str, src: &SecretSource| {
             let secret = src.resolve(&self.base).map_err(|m| self.err(k, m))?;
-            crate::store::crypto::Key::from_base64(secret.expose()).map_err(|m| self.err(k, m))?;
+            crate::ground::crypto::Key::from_base64(secret.expose()).map_err(|m| self.err(k, m))?;
             Ok::<_, ConfigError>(secret)
         };
         let key = check_key("store.key", &s.key)?;
@@ -1443,7 +1443,7 @@ impl Ctx {
         let name = name.unwrap_or_else(|| "authorization".to_owned());
         let header = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| self.err(key, format!("{name:?} is not a header name")))?;
-        if crate::headers::is_reserved_header(&header) {
+        if crate::net::headers::is_reserved_header(&header) {
             return Err(self.err(
                 key,
                 format!("{header} is managed by the proxy and cannot carry the token"),

@@ -43,14 +43,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::PoolConfig;
-use crate::lock;
-use crate::metrics::PoolMetrics;
-use crate::secret::Secret;
+use crate::ground::lock;
+use crate::ground::metrics::PoolMetrics;
+use crate::ground::secret::Secret;
 use crate::store::{
     Change, ChangeKind, ConnectionInfo, ConnectionState, LastError, Lease, Record, Store,
     StoreError, Tokens, Version, Written,
 };
-use crate::token::{self, Endpoint, Grant, Granted, Token, TokenError};
+use crate::tokens::{self, Endpoint, Grant, Granted, Token, TokenError};
 use tokio::sync::broadcast::error::RecvError;
 
 /// Longest connection id (CONNECTIONS.md).
@@ -557,7 +557,7 @@ impl std::fmt::Debug for Pool {
 pub struct PoolBuildError {
     pool: String,
     #[source]
-    source: token::grant::EndpointError,
+    source: tokens::grant::EndpointError,
 }
 
 fn store_err(e: StoreError) -> PoolError {
@@ -568,7 +568,7 @@ fn last_error(error: String, description: Option<String>) -> LastError {
     LastError {
         error,
         description,
-        at: crate::store::now_ms(),
+        at: crate::ground::now_ms(),
     }
 }
 
@@ -694,7 +694,7 @@ impl Pool {
                 if record.info.state == ConnectionState::NeedsReauthorization {
                     conn.needs_reauthorization.store(true, Ordering::Release);
                     *lock(&conn.version) = (None, record.version.clone());
-                } else if let Some(t) = token::stored_token(&record, refresh_before) {
+                } else if let Some(t) = tokens::stored_token(&record, refresh_before) {
                     conn.install(t, record.version.clone());
                 } else {
                     *lock(&conn.version) = (None, record.version.clone());
@@ -791,7 +791,7 @@ impl Pool {
                 }
                 Ok(Some(r)) => {
                     let held = conn.held.load().as_ref().map(|t| t.usable_until);
-                    if let Some(t) = token::stored_token(&r, pool.config.refresh_before) {
+                    if let Some(t) = tokens::stored_token(&r, pool.config.refresh_before) {
                         if held.is_none_or(|h| t.usable_until > h) {
                             let _ = pool.adopt(&conn, &r);
                         }
@@ -1099,7 +1099,7 @@ impl Pool {
         let grant = Grant::RefreshToken {
             refresh_token: refresh_token.expose(),
         };
-        let answer = token::grant::request_within(
+        let answer = tokens::grant::request_within(
             &self.endpoint,
             grant,
             token_timeout.max(REFRESH_PATIENCE),
@@ -1138,7 +1138,7 @@ impl Pool {
         if record.info.state != ConnectionState::Active {
             return None;
         }
-        let t = token::stored_token(record, self.config.refresh_before)?;
+        let t = tokens::stored_token(record, self.config.refresh_before)?;
         let rejected = conn.rejected.load();
         if rejected
             .as_ref()
@@ -1278,7 +1278,7 @@ impl Pool {
         let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
         let next = Failure::after(
             conn.failure().as_ref(),
-            |n| token::backoff(e.is_transient(), n, rand::random()),
+            |n| tokens::backoff(e.is_transient(), n, rand::random()),
             e.to_string(),
         );
         let delay = next.retry_at.saturating_duration_since(Instant::now());
@@ -1470,7 +1470,7 @@ impl Pool {
             .probe_write()
             .await
             .map_err(AuthorizeError::Store)?;
-        let result = token::grant::request(&self.endpoint, grant).await;
+        let result = tokens::grant::request(&self.endpoint, grant).await;
         self.metrics.token_request(
             result
                 .as_ref()

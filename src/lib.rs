@@ -37,25 +37,16 @@
 
 #![forbid(unsafe_code)]
 
-pub mod access_log;
 pub mod admin;
-pub mod body;
 pub mod config;
 pub mod connections;
-pub mod error;
-pub mod headers;
-pub mod metrics;
+pub mod ground;
+pub mod net;
 pub mod proxy;
-pub mod reload;
-pub mod routes;
-pub mod runtime;
 pub mod sandbox;
-pub mod secret;
 pub mod server;
 pub mod store;
-pub mod tls;
-pub mod token;
-pub mod upstream;
+pub mod tokens;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -66,15 +57,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-/// Locks a std mutex, ignoring poisoning: every mutex in the crate guards
-/// plain data that a panicking holder cannot leave half-written (counters,
-/// option swaps, queues), so the data stays usable and a panic elsewhere
-/// must not take the proxy down with it.
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-pub use runtime::AppState;
+pub use proxy::generation::AppState;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +97,7 @@ pub struct Running {
 /// is wrong (key, schema) stops the start.
 async fn open_store(
     sc: &config::StoreConfig,
-    metrics: &metrics::Metrics,
+    metrics: &ground::metrics::Metrics,
 ) -> Result<Arc<store::Store>, StartError> {
     let store = Arc::new(
         store::Store::new(sc, metrics.store_kind(sc.location.kind()))
@@ -160,7 +143,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let listen = config.server.listen;
     let admin_listen = config.admin_listen;
     let grace = config.server.shutdown_grace;
-    let metrics = metrics::Metrics::new();
+    let metrics = ground::metrics::Metrics::new();
     let store = match &config.store {
         Some(sc) => Some(open_store(sc, &metrics).await?),
         None => None,
@@ -284,7 +267,7 @@ impl Running {
 
     /// Swaps in a new config (what SIGHUP does with the file).
     pub fn reload(&self, config: Config) -> Result<(), String> {
-        let r = reload::apply(&self.state, config);
+        let r = proxy::reload::apply(&self.state, config);
         self.state.metrics.reload(r.is_ok());
         r
     }

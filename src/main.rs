@@ -182,7 +182,7 @@ fn main() -> ExitCode {
         Some(Command::Healthcheck { url, config }) => healthcheck(url, &config.or(&top)),
         Some(Command::Token { name, show, config }) => token(&config.or(&top), &name, show),
         Some(Command::Keygen) => exit(
-            flinks_proxy::store::crypto::generate_key()
+            flinks_proxy::ground::crypto::generate_key()
                 .map(|k| println!("{k}"))
                 .context("cannot generate a key"),
         ),
@@ -337,7 +337,7 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                let _ = flinks_proxy::reload::reload_file(running.state(), path).await;
+                let _ = flinks_proxy::proxy::reload::reload_file(running.state(), path).await;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -484,9 +484,9 @@ fn token(path: &Path, name: &str, show: bool) -> ExitCode {
         );
         return ExitCode::from(EXIT_BAD_CONFIG);
     };
-    let metrics = flinks_proxy::metrics::Metrics::new();
+    let metrics = flinks_proxy::ground::metrics::Metrics::new();
     exit(block_on(1, async {
-        let source = flinks_proxy::token::TokenSource::new(cred.clone(), metrics.credential(name))
+        let source = flinks_proxy::tokens::TokenSource::new(cred.clone(), metrics.credential(name))
             .map_err(|e| anyhow::anyhow!("credentials.{name}: {e}"))?;
         let t = source
             .fetch()
@@ -531,7 +531,7 @@ async fn demo_inner(listen: &str, admin: &str, expires_in: u64) -> anyhow::Resul
     // folder, sealed with a fresh key.
     let folder = std::env::temp_dir().join(format!("flinks-proxy-demo-{}", std::process::id()));
     std::fs::create_dir_all(&folder).context("demo folder")?;
-    let key = flinks_proxy::store::crypto::generate_key().context("store key")?;
+    let key = flinks_proxy::ground::crypto::generate_key().context("store key")?;
     let toml = format!(
         r#"
 [server]
@@ -665,7 +665,7 @@ async fn check_runtime(config: Config) -> anyhow::Result<Option<String>> {
         flinks_proxy::AppState::new(config)?;
         return Ok(None);
     };
-    let metrics = flinks_proxy::metrics::Metrics::new();
+    let metrics = flinks_proxy::ground::metrics::Metrics::new();
     let store = std::sync::Arc::new(
         Store::new_for(&sc, metrics.store(), Access::ReadOnly)
             .await
@@ -715,7 +715,7 @@ fn store_command(
             .flatten()
     });
     exit(block_on(1, async move {
-        let metrics = flinks_proxy::metrics::Metrics::new();
+        let metrics = flinks_proxy::ground::metrics::Metrics::new();
         let store = flinks_proxy::store::Store::open_for(&store_config, metrics.store(), access)
             .await
             .context("store")?;

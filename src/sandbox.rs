@@ -32,7 +32,7 @@ use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::lock;
+use crate::ground::lock;
 use tokio::task::{JoinHandle, JoinSet};
 
 /// Path of the token endpoint, as Flinks serves it.
@@ -479,9 +479,9 @@ impl Sandbox {
 
 /// Decodes the claims (middle part) of a JWT-shaped token, verifying nothing;
 /// every claim, for tests (the proxy reads only `exp` and `sub`, with
-/// [`crate::token::jwt_claims`]).
+/// [`crate::tokens::jwt_claims`]).
 pub fn decode_jwt_claims(token: &str) -> Option<serde_json::Value> {
-    serde_json::from_slice(&crate::token::jwt::payload(token)?).ok()
+    serde_json::from_slice(&crate::tokens::jwt::payload(token)?).ok()
 }
 
 #[derive(Clone, Copy)]

@@ -26,9 +26,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::body::{Activity, BoxError, ProxyBody};
+use crate::net::body::{Activity, BoxError};
+use crate::proxy::body::ProxyBody;
 use crate::proxy::ConnInfo;
-use crate::runtime::AppState;
+use crate::proxy::generation::AppState;
 
 /// hyper's HTTP/1 read buffer ceiling: also the longest request head
 /// accepted (a huge header line is refused with 431, not buffered forever).

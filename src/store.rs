@@ -19,22 +19,22 @@
 //! This module does not call token endpoints or cache anything in memory
 //! (see `connections`).
 
-pub mod crypto;
 mod postgres;
 mod sqlite;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{StoreConfig, StoreLocation};
-use crate::metrics::StoreMetrics;
-use crate::secret::Secret;
-use crypto::{CryptoError, Key, Place, Sealer};
+use crate::ground::metrics::StoreMetrics;
+use crate::ground::secret::Secret;
+use crate::ground::crypto::{CryptoError, Key, Place, Sealer};
+use crate::ground::now_ms;
 
 /// What the canary row holds, sealed; opening it proves the key matches.
 const CANARY_PLAINTEXT: &[u8] = b"flinks-proxy store canary";
@@ -146,13 +146,6 @@ impl ConnectionInfo {
 pub fn rfc3339(ms: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_seconds(t).to_string()
-}
-
-/// Now in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A connection's tokens, opened.
@@ -1145,7 +1138,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
+    use crate::ground::metrics::Metrics;
 
     fn config(dir: &std::path::Path, key: &str) -> StoreConfig {
         StoreConfig {
@@ -1195,7 +1188,7 @@ mod tests {
     #[tokio::test]
     async fn a_ciphertext_copied_to_another_row_does_not_open() {
         let dir = tempdir();
-        let key = crypto::generate_key().unwrap();
+        let key = crate::ground::crypto::generate_key().unwrap();
         let store = Store::open(&config(&dir, &key), Metrics::new().store())
             .await
             .unwrap();
@@ -1234,7 +1227,7 @@ mod tests {
     #[tokio::test]
     async fn the_file_is_private_and_a_newer_schema_is_refused() {
         let dir = tempdir();
-        let key = crypto::generate_key().unwrap();
+        let key = crate::ground::crypto::generate_key().unwrap();
         let cfg = config(&dir, &key);
         let store = Store::open(&cfg, Metrics::new().store()).await.unwrap();
         #[cfg(unix)]
@@ -1267,8 +1260,8 @@ mod tests {
     async fn rekey_moves_rows_to_the_new_key_and_old_keys_still_open() {
         let dir = tempdir();
         let (k1, k2) = (
-            crypto::generate_key().unwrap(),
-            crypto::generate_key().unwrap(),
+            crate::ground::crypto::generate_key().unwrap(),
+            crate::ground::crypto::generate_key().unwrap(),
         );
         let first = Store::open(&config(&dir, &k1), Metrics::new().store())
             .await
@@ -1314,7 +1307,7 @@ mod tests {
     #[tokio::test]
     async fn leases_exclude_other_holders_until_they_expire() {
         let dir = tempdir();
-        let key = crypto::generate_key().unwrap();
+        let key = crate::ground::crypto::generate_key().unwrap();
         let store = Store::open(&config(&dir, &key), Metrics::new().store())
             .await
             .unwrap();
@@ -1396,7 +1389,7 @@ mod tests {
         // conditional on the refresh token it sent, not on the lease; the
         // second then finds the row moved on and writes nothing.
         let dir = tempdir();
-        let key = crypto::generate_key().unwrap();
+        let key = crate::ground::crypto::generate_key().unwrap();
         let a = open(&dir, &key).await;
         let mut b = open(&dir, &key).await;
         b.holder = "b".into();
@@ -1435,7 +1428,7 @@ mod tests {
         // Fault 2: a 602 (or invalid_grant) for the old tokens lands after
         // the user authorized again.
         let dir = tempdir();
-        let store = open(&dir, &crypto::generate_key().unwrap()).await;
+        let store = open(&dir, &crate::ground::crypto::generate_key().unwrap()).await;
         store
             .authorize("users", "alice", None, &tokens("rt-old", "at-old"))
             .await
@@ -1477,7 +1470,7 @@ mod tests {
     async fn needs_reauthorization_keeps_the_sealed_refresh_token() {
         // Fault 1: never NULL a refresh token.
         let dir = tempdir();
-        let store = open(&dir, &crypto::generate_key().unwrap()).await;
+        let store = open(&dir, &crate::ground::crypto::generate_key().unwrap()).await;
         store
             .authorize("users", "alice", None, &tokens("rt-a", "at-a"))
             .await
@@ -1520,8 +1513,8 @@ mod tests {
         // rotation survives (and is re-sealed on the second read).
         let dir = tempdir();
         let (k1, k2) = (
-            crypto::generate_key().unwrap(),
-            crypto::generate_key().unwrap(),
+            crate::ground::crypto::generate_key().unwrap(),
+            crate::ground::crypto::generate_key().unwrap(),
         );
         let first = open(&dir, &k1).await;
         first
@@ -1577,8 +1570,8 @@ mod tests {
         // write notices the token is the same and writes.
         let dir = tempdir();
         let (k1, k2) = (
-            crypto::generate_key().unwrap(),
-            crypto::generate_key().unwrap(),
+            crate::ground::crypto::generate_key().unwrap(),
+            crate::ground::crypto::generate_key().unwrap(),
         );
         let proxy = open(&dir, &k1).await;
         proxy
@@ -1606,7 +1599,7 @@ mod tests {
         // Fault 4: a CLI read next to a running proxy must not free its
         // leases (or write at all).
         let dir = tempdir();
-        let key = crypto::generate_key().unwrap();
+        let key = crate::ground::crypto::generate_key().unwrap();
         let missing = Store::open_for(
             &config(&dir, &key),
             Metrics::new().store(),
@@ -1661,7 +1654,7 @@ mod tests {
             "nothing was written"
         );
         let wrong = Store::open_for(
-            &config(&dir, &crypto::generate_key().unwrap()),
+            &config(&dir, &crate::ground::crypto::generate_key().unwrap()),
             Metrics::new().store(),
             Access::ReadOnly,
         )
@@ -1674,7 +1667,7 @@ mod tests {
     #[tokio::test]
     async fn counts_are_kept_by_triggers() {
         let dir = tempdir();
-        let store = open(&dir, &crypto::generate_key().unwrap()).await;
+        let store = open(&dir, &crate::ground::crypto::generate_key().unwrap()).await;
         for id in ["a", "b", "c"] {
             store
                 .authorize("users", id, None, &tokens("rt", "at"))
@@ -1718,7 +1711,7 @@ mod tests {
         // Fault 7: an SQLite store now tells the serving process what a CLI
         // command changed.
         let dir = tempdir();
-        let key = crypto::generate_key().unwrap();
+        let key = crate::ground::crypto::generate_key().unwrap();
         let proxy = open(&dir, &key).await;
         proxy
             .authorize("users", "alice", None, &tokens("rt", "at"))
@@ -1751,8 +1744,8 @@ mod tests {
     #[test]
     fn fingerprints_are_keyed_and_old_keys_still_name_old_rows() {
         let (k1, k2) = (
-            crypto::generate_key().unwrap(),
-            crypto::generate_key().unwrap(),
+            crate::ground::crypto::generate_key().unwrap(),
+            crate::ground::crypto::generate_key().unwrap(),
         );
         let one = Sealer::new(Key::from_base64(&k1).unwrap(), vec![]);
         let rotated = Sealer::new(

@@ -493,7 +493,7 @@ async fn check_works_with_a_store_and_checks_its_key_without_writing() {
     let store_config = parse_config(&std::fs::read_to_string(&path).unwrap(), dir.path())
         .store
         .unwrap();
-    let metrics = flinks_proxy::metrics::Metrics::new();
+    let metrics = flinks_proxy::ground::metrics::Metrics::new();
     let store = flinks_proxy::store::Store::open(&store_config, metrics.store())
         .await
         .unwrap();

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flinks_proxy::proxy::{self, ConnInfo};
-use flinks_proxy::token::Token;
+use flinks_proxy::tokens::Token;
 use flinks_proxy::{AppState, Config};
 use http::Request;
 use hyper::body::Incoming;

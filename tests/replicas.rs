@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flinks_proxy::config::{StoreConfig, StoreLocation};
-use flinks_proxy::metrics::Metrics;
+use flinks_proxy::ground::metrics::Metrics;
 use flinks_proxy::sandbox::{Sandbox, SandboxOptions, SandboxUser};
-use flinks_proxy::secret::Secret;
+use flinks_proxy::ground::secret::Secret;
 use flinks_proxy::store::{Lease, Store, StoreError, Tokens, Written};
 use http::Request;
 use http_body_util::Full;
@@ -34,7 +34,7 @@ fn tokens(rt: &str, at: &str) -> Tokens {
     Tokens {
         refresh_token: Some(Secret::new(rt.to_owned())),
         access_token: Some(Secret::new(at.to_owned())),
-        access_expires_at: Some(flinks_proxy::store::now_ms() + 60_000),
+        access_expires_at: Some(flinks_proxy::ground::now_ms() + 60_000),
     }
 }
 

@@ -333,7 +333,7 @@ fn sighup_reload_reads_the_config_off_the_runtime_thread() {
         let state = Arc::clone(p.state());
         let reload = tokio::spawn({
             let path = fifo_path.clone();
-            async move { flinks_proxy::reload::reload_file(&state, &path).await }
+            async move { flinks_proxy::proxy::reload::reload_file(&state, &path).await }
         });
         blocked_rx.await.unwrap();
         let r = get(&proxy_url(&p, "/api/v1/accounts")).await;

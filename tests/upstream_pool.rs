@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use flinks_proxy::upstream::PoolTimings;
+use flinks_proxy::net::upstream::PoolTimings;
 use http::Request;
 use http_body_util::Full;
 use support::*;
@@ -52,7 +52,7 @@ async fn eventually(what: &str, cond: impl Fn() -> bool) {
 }
 
 /// The pool of the only route.
-fn pool(p: &flinks_proxy::Running) -> Arc<flinks_proxy::upstream::Upstream> {
+fn pool(p: &flinks_proxy::Running) -> Arc<flinks_proxy::net::upstream::Upstream> {
     Arc::clone(&p.state().runtime.load().route_list[0].upstream)
 }
 

@@ -15,9 +15,9 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::body::ProxyBody;
+use crate::proxy::body::ProxyBody;
 use crate::connections::{valid_id, AuthorizeError, Exchange, Pool};
-use crate::runtime::AppState;
+use crate::proxy::generation::AppState;
 use crate::store::{ConnectionState, StoreError};
 
 /// Largest request body: a code or refresh token and an id fit many times.

@@ -22,7 +22,7 @@ use super::{
     sealed_row, Change, ConnectionInfo, ConnectionState, LastError, SealedRow, SealedTokens,
     StoreError, Took,
 };
-use crate::secret::Secret;
+use crate::ground::secret::Secret;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -149,7 +149,7 @@ impl Postgres {
             "INSERT INTO store_meta (name, value) VALUES ('probe', $1) \
              ON CONFLICT (name) DO UPDATE SET value = excluded.value",
         )
-        .bind(super::now_ms().to_string())
+        .bind(crate::ground::now_ms().to_string())
         .execute(&self.pool)
         .await
         .map_err(unavailable("probe"))?;

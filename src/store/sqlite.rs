@@ -274,7 +274,7 @@ impl Sqlite {
             "INSERT INTO store_meta (name, value) VALUES ('probe', ?) \
              ON CONFLICT (name) DO UPDATE SET value = excluded.value",
         )
-        .bind(super::now_ms().to_string())
+        .bind(crate::ground::now_ms().to_string())
         .execute(&self.pool)
         .await
         .map_err(unavailable("probe"))?;

@@ -74,7 +74,7 @@ connections = "users"
 
 /// A new store key.
 pub fn new_key() -> String {
-    flinks_proxy::store::crypto::generate_key().expect("key")
+    flinks_proxy::ground::crypto::generate_key().expect("key")
 }
 
 /// An admin API request with the API token.

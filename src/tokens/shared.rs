@@ -229,7 +229,7 @@ impl StoreSlot {
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Option<(Tokens, Version)>> {
-        crate::lock(&self.uncommitted)
+        crate::ground::lock(&self.uncommitted)
     }
 
     /// Commits, conditional on the row still holding the refresh token
@@ -277,8 +277,8 @@ fn fresh(record: &Record, c: &CredentialConfig) -> Option<Token> {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::metrics::Metrics;
-    use crate::secret::Secret;
+    use crate::ground::metrics::Metrics;
+    use crate::ground::secret::Secret;
 
     #[tokio::test]
     async fn a_row_named_by_the_old_unkeyed_fingerprint_is_renamed_not_replaced() {
@@ -288,7 +288,7 @@ mod tests {
         // would lose the credential.
         let dir = std::env::temp_dir().join(format!("flinks-slot-{}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).unwrap();
-        let key = crate::store::crypto::generate_key().unwrap();
+        let key = crate::ground::crypto::generate_key().unwrap();
         let toml = format!(
             r#"
 [store]
@@ -315,7 +315,7 @@ refresh_token = "rt-configured"
         let rotated = Tokens {
             refresh_token: Some(Secret::new("rt-rotated".to_owned())),
             access_token: Some(Secret::new("at-stored".to_owned())),
-            access_expires_at: Some(crate::store::now_ms() + 3_600_000),
+            access_expires_at: Some(crate::ground::now_ms() + 3_600_000),
         };
         store.seed(&pool, &legacy, &rotated).await.unwrap();
         let slot = StoreSlot::new(Arc::clone(&store), c);

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::runtime::{AppState, Runtime};
+use crate::proxy::generation::{AppState, Runtime};
 
 /// Reloads the config file at `path`; counts the outcome. Reading the
 /// config, its secrets, PEM files and state files happens on a blocking

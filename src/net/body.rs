@@ -1,16 +1,13 @@
 //! Body types that stream without boxing: what the proxy sends upstream
-//! ([`RequestBody`]) and what it answers clients with ([`ProxyBody`]), the
-//! idle timer on bodies ([`Idle`], [`Activity`]) and the global budget of
-//! replay buffers ([`ReplayBudget`]).
+//! ([`RequestBody`]), the idle timer on bodies ([`Idle`], [`Activity`])
+//! and the global budget of replay buffers ([`ReplayBudget`]). The body
+//! the proxy answers clients with is `proxy::body`'s.
 //!
 //! A request body of at most [`REPLAY_LIMIT`] is buffered so it can be
 //! replayed once after the upstream rejects a token, while the
 //! [`ReplayBudget`] allows; other bodies stream with the part read so far
 //! sent first. Connections and timeouts before the response head are not
 //! this module's business (see `server` and `proxy`).
-//!
-//! A response body may carry its request's access log line
-//! ([`ProxyBody::Logged`]), counting the bytes sent into it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,8 +21,6 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
-
-use crate::access_log::AccessLog;
 
 /// Largest request body kept for a replay after `reauth_on` (SPEC §4).
 pub const REPLAY_LIMIT: usize = 64 * 1024;
@@ -95,6 +90,11 @@ pub struct Idle {
 }
 
 impl Idle {
+    /// The timeout this timer enforces.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// A timer starting now; `request` is the request body's clock when it
     /// is still streaming.
     pub fn new(timeout: Duration, request: Option<Arc<Activity>>) -> Idle {
@@ -106,7 +106,8 @@ impl Idle {
         }
     }
 
-    fn moved(&mut self) {
+    /// Bytes moved: the body is not idle.
+    pub fn moved(&mut self) {
         self.last = Instant::now();
     }
 
@@ -119,7 +120,7 @@ impl Idle {
 
     /// Whether the body has been idle for `timeout`; registers a wake-up
     /// otherwise.
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
         loop {
             let last = self.last();
             // A timeout too large to add never fires.
@@ -138,103 +139,6 @@ impl Idle {
             if self.last() == last {
                 return true;
             }
-        }
-    }
-}
-
-/// The body of a response the proxy sends to its client.
-// `Logged` is a few hundred bytes inline: the body is moved once or twice
-// per response, which costs less than a heap allocation per request.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub enum ProxyBody {
-    /// The upstream's response body, streamed, with its idle timer.
-    Upstream(crate::upstream::UpstreamBody, Idle),
-    /// A body the proxy made (errors, admin pages).
-    Full(Option<Bytes>),
-    /// The upstream's response body, its bytes counted into an access log
-    /// line that is written when the body is dropped.
-    Logged(crate::upstream::UpstreamBody, Idle, AccessLog),
-}
-
-impl ProxyBody {
-    /// A body of the given bytes.
-    pub fn full(bytes: impl Into<Bytes>) -> Self {
-        ProxyBody::Full(Some(bytes.into()))
-    }
-
-    /// Attaches the access log line: a streamed body counts its bytes and
-    /// writes the line when dropped; a body the proxy made has its length
-    /// known, so its line is written now.
-    pub fn with_access_log(self, mut log: AccessLog) -> ProxyBody {
-        match self {
-            ProxyBody::Upstream(b, idle) => ProxyBody::Logged(b, idle, log),
-            ProxyBody::Full(b) => {
-                log.sent(b.as_ref().map_or(0, Bytes::len));
-                ProxyBody::Full(b)
-            }
-            logged @ ProxyBody::Logged(..) => logged,
-        }
-    }
-}
-
-/// Polls an upstream body under its idle timer.
-fn poll_upstream(
-    body: &mut crate::upstream::UpstreamBody,
-    idle: &mut Idle,
-    cx: &mut Context<'_>,
-) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-    match Pin::new(body).poll_frame(cx) {
-        Poll::Ready(frame) => {
-            idle.moved();
-            Poll::Ready(frame)
-        }
-        Poll::Pending if idle.poll_expired(cx) => {
-            // hyper ends the exchange: HTTP/1.1 closes the client's
-            // connection (its response is incomplete), HTTP/2 resets the
-            // stream; dropping the upstream body frees its connection.
-            Poll::Ready(Some(Err(IdleTimeout(idle.timeout).into())))
-        }
-        Poll::Pending => Poll::Pending,
-    }
-}
-
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ProxyBody::Upstream(b, idle) => poll_upstream(b, idle, cx),
-            ProxyBody::Logged(b, idle, log) => {
-                let polled = poll_upstream(b, idle, cx);
-                if let Poll::Ready(Some(Ok(frame))) = &polled {
-                    log.sent(frame.data_ref().map_or(0, Bytes::len));
-                }
-                polled
-            }
-            ProxyBody::Full(b) => Poll::Ready(
-                b.take()
-                    .filter(|b| !b.is_empty())
-                    .map(|b| Ok(Frame::data(b))),
-            ),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Upstream(b, _) | ProxyBody::Logged(b, _, _) => b.is_end_stream(),
-            ProxyBody::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Upstream(b, _) | ProxyBody::Logged(b, _, _) => b.size_hint(),
-            ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
 }

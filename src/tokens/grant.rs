@@ -3,7 +3,7 @@
 //! parsing and validation of the answer (lifetime capped, header-safe
 //! token, JWT `exp` fallback), and the error classes.
 //!
-//! Shared by credentials ([`crate::token::TokenSource`]) and per-user
+//! Shared by credentials ([`crate::tokens::TokenSource`]) and per-user
 //! connection pools. It never persists anything and keeps no state between
 //! requests: rotation of refresh tokens, caching and single flight belong to
 //! the caller.
@@ -22,8 +22,8 @@ use tokio::time::Instant;
 
 use super::jwt::{jwt_claims, Claims};
 use crate::config::{BodyFormat, ClientAuth, CredentialConfig, DEFAULT_TOKEN_TIMEOUT};
-use crate::secret::Secret;
-use crate::upstream::HttpClient;
+use crate::ground::secret::Secret;
+use crate::net::upstream::HttpClient;
 
 /// Lifetime assumed when the endpoint gives neither `expires_in` nor a JWT `exp`.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
@@ -95,7 +95,7 @@ impl Endpoint {
             scope: None,
             extra: Vec::new(),
             token_timeout: DEFAULT_TOKEN_TIMEOUT,
-            client: crate::upstream::build_client(ca_certs).map_err(EndpointError)?,
+            client: crate::net::upstream::build_client(ca_certs).map_err(EndpointError)?,
         })
     }
 
@@ -184,7 +184,7 @@ impl Granted {
         let lifetime = i64::try_from(self.lifetime.as_millis()).unwrap_or(i64::MAX);
         let waited = Instant::now().saturating_duration_since(self.sent_at);
         let waited = i64::try_from(waited.as_millis()).unwrap_or(i64::MAX);
-        crate::store::now_ms()
+        crate::ground::now_ms()
             .saturating_sub(waited)
             .saturating_add(lifetime)
     }

@@ -15,7 +15,7 @@ use base64::Engine as _;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::secret::Secret;
+use crate::ground::secret::Secret;
 
 /// Format tag of sealed values; a new format gets a new tag.
 const VERSION: &str = "v1";

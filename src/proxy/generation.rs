@@ -21,17 +21,17 @@ use ipnet::IpNet;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::ReplayBudget;
+use crate::net::body::ReplayBudget;
 use crate::config::{AuthScheme, Config, RouteAuth, RouteConfig};
 use crate::connections::{Ledger, Pool};
-use crate::error::ProxyError;
-use crate::metrics::{Metrics, RouteMetrics, NO_ROUTE};
-use crate::routes::RouteTable;
-use crate::secret::Secret;
+use crate::proxy::error::ProxyError;
+use crate::ground::metrics::{Metrics, RouteMetrics, NO_ROUTE};
+use crate::proxy::routes::RouteTable;
+use crate::ground::secret::Secret;
 use crate::store::Store;
-use crate::token::refresh::StateKey;
-use crate::token::TokenSource;
-use crate::upstream::{Upstream, UpstreamCache};
+use crate::tokens::refresh::StateKey;
+use crate::tokens::TokenSource;
+use crate::net::upstream::{Upstream, UpstreamCache};
 
 /// A route ready to serve: its settings plus resolved handles.
 pub struct Route {
@@ -63,6 +63,26 @@ pub struct Route {
     pub metrics: RouteMetrics,
     /// The settings, for `/status`.
     pub config: RouteConfig,
+}
+
+impl crate::proxy::access_log::RouteLabels for Route {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn credential(&self) -> Option<&str> {
+        match &self.config.auth {
+            RouteAuth::Credential(name) => Some(name),
+            RouteAuth::Connections(_) => None,
+        }
+    }
+
+    fn pool(&self) -> Option<&str> {
+        match &self.config.auth {
+            RouteAuth::Connections(name) => Some(name),
+            RouteAuth::Credential(_) => None,
+        }
+    }
 }
 
 /// A route's token provider.

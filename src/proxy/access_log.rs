@@ -1,11 +1,11 @@
 //! The access log: one line per request (`[log] access`), written through
 //! `tracing` so it comes out as text or JSON like every other line
-//! (`[log] format`), with the target `flinks_proxy::access_log`.
+//! (`[log] format`), with the target `flinks_proxy::proxy::access_log`.
 //!
 //! The line is written when the response body is dropped — after its last
 //! byte, or when the client leaves — so it can carry the bytes sent and the
 //! whole exchange's latency. What it records is copied cheaply (shared
-//! bytes, an `Arc` to the route); nothing is allocated before the line is
+//! bytes, an `Arc` to the route's [`RouteLabels`]); nothing is allocated before the line is
 //! formatted. It never holds the query string (tokens and personal data
 //! travel there) nor any header but the request id and Flinks's
 //! `ob-correlation-id` / `ob-trace-id` (what Flinks support asks for).
@@ -18,13 +18,22 @@ use std::time::{Duration, Instant};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
-use crate::config::RouteAuth;
-use crate::runtime::Route;
 
 /// Flinks's per-exchange id, on its API responses.
 static OB_CORRELATION_ID: HeaderName = HeaderName::from_static("ob-correlation-id");
 /// Flinks's trace id, on its API responses.
 static OB_TRACE_ID: HeaderName = HeaderName::from_static("ob-trace-id");
+
+/// What a line says of the route that took the request (the route of a
+/// config generation implements it; the log needs nothing else of it).
+pub trait RouteLabels: Send + Sync {
+    /// The route's name.
+    fn name(&self) -> &str;
+    /// The credential whose token it injects, if any.
+    fn credential(&self) -> Option<&str>;
+    /// The connection pool it serves, if any.
+    fn pool(&self) -> Option<&str>;
+}
 
 /// Whether lines would be written at all (the `tracing` filter lets
 /// `info` through for this module).
@@ -59,7 +68,7 @@ pub struct AccessLog {
     start: Instant,
     request: RequestFacts,
     request_id: HeaderValue,
-    route: Option<Arc<Route>>,
+    route: Option<Arc<dyn RouteLabels>>,
     status: u16,
     upstream_status: Option<u16>,
     upstream: Option<Duration>,
@@ -86,7 +95,7 @@ impl AccessLog {
         start: Instant,
         request: RequestFacts,
         request_id: HeaderValue,
-        route: Option<Arc<Route>>,
+        route: Option<Arc<dyn RouteLabels>>,
         response: ResponseFacts<'_>,
     ) -> AccessLog {
         let upstream_header = |name: &HeaderName| {
@@ -129,15 +138,9 @@ impl Drop for AccessLog {
         let route = self.route.as_deref();
         tracing::info!(
             request_id = self.request_id.to_str().unwrap_or(""),
-            route = route.map_or("", |r| r.name.as_str()),
-            credential = route.and_then(|r| match &r.config.auth {
-                RouteAuth::Credential(name) => Some(name.as_str()),
-                RouteAuth::Connections(_) => None,
-            }),
-            pool = route.and_then(|r| match &r.config.auth {
-                RouteAuth::Connections(name) => Some(name.as_str()),
-                RouteAuth::Credential(_) => None,
-            }),
+            route = route.map_or("", |r| r.name()),
+            credential = route.and_then(|r| r.credential()),
+            pool = route.and_then(|r| r.pool()),
             method = self.request.method.as_str(),
             path = self.request.path.as_ref().map_or("", |p| p.path()),
             status = self.status,

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::secret::Secret;
+use crate::ground::secret::Secret;
 
 /// What the state file holds.
 #[derive(Clone, Serialize, Deserialize)]

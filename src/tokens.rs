@@ -29,9 +29,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AuthScheme, CredentialConfig, GrantType};
-use crate::lock;
-use crate::metrics::CredentialMetrics;
-use crate::secret::Secret;
+use crate::ground::lock;
+use crate::ground::metrics::CredentialMetrics;
+use crate::ground::secret::Secret;
 pub use grant::{Endpoint, Grant, Granted, TokenError, DEFAULT_LIFETIME, MAX_LIFETIME};
 pub use jwt::{jwt_claims, Claims};
 use refresh::{Persistence, RefreshState};
@@ -718,7 +718,7 @@ pub fn stored_token(record: &crate::store::Record, refresh_before: Duration) -> 
         .last_refresh_at
         .unwrap_or(record.info.authorized_at)
         .min(expires);
-    let now_ms = crate::store::now_ms();
+    let now_ms = crate::ground::now_ms();
     let since_issue = Duration::from_millis(u64::try_from(now_ms - issued).ok()?);
     let lifetime = Duration::from_millis(u64::try_from(expires - issued).ok()?);
     if now_ms >= expires || lifetime.is_zero() {
@@ -839,7 +839,7 @@ mod tests {
             sb.api_url()
         );
         let config = crate::config::Config::parse(&toml, std::path::Path::new("p.toml")).unwrap();
-        let metrics = crate::metrics::Metrics::new();
+        let metrics = crate::ground::metrics::Metrics::new();
         let source = TokenSource::new(
             Arc::clone(&config.credentials["c"]),
             metrics.credential("c"),

@@ -5,7 +5,7 @@
 //! on it one at a time, and committing a rotated token to the state file.
 //!
 //! A reload that changes a credential builds a new
-//! [`crate::token::TokenSource`]; when it keys the same state (same
+//! [`crate::tokens::TokenSource`]; when it keys the same state (same
 //! `state_file`, or same credential name without one) and descends from
 //! the same configured secret, it shares this state with the old source,
 //! so a refresh token the old task rotated is never lost or presented
@@ -22,7 +22,7 @@ use super::grant::{Granted, TokenError};
 use super::shared::StoreSlot;
 use super::state;
 use crate::config::{CredentialConfig, GrantType};
-use crate::secret::Secret;
+use crate::ground::secret::Secret;
 use crate::store::Store;
 
 /// Where a credential's tokens persist.
@@ -152,7 +152,7 @@ impl RefreshState {
     }
 
     fn lineage(&self) -> MutexGuard<'_, Lineage> {
-        crate::lock(&self.lineage)
+        crate::ground::lock(&self.lineage)
     }
 
     /// The refresh token to present next.

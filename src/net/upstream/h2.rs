@@ -35,7 +35,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::capacity::{Capacity, Slot};
 use super::{lock, ErrorKind, Io, PoolTimings, SendError};
-use crate::body::RequestBody;
+use crate::net::body::RequestBody;
 
 /// Beyond the keep-alive interval, how long a healthy connection takes to
 /// answer a PING: a second is hundreds of round trips even across regions,

@@ -22,7 +22,7 @@ use tokio::io::AsyncWrite;
 pub(crate) use super::wire::Decoder;
 use super::wire::{self, Decoded, Parsed, WireError};
 use super::Io;
-use crate::body::RequestBody;
+use crate::net::body::RequestBody;
 
 /// Read buffer kept per connection: a typical API response in one read.
 const READ_BUF: usize = 8 * 1024;

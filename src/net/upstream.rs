@@ -56,8 +56,8 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::Notify;
 use tower_service::Service;
 
-use crate::body::RequestBody;
-use crate::lock;
+use crate::net::body::RequestBody;
+use crate::ground::lock;
 use capacity::Capacity;
 use conn::WireBody;
 use h1::{Abandoned, H1Conn, IdleList, ReturnTo};
@@ -115,7 +115,7 @@ type Io = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
 fn connector(
     extra_roots: &[CertificateDer<'static>],
 ) -> Result<HttpsConnector<HttpConnector>, String> {
-    let tls = crate::tls::client_config(extra_roots)?;
+    let tls = crate::net::tls::client_config(extra_roots)?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);

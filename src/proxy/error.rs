@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::body::ProxyBody;
+use crate::proxy::body::ProxyBody;
 
 /// Why the proxy answered a request itself instead of the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +28,7 @@ pub enum ProxyError {
     ProxyAuthRequired,
     /// Connect, TLS or protocol failure to the upstream.
     #[error("the upstream could not be reached ({0})")]
-    UpstreamUnavailable(crate::upstream::ErrorKind),
+    UpstreamUnavailable(crate::net::upstream::ErrorKind),
     /// No valid token can be had now.
     #[error("no access token is available for credential {credential}: {reason}")]
     TokenUnavailable {
@@ -168,7 +168,7 @@ impl ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::ErrorKind;
+    use crate::net::upstream::ErrorKind;
     use http_body_util::BodyExt;
 
     #[test]

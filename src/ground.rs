@@ -1,0 +1,27 @@
+//! Ground helpers: what every layer may use and that knows no request,
+//! no route and no token. The lock helper, the clock in Unix milliseconds,
+//! secrets ([`secret`]), the metric registry and its typed handles
+//! ([`metrics`]) and the store's sealing and fingerprint key ([`crypto`]).
+//!
+//! Must not import anything else of the crate.
+
+pub mod crypto;
+pub mod metrics;
+pub mod secret;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Locks a std mutex, ignoring poisoning: every mutex in the crate guards
+/// plain data that a panicking holder cannot leave half-written (counters,
+/// option swaps, queues), so the data stays usable and a panic elsewhere
+/// must not take the proxy down with it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Now in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,643 @@
+//! The request handler: access → route → token → rewrite → forward →
+//! respond. [`handle`] is infallible; `handle_inner` returns a
+//! [`ProxyError`] that becomes the JSON error of SPEC §6 in one place.
+//!
+//! Bodies stream both ways; a request body of at most 64 KiB is buffered
+//! when the route replays on `reauth_on` and the global replay budget
+//! allows, and the response body carries the `idle_timeout` timer (see
+//! `body`). Header policy is `headers`'; this module does not own
+//! connections (see `server`) or tokens (see `token`).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header;
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+
+use crate::proxy::access_log::{self, AccessLog, ResponseFacts, RouteLabels};
+use crate::net::body::{Activity, Idle, RequestBody, REPLAY_LIMIT};
+use crate::proxy::body::ProxyBody;
+use crate::connections::{Conn, Pool, Rejected};
+use crate::proxy::error::ProxyError;
+use crate::net::headers::{self, Forwarding, X_REQUEST_ID};
+use crate::proxy::generation::{AppState, Route, RouteTokens, Runtime};
+use crate::tokens::{Rejection, Token};
+use crate::net::upstream::{ErrorKind, Sent, UpstreamBody};
+
+/// What the handler knows about the connection a request came on; made
+/// once per connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Whether the listener speaks TLS.
+    pub tls: bool,
+    /// The client's address as an `X-Forwarded-For` value.
+    forwarded_for: HeaderValue,
+    /// When bytes last moved on any body of this connection.
+    pub activity: Arc<Activity>,
+}
+
+impl ConnInfo {
+    /// Describes a connection from `peer`.
+    pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
+        let ip = peer.ip().to_canonical().to_string();
+        ConnInfo {
+            peer,
+            tls,
+            forwarded_for: HeaderValue::from_str(&ip)
+                .unwrap_or(HeaderValue::from_static("unknown")),
+            activity: Activity::new(),
+        }
+    }
+}
+
+/// The host a request is routed by: the authority of an absolute-form or
+/// HTTP/2 target, else the `Host` header; lower-case, without port.
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.as_str(),
+        None => req.headers().get(header::HOST)?.to_str().ok()?,
+    };
+    Some(strip_port(raw.rsplit('@').next().unwrap_or(raw)))
+}
+
+fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.find(']').map_or(authority, |i| &authority[..=i]);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+/// A path that could climb out of a route's prefix once the upstream
+/// normalises it (`/api/../admin`): `.` or `..` segments, plain or
+/// percent-encoded, with a `;` path parameter (`..;x`, which Tomcat-style
+/// servers read as `..`), or between backslashes or encoded slashes
+/// (`..\`, `%2e%2e%2f`, `%5c`), which many servers treat as `/`.
+fn has_dot_segments(path: &str) -> bool {
+    // Fast path: nothing that could spell a dot segment.
+    if !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
+        return false;
+    }
+    let decoded = decode_path_delimiters(path);
+    decoded.split(['/', '\\']).any(|seg| {
+        let seg = seg.split(';').next().unwrap_or(seg);
+        seg == "." || seg == ".."
+    })
+}
+
+/// `path` with the percent-encodings of `.`, `/`, `\` and `;` decoded
+/// (any case); everything else as is.
+fn decode_path_delimiters(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 3).map(str::to_ascii_lowercase);
+        let decoded = match code.as_deref() {
+            Some("2e") => Some('.'),
+            Some("2f") => Some('/'),
+            Some("5c") => Some('\\'),
+            Some("3b") => Some(';'),
+            _ => None,
+        };
+        match decoded {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[i + 3..];
+            }
+            None => {
+                out.push('%');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Refuses targets the proxy will not route, and returns the routing host.
+fn check_target(req: &Request<Incoming>) -> Result<Option<&str>, ProxyError> {
+    let path = req.uri().path();
+    if !path.starts_with('/') {
+        return Err(ProxyError::BadRequest("the request target must be a path"));
+    }
+    if has_dot_segments(path) {
+        return Err(ProxyError::BadRequest(
+            "the path must not contain . or .. segments",
+        ));
+    }
+    // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without
+    // Host or with more than one.
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host_header = hosts.next();
+    if hosts.next().is_some() || (host_header.is_none() && req.version() == Version::HTTP_11) {
+        return Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
+    }
+    // RFC 9110 §4.2.4: userinfo in a target disguises the authority.
+    let userinfo = host_header.is_some_and(|h| h.as_bytes().contains(&b'@'))
+        || req
+            .uri()
+            .authority()
+            .is_some_and(|a| a.as_str().contains('@'));
+    if userinfo {
+        return Err(ProxyError::BadRequest(
+            "the request target must not carry user information",
+        ));
+    }
+    Ok(request_host(req))
+}
+
+/// Serves one request. Never fails: errors become SPEC §6 responses.
+pub async fn handle(
+    state: Arc<AppState>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let start = Instant::now();
+    let _inflight = Inflight::enter(&state.metrics.inflight);
+    let runtime = state.runtime.load_full();
+    let rid = headers::request_id(req.headers());
+    // The access log needs the method and path after the request is
+    // consumed; copy them only when the line will be written.
+    let logged = (runtime.config.log.access && access_log::enabled())
+        .then(|| access_log::RequestFacts::new(&req));
+    let mut done = Done::default();
+    let mut resp = match handle_inner(&runtime, &conn, req, &rid, &mut done).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            if e.status().is_server_error() {
+                tracing::warn!(
+                    request_id = rid.to_str().unwrap_or(""),
+                    route = done.route.as_ref().map_or("", |r| r.name.as_str()),
+                    error = %e,
+                    "request failed"
+                );
+            }
+            e.into_response(&rid)
+        }
+    };
+    let status = resp.status().as_u16();
+    let route_metrics = done
+        .route
+        .as_ref()
+        .map_or(&runtime.unrouted, |r| &r.metrics);
+    route_metrics.count(status);
+    route_metrics
+        .duration
+        .observe(start.elapsed().as_secs_f64());
+    if let Some(request) = logged {
+        let response = ResponseFacts {
+            status,
+            headers: resp.headers(),
+            from_upstream: done.passed_through || matches!(resp.body(), ProxyBody::Upstream(..)),
+            upstream: done.upstream,
+        };
+        let route = done.route.map(|r| r as Arc<dyn RouteLabels>);
+        let line = AccessLog::new(start, request, rid.clone(), route, response);
+        resp = resp.map(|body| body.with_access_log(line));
+    }
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), rid);
+    Ok(resp)
+}
+
+/// Counts a request in `flinks_proxy_inflight_requests` for as long as it
+/// lives, including when the client goes away and the handler is dropped.
+struct Inflight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> Inflight<'a> {
+    fn enter(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Inflight(gauge)
+    }
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What the handler learnt on the way, for metrics and the log line.
+#[derive(Default)]
+struct Done {
+    route: Option<Arc<Route>>,
+    upstream: Option<Duration>,
+    /// The answer is the upstream's, re-sent from a read body (a pooled
+    /// route's pass-through, e.g. a revoked-consent 401).
+    passed_through: bool,
+}
+
+async fn handle_inner(
+    rt: &Runtime,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    rid: &HeaderValue,
+    done: &mut Done,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    rt.access.check(conn.peer.ip(), req.headers())?;
+    let host = check_target(&req)?;
+    let path = req.uri().path();
+    let route = match host {
+        Some(h) if h.bytes().any(|b| b.is_ascii_uppercase()) => {
+            rt.routes.find(Some(&h.to_ascii_lowercase()), path)
+        }
+        _ => rt.routes.find(host, path),
+    }
+    .ok_or(ProxyError::RouteNotFound)?;
+    done.route = Some(Arc::clone(route));
+    let deadline = Instant::now() + rt.request_timeout;
+
+    let (mut parts, body) = req.into_parts();
+    let (token, picked) = token_for(route, &mut parts.headers, deadline).await?;
+    let (method, uri, headers) = upstream_head(route, conn, parts, rid)?;
+    let body = if route.reauth_on.is_empty() {
+        RequestBody::streaming(body, &conn.activity)
+    } else {
+        // Boxed: reading ahead for a replay is the rarer case.
+        Box::pin(replay_body(rt, conn, body, deadline)).await?
+    };
+    let activity = body.activity();
+    // Only a body prepared for replay (reauth_on set, at most 64 KiB,
+    // within the replay budget) clones.
+    let replay = body.try_clone();
+    let started = Instant::now();
+    // An HTTP/1.1 upstream gives the request's head back with its answer;
+    // for any other, a copy is made now in case of a replay.
+    let replay_head = replay
+        .as_ref()
+        .filter(|_| !route.upstream.gives_request_back())
+        .map(|_| (method.clone(), uri.clone(), headers.clone()));
+    let mut resp = send(route, method, uri, headers, body, &token, deadline).await;
+    // Until the first answer's head: what a pass-through reports.
+    let first_answer = started.elapsed();
+    // The head to replay with: the copy made above, or the one an HTTP/1.1
+    // upstream gave back with its answer.
+    let mut again = None;
+    let rejected = match &mut resp {
+        Ok(sent) if route.reauth_on.contains(&sent.response.status()) => {
+            let head = replay_head.or_else(|| {
+                let p = sent.request.take()?;
+                Some((p.method, p.uri, p.headers))
+            });
+            again = replay.zip(head);
+            true
+        }
+        _ => false,
+    };
+    if rejected {
+        // Boxed: the rare second attempt would otherwise double the space
+        // every request's future takes.
+        match Box::pin(after_rejection(
+            route, picked, &token, resp, again, deadline,
+        ))
+        .await
+        {
+            Ok(r) => resp = r,
+            Err(passed) => {
+                done.upstream = Some(first_answer);
+                done.passed_through = true;
+                return Ok(passed);
+            }
+        }
+    }
+    done.upstream = Some(started.elapsed());
+    let resp = resp?.response;
+    let (mut parts, body) = resp.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    let idle = Idle::new(rt.idle_timeout, activity);
+    Ok(Response::from_parts(parts, ProxyBody::Upstream(body, idle)))
+}
+
+/// The upstream request's method, URI and headers (SPEC §5 rewrite).
+fn upstream_head(
+    route: &Route,
+    conn: &ConnInfo,
+    parts: http::request::Parts,
+    rid: &HeaderValue,
+) -> Result<(Method, Uri, HeaderMap), ProxyError> {
+    let original_host = match parts.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => parts.headers.get(header::HOST).cloned(),
+    };
+    let (authority, host) = upstream_authority(route, original_host.as_ref())?;
+    let uri = upstream_uri(route, &parts.uri, authority)?;
+    let headers = headers::rewrite_request(
+        parts.headers,
+        &Forwarding {
+            host: &host,
+            original_host: original_host.as_ref(),
+            peer: &conn.forwarded_for,
+            tls: conn.tls,
+            request_id: rid,
+        },
+    );
+    Ok((parts.method, uri, headers))
+}
+
+/// The request body read ahead for a replay (within the global replay
+/// budget, else streamed).
+async fn replay_body(
+    rt: &Runtime,
+    conn: &ConnInfo,
+    body: Incoming,
+    deadline: Instant,
+) -> Result<RequestBody, ProxyError> {
+    tokio::time::timeout_at(
+        deadline.into(),
+        RequestBody::prepare(body, &rt.replay_budget, &conn.activity),
+    )
+    .await
+    .map_err(|_| ProxyError::UpstreamTimeout)?
+    .map_err(|_| ProxyError::BadRequest("the request body could not be read"))
+}
+
+/// The route's token: its credential's, or that of the connection the
+/// request names in the pool's select header (removed here).
+async fn token_for(
+    route: &Route,
+    headers: &mut HeaderMap,
+    deadline: Instant,
+) -> Result<(Arc<Token>, Option<Arc<Conn>>), ProxyError> {
+    match &route.tokens {
+        RouteTokens::Credential(source) => match source.usable() {
+            Some(t) => Ok((t, None)),
+            // Boxed: waiting for a token is rare and its future large.
+            None => Box::pin(source.get(deadline))
+                .await
+                .map(|t| (t, None))
+                .map_err(|u| ProxyError::TokenUnavailable {
+                    credential: source.config().name.clone(),
+                    reason: u.reason,
+                    retry_after: u.retry_after,
+                }),
+        },
+        RouteTokens::Pool(pool) => {
+            let id = crate::connections::select(headers, &pool.config().select_header)?;
+            // Boxed: the pool's lookup future is large, and the handler's
+            // future is moved for every request.
+            let (conn, token) = Box::pin(pool.token(id.as_str(), deadline.into())).await?;
+            Ok((token, Some(conn)))
+        }
+    }
+}
+
+/// A request's head and replayable body, for a second attempt.
+type Replay = (RequestBody, (Method, Uri, HeaderMap));
+
+/// A `reauth_on` answer: the rejected token is dropped (unless too young to
+/// drop again) and the request replayed once with a new one when it can be;
+/// otherwise the answer stands. A pooled route may instead pass the answer
+/// through at once, e.g. when the user's consent is gone: that is the `Err`.
+async fn after_rejection(
+    route: &Route,
+    picked: Option<Arc<Conn>>,
+    token: &Arc<Token>,
+    resp: Result<Sent, ProxyError>,
+    again: Option<Replay>,
+    deadline: Instant,
+) -> Result<Result<Sent, ProxyError>, Response<ProxyBody>> {
+    let fresh = match (&route.tokens, picked) {
+        (RouteTokens::Pool(pool), Some(conn)) => {
+            let answer = match resp {
+                Ok(sent) => sent.response,
+                Err(e) => return Ok(Err(e)),
+            };
+            pooled_rejection(pool, &conn, token, answer, deadline, again.is_some()).await?
+        }
+        (RouteTokens::Credential(source), _) => {
+            // A fresh token's rejection is the upstream's answer.
+            if source.reject(token) == Rejection::IgnoredFresh || again.is_none() {
+                return Ok(resp);
+            }
+            match source.get(deadline).await {
+                Ok(fresh) => fresh,
+                Err(_) => return Ok(resp),
+            }
+        }
+        (RouteTokens::Pool(_), None) => return Ok(resp),
+    };
+    // A pooled route hands out a new token only when a replay is possible.
+    let Some((body, (method, uri, headers))) = again else {
+        return Ok(Err(ProxyError::BadRequest(
+            "the request cannot be replayed",
+        )));
+    };
+    route.metrics.replays.inc();
+    Ok(send(route, method, uri, headers, body, &fresh, deadline).await)
+}
+
+/// A pooled route's `reauth_on` answer: the token to replay with, or the
+/// answer itself to pass through (consent revoked, token too young to
+/// drop, no new token). The body is read (up to the replay limit) to find
+/// a revoked-consent `code`.
+async fn pooled_rejection(
+    pool: &Arc<Pool>,
+    conn: &Arc<Conn>,
+    token: &Arc<Token>,
+    answer: Response<UpstreamBody>,
+    deadline: Instant,
+    replay: bool,
+) -> Result<Arc<Token>, Response<ProxyBody>> {
+    let (mut parts, body) = answer.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    let collected = tokio::time::timeout_at(
+        deadline.into(),
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, REPLAY_LIMIT)),
+    )
+    .await;
+    let Ok(Ok(read)) = collected.map(|r| r.map(|c| c.to_bytes())) else {
+        // Too large or broken: not a JSON error document; answer what the
+        // proxy knows, the status.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return Err(Response::from_parts(parts, ProxyBody::full(Vec::new())));
+    };
+    match pool
+        .rejected(conn, token, &read, deadline.into(), replay)
+        .await
+    {
+        Rejected::Replay(fresh) if replay => Ok(fresh),
+        Rejected::Replay(_) | Rejected::PassThrough => {
+            Err(Response::from_parts(parts, ProxyBody::full(read)))
+        }
+    }
+}
+
+async fn send(
+    route: &Route,
+    method: Method,
+    uri: Uri,
+    mut headers: HeaderMap,
+    body: RequestBody,
+    token: &Token,
+    deadline: Instant,
+) -> Result<Sent, ProxyError> {
+    headers.insert(route.header.clone(), token.header_value(&route.auth_scheme));
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    match tokio::time::timeout_at(deadline.into(), route.upstream.send(req)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) if e.client_body => {
+            // The client's body broke (bad chunk framing, disconnect): the
+            // client's fault, not the upstream's.
+            tracing::debug!(route = %route.name, error = %e.source, "request body failed");
+            Err(ProxyError::BadRequest("the request body could not be read"))
+        }
+        Ok(Err(e)) => {
+            route.metrics.upstream_error(e.kind.as_str());
+            tracing::debug!(route = %route.name, error = %e.source, "upstream error");
+            Err(if e.kind == ErrorKind::Timeout {
+                ProxyError::UpstreamTimeout
+            } else {
+                ProxyError::UpstreamUnavailable(e.kind)
+            })
+        }
+        Err(_) => {
+            route.metrics.upstream_error(ErrorKind::Timeout.as_str());
+            Err(ProxyError::UpstreamTimeout)
+        }
+    }
+}
+
+/// The authority of the upstream request and the `Host` that goes with it:
+/// the upstream's, or with `preserve_host` the client's. Both are the same
+/// so that an HTTP/2 upstream sees `:authority` equal to `Host` (RFC 9113
+/// §8.3.1); which connection the request uses is the route's choice, not
+/// the URI's.
+fn upstream_authority(
+    route: &Route,
+    original_host: Option<&HeaderValue>,
+) -> Result<(Authority, HeaderValue), ProxyError> {
+    match original_host {
+        Some(h) if route.preserve_host => {
+            let authority = Authority::try_from(h.as_bytes())
+                .map_err(|_| ProxyError::BadRequest("the Host header is not a valid authority"))?;
+            Ok((authority, h.clone()))
+        }
+        _ => Ok((route.authority.clone(), route.host_header.clone())),
+    }
+}
+
+/// The upstream URI: `authority` + base path + request path (minus
+/// `strip_prefix`) + query. The client's scheme and authority are ignored.
+fn upstream_uri(route: &Route, inbound: &Uri, authority: Authority) -> Result<Uri, ProxyError> {
+    let path = inbound.path();
+    let path = match &route.strip_prefix {
+        Some(p) if path.starts_with(p.as_str()) => &path[p.len()..],
+        _ => path,
+    };
+    let pq = if route.base_path.is_empty() && path.len() == inbound.path().len() {
+        inbound
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+    } else {
+        let mut s = String::with_capacity(route.base_path.len() + path.len() + 64);
+        s.push_str(&route.base_path);
+        if !path.starts_with('/') {
+            s.push('/');
+        }
+        s.push_str(path);
+        if let Some(q) = inbound.query() {
+            s.push('?');
+            s.push_str(q);
+        }
+        PathAndQuery::try_from(s).map_err(|_| ProxyError::BadRequest("invalid request target"))?
+    };
+    Uri::builder()
+        .scheme(route.scheme.clone())
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| ProxyError::BadRequest("invalid request target"))
+}
+
+/// Request header rewrite as the handler does it (see
+/// [`headers::rewrite_request`]), for the benchmarks.
+pub fn rewrite_headers(
+    headers: &mut HeaderMap,
+    route: &Route,
+    conn: &ConnInfo,
+    original_host: Option<HeaderValue>,
+    rid: &HeaderValue,
+) {
+    let host = match (&original_host, route.preserve_host) {
+        (Some(h), true) => h.clone(),
+        _ => route.host_header.clone(),
+    };
+    *headers = headers::rewrite_request(
+        std::mem::take(headers),
+        &Forwarding {
+            host: &host,
+            original_host: original_host.as_ref(),
+            peer: &conn.forwarded_for,
+            tls: conn.tls,
+            request_id: rid,
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+
+    #[test]
+    fn dot_segments_are_detected() {
+        assert!(has_dot_segments("/api/../admin"));
+        assert!(has_dot_segments("/api/%2e%2E/admin"));
+        assert!(has_dot_segments("/api/./x"));
+        assert!(has_dot_segments("/api/.."));
+        assert!(!has_dot_segments("/api/v1.2/x"));
+        assert!(!has_dot_segments("/api/..."));
+        assert!(!has_dot_segments("/"));
+        assert!(!has_dot_segments("/files/a%2Fb"));
+        assert!(!has_dot_segments("/a/%2e%2e%2e/b"));
+        assert!(!has_dot_segments("/a/..x;/b"));
+        assert!(!has_dot_segments("/50%25/x"));
+    }
+
+    #[test]
+    fn dot_segments_hidden_by_path_parameters_backslashes_and_encodings_are_detected() {
+        for path in [
+            "/api/..;/admin",
+            "/api/..;jsessionid=1/admin",
+            "/api/.;/x",
+            "/api/..\\admin",
+            "/api\\..\\admin",
+            "/api/.%2e/admin",
+            "/api/%2e%2e%3b/admin",
+            "/api/%2E%2E%3Bx/admin",
+            "/api/..%2fadmin",
+            "/api%2f..%2fadmin",
+            "/api/..%5cadmin",
+            "/api%5C..",
+            "/api/%2e",
+        ] {
+            assert!(has_dot_segments(path), "{path}");
+        }
+    }
+}
