@@ -16,11 +16,11 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use flinks_proxy::config::AuthScheme;
-use flinks_proxy::net::headers;
 use flinks_proxy::ground::metrics::Metrics;
-use flinks_proxy::proxy::{handler, ConnInfo};
-use flinks_proxy::proxy::routes::RouteTable;
+use flinks_proxy::net::headers;
 use flinks_proxy::proxy::generation::Route;
+use flinks_proxy::proxy::routes::RouteTable;
+use flinks_proxy::proxy::{handler, ConnInfo};
 use flinks_proxy::tokens::Token;
 use flinks_proxy::{AppState, Config};
 use http::{header, HeaderMap, HeaderValue};
@@ -213,8 +213,8 @@ fn pool_state() -> (
     Arc<flinks_proxy::tokens::TokenSource>,
     std::path::PathBuf,
 ) {
-    use flinks_proxy::ground::secret::Secret;
     use flinks_proxy::ground::now_ms;
+    use flinks_proxy::ground::secret::Secret;
     use flinks_proxy::store::{Store, Tokens};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -871,7 +871,9 @@ impl Ctx {
         file: &Option<PathBuf>,
     ) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
         match file {
-            Some(p) => crate::net::tls::load_certs(&self.base.join(p)).map_err(|m| self.err(key, m)),
+            Some(p) => {
+                crate::net::tls::load_certs(&self.base.join(p)).map_err(|m| self.err(key, m))
+            }
             None => Ok(Vec::new()),
         }
     }
@@ -892,8 +894,12 @@ impl Ctx {
             (Some(cert), Some(key)) => {
                 let ca = s.client_ca.as_ref().map(|p| base.join(p));
                 Some(
-                    crate::net::tls::server_config(&base.join(cert), &base.join(key), ca.as_deref())
-                        .map_err(|m| self.err("server.tls_cert", m))?,
+                    crate::net::tls::server_config(
+                        &base.join(cert),
+                        &base.join(key),
+                        ca.as_deref(),
+                    )
+                    .map_err(|m| self.err("server.tls_cert", m))?,
                 )
             }
             (Some(_), None) => {

@@ -28,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::net::body::{Activity, BoxError};
 use crate::proxy::body::ProxyBody;
-use crate::proxy::ConnInfo;
 use crate::proxy::generation::AppState;
+use crate::proxy::ConnInfo;
 
 /// hyper's HTTP/1 read buffer ceiling: also the longest request head
 /// accepted (a huge header line is refused with 431, not buffered forever).

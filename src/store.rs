@@ -31,10 +31,10 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{StoreConfig, StoreLocation};
-use crate::ground::metrics::StoreMetrics;
-use crate::ground::secret::Secret;
 use crate::ground::crypto::{CryptoError, Key, Place, Sealer};
+use crate::ground::metrics::StoreMetrics;
 use crate::ground::now_ms;
+use crate::ground::secret::Secret;
 
 /// What the canary row holds, sealed; opening it proves the key matches.
 const CANARY_PLAINTEXT: &[u8] = b"flinks-proxy store canary";

@@ -363,17 +363,25 @@ fn by_pair<'a>(edges: impl Iterator<Item = &'a Edge>) -> BTreeMap<(usize, usize)
 fn check(files: &[(String, String)], layers: &[&[&str]]) -> Vec<String> {
     let g = graph(files);
     let mut problems = Vec::new();
-    // Rule 1, without the edges between a file and its ancestors/descendants.
-    let related = |e: &&Edge| match (&g.mods[e.from], &g.mods[e.to]) {
-        (Some(a), Some(b)) if !a.is_empty() && !b.is_empty() => {
-            a.starts_with(b) || b.starts_with(a)
-        }
-        _ => false,
+    // Rule 1: circles over every edge; one that stays inside a single
+    // module's subtree (`store.rs` and `store/*`) is allowed. Dropping the
+    // parent-child edges instead would hide a circle that runs through a
+    // re-export (`a -> store` re-exporting `store/sqlite`, `store/sqlite -> a`).
+    let within_one_subtree = |c: &[usize]| {
+        c.iter().any(|&root| match &g.mods[root] {
+            Some(r) if !r.is_empty() => c
+                .iter()
+                .all(|&f| g.mods[f].as_ref().is_some_and(|m| m.starts_with(r))),
+            _ => false,
+        })
     };
-    let kept: Vec<&Edge> = g.edges.iter().filter(|e| !related(e)).collect();
+    let kept: Vec<&Edge> = g.edges.iter().collect();
     let mut adj = vec![Vec::new(); g.paths.len()];
     kept.iter().for_each(|e| adj[e.from].push(e.to));
-    for c in components(&adj).into_iter().filter(|c| c.len() > 1) {
+    for c in components(&adj)
+        .into_iter()
+        .filter(|c| c.len() > 1 && !within_one_subtree(c))
+    {
         let mut msg = format!("import circle between {} files:\n", c.len());
         c.iter()
             .for_each(|&f| msg += &format!("    {}\n", g.paths[f]));
@@ -585,6 +593,31 @@ fn a_module_and_its_descendants_may_use_each_other() {
         fn f() { crate::foo::make() }",
     );
     assert_eq!(check(&files, &[&["foo"]]), Vec::<String>::new());
+}
+
+#[test]
+fn a_circle_through_a_re_export_is_reported() {
+    let files = tree(
+        "
+        == src/lib.rs
+        == src/a.rs
+        //! A.
+        use crate::store::Row;
+        == src/store.rs
+        //! Store.
+        mod sqlite;
+        pub use sqlite::Row;
+        == src/store/sqlite.rs
+        use crate::a::helper;",
+    );
+    let problems = check(&files, &[&["store"], &["a"]]);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("import circle between 3 files")
+                && p.contains("src/store/sqlite.rs -> src/a.rs")),
+        "{problems:#?}"
+    );
 }
 
 #[test]

@@ -56,8 +56,8 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::Notify;
 use tower_service::Service;
 
-use crate::net::body::RequestBody;
 use crate::ground::lock;
+use crate::net::body::RequestBody;
 use capacity::Capacity;
 use conn::WireBody;
 use h1::{Abandoned, H1Conn, IdleList, ReturnTo};

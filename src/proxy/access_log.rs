@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
-
 /// Flinks's per-exchange id, on its API responses.
 static OB_CORRELATION_ID: HeaderName = HeaderName::from_static("ob-correlation-id");
 /// Flinks's trace id, on its API responses.

@@ -110,4 +110,3 @@ impl Body for ProxyBody {
         }
     }
 }
-

@@ -21,17 +21,17 @@ use ipnet::IpNet;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
-use crate::net::body::ReplayBudget;
 use crate::config::{AuthScheme, Config, RouteAuth, RouteConfig};
 use crate::connections::{Ledger, Pool};
-use crate::proxy::error::ProxyError;
 use crate::ground::metrics::{Metrics, RouteMetrics, NO_ROUTE};
-use crate::proxy::routes::RouteTable;
 use crate::ground::secret::Secret;
+use crate::net::body::ReplayBudget;
+use crate::net::upstream::{Upstream, UpstreamCache};
+use crate::proxy::error::ProxyError;
+use crate::proxy::routes::RouteTable;
 use crate::store::Store;
 use crate::tokens::refresh::StateKey;
 use crate::tokens::TokenSource;
-use crate::net::upstream::{Upstream, UpstreamCache};
 
 /// A route ready to serve: its settings plus resolved handles.
 pub struct Route {

@@ -18,15 +18,15 @@ use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
-use crate::proxy::access_log::{self, AccessLog, ResponseFacts, RouteLabels};
-use crate::net::body::{Activity, Idle, RequestBody, REPLAY_LIMIT};
-use crate::proxy::body::ProxyBody;
 use crate::connections::{Conn, Pool, Rejected};
-use crate::proxy::error::ProxyError;
+use crate::net::body::{Activity, Idle, RequestBody, REPLAY_LIMIT};
 use crate::net::headers::{self, Forwarding, X_REQUEST_ID};
+use crate::net::upstream::{ErrorKind, Sent, UpstreamBody};
+use crate::proxy::access_log::{self, AccessLog, ResponseFacts, RouteLabels};
+use crate::proxy::body::ProxyBody;
+use crate::proxy::error::ProxyError;
 use crate::proxy::generation::{AppState, Route, RouteTokens, Runtime};
 use crate::tokens::{Rejection, Token};
-use crate::net::upstream::{ErrorKind, Sent, UpstreamBody};
 
 /// What the handler knows about the connection a request came on; made
 /// once per connection.
