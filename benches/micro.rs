@@ -87,7 +87,7 @@ credential = "bench"
     let config = Config::parse(toml, Path::new("bench.toml")).expect("bench config");
     let state = AppState::new(config).expect("bench state");
     let (route, source) = {
-        let rt = state.runtime.load();
+        let rt = state.generation.load();
         let route = rt.routes.find(None, "/x").expect("route").clone();
         let source = Arc::clone(rt.sources.get("bench").expect("source"));
         source.install(Token::new(ACCESS_TOKEN, Duration::from_secs(24 * 3600)).expect("token"));
@@ -253,7 +253,7 @@ credential = "bench"
             .await
             .expect("store");
         let state = AppState::with_store(config, metrics, Some(Arc::new(store))).expect("state");
-        let runtime = state.runtime.load();
+        let runtime = state.generation.load();
         let pool = Arc::clone(&runtime.pools["users"]);
         let tokens = Tokens {
             refresh_token: Some(Secret::new("rt".to_owned())),

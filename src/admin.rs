@@ -92,7 +92,7 @@ fn readyz(state: &AppState) -> Response<ProxyBody> {
 
 /// The `/status` document.
 pub fn status(state: &AppState) -> serde_json::Value {
-    let rt = state.runtime.load();
+    let rt = state.generation.load();
     let credentials: serde_json::Map<String, serde_json::Value> = rt
         .sources
         .iter()

@@ -4,36 +4,36 @@
 //! injects them and forwards the requests upstream.
 //!
 //! # Layout
-//! - [`config`]: proxy.toml → validated, immutable [`Config`].
-//! - [`secret`]: secrets from literals, env or files; redacted `Debug`.
-//! - [`tls`]: PEM loading and rustls configs.
-//! - [`token`]: one `TokenSource` per credential: cache, single flight,
-//!   refresh task, state file; `token::grant` is the one token request
-//!   (shared with per-user pools), `token::jwt` the one JWT decoder,
-//!   `token::shared` a credential's tokens kept in the store for replicas.
-//! - [`headers`]: header policy: hop-by-hop, reserved names, X-Forwarded-*,
-//!   request ids, the request header rewrite.
-//! - [`routes`]: host + longest-prefix route table.
-//! - [`connections`]: per-user connection pools: selection, bounded cache,
-//!   single flight per connection, re-authorization.
-//! - [`store`]: the connection store interface, its SQLite and PostgreSQL
-//!   backends (leases, change notifications) and token sealing.
-//! - [`runtime`]: a config turned into routes, access rules and token
-//!   sources; the `AppState` that swaps them on reload.
-//! - [`proxy`]: the request handler.
-//! - [`body`]: streaming request and response bodies, replay buffer.
-//! - [`access_log`]: the one line per request, written when its response
-//!   body ends.
-//! - [`upstream`]: connection pools per upstream origin (HTTP/1.1 and
-//!   HTTP/2, limits, keep-alive, reaper) and the token endpoints' client.
-//! - [`server`]: accept loops, limits, TLS, graceful shutdown.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/status`, and the
-//!   connections API.
-//! - [`metrics`]: the Prometheus registry and typed handles.
-//! - [`error`]: errors the proxy answers itself.
-//! - [`reload`]: SIGHUP reloads.
-//! - [`sandbox`]: Flinks-like token endpoint and API for the demo, tests
-//!   and benchmarks.
+//! Each top-level module is a layer, listed bottom first; a layer imports
+//! only layers earlier in the list, and no files import each other in a
+//! circle (a module's own file and its folder's
+//! files excepted). `tests/architecture.rs` keeps both true.
+//!
+//! 1. [`ground`]: the lock helper, the clock, secrets, the metric registry
+//!    and its handles, the store's sealing key. Knows no request.
+//! 2. [`net`]: transport that knows no tokens: bodies, header policy, TLS,
+//!    the upstream connection pools (HTTP/1.1 wire, HTTP/2), also the
+//!    token endpoints' client.
+//! 3. [`config`]: proxy.toml → validated, immutable [`Config`].
+//! 4. [`store`]: the connection store and its SQLite and PostgreSQL
+//!    backends (sealed tokens, leases, change notifications); shared by
+//!    per-user connections and by credentials kept for replicas.
+//! 5. [`tokens`]: one token request (`tokens::grant`), the JWT decoder, a
+//!    credential's `TokenSource` (cache, single flight, refresh task, state
+//!    file, shared slots).
+//! 6. [`connections`]: per-user connection pools: selection, bounded cache,
+//!    the process-wide refresh ledger, re-authorization.
+//! 7. [`proxy`]: the request path: a config `Generation` and the
+//!    `AppState` that swaps it on reload, routes, the handler, errors, the
+//!    response body and the access log.
+//! 8. [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/status`, the
+//!    connections API.
+//! 9. [`server`]: accept loops for the proxy and admin listeners, limits,
+//!    TLS handshakes, graceful shutdown.
+//! 10. [`sandbox`]: the Flinks-like token endpoint and API for the demo,
+//!     tests and benchmarks.
+//!
+//! This file (start, shutdown) and `main.rs` (the CLI) sit on top.
 
 #![forbid(unsafe_code)]
 
@@ -62,7 +62,7 @@ pub use proxy::generation::AppState;
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The config could not be turned into a runtime.
+    /// The config could not be turned into a generation.
     #[error("{0}")]
     Build(String),
     /// A listener could not be bound.
@@ -167,7 +167,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let shutdown = CancellationToken::new();
     let admin_shutdown = CancellationToken::new();
     {
-        let rt = state.runtime.load();
+        let rt = state.generation.load();
         let c = &rt.config;
         tracing::info!(addr = %proxy_addr, tls = c.server.tls.is_some(), mtls = c.server.mtls, "proxy listening");
         if let Some(a) = admin_addr {
@@ -215,7 +215,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 }
 
 async fn exchange_codes(state: &AppState) -> Result<(), StartError> {
-    let rt = state.runtime.load_full();
+    let rt = state.generation.load_full();
     for (name, source) in &rt.sources {
         if !source.needs_code_exchange() {
             continue;
@@ -260,7 +260,7 @@ impl Running {
         self.admin_addr
     }
 
-    /// Shared state (metrics, runtime).
+    /// Shared state (metrics, the current generation).
     pub fn state(&self) -> &Arc<AppState> {
         &self.state
     }
@@ -282,11 +282,11 @@ impl Running {
             let _ = task.await;
         }
         self.admin_shutdown.cancel();
-        self.state.runtime.load().stop_sources();
+        self.state.generation.load().stop_sources();
         // Per-user refreshes in flight finish and commit (a rotated refresh
         // token must reach the store), within the grace.
         if let (Some(ledger), Some(store)) = (&self.state.ledger, &self.state.store) {
-            let grace = self.state.runtime.load().config.server.shutdown_grace;
+            let grace = self.state.generation.load().config.server.shutdown_grace;
             ledger.drain(store, grace).await;
         }
     }
@@ -296,6 +296,6 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.shutdown.cancel();
         self.admin_shutdown.cancel();
-        self.state.runtime.load().stop_sources();
+        self.state.generation.load().stop_sources();
     }
 }

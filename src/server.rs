@@ -52,7 +52,7 @@ pub async fn serve_proxy(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let max = state.runtime.load().config.server.max_connections;
+    let max = state.generation.load().config.server.max_connections;
     let limit = Arc::new(Semaphore::new(max));
     loop {
         let permit = tokio::select! {
@@ -71,13 +71,13 @@ pub async fn serve_proxy(
             },
             _ = shutdown.cancelled() => break,
         };
-        let runtime = state.runtime.load();
-        let tls = runtime.tls.clone();
+        let generation = state.generation.load();
+        let tls = generation.tls.clone();
         let limits = Limits {
-            header_read_timeout: runtime.config.server.header_read_timeout,
-            idle_timeout: runtime.config.server.idle_timeout,
+            header_read_timeout: generation.config.server.header_read_timeout,
+            idle_timeout: generation.config.server.idle_timeout,
         };
-        drop(runtime);
+        drop(generation);
         tokio::spawn(serve_accepted(
             stream,
             peer,

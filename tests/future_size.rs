@@ -41,7 +41,7 @@ credential = "c"
 "#;
     let config = Config::parse(toml, Path::new("size.toml")).expect("config");
     let state = AppState::new(config).expect("state");
-    state.runtime.load().sources["c"]
+    state.generation.load().sources["c"]
         .install(Token::new("t", Duration::from_secs(3600)).expect("token"));
     let conn = Arc::new(ConnInfo::new(SocketAddr::from(([127, 0, 0, 1], 1)), false));
 

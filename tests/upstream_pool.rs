@@ -53,7 +53,7 @@ async fn eventually(what: &str, cond: impl Fn() -> bool) {
 
 /// The pool of the only route.
 fn pool(p: &flinks_proxy::Running) -> Arc<flinks_proxy::net::upstream::Upstream> {
-    Arc::clone(&p.state().runtime.load().route_list[0].upstream)
+    Arc::clone(&p.state().generation.load().route_list[0].upstream)
 }
 
 /// Sends GET `path` with `x-delay-ms: delay_ms` (the test upstreams wait
@@ -263,7 +263,7 @@ async fn a_client_leaving_before_the_response_keeps_the_upstream_connection() {
     // The abandoned exchange finishes in the background and its connection
     // goes back to the pool: later requests need no new connection.
     let idle = || {
-        p.state().runtime.load().route_list[0]
+        p.state().generation.load().route_list[0]
             .upstream
             .idle_connections()
     };

@@ -105,7 +105,7 @@ pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<ProxyB
 }
 
 async fn answer(state: &AppState, req: Request<Incoming>) -> Answer {
-    let rt = state.runtime.load_full();
+    let rt = state.generation.load_full();
     if let Some(token) = &rt.config.admin_api_token {
         if !authorized(req.headers(), token.expose()) {
             return error(

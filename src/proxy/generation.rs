@@ -1,8 +1,8 @@
-//! What a [`Config`] turns into when it runs: the [`Runtime`] (route table,
+//! What a [`Config`] turns into when it runs: the [`Generation`] (route table,
 //! access rules, token sources, listener TLS) and the [`AppState`] that holds
 //! the current one in an `ArcSwap`.
 //!
-//! [`Runtime::build`] makes everything first and fails whole; only then is
+//! [`Generation::build`] makes everything first and fails whole; only then is
 //! the result swapped in, so a reload never applies half a config. Token
 //! sources whose settings did not change are carried over with their cached
 //! token and refresh task.
@@ -142,7 +142,7 @@ impl Access {
 }
 
 /// Everything one config generation serves with.
-pub struct Runtime {
+pub struct Generation {
     /// The config it was built from.
     pub config: Arc<Config>,
     /// Route table.
@@ -170,23 +170,23 @@ pub struct Runtime {
     pub(crate) cancels: BTreeMap<String, CancellationToken>,
 }
 
-/// Errors building a runtime.
+/// Errors building a generation.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct BuildError(pub String);
 
-impl Runtime {
-    /// Builds a runtime, reusing `previous`'s token sources where the
+impl Generation {
+    /// Builds a generation, reusing `previous`'s token sources where the
     /// credential is unchanged. New sources are created but not started;
-    /// [`Runtime::start_new_sources`] starts them once the runtime is in use.
+    /// [`Generation::start_new_sources`] starts them once the generation is in use.
     pub fn build(
         config: Arc<Config>,
-        previous: Option<&Runtime>,
+        previous: Option<&Generation>,
         metrics: &Metrics,
         upstreams: &UpstreamCache,
         store: Option<&Arc<Store>>,
         ledger: Option<&Arc<Ledger>>,
-    ) -> Result<Runtime, BuildError> {
+    ) -> Result<Generation, BuildError> {
         let pools = build_pools(&config, previous, metrics, store, ledger)?;
         let mut sources = BTreeMap::new();
         let mut cancels = BTreeMap::new();
@@ -261,7 +261,7 @@ impl Runtime {
                 Arc::clone(r),
             )
         }));
-        Ok(Runtime {
+        Ok(Generation {
             routes,
             route_list,
             access: Access {
@@ -290,7 +290,7 @@ impl Runtime {
     /// A replaced source's task stops between token requests, and its
     /// successor (sharing its refresh-token state) starts only once it has
     /// ended: never two token requests on one refresh token.
-    pub fn start_new_sources(&self, previous: Option<&Runtime>, metrics: &Metrics) {
+    pub fn start_new_sources(&self, previous: Option<&Generation>, metrics: &Metrics) {
         self.start_new_pools(previous);
         let mut stopped = Vec::new();
         if let Some(prev) = previous {
@@ -326,7 +326,7 @@ impl Runtime {
 
     /// Starts the pools not carried over from `previous` and stops those of
     /// `previous` that are gone or replaced.
-    fn start_new_pools(&self, previous: Option<&Runtime>) {
+    fn start_new_pools(&self, previous: Option<&Generation>) {
         for (name, pool) in &self.pools {
             let carried = previous
                 .and_then(|p| p.pools.get(name))
@@ -355,7 +355,7 @@ impl Runtime {
 /// unchanged (their cached tokens survive a reload).
 fn build_pools(
     config: &Config,
-    previous: Option<&Runtime>,
+    previous: Option<&Generation>,
     metrics: &Metrics,
     store: Option<&Arc<Store>>,
     ledger: Option<&Arc<Ledger>>,
@@ -390,8 +390,8 @@ fn build_pools(
 
 /// Process-wide state shared by listeners, handlers and the admin endpoints.
 pub struct AppState {
-    /// The runtime of the current config; loaded once per request.
-    pub runtime: ArcSwap<Runtime>,
+    /// The generation of the current config; loaded once per request.
+    pub generation: ArcSwap<Generation>,
     /// Metrics registry and handles.
     pub metrics: Metrics,
     /// Upstream connection pools, kept across reloads.
@@ -410,7 +410,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Builds the first runtime from `config` and starts its token sources.
+    /// Builds the first generation from `config` and starts its token sources.
     pub fn new(config: Config) -> Result<Arc<AppState>, BuildError> {
         AppState::with_store(config, Metrics::new(), None)
     }
@@ -424,7 +424,7 @@ impl AppState {
     ) -> Result<Arc<AppState>, BuildError> {
         let upstreams = UpstreamCache::default();
         let ledger = store.as_ref().map(Ledger::new);
-        let runtime = Runtime::build(
+        let generation = Generation::build(
             Arc::new(config),
             None,
             &metrics,
@@ -433,7 +433,7 @@ impl AppState {
             ledger.as_ref(),
         )?;
         Ok(Arc::new(AppState {
-            runtime: ArcSwap::from_pointee(runtime),
+            generation: ArcSwap::from_pointee(generation),
             metrics,
             upstreams,
             draining: AtomicBool::new(false),
@@ -443,9 +443,9 @@ impl AppState {
         }))
     }
 
-    /// Starts the refresh tasks of the first runtime.
+    /// Starts the refresh tasks of the first generation.
     pub fn start(&self) {
-        self.runtime.load().start_new_sources(None, &self.metrics);
+        self.generation.load().start_new_sources(None, &self.metrics);
     }
 
     /// Whether the store has never been reached since the start (readiness
@@ -462,7 +462,7 @@ impl AppState {
             return Vec::new();
         }
         let waiting: Vec<String> = self
-            .runtime
+            .generation
             .load()
             .sources
             .iter()

@@ -25,7 +25,7 @@ use crate::net::upstream::{ErrorKind, Sent, UpstreamBody};
 use crate::proxy::access_log::{self, AccessLog, ResponseFacts, RouteLabels};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
-use crate::proxy::generation::{AppState, Route, RouteTokens, Runtime};
+use crate::proxy::generation::{AppState, Route, RouteTokens, Generation};
 use crate::tokens::{Rejection, Token};
 
 /// What the handler knows about the connection a request came on; made
@@ -165,14 +165,14 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
     let _inflight = Inflight::enter(&state.metrics.inflight);
-    let runtime = state.runtime.load_full();
+    let generation = state.generation.load_full();
     let rid = headers::request_id(req.headers());
     // The access log needs the method and path after the request is
     // consumed; copy them only when the line will be written.
-    let logged = (runtime.config.log.access && access_log::enabled())
+    let logged = (generation.config.log.access && access_log::enabled())
         .then(|| access_log::RequestFacts::new(&req));
     let mut done = Done::default();
-    let mut resp = match handle_inner(&runtime, &conn, req, &rid, &mut done).await {
+    let mut resp = match handle_inner(&generation, &conn, req, &rid, &mut done).await {
         Ok(resp) => resp,
         Err(e) => {
             if e.status().is_server_error() {
@@ -190,7 +190,7 @@ pub async fn handle(
     let route_metrics = done
         .route
         .as_ref()
-        .map_or(&runtime.unrouted, |r| &r.metrics);
+        .map_or(&generation.unrouted, |r| &r.metrics);
     route_metrics.count(status);
     route_metrics
         .duration
@@ -238,7 +238,7 @@ struct Done {
 }
 
 async fn handle_inner(
-    rt: &Runtime,
+    rt: &Generation,
     conn: &ConnInfo,
     req: Request<Incoming>,
     rid: &HeaderValue,
@@ -351,7 +351,7 @@ fn upstream_head(
 /// The request body read ahead for a replay (within the global replay
 /// budget, else streamed).
 async fn replay_body(
-    rt: &Runtime,
+    rt: &Generation,
     conn: &ConnInfo,
     body: Incoming,
     deadline: Instant,

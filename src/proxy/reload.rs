@@ -1,12 +1,12 @@
 //! Config reload (SIGHUP): parse → validate → build → swap. A config that
 //! fails anywhere leaves the running one untouched; in-flight requests keep
-//! the runtime they loaded.
+//! the generation they loaded.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::proxy::generation::{AppState, Runtime};
+use crate::proxy::generation::{AppState, Generation};
 
 /// Reloads the config file at `path`; counts the outcome. Reading the
 /// config, its secrets, PEM files and state files happens on a blocking
@@ -29,12 +29,12 @@ pub async fn reload_file(state: &Arc<AppState>, path: &Path) -> Result<(), Strin
     result
 }
 
-/// Swaps in a validated config: builds the new runtime (carrying over
+/// Swaps in a validated config: builds the new generation (carrying over
 /// unchanged credentials), swaps it, then starts and stops refresh tasks.
 /// Builds on the calling thread (it reads state files): from async code,
 /// call it from a blocking thread as [`reload_file`] does.
 pub fn apply(state: &AppState, config: Config) -> Result<(), String> {
-    let old = state.runtime.load_full();
+    let old = state.generation.load_full();
     if config.server.listen != old.config.server.listen
         || config.admin_listen != old.config.admin_listen
         || config.server.max_connections != old.config.server.max_connections
@@ -45,7 +45,7 @@ pub fn apply(state: &AppState, config: Config) -> Result<(), String> {
     if config.store != old.config.store {
         return Err("[store] changed: the store is opened once; restart to use the new one".into());
     }
-    let new = Runtime::build(
+    let new = Generation::build(
         Arc::new(config),
         Some(&old),
         &state.metrics,
@@ -54,14 +54,14 @@ pub fn apply(state: &AppState, config: Config) -> Result<(), String> {
         state.ledger.as_ref(),
     )
     .map_err(|e| e.to_string())?;
-    state.runtime.store(Arc::new(new));
-    let current = state.runtime.load();
+    state.generation.store(Arc::new(new));
+    let current = state.generation.load();
     let used = current.route_list.iter();
     state
         .upstreams
         .retain(used.map(|r| (&r.upstream, r.config.max_connections)));
     state
-        .runtime
+        .generation
         .load()
         .start_new_sources(Some(&old), &state.metrics);
     Ok(())
