@@ -1068,7 +1068,12 @@ impl Pool {
                 .map_or_else(TokenError::outcome, |_| "success"),
         );
         match result {
-            Ok(g) => self.granted(conn, g, rt, &record.version).await,
+            Ok(g) => {
+                // The endpoint accepts the client again: a later refusal
+                // starts its backoff afresh.
+                lock(&self.client_failure).take();
+                self.granted(conn, g, rt, &record.version).await
+            }
             Err(e) if e.is_invalid_grant() => {
                 let (error, description) = e.oauth_fields();
                 tracing::warn!(pool, connection = id, error = %e, "the token endpoint says the refresh token is dead");
@@ -1254,21 +1259,32 @@ impl Pool {
     /// of the pool waits a short, growing while; no connection changes.
     async fn client_refused(&self, conn: &Conn, record: &Record, e: &TokenError) -> PoolError {
         let pool = self.config.name.as_str();
-        let delay = {
+        let (delay, escalated) = {
             let mut f = lock(&self.client_failure);
-            let next = Failure::after(
-                f.as_ref(),
-                |n| {
-                    CLIENT_BACKOFF
-                        .saturating_mul(1u32 << n.saturating_sub(1).min(16))
-                        .min(CLIENT_BACKOFF_MAX)
-                },
-                e.to_string(),
-            );
-            let delay = next.retry_at.saturating_duration_since(Instant::now());
-            *f = Some(next);
-            delay
+            let now = Instant::now();
+            match f.as_ref().filter(|f| now < f.retry_at) {
+                // A refusal of a request sent before the backoff began: the
+                // same episode, not a reason to wait longer.
+                Some(pending) => (pending.retry_at.saturating_duration_since(now), false),
+                None => {
+                    let next = Failure::after(
+                        f.as_ref(),
+                        |n| {
+                            CLIENT_BACKOFF
+                                .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+                                .min(CLIENT_BACKOFF_MAX)
+                        },
+                        e.to_string(),
+                    );
+                    let delay = next.retry_at.saturating_duration_since(now);
+                    *f = Some(next);
+                    (delay, true)
+                }
+            }
         };
+        if !escalated {
+            return self.record_failure(conn, record, e, delay).await;
+        }
         tracing::error!(pool, error = %e, retry_in = %humantime::format_duration(delay), "the token endpoint refused the pool's client (check client_id, client_secret and client_auth); no connection is changed, and every user works again once the endpoint accepts the client");
         self.record_failure(conn, record, e, delay).await
     }

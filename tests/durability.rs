@@ -161,6 +161,58 @@ async fn a_client_refusal_is_pool_wide_and_keeps_the_connection(status: u16, err
     assert_eq!(shown(&p, "alice").await["state"], "active");
 }
 
+/// Retry-After of a 503 for alice, after her token expired.
+async fn refused_retry_after(p: &Running) -> u64 {
+    expire().await;
+    let r = get_as(p, PATH, "alice").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"], "token_unavailable", "{}", r.text());
+    r.header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("Retry-After in seconds")
+}
+
+/// The pool-wide backoff grows while the endpoint keeps refusing the
+/// client, and ends when it accepts the client again: the next refusal,
+/// hours later, waits 1 s again, not the 30 s the last episode reached
+/// (found by chaos seeds 371813, 953263: two invalid_client episodes left
+/// every user refused for 30 s after the second).
+#[tokio::test]
+async fn a_client_refusal_after_the_client_was_accepted_again_backs_off_afresh() {
+    let bank = Bank::start(false, SHORT).await;
+    let dir = TempDir::new();
+    let cfg = ProxyConfig::new(&bank, &dir.join("c.db"));
+    let p = start(&cfg).await;
+    connect(&p, &bank, "alice").await;
+
+    bank.refuse(401, "invalid_client");
+    let mut retry = refused_retry_after(&p).await;
+    let first = retry;
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(retry)).await;
+        retry = refused_retry_after(&p).await;
+    }
+    assert!(
+        retry > first,
+        "the backoff grows while the endpoint refuses: {first}s then {retry}s"
+    );
+
+    bank.accept();
+    let deadline = Instant::now() + Duration::from_secs(retry) + SLACK;
+    while get_as(&p, PATH, "alice").await.status != 200 {
+        assert!(Instant::now() < deadline, "alice works again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    bank.refuse(401, "invalid_client");
+    let again = refused_retry_after(&p).await;
+    assert!(
+        again <= first,
+        "a new episode backs off afresh: Retry-After {again}s (the first episode began at {first}s)"
+    );
+}
+
 #[tokio::test]
 async fn a_401_invalid_client_on_refresh_is_pool_wide_and_keeps_the_connection() {
     a_client_refusal_is_pool_wide_and_keeps_the_connection(401, "invalid_client").await;

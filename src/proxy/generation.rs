@@ -445,7 +445,9 @@ impl AppState {
 
     /// Starts the refresh tasks of the first generation.
     pub fn start(&self) {
-        self.generation.load().start_new_sources(None, &self.metrics);
+        self.generation
+            .load()
+            .start_new_sources(None, &self.metrics);
     }
 
     /// Whether the store has never been reached since the start (readiness

@@ -25,7 +25,7 @@ use crate::net::upstream::{ErrorKind, Sent, UpstreamBody};
 use crate::proxy::access_log::{self, AccessLog, ResponseFacts, RouteLabels};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
-use crate::proxy::generation::{AppState, Route, RouteTokens, Generation};
+use crate::proxy::generation::{AppState, Generation, Route, RouteTokens};
 use crate::tokens::{Rejection, Token};
 
 /// What the handler knows about the connection a request came on; made
