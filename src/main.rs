@@ -517,22 +517,17 @@ fn demo(listen: &str, admin: &str, expires_in: u64) -> ExitCode {
     exit(block_on(0, demo_inner(listen, admin, expires_in)))
 }
 
-async fn demo_inner(listen: &str, admin: &str, expires_in: u64) -> anyhow::Result<()> {
-    use flinks_proxy::sandbox::{Sandbox, SandboxOptions, SandboxUser};
-    let opts = SandboxOptions {
-        expires_in: Some(expires_in),
-        users: vec![SandboxUser::new("alice"), SandboxUser::new("bob")],
-        ..SandboxOptions::default()
-    };
-    let sandbox = Sandbox::start(opts.clone())
-        .await
-        .context("starting the sandbox")?;
-    // The per-user connections live in an SQLite store in a temporary
-    // folder, sealed with a fresh key.
-    let folder = std::env::temp_dir().join(format!("flinks-proxy-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&folder).context("demo folder")?;
-    let key = flinks_proxy::ground::crypto::generate_key().context("store key")?;
-    let toml = format!(
+/// The demo's proxy.toml: one credential route on the sandbox and one
+/// per-user pool over an SQLite store at `db`.
+fn demo_toml(
+    listen: &str,
+    admin: &str,
+    sandbox: &flinks_proxy::sandbox::Sandbox,
+    opts: &flinks_proxy::sandbox::SandboxOptions,
+    db: &Path,
+    key: &str,
+) -> String {
+    format!(
         r#"
 [server]
 listen = "{listen}"
@@ -561,19 +556,23 @@ path_prefix = "/api/fdx"
 upstream = "{api}"
 connections = "users"
 "#,
-        db = folder.join("connections.db").display(),
+        db = db.display(),
         redirect_uri = opts.redirect_uri,
         token_url = sandbox.token_url(),
         client_id = opts.client_id,
         client_secret = opts.client_secret,
         scope = opts.scope,
         api = sandbox.api_url(),
-    );
-    // Named for what it is: there is no file (shows in /status and errors).
-    let config = Config::parse(&toml, Path::new(DEMO_CONFIG)).context("demo config")?;
-    let running = flinks_proxy::start(config)
-        .await
-        .context("starting the proxy")?;
+    )
+}
+
+/// What the demo prints: where everything listens and what to try.
+fn print_demo_guide(
+    running: &flinks_proxy::Running,
+    sandbox: &flinks_proxy::sandbox::Sandbox,
+    opts: &flinks_proxy::sandbox::SandboxOptions,
+    folder: &Path,
+) {
     let p = running.proxy_addr();
     println!();
     println!("flinks-proxy demo: a Flinks-like sandbox with the proxy in front.");
@@ -645,6 +644,31 @@ connections = "users"
         );
     }
     println!();
+}
+
+async fn demo_inner(listen: &str, admin: &str, expires_in: u64) -> anyhow::Result<()> {
+    use flinks_proxy::sandbox::{Sandbox, SandboxOptions, SandboxUser};
+    let opts = SandboxOptions {
+        expires_in: Some(expires_in),
+        users: vec![SandboxUser::new("alice"), SandboxUser::new("bob")],
+        ..SandboxOptions::default()
+    };
+    let sandbox = Sandbox::start(opts.clone())
+        .await
+        .context("starting the sandbox")?;
+    // The per-user connections live in an SQLite store in a temporary
+    // folder, sealed with a fresh key.
+    let folder = std::env::temp_dir().join(format!("flinks-proxy-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&folder).context("demo folder")?;
+    let key = flinks_proxy::ground::crypto::generate_key().context("store key")?;
+    let db = folder.join("connections.db");
+    let toml = demo_toml(listen, admin, &sandbox, &opts, &db, &key);
+    // Named for what it is: there is no file (shows in /status and errors).
+    let config = Config::parse(&toml, Path::new(DEMO_CONFIG)).context("demo config")?;
+    let running = flinks_proxy::start(config)
+        .await
+        .context("starting the proxy")?;
+    print_demo_guide(&running, &sandbox, &opts, &folder);
     println!("Ctrl-C to stop.");
     tokio::signal::ctrl_c()
         .await
