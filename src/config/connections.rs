@@ -135,23 +135,7 @@ impl Ctx {
             .map(|s| s.resolve(&self.base))
             .transpose()
             .map_err(|m| self.err(&key("client_secret"), m))?;
-        let select = p
-            .select_header
-            .unwrap_or_else(|| DEFAULT_SELECT_HEADER.to_owned());
-        let select_header = HeaderName::from_bytes(select.as_bytes()).map_err(|_| {
-            self.err(
-                &key("select_header"),
-                format!("{select:?} is not a header name"),
-            )
-        })?;
-        if crate::headers::is_reserved_header(&select_header)
-            || select_header == http::header::AUTHORIZATION
-        {
-            return Err(self.err(
-                &key("select_header"),
-                format!("{select_header} is managed by the proxy"),
-            ));
-        }
+        let select_header = self.select_header(&key("select_header"), p.select_header)?;
         let cache_size = p.cache_size.unwrap_or(DEFAULT_CACHE_SIZE);
         if cache_size == 0 {
             return Err(self.err(&key("cache_size"), "must be at least 1".into()));
@@ -187,6 +171,20 @@ impl Ctx {
             cache_size,
             refresh_concurrency,
         })
+    }
+
+    /// `select_header` (default [`DEFAULT_SELECT_HEADER`]): a header the
+    /// proxy does not manage itself.
+    fn select_header(&self, key: &str, name: Option<String>) -> Result<HeaderName, ConfigError> {
+        let select = name.unwrap_or_else(|| DEFAULT_SELECT_HEADER.to_owned());
+        let select_header = HeaderName::from_bytes(select.as_bytes())
+            .map_err(|_| self.err(key, format!("{select:?} is not a header name")))?;
+        if crate::headers::is_reserved_header(&select_header)
+            || select_header == http::header::AUTHORIZATION
+        {
+            return Err(self.err(key, format!("{select_header} is managed by the proxy")));
+        }
+        Ok(select_header)
     }
 }
 

@@ -269,58 +269,28 @@ impl Ctx {
 
     /// Which keys each grant requires or refuses.
     fn grant_keys(&self, name: &str, c: &RawCredential) -> Result<(), ConfigError> {
-        let key = |k: &str| format!("credentials.{name}.{k}");
-        let only = |k: &str, set: bool, grants: &str| {
-            if set {
-                Err(self.err(&key(k), format!("is only used with grant_type = {grants}")))
-            } else {
-                Ok(())
-            }
-        };
-        let required = |k: &str, set: bool, grant: &str| {
-            if set {
-                Ok(())
-            } else {
-                Err(self.err(
-                    &key(k),
-                    format!("is required with grant_type = \"{grant}\""),
-                ))
-            }
-        };
+        const REFRESH: &str = "\"refresh_token\"";
         const CODE: &str = "\"authorization_code\"";
+        const REFRESH_OR_CODE: &str = "\"refresh_token\" or \"authorization_code\"";
+        const NOT_CODE: &str = "\"client_credentials\" or \"refresh_token\"";
+        let keys = GrantKeys { ctx: self, name };
         match c.grant_type {
             GrantType::ClientCredentials => {
-                only(
-                    "refresh_token",
-                    c.refresh_token.is_some(),
-                    "\"refresh_token\"",
-                )?;
-                only("code", c.code.is_some(), CODE)?;
-                only("redirect_uri", c.redirect_uri.is_some(), CODE)?;
-                only(
-                    "state_file",
-                    c.state_file.is_some(),
-                    "\"refresh_token\" or \"authorization_code\"",
-                )?;
+                keys.only("refresh_token", c.refresh_token.is_some(), REFRESH)?;
+                keys.only("code", c.code.is_some(), CODE)?;
+                keys.only("redirect_uri", c.redirect_uri.is_some(), CODE)?;
+                keys.only("state_file", c.state_file.is_some(), REFRESH_OR_CODE)?;
             }
             GrantType::RefreshToken => {
-                only("code", c.code.is_some(), CODE)?;
-                only("redirect_uri", c.redirect_uri.is_some(), CODE)?;
-                required("refresh_token", c.refresh_token.is_some(), "refresh_token")?;
+                keys.only("code", c.code.is_some(), CODE)?;
+                keys.only("redirect_uri", c.redirect_uri.is_some(), CODE)?;
+                keys.required("refresh_token", c.refresh_token.is_some(), "refresh_token")?;
             }
             GrantType::AuthorizationCode => {
-                only(
-                    "scope",
-                    c.scope.is_some(),
-                    "\"client_credentials\" or \"refresh_token\"",
-                )?;
-                only(
-                    "refresh_token",
-                    c.refresh_token.is_some(),
-                    "\"refresh_token\"",
-                )?;
-                required("code", c.code.is_some(), "authorization_code")?;
-                required(
+                keys.only("scope", c.scope.is_some(), NOT_CODE)?;
+                keys.only("refresh_token", c.refresh_token.is_some(), REFRESH)?;
+                keys.required("code", c.code.is_some(), "authorization_code")?;
+                keys.required(
                     "redirect_uri",
                     c.redirect_uri.is_some(),
                     "authorization_code",
@@ -329,7 +299,7 @@ impl Ctx {
         }
         if c.shared && c.grant_type != GrantType::ClientCredentials {
             return Err(self.err(
-                &key("shared"),
+                &keys.key("shared"),
                 "is only for grant_type = \"client_credentials\" (refresh grants share their tokens whenever there is a [store])".into(),
             ));
         }
@@ -371,6 +341,38 @@ impl Ctx {
             .collect();
         unique_state_files(&credentials).map_err(|(k, m)| self.err(&k, m))?;
         Ok(credentials)
+    }
+}
+
+/// The keys of one `[credentials.NAME]`, for the grant rules' two errors.
+struct GrantKeys<'a> {
+    ctx: &'a Ctx,
+    name: &'a str,
+}
+
+impl GrantKeys<'_> {
+    fn key(&self, k: &str) -> String {
+        format!("credentials.{}.{k}", self.name)
+    }
+
+    /// `k` is set, but only `grants` (quoted, as printed) use it.
+    fn only(&self, k: &str, set: bool, grants: &str) -> Result<(), ConfigError> {
+        if set {
+            let message = format!("is only used with grant_type = {grants}");
+            Err(self.ctx.err(&self.key(k), message))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `k` is missing, and `grant` needs it.
+    fn required(&self, k: &str, set: bool, grant: &str) -> Result<(), ConfigError> {
+        if set {
+            Ok(())
+        } else {
+            let message = format!("is required with grant_type = \"{grant}\"");
+            Err(self.ctx.err(&self.key(k), message))
+        }
     }
 }
 

@@ -145,79 +145,14 @@ impl Ctx {
         earlier: &[RouteConfig],
     ) -> Result<RouteConfig, ConfigError> {
         let key = |k: &str| format!("routes.{name}.{k}");
-        let auth = match (r.credential, r.connections) {
-            (Some(c), None) if credentials.contains_key(&c) => RouteAuth::Credential(c),
-            (Some(c), None) => {
-                return Err(self.err(
-                    &key("credential"),
-                    format!("no [credentials.{c}] is defined"),
-                ))
-            }
-            (None, Some(p)) if pools.contains_key(&p) => RouteAuth::Connections(p),
-            (None, Some(p)) => {
-                return Err(self.err(
-                    &key("connections"),
-                    format!("no [connections.{p}] is defined"),
-                ))
-            }
-            (Some(_), Some(_)) | (None, None) => {
-                return Err(self.err(
-                    &key("credential"),
-                    "set exactly one of credential and connections".into(),
-                ))
-            }
-        };
-        let upstream: Uri = parse_url(&r.upstream).map_err(|m| self.err(&key("upstream"), m))?;
-        if upstream.query().is_some() {
-            return Err(self.err(&key("upstream"), "must not have a query string".into()));
-        }
-        let parts = upstream.into_parts();
-        let base_path = parts
-            .path_and_query
-            .map(|p| p.path().trim_end_matches('/').to_owned())
-            .unwrap_or_default();
+        let auth = self.route_auth(name, r.credential, r.connections, credentials, pools)?;
+        let upstream = self.upstream(&key("upstream"), &r.upstream)?;
         let prefix = r.path_prefix;
-        if !prefix.starts_with('/') {
-            return Err(self.err(&key("path_prefix"), "must start with '/'".into()));
-        }
-        if let Some(strip) = &r.strip_prefix {
-            // strip_prefix must be a '/'-bounded prefix of path_prefix.
-            if !strip.starts_with('/') || !prefix_matches(strip, &prefix) {
-                return Err(self.err(
-                    &key("strip_prefix"),
-                    format!("must be a '/'-bounded prefix of path_prefix {prefix:?}"),
-                ));
-            }
-        }
-        let host = match r.host {
-            Some(h) => {
-                let h = h.to_ascii_lowercase();
-                if h.parse::<Authority>().is_err() || h.contains('/') || h.is_empty() {
-                    return Err(self.err(&key("host"), format!("{h:?} is not a host name")));
-                }
-                Some(h)
-            }
-            None => None,
-        };
+        self.path_prefix(name, &prefix, r.strip_prefix.as_deref())?;
+        let host = self.route_host(&key("host"), r.host)?;
         let header = self.token_header(&key("header"), r.header)?;
-        let scheme = match r.scheme.as_deref() {
-            None | Some("Bearer") => AuthScheme::Bearer,
-            Some("") => AuthScheme::Bare,
-            Some(s) if s.bytes().all(|b| b.is_ascii_graphic()) => AuthScheme::Other(s.to_owned()),
-            Some(s) => return Err(self.err(&key("scheme"), format!("{s:?} is not a valid scheme"))),
-        };
-        let mut reauth_on = Vec::new();
-        for code in r.reauth_on.unwrap_or_else(|| vec![401]) {
-            match StatusCode::from_u16(code) {
-                Ok(s) if (400..600).contains(&code) => reauth_on.push(s),
-                _ => {
-                    return Err(self.err(
-                        &key("reauth_on"),
-                        format!("{code} is not an HTTP error status (400-599)"),
-                    ))
-                }
-            }
-        }
+        let scheme = self.auth_scheme(&key("scheme"), r.scheme.as_deref())?;
+        let reauth_on = self.reauth_on(&key("reauth_on"), r.reauth_on)?;
         let ca_certs = self.load_certs(&key("ca_file"), &r.ca_file)?;
         let max_connections = r
             .max_connections
@@ -242,11 +177,11 @@ impl Ctx {
             host,
             path_prefix: prefix,
             strip_prefix: r.strip_prefix,
-            upstream_scheme: parts.scheme.unwrap_or(Scheme::HTTP),
-            upstream_authority: parts
+            upstream_scheme: upstream.scheme.unwrap_or(Scheme::HTTP),
+            upstream_authority: upstream
                 .authority
                 .ok_or_else(|| self.err(&key("upstream"), "has no host".into()))?,
-            upstream_base_path: base_path,
+            upstream_base_path: upstream.base_path,
             auth,
             header,
             scheme,
@@ -255,6 +190,122 @@ impl Ctx {
             preserve_host: r.preserve_host,
             max_connections,
         })
+    }
+
+    /// `credential` or `connections`: exactly one, naming a table that
+    /// exists.
+    fn route_auth(
+        &self,
+        name: &str,
+        credential: Option<String>,
+        connections: Option<String>,
+        credentials: &BTreeMap<String, Arc<CredentialConfig>>,
+        pools: &BTreeMap<String, Arc<PoolConfig>>,
+    ) -> Result<RouteAuth, ConfigError> {
+        let key = |k: &str| format!("routes.{name}.{k}");
+        match (credential, connections) {
+            (Some(c), None) if credentials.contains_key(&c) => Ok(RouteAuth::Credential(c)),
+            (Some(c), None) => Err(self.err(
+                &key("credential"),
+                format!("no [credentials.{c}] is defined"),
+            )),
+            (None, Some(p)) if pools.contains_key(&p) => Ok(RouteAuth::Connections(p)),
+            (None, Some(p)) => Err(self.err(
+                &key("connections"),
+                format!("no [connections.{p}] is defined"),
+            )),
+            (Some(_), Some(_)) | (None, None) => Err(self.err(
+                &key("credential"),
+                "set exactly one of credential and connections".into(),
+            )),
+        }
+    }
+
+    /// `upstream`: an http(s) URL without a query string. The caller
+    /// checks its authority, last (`parse_url` already requires a host).
+    fn upstream(&self, key: &str, url: &str) -> Result<Upstream, ConfigError> {
+        let upstream: Uri = parse_url(url).map_err(|m| self.err(key, m))?;
+        if upstream.query().is_some() {
+            return Err(self.err(key, "must not have a query string".into()));
+        }
+        let parts = upstream.into_parts();
+        let base_path = parts
+            .path_and_query
+            .map(|p| p.path().trim_end_matches('/').to_owned())
+            .unwrap_or_default();
+        Ok(Upstream {
+            scheme: parts.scheme,
+            authority: parts.authority,
+            base_path,
+        })
+    }
+
+    /// `path_prefix` starts with '/'; `strip_prefix`, when set, is a
+    /// '/'-bounded prefix of it.
+    fn path_prefix(
+        &self,
+        name: &str,
+        prefix: &str,
+        strip: Option<&str>,
+    ) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("routes.{name}.{k}");
+        if !prefix.starts_with('/') {
+            return Err(self.err(&key("path_prefix"), "must start with '/'".into()));
+        }
+        if let Some(strip) = strip {
+            // strip_prefix must be a '/'-bounded prefix of path_prefix.
+            if !strip.starts_with('/') || !prefix_matches(strip, prefix) {
+                return Err(self.err(
+                    &key("strip_prefix"),
+                    format!("must be a '/'-bounded prefix of path_prefix {prefix:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `host`: a host name, lower-cased.
+    fn route_host(&self, key: &str, host: Option<String>) -> Result<Option<String>, ConfigError> {
+        let Some(h) = host else {
+            return Ok(None);
+        };
+        let h = h.to_ascii_lowercase();
+        if h.parse::<Authority>().is_err() || h.contains('/') || h.is_empty() {
+            return Err(self.err(key, format!("{h:?} is not a host name")));
+        }
+        Ok(Some(h))
+    }
+
+    /// `scheme`: how the token is written (default `Bearer`; "" for bare).
+    fn auth_scheme(&self, key: &str, scheme: Option<&str>) -> Result<AuthScheme, ConfigError> {
+        match scheme {
+            None | Some("Bearer") => Ok(AuthScheme::Bearer),
+            Some("") => Ok(AuthScheme::Bare),
+            Some(s) if s.bytes().all(|b| b.is_ascii_graphic()) => {
+                Ok(AuthScheme::Other(s.to_owned()))
+            }
+            Some(s) => Err(self.err(key, format!("{s:?} is not a valid scheme"))),
+        }
+    }
+
+    /// `reauth_on`: HTTP error statuses (default 401).
+    fn reauth_on(
+        &self,
+        key: &str,
+        codes: Option<Vec<u16>>,
+    ) -> Result<Vec<StatusCode>, ConfigError> {
+        let mut reauth_on = Vec::new();
+        for code in codes.unwrap_or_else(|| vec![401]) {
+            match StatusCode::from_u16(code) {
+                Ok(s) if (400..600).contains(&code) => reauth_on.push(s),
+                _ => {
+                    return Err(
+                        self.err(key, format!("{code} is not an HTTP error status (400-599)"))
+                    )
+                }
+            }
+        }
+        Ok(reauth_on)
     }
 
     /// The header a route puts its token in (default `Authorization`).
@@ -270,6 +321,14 @@ impl Ctx {
         }
         Ok(header)
     }
+}
+
+/// A route's `upstream` URL, split.
+struct Upstream {
+    scheme: Option<Scheme>,
+    authority: Option<Authority>,
+    /// "" or "/base", no trailing slash.
+    base_path: String,
 }
 
 /// `prefix` matches `path` at a `/` boundary: `/api` matches `/api` and

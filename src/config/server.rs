@@ -150,6 +150,25 @@ impl fmt::Debug for ServerConfig {
 impl Ctx {
     /// `[server]`.
     pub(super) fn server(&self, s: RawServer) -> Result<ServerConfig, ConfigError> {
+        let tls = self.server_tls(&s)?;
+        self.server_limits(&s)?;
+        Ok(ServerConfig {
+            listen: s.listen,
+            mtls: s.client_ca.is_some(),
+            tls,
+            request_timeout: s.request_timeout,
+            header_read_timeout: s.header_read_timeout,
+            idle_timeout: s.idle_timeout,
+            replay_buffer_limit: s.replay_buffer_limit,
+            max_connections: s.max_connections,
+            workers: s.workers,
+            shutdown_grace: s.shutdown_grace,
+        })
+    }
+
+    /// `tls_cert` and `tls_key` together, `client_ca` only with them;
+    /// loaded here so that a bad file fails the config.
+    fn server_tls(&self, s: &RawServer) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
         let base = &self.base;
         let tls = match (&s.tls_cert, &s.tls_key) {
             (None, None) => {
@@ -175,6 +194,11 @@ impl Ctx {
                 return Err(self.err("server.tls_cert", "is required with server.tls_key".into()))
             }
         };
+        Ok(tls)
+    }
+
+    /// Connection and timeout bounds: positive, and far from overflowing.
+    fn server_limits(&self, s: &RawServer) -> Result<(), ConfigError> {
         if s.max_connections == 0 {
             return Err(self.err("server.max_connections", "must be at least 1".into()));
         }
@@ -203,18 +227,7 @@ impl Ctx {
                 return Err(self.err(key, "must be at most 1 day".into()));
             }
         }
-        Ok(ServerConfig {
-            listen: s.listen,
-            mtls: s.client_ca.is_some(),
-            tls,
-            request_timeout: s.request_timeout,
-            header_read_timeout: s.header_read_timeout,
-            idle_timeout: s.idle_timeout,
-            replay_buffer_limit: s.replay_buffer_limit,
-            max_connections: s.max_connections,
-            workers: s.workers,
-            shutdown_grace: s.shutdown_grace,
-        })
+        Ok(())
     }
 }
 
