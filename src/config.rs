@@ -7,7 +7,7 @@
 //! it, the line. This module builds nothing that runs: see `runtime`.
 //!
 //! One file per table, each holding the table as written (its serde
-//! struct), as validated, its defaults and the [`Ctx`] method between the
+//! struct), as validated, its defaults and the `Ctx` method between the
 //! two: `server`, `admin`, `log`, `access`, `store`, `credentials` (with
 //! the token endpoint settings `connections` shares), `connections`,
 //! `routes`; `units` holds the value syntaxes several tables use. This file
@@ -108,6 +108,7 @@ pub struct Config {
     pub pools: BTreeMap<String, Arc<PoolConfig>>,
 }
 
+/// The file as written: one raw struct per table, each in its table's file.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
