@@ -13,10 +13,10 @@
 //! `routes`; `units` holds the value syntaxes several tables use. This file
 //! holds `Config` and the order the tables are validated in.
 //!
-//! `config` is the bottom layer: it uses `secret`, the header policy and
-//! TLS loading, and imports nothing above it (no tokens, store backends,
-//! connections, proxy, server or admin), with one exception left to remove:
-//! `[store] key` is checked by decoding it with `store::crypto::Key`.
+//! Below `config` are only the ground helpers (secrets, the store key's
+//! decoder) and the transport helpers (header policy, TLS loading); it
+//! imports nothing above it: no tokens, store or store backends,
+//! connections, proxy, server or admin.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
