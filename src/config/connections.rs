@@ -1,0 +1,197 @@
+//! `[connections.NAME]`: per-user connection pools. One OAuth client
+//! whose users' tokens are kept in the `[store]`; a request names its
+//! connection in a header. Shares its token endpoint settings with
+//! `[credentials.NAME]`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::Uri;
+use rustls::pki_types::CertificateDer;
+use serde::Deserialize;
+
+use crate::ground::secret::{Secret, SecretSource};
+
+use super::credentials::{d_refresh_before, d_token_timeout, EndpointKeys};
+use super::{BodyFormat, ClientAuth, ConfigError, Ctx};
+
+/// The header that names a connection on a pooled route.
+pub const DEFAULT_SELECT_HEADER: &str = "x-flinks-connection";
+/// Flinks answers 401 with `"code": "602"` when the user's consent is gone.
+pub const DEFAULT_REVOKED_CODES: &[&str] = &["602"];
+/// Access tokens kept in memory per pool: 10,000 users fit in a few MiB.
+pub const DEFAULT_CACHE_SIZE: u64 = 10_000;
+/// Refreshes per pool in flight at once: a thousand connections entering
+/// their refresh window together must not send a thousand token requests
+/// (nor exhaust the store's connections). Refreshes a request waits for
+/// queue for a slot; background ones skip when none is free and are tried
+/// at a later request (the token is still good).
+pub const DEFAULT_REFRESH_CONCURRENCY: usize = 32;
+/// More would defeat the bound.
+pub const MAX_REFRESH_CONCURRENCY: usize = 4096;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPool {
+    token_url: String,
+    client_id: String,
+    client_secret: Option<SecretSource>,
+    scope: Option<String>,
+    redirect_uri: Option<String>,
+    #[serde(default)]
+    client_auth: ClientAuth,
+    #[serde(default)]
+    body_format: BodyFormat,
+    #[serde(default = "d_refresh_before", with = "humantime_serde")]
+    refresh_before: Duration,
+    #[serde(default = "d_token_timeout", with = "humantime_serde")]
+    token_timeout: Duration,
+    #[serde(default)]
+    extra: BTreeMap<String, String>,
+    ca_file: Option<PathBuf>,
+    select_header: Option<String>,
+    revoked_codes: Option<Vec<String>>,
+    cache_size: Option<u64>,
+    refresh_concurrency: Option<usize>,
+}
+
+/// One `[connections.NAME]`: an OAuth client whose users' tokens are kept
+/// in the store. Compared whole on reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// The table name.
+    pub name: String,
+    /// The token endpoint.
+    pub token_url: Uri,
+    /// OAuth client id.
+    pub client_id: String,
+    /// OAuth client secret.
+    pub client_secret: Option<Secret>,
+    /// Requested scope on refresh.
+    pub scope: Option<String>,
+    /// Sent with codes when the admin request names none.
+    pub redirect_uri: Option<String>,
+    /// Body fields or HTTP Basic.
+    pub client_auth: ClientAuth,
+    /// JSON or form body.
+    pub body_format: BodyFormat,
+    /// Renew this long before expiry (capped at half the lifetime).
+    pub refresh_before: Duration,
+    /// One token request, end to end.
+    pub token_timeout: Duration,
+    /// Extra token request fields.
+    pub extra: Vec<(String, String)>,
+    /// Extra trust roots for the token endpoint.
+    pub ca_certs: Vec<CertificateDer<'static>>,
+    /// The request header naming the connection (removed before forwarding).
+    pub select_header: HeaderName,
+    /// Upstream error `code`s meaning the user's consent is gone.
+    pub revoked_codes: Vec<String>,
+    /// Access tokens kept in memory.
+    pub cache_size: u64,
+    /// Refreshes of this pool's connections in flight at once, at most.
+    pub refresh_concurrency: usize,
+}
+
+impl Ctx {
+    /// Every `[connections.NAME]` pool.
+    pub(super) fn pools(
+        &self,
+        raw: BTreeMap<String, RawPool>,
+    ) -> Result<BTreeMap<String, Arc<PoolConfig>>, ConfigError> {
+        let mut pools = BTreeMap::new();
+        for (name, p) in raw {
+            let pool = self.pool(&name, p)?;
+            pools.insert(name, Arc::new(pool));
+        }
+        Ok(pools)
+    }
+
+    /// One `[connections.NAME]` pool.
+    fn pool(&self, name: &str, p: RawPool) -> Result<PoolConfig, ConfigError> {
+        let key = |k: &str| format!("connections.{name}.{k}");
+        if !valid_pool_name(name) {
+            return Err(self.err(
+                &format!("connections.{name}"),
+                "a pool name is 1-64 of A-Z a-z 0-9 . _ - (it appears in admin URLs)".into(),
+            ));
+        }
+        let (token_url, ca_certs) = self.endpoint(
+            &key(""),
+            &EndpointKeys {
+                token_url: &p.token_url,
+                client_id: &p.client_id,
+                token_timeout: p.token_timeout,
+                extra: &p.extra,
+                ca_file: &p.ca_file,
+            },
+        )?;
+        let client_secret = p
+            .client_secret
+            .as_ref()
+            .map(|s| s.resolve(&self.base))
+            .transpose()
+            .map_err(|m| self.err(&key("client_secret"), m))?;
+        let select_header = self.select_header(&key("select_header"), p.select_header)?;
+        let cache_size = p.cache_size.unwrap_or(DEFAULT_CACHE_SIZE);
+        if cache_size == 0 {
+            return Err(self.err(&key("cache_size"), "must be at least 1".into()));
+        }
+        let refresh_concurrency = p.refresh_concurrency.unwrap_or(DEFAULT_REFRESH_CONCURRENCY);
+        if !(1..=MAX_REFRESH_CONCURRENCY).contains(&refresh_concurrency) {
+            return Err(self.err(
+                &key("refresh_concurrency"),
+                format!("must be 1 to {MAX_REFRESH_CONCURRENCY}"),
+            ));
+        }
+        let revoked_codes = p.revoked_codes.unwrap_or_else(|| {
+            DEFAULT_REVOKED_CODES
+                .iter()
+                .map(|c| (*c).to_owned())
+                .collect()
+        });
+        Ok(PoolConfig {
+            name: name.to_owned(),
+            token_url,
+            client_id: p.client_id,
+            client_secret,
+            scope: p.scope,
+            redirect_uri: p.redirect_uri,
+            client_auth: p.client_auth,
+            body_format: p.body_format,
+            refresh_before: p.refresh_before,
+            token_timeout: p.token_timeout,
+            extra: p.extra.into_iter().collect(),
+            ca_certs,
+            select_header,
+            revoked_codes,
+            cache_size,
+            refresh_concurrency,
+        })
+    }
+
+    /// `select_header` (default [`DEFAULT_SELECT_HEADER`]): a header the
+    /// proxy does not manage itself.
+    fn select_header(&self, key: &str, name: Option<String>) -> Result<HeaderName, ConfigError> {
+        let select = name.unwrap_or_else(|| DEFAULT_SELECT_HEADER.to_owned());
+        let select_header = HeaderName::from_bytes(select.as_bytes())
+            .map_err(|_| self.err(key, format!("{select:?} is not a header name")))?;
+        if crate::net::headers::is_reserved_header(&select_header)
+            || select_header == http::header::AUTHORIZATION
+        {
+            return Err(self.err(key, format!("{select_header} is managed by the proxy")));
+        }
+        Ok(select_header)
+    }
+}
+
+/// Pool names appear in admin URLs and the store: keep them plain.
+fn valid_pool_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}

@@ -1,0 +1,480 @@
+//! `[credentials.NAME]`: one OAuth client and grant whose tokens the proxy
+//! obtains and keeps, and the token endpoint settings (URL, client, body
+//! format, client authentication, timeouts, extra fields, trust roots)
+//! that `[connections.NAME]` pools share with it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Uri;
+use rustls::pki_types::CertificateDer;
+use serde::Deserialize;
+
+use crate::ground::secret::{Secret, SecretSource};
+
+use super::units::{duration, parse_url};
+use super::{ConfigError, Ctx, StoreConfig};
+
+/// Renew a token this long before it expires (capped at half its lifetime).
+pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(60);
+/// One token request, end to end.
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the token request body is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyFormat {
+    /// `application/json` (Flinks).
+    #[default]
+    Json,
+    /// `application/x-www-form-urlencoded` (RFC 6749).
+    Form,
+}
+
+impl BodyFormat {
+    /// The config value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BodyFormat::Json => "json",
+            BodyFormat::Form => "form",
+        }
+    }
+}
+
+/// Where the client credentials go in a token request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// `client_id` and `client_secret` as body fields (Flinks).
+    #[default]
+    Body,
+    /// HTTP Basic authentication (RFC 6749 §2.3.1).
+    Basic,
+}
+
+impl ClientAuth {
+    /// The config value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAuth::Body => "body",
+            ClientAuth::Basic => "basic",
+        }
+    }
+}
+
+/// The OAuth 2.0 grant a credential uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantType {
+    /// Application tokens from client id and secret.
+    ClientCredentials,
+    /// Access tokens from a long-lived refresh token.
+    RefreshToken,
+    /// A one-time code exchanged for a refresh token, then `RefreshToken`.
+    AuthorizationCode,
+}
+
+impl GrantType {
+    /// The `grant_type` value on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantType::ClientCredentials => "client_credentials",
+            GrantType::RefreshToken => "refresh_token",
+            GrantType::AuthorizationCode => "authorization_code",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCredential {
+    token_url: String,
+    grant_type: GrantType,
+    client_id: String,
+    client_secret: Option<SecretSource>,
+    scope: Option<String>,
+    #[serde(default)]
+    client_auth: ClientAuth,
+    #[serde(default)]
+    body_format: BodyFormat,
+    #[serde(default = "d_refresh_before", with = "duration")]
+    refresh_before: Duration,
+    #[serde(default = "d_token_timeout", with = "duration")]
+    token_timeout: Duration,
+    refresh_token: Option<SecretSource>,
+    code: Option<SecretSource>,
+    redirect_uri: Option<String>,
+    state_file: Option<PathBuf>,
+    #[serde(default)]
+    shared: bool,
+    #[serde(default)]
+    extra: BTreeMap<String, String>,
+    ca_file: Option<PathBuf>,
+}
+
+pub(super) fn d_refresh_before() -> Duration {
+    DEFAULT_REFRESH_BEFORE
+}
+pub(super) fn d_token_timeout() -> Duration {
+    DEFAULT_TOKEN_TIMEOUT
+}
+
+/// One `[credentials.NAME]`: everything needed to obtain its tokens.
+/// Compared whole on reload: an unchanged credential keeps its token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CredentialConfig {
+    /// The table name.
+    pub name: String,
+    /// The token endpoint.
+    pub token_url: Uri,
+    /// Which grant.
+    pub grant_type: GrantType,
+    /// OAuth client id (not secret, printed by `check`).
+    pub client_id: String,
+    /// OAuth client secret.
+    pub client_secret: Option<Secret>,
+    /// Requested scope.
+    pub scope: Option<String>,
+    /// Body fields or HTTP Basic.
+    pub client_auth: ClientAuth,
+    /// JSON or form body.
+    pub body_format: BodyFormat,
+    /// Renew this long before expiry (capped at half the lifetime).
+    pub refresh_before: Duration,
+    /// One token request, end to end.
+    pub token_timeout: Duration,
+    /// The configured refresh token (`refresh_token` grant).
+    pub refresh_token: Option<Secret>,
+    /// The authorization code (`authorization_code` grant).
+    pub code: Option<Secret>,
+    /// The redirect URI sent with the code.
+    pub redirect_uri: Option<String>,
+    /// Where the refresh token is kept across restarts (without a store).
+    pub state_file: Option<PathBuf>,
+    /// `shared = true` (client_credentials): one token for every replica,
+    /// kept in the store.
+    pub shared: bool,
+    /// Its tokens live in the `[store]` (refresh grants whenever there is a
+    /// store; client_credentials with `shared = true`), under the store's
+    /// cross-replica lease, instead of `state_file`.
+    pub in_store: bool,
+    /// Extra token request fields.
+    pub extra: Vec<(String, String)>,
+    /// Extra trust roots for the token endpoint.
+    pub ca_certs: Vec<CertificateDer<'static>>,
+}
+
+impl CredentialConfig {
+    /// Whether the token URL is plain `http://` to a host beyond loopback:
+    /// the client secret and refresh token then travel in clear.
+    pub fn sends_secrets_in_clear(&self) -> bool {
+        if self.token_url.scheme() != Some(&http::uri::Scheme::HTTP) {
+            return false;
+        }
+        let host = self.token_url.host().unwrap_or("");
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        !loopback
+    }
+}
+
+impl Ctx {
+    /// Every `[credentials.NAME]`, before the `[store]` is known.
+    pub(super) fn credentials(
+        &self,
+        raw: BTreeMap<String, RawCredential>,
+    ) -> Result<BTreeMap<String, CredentialConfig>, ConfigError> {
+        let mut credentials = BTreeMap::new();
+        for (name, c) in raw {
+            let cred = self.credential(&name, c)?;
+            credentials.insert(name, cred);
+        }
+        Ok(credentials)
+    }
+
+    /// One `[credentials.NAME]`.
+    fn credential(&self, name: &str, c: RawCredential) -> Result<CredentialConfig, ConfigError> {
+        let key = |k: &str| format!("credentials.{name}.{k}");
+        let resolve = |k: &str, s: &Option<SecretSource>| {
+            s.as_ref()
+                .map(|s| s.resolve(&self.base))
+                .transpose()
+                .map_err(|m| self.err(&key(k), m))
+        };
+        self.grant_keys(name, &c)?;
+        let (token_url, ca_certs) = self.endpoint(
+            &key(""),
+            &EndpointKeys {
+                token_url: &c.token_url,
+                client_id: &c.client_id,
+                token_timeout: c.token_timeout,
+                extra: &c.extra,
+                ca_file: &c.ca_file,
+            },
+        )?;
+        Ok(CredentialConfig {
+            name: name.to_owned(),
+            token_url,
+            grant_type: c.grant_type,
+            client_id: c.client_id,
+            client_secret: resolve("client_secret", &c.client_secret)?,
+            scope: c.scope,
+            client_auth: c.client_auth,
+            body_format: c.body_format,
+            refresh_before: c.refresh_before,
+            token_timeout: c.token_timeout,
+            refresh_token: resolve("refresh_token", &c.refresh_token)?,
+            code: resolve("code", &c.code)?,
+            redirect_uri: c.redirect_uri,
+            state_file: c.state_file.map(|p| self.base.join(p)),
+            shared: c.shared,
+            in_store: false,
+            extra: c.extra.into_iter().collect(),
+            ca_certs,
+        })
+    }
+
+    /// What credentials and pools share about their token endpoint:
+    /// `token_url`, `client_id`, `token_timeout`, `extra`, `ca_file`.
+    /// `prefix` is the table's key path ending in a dot.
+    pub(super) fn endpoint(
+        &self,
+        prefix: &str,
+        e: &EndpointKeys<'_>,
+    ) -> Result<(Uri, Vec<CertificateDer<'static>>), ConfigError> {
+        let key = |k: &str| format!("{prefix}{k}");
+        let token_url = parse_url(e.token_url).map_err(|m| self.err(&key("token_url"), m))?;
+        if e.client_id.is_empty() {
+            return Err(self.err(&key("client_id"), "is empty".into()));
+        }
+        if e.token_timeout.is_zero() {
+            return Err(self.err(&key("token_timeout"), "must be greater than zero".into()));
+        }
+        for k in e.extra.keys() {
+            if RESERVED_TOKEN_FIELDS.contains(&k.as_str()) {
+                return Err(self.err(
+                    &key(&format!("extra.{k}")),
+                    "is set by the proxy itself; use the dedicated key".into(),
+                ));
+            }
+        }
+        let ca_certs = self.load_certs(&key("ca_file"), e.ca_file)?;
+        Ok((token_url, ca_certs))
+    }
+
+    /// Which keys each grant requires or refuses.
+    fn grant_keys(&self, name: &str, c: &RawCredential) -> Result<(), ConfigError> {
+        const REFRESH: &str = "\"refresh_token\"";
+        const CODE: &str = "\"authorization_code\"";
+        const REFRESH_OR_CODE: &str = "\"refresh_token\" or \"authorization_code\"";
+        const NOT_CODE: &str = "\"client_credentials\" or \"refresh_token\"";
+        let keys = GrantKeys { ctx: self, name };
+        match c.grant_type {
+            GrantType::ClientCredentials => {
+                keys.only("refresh_token", c.refresh_token.is_some(), REFRESH)?;
+                keys.only("code", c.code.is_some(), CODE)?;
+                keys.only("redirect_uri", c.redirect_uri.is_some(), CODE)?;
+                keys.only("state_file", c.state_file.is_some(), REFRESH_OR_CODE)?;
+            }
+            GrantType::RefreshToken => {
+                keys.only("code", c.code.is_some(), CODE)?;
+                keys.only("redirect_uri", c.redirect_uri.is_some(), CODE)?;
+                keys.required("refresh_token", c.refresh_token.is_some(), "refresh_token")?;
+            }
+            GrantType::AuthorizationCode => {
+                keys.only("scope", c.scope.is_some(), NOT_CODE)?;
+                keys.only("refresh_token", c.refresh_token.is_some(), REFRESH)?;
+                keys.required("code", c.code.is_some(), "authorization_code")?;
+                keys.required(
+                    "redirect_uri",
+                    c.redirect_uri.is_some(),
+                    "authorization_code",
+                )?;
+            }
+        }
+        if c.shared && c.grant_type != GrantType::ClientCredentials {
+            return Err(self.err(
+                &keys.key("shared"),
+                "is only for grant_type = \"client_credentials\" (refresh grants share their tokens whenever there is a [store])".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What the `[store]` changes for credentials: refresh grants (and
+    /// `shared` client_credentials) keep their tokens there; without one,
+    /// `authorization_code` needs a `state_file` and `shared` is an error.
+    /// Then no two credentials may share a state file.
+    pub(super) fn credentials_and_store(
+        &self,
+        mut credentials: BTreeMap<String, CredentialConfig>,
+        store: Option<&StoreConfig>,
+    ) -> Result<BTreeMap<String, Arc<CredentialConfig>>, ConfigError> {
+        for (name, c) in credentials.iter_mut() {
+            let key = format!("credentials.{name}");
+            if store.is_none() && c.shared {
+                return Err(self.err(
+                    &format!("{key}.shared"),
+                    "needs a [store] to share the token in".into(),
+                ));
+            }
+            if store.is_none()
+                && c.grant_type == GrantType::AuthorizationCode
+                && c.state_file.is_none()
+            {
+                return Err(self.err(
+                    &format!("{key}.state_file"),
+                    "is required with grant_type = \"authorization_code\" (or a [store])".into(),
+                ));
+            }
+            c.in_store =
+                store.is_some() && (c.grant_type != GrantType::ClientCredentials || c.shared);
+        }
+        let credentials = credentials
+            .into_iter()
+            .map(|(n, c)| (n, Arc::new(c)))
+            .collect();
+        unique_state_files(&credentials).map_err(|(k, m)| self.err(&k, m))?;
+        Ok(credentials)
+    }
+}
+
+/// The keys of one `[credentials.NAME]`, for the grant rules' two errors.
+struct GrantKeys<'a> {
+    ctx: &'a Ctx,
+    name: &'a str,
+}
+
+impl GrantKeys<'_> {
+    fn key(&self, k: &str) -> String {
+        format!("credentials.{}.{k}", self.name)
+    }
+
+    /// `k` is set, but only `grants` (quoted, as printed) use it.
+    fn only(&self, k: &str, set: bool, grants: &str) -> Result<(), ConfigError> {
+        if set {
+            let message = format!("is only used with grant_type = {grants}");
+            Err(self.ctx.err(&self.key(k), message))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `k` is missing, and `grant` needs it.
+    fn required(&self, k: &str, set: bool, grant: &str) -> Result<(), ConfigError> {
+        if set {
+            Ok(())
+        } else {
+            let message = format!("is required with grant_type = \"{grant}\"");
+            Err(self.ctx.err(&self.key(k), message))
+        }
+    }
+}
+
+/// The token endpoint keys credentials and pools share, as written.
+pub(super) struct EndpointKeys<'a> {
+    pub(super) token_url: &'a str,
+    pub(super) client_id: &'a str,
+    pub(super) token_timeout: Duration,
+    pub(super) extra: &'a BTreeMap<String, String>,
+    pub(super) ca_file: &'a Option<PathBuf>,
+}
+
+/// Two credentials writing one state file would overwrite each other's
+/// refresh tokens. The error is `(key, message)`.
+fn unique_state_files(
+    credentials: &BTreeMap<String, Arc<CredentialConfig>>,
+) -> Result<(), (String, String)> {
+    let mut seen: BTreeMap<&Path, &str> = BTreeMap::new();
+    for (name, c) in credentials {
+        let Some(path) = c.state_file.as_deref() else {
+            continue;
+        };
+        if let Some(first) = seen.insert(path, name) {
+            return Err((
+                format!("credentials.{name}.state_file"),
+                format!(
+                    "{} is also the state_file of [credentials.{first}]; each credential needs its own",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Token request fields the proxy fills in; `extra` may not override them.
+const RESERVED_TOKEN_FIELDS: &[&str] = &[
+    "grant_type",
+    "client_id",
+    "client_secret",
+    "scope",
+    "code",
+    "redirect_uri",
+    "refresh_token",
+];
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::{parse, GOOD, KEY};
+
+    #[test]
+    fn grant_specific_keys_are_checked() {
+        let text = GOOD.replace(
+            "grant_type = \"client_credentials\"",
+            "grant_type = \"authorization_code\"",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("credentials.flinks.code"), "{e}");
+        let text = GOOD.replace("client_id = \"id\"", "client_id = \"id\"\ncode = \"c\"");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("credentials.flinks.code: is only used"), "{e}");
+    }
+
+    fn credential(grant_lines: &str, store: &str) -> String {
+        format!(
+            r#"
+{store}
+[credentials.c]
+token_url = "https://api.flinks.io/api/v1/token"
+client_id = "id"
+{grant_lines}
+
+[routes.r]
+upstream = "https://ob.flinksapp.com"
+credential = "c"
+"#
+        )
+    }
+
+    #[test]
+    fn a_store_keeps_refresh_grants_and_shared_client_credentials() {
+        let store = format!("[store]\nkey = \"{KEY}\"");
+        let code =
+            "grant_type = \"authorization_code\"\ncode = \"x\"\nredirect_uri = \"https://a/cb\"";
+        let e = parse(&credential(code, "")).unwrap_err().to_string();
+        assert!(e.contains("credentials.c.state_file"), "{e}");
+        let c = parse(&credential(code, &store)).unwrap();
+        assert!(
+            c.credentials["c"].in_store,
+            "no state_file needed with a store"
+        );
+        let cc = "grant_type = \"client_credentials\"";
+        assert!(!parse(&credential(cc, &store)).unwrap().credentials["c"].in_store);
+        let shared = format!("{cc}\nshared = true");
+        assert!(parse(&credential(&shared, &store)).unwrap().credentials["c"].in_store);
+        let e = parse(&credential(&shared, "")).unwrap_err().to_string();
+        assert!(
+            e.contains("credentials.c.shared") && e.contains("[store]"),
+            "{e}"
+        );
+        let rt = "grant_type = \"refresh_token\"\nrefresh_token = \"rt\"\nshared = true";
+        let e = parse(&credential(rt, &store)).unwrap_err().to_string();
+        assert!(e.contains("credentials.c.shared"), "{e}");
+    }
+}
