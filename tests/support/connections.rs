@@ -11,8 +11,7 @@ use http_body_util::Full;
 
 use super::{client, send, Resp};
 
-/// The admin API token of [`pool_toml`].
-pub const API_TOKEN: &str = "admin-test-token";
+pub use super::config::API_TOKEN;
 /// The select header's default name.
 pub const SELECT: &str = "x-flinks-connection";
 
