@@ -91,24 +91,20 @@ fn config(
     upstream: std::net::SocketAddr,
     access: bool,
 ) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[log]
-format = "json"
-access = {access}
-{cred}
-[routes.ob]
-path_prefix = "/ob"
-strip_prefix = "/ob"
-upstream = "http://{upstream}"
-credential = "flinks"
-"#,
-        cred = credential_toml(sb),
-    )
+    let log = Log {
+        format: Some("json".to_owned()),
+        access: Some(access),
+        ..Log::default()
+    };
+    let route = Route {
+        strip_prefix: Some("/ob".to_owned()),
+        ..Route::credential("/ob", &format!("http://{upstream}"), "flinks")
+    };
+    ProxyToml::listeners()
+        .credential("flinks", Credential::sandbox(sb))
+        .route("ob", route)
+        .with(|c| c.log = Some(log))
+        .toml()
 }
 
 /// The JSON access log line of the request with id `rid`.
@@ -263,16 +259,13 @@ fn access_false_writes_no_request_lines() {
 /// follows.
 #[test]
 fn passed_through_602_is_logged_as_the_upstreams_answer() {
-    use support::connections::{new_key, pool_toml, users_sandbox, API_TOKEN, SELECT};
+    use support::connections::{new_key, users_sandbox, API_TOKEN, SELECT};
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let sb = rt.block_on(users_sandbox(3600, false));
     let dir = TempDir::new();
-    let toml = pool_toml(
-        &sb,
-        &dir.join("connections.db"),
-        &new_key(),
-        "[log]\nformat = \"json\"",
-    );
+    let toml = ProxyToml::pool(&sb, &dir.join("connections.db"), &new_key())
+        .with(|c| c.log_mut().format = Some("json".to_owned()))
+        .toml();
     let cfg = dir.write("proxy.toml", toml);
     let p = ProxyProcess::start(&cfg, &[]);
     let c = client();

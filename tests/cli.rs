@@ -439,7 +439,7 @@ fn config_for_healthcheck(admin: std::net::SocketAddr) -> String {
 #[tokio::test]
 async fn healthcheck_needs_only_the_admin_address_or_a_url() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     let admin = p.admin_addr().expect("admin listener");
     let dir = TempDir::new();
     let path = dir
@@ -475,12 +475,12 @@ async fn healthcheck_needs_only_the_admin_address_or_a_url() {
 /// against its canary), and with another key (refused, naming the key ids).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_works_with_a_store_and_checks_its_key_without_writing() {
-    use support::connections::{new_key, pool_toml};
+    use support::connections::new_key;
     let sb = sandbox().await;
     let dir = TempDir::new();
     let db = dir.join("c.db");
     let key = new_key();
-    let path = dir.write("proxy.toml", pool_toml(&sb, &db, &key, ""));
+    let path = dir.write("proxy.toml", ProxyToml::pool(&sb, &db, &key).toml());
     let path_s = path.to_str().unwrap();
     let run = || tokio::task::block_in_place(|| run_binary(&["check", "--config", path_s], &[]));
 
@@ -508,7 +508,7 @@ async fn check_works_with_a_store_and_checks_its_key_without_writing() {
         "check wrote to the store"
     );
 
-    let other = dir.write("other.toml", pool_toml(&sb, &db, &new_key(), ""));
+    let other = dir.write("other.toml", ProxyToml::pool(&sb, &db, &new_key()).toml());
     let (code, stdout, stderr) = tokio::task::block_in_place(|| {
         run_binary(&["check", "--config", other.to_str().unwrap()], &[])
     });
@@ -571,10 +571,10 @@ fn check_prints_sizes_as_a_config_writes_them() {
 
 #[tokio::test]
 async fn connections_list_says_when_a_pool_has_none() {
-    use support::connections::{connect, new_key, pool_toml, users_sandbox};
+    use support::connections::{connect, new_key, users_sandbox};
     let sb = users_sandbox(3600, false).await;
     let dir = TempDir::new();
-    let toml = pool_toml(&sb, &dir.join("connections.db"), &new_key(), "");
+    let toml = ProxyToml::pool(&sb, &dir.join("connections.db"), &new_key()).toml();
     let cfg = dir.write("proxy.toml", &toml).display().to_string();
     // The running proxy creates the store; the CLI reads it beside it.
     let p = start_proxy(&toml).await;

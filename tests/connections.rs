@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util_free::join_all;
 use support::connections::*;
-use support::{get, TempDir};
+use support::{get, ProxyToml, TempDir};
 
 /// `join_all` without a futures dependency: spawn and await each.
 mod futures_util_free {
@@ -26,12 +26,8 @@ mod futures_util_free {
     }
 }
 
-async fn start(
-    sb: &flinks_proxy::sandbox::Sandbox,
-    dir: &TempDir,
-    extra: &str,
-) -> flinks_proxy::Running {
-    let toml = pool_toml(sb, &dir.join("c.db"), &new_key(), extra);
+async fn start(sb: &flinks_proxy::sandbox::Sandbox, dir: &TempDir) -> flinks_proxy::Running {
+    let toml = ProxyToml::pool(sb, &dir.join("c.db"), &new_key()).toml();
     support::start_proxy(&toml).await
 }
 
@@ -39,7 +35,7 @@ async fn start(
 async fn each_user_sees_only_their_accounts_and_the_select_header_stays_here() {
     let sb = users_sandbox(3600, false).await;
     let dir = TempDir::new();
-    let p = start(&sb, &dir, "").await;
+    let p = start(&sb, &dir).await;
     let alice = connect(&p, "alice").await;
     assert_eq!(alice["id"], "alice", "the id defaults to the token's sub");
     assert_eq!(alice["sub"], "alice");
@@ -74,7 +70,7 @@ async fn each_user_sees_only_their_accounts_and_the_select_header_stays_here() {
 async fn concurrent_cold_requests_make_one_token_request_per_connection() {
     let sb = users_sandbox(1, false).await;
     let dir = TempDir::new();
-    let p = start(&sb, &dir, "").await;
+    let p = start(&sb, &dir).await;
     connect(&p, "alice").await;
     connect(&p, "bob").await;
     // Let the one-second tokens expire: every request below needs a refresh.
@@ -107,7 +103,7 @@ async fn a_token_in_its_refresh_window_is_served_while_one_refresh_runs() {
     // after 2 s while the token stays usable until 3.6 s.
     let sb = users_sandbox(4, false).await;
     let dir = TempDir::new();
-    let p = start(&sb, &dir, "").await;
+    let p = start(&sb, &dir).await;
     connect(&p, "alice").await;
     tokio::time::sleep(Duration::from_millis(2300)).await;
     for _ in 0..5 {
@@ -145,7 +141,7 @@ async fn a_token_in_its_refresh_window_is_served_while_one_refresh_runs() {
 async fn admin_api_refuses_bad_input_with_named_errors() {
     let sb = users_sandbox(3600, false).await;
     let dir = TempDir::new();
-    let p = start(&sb, &dir, "").await;
+    let p = start(&sb, &dir).await;
     let post = |body: serde_json::Value| admin(&p, "POST", "/connections/users", Some(body));
 
     let r = post(serde_json::json!({"code": "bogus"})).await;
@@ -230,7 +226,7 @@ async fn admin_raw(p: &flinks_proxy::Running, body: &str) -> support::Resp {
 async fn list_pages_by_id_and_delete_erases_the_connection() {
     let sb = users_sandbox(3600, false).await;
     let dir = TempDir::new();
-    let p = start(&sb, &dir, "").await;
+    let p = start(&sb, &dir).await;
     for user in ["carol", "alice", "bob"] {
         connect(&p, user).await;
     }
@@ -265,7 +261,7 @@ async fn list_pages_by_id_and_delete_erases_the_connection() {
 async fn the_select_header_must_name_one_known_connection() {
     let sb = users_sandbox(3600, false).await;
     let dir = TempDir::new();
-    let p = start(&sb, &dir, "").await;
+    let p = start(&sb, &dir).await;
     connect(&p, "alice").await;
     let r = get(&support::proxy_url(&p, "/api/fdx/5/accounts")).await;
     assert_eq!(r.status, 400);
@@ -295,7 +291,7 @@ async fn the_select_header_must_name_one_known_connection() {
 async fn revoked_consent_passes_the_602_through_then_asks_for_reauthorization() {
     let sb = users_sandbox(3600, false).await;
     let dir = TempDir::new();
-    let p = start(&sb, &dir, "").await;
+    let p = start(&sb, &dir).await;
     connect(&p, "alice").await;
     connect(&p, "bob").await;
     assert_eq!(get_as(&p, "/api/fdx/5/accounts", "alice").await.status, 200);
@@ -345,7 +341,7 @@ async fn revoked_consent_passes_the_602_through_then_asks_for_reauthorization() 
 async fn a_refused_refresh_token_turns_the_connection_needs_reauthorization() {
     let sb = users_sandbox(1, false).await;
     let dir = TempDir::new();
-    let p = start(&sb, &dir, "").await;
+    let p = start(&sb, &dir).await;
     connect(&p, "alice").await;
     sb.revoke_consent("alice");
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -363,7 +359,7 @@ async fn a_refused_refresh_token_turns_the_connection_needs_reauthorization() {
 async fn a_removed_store_file_gives_clear_503s_and_cached_users_keep_working() {
     let sb = users_sandbox(3600, false).await;
     let dir = TempDir::new();
-    let p = start(&sb, &dir, "").await;
+    let p = start(&sb, &dir).await;
     connect(&p, "alice").await;
     connect(&p, "bob").await;
     assert_eq!(get_as(&p, "/api/fdx/5/accounts", "alice").await.status, 200);
@@ -408,10 +404,10 @@ async fn a_store_written_with_another_key_stops_startup() {
     let sb = users_sandbox(3600, false).await;
     let dir = TempDir::new();
     let db = dir.join("c.db");
-    let p = support::start_proxy(&pool_toml(&sb, &db, &new_key(), "")).await;
+    let p = support::start_proxy(&ProxyToml::pool(&sb, &db, &new_key()).toml()).await;
     connect(&p, "alice").await;
     p.shutdown().await;
-    let toml = pool_toml(&sb, &db, &new_key(), "");
+    let toml = ProxyToml::pool(&sb, &db, &new_key()).toml();
     let config = support::parse_config(&toml, dir.path());
     let e = flinks_proxy::start(config)
         .await
@@ -425,7 +421,7 @@ async fn a_store_written_with_another_key_stops_startup() {
 async fn no_token_appears_in_admin_answers_status_or_metrics() {
     let sb = users_sandbox(3600, false).await;
     let dir = TempDir::new();
-    let p = start(&sb, &dir, "").await;
+    let p = start(&sb, &dir).await;
     let mut seen = vec![connect(&p, "alice").await.to_string()];
     assert_eq!(get_as(&p, "/api/fdx/5/accounts", "alice").await.status, 200);
     seen.push(
@@ -519,7 +515,10 @@ async fn kill_9_during_a_refresh_against_a_rotating_server_loses_no_user() {
     let sb = users_sandbox(1, true).await;
     let dir = TempDir::new();
     let key = new_key();
-    let config = dir.write("proxy.toml", pool_toml(&sb, &dir.join("c.db"), &key, ""));
+    let config = dir.write(
+        "proxy.toml",
+        ProxyToml::pool(&sb, &dir.join("c.db"), &key).toml(),
+    );
     let start = |config: std::path::PathBuf| {
         tokio::task::block_in_place(|| support::ProxyProcess::start(&config, &[]))
     };
@@ -608,7 +607,7 @@ async fn kill_9_during_a_refresh_against_a_rotating_server_loses_no_user() {
 async fn a_rejected_token_is_replaced_once_and_a_fresh_replacement_is_not_dropped_again() {
     let sb = users_sandbox(3600, false).await;
     let dir = TempDir::new();
-    let p = start(&sb, &dir, "").await;
+    let p = start(&sb, &dir).await;
     connect(&p, "alice").await;
     assert_eq!(get_as(&p, "/api/fdx/5/accounts", "alice").await.status, 200);
     sb.revoke_access_tokens();
@@ -635,7 +634,7 @@ async fn a_rejected_token_is_replaced_once_and_a_fresh_replacement_is_not_droppe
 async fn a_failing_token_endpoint_backs_off_per_connection_with_retry_after() {
     let sb = users_sandbox(1, false).await;
     let dir = TempDir::new();
-    let p = start(&sb, &dir, "").await;
+    let p = start(&sb, &dir).await;
     connect(&p, "alice").await;
     connect(&p, "bob").await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -678,7 +677,7 @@ async fn a_failing_token_endpoint_backs_off_per_connection_with_retry_after() {
 async fn the_connections_gauge_counts_by_state() {
     let sb = users_sandbox(3600, false).await;
     let dir = TempDir::new();
-    let p = start(&sb, &dir, "").await;
+    let p = start(&sb, &dir).await;
     connect(&p, "alice").await;
     connect(&p, "bob").await;
     sb.revoke_consent("bob");
@@ -714,7 +713,7 @@ async fn the_cli_lists_shows_deletes_and_rekeys_the_store() {
     let old_key = new_key();
     let config = dir.write(
         "proxy.toml",
-        pool_toml(&sb, &dir.join("c.db"), &old_key, ""),
+        ProxyToml::pool(&sb, &dir.join("c.db"), &old_key).toml(),
     );
     let p = support::start_proxy(&std::fs::read_to_string(&config).unwrap()).await;
     connect(&p, "alice").await;
@@ -745,22 +744,29 @@ async fn the_cli_lists_shows_deletes_and_rekeys_the_store() {
     assert_eq!(code, 0);
     let new_key = new_key.trim().to_owned();
     assert_eq!(base64_len(&new_key), 32);
-    let rotated = pool_toml(&sb, &dir.join("c.db"), &new_key, "").replace(
-        &format!("key = \"{new_key}\""),
-        &format!("key = \"{new_key}\"\nold_keys = [\"{old_key}\"]"),
-    );
+    let rotated = ProxyToml::pool(&sb, &dir.join("c.db"), &new_key)
+        .with(|c| c.store_mut().old_keys = Some(vec![old_key.as_str().into()]))
+        .toml();
     std::fs::write(&config, rotated).unwrap();
     let (code, out, err) = support::run_binary(&["store", "rekey", "--config", cfg], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("re-sealed 1 connections"), "{out}");
     // Without the old key now: alice still opens.
-    std::fs::write(&config, pool_toml(&sb, &dir.join("c.db"), &new_key, "")).unwrap();
+    std::fs::write(
+        &config,
+        ProxyToml::pool(&sb, &dir.join("c.db"), &new_key).toml(),
+    )
+    .unwrap();
     let (code, out, err) =
         support::run_binary(&["connections", "show", "alice", "--config", cfg], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(!out.contains("rt-"), "no token in the output: {out}");
     // With only the old key: refused, saying why.
-    std::fs::write(&config, pool_toml(&sb, &dir.join("c.db"), &old_key, "")).unwrap();
+    std::fs::write(
+        &config,
+        ProxyToml::pool(&sb, &dir.join("c.db"), &old_key).toml(),
+    )
+    .unwrap();
     let (code, _, err) = support::run_binary(&["connections", "list", "--config", cfg], &[]);
     assert_eq!(code, 1);
     assert!(

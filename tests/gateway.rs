@@ -29,33 +29,23 @@ const PATIENCE: Duration = Duration::from_secs(10);
 
 // ------------------------------------------------------------------ helpers
 
-/// `[server]` lines for TLS with a fresh server certificate from `pki`
-/// (files written to `dir`), requiring client certificates from
+/// The sandbox config with TLS on the listener: a fresh server certificate
+/// from `pki` (files written to `dir`), requiring client certificates from
 /// `client_ca` when given.
-fn tls_server_lines(dir: &TempDir, pki: &Pki, client_ca: Option<&Pki>) -> String {
+fn tls_toml(sb: &Sandbox, dir: &TempDir, pki: &Pki, client_ca: Option<&Pki>) -> String {
     let leaf = pki.server();
-    let cert = dir.write("server.pem", &leaf.cert_pem);
-    let key = dir.write("server-key.pem", &leaf.key_pem);
-    let mut lines = format!(
-        "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
-        cert.display(),
-        key.display()
-    );
+    let mut c = ProxyToml::sandbox(sb);
+    c.server.tls_cert = Some(dir.write("server.pem", &leaf.cert_pem));
+    c.server.tls_key = Some(dir.write("server-key.pem", &leaf.key_pem));
     if let Some(ca) = client_ca {
-        let ca = dir.write("clients-ca.pem", &ca.ca_pem);
-        lines.push_str(&format!("client_ca = \"{}\"\n", ca.display()));
+        c.server.client_ca = Some(dir.write("clients-ca.pem", &ca.ca_pem));
     }
-    lines
+    c.toml()
 }
 
 /// A proxy whose listener serves TLS with a fresh certificate from `pki`.
 async fn start_tls_proxy(sb: &Sandbox, dir: &TempDir, pki: &Pki) -> flinks_proxy::Running {
-    start_proxy(&config_toml_with_server(
-        sb,
-        &tls_server_lines(dir, pki, None),
-        "",
-    ))
-    .await
+    start_proxy(&tls_toml(sb, dir, pki, None)).await
 }
 
 /// A TLS connector trusting `ca_pem`, offering `alpn`, presenting `leaf`
@@ -241,11 +231,18 @@ fn recorded_paths(sb: &Sandbox) -> Vec<String> {
 
 const KEY: &str = "k3y-for-legacy-app-0123456789";
 
+/// The sandbox config with `[access] allow = allow`.
+fn allowed_toml(sb: &Sandbox, allow: &[&str]) -> String {
+    let allow = allow.iter().map(|a| a.to_string()).collect();
+    ProxyToml::sandbox(sb)
+        .with(|c| c.access_mut().allow = Some(allow))
+        .toml()
+}
+
 fn keyed_toml(sb: &Sandbox) -> String {
-    config_toml(
-        sb,
-        &format!("[access]\napi_keys = [\"{KEY}\", \"other-key\"]\n"),
-    )
+    ProxyToml::sandbox(sb)
+        .with(|c| c.access_mut().api_keys = Some(vec![KEY.into(), "other-key".into()]))
+        .toml()
 }
 
 #[tokio::test]
@@ -322,11 +319,7 @@ async fn request_with_right_api_key_is_forwarded_without_the_key() {
 #[tokio::test]
 async fn client_outside_allow_list_gets_403() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(
-        &sb,
-        "[access]\nallow = [\"10.0.0.0/8\", \"::1\"]\n",
-    ))
-    .await;
+    let p = start_proxy(&allowed_toml(&sb, &["10.0.0.0/8", "::1"])).await;
     let r = get(&proxy_url(&p, "/api/v1/accounts")).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
     assert_eq!(r.json()["error"], "forbidden");
@@ -336,7 +329,7 @@ async fn client_outside_allow_list_gets_403() {
 #[tokio::test]
 async fn client_inside_allow_list_is_served() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "[access]\nallow = [\"127.0.0.0/8\"]\n")).await;
+    let p = start_proxy(&allowed_toml(&sb, &["127.0.0.0/8"])).await;
     let r = get(&proxy_url(&p, "/api/v1/accounts")).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(sb.api_requests(), 1);
@@ -345,11 +338,13 @@ async fn client_inside_allow_list_is_served() {
 #[tokio::test]
 async fn allow_list_is_checked_before_the_api_key() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(
-        &sb,
-        &format!("[access]\nallow = [\"10.0.0.0/8\"]\napi_keys = [\"{KEY}\"]\n"),
-    ))
-    .await;
+    let toml = ProxyToml::sandbox(&sb)
+        .with(|c| {
+            c.access_mut().allow = Some(vec!["10.0.0.0/8".to_owned()]);
+            c.access_mut().api_keys = Some(vec![KEY.into()]);
+        })
+        .toml();
+    let p = start_proxy(&toml).await;
     let req = Request::get(proxy_url(&p, "/api/v1/accounts"))
         .header("proxy-authorization", format!("Bearer {KEY}"))
         .body(Full::default())
@@ -428,7 +423,7 @@ async fn tls_listener_without_alpn_speaks_http1() {
 #[tokio::test]
 async fn h2c_prior_knowledge_works_on_plain_tcp() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     let tcp = TcpStream::connect(p.proxy_addr()).await.unwrap();
     let req = Request::get(proxy_url(&p, "/api/v1/accounts"))
         .body(Full::default())
@@ -477,12 +472,7 @@ async fn mtls_proxy() -> MtlsSetup {
     let dir = TempDir::new();
     let server_pki = Pki::new("server");
     let client_pki = Pki::new("clients");
-    let proxy = start_proxy(&config_toml_with_server(
-        &sb,
-        &tls_server_lines(&dir, &server_pki, Some(&client_pki)),
-        "",
-    ))
-    .await;
+    let proxy = start_proxy(&tls_toml(&sb, &dir, &server_pki, Some(&client_pki))).await;
     MtlsSetup {
         sb,
         proxy,
@@ -543,15 +533,10 @@ async fn reload_swaps_the_listener_certificate_for_new_connections() {
     let sb = sandbox().await;
     let dir = TempDir::new();
     let old_pki = Pki::new("old");
-    let p = start_proxy(&config_toml_with_server(
-        &sb,
-        &tls_server_lines(&dir, &old_pki, None),
-        "",
-    ))
-    .await;
+    let p = start_proxy(&tls_toml(&sb, &dir, &old_pki, None)).await;
     let new_pki = Pki::new("new");
     let new_dir = TempDir::new();
-    let toml = config_toml_with_server(&sb, &tls_server_lines(&new_dir, &new_pki, None), "");
+    let toml = tls_toml(&sb, &new_dir, &new_pki, None);
     p.reload(parse_config(&toml, new_dir.path()))
         .expect("reload");
     let old_client = tls_connector(&old_pki.ca_pem, &[b"http/1.1"], None);
@@ -573,41 +558,21 @@ async fn reload_swaps_the_listener_certificate_for_new_connections() {
 
 // ------------------------------------------------------------------- reload
 
-fn second_credential_toml(sb: &Sandbox) -> String {
-    credential_toml(sb).replace("[credentials.flinks]", "[credentials.second]")
-}
-
 /// The reload scenario's first config: route `/` → sandbox 1.
 fn reload_before(sb1: &Sandbox) -> String {
-    config_toml(sb1, "")
+    ProxyToml::sandbox(sb1).toml()
 }
 
 /// The second config: route `/` → sandbox 2 with a new credential, plus a
 /// new route `/added` → sandbox 1 with the unchanged credential.
-fn reload_after(sb1: &Sandbox, sb2: &Sandbox) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-request_timeout = "5s"
-[admin]
-listen = "127.0.0.1:0"
-{cred1}
-{cred2}
-[routes.flinks]
-path_prefix = "/"
-upstream = "{api2}"
-credential = "second"
-[routes.added]
-path_prefix = "/added"
-upstream = "{api1}"
-credential = "flinks"
-"#,
-        cred1 = credential_toml(sb1),
-        cred2 = second_credential_toml(sb2),
-        api1 = sb1.api_url(),
-        api2 = sb2.api_url(),
-    )
+fn reload_after(sb1: &Sandbox, sb2: &Sandbox) -> ProxyToml {
+    ProxyToml::sandbox(sb1)
+        .credential("second", Credential::sandbox(sb2))
+        .with(|c| *c.route_mut("flinks") = Route::credential("/", &sb2.api_url(), "second"))
+        .route(
+            "added",
+            Route::credential("/added", &sb1.api_url(), "flinks"),
+        )
 }
 
 #[test]
@@ -630,7 +595,7 @@ fn sighup_reload_follows_the_new_file_and_keeps_unchanged_tokens() {
     let tokens_before = sb1.token_requests();
     assert_eq!(tokens_before, 1);
 
-    dir.write("proxy.toml", reload_after(&sb1, &sb2));
+    dir.write("proxy.toml", reload_after(&sb1, &sb2).toml());
     p.signal("HUP");
     assert!(
         p.wait_for_log("config reloaded", PATIENCE),
@@ -660,11 +625,12 @@ fn sighup_reload_follows_the_new_file_and_keeps_unchanged_tokens() {
     assert_eq!(sb2.token_requests(), 1);
 
     // A broken file: logged with the key at fault, the running config stays.
-    let broken = format!(
-        "{}\n[routes.broken]\npath_prefix = \"/broken\"\nupstream = \"{}\"\ncredential = \"nope\"\n",
-        reload_after(&sb1, &sb2),
-        sb1.api_url()
-    );
+    let broken = reload_after(&sb1, &sb2)
+        .route(
+            "broken",
+            Route::credential("/broken", &sb1.api_url(), "nope"),
+        )
+        .toml();
     dir.write("proxy.toml", broken);
     p.signal("HUP");
     assert!(
@@ -728,7 +694,7 @@ async fn in_process_reload_keeps_in_flight_requests_on_their_config() {
     })
     .await;
 
-    p.reload(parse_config(&reload_after(&sb1, &sb2), dir.path()))
+    p.reload(parse_config(&reload_after(&sb1, &sb2).toml(), dir.path()))
         .expect("reload");
     let r = get(&proxy_url(&p, "/api/v1/accounts")).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
@@ -757,7 +723,9 @@ fn sigterm_lets_the_in_flight_request_finish_and_refuses_new_connections() {
     let dir = TempDir::new();
     let cfg = dir.write(
         "proxy.toml",
-        config_toml_with_server(&sb, "shutdown_grace = \"10s\"", ""),
+        ProxyToml::sandbox(&sb)
+            .with(|c| c.server.shutdown_grace = Some(Duration::from_secs(10)))
+            .toml(),
     );
     let mut p = ProxyProcess::start(&cfg, &[]);
     rt.block_on(wait_ready(&p.admin("/readyz")));
@@ -812,7 +780,9 @@ fn idle_connections_do_not_hold_up_shutdown() {
     let dir = TempDir::new();
     let cfg = dir.write(
         "proxy.toml",
-        config_toml_with_server(&sb, "shutdown_grace = \"60s\"", ""),
+        ProxyToml::sandbox(&sb)
+            .with(|c| c.server.shutdown_grace = Some(Duration::from_secs(60)))
+            .toml(),
     );
     let mut p = ProxyProcess::start(&cfg, &[]);
     let addr = p.proxy_addr;
@@ -870,12 +840,10 @@ fn idle_connections_do_not_hold_up_shutdown() {
 #[tokio::test]
 async fn slow_header_client_is_cut_off_while_others_are_served() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml_with_server(
-        &sb,
-        "header_read_timeout = \"500ms\"",
-        "",
-    ))
-    .await;
+    let toml = ProxyToml::sandbox(&sb)
+        .with(|c| c.server.header_read_timeout = Some(Duration::from_millis(500)))
+        .toml();
+    let p = start_proxy(&toml).await;
     let mut slow = TcpStream::connect(p.proxy_addr()).await.unwrap();
     let started = Instant::now();
     slow.write_all(b"GET /api/v1/accounts HTTP/1.1\r\nHost: x\r\n")
@@ -908,12 +876,10 @@ async fn slow_header_client_is_cut_off_while_others_are_served() {
 #[tokio::test]
 async fn idle_connection_that_sends_nothing_is_closed() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml_with_server(
-        &sb,
-        "header_read_timeout = \"500ms\"",
-        "",
-    ))
-    .await;
+    let toml = ProxyToml::sandbox(&sb)
+        .with(|c| c.server.header_read_timeout = Some(Duration::from_millis(500)))
+        .toml();
+    let p = start_proxy(&toml).await;
     let mut idle = TcpStream::connect(p.proxy_addr()).await.unwrap();
     let started = Instant::now();
     let mut buf = [0u8; 64];
@@ -927,12 +893,10 @@ async fn idle_connection_that_sends_nothing_is_closed() {
 #[tokio::test]
 async fn idle_keep_alive_connection_is_closed_after_header_read_timeout() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml_with_server(
-        &sb,
-        "header_read_timeout = \"500ms\"",
-        "",
-    ))
-    .await;
+    let toml = ProxyToml::sandbox(&sb)
+        .with(|c| c.server.header_read_timeout = Some(Duration::from_millis(500)))
+        .toml();
+    let p = start_proxy(&toml).await;
     let mut s = TcpStream::connect(p.proxy_addr()).await.unwrap();
     s.write_all(b"GET /api/v1/accounts HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -948,12 +912,13 @@ async fn idle_keep_alive_connection_is_closed_after_header_read_timeout() {
 #[tokio::test]
 async fn max_connections_holds_back_a_third_connection_until_one_closes() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml_with_server(
-        &sb,
-        "max_connections = 2\nheader_read_timeout = \"60s\"",
-        "",
-    ))
-    .await;
+    let toml = ProxyToml::sandbox(&sb)
+        .with(|c| {
+            c.server.max_connections = Some(2);
+            c.server.header_read_timeout = Some(Duration::from_secs(60));
+        })
+        .toml();
+    let p = start_proxy(&toml).await;
     let addr = p.proxy_addr();
     // Two connections, each served once, then left idle but open.
     let mut held = Vec::new();
@@ -1171,7 +1136,7 @@ fn refused_requests() -> Vec<(&'static str, Vec<u8>)> {
 #[tokio::test]
 async fn malformed_and_smuggling_requests_are_refused_and_never_forwarded() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     let addr = p.proxy_addr();
     // A first request, so every case below finds a token ready.
     assert_eq!(get(&proxy_url(&p, "/api/v1/accounts")).await.status, 200);
@@ -1231,7 +1196,7 @@ async fn malformed_and_smuggling_requests_are_refused_and_never_forwarded() {
 #[tokio::test]
 async fn content_length_with_transfer_encoding_never_smuggles_a_second_request() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     assert_eq!(get(&proxy_url(&p, "/api/v1/accounts")).await.status, 200);
     let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
     let cases = [
@@ -1291,7 +1256,7 @@ fn loopback_listener_without_access_rules_logs_no_exposure_warning() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sb = rt.block_on(sandbox());
     let dir = TempDir::new();
-    let cfg = dir.write("proxy.toml", config_toml(&sb, ""));
+    let cfg = dir.write("proxy.toml", ProxyToml::sandbox(&sb).toml());
     let p = ProxyProcess::start(&cfg, &[]);
     // A request line is logged after every startup line.
     let r = rt.block_on(get(&p.url("/api/v1/accounts")));
@@ -1308,11 +1273,10 @@ fn loopback_listener_without_access_rules_logs_no_exposure_warning() {
 #[tokio::test]
 async fn malformed_chunked_body_on_a_streaming_route_is_a_client_error() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "").replace(
-        "credential = \"flinks\"",
-        "credential = \"flinks\"\nreauth_on = []",
-    ))
-    .await;
+    let toml = ProxyToml::sandbox(&sb)
+        .with(|c| c.route_mut("flinks").reauth_on = Some(vec![]))
+        .toml();
+    let p = start_proxy(&toml).await;
     assert_eq!(get(&proxy_url(&p, "/api/v1/accounts")).await.status, 200);
     let cases: [&[u8]; 3] = [
         b"POST /stream/long HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n",

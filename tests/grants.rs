@@ -634,7 +634,7 @@ fn killing_the_binary_at_random_moments_including_mid_refresh_never_loses_the_us
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_access_token_is_replaced_once_and_concurrent_requests_are_replayed() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     let url = proxy_url(&p, "/api/v1/accounts");
     assert_eq!(get(&url).await.status, 200);
     assert_eq!(sb.token_requests(), 1);
@@ -676,7 +676,7 @@ async fn revoked_access_token_is_replaced_once_and_concurrent_requests_are_repla
 #[tokio::test]
 async fn post_body_up_to_64_kib_is_replayed_and_a_larger_one_gets_the_401() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     assert_eq!(get(&proxy_url(&p, "/api/v1/accounts")).await.status, 200);
     let post = |len: usize| {
         let body: Bytes = (0..len).map(|i| (i % 251) as u8).collect();
@@ -873,7 +873,9 @@ async fn token_without_expires_in_is_renewed_before_its_jwt_exp() {
         seen.lock().unwrap().push((unix_now_f64(), exp));
     })
     .await;
-    let toml = config_toml(&sb, "").replace(&sb.api_url(), &api);
+    let toml = ProxyToml::sandbox(&sb)
+        .with(|c| c.route_mut("flinks").upstream = api.clone())
+        .toml();
     let p = start_proxy(&toml).await;
     let url = proxy_url(&p, "/api/v1/accounts");
     let client = client();
@@ -912,7 +914,9 @@ async fn jwt_token_is_never_sent_after_its_exp_while_renewal_fails() {
         seen.lock().unwrap().push((unix_now_f64(), exp));
     })
     .await;
-    let toml = config_toml(&sb, "").replace(&sb.api_url(), &api);
+    let toml = ProxyToml::sandbox(&sb)
+        .with(|c| c.route_mut("flinks").upstream = api.clone())
+        .toml();
     // `exp` has whole seconds: a token issued late in a second expires up to
     // a second before `iat + 3`. Start there, so that is the case tested.
     let frac = unix_now_f64().fract();

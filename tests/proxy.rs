@@ -24,33 +24,33 @@ const PATIENCE: Duration = Duration::from_secs(10);
 
 // ------------------------------------------------------------------ helpers
 
-/// `config_toml` with other request and token timeouts.
-fn with_timeouts(toml: String, request_timeout: &str, token_timeout: &str) -> String {
-    let out = toml
-        .replace(
-            "request_timeout = \"5s\"",
-            &format!("request_timeout = \"{request_timeout}\""),
-        )
-        .replace(
-            "token_timeout = \"2s\"",
-            &format!("token_timeout = \"{token_timeout}\""),
-        );
-    assert!(out.contains(request_timeout) && out.contains(token_timeout));
-    out
+/// The sandbox config with other request and token timeouts.
+fn with_timeouts(
+    sb: &flinks_proxy::sandbox::Sandbox,
+    request_timeout: Duration,
+    token_timeout: Duration,
+) -> String {
+    ProxyToml::sandbox(sb)
+        .with(|c| {
+            c.server.request_timeout = Some(request_timeout);
+            c.credential_mut("flinks").token_timeout = Some(token_timeout);
+        })
+        .toml()
 }
 
 /// Listeners and the sandbox credential `flinks`, with only the given routes.
-fn config_with_routes(sb: &flinks_proxy::sandbox::Sandbox, routes: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"10s\"\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n{}\n{routes}",
-        credential_toml(sb)
-    )
+fn config_with_routes(sb: &flinks_proxy::sandbox::Sandbox, routes: Vec<(&str, Route)>) -> String {
+    let mut c = ProxyToml::listeners().credential("flinks", Credential::sandbox(sb));
+    c.server.request_timeout = Some(Duration::from_secs(10));
+    routes
+        .into_iter()
+        .fold(c, |c, (name, r)| c.route(name, r))
+        .toml()
 }
 
-/// A `[routes.NAME]` table using the sandbox credential.
-fn route(name: &str, fields: &str) -> String {
-    format!("[routes.{name}]\ncredential = \"flinks\"\n{fields}\n")
+/// A route from `prefix` to `upstream` using the sandbox credential.
+fn route(prefix: &str, upstream: &str) -> Route {
+    Route::credential(prefix, upstream, "flinks")
 }
 
 /// Polls `/readyz` until it answers 200.
@@ -281,7 +281,7 @@ fn prometheus_parser_rejects_malformed_lines() {
 #[tokio::test]
 async fn get_carries_the_token_and_drops_client_credentials_and_hop_by_hop_headers() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     let request = |url: String| {
         Request::get(url)
             .header("authorization", "Bearer the-clients-own-token")
@@ -358,7 +358,7 @@ async fn get_carries_the_token_and_drops_client_credentials_and_hop_by_hop_heade
 #[tokio::test]
 async fn every_x_forwarded_for_header_is_kept_in_order_and_forwarded_is_removed() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     let (status, text) = raw_request(
         p.proxy_addr(),
         "GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.1\r\n\
@@ -383,15 +383,15 @@ async fn preserved_host_is_also_the_http2_authority() {
     let up = TestUpstream::start_tls("h2", &pki.server()).await;
     let dir = TempDir::new();
     let ca = dir.write("upstream-ca.pem", &pki.ca_pem);
-    let routes = route(
+    let routes = vec![(
         "h2",
-        &format!(
-            "path_prefix = \"/\"\nupstream = \"{}\"\nca_file = \"{}\"\npreserve_host = true",
-            up.https_url(),
-            ca.display()
-        ),
-    );
-    let p = start_proxy(&config_with_routes(&sb, &routes)).await;
+        Route {
+            ca_file: Some(ca),
+            preserve_host: Some(true),
+            ..route("/", &up.https_url())
+        },
+    )];
+    let p = start_proxy(&config_with_routes(&sb, routes)).await;
     let b = Request::get(proxy_url(&p, "/x")).header("host", "public.example:8443");
     let r = send(&client(), b.body(Full::default()).expect("request")).await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -409,7 +409,7 @@ async fn preserved_host_is_also_the_http2_authority() {
 #[tokio::test]
 async fn post_with_a_one_mib_body_round_trips_intact() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     let payload: Bytes = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(31) % 251) as u8)
         .collect();
@@ -455,11 +455,8 @@ async fn hop_by_hop_response_headers_are_not_passed_to_the_client() {
     assert_eq!(direct.header("x-hop"), Some("1"));
     assert!(direct.headers.contains_key("keep-alive"));
 
-    let routes = route(
-        "plain",
-        &format!("path_prefix = \"/\"\nupstream = \"{}\"", up.http_url()),
-    );
-    let p = start_proxy(&config_with_routes(&sb, &routes)).await;
+    let routes = vec![("plain", route("/", &up.http_url()))];
+    let p = start_proxy(&config_with_routes(&sb, routes)).await;
     let r = get(&proxy_url(&p, "/x")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-upstream"), Some("plain"));
@@ -476,7 +473,7 @@ async fn hop_by_hop_response_headers_are_not_passed_to_the_client() {
 #[tokio::test]
 async fn request_id_is_kept_when_sane_and_made_otherwise() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     let c = client();
     let with_id = |id: Option<&str>| {
         let mut b = Request::get(proxy_url(&p, "/v1/id"));
@@ -517,7 +514,7 @@ async fn request_id_is_kept_when_sane_and_made_otherwise() {
 #[tokio::test]
 async fn sequential_requests_share_one_token_request() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     let c = client();
     for i in 0..100 {
         let r = get_with(&c, &proxy_url(&p, "/api/v1/accounts")).await;
@@ -533,7 +530,7 @@ async fn cold_start_burst_of_500_makes_one_token_request() {
     let sb = sandbox().await;
     // The first token request hangs until all 500 requests wait for it.
     sb.set_failure(FailureMode::Hang);
-    let toml = with_timeouts(config_toml(&sb, ""), "60s", "60s");
+    let toml = with_timeouts(&sb, Duration::from_secs(60), Duration::from_secs(60));
     let p = start_proxy(&toml).await;
     sb.wait_for_token_requests(1).await;
     let c = client();
@@ -576,7 +573,7 @@ async fn short_lived_tokens_are_renewed_before_expiry_under_continuous_load() {
         ..Default::default()
     })
     .await;
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     wait_ready(&p).await;
     let first_token_requests = sb.token_requests();
     let c = client();
@@ -621,7 +618,7 @@ async fn short_lived_tokens_are_renewed_before_expiry_under_continuous_load() {
 async fn token_endpoint_failure_answers_503_at_once_then_recovers() {
     let sb = sandbox().await;
     sb.set_failure(FailureMode::ServerError);
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     sb.wait_for_token_requests(1).await;
     let c = client();
     let url = proxy_url(&p, "/api/v1/accounts");
@@ -676,15 +673,14 @@ async fn tls_upstream_signed_by_the_route_ca_file_is_trusted() {
     let up = TestUpstream::start_tls("tls", &pki.server()).await;
     let dir = TempDir::new();
     let ca = dir.write("upstream-ca.pem", &pki.ca_pem);
-    let routes = route(
+    let routes = vec![(
         "tls",
-        &format!(
-            "path_prefix = \"/\"\nupstream = \"{}\"\nca_file = \"{}\"",
-            up.https_url(),
-            ca.display()
-        ),
-    );
-    let p = start_proxy(&config_with_routes(&sb, &routes)).await;
+        Route {
+            ca_file: Some(ca),
+            ..route("/", &up.https_url())
+        },
+    )];
+    let p = start_proxy(&config_with_routes(&sb, routes)).await;
     let r = get(&proxy_url(&p, "/secure/x")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-upstream"), Some("tls"));
@@ -708,11 +704,8 @@ async fn tls_upstream_without_its_ca_is_502_upstream_unavailable() {
     let sb = sandbox().await;
     let pki = Pki::new("upstream");
     let up = TestUpstream::start_tls("tls", &pki.server()).await;
-    let routes = route(
-        "tls",
-        &format!("path_prefix = \"/\"\nupstream = \"{}\"", up.https_url()),
-    );
-    let p = start_proxy(&config_with_routes(&sb, &routes)).await;
+    let routes = vec![("tls", route("/", &up.https_url()))];
+    let p = start_proxy(&config_with_routes(&sb, routes)).await;
     let r = get(&proxy_url(&p, "/secure/x")).await;
     assert_proxy_error(&r, 502, "upstream_unavailable");
     assert!(
@@ -749,35 +742,25 @@ impl Routed {
         let host = TestUpstream::start("host").await;
         let strip = TestUpstream::start("strip").await;
         // Listed host route last and shortest: order in the file must not matter.
-        let routes = [
-            route(
-                "v2",
-                &format!(
-                    "path_prefix = \"/api/v2\"\nupstream = \"{}\"",
-                    v2.http_url()
-                ),
-            ),
-            route(
-                "api",
-                &format!("path_prefix = \"/api\"\nupstream = \"{}\"", api.http_url()),
-            ),
-            route(
+        let routes = vec![
+            ("v2", route("/api/v2", &v2.http_url())),
+            ("api", route("/api", &api.http_url())),
+            (
                 "strip",
-                &format!(
-                    "path_prefix = \"/svc\"\nstrip_prefix = \"/svc\"\nupstream = \"{}/base/\"",
-                    strip.http_url()
-                ),
+                Route {
+                    strip_prefix: Some("/svc".to_owned()),
+                    ..route("/svc", &format!("{}/base/", strip.http_url()))
+                },
             ),
-            route(
+            (
                 "internal",
-                &format!(
-                    "host = \"internal.example\"\npath_prefix = \"/api\"\nupstream = \"{}\"",
-                    host.http_url()
-                ),
+                Route {
+                    host: Some("internal.example".to_owned()),
+                    ..route("/api", &host.http_url())
+                },
             ),
-        ]
-        .concat();
-        let p = start_proxy(&config_with_routes(&sb, &routes)).await;
+        ];
+        let p = start_proxy(&config_with_routes(&sb, routes)).await;
         Routed {
             p,
             api,
@@ -863,14 +846,14 @@ async fn strip_prefix_and_upstream_base_path_are_applied() {
 async fn strip_prefix_shorter_than_path_prefix_is_accepted_and_stripped() {
     let sb = sandbox().await;
     let up = TestUpstream::start("deep").await;
-    let routes = route(
+    let routes = vec![(
         "deep",
-        &format!(
-            "path_prefix = \"/deep/er\"\nstrip_prefix = \"/deep\"\nupstream = \"{}\"",
-            up.http_url()
-        ),
-    );
-    let p = start_proxy(&config_with_routes(&sb, &routes)).await;
+        Route {
+            strip_prefix: Some("/deep".to_owned()),
+            ..route("/deep/er", &up.http_url())
+        },
+    )];
+    let p = start_proxy(&config_with_routes(&sb, routes)).await;
     let r = get(&proxy_url(&p, "/deep/er/x?q=1")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let got = up.requests();
@@ -966,11 +949,10 @@ async fn refused_upstream_connection_is_502_and_counted() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
     };
-    let extra = route(
-        "down",
-        &format!("path_prefix = \"/down\"\nupstream = \"http://127.0.0.1:{port}\""),
-    );
-    let p = start_proxy(&config_toml(&sb, &extra)).await;
+    let toml = ProxyToml::sandbox(&sb)
+        .route("down", route("/down", &format!("http://127.0.0.1:{port}")))
+        .toml();
+    let p = start_proxy(&toml).await;
     let r = get(&proxy_url(&p, "/down/x")).await;
     assert_proxy_error(&r, 502, "upstream_unavailable");
     let r = get(&proxy_url(&p, "/down/y")).await;
@@ -993,7 +975,12 @@ async fn refused_upstream_connection_is_502_and_counted() {
 #[tokio::test]
 async fn upstream_slower_than_request_timeout_is_504_and_counted() {
     let sb = sandbox().await;
-    let p = start_proxy(&with_timeouts(config_toml(&sb, ""), "300ms", "2s")).await;
+    let p = start_proxy(&with_timeouts(
+        &sb,
+        Duration::from_millis(300),
+        Duration::from_secs(2),
+    ))
+    .await;
     wait_ready(&p).await;
     sb.set_api_delay(Duration::from_secs(5));
     let started = Instant::now();
@@ -1023,7 +1010,7 @@ async fn upstream_slower_than_request_timeout_is_504_and_counted() {
 #[tokio::test]
 async fn metrics_parse_and_show_request_and_token_counters_moving() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     wait_ready(&p).await;
     let requests = |m: &[Sample]| {
         sample(
@@ -1125,7 +1112,7 @@ async fn metrics_parse_and_show_request_and_token_counters_moving() {
 async fn readyz_is_503_naming_the_credential_until_the_first_token() {
     let sb = sandbox().await;
     sb.set_failure(FailureMode::Hang);
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     sb.wait_for_token_requests(1).await;
     let r = get(&admin_url(&p, "/readyz")).await;
     assert_eq!(r.status, 503);
@@ -1143,7 +1130,7 @@ async fn inflight_gauge_returns_to_zero_when_a_client_hangs_up_mid_request() {
     use tokio::io::AsyncWriteExt;
     let sb = sandbox().await;
     sb.set_api_delay(std::time::Duration::from_secs(3));
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     let mut tcp = tokio::net::TcpStream::connect(p.proxy_addr())
         .await
         .unwrap();
@@ -1213,12 +1200,15 @@ async fn stalling_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceive
 async fn stalled_upstream_body_ends_after_idle_timeout_and_frees_everything() {
     let sb = sandbox().await;
     let (stall, mut closed) = stalling_upstream().await;
-    let routes = route(
-        "stall",
-        &format!("path_prefix = \"/stall\"\nupstream = \"http://{stall}\""),
-    );
-    let server = "idle_timeout = \"300ms\"\nmax_connections = 1\nheader_read_timeout = \"30s\"";
-    let p = start_proxy(&config_toml_with_server(&sb, server, &routes)).await;
+    let toml = ProxyToml::sandbox(&sb)
+        .with(|c| {
+            c.server.idle_timeout = Some(Duration::from_millis(300));
+            c.server.max_connections = Some(1);
+            c.server.header_read_timeout = Some(Duration::from_secs(30));
+        })
+        .route("stall", route("/stall", &format!("http://{stall}")))
+        .toml();
+    let p = start_proxy(&toml).await;
     wait_ready(&p).await;
     let started = Instant::now();
     let mut s = tokio::net::TcpStream::connect(p.proxy_addr())
@@ -1288,12 +1278,15 @@ async fn endless_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver
 async fn client_that_stops_reading_is_disconnected_after_idle_timeout() {
     let sb = sandbox().await;
     let (endless, mut closed) = endless_upstream().await;
-    let routes = route(
-        "endless",
-        &format!("path_prefix = \"/endless\"\nupstream = \"http://{endless}\""),
-    );
-    let server = "idle_timeout = \"300ms\"\nmax_connections = 1\nheader_read_timeout = \"30s\"";
-    let p = start_proxy(&config_toml_with_server(&sb, server, &routes)).await;
+    let toml = ProxyToml::sandbox(&sb)
+        .with(|c| {
+            c.server.idle_timeout = Some(Duration::from_millis(300));
+            c.server.max_connections = Some(1);
+            c.server.header_read_timeout = Some(Duration::from_secs(30));
+        })
+        .route("endless", route("/endless", &format!("http://{endless}")))
+        .toml();
+    let p = start_proxy(&toml).await;
     wait_ready(&p).await;
     let mut s = tokio::net::TcpStream::connect(p.proxy_addr())
         .await
@@ -1317,8 +1310,13 @@ async fn client_that_stops_reading_is_disconnected_after_idle_timeout() {
 #[tokio::test]
 async fn idle_http1_keep_alive_connection_is_closed_after_idle_timeout() {
     let sb = sandbox().await;
-    let server = "idle_timeout = \"300ms\"\nheader_read_timeout = \"30s\"";
-    let p = start_proxy(&config_toml_with_server(&sb, server, "")).await;
+    let toml = ProxyToml::sandbox(&sb)
+        .with(|c| {
+            c.server.idle_timeout = Some(Duration::from_millis(300));
+            c.server.header_read_timeout = Some(Duration::from_secs(30));
+        })
+        .toml();
+    let p = start_proxy(&toml).await;
     wait_ready(&p).await;
     let mut s = tokio::net::TcpStream::connect(p.proxy_addr())
         .await
@@ -1341,8 +1339,13 @@ async fn idle_http1_keep_alive_connection_is_closed_after_idle_timeout() {
 #[tokio::test]
 async fn idle_http2_connection_gets_goaway_after_idle_timeout() {
     let sb = sandbox().await;
-    let server = "idle_timeout = \"300ms\"\nheader_read_timeout = \"30s\"";
-    let p = start_proxy(&config_toml_with_server(&sb, server, "")).await;
+    let toml = ProxyToml::sandbox(&sb)
+        .with(|c| {
+            c.server.idle_timeout = Some(Duration::from_millis(300));
+            c.server.header_read_timeout = Some(Duration::from_secs(30));
+        })
+        .toml();
+    let p = start_proxy(&toml).await;
     wait_ready(&p).await;
     let tcp = tokio::net::TcpStream::connect(p.proxy_addr())
         .await
@@ -1455,15 +1458,11 @@ async fn judging_upstream() -> JudgingUpstream {
 async fn bodies_over_the_global_replay_budget_stream_and_only_budgeted_ones_replay() {
     let sb = sandbox().await;
     let mut up = judging_upstream().await;
-    let routes = route(
-        "judged",
-        &format!(
-            "path_prefix = \"/judged\"\nupstream = \"http://{}\"",
-            up.addr
-        ),
-    );
-    let server = "replay_buffer_limit = 100";
-    let p = start_proxy(&config_toml_with_server(&sb, server, &routes)).await;
+    let toml = ProxyToml::sandbox(&sb)
+        .with(|c| c.server.replay_buffer_limit = Some(100.into()))
+        .route("judged", route("/judged", &format!("http://{}", up.addr)))
+        .toml();
+    let p = start_proxy(&toml).await;
     wait_ready(&p).await;
     let body = "a".repeat(60);
     // A: buffered (60 of 100 bytes), held by the upstream.
@@ -1529,7 +1528,7 @@ async fn bodies_over_the_global_replay_budget_stream_and_only_budgeted_ones_repl
 #[tokio::test]
 async fn documented_series_exist_at_zero_right_after_start() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     let m = scrape(&p).await;
     for kind in ["connect", "tls", "timeout", "protocol"] {
         let labels = [("route", "flinks"), ("kind", kind)];

@@ -19,7 +19,7 @@ use http::Request;
 use http_body_util::Full;
 use support::connections::{admin, connect, get_as, new_key, reauthorize, API_TOKEN, SELECT};
 use support::postgres::{PgCluster, PASSWORD};
-use support::{client, send, ProxyProcess, Resp, TempDir};
+use support::{client, config, send, ProxyProcess, ProxyToml, Resp, TempDir};
 
 fn store_config(url: &str, key: &str) -> StoreConfig {
     StoreConfig {
@@ -40,40 +40,18 @@ fn tokens(rt: &str, at: &str) -> Tokens {
 
 /// A proxy config on a PostgreSQL store, pool `users` on the sandbox.
 fn pg_toml(sb: &Sandbox, url: &str, key: &str) -> String {
-    let o = SandboxOptions::default();
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-request_timeout = "10s"
-
-[admin]
-listen = "127.0.0.1:0"
-api_token = "{API_TOKEN}"
-
-[store]
-url = "{url}"
-key = "{key}"
-max_connections = 4
-
-[connections.users]
-token_url = "{token_url}"
-client_id = "{client_id}"
-client_secret = "{client_secret}"
-redirect_uri = "{redirect_uri}"
-token_timeout = "2s"
-
-[routes.ob]
-path_prefix = "/"
-upstream = "{api}"
-connections = "users"
-"#,
-        token_url = sb.token_url(),
-        client_id = o.client_id,
-        client_secret = o.client_secret,
-        redirect_uri = o.redirect_uri,
-        api = sb.api_url(),
-    )
+    let store = config::Store {
+        url: Some(url.into()),
+        key: key.into(),
+        old_keys: None,
+        max_connections: Some(4),
+    };
+    ProxyToml::pool(sb, std::path::Path::new("unused.db"), key)
+        .with(|c| {
+            c.server.request_timeout = Some(Duration::from_secs(10));
+            c.store = Some(store);
+        })
+        .toml()
 }
 
 async fn users_sandbox(subs: &[String], expires_in: u64) -> Sandbox {
@@ -664,41 +642,32 @@ async fn revocation_and_reauthorization_on_one_replica_reach_the_other() {
 /// A config with one static credential on a PostgreSQL store.
 fn credential_on_store(sb: &Sandbox, url: &str, key: &str, grant: &str) -> String {
     let o = SandboxOptions::default();
-    let grant_lines = match grant {
-        "refresh_token" => format!("refresh_token = \"{}\"", o.refresh_token),
-        _ => "shared = true".to_owned(),
+    let mut credential = config::Credential {
+        grant_type: grant.to_owned(),
+        scope: None,
+        ..config::Credential::sandbox(sb)
     };
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-request_timeout = "10s"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[store]
-url = "{url}"
-key = "{key}"
-
-[credentials.flinks]
-token_url = "{token_url}"
-grant_type = "{grant}"
-client_id = "{client_id}"
-client_secret = "{client_secret}"
-token_timeout = "2s"
-{grant_lines}
-
-[routes.flinks]
-path_prefix = "/"
-upstream = "{api}"
-credential = "flinks"
-"#,
-        token_url = sb.token_url(),
-        client_id = o.client_id,
-        client_secret = o.client_secret,
-        api = sb.api_url(),
-    )
+    match grant {
+        "refresh_token" => credential.refresh_token = Some(o.refresh_token.into()),
+        _ => credential.shared = Some(true),
+    }
+    let store = config::Store {
+        url: Some(url.into()),
+        key: key.into(),
+        old_keys: None,
+        max_connections: None,
+    };
+    ProxyToml::listeners()
+        .credential("flinks", credential)
+        .route(
+            "flinks",
+            config::Route::credential("/", &sb.api_url(), "flinks"),
+        )
+        .with(|c| {
+            c.server.request_timeout = Some(Duration::from_secs(10));
+            c.store = Some(store);
+        })
+        .toml()
 }
 
 /// Two replicas share one credential through the store for `run_for`,

@@ -81,7 +81,7 @@ async fn last_error_description(p: &flinks_proxy::Running) -> String {
 #[tokio::test]
 async fn always_401_path_causes_at_most_two_token_requests() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     let client = client();
     for i in 0..60 {
         let r = get_with(&client, &proxy_url(&p, "/status/401")).await;
@@ -136,7 +136,7 @@ async fn absurd_lifetimes_are_capped_and_the_proxy_keeps_serving() {
     for case in cases {
         let sb = sandbox().await;
         sb.set_token_override(case.clone());
-        let p = start_proxy(&config_toml(&sb, "")).await;
+        let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
         let r = get(&proxy_url(&p, "/api/v1/accounts")).await;
         assert_eq!(r.status, 200, "{case:?}: {}", r.text());
         assert_eq!(get(&admin_url(&p, "/readyz")).await.status, 200, "{case:?}");
@@ -167,7 +167,7 @@ async fn zero_or_negative_expires_in_is_an_invalid_response_then_a_good_answer_r
             expires_in: Some(bad.clone()),
             exp: None,
         });
-        let p = start_proxy(&config_toml(&sb, "")).await;
+        let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
         sb.wait_for_token_requests(1).await;
         let url = proxy_url(&p, "/api/v1/accounts");
         eventually(
@@ -296,7 +296,7 @@ fn sighup_reload_reads_the_config_off_the_runtime_thread() {
     fifo(&fifo_path);
     rt.block_on(async {
         let sb = sandbox().await;
-        let toml = config_toml(&sb, "");
+        let toml = ProxyToml::sandbox(&sb).toml();
         let p = start_proxy(&toml).await;
         assert_eq!(get(&proxy_url(&p, "/api/v1/accounts")).await.status, 200);
 
@@ -405,7 +405,7 @@ async fn a_token_endpoint_certificate_for_another_name_says_certificate() {
 async fn a_request_during_a_retry_waits_for_it_instead_of_answering_the_old_failure() {
     let sb = sandbox().await;
     sb.set_failure(FailureMode::ServerError);
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     let url = proxy_url(&p, "/api/v1/accounts");
     eventually("the first failure", Duration::from_secs(10), || async {
         get(&url).await.status == 503
@@ -453,7 +453,7 @@ async fn status_shows_subjects_only_when_asked_and_token_urls_without_query() {
 #[tokio::test]
 async fn every_token_outcome_series_exists_from_the_start() {
     let sb = sandbox().await;
-    let p = start_proxy(&config_toml(&sb, "")).await;
+    let p = start_proxy(&ProxyToml::sandbox(&sb).toml()).await;
     let m = get(&admin_url(&p, "/metrics")).await.text();
     for o in [
         "success",

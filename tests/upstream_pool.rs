@@ -11,6 +11,7 @@
 
 mod support;
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,22 +25,29 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
-fn config_for(sb: &flinks_proxy::sandbox::Sandbox, upstream: &str, extra: &str) -> String {
-    config_with_timeout(sb, upstream, extra, "10s")
+/// Listeners (10 s request timeout), the sandbox credential `flinks` and
+/// route `up` to `upstream` with it.
+fn config(sb: &flinks_proxy::sandbox::Sandbox, upstream: &str) -> ProxyToml {
+    let route = Route {
+        upstream: upstream.to_owned(),
+        credential: Some("flinks".to_owned()),
+        ..Route::default()
+    };
+    ProxyToml::listeners()
+        .credential("flinks", Credential::sandbox(sb))
+        .route("up", route)
+        .with(|c| c.server.request_timeout = Some(Duration::from_secs(10)))
 }
 
-fn config_with_timeout(
-    sb: &flinks_proxy::sandbox::Sandbox,
-    upstream: &str,
-    extra: &str,
-    request_timeout: &str,
-) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"{request_timeout}\"\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n{}\n\
-         [routes.up]\ncredential = \"flinks\"\nupstream = \"{upstream}\"\n{extra}\n",
-        credential_toml(sb)
-    )
+fn config_for(sb: &flinks_proxy::sandbox::Sandbox, upstream: &str) -> String {
+    config(sb, upstream).toml()
+}
+
+/// [`config_for`], route `up` trusting the CA in the file `ca`.
+fn config_with_ca(sb: &flinks_proxy::sandbox::Sandbox, upstream: &str, ca: &Path) -> String {
+    config(sb, upstream)
+        .with(|c| c.route_mut("up").ca_file = Some(ca.to_path_buf()))
+        .toml()
 }
 
 /// Waits (up to 20 s, polling) for `cond`; panics naming `what`.
@@ -79,7 +87,7 @@ fn fast_pings(timeout: Duration) -> PoolTimings {
 async fn sequential_requests_reuse_one_upstream_connection() {
     let sb = sandbox().await;
     let up = TestUpstream::start("plain").await;
-    let p = start_proxy(&config_for(&sb, &up.http_url(), "")).await;
+    let p = start_proxy(&config_for(&sb, &up.http_url())).await;
     let c = client();
     for i in 0..50 {
         let r = get_with(&c, &proxy_url(&p, &format!("/seq/{i}"))).await;
@@ -97,7 +105,7 @@ async fn sequential_requests_reuse_one_upstream_connection() {
 async fn concurrent_rounds_open_no_more_connections_than_concurrent_requests() {
     let sb = sandbox().await;
     let up = TestUpstream::start("plain").await;
-    let p = start_proxy(&config_for(&sb, &up.http_url(), "")).await;
+    let p = start_proxy(&config_for(&sb, &up.http_url())).await;
     let c = client();
     for round in 0..4 {
         let mut tasks = tokio::task::JoinSet::new();
@@ -124,8 +132,7 @@ async fn http2_upstream_multiplexes_concurrent_requests_on_one_connection() {
     let up = TestUpstream::start_tls("h2", &pki.server()).await;
     let dir = TempDir::new();
     let ca = dir.write("ca.pem", &pki.ca_pem);
-    let extra = format!("ca_file = \"{}\"", ca.display());
-    let p = start_proxy(&config_for(&sb, &up.https_url(), &extra)).await;
+    let p = start_proxy(&config_with_ca(&sb, &up.https_url(), &ca)).await;
     // One request first, so the connection exists before the burst.
     assert_eq!(get(&proxy_url(&p, "/first")).await.status, 200);
     let c = client();
@@ -177,7 +184,7 @@ async fn one_shot_upstream() -> (String, tokio::task::JoinHandle<()>) {
 async fn pooled_connections_the_upstream_closed_are_not_an_error() {
     let sb = sandbox().await;
     let (url, _task) = one_shot_upstream().await;
-    let p = start_proxy(&config_for(&sb, &url, "")).await;
+    let p = start_proxy(&config_for(&sb, &url)).await;
     let c = client();
     for i in 0..30 {
         let r = get_with(&c, &proxy_url(&p, &format!("/x/{i}"))).await;
@@ -219,7 +226,7 @@ async fn ambiguous_upstream_framing_is_a_502_and_the_connection_is_not_reused() 
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     )
     .await;
-    let p = start_proxy(&config_for(&sb, &url, "")).await;
+    let p = start_proxy(&config_for(&sb, &url)).await;
     let c = client();
     for i in 0..3 {
         let r = get_with(&c, &proxy_url(&p, &format!("/smuggle/{i}"))).await;
@@ -240,7 +247,7 @@ async fn ambiguous_upstream_framing_is_a_502_and_the_connection_is_not_reused() 
 async fn a_client_leaving_before_the_response_keeps_the_upstream_connection() {
     let sb = sandbox().await;
     let up = TestUpstream::start("plain").await;
-    let p = start_proxy(&config_for(&sb, &up.http_url(), "")).await;
+    let p = start_proxy(&config_for(&sb, &up.http_url())).await;
     let c = client();
     assert_eq!(get_with(&c, &proxy_url(&p, "/warm")).await.status, 200);
     assert_eq!(up.connections(), 1);
@@ -421,12 +428,11 @@ fn h2_acceptor(pki: &Pki) -> tokio_rustls::TlsAcceptor {
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
-/// The `ca_file` line trusting `pki`, and the folder holding the file.
-fn ca_line(pki: &Pki) -> (TempDir, String) {
+/// A `ca_file` trusting `pki`, and the folder holding it.
+fn ca_file(pki: &Pki) -> (TempDir, PathBuf) {
     let dir = TempDir::new();
     let ca = dir.write("ca.pem", &pki.ca_pem);
-    let line = format!("ca_file = \"{}\"", ca.display());
-    (dir, line)
+    (dir, ca)
 }
 
 /// An HTTP/2-only upstream (TLS, ALPN `h2`) announcing `max_streams`
@@ -754,7 +760,12 @@ async fn read_until(tcp: &mut TcpStream, needle: &[u8]) -> Vec<u8> {
 async fn a_burst_never_opens_more_than_max_connections() {
     let sb = sandbox().await;
     let up = TestUpstream::start("plain").await;
-    let p = start_proxy(&config_for(&sb, &up.http_url(), "max_connections = 2")).await;
+    let p = start_proxy(
+        &config(&sb, &up.http_url())
+            .with(|c| c.route_mut("up").max_connections = Some(2))
+            .toml(),
+    )
+    .await;
     let c = client();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..16 {
@@ -787,7 +798,7 @@ async fn idle_connections_are_closed_by_the_reaper() {
     let sb = sandbox().await;
     let up = TestUpstream::start("plain").await;
     let relay = Relay::start(up.addr).await;
-    let p = start_proxy(&config_for(&sb, &relay.url("http"), "")).await;
+    let p = start_proxy(&config_for(&sb, &relay.url("http"))).await;
     p.state().upstreams.set_timings(PoolTimings {
         idle_timeout: Duration::from_millis(300),
         ..PoolTimings::default()
@@ -806,7 +817,7 @@ async fn a_reload_drops_the_pool_of_a_removed_upstream() {
     let old = TestUpstream::start("old").await;
     let relay = Relay::start(old.addr).await;
     let new = TestUpstream::start("new").await;
-    let p = start_proxy(&config_for(&sb, &relay.url("http"), "")).await;
+    let p = start_proxy(&config_for(&sb, &relay.url("http"))).await;
     assert_eq!(get(&proxy_url(&p, "/before")).await.status, 200);
     let old_pool = pool(&p);
     eventually("the connection is pooled", || {
@@ -815,7 +826,7 @@ async fn a_reload_drops_the_pool_of_a_removed_upstream() {
     .await;
     drop(old_pool);
     let dir = std::env::temp_dir();
-    p.reload(parse_config(&config_for(&sb, &new.http_url(), ""), &dir))
+    p.reload(parse_config(&config_for(&sb, &new.http_url()), &dir))
         .expect("reload");
     eventually("the old upstream's connection is closed", || {
         relay.closed() == 1
@@ -829,7 +840,7 @@ async fn a_reload_drops_the_pool_of_a_removed_upstream() {
 async fn an_early_answer_while_the_client_uploads_does_not_hold_up_the_next_request() {
     let sb = sandbox().await;
     let up = RawUpstream::start().await;
-    let p = start_proxy(&config_for(&sb, &up.url(), "")).await;
+    let p = start_proxy(&config_for(&sb, &up.url())).await;
     // A client announces a large body, sends a little of it and stalls; the
     // upstream answers 413 without waiting for the rest.
     let mut uploader = TcpStream::connect(p.proxy_addr()).await.expect("connect");
@@ -855,7 +866,7 @@ async fn an_early_answer_while_the_client_uploads_does_not_hold_up_the_next_requ
 async fn a_client_leaving_mid_response_returns_the_connection_to_the_pool() {
     let sb = sandbox().await;
     let up = RawUpstream::start().await;
-    let p = start_proxy(&config_for(&sb, &up.url(), "")).await;
+    let p = start_proxy(&config_for(&sb, &up.url())).await;
     let c = client();
     assert_eq!(get_with(&c, &proxy_url(&p, "/warm")).await.status, 200);
     // The client reads the head and the first chunk, then hangs up while the
@@ -891,8 +902,8 @@ async fn a_black_holed_http2_connection_is_found_by_ping_and_replaced() {
     let pki = Pki::new("ping");
     let up = TestUpstream::start_tls("h2", &pki.server()).await;
     let relay = Relay::start(up.addr).await;
-    let (_dir, ca) = ca_line(&pki);
-    let p = start_proxy(&config_for(&sb, &relay.url("https"), &ca)).await;
+    let (_dir, ca) = ca_file(&pki);
+    let p = start_proxy(&config_with_ca(&sb, &relay.url("https"), &ca)).await;
     p.state()
         .upstreams
         .set_timings(fast_pings(Duration::from_millis(500)));
@@ -922,8 +933,16 @@ async fn a_request_timeout_evicts_a_silent_http2_connection() {
     let pki = Pki::new("silent");
     let up = TestUpstream::start_tls("h2", &pki.server()).await;
     let relay = Relay::start(up.addr).await;
-    let (_dir, ca) = ca_line(&pki);
-    let p = start_proxy(&config_with_timeout(&sb, &relay.url("https"), &ca, "2s")).await;
+    let (_dir, ca) = ca_file(&pki);
+    let p = start_proxy(
+        &config(&sb, &relay.url("https"))
+            .with(|c| {
+                c.server.request_timeout = Some(Duration::from_secs(2));
+                c.route_mut("up").ca_file = Some(ca.clone());
+            })
+            .toml(),
+    )
+    .await;
     // PINGs every 200 ms, but hyper would wait a minute for the answer: only
     // the timeout's judgement can evict the connection within the test.
     p.state()
@@ -943,8 +962,16 @@ async fn a_request_timeout_keeps_a_healthy_http2_connection() {
     let sb = sandbox().await;
     let pki = Pki::new("slow");
     let up = TestUpstream::start_tls("h2", &pki.server()).await;
-    let (_dir, ca) = ca_line(&pki);
-    let p = start_proxy(&config_with_timeout(&sb, &up.https_url(), &ca, "2s")).await;
+    let (_dir, ca) = ca_file(&pki);
+    let p = start_proxy(
+        &config(&sb, &up.https_url())
+            .with(|c| {
+                c.server.request_timeout = Some(Duration::from_secs(2));
+                c.route_mut("up").ca_file = Some(ca.clone());
+            })
+            .toml(),
+    )
+    .await;
     p.state()
         .upstreams
         .set_timings(fast_pings(Duration::from_secs(60)));
@@ -964,8 +991,8 @@ async fn a_cold_burst_to_an_http2_upstream_connects_once() {
     let sb = sandbox().await;
     let pki = Pki::new("burst");
     let up = H2Upstream::start(&pki, 100).await;
-    let (_dir, ca) = ca_line(&pki);
-    let p = start_proxy(&config_for(&sb, &up.url(), &ca)).await;
+    let (_dir, ca) = ca_file(&pki);
+    let p = start_proxy(&config_with_ca(&sb, &up.url(), &ca)).await;
     let c = client();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..20 {
@@ -983,8 +1010,8 @@ async fn http2_streams_above_a_goaway_are_sent_again_on_a_new_connection() {
     let sb = sandbox().await;
     let pki = Pki::new("goaway");
     let up = ScriptedH2::start(&pki, Refusal::GoAway).await;
-    let (_dir, ca) = ca_line(&pki);
-    let p = start_proxy(&config_for(&sb, &up.url(), &ca)).await;
+    let (_dir, ca) = ca_file(&pki);
+    let p = start_proxy(&config_with_ca(&sb, &up.url(), &ca)).await;
     let c = client();
     assert_eq!(get_with(&c, &proxy_url(&p, "/first")).await.status, 200);
     let r = get_with(&c, &proxy_url(&p, "/second")).await;
@@ -997,8 +1024,8 @@ async fn http2_refused_streams_are_sent_again_on_a_new_connection() {
     let sb = sandbox().await;
     let pki = Pki::new("refused");
     let up = ScriptedH2::start(&pki, Refusal::RefusedStream).await;
-    let (_dir, ca) = ca_line(&pki);
-    let p = start_proxy(&config_for(&sb, &up.url(), &ca)).await;
+    let (_dir, ca) = ca_file(&pki);
+    let p = start_proxy(&config_with_ca(&sb, &up.url(), &ca)).await;
     let c = client();
     assert_eq!(get_with(&c, &proxy_url(&p, "/first")).await.status, 200);
     let r = get_with(&c, &proxy_url(&p, "/second")).await;
@@ -1011,8 +1038,8 @@ async fn a_second_http2_connection_opens_at_max_concurrent_streams() {
     let sb = sandbox().await;
     let pki = Pki::new("streams");
     let up = H2Upstream::start(&pki, 2).await;
-    let (_dir, ca) = ca_line(&pki);
-    let p = start_proxy(&config_for(&sb, &up.url(), &ca)).await;
+    let (_dir, ca) = ca_file(&pki);
+    let p = start_proxy(&config_with_ca(&sb, &up.url(), &ca)).await;
     let c = client();
     // The first exchange teaches the pool the upstream's limit.
     assert_eq!(get_with(&c, &proxy_url(&p, "/first")).await.status, 200);
@@ -1059,11 +1086,13 @@ async fn a_burst_waiting_on_a_failed_connect_shares_its_failure() {
         }
     });
     let warm = TestUpstream::start("warm").await;
-    let extra = format!(
-        "[routes.warm]\npath_prefix = \"/warm\"\ncredential = \"flinks\"\nupstream = \"{}\"",
-        warm.http_url()
-    );
-    let p = start_proxy(&config_for(&sb, &format!("https://{addr}"), &extra)).await;
+    let toml = config(&sb, &format!("https://{addr}"))
+        .route(
+            "warm",
+            Route::credential("/warm", &warm.http_url(), "flinks"),
+        )
+        .toml();
+    let p = start_proxy(&toml).await;
     // A token first, so the burst goes straight to the upstream pool.
     assert_eq!(get(&proxy_url(&p, "/warm/x")).await.status, 200);
     let c = client();

@@ -1,7 +1,5 @@
-//! Per-user connection helpers: a sandbox with users, a config with a
-//! store and a pool, and admin API calls.
-
-use std::path::Path;
+//! Per-user connection helpers: a sandbox with users and admin API calls
+//! (the config with a store and a pool is [`super::ProxyToml::pool`]).
 
 use bytes::Bytes;
 use flinks_proxy::sandbox::{Sandbox, SandboxOptions, SandboxUser};
@@ -11,8 +9,7 @@ use http_body_util::Full;
 
 use super::{client, send, Resp};
 
-/// The admin API token of [`pool_toml`].
-pub const API_TOKEN: &str = "admin-test-token";
+pub use super::config::API_TOKEN;
 /// The select header's default name.
 pub const SELECT: &str = "x-flinks-connection";
 
@@ -29,47 +26,6 @@ pub async fn users_sandbox(expires_in: u64, rotate: bool) -> Sandbox {
     })
     .await
     .expect("sandbox")
-}
-
-/// A config: listeners on port 0, an SQLite store at `db` with `key`, a
-/// pool `users` on the sandbox, route `/` with `connections = "users"`,
-/// an admin api_token, and `extra` appended.
-pub fn pool_toml(sb: &Sandbox, db: &Path, key: &str, extra: &str) -> String {
-    let o = SandboxOptions::default();
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-request_timeout = "5s"
-
-[admin]
-listen = "127.0.0.1:0"
-api_token = "{API_TOKEN}"
-
-[store]
-url = "sqlite:{db}"
-key = "{key}"
-
-[connections.users]
-token_url = "{token_url}"
-client_id = "{client_id}"
-client_secret = "{client_secret}"
-redirect_uri = "{redirect_uri}"
-token_timeout = "2s"
-
-[routes.ob]
-path_prefix = "/"
-upstream = "{api}"
-connections = "users"
-{extra}
-"#,
-        db = db.display(),
-        token_url = sb.token_url(),
-        client_id = o.client_id,
-        client_secret = o.client_secret,
-        redirect_uri = o.redirect_uri,
-        api = sb.api_url(),
-    )
 }
 
 /// A new store key.

@@ -26,6 +26,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+use super::config::{Pool, ProxyToml, Route, Store, API_TOKEN};
+
 /// The bank's client id.
 pub const CLIENT_ID: &str = "durability-client";
 /// The bank's client secret (it accepts any; refusals are simulated).
@@ -497,47 +499,25 @@ impl ProxyConfig {
 
     /// The TOML text.
     pub fn toml(&self) -> String {
-        let d = |d: Duration| humantime::format_duration(d).to_string();
-        let cache = self
-            .cache_size
-            .map_or(String::new(), |n| format!("cache_size = {n}\n"))
-            + &self
-                .refresh_concurrency
-                .map_or(String::new(), |n| format!("refresh_concurrency = {n}\n"));
-        format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-request_timeout = "{request_timeout}"
-
-[admin]
-listen = "127.0.0.1:0"
-api_token = "{api_token}"
-
-[store]
-url = "sqlite:{db}"
-key = "{key}"
-
-[connections.{POOL}]
-token_url = "{token_url}"
-client_id = "{CLIENT_ID}"
-client_secret = "{CLIENT_SECRET}"
-redirect_uri = "https://example.com/callback"
-token_timeout = "{token_timeout}"
-{cache}
-[routes.bank]
-path_prefix = "/"
-upstream = "{api_url}"
-connections = "{POOL}"
-"#,
-            request_timeout = d(self.request_timeout),
-            api_token = super::connections::API_TOKEN,
-            db = self.db.display(),
-            key = self.key,
-            token_url = self.token_url,
-            token_timeout = d(self.token_timeout),
-            api_url = self.api_url,
-        )
+        let pool = Pool {
+            token_url: self.token_url.clone(),
+            client_id: CLIENT_ID.to_owned(),
+            client_secret: Some(CLIENT_SECRET.into()),
+            redirect_uri: Some("https://example.com/callback".to_owned()),
+            token_timeout: Some(self.token_timeout),
+            cache_size: self.cache_size,
+            refresh_concurrency: self.refresh_concurrency,
+            ..Pool::default()
+        };
+        ProxyToml::listeners()
+            .with(|c| {
+                c.server.request_timeout = Some(self.request_timeout);
+                c.admin_mut().api_token = Some(API_TOKEN.into());
+                c.store = Some(Store::sqlite(&self.db, &self.key));
+            })
+            .pool_table(POOL, pool)
+            .route("bank", Route::pool("/", &self.api_url, POOL))
+            .toml()
     }
 }
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use flinks_proxy::sandbox::{SandboxOptions, SandboxUser};
 
+use super::config::{Credential, Pool, ProxyToml, Route, Store};
 use super::connections::{connect, get_as, new_key, API_TOKEN};
 use super::TempDir;
 
@@ -332,63 +333,32 @@ impl Monitored {
         .await;
         let store_dir = TempDir::new();
         let dead = free_port();
-        let o = SandboxOptions::default();
-        let toml = format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-request_timeout = "5s"
-[admin]
-listen = "127.0.0.1:0"
-api_token = "{API_TOKEN}"
-[store]
-url = "sqlite:{db}"
-key = "{key}"
-{flinks}
-[credentials.broken]
-token_url = "{token_url}"
-grant_type = "client_credentials"
-client_id = "demo-client"
-client_secret = "{WRONG_SECRET}"
-token_timeout = "2s"
-
-[routes.flinks]
-path_prefix = "/api"
-upstream = "{api}"
-credential = "flinks"
-[routes.status]
-path_prefix = "/status"
-upstream = "{api}"
-credential = "flinks"
-[routes.dead]
-path_prefix = "/dead"
-upstream = "http://{dead}"
-credential = "flinks"
-[routes.broken]
-path_prefix = "/broken"
-upstream = "{api}"
-credential = "broken"
-
-[connections.users]
-token_url = "{token_url}"
-client_id = "{client_id}"
-client_secret = "{client_secret}"
-redirect_uri = "{redirect_uri}"
-token_timeout = "2s"
-[routes.users]
-path_prefix = "/api/fdx"
-upstream = "{api}"
-connections = "users"
-"#,
-            db = store_dir.join("connections.db").display(),
-            key = new_key(),
-            client_id = o.client_id,
-            client_secret = o.client_secret,
-            redirect_uri = o.redirect_uri,
-            flinks = super::credential_toml(&sandbox),
-            token_url = sandbox.token_url(),
-            api = sandbox.api_url(),
-        );
+        let api = sandbox.api_url();
+        let broken = Credential {
+            client_id: "demo-client".to_owned(),
+            client_secret: Some(WRONG_SECRET.into()),
+            scope: None,
+            ..Credential::sandbox(&sandbox)
+        };
+        let toml = ProxyToml::listeners()
+            .with(|c| {
+                c.server.request_timeout = Some(Duration::from_secs(5));
+                c.admin_mut().api_token = Some(API_TOKEN.into());
+                let db = store_dir.join("connections.db");
+                c.store = Some(Store::sqlite(&db, &new_key()));
+            })
+            .credential("flinks", Credential::sandbox(&sandbox))
+            .credential("broken", broken)
+            .route("flinks", Route::credential("/api", &api, "flinks"))
+            .route("status", Route::credential("/status", &api, "flinks"))
+            .route(
+                "dead",
+                Route::credential("/dead", &format!("http://{dead}"), "flinks"),
+            )
+            .route("broken", Route::credential("/broken", &api, "broken"))
+            .pool_table("users", Pool::sandbox(&sandbox))
+            .route("users", Route::pool("/api/fdx", &api, "users"))
+            .toml();
         let proxy = super::start_proxy(&toml).await;
         let admin = proxy.admin_addr().expect("admin listener");
         let rules = [
