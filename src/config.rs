@@ -226,7 +226,9 @@ impl Ctx {
         file: &Option<PathBuf>,
     ) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
         match file {
-            Some(p) => crate::net::tls::load_certs(&self.base.join(p)).map_err(|m| self.err(key, m)),
+            Some(p) => {
+                crate::net::tls::load_certs(&self.base.join(p)).map_err(|m| self.err(key, m))
+            }
             None => Ok(Vec::new()),
         }
     }

@@ -183,8 +183,12 @@ impl Ctx {
             (Some(cert), Some(key)) => {
                 let ca = s.client_ca.as_ref().map(|p| base.join(p));
                 Some(
-                    crate::net::tls::server_config(&base.join(cert), &base.join(key), ca.as_deref())
-                        .map_err(|m| self.err("server.tls_cert", m))?,
+                    crate::net::tls::server_config(
+                        &base.join(cert),
+                        &base.join(key),
+                        ca.as_deref(),
+                    )
+                    .map_err(|m| self.err("server.tls_cert", m))?,
                 )
             }
             (Some(_), None) => {
