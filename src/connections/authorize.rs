@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::{valid_id, Pool};
 use crate::ground::secret::Secret;
 use crate::store::{ConnectionInfo, StoreError, Tokens};
-use crate::tokens::{self, Grant, TokenError};
+use crate::tokens::{self, Grant, Granted, TokenError};
 
 /// The admin API's code exchange keeps trying to store what it obtained
 /// for this long (the code is spent; the tokens must not be).
@@ -102,25 +102,7 @@ impl Pool {
                 redirect_uri: &redirect_uri,
             }
         };
-        // A single-use code must not be spent on a grant the store cannot keep.
-        self.store
-            .probe_write()
-            .await
-            .map_err(AuthorizeError::Store)?;
-        let result = tokens::grant::request(&self.endpoint, grant).await;
-        self.metrics.token_request(
-            result
-                .as_ref()
-                .map_or_else(TokenError::outcome, |_| "success"),
-        );
-        let g = match result {
-            Ok(g) => g,
-            Err(e @ TokenError::Rejected { .. }) if !e.is_transient() => {
-                let (error, description) = e.oauth_fields();
-                return Err(AuthorizeError::Rejected { error, description });
-            }
-            Err(e) => return Err(AuthorizeError::EndpointUnavailable(e)),
-        };
+        let g = self.exchange(grant).await?;
         let id = match id {
             Some(id) => id,
             None => g
@@ -137,16 +119,53 @@ impl Pool {
             access_token: Some(g.access_token.clone()),
             access_expires_at: Some(g.expires_ms()),
         };
+        let stored = self
+            .store_authorized(&id, g.sub.as_deref(), &tokens)
+            .await?;
+        let name = &self.config.name;
+        self.forget(&id).await;
+        tracing::info!(pool = %name, connection = %id, created = stored.1, "connection authorized");
+        Ok(stored)
+    }
+
+    /// Spends the code or refresh token at the endpoint, once the store
+    /// has shown it can take what the grant buys.
+    async fn exchange(&self, grant: Grant<'_>) -> Result<Granted, AuthorizeError> {
+        // A single-use code must not be spent on a grant the store cannot keep.
+        self.store
+            .probe_write()
+            .await
+            .map_err(AuthorizeError::Store)?;
+        let result = tokens::grant::request(&self.endpoint, grant).await;
+        self.metrics.token_request(
+            result
+                .as_ref()
+                .map_or_else(TokenError::outcome, |_| "success"),
+        );
+        match result {
+            Ok(g) => Ok(g),
+            Err(e @ TokenError::Rejected { .. }) if !e.is_transient() => {
+                let (error, description) = e.oauth_fields();
+                Err(AuthorizeError::Rejected { error, description })
+            }
+            Err(e) => Err(AuthorizeError::EndpointUnavailable(e)),
+        }
+    }
+
+    /// Stores a just-authorized connection, trying a store that is down
+    /// again for up to [`AUTHORIZE_STORE_RETRY`].
+    async fn store_authorized(
+        &self,
+        id: &str,
+        sub: Option<&str>,
+        tokens: &Tokens,
+    ) -> Result<(ConnectionInfo, bool), AuthorizeError> {
         let name = &self.config.name;
         let start = Instant::now();
         let mut wait = Duration::from_millis(100);
-        let stored = loop {
-            match self
-                .store
-                .authorize(name, &id, g.sub.as_deref(), &tokens)
-                .await
-            {
-                Ok(stored) => break stored,
+        loop {
+            match self.store.authorize(name, id, sub, tokens).await {
+                Ok(stored) => return Ok(stored),
                 Err(e) if e.is_unavailable() && start.elapsed() < AUTHORIZE_STORE_RETRY => {
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(2));
@@ -156,9 +175,6 @@ impl Pool {
                     return Err(AuthorizeError::Store(e));
                 }
             }
-        };
-        self.forget(&id).await;
-        tracing::info!(pool = %name, connection = %id, created = stored.1, "connection authorized");
-        Ok(stored)
+        }
     }
 }
