@@ -53,11 +53,18 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// A free loopback port below the kernel's ephemeral range (32768 up on
+/// Linux): a cluster is stopped and started again on the same port, and an
+/// ephemeral port could be handed to another socket meanwhile (a
+/// `bind(0)` anywhere on the machine), leaving the restart unable to bind.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    for _ in 0..1000 {
+        let port = 20_000 + (rand::random::<u16>() % 12_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000-31999")
 }
 
 impl PgCluster {
