@@ -375,9 +375,8 @@ fn check(files: &[(String, String)], layers: &[&[&str]]) -> Vec<String> {
             _ => false,
         })
     };
-    let kept: Vec<&Edge> = g.edges.iter().collect();
     let mut adj = vec![Vec::new(); g.paths.len()];
-    kept.iter().for_each(|e| adj[e.from].push(e.to));
+    g.edges.iter().for_each(|e| adj[e.from].push(e.to));
     for c in components(&adj)
         .into_iter()
         .filter(|c| c.len() > 1 && !within_one_subtree(c))
@@ -386,10 +385,7 @@ fn check(files: &[(String, String)], layers: &[&[&str]]) -> Vec<String> {
         c.iter()
             .for_each(|&f| msg += &format!("    {}\n", g.paths[f]));
         msg += "  imports inside it:";
-        let inside = kept
-            .iter()
-            .copied()
-            .filter(|e| c.contains(&e.from) && c.contains(&e.to));
+        let inside = (g.edges.iter()).filter(|e| c.contains(&e.from) && c.contains(&e.to));
         for ((a, b), names) in by_pair(inside) {
             msg += &format!("\n    {} -> {} {names}", g.paths[a], g.paths[b]);
         }

@@ -542,10 +542,9 @@ impl Pool {
                 }
             }
         };
-        if !escalated {
-            return self.record_failure(conn, record, e, delay).await;
+        if escalated {
+            tracing::error!(pool, error = %e, retry_in = %humantime::format_duration(delay), "the token endpoint refused the pool's client (check client_id, client_secret and client_auth); no connection is changed, and every user works again once the endpoint accepts the client");
         }
-        tracing::error!(pool, error = %e, retry_in = %humantime::format_duration(delay), "the token endpoint refused the pool's client (check client_id, client_secret and client_auth); no connection is changed, and every user works again once the endpoint accepts the client");
         self.record_failure(conn, record, e, delay).await
     }
 
