@@ -39,6 +39,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod connect;
 pub mod connections;
 pub mod ground;
 pub mod net;

@@ -38,6 +38,7 @@ const LAYERS: &[&[&str]] = &[
     &["tokens"],      // grant, jwt, a credential's TokenSource
     &["connections"], // per-user pools, the ledger
     &["proxy"],       // Generation, routes, handler, errors, access log, reload
+    &["connect"],     // the [connect] listener's pages: links and callbacks
     &["admin"],       // /metrics, health, /status, connections API
     &["server"],      // listeners for the proxy and admin
     &["sandbox"],     // the Flinks-like token endpoint and API

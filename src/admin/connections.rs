@@ -15,13 +15,14 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
+use crate::ground::secret::Secret;
 use crate::connections::{valid_id, AuthorizeError, Exchange, Pool};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::generation::AppState;
 use crate::store::{ConnectionState, StoreError};
 
 /// Largest request body: a code or refresh token and an id fit many times.
-const MAX_BODY: usize = 16 * 1024;
+pub(super) const MAX_BODY: usize = 16 * 1024;
 /// Page size when `limit` is not given.
 const DEFAULT_LIMIT: u32 = 100;
 /// Largest page.
@@ -30,23 +31,23 @@ const MAX_LIMIT: u32 = 1000;
 const STORE_RETRY_AFTER: u64 = 5;
 
 /// An answer: status, JSON body, optional extra header.
-struct Answer {
-    status: StatusCode,
-    body: serde_json::Value,
+pub(super) struct Answer {
+    pub(super) status: StatusCode,
+    pub(super) body: serde_json::Value,
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Answer {
+pub(super) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Answer {
     Answer {
         status,
         body: serde_json::json!({"error": code, "message": message.into()}),
     }
 }
 
-fn bad_request(message: impl Into<String>) -> Answer {
+pub(super) fn bad_request(message: impl Into<String>) -> Answer {
     error(StatusCode::BAD_REQUEST, "bad_request", message)
 }
 
-fn store_error(e: &StoreError) -> Answer {
+pub(super) fn store_error(e: &StoreError) -> Answer {
     if e.is_unavailable() {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -70,7 +71,7 @@ fn connection_not_found(pool: &str, id: &str) -> Answer {
     )
 }
 
-fn respond(a: Answer) -> Response<ProxyBody> {
+pub(super) fn respond(a: Answer) -> Response<ProxyBody> {
     if a.status == StatusCode::NO_CONTENT {
         let mut r = Response::new(ProxyBody::full(Bytes::new()));
         *r.status_mut() = a.status;
@@ -156,7 +157,7 @@ async fn answer(state: &AppState, req: Request<Incoming>) -> Answer {
 }
 
 /// `Authorization: Bearer <token>`, compared in constant time.
-fn authorized(headers: &http::HeaderMap, token: &str) -> bool {
+pub(super) fn authorized(headers: &http::HeaderMap, token: &str) -> bool {
     let presented = headers
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes)
@@ -176,6 +177,8 @@ struct PostBody {
     refresh_token: Option<String>,
     id: Option<String>,
     redirect_uri: Option<String>,
+    /// The PKCE verifier, when the app ran the authorize request itself.
+    code_verifier: Option<String>,
 }
 
 async fn post(pool: &Arc<Pool>, req: Request<Incoming>) -> Answer {
@@ -199,10 +202,15 @@ async fn post(pool: &Arc<Pool>, req: Request<Incoming>) -> Answer {
             return bad_request("id: 1-128 of A-Z a-z 0-9 . _ : @ -");
         }
     }
+    let verifier = body.code_verifier.clone().map(Secret::new);
+    if verifier.is_some() && body.code.is_none() {
+        return bad_request("code_verifier goes with a code");
+    }
     let exchange = match (&body.code, &body.refresh_token) {
         (Some(code), None) if !code.is_empty() => Exchange::Code {
             code,
             redirect_uri: body.redirect_uri.as_deref(),
+            code_verifier: verifier.as_ref(),
         },
         (None, Some(rt)) if !rt.is_empty() && body.redirect_uri.is_none() => {
             Exchange::RefreshToken(rt)

@@ -253,7 +253,17 @@ impl Metrics {
             from_refresh: source("refresh"),
             token_requests: f.token_requests.clone(),
             connections: f.connections.clone(),
+            connect_sessions: f.connect_sessions.clone(),
         }
+    }
+
+    /// Counts a connect session's outcome (`pool` empty: a callback whose
+    /// state named no session).
+    pub fn connect_session(&self, pool: &str, outcome: &str) {
+        self.connections
+            .connect_sessions
+            .with_label_values(&[pool, outcome])
+            .inc();
     }
 
     /// Counts a reload.
@@ -383,7 +393,14 @@ struct ConnectionFamilies {
     store_ops: IntCounterVec,
     store_duration: HistogramVec,
     store_up: IntGaugeVec,
+    connect_sessions: IntCounterVec,
 }
+
+/// The `outcome` labels of `flinks_proxy_connect_sessions_total`
+/// (CONNECT.md): a connection made, an error from the provider or the
+/// exchange, a session past its lifetime, a callback refused (bad state,
+/// cookie or `iss`).
+pub const CONNECT_OUTCOMES: [&str; 4] = ["connected", "failed", "expired", "rejected"];
 
 impl ConnectionFamilies {
     fn register(registry: &Registry) -> ConnectionFamilies {
@@ -442,6 +459,12 @@ impl ConnectionFamilies {
                 &["op", "outcome"],
             ),
             store_duration,
+            connect_sessions: counter(
+                "flinks_proxy_connect_sessions_total",
+                "Connect sessions ended, by pool and outcome (connected, failed, expired, rejected); \
+                 pool=\"\" for callbacks whose state named no session",
+                &["pool", "outcome"],
+            ),
         }
     }
 }
@@ -484,9 +507,18 @@ pub struct PoolMetrics {
     pub from_refresh: IntCounter,
     token_requests: IntCounterVec,
     connections: IntGaugeVec,
+    connect_sessions: IntCounterVec,
 }
 
 impl PoolMetrics {
+    /// Puts this pool's connect session series at 0 (a pool with the
+    /// connect flow).
+    pub fn init_connect_sessions(&self) {
+        for outcome in CONNECT_OUTCOMES {
+            self.connect_sessions.with_label_values(&[&self.pool, outcome]);
+        }
+    }
+
     /// Counts one token request by outcome.
     pub fn token_request(&self, outcome: &str) {
         self.token_requests
