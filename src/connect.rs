@@ -40,8 +40,13 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut r = page(StatusCode::METHOD_NOT_ALLOWED, "Not allowed", &["Only links are served here."]);
-        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        let mut r = page(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Not allowed",
+            &["Only links are served here."],
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return Ok(r);
     }
     let path = req.uri().path();
@@ -51,13 +56,19 @@ pub async fn handle(
     match path.strip_prefix("/connect/") {
         Some(token) if is_token_shaped(token) => Ok(open_link(&state, token, req.headers()).await),
         Some(_) => Ok(not_a_link()),
-        None => Ok(page(StatusCode::NOT_FOUND, "Not found", &["There is nothing here."])),
+        None => Ok(page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            &["There is nothing here."],
+        )),
     }
 }
 
 /// Link tokens are 43 base64url characters.
 fn is_token_shaped(s: &str) -> bool {
-    s.len() == 43 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    s.len() == 43
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn not_a_link() -> Response<ProxyBody> {
@@ -74,7 +85,8 @@ fn unavailable() -> Response<ProxyBody> {
         "Please try again",
         &["We cannot continue right now. Reload this page in a minute."],
     );
-    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
     r
 }
 
@@ -139,7 +151,12 @@ async fn open_link(state: &AppState, token: &str, headers: &HeaderMap) -> Respon
         Ok(o) => {
             let mut r = redirect(o.location.expose());
             let max_age = (session.expires_at - now_ms()).max(0) / 1000;
-            if let Some(c) = set_cookie(&session.id, o.browser.expose(), max_age, connect.secure_cookies) {
+            if let Some(c) = set_cookie(
+                &session.id,
+                o.browser.expose(),
+                max_age,
+                connect.secure_cookies,
+            ) {
                 r.headers_mut().insert(header::SET_COOKIE, c);
             }
             r
@@ -222,7 +239,11 @@ fn callback_params(req: &Request<Incoming>) -> Option<(Secret, Callback)> {
 /// `GET /connect/callback`.
 async fn callback(state: &AppState, req: &Request<Incoming>) -> Response<ProxyBody> {
     let Some((oauth_state, cb)) = callback_params(req) else {
-        return rejected(state, "", "The answer from your bank is incomplete or malformed.");
+        return rejected(
+            state,
+            "",
+            "The answer from your bank is incomplete or malformed.",
+        );
     };
     let generation = state.generation.load_full();
     let (Some(connect), Some(store)) = (&generation.config.connect, &state.store) else {
@@ -249,11 +270,9 @@ async fn callback(state: &AppState, req: &Request<Incoming>) -> Response<ProxyBo
         .await;
     match outcome {
         Ok(CallbackOutcome::Rejected(why)) => rejected(state, &session.pool, why),
-        Ok(CallbackOutcome::Used) => rejected(
-            state,
-            &session.pool,
-            "This sign-in was completed already.",
-        ),
+        Ok(CallbackOutcome::Used) => {
+            rejected(state, &session.pool, "This sign-in was completed already.")
+        }
         Ok(CallbackOutcome::Expired { newly }) => expired(state, &session.pool, newly),
         Ok(CallbackOutcome::Finished(f)) => finished(state, &generation, &f),
         Err(e) => connect_error(&e),
@@ -272,7 +291,10 @@ fn finished(state: &AppState, generation: &Generation, f: &Finished) -> Response
             .as_ref()
             .is_some_and(|c| c.check_redirect(to).is_ok())
     };
-    let mut r = match f.redirect().filter(|_| f.redirect_to.as_deref().is_some_and(allowed)) {
+    let mut r = match f
+        .redirect()
+        .filter(|_| f.redirect_to.as_deref().is_some_and(allowed))
+    {
         Some(to) => redirect(&to),
         None if f.status == SessionStatus::Connected => page(
             StatusCode::OK,
@@ -289,11 +311,18 @@ fn finished(state: &AppState, generation: &Generation, f: &Finished) -> Response
             page(
                 StatusCode::OK,
                 "Your account was not connected",
-                &[&why, "You can close this window and start again from the app."],
+                &[
+                    &why,
+                    "You can close this window and start again from the app.",
+                ],
             )
         }
     };
-    let secure = generation.config.connect.as_ref().is_some_and(|c| c.secure_cookies);
+    let secure = generation
+        .config
+        .connect
+        .as_ref()
+        .is_some_and(|c| c.secure_cookies);
     if let Some(c) = set_cookie(&f.session_id, "", 0, secure) {
         r.headers_mut().insert(header::SET_COOKIE, c);
     }

@@ -490,7 +490,8 @@ pub async fn serve_connect(
             let _permit = permit;
             match tls {
                 Some(acceptor) => {
-                    let handshake = tokio::time::timeout(CONNECT_HEAD_TIMEOUT, acceptor.accept(stream));
+                    let handshake =
+                        tokio::time::timeout(CONNECT_HEAD_TIMEOUT, acceptor.accept(stream));
                     if let Ok(Ok(stream)) = handshake.await {
                         serve_connect_conn(stream, state, shutdown).await;
                     }

@@ -15,8 +15,8 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::ground::secret::Secret;
 use crate::connections::{valid_id, AuthorizeError, Exchange, Pool};
+use crate::ground::secret::Secret;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::generation::AppState;
 use crate::store::{ConnectionState, StoreError};

@@ -11,9 +11,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 
-use super::connections::{
-    authorized, bad_request, error, respond, store_error, Answer, MAX_BODY,
-};
+use super::connections::{authorized, bad_request, error, respond, store_error, Answer, MAX_BODY};
 use crate::connections::connect::{ConnectError, SessionRequest};
 use crate::connections::Pool;
 use crate::ground::now_ms;

@@ -212,7 +212,10 @@ pub(super) fn is_loopback_host(host: &str) -> bool {
 
 impl Ctx {
     /// `[connect]`.
-    pub(super) fn connect(&self, raw: Option<RawConnect>) -> Result<Option<ConnectConfig>, ConfigError> {
+    pub(super) fn connect(
+        &self,
+        raw: Option<RawConnect>,
+    ) -> Result<Option<ConnectConfig>, ConfigError> {
         let Some(c) = raw else { return Ok(None) };
         let (public_url, secure_cookies) = self.public_url(&c.public_url)?;
         let mut allowed_redirects = Vec::new();
@@ -259,7 +262,9 @@ impl Ctx {
             if addr == c.listen {
                 return Err(self.err(
                     "connect.listen",
-                    format!("is also {other} ({addr}): the connect pages get a listener of their own"),
+                    format!(
+                        "is also {other} ({addr}): the connect pages get a listener of their own"
+                    ),
                 ));
             }
         }
@@ -289,7 +294,10 @@ impl Ctx {
         Ok((s.trim_end_matches('/').to_owned(), https))
     }
 
-    fn connect_tls(&self, c: &RawConnect) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+    fn connect_tls(
+        &self,
+        c: &RawConnect,
+    ) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
         match (&c.tls_cert, &c.tls_key) {
             (None, None) => Ok(None),
             (Some(cert), Some(key)) => {
@@ -297,8 +305,14 @@ impl Ctx {
                     .map(Some)
                     .map_err(|m| self.err("connect.tls_cert", m))
             }
-            (Some(_), None) => Err(self.err("connect.tls_key", "is required with connect.tls_cert".into())),
-            (None, Some(_)) => Err(self.err("connect.tls_cert", "is required with connect.tls_key".into())),
+            (Some(_), None) => Err(self.err(
+                "connect.tls_key",
+                "is required with connect.tls_cert".into(),
+            )),
+            (None, Some(_)) => Err(self.err(
+                "connect.tls_cert",
+                "is required with connect.tls_key".into(),
+            )),
         }
     }
 }

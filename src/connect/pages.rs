@@ -16,7 +16,10 @@ const STYLE: &str = "body{font:16px/1.5 system-ui,sans-serif;max-width:34em;marg
 
 /// `default-src 'none'` with the page's one style allowed by its SHA-256.
 static CSP: LazyLock<HeaderValue> = LazyLock::new(|| {
-    let hash = STANDARD.encode(ring::digest::digest(&ring::digest::SHA256, STYLE.as_bytes()));
+    let hash = STANDARD.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        STYLE.as_bytes(),
+    ));
     let csp = format!(
         "default-src 'none'; style-src 'sha256-{hash}'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     );
@@ -27,9 +30,15 @@ static CSP: LazyLock<HeaderValue> = LazyLock::new(|| {
 pub fn harden(h: &mut HeaderMap) {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert(header::CONTENT_SECURITY_POLICY, CSP.clone());
 }
 
@@ -97,13 +106,20 @@ mod tests {
 
     #[test]
     fn pages_escape_and_carry_the_headers() {
-        let r = page(StatusCode::BAD_REQUEST, "<b>x</b>", &["a \"quote\" & 'tick'"]);
+        let r = page(
+            StatusCode::BAD_REQUEST,
+            "<b>x</b>",
+            &["a \"quote\" & 'tick'"],
+        );
         let h = r.headers();
         assert_eq!(h[header::CACHE_CONTROL], "no-store");
         assert_eq!(h[header::REFERRER_POLICY], "no-referrer");
         assert_eq!(h[header::X_FRAME_OPTIONS], "DENY");
         let csp = h[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
-        assert!(csp.starts_with("default-src 'none'; style-src 'sha256-"), "{csp}");
+        assert!(
+            csp.starts_with("default-src 'none'; style-src 'sha256-"),
+            "{csp}"
+        );
         assert_eq!(escape("<b>&\"'"), "&lt;b&gt;&amp;&quot;&#39;");
     }
 }

@@ -183,7 +183,10 @@ fn random_id() -> Result<String, ConnectError> {
 
 /// RFC 7636 S256: BASE64URL(SHA256(verifier)).
 pub fn code_challenge(verifier: &str) -> String {
-    URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()))
+    URL_SAFE_NO_PAD.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        verifier.as_bytes(),
+    ))
 }
 
 /// An OAuth `error` from the network, kept only if it looks like one.
@@ -249,9 +252,13 @@ impl Pool {
             expires_at: now_ms().saturating_add(ttl_ms),
         };
         self.store.create_session(&new).await?;
-        let session = self.store.session(&self.config.name, &id).await?.ok_or_else(|| {
-            ConnectError::BadRequest("the session vanished as it was created".into())
-        })?;
+        let session = self
+            .store
+            .session(&self.config.name, &id)
+            .await?
+            .ok_or_else(|| {
+                ConnectError::BadRequest("the session vanished as it was created".into())
+            })?;
         tracing::info!(pool = %self.config.name, session = %id, "connect session created");
         Ok(Created {
             session,
@@ -283,7 +290,9 @@ impl Pool {
             return Ok(Err(refusal));
         }
         let Some(authorize) = self.authorize_config() else {
-            return Err(ConnectError::BadRequest("the pool has no authorize_url any more".into()));
+            return Err(ConnectError::BadRequest(
+                "the pool has no authorize_url any more".into(),
+            ));
         };
         let browser = match browser {
             Some(b) if session.phase == SessionPhase::Opened => b.to_owned(),
@@ -297,7 +306,12 @@ impl Pool {
         };
         let opened = self
             .store
-            .open_session(session, &secret_hash(&browser), &secret_hash(&state), verifier.as_ref())
+            .open_session(
+                session,
+                &secret_hash(&browser),
+                &secret_hash(&state),
+                verifier.as_ref(),
+            )
             .await?;
         if !opened {
             return Ok(Err(LinkRefusal::Used));
@@ -368,7 +382,11 @@ impl Pool {
             pairs.push(("code_challenge", c));
             pairs.push(("code_challenge_method", "S256"));
         }
-        let session_keys: Vec<&str> = session.authorize_params.iter().map(|(k, _)| k.as_str()).collect();
+        let session_keys: Vec<&str> = session
+            .authorize_params
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
         for (k, v) in &authorize.params {
             if !session_keys.contains(&k.as_str()) {
                 pairs.push((k, v));
@@ -400,11 +418,17 @@ impl Pool {
         }
         let browser_hash = match (browser, &session.browser_hash) {
             (Some(b), Some(h)) if secret_hash(b) == *h => h.clone(),
-            _ => return Ok(CallbackOutcome::Rejected("this browser did not open the link")),
+            _ => {
+                return Ok(CallbackOutcome::Rejected(
+                    "this browser did not open the link",
+                ))
+            }
         };
         if let Some(issuer) = self.authorize_config().and_then(|a| a.issuer.as_deref()) {
             if cb.iss.as_deref() != Some(issuer) {
-                return Ok(CallbackOutcome::Rejected("the callback's iss is not the configured issuer"));
+                return Ok(CallbackOutcome::Rejected(
+                    "the callback's iss is not the configured issuer",
+                ));
             }
         }
         let Some(spent) = self.store.spend_state(state_hash, &browser_hash).await? else {
@@ -415,12 +439,23 @@ impl Pool {
     }
 
     /// The provider's error, or the code exchanged.
-    async fn exchange_callback(self: &Arc<Self>, connect: &ConnectConfig, s: &Session, cb: Callback) -> Ended {
+    async fn exchange_callback(
+        self: &Arc<Self>,
+        connect: &ConnectConfig,
+        s: &Session,
+        cb: Callback,
+    ) -> Ended {
         if let Some(error) = &cb.error {
-            return Ended::failed(clean_error(error), cb.error_description.as_deref().map(clean_text));
+            return Ended::failed(
+                clean_error(error),
+                cb.error_description.as_deref().map(clean_text),
+            );
         }
         let Some(code) = cb.code.filter(|c| !c.expose().is_empty()) else {
-            return Ended::failed("invalid_request".into(), Some("the callback carried no code".into()));
+            return Ended::failed(
+                "invalid_request".into(),
+                Some("the callback carried no code".into()),
+            );
         };
         let redirect_uri = connect.redirect_uri();
         let exchange = Exchange::Code {
@@ -438,9 +473,10 @@ impl Pool {
             Err(AuthorizeError::Rejected { error, description }) => {
                 Ended::failed(clean_error(&error), description.as_deref().map(clean_text))
             }
-            Err(AuthorizeError::EndpointUnavailable(e)) => {
-                Ended::failed("token_unavailable".into(), Some(format!("the token endpoint failed: {e}")))
-            }
+            Err(AuthorizeError::EndpointUnavailable(e)) => Ended::failed(
+                "token_unavailable".into(),
+                Some(format!("the token endpoint failed: {e}")),
+            ),
             Err(AuthorizeError::Store(_)) => Ended::failed(
                 "store_unavailable".into(),
                 Some("the connection could not be stored".into()),

@@ -515,7 +515,8 @@ impl PoolMetrics {
     /// connect flow).
     pub fn init_connect_sessions(&self) {
         for outcome in CONNECT_OUTCOMES {
-            self.connect_sessions.with_label_values(&[&self.pool, outcome]);
+            self.connect_sessions
+                .with_label_values(&[&self.pool, outcome]);
         }
     }
 

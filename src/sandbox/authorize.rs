@@ -36,7 +36,9 @@ const MAX_FORM_BODY: usize = 16 << 10;
 /// Pending requests, codes and spent codes kept at most (each): past it the
 /// expired ones go, then the one closest to expiry.
 const MAX_KEPT: usize = 100_000;
-/// The policy of every page here; the consent page adds its `form-action`.
+/// The policy of every page here. No `form-action`: Chromium applies it to
+/// every redirect after the form is sent (w3c/webappsec-csp#8), so the
+/// proxy's callback could not send the browser on to the app.
 const PAGE_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'";
 const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:34rem;\
     margin:3rem auto;padding:0 1rem}label{display:block;margin:.4rem 0}\
@@ -158,8 +160,7 @@ fn consent(shared: &Shared, query: &str) -> Response<Body> {
     };
     let id = shared.keep_request(request);
     let html = consent_html(&shared.opts, &id, &params, &origin);
-    let csp = format!("{PAGE_CSP}; form-action 'self' {origin}");
-    page(StatusCode::OK, html, &csp)
+    page(StatusCode::OK, html, PAGE_CSP)
 }
 
 /// The `redirect_uri` and its origin, if the client is ours and the

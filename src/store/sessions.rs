@@ -113,9 +113,10 @@ pub struct Session {
 impl Session {
     /// The admin API's JSON (no secret: the link is shown only when made).
     pub fn to_json(&self, now: i64) -> serde_json::Value {
-        let error = self.error.as_ref().map(|e| {
-            serde_json::json!({"error": e, "description": self.error_description})
-        });
+        let error = self
+            .error
+            .as_ref()
+            .map(|e| serde_json::json!({"error": e, "description": self.error_description}));
         serde_json::json!({
             "session_id": self.id,
             "pool": self.pool,
@@ -393,7 +394,8 @@ impl Store {
                  WHERE status = 'pending' AND expires_at <= ? \
                  AND (phase <> 'exchanging' OR expires_at <= ?) RETURNING {COLUMNS}"
             );
-            let rows = run!(rows self, "session_expire", sql, [now, now, now.saturating_sub(grace_ms)])?;
+            let rows =
+                run!(rows self, "session_expire", sql, [now, now, now.saturating_sub(grace_ms)])?;
             Ok(rows.into_iter().map(|r| r.pool).collect())
         })
         .await
@@ -409,7 +411,10 @@ impl Store {
     }
 
     fn first_session(&self, rows: Vec<SessionRow>) -> Result<Option<Session>, StoreError> {
-        rows.into_iter().next().map(|r| self.open_session_row(r)).transpose()
+        rows.into_iter()
+            .next()
+            .map(|r| self.open_session_row(r))
+            .transpose()
     }
 
     fn open_session_row(&self, r: SessionRow) -> Result<Session, StoreError> {
