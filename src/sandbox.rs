@@ -464,7 +464,8 @@ impl Sandbox {
     }
 
     /// Every secret issued (access tokens, refresh tokens, the users'
-    /// codes, the consent page's codes and request ids), the newest
+    /// codes, the consent page's codes and request ids) and every PKCE
+    /// `code_verifier` presented to it, the newest
     /// 50,000, oldest first: what must never appear in a log.
     pub fn issued_secrets(&self) -> Vec<String> {
         lock(&self.shared.issued).iter().cloned().collect()

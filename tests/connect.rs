@@ -599,3 +599,204 @@ async fn exchange_directly(f: &Flow, code: &str) -> u16 {
         .unwrap();
     send(&client(), req).await.status.as_u16()
 }
+
+/// Two replicas on one PostgreSQL store, behind one public URL (replica
+/// A's address; B listens elsewhere, as behind a load balancer).
+async fn fleet() -> (support::postgres::PgCluster, Flow, Running) {
+    let pg = support::postgres::PgCluster::start();
+    pg.create_database("connect");
+    let sb = users_sandbox(3600, false).await;
+    let dir = TempDir::new();
+    let store = config::Store {
+        url: Some(pg.url("connect").into()),
+        key: connections::new_key().into(),
+        old_keys: None,
+        max_connections: Some(4),
+    };
+    let a = connect_toml(&sb, &dir).with(|c| c.store = Some(store));
+    let public = a.connect.as_ref().unwrap().public_url.clone();
+    let b = a.clone().with(|c| {
+        c.connect.as_mut().unwrap().listen = format!("127.0.0.1:{}", free_port());
+    });
+    let proxy_a = start_proxy(&a.toml()).await;
+    let proxy_b = start_proxy(&b.toml()).await;
+    let flow = Flow {
+        proxy: proxy_a,
+        sb,
+        public,
+        _dir: dir,
+    };
+    (pg, flow, proxy_b)
+}
+
+/// `url` (on the public URL) sent to replica `r`'s connect listener.
+fn on(r: &Running, public: &str, url: &str) -> String {
+    url.replacen(
+        public,
+        &format!("http://{}", r.connect_addr().expect("connect listener")),
+        1,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_replica_finishes_a_flow_and_the_fleet_spends_a_state_once() {
+    let (_pg, f, b) = fleet().await;
+    // Opened on A, called back on B.
+    let s = f.session(json!({})).await;
+    let mut browser = Browser::new();
+    let authorize = f
+        .open(&mut browser, s["connect_url"].as_str().unwrap())
+        .await;
+    let callback = browser.consent(&authorize, "alice", true).await;
+    let r = browser.get(&on(&b, &f.public, &callback)).await;
+    assert_eq!(
+        r.status,
+        200,
+        "replica B finishes what A started: {}",
+        r.text()
+    );
+    assert_eq!(
+        f.session_state(s["session_id"].as_str().unwrap()).await["state"],
+        "connected"
+    );
+
+    // Both replicas get the same callback while the exchange is held.
+    let s = f.session(json!({})).await;
+    let mut browser = Browser::new();
+    let authorize = f
+        .open(&mut browser, s["connect_url"].as_str().unwrap())
+        .await;
+    let callback = browser.consent(&authorize, "bob", true).await;
+    let exchanges = f.sb.code_exchanges_with_verifier();
+    f.sb.set_failure(flinks_proxy::sandbox::FailureMode::Hang);
+    let cookies = browser.cookies.clone();
+    let first = {
+        let (callback, cookies) = (callback.clone(), cookies.clone());
+        tokio::spawn(async move {
+            let mut b1 = Browser::new();
+            b1.cookies = cookies;
+            b1.get(&callback).await
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while f.sb.token_requests_in_flight() < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first exchange never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut b2 = Browser::new();
+    b2.cookies = cookies;
+    let second = b2.get(&on(&b, &f.public, &callback)).await;
+    assert_eq!(
+        second.status,
+        400,
+        "replica B finds the state spent: {}",
+        second.text()
+    );
+    f.sb.set_failure(flinks_proxy::sandbox::FailureMode::None);
+    let first = tokio::time::timeout(Duration::from_secs(20), first)
+        .await
+        .expect("the held callback ends")
+        .expect("task");
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(
+        f.sb.code_exchanges_with_verifier(),
+        exchanges + 1,
+        "one exchange fleet-wide"
+    );
+    f.proxy.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_link_state_code_cookie_verifier_or_token_reaches_a_log_page_metric_or_the_store() {
+    let dir = TempDir::new();
+    let sb = users_sandbox(3600, false).await;
+    let toml = connect_toml(&sb, &dir).with(|c| c.log_mut().level = Some("debug".into()));
+    let public = toml.connect.as_ref().unwrap().public_url.clone();
+    let proxy = ProxyProcess::start(&toml.write(&dir), &[]);
+    let admin_req = |method: &str, path: &str, body: &str| {
+        http::Request::builder()
+            .method(method)
+            .uri(proxy.admin(path))
+            .header(
+                "authorization",
+                format!("Bearer {}", connections::API_TOKEN),
+            )
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_owned(),
+            )))
+            .unwrap()
+    };
+    let mut seen = String::new();
+    let created = send(
+        &client(),
+        admin_req("POST", "/connect-sessions/users", "{}"),
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let link = created.json()["connect_url"].as_str().unwrap().to_owned();
+    let id = created.json()["session_id"].as_str().unwrap().to_owned();
+    let mut b = Browser::new();
+    let first = b.get(&link).await;
+    seen.push_str(&first.text());
+    let authorize = first.header("location").unwrap().to_owned();
+    let callback = b.consent(&authorize, "alice", true).await;
+    let cookie = b.cookies.values().next().expect("binding cookie").clone();
+    let done = b.get(&callback).await;
+    assert_eq!(done.status, 200, "{}", done.text());
+    seen.push_str(&done.text());
+    seen.push_str(&b.get(&callback).await.text()); // the replay's page
+    seen.push_str(&b.get(&link).await.text()); // the used link's page
+    seen.push_str(
+        &send(
+            &client(),
+            admin_req("GET", &format!("/connect-sessions/users/{id}"), ""),
+        )
+        .await
+        .text(),
+    );
+    seen.push_str(
+        &send(&client(), admin_req("GET", "/connections/users/alice", ""))
+            .await
+            .text(),
+    );
+    seen.push_str(&get(&proxy.admin("/metrics")).await.text());
+    seen.push_str(&get(&proxy.admin("/status")).await.text());
+    let q = query_params(&callback);
+    let mut secrets = vec![
+        link.rsplit('/').next().unwrap().to_owned(),
+        query_params(&authorize)["state"].clone(),
+        q["code"].clone(),
+        cookie,
+    ];
+    secrets.extend(sb.issued_secrets());
+    assert!(
+        sb.code_exchanges_with_verifier() == 1,
+        "a verifier was sent"
+    );
+    let mut store = Vec::new();
+    for f in ["store.db", "store.db-wal"] {
+        store.extend(std::fs::read(dir.path().join(f)).unwrap_or_default());
+    }
+    let store = String::from_utf8_lossy(&store).into_owned();
+    let log = proxy.log();
+    assert!(
+        log.contains("connect session finished"),
+        "debug logs were read: {log}"
+    );
+    for s in secrets.iter().filter(|s| s.len() >= 8) {
+        assert!(!log.contains(s.as_str()), "a secret in the log: {s}\n{log}");
+        assert!(
+            !seen.contains(s.as_str()),
+            "a secret in a page or answer: {s}"
+        );
+        assert!(
+            !store.contains(s.as_str()),
+            "a secret in the store in clear: {s}"
+        );
+    }
+    assert!(!public.is_empty());
+}

@@ -129,11 +129,11 @@ pub(super) async fn handle_token(shared: &Shared, req: Request<Incoming>) -> Res
     let grant = grant.and_then(|g| Grant::parse(g));
     if let Some(grant) = grant {
         bump(&shared.n.by_grant[grant as usize]);
-        let verifier = params
-            .as_ref()
-            .is_ok_and(|p| p.contains_key("code_verifier"));
-        if matches!(grant, Grant::AuthorizationCode) && verifier {
+        let verifier = params.as_ref().ok().and_then(|p| p.get("code_verifier"));
+        if let (Grant::AuthorizationCode, Some(v)) = (grant, verifier) {
             bump(&shared.n.with_verifier);
+            // A secret of the client's, kept for leak tests like the issued ones.
+            shared.note_issued(v);
         }
     }
 
