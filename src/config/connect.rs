@@ -320,6 +320,137 @@ impl Ctx {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::tests::{parse, KEY};
+
+    /// A pool `users` with `pool_keys`, a store, and `connect` appended.
+    fn with_connect(pool_keys: &str, connect: &str) -> String {
+        format!(
+            r#"
+[store]
+key = "{KEY}"
+url = "sqlite:///tmp/unused.db"
+
+[connections.users]
+token_url = "https://api.flinks.io/api/v1/token"
+client_id = "id"
+{pool_keys}
+
+[routes.ob]
+upstream = "https://ob.flinksapp.com"
+connections = "users"
+{connect}
+"#
+        )
+    }
+
+    const AUTHORIZE: &str = r#"authorize_url = "https://ob.flinksapp.com/api/v1/authorize""#;
+    const CONNECT: &str = r#"
+[connect]
+listen = "127.0.0.1:8443"
+public_url = "https://connect.example.com/"
+allowed_redirects = ["https://app.example.com/done"]
+"#;
+
+    #[test]
+    fn a_connect_config_parses_with_its_defaults() {
+        let c = parse(&with_connect(AUTHORIZE, CONNECT)).unwrap();
+        let connect = c.connect.expect("[connect]");
+        assert_eq!(connect.public_url, "https://connect.example.com");
+        assert_eq!(
+            connect.redirect_uri(),
+            "https://connect.example.com/connect/callback"
+        );
+        assert_eq!(connect.session_ttl, DEFAULT_SESSION_TTL);
+        assert!(connect.secure_cookies);
+        let a = c.pools["users"].authorize.clone().expect("authorize");
+        assert!(a.pkce, "PKCE by default");
+        assert_eq!(a.issuer, None);
+    }
+
+    #[test]
+    fn connect_mistakes_name_their_key() {
+        let cases = [
+            (
+                with_connect(AUTHORIZE, ""),
+                "connections.users.authorize_url: needs a [connect] table",
+            ),
+            (
+                with_connect(r#"pkce = false"#, ""),
+                "connections.users.pkce: needs authorize_url",
+            ),
+            (
+                with_connect(r#"issuer = "https://x""#, CONNECT),
+                "connections.users.issuer: needs authorize_url",
+            ),
+            (
+                with_connect(
+                    &format!("{AUTHORIZE}\nauthorize_params = {{ state = \"x\" }}"),
+                    CONNECT,
+                ),
+                "connections.users.authorize_params.state: is set by the connect flow",
+            ),
+            (
+                with_connect(
+                    r#"authorize_url = "http://ob.example.com/authorize""#,
+                    CONNECT,
+                ),
+                "connections.users.authorize_url: must be https://",
+            ),
+            (
+                with_connect(
+                    AUTHORIZE,
+                    &CONNECT.replace("https://connect.example.com/", "http://connect.example.com"),
+                ),
+                "connect.public_url:",
+            ),
+            (
+                with_connect(
+                    AUTHORIZE,
+                    &CONNECT.replace(
+                        "https://connect.example.com/",
+                        "https://connect.example.com/base",
+                    ),
+                ),
+                "connect.public_url:",
+            ),
+            (
+                with_connect(
+                    AUTHORIZE,
+                    &CONNECT.replace("https://app.example.com/done", "https://app@evil.test/"),
+                ),
+                "connect.allowed_redirects[0]:",
+            ),
+            (
+                with_connect(
+                    AUTHORIZE,
+                    &CONNECT.replace("https://app.example.com/done", "http://app.example.com/"),
+                ),
+                "connect.allowed_redirects[0]:",
+            ),
+            (
+                with_connect(AUTHORIZE, &format!("{CONNECT}session_ttl = \"10s\"\n")),
+                "connect.session_ttl: must be between",
+            ),
+            (
+                with_connect(
+                    AUTHORIZE,
+                    &CONNECT.replace("127.0.0.1:8443", "127.0.0.1:9901"),
+                ),
+                "connect.listen: is also admin.listen",
+            ),
+            (
+                with_connect(AUTHORIZE, &format!("{CONNECT}surprise = 1\n")),
+                "connect.surprise",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(want), "want {want:?}, got {e:?}\n{text}");
+        }
+    }
 
     fn allowed(entries: &[&str]) -> ConnectConfig {
         ConnectConfig {
