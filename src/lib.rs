@@ -32,12 +32,18 @@
 //!    TLS handshakes, graceful shutdown.
 //! 10. [`sandbox`]: the Flinks-like token endpoint and API for the demo,
 //!     tests and benchmarks.
+//! 11. This file: [`start`] and [`Running`] (listeners, shutdown).
+//! 12. [`cli`]: the subcommands of the `flinks-proxy` command (`check`,
+//!     `token`, `demo`, `store`, `connections`, `healthcheck`) and what
+//!     they share: config loading, logging, the runtime, exit codes.
 //!
-//! This file (start, shutdown) and `main.rs` (the CLI) sit on top.
+//! `main.rs` (the command line, dispatch, serving until a signal) sits on
+//! top.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod connections;
 pub mod ground;
