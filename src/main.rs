@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::parser::ValueSource;
-use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use flinks_proxy::cli::{self, block_on, EXIT_BAD_CONFIG};
 use flinks_proxy::config::Config;
 use flinks_proxy::store::Access;
@@ -168,6 +168,7 @@ enum ConnectionsCommand {
     },
 }
 
+/// Parses the command line and runs the command it names (serving when none).
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let args = match Cli::from_arg_matches(&matches) {
@@ -204,13 +205,7 @@ fn main() -> ExitCode {
             listen,
             admin,
             expires_in,
-        }) => {
-            if matches.value_source("config") == Some(ValueSource::CommandLine) {
-                eprintln!("error: demo runs a built-in config; --config is not used");
-                return ExitCode::from(EXIT_USAGE);
-            }
-            cli::demo::demo(&listen, &admin, expires_in)
-        }
+        }) => demo(&matches, &listen, &admin, expires_in),
         Some(Command::Sandbox {
             token_listen,
             api_listen,
@@ -218,6 +213,15 @@ fn main() -> ExitCode {
             users,
         }) => cli::demo::sandbox(&token_listen, &api_listen, expires_in, users),
     }
+}
+
+/// `demo`, refused (a usage error) when `--config` is on the command line.
+fn demo(matches: &ArgMatches, listen: &str, admin: &str, expires_in: u64) -> ExitCode {
+    if matches.value_source("config") == Some(ValueSource::CommandLine) {
+        eprintln!("error: demo runs a built-in config; --config is not used");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    cli::demo::demo(listen, admin, expires_in)
 }
 
 /// `connections list|show|delete` on the store of the config at `path`.

@@ -2,13 +2,15 @@
 //! its runtime as the proxy would (the store opened read-only) and prints the
 //! effective server settings, routes and credentials.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 
 use crate::cli::block_on;
-use crate::config::Config;
+use crate::config::{AccessConfig, Config, CredentialConfig, RouteConfig, ServerConfig};
 
 /// Checks the config at `path`: exit 0 with a summary, or 1 with the error.
 pub fn check(path: &Path) -> ExitCode {
@@ -39,7 +41,18 @@ pub fn check(path: &Path) -> ExitCode {
             path.display()
         );
     }
-    let s = &config.server;
+    print_server(&config.server);
+    if let Some(a) = config.admin_listen {
+        println!("admin   {a}");
+    }
+    print_access(&config.access);
+    print_credentials(&config.credentials);
+    print_routes(&config.routes);
+    ExitCode::SUCCESS
+}
+
+/// The `listen` and `server` lines: the listener and its limits.
+fn print_server(s: &ServerConfig) {
     println!(
         "listen  {}{}{}",
         s.listen,
@@ -67,18 +80,18 @@ pub fn check(path: &Path) -> ExitCode {
             s.workers.to_string()
         }
     );
-    if let Some(a) = config.admin_listen {
-        println!("admin   {a}");
-    }
-    if !config.access.api_keys.is_empty() || !config.access.allow.is_empty() {
+}
+
+/// The `access` line, when there are API keys or an allow-list.
+fn print_access(access: &AccessConfig) {
+    if !access.api_keys.is_empty() || !access.allow.is_empty() {
         println!(
             "access  {} API key(s); allow {}",
-            config.access.api_keys.len(),
-            if config.access.allow.is_empty() {
+            access.api_keys.len(),
+            if access.allow.is_empty() {
                 "any address".to_string()
             } else {
-                config
-                    .access
+                access
                     .allow
                     .iter()
                     .map(|n| n.to_string())
@@ -87,8 +100,13 @@ pub fn check(path: &Path) -> ExitCode {
             }
         );
     }
+}
+
+/// One line per credential (never a secret), and a warning on stderr for
+/// each that sends its secret in clear.
+fn print_credentials(credentials: &BTreeMap<String, Arc<CredentialConfig>>) {
     println!("credentials:");
-    for (name, c) in &config.credentials {
+    for (name, c) in credentials {
         println!(
             "  {name}: {} at {} (client_id {}, client secret {}, {} body, {} client auth{})",
             c.grant_type.as_str(),
@@ -110,8 +128,12 @@ pub fn check(path: &Path) -> ExitCode {
             eprintln!("warning: credentials.{name}.token_url is plain http:// beyond loopback: the client secret and tokens travel in clear; use https://");
         }
     }
+}
+
+/// One line per route: where it matches, where it goes, how it authenticates.
+fn print_routes(routes: &[RouteConfig]) {
     println!("routes:");
-    for r in &config.routes {
+    for r in routes {
         println!(
             "  {}: {}{}* -> {} with {}",
             r.name,
@@ -121,7 +143,6 @@ pub fn check(path: &Path) -> ExitCode {
             r.auth
         );
     }
-    ExitCode::SUCCESS
 }
 
 /// Builds the runtime of `config` as `check` does, and what it has to say

@@ -2,6 +2,7 @@
 //! front, on loopback, with a built-in config; and the hidden `sandbox`
 //! command that runs only the sandbox (for benchmarks).
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -9,6 +10,7 @@ use anyhow::Context as _;
 
 use crate::cli::{block_on, exit, init_logging};
 use crate::config::{Config, LogFormat};
+use crate::sandbox::{Sandbox, SandboxOptions, SandboxUser};
 
 /// What `/status` and errors call the demo's config.
 const DEMO_CONFIG: &str = "(built-in demo)";
@@ -24,8 +26,8 @@ pub fn demo(listen: &str, admin: &str, expires_in: u64) -> ExitCode {
 fn demo_toml(
     listen: &str,
     admin: &str,
-    sandbox: &crate::sandbox::Sandbox,
-    opts: &crate::sandbox::SandboxOptions,
+    sandbox: &Sandbox,
+    opts: &SandboxOptions,
     db: &Path,
     key: &str,
 ) -> String {
@@ -71,8 +73,8 @@ connections = "users"
 /// What the demo prints: where everything listens and what to try.
 fn print_demo_guide(
     running: &crate::Running,
-    sandbox: &crate::sandbox::Sandbox,
-    opts: &crate::sandbox::SandboxOptions,
+    sandbox: &Sandbox,
+    opts: &SandboxOptions,
     folder: &Path,
 ) {
     let p = running.proxy_addr();
@@ -99,57 +101,65 @@ fn print_demo_guide(
         println!("  curl -s http://{a}/status");
         println!("  curl -s http://{a}/metrics | grep flinks_proxy_");
         println!();
-        println!("Per-user connections (store: {}):", folder.display());
-        println!("  # connect two users with the codes their bank redirect gave the app");
-        println!(
-            "  curl -s -X POST http://{a}/connections/users -d '{{\"code\": \"code-alice\"}}'"
-        );
-        println!("  curl -s -X POST http://{a}/connections/users -d '{{\"code\": \"code-bob\"}}'");
-        println!("  # read each one's accounts: name the user, the proxy adds their token");
-        println!("  curl -s -H 'X-Flinks-Connection: alice' http://{p}/api/fdx/5/accounts");
-        println!("  curl -s -H 'X-Flinks-Connection: bob' http://{p}/api/fdx/5/accounts");
-        println!("  # alice revokes her consent at the bank");
-        println!(
-            "  curl -s -X POST {}/sandbox/users/alice/revoke",
-            sandbox.api_url()
-        );
-        println!("  curl -s -H 'X-Flinks-Connection: alice' http://{p}/api/fdx/5/accounts   # 401 code 602, passed through");
-        println!("  curl -s -H 'X-Flinks-Connection: alice' http://{p}/api/fdx/5/accounts   # 401 reauthorization_required");
-        println!("  curl -s http://{a}/connections/users/alice");
-        println!("  # she authorizes again: a new code for the same id");
-        println!("  CODE=$(curl -s -X POST {}/sandbox/users/alice/code | sed 's/.*\"code\":\"\\([^\"]*\\)\".*/\\1/')", sandbox.api_url());
-        println!("  curl -s -X POST http://{a}/connections/users -d \"{{\\\"code\\\": \\\"$CODE\\\", \\\"id\\\": \\\"alice\\\"}}\"");
+        print_connections_walkthrough(p, a, sandbox, folder);
         println!();
-        println!("The sandbox bank, for a [connections.*] pool of your own against it:");
-        println!("  token_url       {}", sandbox.token_url());
-        println!(
-            "  client          client_id \"{}\", client_secret \"{}\"",
-            opts.client_id, opts.client_secret
-        );
-        println!(
-            "  redirect_uri    \"{}\"   (a code exchange must repeat it exactly, else 422)",
-            opts.redirect_uri
-        );
-        let users: Vec<&str> = opts.users.iter().map(|u| u.sub.as_str()).collect();
-        println!(
-            "  users (sub)     {}   (first codes: {}; each code works once)",
-            users.join(", "),
-            opts.users
-                .iter()
-                .map(|u| u.code.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        println!(
-            "  a new code      curl -s -X POST {}/sandbox/users/USER/code",
-            sandbox.api_url()
-        );
+        print_sandbox_bank(sandbox, opts);
     }
     println!();
 }
 
+/// The per-user connections part of the guide: connect, use, revoke and
+/// authorize again, through the admin API at `a` and the proxy at `p`.
+fn print_connections_walkthrough(p: SocketAddr, a: SocketAddr, sandbox: &Sandbox, folder: &Path) {
+    println!("Per-user connections (store: {}):", folder.display());
+    println!("  # connect two users with the codes their bank redirect gave the app");
+    println!("  curl -s -X POST http://{a}/connections/users -d '{{\"code\": \"code-alice\"}}'");
+    println!("  curl -s -X POST http://{a}/connections/users -d '{{\"code\": \"code-bob\"}}'");
+    println!("  # read each one's accounts: name the user, the proxy adds their token");
+    println!("  curl -s -H 'X-Flinks-Connection: alice' http://{p}/api/fdx/5/accounts");
+    println!("  curl -s -H 'X-Flinks-Connection: bob' http://{p}/api/fdx/5/accounts");
+    println!("  # alice revokes her consent at the bank");
+    println!(
+        "  curl -s -X POST {}/sandbox/users/alice/revoke",
+        sandbox.api_url()
+    );
+    println!("  curl -s -H 'X-Flinks-Connection: alice' http://{p}/api/fdx/5/accounts   # 401 code 602, passed through");
+    println!("  curl -s -H 'X-Flinks-Connection: alice' http://{p}/api/fdx/5/accounts   # 401 reauthorization_required");
+    println!("  curl -s http://{a}/connections/users/alice");
+    println!("  # she authorizes again: a new code for the same id");
+    println!("  CODE=$(curl -s -X POST {}/sandbox/users/alice/code | sed 's/.*\"code\":\"\\([^\"]*\\)\".*/\\1/')", sandbox.api_url());
+    println!("  curl -s -X POST http://{a}/connections/users -d \"{{\\\"code\\\": \\\"$CODE\\\", \\\"id\\\": \\\"alice\\\"}}\"");
+}
+
+/// The sandbox bank's settings, for a `[connections.*]` pool against it.
+fn print_sandbox_bank(sandbox: &Sandbox, opts: &SandboxOptions) {
+    println!("The sandbox bank, for a [connections.*] pool of your own against it:");
+    println!("  token_url       {}", sandbox.token_url());
+    println!(
+        "  client          client_id \"{}\", client_secret \"{}\"",
+        opts.client_id, opts.client_secret
+    );
+    println!(
+        "  redirect_uri    \"{}\"   (a code exchange must repeat it exactly, else 422)",
+        opts.redirect_uri
+    );
+    let users: Vec<&str> = opts.users.iter().map(|u| u.sub.as_str()).collect();
+    println!(
+        "  users (sub)     {}   (first codes: {}; each code works once)",
+        users.join(", "),
+        opts.users
+            .iter()
+            .map(|u| u.code.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  a new code      curl -s -X POST {}/sandbox/users/USER/code",
+        sandbox.api_url()
+    );
+}
+
 async fn demo_inner(listen: &str, admin: &str, expires_in: u64) -> anyhow::Result<()> {
-    use crate::sandbox::{Sandbox, SandboxOptions, SandboxUser};
     let opts = SandboxOptions {
         expires_in: Some(expires_in),
         users: vec![SandboxUser::new("alice"), SandboxUser::new("bob")],
@@ -183,7 +193,6 @@ async fn demo_inner(listen: &str, admin: &str, expires_in: u64) -> anyhow::Resul
 pub fn sandbox(token_listen: &str, api_listen: &str, expires_in: u64, users: usize) -> ExitCode {
     init_logging("warn", LogFormat::Text);
     exit(block_on(1, async {
-        use crate::sandbox::{Sandbox, SandboxOptions, SandboxUser};
         let opts = SandboxOptions {
             expires_in: Some(expires_in),
             users: (0..users)
