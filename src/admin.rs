@@ -15,8 +15,10 @@ use hyper::body::Incoming;
 pub mod connections;
 pub mod sessions;
 
+use crate::connections::Pool;
 use crate::proxy::body::ProxyBody;
-use crate::proxy::generation::AppState;
+use crate::proxy::generation::{AppState, Route};
+use crate::store::Store;
 
 fn reply(
     status: StatusCode,
@@ -106,55 +108,14 @@ pub fn status(state: &AppState) -> serde_json::Value {
     let routes: serde_json::Map<String, serde_json::Value> = rt
         .route_list
         .iter()
-        .map(|r| {
-            (
-                r.name.clone(),
-                serde_json::json!({
-                    "host": r.config.host,
-                    "path_prefix": r.config.path_prefix,
-                    "upstream": r.config.upstream_url(),
-                    "credential": match &r.config.auth {
-                        crate::config::RouteAuth::Credential(c) => Some(c),
-                        crate::config::RouteAuth::Connections(_) => None,
-                    },
-                    "connections": match &r.config.auth {
-                        crate::config::RouteAuth::Connections(p) => Some(p),
-                        crate::config::RouteAuth::Credential(_) => None,
-                    },
-                }),
-            )
-        })
+        .map(|r| (r.name.clone(), route_json(r)))
         .collect();
     let pools: serde_json::Map<String, serde_json::Value> = rt
         .pools
         .iter()
-        .map(|(name, p)| {
-            let counts: serde_json::Map<String, serde_json::Value> =
-                crate::store::ConnectionState::ALL
-                    .iter()
-                    .map(|s| {
-                        let n = p.counts().iter().find(|c| c.0 == *s).map_or(0, |c| c.1);
-                        (s.as_str().to_owned(), n.into())
-                    })
-                    .collect();
-            (
-                name.clone(),
-                serde_json::json!({
-                    "connections": counts,
-                    "cache_size": p.cache_size(),
-                    "select_header": p.config().select_header.as_str(),
-                }),
-            )
-        })
+        .map(|(name, p)| (name.clone(), pool_json(p)))
         .collect();
-    let store = state.store.as_ref().map(|s| {
-        serde_json::json!({
-            "kind": s.kind(),
-            "healthy": s.is_healthy() && s.is_initialized(),
-            "initialized": s.is_initialized(),
-            "key_id": s.key_id(),
-        })
-    });
+    let store = state.store.as_ref().map(|s| store_json(s));
     serde_json::json!({
         "pools": pools,
         "store": store,
@@ -163,5 +124,50 @@ pub fn status(state: &AppState) -> serde_json::Value {
         "config": rt.config.source.display().to_string(),
         "credentials": credentials,
         "routes": routes,
+    })
+}
+
+/// A route in `/status`: where it matches, its upstream, and its
+/// credential or pool.
+fn route_json(r: &Route) -> serde_json::Value {
+    serde_json::json!({
+        "host": r.config.host,
+        "path_prefix": r.config.path_prefix,
+        "upstream": r.config.upstream_url(),
+        "credential": match &r.config.auth {
+            crate::config::RouteAuth::Credential(c) => Some(c),
+            crate::config::RouteAuth::Connections(_) => None,
+        },
+        "connections": match &r.config.auth {
+            crate::config::RouteAuth::Connections(p) => Some(p),
+            crate::config::RouteAuth::Credential(_) => None,
+        },
+    })
+}
+
+/// A pool in `/status`: its connections by state (every state, 0 too), its
+/// cache size and selection header.
+fn pool_json(p: &Pool) -> serde_json::Value {
+    let counts: serde_json::Map<String, serde_json::Value> = crate::store::ConnectionState::ALL
+        .iter()
+        .map(|s| {
+            let n = p.counts().iter().find(|c| c.0 == *s).map_or(0, |c| c.1);
+            (s.as_str().to_owned(), n.into())
+        })
+        .collect();
+    serde_json::json!({
+        "connections": counts,
+        "cache_size": p.cache_size(),
+        "select_header": p.config().select_header.as_str(),
+    })
+}
+
+/// The store in `/status`: its kind, health and key id.
+fn store_json(s: &Store) -> serde_json::Value {
+    serde_json::json!({
+        "kind": s.kind(),
+        "healthy": s.is_healthy() && s.is_initialized(),
+        "initialized": s.is_initialized(),
+        "key_id": s.key_id(),
     })
 }

@@ -32,12 +32,18 @@
 //!    TLS handshakes, graceful shutdown.
 //! 10. [`sandbox`]: the Flinks-like token endpoint and API for the demo,
 //!     tests and benchmarks.
+//! 11. This file: [`start`] and [`Running`] (listeners, shutdown).
+//! 12. [`cli`]: the subcommands of the `flinks-proxy` command (`check`,
+//!     `token`, `demo`, `store`, `connections`, `healthcheck`) and what
+//!     they share: config loading, logging, the runtime, exit codes.
 //!
-//! This file (start, shutdown) and `main.rs` (the CLI) sit on top.
+//! `main.rs` (the command line, dispatch, serving until a signal) sits on
+//! top.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod connections;
@@ -53,6 +59,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -153,45 +160,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let state = AppState::with_store(config, metrics, store)
         .map_err(|e| StartError::Build(e.to_string()))?;
     exchange_codes(&state).await?;
-    let listener = server::bind(listen, "server.listen")
-        .await
-        .map_err(StartError::Bind)?;
-    let proxy_addr = listener.local_addr().map_err(StartError::Bind)?;
-    let admin = match admin_listen {
-        Some(a) => Some(
-            server::bind(a, "admin.listen")
-                .await
-                .map_err(StartError::Bind)?,
-        ),
-        None => None,
-    };
+    let (listener, proxy_addr, admin) = bind_listeners(listen, admin_listen).await?;
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     let shutdown = CancellationToken::new();
     let admin_shutdown = CancellationToken::new();
     let connect_addr = start_connect(&state, &shutdown).await?;
-    {
-        let rt = state.generation.load();
-        let c = &rt.config;
-        tracing::info!(addr = %proxy_addr, tls = c.server.tls.is_some(), mtls = c.server.mtls, "proxy listening");
-        if let Some(a) = admin_addr {
-            tracing::info!(addr = %a, "admin listening");
-        }
-        for r in &c.routes {
-            tracing::info!(route = %r.name, host = r.host.as_deref().unwrap_or("*"), path_prefix = %r.path_prefix, upstream = %r.upstream_url(), auth = %r.auth, "route");
-        }
-        if let Some(store) = &state.store {
-            tracing::info!(kind = store.kind(), key_id = store.key_id(), "store open");
-        }
-        for (name, cred) in &c.credentials {
-            tracing::info!(credential = %name, grant = cred.grant_type.as_str(), token_url = %cred.token_url, client_id = %cred.client_id, "credential");
-            if cred.sends_secrets_in_clear() {
-                tracing::warn!(credential = %name, token_url = %cred.token_url, "the token URL is plain http:// beyond loopback: the client secret and tokens travel in clear; use https://");
-            }
-        }
-        if !proxy_addr.ip().is_loopback() && rt.access.is_open() && !c.server.mtls {
-            tracing::warn!(addr = %proxy_addr, "the proxy listens beyond loopback with no [access] rules and no client certificates: anyone who reaches it can spend these credentials");
-        }
-    }
+    log_start(&state, proxy_addr, admin_addr);
     if let Some(l) = admin {
         tokio::spawn(server::serve_admin(
             l,
@@ -269,6 +243,53 @@ async fn sweep_connect_sessions(state: Arc<AppState>, shutdown: CancellationToke
         let _ = store
             .prune_sessions(ground::now_ms().saturating_sub(CONNECT_KEEP_MS))
             .await;
+    }
+}
+
+/// Binds the proxy listener (returned with its address) and, when
+/// configured, the admin listener.
+async fn bind_listeners(
+    listen: SocketAddr,
+    admin_listen: Option<SocketAddr>,
+) -> Result<(TcpListener, SocketAddr, Option<TcpListener>), StartError> {
+    let listener = server::bind(listen, "server.listen")
+        .await
+        .map_err(StartError::Bind)?;
+    let proxy_addr = listener.local_addr().map_err(StartError::Bind)?;
+    let admin = match admin_listen {
+        Some(a) => Some(
+            server::bind(a, "admin.listen")
+                .await
+                .map_err(StartError::Bind)?,
+        ),
+        None => None,
+    };
+    Ok((listener, proxy_addr, admin))
+}
+
+/// Logs what starts: the listeners, routes, store and credentials, with a
+/// warning for a secret sent in clear and for an open proxy beyond loopback.
+fn log_start(state: &AppState, proxy_addr: SocketAddr, admin_addr: Option<SocketAddr>) {
+    let rt = state.generation.load();
+    let c = &rt.config;
+    tracing::info!(addr = %proxy_addr, tls = c.server.tls.is_some(), mtls = c.server.mtls, "proxy listening");
+    if let Some(a) = admin_addr {
+        tracing::info!(addr = %a, "admin listening");
+    }
+    for r in &c.routes {
+        tracing::info!(route = %r.name, host = r.host.as_deref().unwrap_or("*"), path_prefix = %r.path_prefix, upstream = %r.upstream_url(), auth = %r.auth, "route");
+    }
+    if let Some(store) = &state.store {
+        tracing::info!(kind = store.kind(), key_id = store.key_id(), "store open");
+    }
+    for (name, cred) in &c.credentials {
+        tracing::info!(credential = %name, grant = cred.grant_type.as_str(), token_url = %cred.token_url, client_id = %cred.client_id, "credential");
+        if cred.sends_secrets_in_clear() {
+            tracing::warn!(credential = %name, token_url = %cred.token_url, "the token URL is plain http:// beyond loopback: the client secret and tokens travel in clear; use https://");
+        }
+    }
+    if !proxy_addr.ip().is_loopback() && rt.access.is_open() && !c.server.mtls {
+        tracing::warn!(addr = %proxy_addr, "the proxy listens beyond loopback with no [access] rules and no client certificates: anyone who reaches it can spend these credentials");
     }
 }
 

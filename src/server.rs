@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -327,6 +328,28 @@ async fn stalled_for(counters: Arc<Counters>, activity: Arc<Activity>, timeout: 
     }
 }
 
+/// hyper's settings for a client connection: HTTP/1.1 head limits and
+/// header read timeout; HTTP/2 header list and stream limits, keep-alive
+/// pings.
+fn connection_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_H2_HEADER_LIST)
+        .max_concurrent_streams(MAX_H2_STREAMS)
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+    builder
+}
+
 /// Serves one connection with HTTP/1.1 or HTTP/2 until the peer closes it,
 /// or closes it: dropped if no request head arrived by `watch.deadline`
 /// (covers idle connections and half-sent HTTP/2 prefaces, which hyper's
@@ -344,24 +367,18 @@ where
         + 'static,
     F: Future<Output = Result<Response<ServedBody>, Infallible>> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(watch.limits.header_read_timeout)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .max_headers(MAX_HEADERS)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_H2_HEADER_LIST)
-        .max_concurrent_streams(MAX_H2_STREAMS)
-        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
-    let conn = builder
+    let conn = connection_builder(watch.limits.header_read_timeout)
         .serve_connection(TokioIo::new(io), service)
         .into_owned();
+    watch_connection(conn, watch).await;
+}
+
+/// Drives `conn` to its end, or ends it as [`serve_connection`] says.
+async fn watch_connection<C>(conn: C, watch: ConnWatch)
+where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
     tokio::pin!(conn);
     let seen_request = Arc::clone(&watch.counters);
     let first_request_deadline = async move {

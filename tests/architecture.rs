@@ -8,9 +8,10 @@
 //!    `use crate::lock` from a module imports upward and closes a circle with
 //!    lib.rs's `pub use`/`start`.
 //! 2. **Imports point down [`LAYERS`].** A file is in the layer of its
-//!    top-level module (`src/net/upstream/h1.rs` → `net`); lib.rs and main.rs
-//!    are above every layer. Every top-level module must be in a layer, and
-//!    every layer's module file must open with a `//!` doc comment.
+//!    top-level module (`src/net/upstream/h1.rs` → `net`); lib.rs is in the
+//!    layer named `crate` (above every layer when none is), main.rs above
+//!    every layer. Every top-level module must be in a layer, and every
+//!    layer's module file must open with a `//!` doc comment.
 //!
 //! Reading a failure: a circle lists its files, then each import inside it
 //! as `src/a.rs -> src/b.rs (line 12: Name)`; break it at one of those lines
@@ -28,8 +29,8 @@ use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// The layers, bottom first, by top-level module name. A file may use its
-/// own layer and the layers below it.
+/// The layers, bottom first, by top-level module name (`crate`: lib.rs). A
+/// file may use its own layer and the layers below it.
 const LAYERS: &[&[&str]] = &[
     &["ground"],      // lock, secret, metrics, crypto, clock: knows no request
     &["net"],         // bodies, header policy, TLS, upstream pools, HTTP/1.1 wire
@@ -42,6 +43,8 @@ const LAYERS: &[&[&str]] = &[
     &["admin"],       // /metrics, health, /status, connections API
     &["server"],      // listeners for the proxy and admin
     &["sandbox"],     // the Flinks-like token endpoint and API
+    &["crate"],       // lib.rs: start, Running, StartError
+    &["cli"],         // the subcommands main.rs dispatches to
 ];
 
 /// A token of source text: an identifier, `::` or one punctuation char.
@@ -392,11 +395,14 @@ fn check(files: &[(String, String)], layers: &[&[&str]]) -> Vec<String> {
         }
         problems.push(msg);
     }
-    // Rule 2: lib.rs and main.rs are the layer above the last.
+    // Rule 2: main.rs is the layer above the last; lib.rs too unless a
+    // layer is named `crate`.
     let top = layers.len();
+    let root = layers.iter().position(|l| l.contains(&"crate"));
     let layer: Vec<Option<usize>> = (g.mods.iter())
         .map(|m| match m.as_deref() {
-            None | Some([]) => Some(top),
+            None => Some(top),
+            Some([]) => Some(root.unwrap_or(top)),
             Some([first, ..]) => layers.iter().position(|l| l.contains(&first.as_str())),
         })
         .collect();
@@ -637,6 +643,27 @@ fn an_upward_import_and_an_unplaced_module_are_reported() {
             "upward import: src/low.rs (layer low) uses src/high.rs (layer high) (line 2: Up, down)",
             "layer modules whose first line is no `//!` doc comment: src/high.rs",
         ]
+    );
+}
+
+#[test]
+fn lib_rs_takes_the_layer_named_crate() {
+    let files = tree(
+        "
+        == src/lib.rs
+        //! The crate.
+        pub fn start() {}
+        == src/low.rs
+        //! Low.
+        use crate::start;
+        == src/cli.rs
+        //! Cli.
+        fn f() { crate::start() }",
+    );
+    let problems = check(&files, &[&["low"], &["crate"], &["cli"]]);
+    assert_eq!(
+        problems,
+        ["upward import: src/low.rs (layer low) uses src/lib.rs (layer crate) (line 2: start)"]
     );
 }
 

@@ -14,7 +14,7 @@ use serde_yaml_ng::Value;
 use support::prometheus::repo_file;
 use support::TempDir;
 
-/// The binary's exit code for a bad config (src/main.rs).
+/// The binary's exit code for a bad config (src/cli.rs).
 const EXIT_BAD_CONFIG: &str = "64";
 /// RSS measured at 256 concurrent connections (README, Performance:
 /// `benches/compare.sh`, commit 04711df, flinks-proxy at 256 connections).

@@ -25,15 +25,8 @@ pub const NO_ROUTE: &str = "none";
 /// Every metric family of SPEC §7.
 pub struct Metrics {
     registry: Registry,
-    requests: IntCounterVec,
-    request_duration: HistogramVec,
-    upstream_errors: IntCounterVec,
-    token_requests: IntCounterVec,
-    token_request_duration: HistogramVec,
-    token_expiry: IntGaugeVec,
-    token_replays: IntCounterVec,
-    token_rejections: IntCounterVec,
-    task_restarts: IntCounterVec,
+    routes: RouteFamilies,
+    credentials: CredentialFamilies,
     /// Requests being handled now.
     pub inflight: IntGauge,
     config_reloads: IntCounterVec,
@@ -45,82 +38,13 @@ impl Metrics {
     /// on Linux).
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
-        let histogram = |name: &str, help: &str, labels: &[&str]| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
-                labels,
-            )
-            .expect("valid metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
-            h
-        };
-        let requests = counter(
-            "flinks_proxy_requests_total",
-            "Requests answered, by route and status",
-            &["route", "status"],
-        );
-        let request_duration = histogram(
-            "flinks_proxy_request_duration_seconds",
-            "Time from request received to response headers sent",
-            &["route"],
-        );
-        let upstream_errors = counter(
-            "flinks_proxy_upstream_errors_total",
-            "Failed upstream exchanges, by kind (connect, tls, timeout, protocol)",
-            &["route", "kind"],
-        );
-        let token_requests = counter(
-            "flinks_proxy_token_requests_total",
-            "Token endpoint requests, by outcome",
-            &["credential", "outcome"],
-        );
-        let token_request_duration = histogram(
-            "flinks_proxy_token_request_duration_seconds",
-            "Token endpoint request latency",
-            &["credential"],
-        );
-        let token_expiry = IntGaugeVec::new(
-            Opts::new(
-                "flinks_proxy_token_expiry_timestamp_seconds",
-                "Unix time at which the cached token expires",
-            ),
-            &["credential"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(token_expiry.clone()))
-            .expect("unique metric");
-        let token_replays = counter(
-            "flinks_proxy_token_replays_total",
-            "Requests replayed with a new token after the upstream rejected one",
-            &["route"],
-        );
-        let token_rejections = counter(
-            "flinks_proxy_token_rejections_total",
-            "Upstream rejections (reauth_on) of an injected token, by what the proxy did: \
-             refreshed, already_refreshed, ignored_fresh",
-            &["credential", "action"],
-        );
-        let task_restarts = counter(
-            "flinks_proxy_task_restarts_total",
-            "Background tasks restarted after a panic, by task (token_refresh, code_exchange)",
-            &["task", "credential"],
-        );
+        let routes = RouteFamilies::register(&registry);
+        let credentials = CredentialFamilies::register(&registry);
         let inflight = IntGauge::new("flinks_proxy_inflight_requests", "Requests being handled")
             .expect("valid metric");
-        registry
-            .register(Box::new(inflight.clone()))
-            .expect("unique metric");
+        let inflight = register(&registry, inflight);
         let config_reloads = counter(
+            &registry,
             "flinks_proxy_config_reloads_total",
             "Config reloads, by outcome",
             &["outcome"],
@@ -139,15 +63,8 @@ impl Metrics {
         Metrics {
             connections,
             registry,
-            requests,
-            request_duration,
-            upstream_errors,
-            token_requests,
-            token_request_duration,
-            token_expiry,
-            token_replays,
-            token_rejections,
-            task_restarts,
+            routes,
+            credentials,
             inflight,
             config_reloads,
         }
@@ -169,25 +86,28 @@ impl Metrics {
         // rate see a series; requests matching no route reach no upstream.
         if route != NO_ROUTE {
             for kind in UPSTREAM_ERROR_KINDS {
-                self.upstream_errors.with_label_values(&[route, kind]);
+                self.routes
+                    .upstream_errors
+                    .with_label_values(&[route, kind]);
             }
         }
         RouteMetrics {
             name: route.to_owned(),
-            requests: self.requests.clone(),
+            requests: self.routes.requests.clone(),
             by_status: (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect(),
-            duration: self.request_duration.with_label_values(&[route]),
-            replays: self.token_replays.with_label_values(&[route]),
-            upstream_errors: self.upstream_errors.clone(),
+            duration: self.routes.duration.with_label_values(&[route]),
+            replays: self.routes.replays.with_label_values(&[route]),
+            upstream_errors: self.routes.upstream_errors.clone(),
         }
     }
 
     /// Handles for one credential. Every series a dashboard or alert may
     /// name exists (at 0) from here on.
     pub fn credential(&self, credential: &str) -> CredentialMetrics {
-        let outcome = |o: &str| self.token_requests.with_label_values(&[credential, o]);
-        let rejection = |a: &str| self.token_rejections.with_label_values(&[credential, a]);
-        let restarts = |t: &str| self.task_restarts.with_label_values(&[t, credential]);
+        let f = &self.credentials;
+        let outcome = |o: &str| f.token_requests.with_label_values(&[credential, o]);
+        let rejection = |a: &str| f.token_rejections.with_label_values(&[credential, a]);
+        let restarts = |t: &str| f.task_restarts.with_label_values(&[t, credential]);
         CredentialMetrics {
             success: outcome("success"),
             rejected: outcome("rejected"),
@@ -195,8 +115,8 @@ impl Metrics {
             timeout: outcome("timeout"),
             network: outcome("network"),
             invalid_response: outcome("invalid_response"),
-            duration: self.token_request_duration.with_label_values(&[credential]),
-            expiry: self.token_expiry.with_label_values(&[credential]),
+            duration: f.token_request_duration.with_label_values(&[credential]),
+            expiry: f.token_expiry.with_label_values(&[credential]),
             rejections_refreshed: rejection("refreshed"),
             rejections_already_refreshed: rejection("already_refreshed"),
             rejections_ignored_fresh: rejection("ignored_fresh"),
@@ -207,7 +127,10 @@ impl Metrics {
 
     /// Forgets the series of a credential that a reload removed.
     pub fn remove_credential(&self, credential: &str) {
-        let _ = self.token_expiry.remove_label_values(&[credential]);
+        let _ = self
+            .credentials
+            .token_expiry
+            .remove_label_values(&[credential]);
     }
 
     /// Handles for the store (series initialised at 0 for every operation).
@@ -383,6 +306,121 @@ const TOKEN_OUTCOMES: &[&str] = &[
 const STORE_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
 ];
+
+/// The families labelled by route: requests, their latency, upstream
+/// errors, replays.
+struct RouteFamilies {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    upstream_errors: IntCounterVec,
+    replays: IntCounterVec,
+}
+
+impl RouteFamilies {
+    fn register(registry: &Registry) -> RouteFamilies {
+        RouteFamilies {
+            requests: counter(
+                registry,
+                "flinks_proxy_requests_total",
+                "Requests answered, by route and status",
+                &["route", "status"],
+            ),
+            duration: histogram(
+                registry,
+                "flinks_proxy_request_duration_seconds",
+                "Time from request received to response headers sent",
+                &["route"],
+            ),
+            upstream_errors: counter(
+                registry,
+                "flinks_proxy_upstream_errors_total",
+                "Failed upstream exchanges, by kind (connect, tls, timeout, protocol)",
+                &["route", "kind"],
+            ),
+            replays: counter(
+                registry,
+                "flinks_proxy_token_replays_total",
+                "Requests replayed with a new token after the upstream rejected one",
+                &["route"],
+            ),
+        }
+    }
+}
+
+/// The families labelled by credential: token requests, their latency, the
+/// cached token's expiry, upstream rejections, task restarts.
+struct CredentialFamilies {
+    token_requests: IntCounterVec,
+    token_request_duration: HistogramVec,
+    token_expiry: IntGaugeVec,
+    token_rejections: IntCounterVec,
+    task_restarts: IntCounterVec,
+}
+
+impl CredentialFamilies {
+    fn register(registry: &Registry) -> CredentialFamilies {
+        let token_expiry = IntGaugeVec::new(
+            Opts::new(
+                "flinks_proxy_token_expiry_timestamp_seconds",
+                "Unix time at which the cached token expires",
+            ),
+            &["credential"],
+        )
+        .expect("valid metric");
+        CredentialFamilies {
+            token_requests: counter(
+                registry,
+                "flinks_proxy_token_requests_total",
+                "Token endpoint requests, by outcome",
+                &["credential", "outcome"],
+            ),
+            token_request_duration: histogram(
+                registry,
+                "flinks_proxy_token_request_duration_seconds",
+                "Token endpoint request latency",
+                &["credential"],
+            ),
+            token_expiry: register(registry, token_expiry),
+            token_rejections: counter(
+                registry,
+                "flinks_proxy_token_rejections_total",
+                "Upstream rejections (reauth_on) of an injected token, by what the proxy did: \
+                 refreshed, already_refreshed, ignored_fresh",
+                &["credential", "action"],
+            ),
+            task_restarts: counter(
+                registry,
+                "flinks_proxy_task_restarts_total",
+                "Background tasks restarted after a panic, by task (token_refresh, code_exchange)",
+                &["task", "credential"],
+            ),
+        }
+    }
+}
+
+/// Registers `metric` in `registry` and returns it.
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+/// A registered counter family.
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    register(registry, c)
+}
+
+/// A registered histogram family with the request latency buckets.
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    register(registry, h)
+}
 
 /// The families of per-user connections and the store (CONNECTIONS.md).
 /// No connection id is ever a label.

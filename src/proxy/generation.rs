@@ -188,72 +188,10 @@ impl Generation {
         ledger: Option<&Arc<Ledger>>,
     ) -> Result<Generation, BuildError> {
         let pools = build_pools(&config, previous, metrics, store, ledger)?;
-        let mut sources = BTreeMap::new();
-        let mut cancels = BTreeMap::new();
-        for (name, cred) in &config.credentials {
-            let reused = previous.and_then(|p| {
-                let s = p.sources.get(name)?;
-                (s.config() == cred).then(|| (Arc::clone(s), p.cancels.get(name).cloned()))
-            });
-            let (source, cancel) = match reused {
-                Some((s, Some(c))) => (s, c),
-                _ => {
-                    // A changed credential keeps the refresh-token state of
-                    // the one it replaces (same state file, or same name).
-                    let key = StateKey::of(cred);
-                    let inherited = previous.and_then(|p| {
-                        p.sources
-                            .values()
-                            .map(|s| s.refresh_state())
-                            .find(|r| *r.key() == key)
-                    });
-                    let s = TokenSource::with_store(
-                        Arc::clone(cred),
-                        metrics.credential(name),
-                        inherited,
-                        store,
-                    )
-                    .map_err(|e| BuildError(format!("credentials.{name}: {e}")))?;
-                    (s, CancellationToken::new())
-                }
-            };
-            sources.insert(name.clone(), source);
-            cancels.insert(name.clone(), cancel);
-        }
-        let mut route_list = Vec::new();
-        for r in &config.routes {
-            let tokens = match &r.auth {
-                RouteAuth::Credential(c) => sources.get(c).cloned().map(RouteTokens::Credential),
-                RouteAuth::Connections(p) => pools.get(p).cloned().map(RouteTokens::Pool),
-            }
-            .ok_or_else(|| BuildError(format!("routes.{}: unknown {}", r.name, r.auth)))?;
-            let upstream = upstreams
-                .get(
-                    &r.upstream_scheme,
-                    &r.upstream_authority,
-                    &r.ca_certs,
-                    r.max_connections,
-                )
-                .map_err(|e| BuildError(format!("routes.{}.upstream: {e}", r.name)))?;
-            let host_header = HeaderValue::from_str(r.upstream_authority.as_str())
-                .map_err(|_| BuildError(format!("routes.{}.upstream: bad authority", r.name)))?;
-            route_list.push(Arc::new(Route {
-                name: r.name.clone(),
-                scheme: r.upstream_scheme.clone(),
-                authority: r.upstream_authority.clone(),
-                base_path: r.upstream_base_path.clone(),
-                host_header,
-                strip_prefix: r.strip_prefix.clone(),
-                preserve_host: r.preserve_host,
-                header: r.header.clone(),
-                auth_scheme: r.scheme.clone(),
-                reauth_on: r.reauth_on.clone(),
-                tokens,
-                upstream,
-                metrics: metrics.route(&r.name),
-                config: r.clone(),
-            }));
-        }
+        let (sources, cancels) = build_sources(&config, previous, metrics, store)?;
+        let route_list = (config.routes.iter())
+            .map(|r| build_route(r, &sources, &pools, upstreams, metrics))
+            .collect::<Result<Vec<_>, _>>()?;
         let routes = RouteTable::new(route_list.iter().map(|r| {
             (
                 r.config.host.clone(),
@@ -349,6 +287,94 @@ impl Generation {
         self.cancels.values().for_each(CancellationToken::cancel);
         self.pools.values().for_each(|p| p.stop());
     }
+}
+
+/// Token sources by credential name.
+type Sources = BTreeMap<String, Arc<TokenSource>>;
+
+/// The token sources of `config` and their refresh tasks' cancel tokens,
+/// reusing `previous`'s where the credential is unchanged.
+fn build_sources(
+    config: &Config,
+    previous: Option<&Generation>,
+    metrics: &Metrics,
+    store: Option<&Arc<Store>>,
+) -> Result<(Sources, BTreeMap<String, CancellationToken>), BuildError> {
+    let mut sources = BTreeMap::new();
+    let mut cancels = BTreeMap::new();
+    for (name, cred) in &config.credentials {
+        let reused = previous.and_then(|p| {
+            let s = p.sources.get(name)?;
+            (s.config() == cred).then(|| (Arc::clone(s), p.cancels.get(name).cloned()))
+        });
+        let (source, cancel) = match reused {
+            Some((s, Some(c))) => (s, c),
+            _ => {
+                // A changed credential keeps the refresh-token state of
+                // the one it replaces (same state file, or same name).
+                let key = StateKey::of(cred);
+                let inherited = previous.and_then(|p| {
+                    p.sources
+                        .values()
+                        .map(|s| s.refresh_state())
+                        .find(|r| *r.key() == key)
+                });
+                let s = TokenSource::with_store(
+                    Arc::clone(cred),
+                    metrics.credential(name),
+                    inherited,
+                    store,
+                )
+                .map_err(|e| BuildError(format!("credentials.{name}: {e}")))?;
+                (s, CancellationToken::new())
+            }
+        };
+        sources.insert(name.clone(), source);
+        cancels.insert(name.clone(), cancel);
+    }
+    Ok((sources, cancels))
+}
+
+/// Route `r` ready to serve: its token source or pool, its upstream's
+/// connection pool (shared through `upstreams`) and its metric handles.
+fn build_route(
+    r: &RouteConfig,
+    sources: &Sources,
+    pools: &BTreeMap<String, Arc<Pool>>,
+    upstreams: &UpstreamCache,
+    metrics: &Metrics,
+) -> Result<Arc<Route>, BuildError> {
+    let tokens = match &r.auth {
+        RouteAuth::Credential(c) => sources.get(c).cloned().map(RouteTokens::Credential),
+        RouteAuth::Connections(p) => pools.get(p).cloned().map(RouteTokens::Pool),
+    }
+    .ok_or_else(|| BuildError(format!("routes.{}: unknown {}", r.name, r.auth)))?;
+    let upstream = upstreams
+        .get(
+            &r.upstream_scheme,
+            &r.upstream_authority,
+            &r.ca_certs,
+            r.max_connections,
+        )
+        .map_err(|e| BuildError(format!("routes.{}.upstream: {e}", r.name)))?;
+    let host_header = HeaderValue::from_str(r.upstream_authority.as_str())
+        .map_err(|_| BuildError(format!("routes.{}.upstream: bad authority", r.name)))?;
+    Ok(Arc::new(Route {
+        name: r.name.clone(),
+        scheme: r.upstream_scheme.clone(),
+        authority: r.upstream_authority.clone(),
+        base_path: r.upstream_base_path.clone(),
+        host_header,
+        strip_prefix: r.strip_prefix.clone(),
+        preserve_host: r.preserve_host,
+        header: r.header.clone(),
+        auth_scheme: r.scheme.clone(),
+        reauth_on: r.reauth_on.clone(),
+        tokens,
+        upstream,
+        metrics: metrics.route(&r.name),
+        config: r.clone(),
+    }))
 }
 
 /// The pools of `config`, reusing `previous`'s where the settings are
