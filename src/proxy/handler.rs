@@ -147,19 +147,7 @@ async fn handle_inner(
     rid: &HeaderValue,
     done: &mut Done,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    if req.method() == Method::CONNECT {
-        return Err(ProxyError::MethodNotAllowed);
-    }
-    rt.access.check(conn.peer.ip(), req.headers())?;
-    let host = check_target(&req)?;
-    let path = req.uri().path();
-    let route = match host {
-        Some(h) if h.bytes().any(|b| b.is_ascii_uppercase()) => {
-            rt.routes.find(Some(&h.to_ascii_lowercase()), path)
-        }
-        _ => rt.routes.find(host, path),
-    }
-    .ok_or(ProxyError::RouteNotFound)?;
+    let route = route_for(rt, conn, &req)?;
     done.route = Some(Arc::clone(route));
     let deadline = Instant::now() + rt.request_timeout;
 
@@ -177,29 +165,11 @@ async fn handle_inner(
     // within the replay budget) clones.
     let replay = body.try_clone();
     let started = Instant::now();
-    // An HTTP/1.1 upstream gives the request's head back with its answer;
-    // for any other, a copy is made now in case of a replay.
-    let replay_head = replay
-        .as_ref()
-        .filter(|_| !route.upstream.gives_request_back())
-        .map(|_| (method.clone(), uri.clone(), headers.clone()));
+    let replay_head = head_copy(route, replay.is_some(), &method, &uri, &headers);
     let mut resp = send(route, method, uri, headers, body, &token, deadline).await;
     // Until the first answer's head: what a pass-through reports.
     let first_answer = started.elapsed();
-    // The head to replay with: the copy made above, or the one an HTTP/1.1
-    // upstream gave back with its answer.
-    let mut again = None;
-    let rejected = match &mut resp {
-        Ok(sent) if route.reauth_on.contains(&sent.response.status()) => {
-            let head = replay_head.or_else(|| {
-                let p = sent.request.take()?;
-                Some((p.method, p.uri, p.headers))
-            });
-            again = replay.zip(head);
-            true
-        }
-        _ => false,
-    };
+    let (rejected, again) = reauth_replay(route, &mut resp, replay, replay_head);
     if rejected {
         // Boxed: the rare second attempt would otherwise double the space
         // every request's future takes.
@@ -217,12 +187,84 @@ async fn handle_inner(
         }
     }
     done.upstream = Some(started.elapsed());
-    let resp = resp?.response;
+    Ok(downstream(rt, resp?.response, activity))
+}
+
+/// The route of a request the proxy takes: not `CONNECT`, from a client
+/// `access` allows, to a target it routes (host lower-cased for the match).
+#[inline]
+fn route_for<'g>(
+    rt: &'g Generation,
+    conn: &ConnInfo,
+    req: &Request<Incoming>,
+) -> Result<&'g Arc<Route>, ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    rt.access.check(conn.peer.ip(), req.headers())?;
+    let host = check_target(req)?;
+    let path = req.uri().path();
+    match host {
+        Some(h) if h.bytes().any(|b| b.is_ascii_uppercase()) => {
+            rt.routes.find(Some(&h.to_ascii_lowercase()), path)
+        }
+        _ => rt.routes.find(host, path),
+    }
+    .ok_or(ProxyError::RouteNotFound)
+}
+
+/// A copy of the request's head in case of a replay of a body that can be
+/// replayed. An HTTP/1.1 upstream gives the head back with its answer; for
+/// any other, the copy is made before sending.
+#[inline]
+fn head_copy(
+    route: &Route,
+    replayable: bool,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Option<Head> {
+    (replayable && !route.upstream.gives_request_back())
+        .then(|| (method.clone(), uri.clone(), headers.clone()))
+}
+
+/// Whether the answer has one of the route's `reauth_on` statuses, and if
+/// so the body and head to replay with when there are both. The head is
+/// the copy made before sending, or the one an HTTP/1.1 upstream gave back
+/// with its answer. (A flag and an option rather than nested options: the
+/// handler's future keeps one `Replay` across the second attempt, not two.)
+#[inline]
+fn reauth_replay(
+    route: &Route,
+    resp: &mut Result<Sent, ProxyError>,
+    replay: Option<RequestBody>,
+    copy: Option<Head>,
+) -> (bool, Option<Replay>) {
+    match resp {
+        Ok(sent) if route.reauth_on.contains(&sent.response.status()) => {
+            let head = copy.or_else(|| {
+                let p = sent.request.take()?;
+                Some((p.method, p.uri, p.headers))
+            });
+            (true, replay.zip(head))
+        }
+        _ => (false, None),
+    }
+}
+
+/// The upstream's answer as the client gets it: hop-by-hop headers
+/// removed, HTTP/1.1, the body under the `idle_timeout` timer.
+#[inline]
+fn downstream(
+    rt: &Generation,
+    resp: Response<UpstreamBody>,
+    activity: Option<Arc<Activity>>,
+) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
     let idle = Idle::new(rt.idle_timeout, activity);
-    Ok(Response::from_parts(parts, ProxyBody::Upstream(body, idle)))
+    Response::from_parts(parts, ProxyBody::Upstream(body, idle))
 }
 
 /// The upstream request's method, URI and headers (SPEC §5 rewrite).
@@ -298,8 +340,10 @@ async fn token_for(
     }
 }
 
+/// A request's method, URI and headers.
+type Head = (Method, Uri, HeaderMap);
 /// A request's head and replayable body, for a second attempt.
-type Replay = (RequestBody, (Method, Uri, HeaderMap));
+type Replay = (RequestBody, Head);
 
 /// A `reauth_on` answer: the rejected token is dropped (unless too young to
 /// drop again) and the request replayed once with a new one when it can be;
