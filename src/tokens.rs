@@ -1,7 +1,7 @@
 //! One [`TokenSource`] per credential: the cached access token, the single
 //! background task that fetches and renews it, and the state file of
-//! refresh tokens. [`Token`] (a cached token with prebuilt header values)
-//! is shared with per-user pools; so is [`grant`], the one token request,
+//! refresh tokens. [`Token`] (a cached token with prebuilt header values,
+//! in `token`) is shared with per-user pools; so is [`grant`], the one token request,
 //! and [`jwt`], the one JWT claims decoder.
 //!
 //! The request path only reads: [`TokenSource::usable`] is a lock-free
@@ -16,25 +16,28 @@ pub mod jwt;
 pub mod refresh;
 pub mod shared;
 pub mod state;
+#[cfg(test)]
+mod tests;
+mod token;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use http::HeaderValue;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuthScheme, CredentialConfig, GrantType};
+use crate::config::{CredentialConfig, GrantType};
 use crate::ground::lock;
 use crate::ground::metrics::CredentialMetrics;
 use crate::ground::secret::Secret;
 pub use grant::{Endpoint, Grant, Granted, TokenError, DEFAULT_LIFETIME, MAX_LIFETIME};
 pub use jwt::{jwt_claims, Claims};
 use refresh::{Persistence, RefreshState};
+pub use token::{stored_token, Token, REJECT_FLOOR_MAX};
 
 /// First retry delay after a transient failure; doubles per attempt.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
@@ -43,144 +46,6 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Delay after a non-transient failure (bad credentials do not fix themselves
 /// quickly; hammering the endpoint can get the client locked out).
 pub const BACKOFF_REJECTED: Duration = Duration::from_secs(300);
-/// Never renew sooner than this after obtaining a token, whatever the
-/// endpoint says, so a zero lifetime cannot turn into a request loop.
-const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(500);
-/// A token is not sent in the last part of its life (a tenth, at most
-/// this), so clock drift and transit time cannot make it arrive expired.
-const EXPIRY_MARGIN_MAX: Duration = Duration::from_secs(5);
-/// An upstream rejection of a token younger than this (or a tenth of its
-/// lifetime, if less) is the upstream's answer, not a sign the token is bad:
-/// dropping it again would let one client hammer the token endpoint.
-pub const REJECT_FLOOR_MAX: Duration = Duration::from_secs(30);
-
-/// A cached access token with its prebuilt header values.
-pub struct Token {
-    value: Secret,
-    bearer: HeaderValue,
-    bare: HeaderValue,
-    /// When the request that obtained it was sent.
-    pub obtained_at: Instant,
-    /// It was fetched because the upstream rejected its predecessor: while
-    /// fresh, a rejection of it is the upstream's answer.
-    pub replaces_rejected: bool,
-    /// The last instant the token may be sent.
-    pub usable_until: Instant,
-    /// When the refresh task renews it.
-    pub refresh_at: Instant,
-    /// Unix time the endpoint says it expires.
-    pub expires_unix: u64,
-    /// Granted scope, when the endpoint says.
-    pub scope: Option<String>,
-    /// The JWT `sub` claim, when present.
-    pub sub: Option<String>,
-    /// Lifetime granted.
-    pub lifetime: Duration,
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Token")
-            .field("value", &"***")
-            .field("expires_unix", &self.expires_unix)
-            .field("scope", &self.scope)
-            .field("sub", &self.sub)
-            .finish()
-    }
-}
-
-impl Token {
-    /// The header value for `scheme`: prebuilt for `Bearer` and bare tokens.
-    pub fn header_value(&self, scheme: &AuthScheme) -> HeaderValue {
-        match scheme {
-            AuthScheme::Bearer => self.bearer.clone(),
-            AuthScheme::Bare => self.bare.clone(),
-            AuthScheme::Other(s) => {
-                let mut v = HeaderValue::from_str(&format!("{s} {}", self.value.expose()))
-                    .unwrap_or_else(|_| self.bare.clone());
-                v.set_sensitive(true);
-                v
-            }
-        }
-    }
-
-    /// The token itself (for `flinks-proxy token --show`).
-    pub fn secret(&self) -> &Secret {
-        &self.value
-    }
-
-    /// Whether it may still be sent.
-    pub fn is_usable(&self, now: Instant) -> bool {
-        now < self.usable_until
-    }
-
-    /// Whether an upstream rejection at `now` may drop it: not when it
-    /// replaces a rejected token and is younger than `min(30s,
-    /// lifetime/10)`. A fresh token refused right after its predecessor
-    /// was refused points at a permission problem, not a bad token, and
-    /// fetching yet another would only hammer the token endpoint.
-    pub fn rejectable(&self, now: Instant) -> bool {
-        let floor = REJECT_FLOOR_MAX.min(self.lifetime / 10);
-        !self.replaces_rejected || now.saturating_duration_since(self.obtained_at) >= floor
-    }
-
-    /// A token obtained just now with `lifetime`, refreshed and retired as a
-    /// fetched one would be (with the default `refresh_before`). For
-    /// benchmarks and tests that put a token in a source with
-    /// [`TokenSource::install`].
-    pub fn new(access: &str, lifetime: Duration) -> Result<Token, TokenError> {
-        let granted = Granted {
-            access_token: Secret::new(access.to_owned()),
-            refresh_token: None,
-            lifetime: lifetime.min(MAX_LIFETIME),
-            scope: None,
-            sub: None,
-            sent_at: Instant::now(),
-            expires_unix: state::unix_now().saturating_add(lifetime.as_secs()),
-        };
-        Token::from_granted(&granted, crate::config::DEFAULT_REFRESH_BEFORE)
-    }
-
-    /// The cached form of a token request's answer: header values built
-    /// once (marked sensitive), renewal due `refresh_before` ahead of expiry
-    /// (at most half the lifetime), and retired a margin before expiry.
-    /// Times count from when the request was sent.
-    pub fn from_granted(g: &Granted, refresh_before: Duration) -> Result<Token, TokenError> {
-        let access = g.access_token.expose();
-        let invalid = || {
-            TokenError::InvalidResponse(
-                "access_token has characters not allowed in a header".into(),
-            )
-        };
-        let mut bearer =
-            HeaderValue::from_str(&format!("Bearer {access}")).map_err(|_| invalid())?;
-        bearer.set_sensitive(true);
-        let mut bare = HeaderValue::from_str(access).map_err(|_| invalid())?;
-        bare.set_sensitive(true);
-        let lifetime = g.lifetime.min(MAX_LIFETIME);
-        let margin = (lifetime / 10).min(EXPIRY_MARGIN_MAX);
-        let ahead = refresh_before.min(lifetime / 2);
-        let refresh_in = lifetime.saturating_sub(ahead).max(MIN_REFRESH_INTERVAL);
-        let at = |d: Duration| {
-            g.sent_at
-                .checked_add(d)
-                .ok_or_else(|| TokenError::InvalidResponse("lifetime out of range".into()))
-        };
-        Ok(Token {
-            value: g.access_token.clone(),
-            obtained_at: g.sent_at,
-            replaces_rejected: false,
-            bearer,
-            bare,
-            usable_until: at(lifetime.saturating_sub(margin))?,
-            refresh_at: at(refresh_in)?,
-            expires_unix: g.expires_unix,
-            scope: g.scope.clone(),
-            sub: g.sub.clone(),
-            lifetime,
-        })
-    }
-}
 
 /// The delay before the next attempt after `attempt` consecutive failures
 /// (1-based). `jitter` in [0, 1) spreads replicas: the delay is drawn from
@@ -708,35 +573,6 @@ impl TokenSource {
     }
 }
 
-/// The stored access token as a cached [`Token`], if it has not expired.
-/// Its renewal is placed as if it had been fetched at the last refresh (or
-/// authorization), so a cold read schedules it like a warm one.
-pub fn stored_token(record: &crate::store::Record, refresh_before: Duration) -> Option<Token> {
-    let access = record.tokens.access_token.clone()?;
-    let expires = record.tokens.access_expires_at?;
-    let issued = record
-        .info
-        .last_refresh_at
-        .unwrap_or(record.info.authorized_at)
-        .min(expires);
-    let now_ms = crate::ground::now_ms();
-    let since_issue = Duration::from_millis(u64::try_from(now_ms - issued).ok()?);
-    let lifetime = Duration::from_millis(u64::try_from(expires - issued).ok()?);
-    if now_ms >= expires || lifetime.is_zero() {
-        return None;
-    }
-    let granted = Granted {
-        access_token: access,
-        refresh_token: None,
-        lifetime,
-        scope: None,
-        sub: record.info.sub.clone(),
-        sent_at: Instant::now().checked_sub(since_issue)?,
-        expires_unix: u64::try_from(expires / 1000).ok()?,
-    };
-    Token::from_granted(&granted, refresh_before).ok()
-}
-
 /// A token URL as `/status` shows it: without its query, which may carry
 /// secrets (some endpoints take an API key there).
 fn without_query(url: &http::Uri) -> String {
@@ -760,119 +596,4 @@ fn panic_message(e: tokio::task::JoinError) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic".into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn granted(access: &str, lifetime: Duration) -> Granted {
-        Granted {
-            access_token: Secret::new(access.to_owned()),
-            refresh_token: None,
-            lifetime,
-            scope: None,
-            sub: None,
-            sent_at: Instant::now(),
-            expires_unix: 0,
-        }
-    }
-
-    #[test]
-    fn transient_backoff_doubles_to_a_minute() {
-        let full = |n| backoff(true, n, 0.999_999);
-        assert!(full(1) <= Duration::from_secs(1) && full(1) > Duration::from_millis(990));
-        assert!(full(2) <= Duration::from_secs(2) && full(2) > Duration::from_millis(1990));
-        assert!(full(7) <= BACKOFF_MAX && full(7) > Duration::from_secs(59));
-        assert_eq!(backoff(true, 100, 0.999_999), full(7));
-        assert_eq!(backoff(true, 1, 0.0), Duration::from_millis(500));
-    }
-
-    #[test]
-    fn rejected_backoff_is_five_minutes_with_jitter() {
-        assert!(backoff(false, 1, 0.0) >= Duration::from_secs(150));
-        assert!(backoff(false, 1, 0.999) <= BACKOFF_REJECTED);
-    }
-
-    #[test]
-    fn refresh_ahead_is_capped_at_half_the_lifetime() {
-        let sixty = Duration::from_secs(60);
-        let g = granted("a", Duration::from_secs(2));
-        let t = Token::from_granted(&g, sixty).unwrap();
-        assert_eq!(t.refresh_at - g.sent_at, Duration::from_secs(1));
-        assert!(t.usable_until - g.sent_at >= Duration::from_millis(1800));
-        let g = granted("a", Duration::from_secs(3600));
-        let t = Token::from_granted(&g, sixty).unwrap();
-        assert_eq!(t.refresh_at - g.sent_at, Duration::from_secs(3540));
-        assert!(t.usable_until > t.refresh_at);
-        let g = granted("a", Duration::ZERO);
-        let t = Token::from_granted(&g, sixty).unwrap();
-        assert_eq!(t.refresh_at - g.sent_at, MIN_REFRESH_INTERVAL);
-    }
-
-    #[test]
-    fn lifetimes_beyond_the_cap_are_capped() {
-        let g = granted("a", Duration::MAX);
-        let t = Token::from_granted(&g, Duration::from_secs(60)).unwrap();
-        assert_eq!(t.lifetime, MAX_LIFETIME);
-        assert!(t.usable_until - g.sent_at <= MAX_LIFETIME);
-    }
-
-    #[test]
-    fn header_unsafe_tokens_are_invalid_responses() {
-        let g = granted("a\nb", Duration::from_secs(60));
-        assert!(matches!(
-            Token::from_granted(&g, Duration::from_secs(1)),
-            Err(TokenError::InvalidResponse(_))
-        ));
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_panicking_refresh_task_is_restarted_and_counted() {
-        let sb = crate::sandbox::Sandbox::start(crate::sandbox::SandboxOptions::default())
-            .await
-            .unwrap();
-        let toml = format!(
-            "[credentials.c]\ntoken_url = \"{}\"\ngrant_type = \"client_credentials\"\n\
-             client_id = \"demo-client\"\nclient_secret = \"demo-secret\"\n\
-             [routes.r]\nupstream = \"{}\"\ncredential = \"c\"\n",
-            sb.token_url(),
-            sb.api_url()
-        );
-        let config = crate::config::Config::parse(&toml, std::path::Path::new("p.toml")).unwrap();
-        let metrics = crate::ground::metrics::Metrics::new();
-        let source = TokenSource::new(
-            Arc::clone(&config.credentials["c"]),
-            metrics.credential("c"),
-        )
-        .unwrap();
-        source.panic_next.store(true, Ordering::SeqCst);
-        let cancel = CancellationToken::new();
-        source.spawn(cancel.clone(), None);
-        // Until the restart, requests are told the task failed.
-        let end = Instant::now() + Duration::from_secs(20);
-        while source.usable().is_none() {
-            assert!(Instant::now() < end, "no token after the panic");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert_eq!(source.metrics.refresh_task_restarts.get(), 1);
-        assert_eq!(sb.token_requests(), 1, "the panic came before the request");
-        cancel.cancel();
-        let task = source.take_task().unwrap();
-        tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .unwrap()
-            .unwrap();
-    }
-
-    #[test]
-    fn token_debug_is_redacted() {
-        let t = Token::from_granted(
-            &granted("tok-123", Duration::from_secs(9)),
-            Duration::from_secs(1),
-        )
-        .unwrap();
-        assert!(!format!("{t:?}").contains("tok-123"));
-        assert!(t.bearer.is_sensitive());
-    }
 }

@@ -20,31 +20,32 @@
 //!   connection when all are at the peer's `MAX_CONCURRENT_STREAMS`, and a
 //!   stream the upstream refused unprocessed is sent once more elsewhere.
 //! - **Idle** connections are closed after [`POOL_IDLE_TIMEOUT`] by a reaper
-//!   task the [`UpstreamCache`] owns. The cache keeps pools across reloads
-//!   (warm connections survive) and drops those no route uses any more.
+//!   task the [`UpstreamCache`] owns (`cache`). The cache keeps pools across
+//!   reloads (warm connections survive) and drops those no route uses any
+//!   more.
 //!
 //! Token requests, a few per hour, use hyper-util's pooled client
 //! ([`build_client`]). This module does not decide what to send; `proxy` and
 //! `token` do.
 
+mod cache;
 mod capacity;
 mod conn;
+mod error;
 mod h1;
 mod h2;
 mod wire;
 
-use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -53,7 +54,6 @@ use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::CertificateDer;
-use tokio::sync::Notify;
 use tower_service::Service;
 
 use crate::ground::lock;
@@ -63,6 +63,8 @@ use conn::WireBody;
 use h1::{Abandoned, H1Conn, IdleList, ReturnTo};
 use h2::{H2Conn, H2List, Pick, Stream};
 
+pub use cache::UpstreamCache;
+pub use error::{ErrorKind, SendError};
 pub use h2::PING_ANSWER_GRACE;
 
 /// Idle upstream connections are kept this long: shorter than the usual
@@ -144,150 +146,6 @@ where
         .build(connector(extra_roots)?))
 }
 
-/// What makes two routes share a pool: trust roots and origin.
-type PoolKey = (Vec<CertificateDer<'static>>, Scheme, Authority);
-type Pools = Mutex<HashMap<PoolKey, Arc<Upstream>>>;
-
-/// Upstream pools by origin and trust roots, shared by routes and kept
-/// across reloads; owns the reaper task that closes idle connections.
-pub struct UpstreamCache {
-    pools: Arc<Pools>,
-    timings: Arc<ArcSwap<PoolTimings>>,
-    /// Wakes the reaper to pick up new timings.
-    timings_changed: Arc<Notify>,
-    reaper: Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-impl Default for UpstreamCache {
-    fn default() -> Self {
-        UpstreamCache {
-            pools: Arc::default(),
-            timings: Arc::new(ArcSwap::from_pointee(PoolTimings::default())),
-            timings_changed: Arc::default(),
-            reaper: Mutex::new(None),
-        }
-    }
-}
-
-impl Drop for UpstreamCache {
-    fn drop(&mut self) {
-        if let Some(task) = lock(&self.reaper).take() {
-            task.abort();
-        }
-    }
-}
-
-impl UpstreamCache {
-    /// The pool for this origin and these extra roots, made on first use.
-    /// Routes sharing a pool share its connection limit, the largest of
-    /// theirs: the pool serves them all, and a smaller limit from one route
-    /// would throttle the others.
-    pub fn get(
-        &self,
-        scheme: &Scheme,
-        authority: &Authority,
-        extra_roots: &[CertificateDer<'static>],
-        max_connections: usize,
-    ) -> Result<Arc<Upstream>, String> {
-        self.spawn_reaper();
-        let key = (extra_roots.to_vec(), scheme.clone(), authority.clone());
-        let mut pools = lock(&self.pools);
-        if let Some(u) = pools.get(&key) {
-            u.cap.raise_max(max_connections);
-            return Ok(Arc::clone(u));
-        }
-        let origin = Uri::builder()
-            .scheme(scheme.clone())
-            .authority(authority.clone())
-            .path_and_query("/")
-            .build()
-            .map_err(|e| e.to_string())?;
-        let u = Arc::new(Upstream {
-            origin,
-            connector: connector(extra_roots)?,
-            timings: Arc::clone(&self.timings),
-            cap: Capacity::new(max_connections),
-            idle: IdleList::default(),
-            h2: H2List::default(),
-            // Plain TCP is HTTP/1.1 (no h2c towards upstreams); TLS says by ALPN.
-            protocol: AtomicU8::new(if *scheme == Scheme::HTTP {
-                Protocol::Http1 as u8
-            } else {
-                Protocol::Unknown as u8
-            }),
-            retired: AtomicBool::new(false),
-            drains: AtomicUsize::new(0),
-        });
-        pools.insert(key, Arc::clone(&u));
-        Ok(u)
-    }
-
-    /// After a reload: keeps the pools the current routes use, each with the
-    /// largest limit of its routes, and drops every other pool, closing its
-    /// idle connections (exchanges in flight finish, then close).
-    pub fn retain<'a>(&self, used: impl IntoIterator<Item = (&'a Arc<Upstream>, usize)>) {
-        let mut limits: Vec<(&Arc<Upstream>, usize)> = Vec::new();
-        for (u, max) in used {
-            match limits.iter_mut().find(|(k, _)| Arc::ptr_eq(k, u)) {
-                Some((_, m)) => *m = (*m).max(max),
-                None => limits.push((u, max)),
-            }
-        }
-        lock(&self.pools).retain(|_, u| match limits.iter().find(|(k, _)| Arc::ptr_eq(k, u)) {
-            Some((_, max)) => {
-                u.cap.set_max(*max);
-                true
-            }
-            None => {
-                tracing::debug!(upstream = %u.origin, "no route uses this upstream any more; pool dropped");
-                u.retire();
-                false
-            }
-        });
-    }
-
-    /// Replaces the pool timers (tests); new connections and the reaper's
-    /// next round use them.
-    #[doc(hidden)]
-    pub fn set_timings(&self, timings: PoolTimings) {
-        self.timings.store(Arc::new(timings));
-        self.timings_changed.notify_one();
-    }
-
-    /// Starts the reaper on first use (inside a runtime).
-    fn spawn_reaper(&self) {
-        let mut reaper = lock(&self.reaper);
-        if reaper.is_some() {
-            return;
-        }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let pools = Arc::downgrade(&self.pools);
-        let timings = Arc::clone(&self.timings);
-        let changed = Arc::clone(&self.timings_changed);
-        *reaper = Some(handle.spawn(async move {
-            loop {
-                let idle_timeout = timings.load().idle_timeout;
-                // A connection is closed at most a quarter of the timeout late.
-                let period = (idle_timeout / 4).max(Duration::from_millis(10));
-                tokio::select! {
-                    () = tokio::time::sleep(period) => {}
-                    () = changed.notified() => continue,
-                }
-                let Some(pools) = pools.upgrade() else {
-                    return;
-                };
-                let list: Vec<Arc<Upstream>> = lock(&pools).values().cloned().collect();
-                drop(pools);
-                for u in list {
-                    u.reap(idle_timeout);
-                }
-            }
-        }));
-    }
-}
-
 /// What an origin spoke on its last new connection.
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -328,63 +186,6 @@ enum Attempt {
     Got(Checkout, bool),
     /// Nothing free; when waiting on another checkout's connect, its epoch.
     Wait(Option<u64>),
-}
-
-/// Why an exchange with the upstream failed.
-#[derive(Debug)]
-pub struct SendError {
-    /// What kind of failure (the metric label).
-    pub kind: ErrorKind,
-    /// The client's own request body broke (its fault, not the upstream's).
-    pub client_body: bool,
-    /// The underlying error, for debug logs.
-    pub source: Box<dyn StdError + Send + Sync>,
-}
-
-impl SendError {
-    fn connect(e: Box<dyn StdError + Send + Sync>) -> SendError {
-        let kind = match ErrorKind::scan(&*e) {
-            Some(k) => k,
-            None => ErrorKind::Connect,
-        };
-        SendError {
-            kind,
-            client_body: false,
-            source: e,
-        }
-    }
-
-    /// The same error, and a handle to hand it to others too.
-    fn share(self) -> (SendError, Arc<dyn StdError + Send + Sync>) {
-        let shared: Arc<dyn StdError + Send + Sync> = Arc::from(self.source);
-        let e = SendError {
-            kind: self.kind,
-            client_body: self.client_body,
-            source: Box::new(Arc::clone(&shared)),
-        };
-        (e, shared)
-    }
-
-    /// An HTTP/1.1 exchange's failure.
-    fn wire(e: conn::ExchangeError) -> SendError {
-        let client_body = matches!(e, conn::ExchangeError::ClientBody(_));
-        SendError {
-            kind: ErrorKind::scan(&e).unwrap_or(ErrorKind::Protocol),
-            client_body,
-            source: Box::new(e),
-        }
-    }
-
-    fn exchange(e: hyper::Error) -> SendError {
-        // hyper reports a failing request body as a "user body" error whose
-        // cause is the inbound connection's own hyper::Error.
-        let client_body = e.is_user() && e.source().is_some_and(|c| c.is::<hyper::Error>());
-        SendError {
-            kind: ErrorKind::scan(&e).unwrap_or(ErrorKind::Protocol),
-            client_body,
-            source: Box::new(e),
-        }
-    }
 }
 
 /// A failed attempt, and the request back when it may be sent again.
@@ -743,79 +544,5 @@ impl Body for UpstreamBody {
             Inner::H1(b) => b.size_hint(),
             Inner::H2 { body, .. } => body.size_hint(),
         }
-    }
-}
-
-/// What went wrong talking to an upstream (the `kind` metric label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// TCP connect failed or was refused.
-    Connect,
-    /// TLS handshake or certificate verification failed.
-    Tls,
-    /// The request timeout passed.
-    Timeout,
-    /// The exchange broke after connecting.
-    Protocol,
-}
-
-impl ErrorKind {
-    /// The metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::Connect => "connect",
-            ErrorKind::Tls => "tls",
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::Protocol => "protocol",
-        }
-    }
-
-    /// Classifies an error of hyper-util's client.
-    pub fn of(err: &hyper_util::client::legacy::Error) -> ErrorKind {
-        ErrorKind::scan(err).unwrap_or(if err.is_connect() {
-            ErrorKind::Connect
-        } else {
-            ErrorKind::Protocol
-        })
-    }
-
-    /// TLS or timeout, if the error's source chain says so.
-    fn scan(err: &(dyn StdError + 'static)) -> Option<ErrorKind> {
-        let mut source: Option<&(dyn StdError + 'static)> = Some(err);
-        while let Some(e) = source {
-            if e.is::<rustls::Error>() {
-                return Some(ErrorKind::Tls);
-            }
-            if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                // hyper-rustls wraps tokio-rustls' io::Error (which wraps the
-                // rustls::Error) in another io::Error, and io::Error::source
-                // skips the error it wraps: look inside by hand.
-                let mut inner = io.get_ref();
-                while let Some(i) = inner {
-                    if i.is::<rustls::Error>() {
-                        return Some(ErrorKind::Tls);
-                    }
-                    inner = i
-                        .downcast_ref::<std::io::Error>()
-                        .and_then(std::io::Error::get_ref);
-                }
-                if io.kind() == std::io::ErrorKind::TimedOut {
-                    return Some(ErrorKind::Timeout);
-                }
-            }
-            source = e.source();
-        }
-        None
-    }
-}
-
-impl fmt::Display for ErrorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ErrorKind::Connect => "connection failed",
-            ErrorKind::Tls => "TLS handshake failed",
-            ErrorKind::Timeout => "timed out",
-            ErrorKind::Protocol => "protocol error",
-        })
     }
 }

@@ -5,8 +5,11 @@
 //! Bodies stream both ways; a request body of at most 64 KiB is buffered
 //! when the route replays on `reauth_on` and the global replay budget
 //! allows, and the response body carries the `idle_timeout` timer (see
-//! `body`). Header policy is `headers`'; this module does not own
-//! connections (see `server`) or tokens (see `token`).
+//! `body`). Header policy is `headers`'; the checks of a request's target
+//! before routing are `target`'s. This module does not own connections
+//! (see `server`) or tokens (see `token`).
+
+mod target;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,6 +30,7 @@ use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
 use crate::proxy::generation::{AppState, Generation, Route, RouteTokens};
 use crate::tokens::{Rejection, Token};
+use target::check_target;
 
 /// What the handler knows about the connection a request came on; made
 /// once per connection.
@@ -54,107 +58,6 @@ impl ConnInfo {
             activity: Activity::new(),
         }
     }
-}
-
-/// The host a request is routed by: the authority of an absolute-form or
-/// HTTP/2 target, else the `Host` header; lower-case, without port.
-fn request_host(req: &Request<Incoming>) -> Option<&str> {
-    let raw = match req.uri().authority() {
-        Some(a) => a.as_str(),
-        None => req.headers().get(header::HOST)?.to_str().ok()?,
-    };
-    Some(strip_port(raw.rsplit('@').next().unwrap_or(raw)))
-}
-
-fn strip_port(authority: &str) -> &str {
-    if authority.starts_with('[') {
-        return authority.find(']').map_or(authority, |i| &authority[..=i]);
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
-        _ => authority,
-    }
-}
-
-/// A path that could climb out of a route's prefix once the upstream
-/// normalises it (`/api/../admin`): `.` or `..` segments, plain or
-/// percent-encoded, with a `;` path parameter (`..;x`, which Tomcat-style
-/// servers read as `..`), or between backslashes or encoded slashes
-/// (`..\`, `%2e%2e%2f`, `%5c`), which many servers treat as `/`.
-fn has_dot_segments(path: &str) -> bool {
-    // Fast path: nothing that could spell a dot segment.
-    if !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
-        return false;
-    }
-    let decoded = decode_path_delimiters(path);
-    decoded.split(['/', '\\']).any(|seg| {
-        let seg = seg.split(';').next().unwrap_or(seg);
-        seg == "." || seg == ".."
-    })
-}
-
-/// `path` with the percent-encodings of `.`, `/`, `\` and `;` decoded
-/// (any case); everything else as is.
-fn decode_path_delimiters(path: &str) -> String {
-    let mut out = String::with_capacity(path.len());
-    let mut rest = path;
-    while let Some(i) = rest.find('%') {
-        out.push_str(&rest[..i]);
-        let code = rest.get(i + 1..i + 3).map(str::to_ascii_lowercase);
-        let decoded = match code.as_deref() {
-            Some("2e") => Some('.'),
-            Some("2f") => Some('/'),
-            Some("5c") => Some('\\'),
-            Some("3b") => Some(';'),
-            _ => None,
-        };
-        match decoded {
-            Some(c) => {
-                out.push(c);
-                rest = &rest[i + 3..];
-            }
-            None => {
-                out.push('%');
-                rest = &rest[i + 1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Refuses targets the proxy will not route, and returns the routing host.
-fn check_target(req: &Request<Incoming>) -> Result<Option<&str>, ProxyError> {
-    let path = req.uri().path();
-    if !path.starts_with('/') {
-        return Err(ProxyError::BadRequest("the request target must be a path"));
-    }
-    if has_dot_segments(path) {
-        return Err(ProxyError::BadRequest(
-            "the path must not contain . or .. segments",
-        ));
-    }
-    // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without
-    // Host or with more than one.
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    let host_header = hosts.next();
-    if hosts.next().is_some() || (host_header.is_none() && req.version() == Version::HTTP_11) {
-        return Err(ProxyError::BadRequest(
-            "an HTTP/1.1 request needs exactly one Host header",
-        ));
-    }
-    // RFC 9110 §4.2.4: userinfo in a target disguises the authority.
-    let userinfo = host_header.is_some_and(|h| h.as_bytes().contains(&b'@'))
-        || req
-            .uri()
-            .authority()
-            .is_some_and(|a| a.as_str().contains('@'));
-    if userinfo {
-        return Err(ProxyError::BadRequest(
-            "the request target must not carry user information",
-        ));
-    }
-    Ok(request_host(req))
 }
 
 /// Serves one request. Never fails: errors become SPEC §6 responses.
@@ -244,19 +147,7 @@ async fn handle_inner(
     rid: &HeaderValue,
     done: &mut Done,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    if req.method() == Method::CONNECT {
-        return Err(ProxyError::MethodNotAllowed);
-    }
-    rt.access.check(conn.peer.ip(), req.headers())?;
-    let host = check_target(&req)?;
-    let path = req.uri().path();
-    let route = match host {
-        Some(h) if h.bytes().any(|b| b.is_ascii_uppercase()) => {
-            rt.routes.find(Some(&h.to_ascii_lowercase()), path)
-        }
-        _ => rt.routes.find(host, path),
-    }
-    .ok_or(ProxyError::RouteNotFound)?;
+    let route = route_for(rt, conn, &req)?;
     done.route = Some(Arc::clone(route));
     let deadline = Instant::now() + rt.request_timeout;
 
@@ -274,29 +165,11 @@ async fn handle_inner(
     // within the replay budget) clones.
     let replay = body.try_clone();
     let started = Instant::now();
-    // An HTTP/1.1 upstream gives the request's head back with its answer;
-    // for any other, a copy is made now in case of a replay.
-    let replay_head = replay
-        .as_ref()
-        .filter(|_| !route.upstream.gives_request_back())
-        .map(|_| (method.clone(), uri.clone(), headers.clone()));
+    let replay_head = head_copy(route, replay.is_some(), &method, &uri, &headers);
     let mut resp = send(route, method, uri, headers, body, &token, deadline).await;
     // Until the first answer's head: what a pass-through reports.
     let first_answer = started.elapsed();
-    // The head to replay with: the copy made above, or the one an HTTP/1.1
-    // upstream gave back with its answer.
-    let mut again = None;
-    let rejected = match &mut resp {
-        Ok(sent) if route.reauth_on.contains(&sent.response.status()) => {
-            let head = replay_head.or_else(|| {
-                let p = sent.request.take()?;
-                Some((p.method, p.uri, p.headers))
-            });
-            again = replay.zip(head);
-            true
-        }
-        _ => false,
-    };
+    let (rejected, again) = reauth_replay(route, &mut resp, replay, replay_head);
     if rejected {
         // Boxed: the rare second attempt would otherwise double the space
         // every request's future takes.
@@ -314,12 +187,84 @@ async fn handle_inner(
         }
     }
     done.upstream = Some(started.elapsed());
-    let resp = resp?.response;
+    Ok(downstream(rt, resp?.response, activity))
+}
+
+/// The route of a request the proxy takes: not `CONNECT`, from a client
+/// `access` allows, to a target it routes (host lower-cased for the match).
+#[inline]
+fn route_for<'g>(
+    rt: &'g Generation,
+    conn: &ConnInfo,
+    req: &Request<Incoming>,
+) -> Result<&'g Arc<Route>, ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    rt.access.check(conn.peer.ip(), req.headers())?;
+    let host = check_target(req)?;
+    let path = req.uri().path();
+    match host {
+        Some(h) if h.bytes().any(|b| b.is_ascii_uppercase()) => {
+            rt.routes.find(Some(&h.to_ascii_lowercase()), path)
+        }
+        _ => rt.routes.find(host, path),
+    }
+    .ok_or(ProxyError::RouteNotFound)
+}
+
+/// A copy of the request's head in case of a replay of a body that can be
+/// replayed. An HTTP/1.1 upstream gives the head back with its answer; for
+/// any other, the copy is made before sending.
+#[inline]
+fn head_copy(
+    route: &Route,
+    replayable: bool,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Option<Head> {
+    (replayable && !route.upstream.gives_request_back())
+        .then(|| (method.clone(), uri.clone(), headers.clone()))
+}
+
+/// Whether the answer has one of the route's `reauth_on` statuses, and if
+/// so the body and head to replay with when there are both. The head is
+/// the copy made before sending, or the one an HTTP/1.1 upstream gave back
+/// with its answer. (A flag and an option rather than nested options: the
+/// handler's future keeps one `Replay` across the second attempt, not two.)
+#[inline]
+fn reauth_replay(
+    route: &Route,
+    resp: &mut Result<Sent, ProxyError>,
+    replay: Option<RequestBody>,
+    copy: Option<Head>,
+) -> (bool, Option<Replay>) {
+    match resp {
+        Ok(sent) if route.reauth_on.contains(&sent.response.status()) => {
+            let head = copy.or_else(|| {
+                let p = sent.request.take()?;
+                Some((p.method, p.uri, p.headers))
+            });
+            (true, replay.zip(head))
+        }
+        _ => (false, None),
+    }
+}
+
+/// The upstream's answer as the client gets it: hop-by-hop headers
+/// removed, HTTP/1.1, the body under the `idle_timeout` timer.
+#[inline]
+fn downstream(
+    rt: &Generation,
+    resp: Response<UpstreamBody>,
+    activity: Option<Arc<Activity>>,
+) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
     let idle = Idle::new(rt.idle_timeout, activity);
-    Ok(Response::from_parts(parts, ProxyBody::Upstream(body, idle)))
+    Response::from_parts(parts, ProxyBody::Upstream(body, idle))
 }
 
 /// The upstream request's method, URI and headers (SPEC §5 rewrite).
@@ -395,8 +340,10 @@ async fn token_for(
     }
 }
 
+/// A request's method, URI and headers.
+type Head = (Method, Uri, HeaderMap);
 /// A request's head and replayable body, for a second attempt.
-type Replay = (RequestBody, (Method, Uri, HeaderMap));
+type Replay = (RequestBody, Head);
 
 /// A `reauth_on` answer: the rejected token is dropped (unless too young to
 /// drop again) and the request replayed once with a new one when it can be;
@@ -591,53 +538,4 @@ pub fn rewrite_headers(
             request_id: rid,
         },
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ports_are_stripped_from_hosts() {
-        assert_eq!(strip_port("example.com:8080"), "example.com");
-        assert_eq!(strip_port("example.com"), "example.com");
-        assert_eq!(strip_port("[::1]:80"), "[::1]");
-        assert_eq!(strip_port("[::1]"), "[::1]");
-    }
-
-    #[test]
-    fn dot_segments_are_detected() {
-        assert!(has_dot_segments("/api/../admin"));
-        assert!(has_dot_segments("/api/%2e%2E/admin"));
-        assert!(has_dot_segments("/api/./x"));
-        assert!(has_dot_segments("/api/.."));
-        assert!(!has_dot_segments("/api/v1.2/x"));
-        assert!(!has_dot_segments("/api/..."));
-        assert!(!has_dot_segments("/"));
-        assert!(!has_dot_segments("/files/a%2Fb"));
-        assert!(!has_dot_segments("/a/%2e%2e%2e/b"));
-        assert!(!has_dot_segments("/a/..x;/b"));
-        assert!(!has_dot_segments("/50%25/x"));
-    }
-
-    #[test]
-    fn dot_segments_hidden_by_path_parameters_backslashes_and_encodings_are_detected() {
-        for path in [
-            "/api/..;/admin",
-            "/api/..;jsessionid=1/admin",
-            "/api/.;/x",
-            "/api/..\\admin",
-            "/api\\..\\admin",
-            "/api/.%2e/admin",
-            "/api/%2e%2e%3b/admin",
-            "/api/%2E%2E%3Bx/admin",
-            "/api/..%2fadmin",
-            "/api%2f..%2fadmin",
-            "/api/..%5cadmin",
-            "/api%5C..",
-            "/api/%2e",
-        ] {
-            assert!(has_dot_segments(path), "{path}");
-        }
-    }
 }

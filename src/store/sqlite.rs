@@ -1,11 +1,15 @@
 //! The SQLite backend: one file (created 0600, WAL), migrations from
 //! `migrations/sqlite` embedded in the binary, and the SQL of every store
-//! operation. Holds sealed text only.
+//! operation (leases and the writes under them in `lease`, the change-log
+//! reader in `poller`). Holds sealed text only.
 //!
 //! SQLite serves one instance: at open, leases left by a process that died
 //! are freed. The file's identity (device and inode) is checked before each
 //! operation, so a file removed or replaced under the running proxy gives
 //! clear errors instead of writes into an unlinked file.
+
+mod lease;
+mod poller;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -14,12 +18,8 @@ use std::time::Duration;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
-use tokio::sync::broadcast;
-use tokio_util::sync::CancellationToken;
-
 use super::{
-    sealed_row, Access, Change, ConnectionInfo, ConnectionState, LastError, SealedRow,
-    SealedTokens, StoreError, Took,
+    sealed_row, Access, ConnectionInfo, ConnectionState, SealedRow, SealedTokens, StoreError,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -34,10 +34,6 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// deleted by the CLI stops serving within this (CONNECTIONS.md promises
 /// 5 s, as for PostgreSQL).
 pub(super) const CHANGE_POLL: Duration = Duration::from_secs(1);
-/// Change-log rows kept behind the newest one read (older ones are pruned).
-const CHANGES_KEPT: i64 = 10_000;
-/// Changes read per poll.
-const CHANGES_PER_POLL: i64 = 1_000;
 
 const COLUMNS: &str = "pool, id, sub, state, last_error, last_error_description, last_error_at, \
      created_at, authorized_at, last_refresh_at, access_token_expires_at, refresh_token, access_token";
@@ -180,14 +176,6 @@ impl Sqlite {
             )));
         }
         self.check_schema().await
-    }
-
-    /// What listens for changes other processes made (a CLI command): the
-    /// change log the triggers keep, read every [`CHANGE_POLL`].
-    pub(super) fn poller(&self) -> Poller {
-        Poller {
-            pool: self.pool.clone(),
-        }
     }
 
     /// Refuses a schema newer than the embedded migrations, then migrates.
@@ -426,136 +414,6 @@ impl Sqlite {
         Ok(r.rows_affected() > 0)
     }
 
-    /// `(taken, row)`, or `None` when there is no such row.
-    pub(super) async fn lease(
-        &self,
-        pool: &str,
-        id: &str,
-        holder: &str,
-        now: i64,
-        ttl_ms: i64,
-    ) -> Result<Option<(Took, SealedRow)>, StoreError> {
-        self.check_file().await?;
-        let sql = format!(
-            "UPDATE connections SET lease_owner = ?, lease_until = ? WHERE pool = ? AND id = ? \
-             AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?) RETURNING {COLUMNS}"
-        );
-        let taken = sqlx::query(&sql)
-            .bind(holder)
-            .bind(now.saturating_add(ttl_ms))
-            .bind(pool)
-            .bind(id)
-            .bind(holder)
-            .bind(now)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable("lease"))?;
-        // One serving process per file (a killed one's leases are freed
-        // at the next start): a lease is never taken over from a live one.
-        if let Some(row) = taken {
-            return Ok(Some((Took::Free, sealed_row(&row)?)));
-        }
-        Ok(self.get(pool, id).await?.map(|row| (Took::Busy, row)))
-    }
-
-    /// `UPDATE connections SET {set}, <this holder's lease freed> WHERE
-    /// <the row> AND <its refresh token is the expected one> RETURNING
-    /// <the row>`: [`Sqlite::run_conditional`] binds the rest.
-    fn conditional_sql(set: &str) -> String {
-        // Every SET expression sees the old row, so both CASEs read the
-        // old lease owner.
-        format!(
-            "UPDATE connections SET {set}, \
-             lease_until = CASE WHEN lease_owner = ? THEN NULL ELSE lease_until END, \
-             lease_owner = CASE WHEN lease_owner = ? THEN NULL ELSE lease_owner END \
-             WHERE pool = ? AND id = ? AND refresh_token IS ? RETURNING {COLUMNS}"
-        )
-    }
-
-    async fn run_conditional<'q>(
-        &self,
-        op: &'static str,
-        q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
-        holder: &'q str,
-        pool: &'q str,
-        id: &'q str,
-        expected: Option<&'q str>,
-    ) -> Result<Option<SealedRow>, StoreError> {
-        self.check_file().await?;
-        q.bind(holder)
-            .bind(holder)
-            .bind(pool)
-            .bind(id)
-            .bind(expected)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable(op))?
-            .map(|r| sealed_row(&r))
-            .transpose()
-    }
-
-    pub(super) async fn commit_refresh(
-        &self,
-        pool: &str,
-        id: &str,
-        expected: Option<&str>,
-        holder: &str,
-        t: &SealedTokens,
-        now: i64,
-    ) -> Result<Option<SealedRow>, StoreError> {
-        let sql = Self::conditional_sql(
-            "refresh_token = ?, access_token = ?, access_token_expires_at = ?, \
-             last_refresh_at = ?, state = 'active', last_error = NULL, \
-             last_error_description = NULL, last_error_at = NULL",
-        );
-        let q = sqlx::query(&sql)
-            .bind(&t.refresh_token)
-            .bind(&t.access_token)
-            .bind(t.access_expires_at)
-            .bind(now);
-        self.run_conditional("commit", q, holder, pool, id, expected)
-            .await
-    }
-
-    pub(super) async fn mark_needs_reauthorization(
-        &self,
-        pool: &str,
-        id: &str,
-        expected: Option<&str>,
-        holder: &str,
-        e: &LastError,
-    ) -> Result<Option<SealedRow>, StoreError> {
-        let sql = Self::conditional_sql(
-            "state = 'needs_reauthorization', access_token = NULL, \
-             access_token_expires_at = NULL, last_error = ?, \
-             last_error_description = ?, last_error_at = ?",
-        );
-        let q = sqlx::query(&sql)
-            .bind(&e.error)
-            .bind(&e.description)
-            .bind(e.at);
-        self.run_conditional("record_failure", q, holder, pool, id, expected)
-            .await
-    }
-
-    pub(super) async fn record_failure(
-        &self,
-        pool: &str,
-        id: &str,
-        expected: Option<&str>,
-        holder: &str,
-        e: &LastError,
-    ) -> Result<Option<SealedRow>, StoreError> {
-        let sql =
-            Self::conditional_sql("last_error = ?, last_error_description = ?, last_error_at = ?");
-        let q = sqlx::query(&sql)
-            .bind(&e.error)
-            .bind(&e.description)
-            .bind(e.at);
-        self.run_conditional("record_failure", q, holder, pool, id, expected)
-            .await
-    }
-
     /// Re-sealed tokens, written only over the sealed values read.
     pub(super) async fn rewrite_tokens(
         &self,
@@ -612,26 +470,6 @@ impl Sqlite {
         Ok(r.rows_affected() > 0)
     }
 
-    pub(super) async fn release(
-        &self,
-        pool: &str,
-        id: &str,
-        holder: &str,
-    ) -> Result<(), StoreError> {
-        self.check_file().await?;
-        sqlx::query(
-            "UPDATE connections SET lease_owner = NULL, lease_until = NULL \
-             WHERE pool = ? AND id = ? AND lease_owner = ?",
-        )
-        .bind(pool)
-        .bind(id)
-        .bind(holder)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable("release"))?;
-        Ok(())
-    }
-
     /// Per-state counts as the triggers keep them (no scan).
     pub(super) async fn counts(
         &self,
@@ -658,70 +496,6 @@ impl Sqlite {
                 .await
                 .map_err(unavailable("pools"))?;
         Ok(rows.into_iter().map(|r| r.0).collect())
-    }
-}
-
-/// Reads the change log the triggers of `0002_changes_and_counts.sql` keep.
-pub(super) struct Poller {
-    pool: SqlitePool,
-}
-
-impl Poller {
-    /// Polls until `cancel`: every change after the newest one present at
-    /// the start becomes a [`Change`]. Old rows are pruned now and then.
-    pub(super) async fn listen(self, tx: broadcast::Sender<Change>, cancel: CancellationToken) {
-        let mut last: Option<i64> = None;
-        let mut polls = 0u32;
-        loop {
-            match self.poll(&mut last, &tx).await {
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot read the store's change log; trying again")
-                }
-            }
-            polls = polls.wrapping_add(1);
-            if polls % 60 == 0 {
-                if let Some(seen) = last {
-                    let _ = sqlx::query("DELETE FROM connection_changes WHERE seq <= ?")
-                        .bind(seen.saturating_sub(CHANGES_KEPT))
-                        .execute(&self.pool)
-                        .await;
-                }
-            }
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(CHANGE_POLL) => {}
-            }
-        }
-    }
-
-    async fn poll(
-        &self,
-        last: &mut Option<i64>,
-        tx: &broadcast::Sender<Change>,
-    ) -> Result<(), sqlx::Error> {
-        let Some(from) = *last else {
-            let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM connection_changes")
-                .fetch_one(&self.pool)
-                .await?;
-            *last = Some(max.unwrap_or(0));
-            return Ok(());
-        };
-        let rows: Vec<(i64, String, String, String, String)> = sqlx::query_as(
-            "SELECT seq, pool, id, event, holder FROM connection_changes \
-             WHERE seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(from)
-        .bind(CHANGES_PER_POLL)
-        .fetch_all(&self.pool)
-        .await?;
-        for (seq, pool, id, event, holder) in rows {
-            if let Some(c) = Change::parse(&format!("{pool}/{id}/{event}/{holder}")) {
-                let _ = tx.send(c);
-            }
-            *last = Some(seq);
-        }
-        Ok(())
     }
 }
 

@@ -1,14 +1,17 @@
 //! One token request: the body (JSON or form), client authentication (body
 //! fields or HTTP Basic), the HTTP exchange bounded by `token_timeout`,
 //! parsing and validation of the answer (lifetime capped, header-safe
-//! token, JWT `exp` fallback), and the error classes.
+//! token, JWT `exp` fallback), and the error classes (in `error`).
 //!
 //! Shared by credentials ([`crate::tokens::TokenSource`]) and per-user
 //! connection pools. It never persists anything and keeps no state between
 //! requests: rotation of refresh tokens, caching and single flight belong to
 //! the caller.
 
-use std::error::Error as StdError;
+mod error;
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,6 +27,7 @@ use super::jwt::{jwt_claims, Claims};
 use crate::config::{BodyFormat, ClientAuth, CredentialConfig, DEFAULT_TOKEN_TIMEOUT};
 use crate::ground::secret::Secret;
 use crate::net::upstream::HttpClient;
+pub use error::{describe, TokenError};
 
 /// Lifetime assumed when the endpoint gives neither `expires_in` nor a JWT `exp`.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
@@ -199,141 +203,6 @@ impl std::fmt::Debug for Granted {
             .field("scope", &self.scope)
             .field("sub", &self.sub)
             .finish_non_exhaustive()
-    }
-}
-
-/// Why a token request failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum TokenError {
-    /// The endpoint refused with a 4xx OAuth error.
-    #[error("token endpoint refused the request ({status}): {error}{}", description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
-    Rejected {
-        /// HTTP status.
-        status: u16,
-        /// OAuth `error`.
-        error: String,
-        /// OAuth `error_description`.
-        description: Option<String>,
-    },
-    /// A 5xx.
-    #[error("token endpoint failed ({status}){}", error.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
-    ServerError {
-        /// HTTP status.
-        status: u16,
-        /// OAuth `error`, if any.
-        error: Option<String>,
-    },
-    /// `token_timeout` passed.
-    #[error("token request to {host} timed out after {after:?}")]
-    Timeout {
-        /// The token URL's host.
-        host: String,
-        /// The timeout.
-        after: Duration,
-    },
-    /// Connect, TLS or I/O error.
-    #[error("cannot reach the token endpoint at {host}: {cause}")]
-    Network {
-        /// The token URL's host.
-        host: String,
-        /// What went wrong, read from the source chain ("connection
-        /// refused", "DNS lookup failed: ...", "TLS: invalid peer
-        /// certificate: ...").
-        cause: String,
-        /// The error itself.
-        #[source]
-        source: Arc<dyn StdError + Send + Sync>,
-    },
-    /// A 200 without a usable token.
-    #[error("token endpoint answered without a usable token: {0}")]
-    InvalidResponse(String),
-    /// The request could not be made from the configured settings.
-    #[error("{0}")]
-    State(String),
-    /// The state file could not be written (retried like a transient failure).
-    #[error("state file: {0}")]
-    Persist(String),
-    /// The store that keeps a shared credential's tokens failed (retried
-    /// like a transient failure).
-    #[error("{0}")]
-    Store(#[source] Arc<crate::store::StoreError>),
-}
-
-impl TokenError {
-    /// Transient failures are retried quickly; others wait long.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            TokenError::Rejected { status, error, .. } => {
-                *status == 429 || error == "temporarily_unavailable"
-            }
-            TokenError::ServerError { .. }
-            | TokenError::Timeout { .. }
-            | TokenError::Network { .. }
-            | TokenError::InvalidResponse(_)
-            | TokenError::Persist(_)
-            | TokenError::Store(_) => true,
-            TokenError::State(_) => false,
-        }
-    }
-
-    /// The endpoint says the grant itself (refresh token or code) is dead:
-    /// `invalid_grant`. Only this ends a per-user connection.
-    pub fn is_invalid_grant(&self) -> bool {
-        matches!(self, TokenError::Rejected { error, .. } if error == "invalid_grant")
-    }
-
-    /// 400/401/403 from the endpoint (not a "try later"): the refresh token
-    /// or code is dead, or the client is not allowed.
-    pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            TokenError::Rejected {
-                status: 400 | 401 | 403,
-                ..
-            }
-        ) && !self.is_transient()
-    }
-
-    /// The `outcome` label of `flinks_proxy_token_requests_total`.
-    pub fn outcome(&self) -> &'static str {
-        match self {
-            TokenError::Rejected { .. } | TokenError::State(_) => "rejected",
-            // The endpoint answered fine; the failure is ours (disk).
-            TokenError::Persist(_) => "success",
-            // No answer from the endpoint to count: a lease or commit failed.
-            TokenError::Store(_) => "network",
-            TokenError::ServerError { .. } => "server_error",
-            TokenError::Timeout { .. } => "timeout",
-            TokenError::Network { .. } => "network",
-            TokenError::InvalidResponse(_) => "invalid_response",
-        }
-    }
-
-    /// `error` and `error_description` for `/status`.
-    pub fn oauth_fields(&self) -> (String, Option<String>) {
-        match self {
-            TokenError::Rejected {
-                error, description, ..
-            } => (error.clone(), description.clone()),
-            TokenError::ServerError { error, .. } => (
-                error.clone().unwrap_or_else(|| "server_error".into()),
-                Some(self.to_string()),
-            ),
-            TokenError::Timeout { .. } => ("timeout".into(), Some(self.to_string())),
-            TokenError::Network { .. } => ("network".into(), Some(self.to_string())),
-            TokenError::InvalidResponse(_) => ("invalid_response".into(), Some(self.to_string())),
-            TokenError::State(_) => ("invalid_configuration".into(), Some(self.to_string())),
-            TokenError::Persist(_) => ("state_file".into(), Some(self.to_string())),
-            TokenError::Store(_) => ("store_unavailable".into(), Some(self.to_string())),
-        }
-    }
-
-    fn network(endpoint: &Endpoint, source: Arc<dyn StdError + Send + Sync>) -> TokenError {
-        TokenError::Network {
-            host: endpoint.host(),
-            cause: describe(&*source),
-            source,
-        }
     }
 }
 
@@ -656,44 +525,6 @@ fn scrub(endpoint: &Endpoint, grant: Grant<'_>, text: &str) -> String {
     out
 }
 
-/// A short cause read from an error's source chain: what an operator needs
-/// to tell DNS from a refused connection from a certificate problem.
-pub fn describe(err: &(dyn StdError + 'static)) -> String {
-    let mut chain: Vec<&(dyn StdError + 'static)> = Vec::new();
-    let mut next = Some(err);
-    while let Some(e) = next {
-        chain.push(e);
-        // io::Error::source skips the error it wraps: look inside by hand
-        // (hyper-rustls wraps the rustls::Error in io::Errors).
-        next = match e.downcast_ref::<std::io::Error>() {
-            Some(io) => io.get_ref().map(|i| i as &(dyn StdError + 'static)),
-            None => e.source(),
-        };
-    }
-    if let Some(tls) = chain.iter().find_map(|e| e.downcast_ref::<rustls::Error>()) {
-        return format!("TLS: {tls}");
-    }
-    let io_kind = chain
-        .iter()
-        .filter_map(|e| e.downcast_ref::<std::io::Error>())
-        .map(std::io::Error::kind)
-        .find(|k| *k != std::io::ErrorKind::Other);
-    let innermost = chain.last().map(|e| e.to_string()).unwrap_or_default();
-    if chain.iter().any(|e| e.to_string().starts_with("dns error")) {
-        return format!("DNS lookup failed: {innermost}");
-    }
-    match io_kind {
-        Some(std::io::ErrorKind::ConnectionRefused) => "connection refused".into(),
-        Some(std::io::ErrorKind::TimedOut) => "connect timed out".into(),
-        Some(std::io::ErrorKind::ConnectionReset) => "connection reset".into(),
-        _ => {
-            let mut parts: Vec<String> = chain.iter().map(|e| e.to_string()).collect();
-            parts.dedup();
-            parts.join(": ")
-        }
-    }
-}
-
 /// `application/x-www-form-urlencoded` encoding of one key or value.
 fn form_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -707,111 +538,4 @@ fn form_encode(s: &str) -> String {
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn form_encoding() {
-        assert_eq!(form_encode("a b&c=d/é"), "a+b%26c%3Dd%2F%C3%A9");
-    }
-
-    #[test]
-    fn failure_classes() {
-        let rejected = |error: &str, status| TokenError::Rejected {
-            status,
-            error: error.into(),
-            description: None,
-        };
-        assert!(!rejected("invalid_client", 400).is_transient());
-        assert!(rejected("invalid_grant", 400).is_refusal());
-        assert!(rejected("invalid_client", 401).is_refusal());
-        assert!(!rejected("temporarily_unavailable", 400).is_refusal());
-        assert!(!rejected("slow_down", 429).is_refusal());
-        assert!(rejected("temporarily_unavailable", 400).is_transient());
-        assert!(rejected("slow_down", 429).is_transient());
-        let server = TokenError::ServerError {
-            status: 500,
-            error: None,
-        };
-        assert!(server.is_transient() && !server.is_refusal());
-        assert_eq!(server.outcome(), "server_error");
-        let timeout = TokenError::Timeout {
-            host: "h".into(),
-            after: Duration::from_secs(1),
-        };
-        assert!(timeout.is_transient());
-        assert_eq!(timeout.outcome(), "timeout");
-        assert!(TokenError::InvalidResponse("x".into()).is_transient());
-        assert_eq!(rejected("x", 400).outcome(), "rejected");
-    }
-
-    #[test]
-    fn lifetimes_from_outside_are_validated_and_capped() {
-        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let l = |v: serde_json::Value| lifetime(Some(&v), None, now);
-        assert_eq!(l(json!(3600)).unwrap(), Some(Duration::from_secs(3600)));
-        assert_eq!(l(json!("3600")).unwrap(), Some(Duration::from_secs(3600)));
-        assert_eq!(l(json!(1e300)).unwrap(), Some(MAX_LIFETIME));
-        assert_eq!(l(json!(u64::MAX)).unwrap(), Some(MAX_LIFETIME));
-        let huge: serde_json::Value = serde_json::from_str("18446744073709551616").unwrap();
-        assert_eq!(l(huge).unwrap(), Some(MAX_LIFETIME));
-        for bad in [
-            json!(0),
-            json!(-5),
-            json!("abc"),
-            json!(true),
-            json!("NaN"),
-            json!("inf"),
-        ] {
-            assert!(
-                matches!(l(bad.clone()), Err(TokenError::InvalidResponse(_))),
-                "{bad}"
-            );
-        }
-        assert_eq!(lifetime(Some(&json!(null)), None, now).unwrap(), None);
-        assert_eq!(lifetime(None, None, now).unwrap(), None);
-    }
-
-    #[test]
-    fn jwt_exp_is_capped_and_a_past_exp_is_invalid() {
-        let now = UNIX_EPOCH + Duration::from_millis(1_000_000_500);
-        let claims = |exp| Claims {
-            exp: Some(exp),
-            sub: None,
-        };
-        assert_eq!(
-            lifetime(None, Some(&claims(1_000_060)), now).unwrap(),
-            Some(Duration::from_millis(59_500))
-        );
-        assert_eq!(
-            lifetime(None, Some(&claims(u64::MAX)), now).unwrap(),
-            Some(MAX_LIFETIME)
-        );
-        assert!(lifetime(None, Some(&claims(5)), now).is_err());
-        // expires_in wins over exp.
-        assert_eq!(
-            lifetime(Some(&json!(10)), Some(&claims(u64::MAX)), now).unwrap(),
-            Some(Duration::from_secs(10))
-        );
-    }
-
-    #[test]
-    fn causes_name_refused_connections_and_tls() {
-        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        assert_eq!(describe(&refused), "connection refused");
-        let tls = std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName),
-        );
-        let outer = std::io::Error::other(tls);
-        assert!(
-            describe(&outer).starts_with("TLS: invalid peer certificate"),
-            "{}",
-            describe(&outer)
-        );
-    }
 }

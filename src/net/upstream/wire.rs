@@ -336,94 +336,115 @@ impl Decoder {
     /// (no more bytes will come).
     pub(crate) fn decode(&mut self, buf: &mut BytesMut, eof: bool) -> Result<Decoded, WireError> {
         loop {
-            match self.state {
+            // Each step returns a frame, or moves to the next state.
+            let step = match self.state {
                 State::Done => return Ok(Decoded::End),
-                State::Length(n) => {
-                    if buf.is_empty() {
-                        return if eof {
-                            Err(WireError::Incomplete)
-                        } else {
-                            Ok(Decoded::NeedMore)
-                        };
-                    }
-                    let take = take_len(n, buf.len());
-                    let left = n - take as u64;
-                    self.state = if left == 0 {
-                        State::Done
-                    } else {
-                        State::Length(left)
-                    };
-                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
-                }
-                State::Close => {
-                    if !buf.is_empty() {
-                        return Ok(Decoded::Data(buf.split().freeze()));
-                    }
-                    if eof {
-                        self.state = State::Done;
-                        continue;
-                    }
-                    return Ok(Decoded::NeedMore);
-                }
-                State::ChunkSize => {
-                    let Some(line) = line(buf, MAX_CHUNK_LINE, eof, "chunk-size line too long")?
-                    else {
-                        return Ok(Decoded::NeedMore);
-                    };
-                    let size = chunk_size(&line)?;
-                    self.state = if size == 0 {
-                        State::Trailers
-                    } else {
-                        State::ChunkData(size)
-                    };
-                }
-                State::ChunkData(n) => {
-                    if buf.is_empty() {
-                        return if eof {
-                            Err(WireError::Incomplete)
-                        } else {
-                            Ok(Decoded::NeedMore)
-                        };
-                    }
-                    let take = take_len(n, buf.len());
-                    let left = n - take as u64;
-                    self.state = if left == 0 {
-                        State::ChunkEnd
-                    } else {
-                        State::ChunkData(left)
-                    };
-                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
-                }
-                State::ChunkEnd => {
-                    if buf.len() < 2 {
-                        return if eof {
-                            Err(WireError::Incomplete)
-                        } else {
-                            Ok(Decoded::NeedMore)
-                        };
-                    }
-                    if &buf[..2] != b"\r\n" {
-                        return Err(WireError::Chunk("chunk data not followed by CRLF"));
-                    }
-                    buf.advance(2);
-                    self.state = State::ChunkSize;
-                }
-                State::Trailers => {
-                    if buf.len() >= 2 && &buf[..2] == b"\r\n" {
-                        buf.advance(2);
-                        self.state = State::Done;
-                        continue;
-                    }
-                    return match trailer_section(buf, eof)? {
-                        Some(t) => {
-                            self.state = State::Done;
-                            Ok(Decoded::Trailers(t))
-                        }
-                        None => Ok(Decoded::NeedMore),
-                    };
-                }
+                State::Length(n) => self.data(buf, eof, n, State::Length, State::Done),
+                State::Close => self.close_data(buf, eof),
+                State::ChunkSize => self.chunk_size_line(buf, eof),
+                State::ChunkData(n) => self.data(buf, eof, n, State::ChunkData, State::ChunkEnd),
+                State::ChunkEnd => self.chunk_end(buf, eof),
+                State::Trailers => self.trailers(buf, eof),
+            };
+            if let Some(frame) = step? {
+                return Ok(frame);
             }
         }
+    }
+
+    /// Up to `n` bytes of a `Content-Length` body or of a chunk's data;
+    /// the state after is `more` of what is left, or `end` when nothing is.
+    #[inline]
+    fn data(
+        &mut self,
+        buf: &mut BytesMut,
+        eof: bool,
+        n: u64,
+        more: fn(u64) -> State,
+        end: State,
+    ) -> Result<Option<Decoded>, WireError> {
+        if buf.is_empty() {
+            return short(eof);
+        }
+        let take = take_len(n, buf.len());
+        let left = n - take as u64;
+        self.state = if left == 0 { end } else { more(left) };
+        Ok(Some(Decoded::Data(buf.split_to(take).freeze())))
+    }
+
+    /// Whatever is there of a body that ends when the connection closes.
+    #[inline]
+    fn close_data(&mut self, buf: &mut BytesMut, eof: bool) -> Result<Option<Decoded>, WireError> {
+        if !buf.is_empty() {
+            return Ok(Some(Decoded::Data(buf.split().freeze())));
+        }
+        if eof {
+            self.state = State::Done;
+            return Ok(None);
+        }
+        Ok(Some(Decoded::NeedMore))
+    }
+
+    /// A chunk-size line: the next chunk's data, or the trailers after the
+    /// last chunk.
+    #[inline]
+    fn chunk_size_line(
+        &mut self,
+        buf: &mut BytesMut,
+        eof: bool,
+    ) -> Result<Option<Decoded>, WireError> {
+        let Some(line) = line(buf, MAX_CHUNK_LINE, eof, "chunk-size line too long")? else {
+            return Ok(Some(Decoded::NeedMore));
+        };
+        let size = chunk_size(&line)?;
+        self.state = if size == 0 {
+            State::Trailers
+        } else {
+            State::ChunkData(size)
+        };
+        Ok(None)
+    }
+
+    /// The CRLF after a chunk's data.
+    #[inline]
+    fn chunk_end(&mut self, buf: &mut BytesMut, eof: bool) -> Result<Option<Decoded>, WireError> {
+        if buf.len() < 2 {
+            return short(eof);
+        }
+        if &buf[..2] != b"\r\n" {
+            return Err(WireError::Chunk("chunk data not followed by CRLF"));
+        }
+        buf.advance(2);
+        self.state = State::ChunkSize;
+        Ok(None)
+    }
+
+    /// The trailer section, or the final CRLF when there is none.
+    #[inline]
+    fn trailers(&mut self, buf: &mut BytesMut, eof: bool) -> Result<Option<Decoded>, WireError> {
+        if buf.len() >= 2 && &buf[..2] == b"\r\n" {
+            buf.advance(2);
+            self.state = State::Done;
+            return Ok(None);
+        }
+        match trailer_section(buf, eof)? {
+            Some(t) => {
+                self.state = State::Done;
+                Ok(Some(Decoded::Trailers(t)))
+            }
+            None => Ok(Some(Decoded::NeedMore)),
+        }
+    }
+}
+
+/// A buffer too short for the next step: the body ended early when the
+/// connection has closed, else more bytes are needed.
+#[inline]
+fn short(eof: bool) -> Result<Option<Decoded>, WireError> {
+    if eof {
+        Err(WireError::Incomplete)
+    } else {
+        Ok(Some(Decoded::NeedMore))
     }
 }
 
