@@ -19,6 +19,7 @@ pub mod process;
 pub mod prometheus;
 pub mod tempdir;
 pub mod upstream;
+pub mod webdriver;
 
 // Re-exports: a test binary uses some of them, never all.
 #[allow(unused_imports)]
