@@ -575,7 +575,7 @@ mod tests {
     fn the_s256_challenge_is_rfc_7636s_example() {
         // RFC 7636, Appendix B.
         assert_eq!(
-            code_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWjNbE1Q"),
+            code_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
             "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
         );
     }
