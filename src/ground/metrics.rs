@@ -424,15 +424,8 @@ struct ConnectionFamilies {
 }
 
 impl ConnectionFamilies {
+    /// Registers the connection and store families in `registry`.
     fn register(registry: &Registry) -> ConnectionFamilies {
-        let reg = |c: Box<dyn prometheus::core::Collector>| {
-            registry.register(c).expect("unique metric");
-        };
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            reg(Box::new(c.clone()));
-            c
-        };
         let connections = IntGaugeVec::new(
             Opts::new(
                 "flinks_proxy_connections",
@@ -441,7 +434,6 @@ impl ConnectionFamilies {
             &["pool", "state"],
         )
         .expect("valid metric");
-        reg(Box::new(connections.clone()));
         let store_duration = HistogramVec::new(
             HistogramOpts::new(
                 "flinks_proxy_store_operation_duration_seconds",
@@ -451,7 +443,6 @@ impl ConnectionFamilies {
             &["op"],
         )
         .expect("valid metric");
-        reg(Box::new(store_duration.clone()));
         let store_up = IntGaugeVec::new(
             Opts::new(
                 "flinks_proxy_store_up",
@@ -460,26 +451,28 @@ impl ConnectionFamilies {
             &["kind"],
         )
         .expect("valid metric");
-        reg(Box::new(store_up.clone()));
         ConnectionFamilies {
-            store_up,
-            connections,
+            connections: register(registry, connections),
+            store_duration: register(registry, store_duration),
+            store_up: register(registry, store_up),
             token_requests: counter(
+                registry,
                 "flinks_proxy_connection_token_requests_total",
                 "Token endpoint requests for pooled connections, by outcome",
                 &["pool", "outcome"],
             ),
             tokens: counter(
+                registry,
                 "flinks_proxy_connection_tokens_total",
                 "Access tokens handed to requests, by where they came from",
                 &["pool", "source"],
             ),
             store_ops: counter(
+                registry,
                 "flinks_proxy_store_operations_total",
                 "Store operations, by outcome",
                 &["op", "outcome"],
             ),
-            store_duration,
         }
     }
 }
