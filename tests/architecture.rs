@@ -506,7 +506,9 @@ fn print_longest_files_and_functions() {
     let indent = |l: &str| l.len() - l.trim_start().len();
     for (path, text) in files.iter().filter(|(p, _)| !p.ends_with("/tests.rs")) {
         let code = text
-            .split("\n#[cfg(test)]\nmod tests")
+            // An inline test module ends the code; `mod tests;` (tests in
+            // their own file, declared at the top) does not.
+            .split("\n#[cfg(test)]\nmod tests {")
             .next()
             .unwrap_or_default();
         let lines: Vec<&str> = code.lines().collect();

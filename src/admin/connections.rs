@@ -16,10 +16,9 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use crate::connections::{valid_id, AuthorizeError, Exchange, Pool};
-use crate::ground::secret::Secret;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::generation::AppState;
-use crate::store::{ConnectionState, StoreError};
+use crate::store::{ConnectionInfo, ConnectionState, StoreError};
 
 /// Largest request body: a code or refresh token and an id fit many times.
 pub(super) const MAX_BODY: usize = 16 * 1024;
@@ -181,46 +180,75 @@ struct PostBody {
     code_verifier: Option<String>,
 }
 
+/// `POST /connections/{pool}`: read the body, choose the exchange, and
+/// answer with what the pool's `authorize` made of it.
 async fn post(pool: &Arc<Pool>, req: Request<Incoming>) -> Answer {
-    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(_) => {
-            return error(
+    let body = match post_body(req).await {
+        Ok(b) => b,
+        Err(a) => return a,
+    };
+    let exchange = match exchange(&body) {
+        Ok(x) => x,
+        Err(a) => return a,
+    };
+    authorized_answer(pool.authorize(exchange, body.id.as_deref()).await)
+}
+
+/// The POST body: at most [`MAX_BODY`] bytes of [`PostBody`] JSON, with a
+/// valid `id` if one is given.
+async fn post_body(req: Request<Incoming>) -> Result<PostBody, Answer> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| {
+            error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "bad_request",
                 "the body must be JSON of at most 16 KiB",
             )
-        }
-    };
-    let body: PostBody = match serde_json::from_slice(&bytes) {
-        Ok(b) => b,
-        // serde's message names the field or position, never a value.
-        Err(e) => return bad_request(format!("the body is not the expected JSON: {e}")),
-    };
+        })?
+        .to_bytes();
+    // serde's message names the field or position, never a value.
+    let body: PostBody = serde_json::from_slice(&bytes)
+        .map_err(|e| bad_request(format!("the body is not the expected JSON: {e}")))?;
     if let Some(id) = &body.id {
         if !valid_id(id) {
-            return bad_request("id: 1-128 of A-Z a-z 0-9 . _ : @ -");
+            return Err(bad_request("id: 1-128 of A-Z a-z 0-9 . _ : @ -"));
         }
     }
-    let verifier = body.code_verifier.clone().map(Secret::new);
-    if verifier.is_some() && body.code.is_none() {
-        return bad_request("code_verifier goes with a code");
+    Ok(body)
+}
+
+/// The exchange the body asks for: a non-empty `code` (with an optional
+/// `redirect_uri`) or a non-empty `refresh_token` (without one), not both.
+fn exchange(body: &PostBody) -> Result<Exchange<'_>, Answer> {
+    if body.code_verifier.is_some() && body.code.is_none() {
+        return Err(bad_request("code_verifier goes with a code"));
     }
-    let exchange = match (&body.code, &body.refresh_token) {
-        (Some(code), None) if !code.is_empty() => Exchange::Code {
+    match (&body.code, &body.refresh_token) {
+        (Some(code), None) if !code.is_empty() => Ok(Exchange::Code {
             code,
             redirect_uri: body.redirect_uri.as_deref(),
-            code_verifier: verifier.as_ref(),
-        },
+            code_verifier: body.code_verifier.as_deref(),
+        }),
         (None, Some(rt)) if !rt.is_empty() && body.redirect_uri.is_none() => {
-            Exchange::RefreshToken(rt)
+            Ok(Exchange::RefreshToken(rt))
         }
-        (None, Some(_)) if body.redirect_uri.is_some() => {
-            return bad_request("redirect_uri goes with a code, not a refresh_token")
-        }
-        _ => return bad_request("give exactly one of code and refresh_token, not empty"),
-    };
-    match pool.authorize(exchange, body.id.as_deref()).await {
+        (None, Some(_)) if body.redirect_uri.is_some() => Err(bad_request(
+            "redirect_uri goes with a code, not a refresh_token",
+        )),
+        _ => Err(bad_request(
+            "give exactly one of code and refresh_token, not empty",
+        )),
+    }
+}
+
+/// The answer to an `authorize`: 201 for a new connection, 200 when it
+/// replaced one with the same id (re-authorization), 422 with the OAuth
+/// error when the endpoint refused the grant, 502 when it could not be
+/// reached, the store's error otherwise.
+fn authorized_answer(result: Result<(ConnectionInfo, bool), AuthorizeError>) -> Answer {
+    match result {
         Ok((info, created)) => Answer {
             status: if created {
                 StatusCode::CREATED

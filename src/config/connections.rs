@@ -174,23 +174,10 @@ impl Ctx {
             .map_err(|m| self.err(&key("client_secret"), m))?;
         let authorize = self.authorize(name, &p)?;
         let select_header = self.select_header(&key("select_header"), p.select_header)?;
-        let cache_size = p.cache_size.unwrap_or(DEFAULT_CACHE_SIZE);
-        if cache_size == 0 {
-            return Err(self.err(&key("cache_size"), "must be at least 1".into()));
-        }
-        let refresh_concurrency = p.refresh_concurrency.unwrap_or(DEFAULT_REFRESH_CONCURRENCY);
-        if !(1..=MAX_REFRESH_CONCURRENCY).contains(&refresh_concurrency) {
-            return Err(self.err(
-                &key("refresh_concurrency"),
-                format!("must be 1 to {MAX_REFRESH_CONCURRENCY}"),
-            ));
-        }
-        let revoked_codes = p.revoked_codes.unwrap_or_else(|| {
-            DEFAULT_REVOKED_CODES
-                .iter()
-                .map(|c| (*c).to_owned())
-                .collect()
-        });
+        let cache_size = self.cache_size(&key("cache_size"), p.cache_size)?;
+        let refresh_concurrency =
+            self.refresh_concurrency(&key("refresh_concurrency"), p.refresh_concurrency)?;
+        let revoked_codes = revoked_codes(p.revoked_codes);
         Ok(PoolConfig {
             name: name.to_owned(),
             token_url,
@@ -272,6 +259,35 @@ impl Ctx {
         }
         Ok(select_header)
     }
+
+    /// `cache_size` (default [`DEFAULT_CACHE_SIZE`]): at least 1.
+    fn cache_size(&self, key: &str, size: Option<u64>) -> Result<u64, ConfigError> {
+        let cache_size = size.unwrap_or(DEFAULT_CACHE_SIZE);
+        if cache_size == 0 {
+            return Err(self.err(key, "must be at least 1".into()));
+        }
+        Ok(cache_size)
+    }
+
+    /// `refresh_concurrency` (default [`DEFAULT_REFRESH_CONCURRENCY`]): 1 to
+    /// [`MAX_REFRESH_CONCURRENCY`].
+    fn refresh_concurrency(&self, key: &str, n: Option<usize>) -> Result<usize, ConfigError> {
+        let refresh_concurrency = n.unwrap_or(DEFAULT_REFRESH_CONCURRENCY);
+        if !(1..=MAX_REFRESH_CONCURRENCY).contains(&refresh_concurrency) {
+            return Err(self.err(key, format!("must be 1 to {MAX_REFRESH_CONCURRENCY}")));
+        }
+        Ok(refresh_concurrency)
+    }
+}
+
+/// `revoked_codes`, default [`DEFAULT_REVOKED_CODES`].
+fn revoked_codes(codes: Option<Vec<String>>) -> Vec<String> {
+    codes.unwrap_or_else(|| {
+        DEFAULT_REVOKED_CODES
+            .iter()
+            .map(|c| (*c).to_owned())
+            .collect()
+    })
 }
 
 /// Pool names appear in admin URLs and the store: keep them plain.

@@ -27,7 +27,7 @@ pub enum Exchange<'a> {
         /// Overrides the pool's `redirect_uri`.
         redirect_uri: Option<&'a str>,
         /// The PKCE verifier of the authorization request.
-        code_verifier: Option<&'a Secret>,
+        code_verifier: Option<&'a str>,
     },
     /// A refresh token the app already holds.
     RefreshToken(&'a str),
@@ -76,7 +76,7 @@ impl Pool {
                     .or(self.config.redirect_uri.as_deref())
                     .unwrap_or("")
                     .to_owned(),
-                code_verifier.cloned(),
+                code_verifier.map(|v| Secret::new(v.to_owned())),
             ),
             Exchange::RefreshToken(rt) => (true, Secret::new(rt.to_owned()), String::new(), None),
         };

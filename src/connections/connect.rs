@@ -461,7 +461,7 @@ impl Pool {
         let exchange = Exchange::Code {
             code: code.expose(),
             redirect_uri: Some(&redirect_uri),
-            code_verifier: s.code_verifier.as_ref(),
+            code_verifier: s.code_verifier.as_ref().map(Secret::expose),
         };
         match self.authorize(exchange, s.connection_id.as_deref()).await {
             Ok((info, _)) => Ended {

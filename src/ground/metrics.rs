@@ -441,15 +441,8 @@ struct ConnectionFamilies {
 pub const CONNECT_OUTCOMES: [&str; 4] = ["connected", "failed", "expired", "rejected"];
 
 impl ConnectionFamilies {
+    /// Registers the connection and store families in `registry`.
     fn register(registry: &Registry) -> ConnectionFamilies {
-        let reg = |c: Box<dyn prometheus::core::Collector>| {
-            registry.register(c).expect("unique metric");
-        };
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            reg(Box::new(c.clone()));
-            c
-        };
         let connections = IntGaugeVec::new(
             Opts::new(
                 "flinks_proxy_connections",
@@ -458,7 +451,6 @@ impl ConnectionFamilies {
             &["pool", "state"],
         )
         .expect("valid metric");
-        reg(Box::new(connections.clone()));
         let store_duration = HistogramVec::new(
             HistogramOpts::new(
                 "flinks_proxy_store_operation_duration_seconds",
@@ -468,7 +460,6 @@ impl ConnectionFamilies {
             &["op"],
         )
         .expect("valid metric");
-        reg(Box::new(store_duration.clone()));
         let store_up = IntGaugeVec::new(
             Opts::new(
                 "flinks_proxy_store_up",
@@ -477,27 +468,30 @@ impl ConnectionFamilies {
             &["kind"],
         )
         .expect("valid metric");
-        reg(Box::new(store_up.clone()));
         ConnectionFamilies {
-            store_up,
-            connections,
+            connections: register(registry, connections),
+            store_duration: register(registry, store_duration),
+            store_up: register(registry, store_up),
             token_requests: counter(
+                registry,
                 "flinks_proxy_connection_token_requests_total",
                 "Token endpoint requests for pooled connections, by outcome",
                 &["pool", "outcome"],
             ),
             tokens: counter(
+                registry,
                 "flinks_proxy_connection_tokens_total",
                 "Access tokens handed to requests, by where they came from",
                 &["pool", "source"],
             ),
             store_ops: counter(
+                registry,
                 "flinks_proxy_store_operations_total",
                 "Store operations, by outcome",
                 &["op", "outcome"],
             ),
-            store_duration,
             connect_sessions: counter(
+                registry,
                 "flinks_proxy_connect_sessions_total",
                 "Connect sessions ended, by pool and outcome (connected, failed, expired, rejected); \
                  pool=\"\" for callbacks whose state named no session",

@@ -367,6 +367,9 @@ struct OAuthError {
     error_description: Option<String>,
 }
 
+/// The [`Granted`] of an answer, validated: a token response whose access
+/// token can be sent, with a refresh token after a code exchange, and a
+/// lifetime that makes sense.
 fn parse(
     endpoint: &Endpoint,
     grant: Grant<'_>,
@@ -374,6 +377,43 @@ fn parse(
     body: &[u8],
     sent_at: Instant,
 ) -> Result<Granted, TokenError> {
+    let parsed = token_response(endpoint, grant, status, body)?;
+    let access = access_token(
+        endpoint,
+        grant,
+        parsed.access_token,
+        parsed.token_type.as_deref(),
+    )?;
+    let refresh_token = parsed.refresh_token.filter(|t| !t.is_empty());
+    if matches!(grant, Grant::AuthorizationCode { .. }) && refresh_token.is_none() {
+        return Err(TokenError::InvalidResponse(
+            "the code exchange returned no refresh_token".into(),
+        ));
+    }
+    let claims = jwt_claims(&access);
+    let now = SystemTime::now();
+    let lifetime = lifetime_or_default(endpoint, parsed.expires_in.as_ref(), claims.as_ref(), now)?;
+    let now_unix = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    Ok(Granted {
+        access_token: Secret::new(access),
+        refresh_token: refresh_token.map(Secret::new),
+        lifetime,
+        scope: parsed.scope,
+        sub: claims.and_then(|c| c.sub),
+        sent_at,
+        expires_unix: now_unix.saturating_add(lifetime.as_secs()),
+    })
+}
+
+/// The body of a 200 answer as a [`TokenResponse`]: a non-2xx status is
+/// the endpoint's [`refusal`], another 2xx or a body that is not a token
+/// response is an invalid response.
+fn token_response(
+    endpoint: &Endpoint,
+    grant: Grant<'_>,
+    status: StatusCode,
+    body: &[u8],
+) -> Result<TokenResponse, TokenError> {
     if !status.is_success() {
         return Err(refusal(endpoint, grant, status, body));
     }
@@ -382,13 +422,22 @@ fn parse(
             "unexpected status {status}"
         )));
     }
-    let parsed: TokenResponse = serde_json::from_slice(body)
-        .map_err(|e| TokenError::InvalidResponse(format!("not a token response: {e}")))?;
-    let access = parsed
-        .access_token
+    serde_json::from_slice(body)
+        .map_err(|e| TokenError::InvalidResponse(format!("not a token response: {e}")))
+}
+
+/// The answer's access token: present and not empty, of `token_type`
+/// Bearer when one is given, and fit for an `Authorization` header.
+fn access_token(
+    endpoint: &Endpoint,
+    grant: Grant<'_>,
+    access_token: Option<String>,
+    token_type: Option<&str>,
+) -> Result<String, TokenError> {
+    let access = access_token
         .filter(|t| !t.is_empty())
         .ok_or_else(|| TokenError::InvalidResponse("no access_token".into()))?;
-    if let Some(tt) = &parsed.token_type {
+    if let Some(tt) = token_type {
         if !tt.eq_ignore_ascii_case("bearer") {
             return Err(TokenError::InvalidResponse(format!(
                 "token_type {:?} is not Bearer",
@@ -401,15 +450,18 @@ fn parse(
             "access_token has characters not allowed in a header".into(),
         ));
     }
-    let refresh_token = parsed.refresh_token.filter(|t| !t.is_empty());
-    if matches!(grant, Grant::AuthorizationCode { .. }) && refresh_token.is_none() {
-        return Err(TokenError::InvalidResponse(
-            "the code exchange returned no refresh_token".into(),
-        ));
-    }
-    let claims = jwt_claims(&access);
-    let now = SystemTime::now();
-    let lifetime = match lifetime(parsed.expires_in.as_ref(), claims.as_ref(), now)? {
+    Ok(access)
+}
+
+/// The [`lifetime`] the answer grants, or [`DEFAULT_LIFETIME`] (with a
+/// warning) when it says nothing.
+fn lifetime_or_default(
+    endpoint: &Endpoint,
+    expires_in: Option<&serde_json::Value>,
+    claims: Option<&Claims>,
+    now: SystemTime,
+) -> Result<Duration, TokenError> {
+    Ok(match lifetime(expires_in, claims, now)? {
         Some(l) => l,
         None => {
             tracing::warn!(
@@ -419,16 +471,6 @@ fn parse(
             );
             DEFAULT_LIFETIME
         }
-    };
-    let now_unix = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    Ok(Granted {
-        access_token: Secret::new(access),
-        refresh_token: refresh_token.map(Secret::new),
-        lifetime,
-        scope: parsed.scope,
-        sub: claims.and_then(|c| c.sub),
-        sent_at,
-        expires_unix: now_unix.saturating_add(lifetime.as_secs()),
     })
 }
 

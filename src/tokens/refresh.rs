@@ -60,53 +60,27 @@ struct Lineage {
     obtained_at: u64,
 }
 
-/// One credential's refresh token and the lock of its token requests.
-pub struct RefreshState {
-    key: StateKey,
-    /// Fingerprint of the configured `code` / `refresh_token` it descends from.
-    origin: String,
-    lineage: Mutex<Lineage>,
-    in_progress: tokio::sync::Mutex<()>,
-    persistence: Persistence,
+/// The configured secret `c`'s refresh tokens descend from: its
+/// `refresh_token` or `code`, none for `client_credentials`.
+fn configured_secret(c: &CredentialConfig) -> Option<&Secret> {
+    match c.grant_type {
+        GrantType::ClientCredentials => None,
+        GrantType::RefreshToken => c.refresh_token.as_ref(),
+        GrantType::AuthorizationCode => c.code.as_ref(),
+    }
 }
 
-impl RefreshState {
-    /// The state of `c`: `previous` when it keys the same state and
-    /// descends from the same configured secret, else read from the
-    /// config and the state file (a blocking read: call it off runtime
-    /// threads). Fails on an unreadable or corrupt state file.
-    pub fn inherit_or_load(
+impl Lineage {
+    /// The lineage of a state-file credential: its state file's, when it
+    /// has a file and a configured secret (`configured`) and the file
+    /// descends from that secret (`origin`, its fingerprint); else the
+    /// configured `refresh_token` (none for a `code`), logged when the
+    /// configured secret changed since the file was written.
+    fn load(
         c: &CredentialConfig,
-        previous: Option<&Arc<RefreshState>>,
-        store: Option<&Arc<Store>>,
-    ) -> Result<Arc<RefreshState>, String> {
-        if c.in_store {
-            let store = store.ok_or("keeps its tokens in the store, which is not open")?;
-            return Ok(Arc::new(RefreshState {
-                key: StateKey::of(c),
-                origin: String::new(),
-                lineage: Mutex::new(Lineage {
-                    refresh_token: None,
-                    sub: None,
-                    obtained_at: state::unix_now(),
-                }),
-                in_progress: tokio::sync::Mutex::new(()),
-                persistence: Persistence::Store(StoreSlot::new(Arc::clone(store), c)),
-            }));
-        }
-        let configured = match c.grant_type {
-            GrantType::ClientCredentials => None,
-            GrantType::RefreshToken => c.refresh_token.as_ref(),
-            GrantType::AuthorizationCode => c.code.as_ref(),
-        };
-        let origin = configured.map(state::fingerprint).unwrap_or_default();
-        let key = StateKey::of(c);
-        let same = |p: &&Arc<RefreshState>| {
-            p.key == key && p.origin == origin && matches!(p.persistence, Persistence::StateFile)
-        };
-        if let Some(p) = previous.filter(same) {
-            return Ok(Arc::clone(p));
-        }
+        configured: Option<&Secret>,
+        origin: &str,
+    ) -> Result<Lineage, String> {
         let mut lineage = Lineage {
             refresh_token: match c.grant_type {
                 GrantType::RefreshToken => c.refresh_token.clone(),
@@ -132,6 +106,44 @@ impl RefreshState {
                 }
             }
         }
+        Ok(lineage)
+    }
+}
+
+/// One credential's refresh token and the lock of its token requests.
+pub struct RefreshState {
+    key: StateKey,
+    /// Fingerprint of the configured `code` / `refresh_token` it descends from.
+    origin: String,
+    lineage: Mutex<Lineage>,
+    in_progress: tokio::sync::Mutex<()>,
+    persistence: Persistence,
+}
+
+impl RefreshState {
+    /// The state of `c`: `previous` when it keys the same state and
+    /// descends from the same configured secret, else read from the
+    /// config and the state file (a blocking read: call it off runtime
+    /// threads). Fails on an unreadable or corrupt state file.
+    pub fn inherit_or_load(
+        c: &CredentialConfig,
+        previous: Option<&Arc<RefreshState>>,
+        store: Option<&Arc<Store>>,
+    ) -> Result<Arc<RefreshState>, String> {
+        if c.in_store {
+            let store = store.ok_or("keeps its tokens in the store, which is not open")?;
+            return Ok(RefreshState::in_store(c, store));
+        }
+        let configured = configured_secret(c);
+        let origin = configured.map(state::fingerprint).unwrap_or_default();
+        let key = StateKey::of(c);
+        let same = |p: &&Arc<RefreshState>| {
+            p.key == key && p.origin == origin && matches!(p.persistence, Persistence::StateFile)
+        };
+        if let Some(p) = previous.filter(same) {
+            return Ok(Arc::clone(p));
+        }
+        let lineage = Lineage::load(c, configured, &origin)?;
         Ok(Arc::new(RefreshState {
             key,
             origin,
@@ -139,6 +151,22 @@ impl RefreshState {
             in_progress: tokio::sync::Mutex::new(()),
             persistence: Persistence::StateFile,
         }))
+    }
+
+    /// The state of a credential that keeps its tokens in `store`: nothing
+    /// in memory yet, the store's slot for `c` to read and commit them.
+    fn in_store(c: &CredentialConfig, store: &Arc<Store>) -> Arc<RefreshState> {
+        Arc::new(RefreshState {
+            key: StateKey::of(c),
+            origin: String::new(),
+            lineage: Mutex::new(Lineage {
+                refresh_token: None,
+                sub: None,
+                obtained_at: state::unix_now(),
+            }),
+            in_progress: tokio::sync::Mutex::new(()),
+            persistence: Persistence::Store(StoreSlot::new(Arc::clone(store), c)),
+        })
     }
 
     /// Where its tokens persist.
