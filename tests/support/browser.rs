@@ -15,6 +15,9 @@ pub struct Browser {
     client: HttpClient,
     /// name -> value, every cookie any answer set (and did not clear).
     pub cookies: BTreeMap<String, String>,
+    /// name -> the cookie's `Path` (sent only to paths under it, as a
+    /// browser does; "/" when the answer set none).
+    pub paths: BTreeMap<String, String>,
     /// Every `Set-Cookie` line received, verbatim.
     pub set_cookie_lines: Vec<String>,
 }
@@ -31,6 +34,7 @@ impl Browser {
         Browser {
             client: client(),
             cookies: BTreeMap::new(),
+            paths: BTreeMap::new(),
             set_cookie_lines: Vec::new(),
         }
     }
@@ -40,30 +44,46 @@ impl Browser {
             let line = v.to_str().expect("ASCII cookie").to_owned();
             let (pair, attrs) = line.split_once(';').unwrap_or((&line, ""));
             let (name, value) = pair.split_once('=').expect("name=value");
+            let path = attrs
+                .split(';')
+                .find_map(|a| a.trim().strip_prefix("Path="))
+                .unwrap_or("/");
             if attrs.to_ascii_lowercase().contains("max-age=0") {
                 self.cookies.remove(name.trim());
             } else {
                 self.cookies
                     .insert(name.trim().to_owned(), value.trim().to_owned());
+                self.paths.insert(name.trim().to_owned(), path.to_owned());
             }
             self.set_cookie_lines.push(line);
         }
     }
 
-    fn cookie_header(&self) -> Option<String> {
-        (!self.cookies.is_empty()).then(|| {
-            self.cookies
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        })
+    /// The `Cookie` header for `url`: the cookies whose `Path` is a prefix
+    /// of its path at a `/` boundary (RFC 6265 §5.1.4; cookies set by hand
+    /// in [`Browser::cookies`] go everywhere).
+    fn cookie_header(&self, url: &str) -> Option<String> {
+        let after = url.find("://").map_or(0, |i| i + 3);
+        let path = url[after..].find('/').map_or("/", |i| &url[after + i..]);
+        let path = path.split('?').next().unwrap_or("/");
+        let matches = |cookie_path: &str| {
+            path == cookie_path
+                || path.starts_with(cookie_path)
+                    && (cookie_path.ends_with('/') || path[cookie_path.len()..].starts_with('/'))
+        };
+        let sent: Vec<String> = self
+            .cookies
+            .iter()
+            .filter(|(k, _)| self.paths.get(*k).is_none_or(|p| matches(p)))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        (!sent.is_empty()).then(|| sent.join("; "))
     }
 
     /// GET `url` with the jar's cookies; no redirect is followed.
     pub async fn get(&mut self, url: &str) -> Resp {
         let mut req = Request::get(url);
-        if let Some(c) = self.cookie_header() {
+        if let Some(c) = self.cookie_header(url) {
             req = req.header("cookie", c);
         }
         let r = send(&self.client, req.body(Full::default()).expect("request")).await;
@@ -80,7 +100,7 @@ impl Browser {
             .join("&");
         let mut req =
             Request::post(url).header("content-type", "application/x-www-form-urlencoded");
-        if let Some(c) = self.cookie_header() {
+        if let Some(c) = self.cookie_header(url) {
             req = req.header("cookie", c);
         }
         let r = send(
