@@ -2,7 +2,8 @@
 //! `/healthz` (the process serves), `/readyz` (the store has been reached,
 //! every credential has had a first token, and not draining) and `/status` (credentials and routes as
 //! JSON, never a secret); `admin/connections.rs` serves the connections
-//! API under `/connections`.
+//! API under `/connections`, `admin/sessions.rs` connect sessions under
+//! `/connect-sessions`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 pub mod connections;
+pub mod sessions;
 
 use crate::connections::Pool;
 use crate::proxy::body::ProxyBody;
@@ -40,6 +42,9 @@ pub async fn handle(
     let path = req.uri().path();
     if path == "/connections" || path.starts_with("/connections/") {
         return Ok(connections::handle(&state, req).await);
+    }
+    if path.starts_with("/connect-sessions/") {
+        return Ok(sessions::handle(&state, req).await);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(reply(

@@ -30,6 +30,7 @@ use crate::ground::secret::Secret;
 
 mod access;
 mod admin;
+mod connect;
 mod connections;
 mod credentials;
 mod log;
@@ -40,9 +41,14 @@ mod units;
 
 pub use access::AccessConfig;
 pub use admin::{admin_listen, DEFAULT_ADMIN_LISTEN};
+pub use connect::{
+    AllowedRedirect, ConnectConfig, CALLBACK_PATH, DEFAULT_SESSION_TTL, MAX_SESSION_TTL,
+    MIN_SESSION_TTL,
+};
 pub use connections::{
-    PoolConfig, DEFAULT_CACHE_SIZE, DEFAULT_REFRESH_CONCURRENCY, DEFAULT_REVOKED_CODES,
-    DEFAULT_SELECT_HEADER, MAX_REFRESH_CONCURRENCY,
+    AuthorizeConfig, PoolConfig, DEFAULT_CACHE_SIZE, DEFAULT_REFRESH_CONCURRENCY,
+    DEFAULT_REVOKED_CODES, DEFAULT_SELECT_HEADER, MAX_REFRESH_CONCURRENCY,
+    RESERVED_AUTHORIZE_PARAMS, SESSION_AUTHORIZE_PARAMS,
 };
 pub use credentials::{
     BodyFormat, ClientAuth, CredentialConfig, GrantType, DEFAULT_REFRESH_BEFORE,
@@ -62,6 +68,7 @@ pub use units::format_size;
 
 use access::{open_pooled_listener, RawAccess};
 use admin::RawAdmin;
+use connect::RawConnect;
 use connections::RawPool;
 use credentials::RawCredential;
 use log::RawLog;
@@ -106,6 +113,8 @@ pub struct Config {
     pub store: Option<StoreConfig>,
     /// `[connections.NAME]` pools, by name.
     pub pools: BTreeMap<String, Arc<PoolConfig>>,
+    /// `[connect]`: the hosted connect flow's listener.
+    pub connect: Option<ConnectConfig>,
 }
 
 /// The file as written: one raw struct per table, each in its table's file.
@@ -125,6 +134,7 @@ struct RawConfig {
     store: Option<RawStore>,
     #[serde(default)]
     connections: BTreeMap<String, RawPool>,
+    connect: Option<RawConnect>,
 }
 
 impl Config {
@@ -155,6 +165,8 @@ impl Config {
         let routes = ctx.routes(raw.routes, &credentials, &pools)?;
         open_pooled_listener(&server, &access, &routes).map_err(|m| ctx.err("access", m))?;
         let admin = ctx.admin(raw.admin, &pools)?;
+        let connect = ctx.connect(raw.connect)?;
+        ctx.connect_fits(connect.as_ref(), &pools, &server, admin.listen)?;
         Ok(Config {
             source: path.to_path_buf(),
             server,
@@ -167,6 +179,7 @@ impl Config {
             access,
             credentials,
             routes,
+            connect,
         })
     }
 }

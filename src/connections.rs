@@ -41,10 +41,12 @@
 //! tokens), `pool` (construction, cache, entry points, change
 //! announcements, counts), `refresh` (the refresh path and its failure
 //! tail), `rejected` (upstream rejections, `revoked_codes`), `authorize`
-//! (the code exchange).
+//! (the code exchange), `connect` (the hosted connect flow's sessions,
+//! links and callbacks).
 
 mod authorize;
 mod conn;
+pub mod connect;
 mod error;
 mod ledger;
 mod pool;

@@ -45,6 +45,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod connect;
 pub mod connections;
 pub mod ground;
 pub mod net;
@@ -93,6 +94,7 @@ pub struct Running {
     state: Arc<AppState>,
     proxy_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    connect_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     admin_shutdown: CancellationToken,
     proxy_task: Option<JoinHandle<()>>,
@@ -162,6 +164,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     let shutdown = CancellationToken::new();
     let admin_shutdown = CancellationToken::new();
+    let connect_addr = start_connect(&state, &shutdown).await?;
     log_start(&state, proxy_addr, admin_addr);
     if let Some(l) = admin {
         tokio::spawn(server::serve_admin(
@@ -182,10 +185,65 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         state,
         proxy_addr,
         admin_addr,
+        connect_addr,
         shutdown,
         admin_shutdown,
         proxy_task: Some(proxy_task),
     })
+}
+
+/// How often expired connect sessions are marked so (and counted), and
+/// old ones pruned.
+const CONNECT_SWEEP: std::time::Duration = std::time::Duration::from_secs(30);
+/// Ended connect sessions are kept this long for the admin API.
+const CONNECT_KEEP_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// Binds and serves the `[connect]` listener, if configured, with the task
+/// that expires its sessions.
+async fn start_connect(
+    state: &Arc<AppState>,
+    shutdown: &CancellationToken,
+) -> Result<Option<SocketAddr>, StartError> {
+    let Some(connect) = state.generation.load().config.connect.clone() else {
+        return Ok(None);
+    };
+    let listener = server::bind(connect.listen, "connect.listen")
+        .await
+        .map_err(StartError::Bind)?;
+    let addr = listener.local_addr().map_err(StartError::Bind)?;
+    let tls = connect.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    tracing::info!(addr = %addr, public_url = %connect.public_url, tls = tls.is_some(), "connect listening");
+    tokio::spawn(server::serve_connect(
+        listener,
+        tls,
+        Arc::clone(state),
+        shutdown.clone(),
+    ));
+    tokio::spawn(sweep_connect_sessions(Arc::clone(state), shutdown.clone()));
+    Ok(Some(addr))
+}
+
+/// Marks pending sessions past their lifetime expired (each counted once
+/// fleet-wide) and prunes ended ones, every [`CONNECT_SWEEP`].
+async fn sweep_connect_sessions(state: Arc<AppState>, shutdown: CancellationToken) {
+    let Some(store) = state.store.clone() else {
+        return;
+    };
+    let grace = i64::try_from(connections::connect::EXCHANGE_GRACE.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(CONNECT_SWEEP) => {}
+            () = shutdown.cancelled() => return,
+        }
+        if let Ok(pools) = store.expire_sessions(grace).await {
+            for pool in pools {
+                state.metrics.connect_session(&pool, "expired");
+            }
+        }
+        let _ = store
+            .prune_sessions(ground::now_ms().saturating_sub(CONNECT_KEEP_MS))
+            .await;
+    }
 }
 
 /// Binds the proxy listener (returned with its address) and, when
@@ -279,6 +337,11 @@ impl Running {
     /// The admin listener's address.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The `[connect]` listener's address.
+    pub fn connect_addr(&self) -> Option<SocketAddr> {
+        self.connect_addr
     }
 
     /// Shared state (metrics, the current generation).

@@ -93,6 +93,10 @@ enum Command {
         /// Admin listener.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: String,
+        /// Connect listener (the hosted connect flow's pages; browsers are
+        /// sent to http://ADDR).
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        connect: String,
         /// Access token lifetime the sandbox grants, in seconds.
         #[arg(long, default_value_t = 3600)]
         expires_in: u64,
@@ -204,8 +208,16 @@ fn main() -> ExitCode {
         Some(Command::Demo {
             listen,
             admin,
+            connect,
             expires_in,
-        }) => demo(&matches, &listen, &admin, expires_in),
+        }) => {
+            let addrs = cli::demo::DemoAddrs {
+                listen: &listen,
+                admin: &admin,
+                connect: &connect,
+            };
+            demo(&matches, &addrs, expires_in)
+        }
         Some(Command::Sandbox {
             token_listen,
             api_listen,
@@ -216,12 +228,12 @@ fn main() -> ExitCode {
 }
 
 /// `demo`, refused (a usage error) when `--config` is on the command line.
-fn demo(matches: &ArgMatches, listen: &str, admin: &str, expires_in: u64) -> ExitCode {
+fn demo(matches: &ArgMatches, addrs: &cli::demo::DemoAddrs<'_>, expires_in: u64) -> ExitCode {
     if matches.value_source("config") == Some(ValueSource::CommandLine) {
         eprintln!("error: demo runs a built-in config; --config is not used");
         return ExitCode::from(EXIT_USAGE);
     }
-    cli::demo::demo(listen, admin, expires_in)
+    cli::demo::demo(addrs, expires_in)
 }
 
 /// `connections list|show|delete` on the store of the config at `path`.

@@ -1,11 +1,14 @@
-//! Sandbox: a Flinks-like OAuth 2.0 token endpoint and a Flinks-like API,
-//! served on loopback for `flinks-proxy demo`, integration tests and benches.
+//! Sandbox: a Flinks-like OAuth 2.0 token endpoint, authorize endpoint
+//! (a consent page) and API, served on loopback for `flinks-proxy demo`,
+//! integration tests and benches.
 //!
 //! Owns two small hyper servers (HTTP/1.1 and h2c each), the tokens they
 //! issue, and counters that tests assert on. The token endpoint follows
 //! SPEC §1 (JSON bodies like Flinks; form bodies and HTTP Basic like generic
 //! OAuth servers) and can be told to fail the way real ones do
-//! ([`FailureMode`]). The API accepts only live tokens it issued.
+//! ([`FailureMode`]). Its listener also serves [`AUTHORIZE_PATH`]
+//! (CONNECT.md): a consent page whose codes the token endpoint exchanges,
+//! checking PKCE. The API accepts only live tokens it issued.
 //!
 //! It owns nothing the proxy does and is not a security component: tokens
 //! are JWT-shaped but unsigned (`alg: none`).
@@ -14,10 +17,13 @@
 //! reports) and the state both servers share; the rest is a file each:
 //! `token.rs` (the token endpoint: grants, rotation, failure modes),
 //! `users.rs` (end users: their grants, consent, reuse detection),
+//! `authorize.rs` (the consent page, its codes and their exchange, PKCE,
+//! and the [`Sandbox`] getters about them),
 //! `api.rs` (the API: token checks, accounts, consent revoked as `602`,
 //! the echo) and `server.rs` (accept loops and response helpers).
 
 mod api;
+mod authorize;
 mod server;
 #[cfg(test)]
 mod tests;
@@ -39,12 +45,16 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::ground::lock;
+use authorize::Authorizations;
 use server::{serve, Role};
 use token::{Grant, GrantState, PRUNE_AT};
 use users::Users;
 
 /// Path of the token endpoint, as Flinks serves it.
 pub const TOKEN_PATH: &str = "/api/v1/token";
+/// Path of the authorize endpoint (the consent page), as Flinks serves it,
+/// on the token endpoint's listener.
+pub const AUTHORIZE_PATH: &str = "/api/v1/authorize";
 /// API requests kept by [`Sandbox::recorded`]: enough for any test, bounded for benches.
 const RECORD_CAPACITY: usize = 1000;
 /// Secrets kept by [`Sandbox::issued_secrets`] (the newest): a fault-injection
@@ -91,6 +101,11 @@ pub struct SandboxOptions {
     /// period" / "reuse interval"); within it, the previous token gets the
     /// current refresh token back and rotates nothing. Zero: none.
     pub refresh_reuse_grace: Duration,
+    /// When set, the authorize endpoint's redirects carry it as `iss`
+    /// (RFC 9207).
+    pub issuer: Option<String>,
+    /// How long a consent page's request and a code it gives stay usable.
+    pub authorize_lifetime: Duration,
 }
 
 /// Overrides of the next successful token responses, for tests of bad
@@ -142,6 +157,8 @@ impl Default for SandboxOptions {
             subject: "user-123".into(),
             users: Vec::new(),
             refresh_reuse_grace: Duration::ZERO,
+            issuer: None,
+            authorize_lifetime: Duration::from_secs(600),
         }
     }
 }
@@ -447,8 +464,9 @@ impl Sandbox {
     }
 
     /// Every secret issued (access tokens, refresh tokens, the users'
-    /// codes), the newest 50,000, oldest first: what must never appear in
-    /// a log.
+    /// codes, the consent page's codes and request ids) and every PKCE
+    /// `code_verifier` presented to it, the newest
+    /// 50,000, oldest first: what must never appear in a log.
     pub fn issued_secrets(&self) -> Vec<String> {
         lock(&self.shared.issued).iter().cloned().collect()
     }
@@ -488,6 +506,8 @@ struct Shared {
     token_override: Mutex<TokenOverride>,
     /// What [`Sandbox::issued_secrets`] returns.
     issued: Mutex<VecDeque<String>>,
+    /// The authorize endpoint's requests and codes.
+    authorize: Mutex<Authorizations>,
 }
 
 /// The counters behind [`Sandbox`]'s getters (and the delays it was told).
@@ -505,6 +525,10 @@ struct Counters {
     next_id: AtomicU64,
     reused: AtomicU64,
     finish_abandoned: AtomicBool,
+    authorize_requests: AtomicU64,
+    with_verifier: AtomicU64,
+    verified: AtomicU64,
+    code_replays: AtomicU64,
 }
 
 impl Shared {
@@ -537,6 +561,7 @@ impl Shared {
             users: Mutex::new(users),
             token_override: Mutex::default(),
             issued: Mutex::new(opts_codes),
+            authorize: Mutex::default(),
         }
     }
 

@@ -466,3 +466,87 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> 
     })?;
     socket.listen(1024)
 }
+
+/// Connections the connect listener serves at once (browsers; more wait).
+const CONNECT_MAX_CONNECTIONS: usize = 1024;
+/// A browser has this long for its TLS handshake and each request head.
+const CONNECT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A browser connection is closed after this long, busy or not (a page
+/// view is a few requests; nothing here streams).
+const CONNECT_CONN_LIFETIME: Duration = Duration::from_secs(600);
+/// At shutdown, open browser connections get this long to finish.
+const CONNECT_DRAIN: Duration = Duration::from_secs(5);
+
+/// Serves the `[connect]` listener (HTTP/1.1, and HTTP/2 by ALPN on TLS)
+/// until `shutdown` is cancelled: only `crate::connect`'s pages.
+pub async fn serve_connect(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) {
+    let limit = Arc::new(Semaphore::new(CONNECT_MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&limit).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, _peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "connect accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let (state, shutdown, tls) = (Arc::clone(&state), shutdown.clone(), tls.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tls {
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(CONNECT_HEAD_TIMEOUT, acceptor.accept(stream));
+                    if let Ok(Ok(stream)) = handshake.await {
+                        serve_connect_conn(stream, state, shutdown).await;
+                    }
+                }
+                None => serve_connect_conn(stream, state, shutdown).await,
+            }
+        });
+    }
+}
+
+/// One browser connection on the connect listener.
+async fn serve_connect_conn<I>(io: I, state: Arc<AppState>, shutdown: CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| crate::connect::handle(Arc::clone(&state), req));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(CONNECT_HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_H2_HEADER_LIST)
+        .max_concurrent_streams(MAX_H2_STREAMS)
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = &mut conn => {}
+        _ = tokio::time::sleep(CONNECT_CONN_LIFETIME) => {}
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(CONNECT_DRAIN, conn).await;
+        }
+    }
+}

@@ -21,7 +21,7 @@
 //! the rest is a file each: `record.rs` (what a row is, opened and sealed),
 //! `error.rs` ([`StoreError`]), `sealing.rs` (sealing, opening, the
 //! canary), `rekey.rs` ([`Store::rekey`]), `changes.rs` ([`Change`] and
-//! [`Store::subscribe`]).
+//! [`Store::subscribe`]), `sessions.rs` (connect sessions).
 //!
 //! This module does not call token endpoints or cache anything in memory
 //! (see `connections`).
@@ -32,6 +32,7 @@ mod postgres;
 mod record;
 mod rekey;
 mod sealing;
+mod sessions;
 mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -58,6 +59,7 @@ pub use record::{
 pub(crate) use record::{sealed_row, SealedRow, SealedTokens, Took};
 pub use rekey::Rekeyed;
 pub use sealing::sealer;
+pub use sessions::{secret_hash, NewSession, Session, SessionEnd, SessionPhase, SessionStatus};
 
 /// Pool names under this prefix hold static credentials' tokens
 /// (`token/shared.rs`); config pool names cannot contain `:`.

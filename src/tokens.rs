@@ -559,6 +559,7 @@ impl TokenSource {
             (GrantType::AuthorizationCode, None) => Grant::AuthorizationCode {
                 code: c.code.as_ref().map_or("", Secret::expose),
                 redirect_uri: c.redirect_uri.as_deref().unwrap_or(""),
+                code_verifier: None,
             },
             (GrantType::RefreshToken, None) => {
                 return Err(TokenError::State("no refresh token is configured".into()))

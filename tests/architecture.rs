@@ -39,6 +39,7 @@ const LAYERS: &[&[&str]] = &[
     &["tokens"],      // grant, jwt, a credential's TokenSource
     &["connections"], // per-user pools, the ledger
     &["proxy"],       // Generation, routes, handler, errors, access log, reload
+    &["connect"],     // the [connect] listener's pages: links and callbacks
     &["admin"],       // /metrics, health, /status, connections API
     &["server"],      // listeners for the proxy and admin
     &["sandbox"],     // the Flinks-like token endpoint and API
@@ -505,7 +506,9 @@ fn print_longest_files_and_functions() {
     let indent = |l: &str| l.len() - l.trim_start().len();
     for (path, text) in files.iter().filter(|(p, _)| !p.ends_with("/tests.rs")) {
         let code = text
-            .split("\n#[cfg(test)]\nmod tests")
+            // An inline test module ends the code; `mod tests;` (tests in
+            // their own file, declared at the top) does not.
+            .split("\n#[cfg(test)]\nmod tests {")
             .next()
             .unwrap_or_default();
         let lines: Vec<&str> = code.lines().collect();

@@ -176,7 +176,7 @@ fn alert_and_recording_rules_pass_promtool_check() {
         "deploy/prometheus/alerts.yml",
     ]);
     assert!(ok, "{out}");
-    assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 10 rules found"), "{out}");
 }
 
 #[test]

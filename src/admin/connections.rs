@@ -21,7 +21,7 @@ use crate::proxy::generation::AppState;
 use crate::store::{ConnectionInfo, ConnectionState, StoreError};
 
 /// Largest request body: a code or refresh token and an id fit many times.
-const MAX_BODY: usize = 16 * 1024;
+pub(super) const MAX_BODY: usize = 16 * 1024;
 /// Page size when `limit` is not given.
 const DEFAULT_LIMIT: u32 = 100;
 /// Largest page.
@@ -30,23 +30,23 @@ const MAX_LIMIT: u32 = 1000;
 const STORE_RETRY_AFTER: u64 = 5;
 
 /// An answer: status, JSON body, optional extra header.
-struct Answer {
-    status: StatusCode,
-    body: serde_json::Value,
+pub(super) struct Answer {
+    pub(super) status: StatusCode,
+    pub(super) body: serde_json::Value,
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Answer {
+pub(super) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Answer {
     Answer {
         status,
         body: serde_json::json!({"error": code, "message": message.into()}),
     }
 }
 
-fn bad_request(message: impl Into<String>) -> Answer {
+pub(super) fn bad_request(message: impl Into<String>) -> Answer {
     error(StatusCode::BAD_REQUEST, "bad_request", message)
 }
 
-fn store_error(e: &StoreError) -> Answer {
+pub(super) fn store_error(e: &StoreError) -> Answer {
     if e.is_unavailable() {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -70,7 +70,7 @@ fn connection_not_found(pool: &str, id: &str) -> Answer {
     )
 }
 
-fn respond(a: Answer) -> Response<ProxyBody> {
+pub(super) fn respond(a: Answer) -> Response<ProxyBody> {
     if a.status == StatusCode::NO_CONTENT {
         let mut r = Response::new(ProxyBody::full(Bytes::new()));
         *r.status_mut() = a.status;
@@ -156,7 +156,7 @@ async fn answer(state: &AppState, req: Request<Incoming>) -> Answer {
 }
 
 /// `Authorization: Bearer <token>`, compared in constant time.
-fn authorized(headers: &http::HeaderMap, token: &str) -> bool {
+pub(super) fn authorized(headers: &http::HeaderMap, token: &str) -> bool {
     let presented = headers
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes)
@@ -176,6 +176,8 @@ struct PostBody {
     refresh_token: Option<String>,
     id: Option<String>,
     redirect_uri: Option<String>,
+    /// The PKCE verifier, when the app ran the authorize request itself.
+    code_verifier: Option<String>,
 }
 
 /// `POST /connections/{pool}`: read the body, choose the exchange, and
@@ -220,10 +222,14 @@ async fn post_body(req: Request<Incoming>) -> Result<PostBody, Answer> {
 /// The exchange the body asks for: a non-empty `code` (with an optional
 /// `redirect_uri`) or a non-empty `refresh_token` (without one), not both.
 fn exchange(body: &PostBody) -> Result<Exchange<'_>, Answer> {
+    if body.code_verifier.is_some() && body.code.is_none() {
+        return Err(bad_request("code_verifier goes with a code"));
+    }
     match (&body.code, &body.refresh_token) {
         (Some(code), None) if !code.is_empty() => Ok(Exchange::Code {
             code,
             redirect_uri: body.redirect_uri.as_deref(),
+            code_verifier: body.code_verifier.as_deref(),
         }),
         (None, Some(rt)) if !rt.is_empty() && body.redirect_uri.is_none() => {
             Ok(Exchange::RefreshToken(rt))

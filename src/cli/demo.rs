@@ -15,17 +15,26 @@ use crate::sandbox::{Sandbox, SandboxOptions, SandboxUser};
 /// What `/status` and errors call the demo's config.
 const DEMO_CONFIG: &str = "(built-in demo)";
 
+/// Where the demo listens.
+pub struct DemoAddrs<'a> {
+    /// The proxy listener.
+    pub listen: &'a str,
+    /// The admin listener.
+    pub admin: &'a str,
+    /// The `[connect]` listener (browsers are sent to `http://` it).
+    pub connect: &'a str,
+}
+
 /// Runs the demo until Ctrl-C.
-pub fn demo(listen: &str, admin: &str, expires_in: u64) -> ExitCode {
+pub fn demo(addrs: &DemoAddrs<'_>, expires_in: u64) -> ExitCode {
     init_logging("info", LogFormat::Text);
-    exit(block_on(0, demo_inner(listen, admin, expires_in)))
+    exit(block_on(0, demo_inner(addrs, expires_in)))
 }
 
 /// The demo's proxy.toml: one credential route on the sandbox and one
 /// per-user pool over an SQLite store at `db`.
 fn demo_toml(
-    listen: &str,
-    admin: &str,
+    addrs: &DemoAddrs<'_>,
     sandbox: &Sandbox,
     opts: &SandboxOptions,
     db: &Path,
@@ -37,6 +46,9 @@ fn demo_toml(
 listen = "{listen}"
 [admin]
 listen = "{admin}"
+[connect]
+listen = "{connect}"
+public_url = "http://{connect}"
 [credentials.flinks]
 token_url = "{token_url}"
 grant_type = "client_credentials"
@@ -55,11 +67,17 @@ token_url = "{token_url}"
 client_id = "{client_id}"
 client_secret = "{client_secret}"
 redirect_uri = "{redirect_uri}"
+authorize_url = "{authorize_url}"
+scope = "ACCOUNT_BASIC TRANSACTIONS"
 [routes.fdx]
 path_prefix = "/api/fdx"
 upstream = "{api}"
 connections = "users"
 "#,
+        listen = addrs.listen,
+        admin = addrs.admin,
+        connect = addrs.connect,
+        authorize_url = sandbox.authorize_url(),
         db = db.display(),
         redirect_uri = opts.redirect_uri,
         token_url = sandbox.token_url(),
@@ -104,6 +122,33 @@ fn print_demo_guide(
         print_connections_walkthrough(p, a, sandbox, folder);
         println!();
         print_sandbox_bank(sandbox, opts);
+    }
+    println!();
+}
+
+/// A connect session of pool `users`: its link.
+async fn connect_link(running: &crate::Running) -> anyhow::Result<crate::ground::secret::Secret> {
+    let generation = running.state().generation.load_full();
+    let connect = generation.config.connect.as_ref().context("[connect]")?;
+    let pool = generation.pools.get("users").context("pool users")?;
+    let request = crate::connections::connect::SessionRequest::default();
+    Ok(pool.create_session(connect, request).await?.connect_url)
+}
+
+/// The hosted connect flow part of the guide, printed last so the link is
+/// the first thing a newcomer sees.
+fn print_connect_guide(running: &crate::Running, link: &str) {
+    let p = running.proxy_addr();
+    println!("Connect a user the way an app does (the hosted connect flow):");
+    println!("  open this link to connect a user (one browser, 15 minutes):");
+    println!("    {link}");
+    println!(
+        "  pick alice or bob on the sandbox bank's page and Approve, then read their accounts:"
+    );
+    println!("    curl -s -H 'X-Flinks-Connection: alice' http://{p}/api/fdx/5/accounts");
+    if let Some(a) = running.admin_addr() {
+        println!("  a new link (what an app calls):");
+        println!("    curl -s -X POST http://{a}/connect-sessions/users -d '{{}}'");
     }
     println!();
 }
@@ -159,7 +204,7 @@ fn print_sandbox_bank(sandbox: &Sandbox, opts: &SandboxOptions) {
     );
 }
 
-async fn demo_inner(listen: &str, admin: &str, expires_in: u64) -> anyhow::Result<()> {
+async fn demo_inner(addrs: &DemoAddrs<'_>, expires_in: u64) -> anyhow::Result<()> {
     let opts = SandboxOptions {
         expires_in: Some(expires_in),
         users: vec![SandboxUser::new("alice"), SandboxUser::new("bob")],
@@ -174,11 +219,13 @@ async fn demo_inner(listen: &str, admin: &str, expires_in: u64) -> anyhow::Resul
     std::fs::create_dir_all(&folder).context("demo folder")?;
     let key = crate::ground::crypto::generate_key().context("store key")?;
     let db = folder.join("connections.db");
-    let toml = demo_toml(listen, admin, &sandbox, &opts, &db, &key);
+    let toml = demo_toml(addrs, &sandbox, &opts, &db, &key);
     // Named for what it is: there is no file (shows in /status and errors).
     let config = Config::parse(&toml, Path::new(DEMO_CONFIG)).context("demo config")?;
     let running = crate::start(config).await.context("starting the proxy")?;
+    let link = connect_link(&running).await.context("a connect link")?;
     print_demo_guide(&running, &sandbox, &opts, &folder);
+    print_connect_guide(&running, link.expose());
     println!("Ctrl-C to stop.");
     tokio::signal::ctrl_c()
         .await

@@ -56,6 +56,10 @@ pub(super) struct RawPool {
     revoked_codes: Option<Vec<String>>,
     cache_size: Option<u64>,
     refresh_concurrency: Option<usize>,
+    authorize_url: Option<String>,
+    pkce: Option<bool>,
+    issuer: Option<String>,
+    authorize_params: Option<BTreeMap<String, String>>,
 }
 
 /// One `[connections.NAME]`: an OAuth client whose users' tokens are kept
@@ -94,7 +98,40 @@ pub struct PoolConfig {
     pub cache_size: u64,
     /// Refreshes of this pool's connections in flight at once, at most.
     pub refresh_concurrency: usize,
+    /// The connect flow's authorize settings, when `authorize_url` is set.
+    pub authorize: Option<AuthorizeConfig>,
 }
+
+/// A pool's `authorize_url` and what goes with it (CONNECT.md, "Config").
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthorizeConfig {
+    /// The authorization endpoint, maybe with a query of its own.
+    pub url: Uri,
+    /// PKCE S256 on every authorization (default true).
+    pub pkce: bool,
+    /// When set, the callback's `iss` must equal it (RFC 9207).
+    pub issuer: Option<String>,
+    /// Fixed extra authorize parameters.
+    pub params: Vec<(String, String)>,
+}
+
+/// Authorize parameters the flow sets itself: neither the config nor a
+/// session may.
+pub const RESERVED_AUTHORIZE_PARAMS: &[&str] = &[
+    "response_type",
+    "client_id",
+    "redirect_uri",
+    "scope",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+    "request_uri",
+    "request",
+];
+
+/// Authorize parameters any session may set; a pool's `authorize_params`
+/// keys may be set per session too.
+pub const SESSION_AUTHORIZE_PARAMS: &[&str] = &["provider_id", "correlation_id", "login_hint"];
 
 impl Ctx {
     /// Every `[connections.NAME]` pool.
@@ -135,6 +172,7 @@ impl Ctx {
             .map(|s| s.resolve(&self.base))
             .transpose()
             .map_err(|m| self.err(&key("client_secret"), m))?;
+        let authorize = self.authorize(name, &p)?;
         let select_header = self.select_header(&key("select_header"), p.select_header)?;
         let cache_size = self.cache_size(&key("cache_size"), p.cache_size)?;
         let refresh_concurrency =
@@ -157,7 +195,55 @@ impl Ctx {
             revoked_codes,
             cache_size,
             refresh_concurrency,
+            authorize,
         })
+    }
+
+    /// `authorize_url` and the keys that only make sense with it.
+    fn authorize(&self, name: &str, p: &RawPool) -> Result<Option<AuthorizeConfig>, ConfigError> {
+        let key = |k: &str| format!("connections.{name}.{k}");
+        let Some(url) = &p.authorize_url else {
+            for (k, set) in [
+                ("pkce", p.pkce.is_some()),
+                ("issuer", p.issuer.is_some()),
+                ("authorize_params", p.authorize_params.is_some()),
+            ] {
+                if set {
+                    return Err(self.err(&key(k), "needs authorize_url (the connect flow)".into()));
+                }
+            }
+            return Ok(None);
+        };
+        let uri = super::units::parse_url(url).map_err(|m| self.err(&key("authorize_url"), m))?;
+        let host = uri.host().unwrap_or_default().to_ascii_lowercase();
+        if uri.scheme_str() != Some("https") && !super::connect::is_loopback_host(&host) {
+            return Err(self.err(
+                &key("authorize_url"),
+                "must be https:// (http:// only on loopback)".into(),
+            ));
+        }
+        if url.contains('#') {
+            return Err(self.err(&key("authorize_url"), "must not have a fragment".into()));
+        }
+        let mut params = Vec::new();
+        for (k, v) in p.authorize_params.clone().unwrap_or_default() {
+            if RESERVED_AUTHORIZE_PARAMS.contains(&k.as_str()) {
+                return Err(self.err(
+                    &key(&format!("authorize_params.{k}")),
+                    "is set by the connect flow itself".into(),
+                ));
+            }
+            params.push((k, v));
+        }
+        if let Some(issuer) = &p.issuer {
+            super::units::parse_url(issuer).map_err(|m| self.err(&key("issuer"), m))?;
+        }
+        Ok(Some(AuthorizeConfig {
+            url: uri,
+            pkce: p.pkce.unwrap_or(true),
+            issuer: p.issuer.clone(),
+            params,
+        }))
     }
 
     /// `select_header` (default [`DEFAULT_SELECT_HEADER`]): a header the

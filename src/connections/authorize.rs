@@ -26,6 +26,8 @@ pub enum Exchange<'a> {
         code: &'a str,
         /// Overrides the pool's `redirect_uri`.
         redirect_uri: Option<&'a str>,
+        /// The PKCE verifier of the authorization request.
+        code_verifier: Option<&'a str>,
     },
     /// A refresh token the app already holds.
     RefreshToken(&'a str),
@@ -62,20 +64,25 @@ impl Pool {
         exchange: Exchange<'_>,
         id: Option<&str>,
     ) -> Result<(ConnectionInfo, bool), AuthorizeError> {
-        let (grant, code_or_rt, redirect_uri) = match exchange {
-            Exchange::Code { code, redirect_uri } => (
+        let (grant, code_or_rt, redirect_uri, verifier) = match exchange {
+            Exchange::Code {
+                code,
+                redirect_uri,
+                code_verifier,
+            } => (
                 false,
                 Secret::new(code.to_owned()),
                 redirect_uri
                     .or(self.config.redirect_uri.as_deref())
                     .unwrap_or("")
                     .to_owned(),
+                code_verifier.map(|v| Secret::new(v.to_owned())),
             ),
-            Exchange::RefreshToken(rt) => (true, Secret::new(rt.to_owned()), String::new()),
+            Exchange::RefreshToken(rt) => (true, Secret::new(rt.to_owned()), String::new(), None),
         };
         let (pool, id) = (Arc::clone(self), id.map(str::to_owned));
         let task = self.ledger.tasks.spawn(async move {
-            pool.authorize_owned(grant, code_or_rt, redirect_uri, id)
+            pool.authorize_owned(grant, code_or_rt, (redirect_uri, verifier), id)
                 .await
         });
         task.await.unwrap_or_else(|e| {
@@ -89,7 +96,7 @@ impl Pool {
         &self,
         refresh: bool,
         presented: Secret,
-        redirect_uri: String,
+        (redirect_uri, verifier): (String, Option<Secret>),
         id: Option<String>,
     ) -> Result<(ConnectionInfo, bool), AuthorizeError> {
         let grant = if refresh {
@@ -100,6 +107,7 @@ impl Pool {
             Grant::AuthorizationCode {
                 code: presented.expose(),
                 redirect_uri: &redirect_uri,
+                code_verifier: verifier.as_ref().map(Secret::expose),
             }
         };
         let g = self.exchange(grant).await?;

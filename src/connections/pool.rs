@@ -78,6 +78,9 @@ impl Pool {
         let cache = moka::future::Cache::builder()
             .max_capacity(c.cache_size)
             .build();
+        if c.authorize.is_some() {
+            metrics.init_connect_sessions();
+        }
         Ok(Arc::new(Pool {
             endpoint,
             store,

@@ -176,7 +176,17 @@ impl Metrics {
             from_refresh: source("refresh"),
             token_requests: f.token_requests.clone(),
             connections: f.connections.clone(),
+            connect_sessions: f.connect_sessions.clone(),
         }
+    }
+
+    /// Counts a connect session's outcome (`pool` empty: a callback whose
+    /// state named no session).
+    pub fn connect_session(&self, pool: &str, outcome: &str) {
+        self.connections
+            .connect_sessions
+            .with_label_values(&[pool, outcome])
+            .inc();
     }
 
     /// Counts a reload.
@@ -421,7 +431,14 @@ struct ConnectionFamilies {
     store_ops: IntCounterVec,
     store_duration: HistogramVec,
     store_up: IntGaugeVec,
+    connect_sessions: IntCounterVec,
 }
+
+/// The `outcome` labels of `flinks_proxy_connect_sessions_total`
+/// (CONNECT.md): a connection made, an error from the provider or the
+/// exchange, a session past its lifetime, a callback refused (bad state,
+/// cookie or `iss`).
+pub const CONNECT_OUTCOMES: [&str; 4] = ["connected", "failed", "expired", "rejected"];
 
 impl ConnectionFamilies {
     /// Registers the connection and store families in `registry`.
@@ -473,6 +490,13 @@ impl ConnectionFamilies {
                 "Store operations, by outcome",
                 &["op", "outcome"],
             ),
+            connect_sessions: counter(
+                registry,
+                "flinks_proxy_connect_sessions_total",
+                "Connect sessions ended, by pool and outcome (connected, failed, expired, rejected); \
+                 pool=\"\" for callbacks whose state named no session",
+                &["pool", "outcome"],
+            ),
         }
     }
 }
@@ -515,9 +539,19 @@ pub struct PoolMetrics {
     pub from_refresh: IntCounter,
     token_requests: IntCounterVec,
     connections: IntGaugeVec,
+    connect_sessions: IntCounterVec,
 }
 
 impl PoolMetrics {
+    /// Puts this pool's connect session series at 0 (a pool with the
+    /// connect flow).
+    pub fn init_connect_sessions(&self) {
+        for outcome in CONNECT_OUTCOMES {
+            self.connect_sessions
+                .with_label_values(&[&self.pool, outcome]);
+        }
+    }
+
     /// Counts one token request by outcome.
     pub fn token_request(&self, outcome: &str) {
         self.token_requests

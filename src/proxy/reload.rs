@@ -42,6 +42,10 @@ pub fn apply(state: &AppState, config: Config) -> Result<(), String> {
     {
         tracing::warn!("server.listen, admin.listen, max_connections and workers take effect at the next restart");
     }
+    let listener = |c: &Config| c.connect.as_ref().map(|c| (c.listen, c.tls.is_some()));
+    if listener(&config) != listener(&old.config) {
+        return Err("[connect] listen or TLS changed (or the table was added or removed): the connect listener is bound once; restart to change it".into());
+    }
     if config.store != old.config.store {
         return Err("[store] changed: the store is opened once; restart to use the new one".into());
     }

@@ -1,6 +1,7 @@
 //! The two servers' plumbing: accept loops and connections (HTTP/1.1 and
-//! h2c on one port, each connection a task of the loop's `JoinSet`), and
-//! the small response helpers both the token endpoint and the API use.
+//! h2c on one port, each connection a task of the loop's `JoinSet`; the
+//! token listener also serves the authorize endpoint), and the small
+//! response helpers the token endpoint, the authorize page and the API use.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering::SeqCst;
@@ -19,8 +20,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use super::api::handle_api;
+use super::authorize::handle_authorize;
 use super::token::handle_token;
-use super::{Body, Shared};
+use super::{Body, Shared, AUTHORIZE_PATH};
 
 #[derive(Clone, Copy)]
 pub(super) enum Role {
@@ -54,6 +56,9 @@ async fn serve_connection(stream: tokio::net::TcpStream, shared: Arc<Shared>, ro
         let shared = shared.clone();
         async move {
             Ok::<_, Infallible>(match role {
+                Role::Token if req.uri().path() == AUTHORIZE_PATH => {
+                    handle_authorize(&shared, req).await
+                }
                 Role::Token if shared.n.finish_abandoned.load(SeqCst) => {
                     // Its own task: a client that leaves does not stop it.
                     let task = tokio::spawn(async move { handle_token(&shared, req).await });

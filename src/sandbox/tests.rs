@@ -14,6 +14,8 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
+mod authorize;
+
 type TestClient = Client<HttpConnector, Body>;
 
 async fn start(opts: SandboxOptions) -> Sandbox {

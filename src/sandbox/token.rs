@@ -3,8 +3,9 @@
 //! failure modes it can be told to answer with, and the single-user
 //! grants: `client_credentials`, the one authorization code and the
 //! refresh token, which rotates (with an optional reuse grace) or never
-//! changes. End users' grants are `users.rs`'s; the access tokens minted
-//! here are what the API checks (`api.rs`).
+//! changes. End users' grants are `users.rs`'s, the consent page's codes
+//! `authorize.rs`'s; the access tokens minted here are what the API checks
+//! (`api.rs`).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::SeqCst;
@@ -128,6 +129,12 @@ pub(super) async fn handle_token(shared: &Shared, req: Request<Incoming>) -> Res
     let grant = grant.and_then(|g| Grant::parse(g));
     if let Some(grant) = grant {
         bump(&shared.n.by_grant[grant as usize]);
+        let verifier = params.as_ref().ok().and_then(|p| p.get("code_verifier"));
+        if let (Grant::AuthorizationCode, Some(v)) = (grant, verifier) {
+            bump(&shared.n.with_verifier);
+            // A secret of the client's, kept for leak tests like the issued ones.
+            shared.note_issued(v);
+        }
     }
 
     let delay = Duration::from_nanos(get(&shared.n.token_delay_nanos));
@@ -163,8 +170,9 @@ async fn simulated_failure(shared: &Shared) -> Option<Response<Body>> {
     }
 }
 
-/// Checks the request and the client, then issues the grant: a user's if
-/// the code or refresh token is one, else the single-user one.
+/// Checks the request and the client, then issues the grant: the consent
+/// page's if the code is one of its codes, a user's if the code or refresh
+/// token is one, else the single-user one.
 fn grant_response(
     shared: &Shared,
     headers: &HeaderMap,
@@ -179,12 +187,13 @@ fn grant_response(
         return oauth_error("unsupported_grant_type", "Unknown grant_type");
     };
     let opts = &shared.opts;
-    match client_auth(headers, &params) {
-        Some((id, secret)) if id == opts.client_id && secret == opts.client_secret => {}
+    let client_id = match client_auth(headers, &params) {
+        Some((id, secret)) if id == opts.client_id && secret == opts.client_secret => id,
         _ => return oauth_error("invalid_client", "Client authentication failed"),
-    }
+    };
     let issued = shared
-        .issue_for_user(grant, &params)
+        .issue_authorized(grant, &params, &client_id)
+        .or_else(|| shared.issue_for_user(grant, &params))
         .unwrap_or_else(|| shared.issue(grant, &params));
     match issued {
         Ok(body) => {
@@ -332,7 +341,7 @@ fn client_auth(headers: &HeaderMap, params: &Params) -> Option<(String, String)>
 }
 
 /// Request parameters from a JSON object (Flinks) or a form body (RFC 6749).
-fn parse_params(headers: &HeaderMap, body: &[u8]) -> Result<Params, &'static str> {
+pub(super) fn parse_params(headers: &HeaderMap, body: &[u8]) -> Result<Params, &'static str> {
     let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let mime = content_type.unwrap_or("").split(';').next().unwrap_or("");
     let json = match mime.trim().to_ascii_lowercase().as_str() {

@@ -2,9 +2,11 @@
 //! and refresh tokens (each user's own, rotating like the single-user
 //! one), consent and its revocation, the retired refresh tokens a reuse is
 //! detected by, per-user counters, and the admin endpoints the demo's curl
-//! lines call (`POST /sandbox/users/{sub}/revoke|code`).
+//! lines call (`POST /sandbox/users/{sub}/revoke|code`). The consent
+//! page's codes are `authorize.rs`'s; the tokens they give are made here.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use hyper::{Method, Response, StatusCode};
@@ -136,9 +138,7 @@ impl Shared {
                         "The redirect_uri does not match the authorization request",
                     ));
                 }
-                users.revoked.remove(&sub);
-                let rt = format!("rt-{sub}-{}", self.unique_id());
-                users.refresh.insert(rt.clone(), sub.clone());
+                let rt = self.consent_again(&mut users, &sub);
                 (sub, rt)
             }
             Grant::RefreshToken => {
@@ -159,16 +159,39 @@ impl Shared {
                 (sub, rt)
             }
         };
+        Some(Ok(self.mint_user(users, sub, refresh_token)))
+    }
+
+    /// Tokens for `sub` from a code of the consent page (`authorize.rs`):
+    /// a new authorization, as for the users' other codes.
+    pub(super) fn issue_consented(&self, sub: &str) -> Value {
+        let mut users = lock(&self.users);
+        let refresh_token = self.consent_again(&mut users, sub);
+        self.mint_user(users, sub.to_owned(), refresh_token)
+    }
+
+    /// A new authorization of `sub`: their consent back (if revoked) and a
+    /// new refresh token of their own.
+    fn consent_again(&self, users: &mut Users, sub: &str) -> String {
+        users.revoked.remove(sub);
+        let rt = format!("rt-{sub}-{}", self.unique_id());
+        users.refresh.insert(rt.clone(), sub.to_owned());
+        rt
+    }
+
+    /// Mints an access token of `sub` (their own lifetime, if set) that the
+    /// API knows as theirs, counting the request.
+    fn mint_user(&self, mut users: MutexGuard<'_, Users>, sub: String, rt: String) -> Value {
         *users.requests.entry(sub.clone()).or_default() += 1;
         let lifetime = users.lifetimes.get(&sub).copied();
-        let body = self.mint_for(self.grants(), &sub, Some(refresh_token), lifetime);
+        let body = self.mint_for(self.grants(), &sub, Some(rt), lifetime);
         if let Some(at) = body["access_token"].as_str() {
             if users.tokens.len() >= MAX_TOKENS {
                 users.tokens.clear();
             }
             users.tokens.insert(at.to_owned(), sub);
         }
-        Some(Ok(body))
+        body
     }
 
     pub(super) fn revoke_consent(&self, sub: &str) {

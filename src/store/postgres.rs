@@ -49,6 +49,11 @@ fn unavailable(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
 }
 
 impl Postgres {
+    /// The database connections (for `sessions.rs`'s SQL).
+    pub(super) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     /// A pool that connects lazily: nothing is sent until [`Postgres::init`].
     pub(super) fn new(url: &Secret, max_connections: u32) -> Result<Postgres, StoreError> {
         let options = PgConnectOptions::from_str(url.expose()).map_err(unavailable("open"))?;

@@ -81,6 +81,11 @@ async fn create_private(path: &Path) -> Result<(), StoreError> {
 }
 
 impl Sqlite {
+    /// The database connections (for `sessions.rs`'s SQL).
+    pub(super) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// Opens the file. [`Access::ReadOnly`] opens it lazily and read-only:
     /// no file is created, nothing is written or migrated (a CLI read next
     /// to a running proxy changes nothing under it). Otherwise the file is
@@ -202,7 +207,7 @@ impl Sqlite {
     }
 
     /// The file must still be the one opened.
-    async fn check_file(&self) -> Result<(), StoreError> {
+    pub(super) async fn check_file(&self) -> Result<(), StoreError> {
         let Some(opened) = self.identity else {
             return Ok(());
         };

@@ -132,6 +132,8 @@ pub enum Grant<'a> {
         code: &'a str,
         /// The redirect URI the code was issued for (empty: not sent).
         redirect_uri: &'a str,
+        /// The PKCE verifier (RFC 7636) of the authorization request.
+        code_verifier: Option<&'a str>,
     },
     /// A new access token from a refresh token.
     RefreshToken {
@@ -279,10 +281,17 @@ fn fields<'a>(endpoint: &'a Endpoint, grant: &Grant<'a>) -> Vec<(&'a str, &'a st
     match *grant {
         Grant::ClientCredentials => {}
         Grant::RefreshToken { refresh_token } => fields.push(("refresh_token", refresh_token)),
-        Grant::AuthorizationCode { code, redirect_uri } => {
+        Grant::AuthorizationCode {
+            code,
+            redirect_uri,
+            code_verifier,
+        } => {
             fields.push(("code", code));
             if !redirect_uri.is_empty() {
                 fields.push(("redirect_uri", redirect_uri));
+            }
+            if let Some(v) = code_verifier {
+                fields.push(("code_verifier", v));
             }
         }
     }
@@ -543,9 +552,14 @@ fn scrub(endpoint: &Endpoint, grant: Grant<'_>, text: &str) -> String {
         .filter(|c| !c.is_control())
         .take(MAX_ENDPOINT_TEXT)
         .collect();
+    let verifier = match grant {
+        Grant::AuthorizationCode { code_verifier, .. } => code_verifier,
+        _ => None,
+    };
     let secrets = [
         endpoint.client_secret.as_ref().map(Secret::expose),
         grant.secret(),
+        verifier,
     ];
     for s in secrets.into_iter().flatten().filter(|s| !s.is_empty()) {
         out = out.replace(s, "***");

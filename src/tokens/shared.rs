@@ -208,6 +208,7 @@ impl StoreSlot {
             (GrantType::AuthorizationCode, None) => Grant::AuthorizationCode {
                 code: c.code.as_ref().map_or("", |s| s.expose()),
                 redirect_uri: c.redirect_uri.as_deref().unwrap_or(""),
+                code_verifier: None,
             },
             (GrantType::RefreshToken, None) => {
                 return Err(TokenError::State(

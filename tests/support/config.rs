@@ -233,6 +233,14 @@ pub struct Pool {
     pub cache_size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh_concurrency: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorize_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pkce: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorize_params: Option<BTreeMap<String, String>>,
 }
 
 impl Pool {
@@ -300,6 +308,35 @@ impl Route {
     }
 }
 
+/// `[connect]`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Connect {
+    pub listen: String,
+    pub public_url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allowed_redirects: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "duration")]
+    pub session_ttl: Option<Duration>,
+}
+
+impl Connect {
+    /// A plain-http listener on a free loopback port, browsers sent to
+    /// `http://127.0.0.1:PORT`, allowed to end on `allowed`.
+    pub fn loopback(allowed: &[&str]) -> Connect {
+        let port = super::free_port();
+        Connect {
+            listen: format!("127.0.0.1:{port}"),
+            public_url: format!("http://127.0.0.1:{port}"),
+            allowed_redirects: allowed.iter().map(|s| (*s).to_owned()).collect(),
+            ..Connect::default()
+        }
+    }
+}
+
 /// A whole proxy.toml.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ProxyToml {
@@ -318,6 +355,8 @@ pub struct ProxyToml {
     pub connections: BTreeMap<String, Pool>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub routes: BTreeMap<String, Route>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect: Option<Connect>,
     /// `(table, key, TOML value)` added by [`ProxyToml::extra`].
     #[serde(skip)]
     extra: Vec<(String, String, String)>,

@@ -6,6 +6,7 @@
 //! short.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod chaos;
 pub mod client;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod process;
 pub mod prometheus;
 pub mod tempdir;
 pub mod upstream;
+pub mod webdriver;
 
 // Re-exports: a test binary uses some of them, never all.
 #[allow(unused_imports)]
@@ -34,3 +36,18 @@ pub use self::process::*;
 pub use self::tempdir::*;
 #[allow(unused_imports)]
 pub use self::upstream::*;
+
+/// A free loopback port below the kernel's ephemeral range (32768 up on
+/// Linux), for a listener whose address must be known before it starts (a
+/// PostgreSQL cluster restarted on the same port; `[connect]`, whose
+/// `public_url` names its port): an ephemeral port could be handed to
+/// another socket meanwhile (a `bind(0)` anywhere on the machine).
+pub fn free_port() -> u16 {
+    for _ in 0..1000 {
+        let port = 20_000 + (rand::random::<u16>() % 12_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000-31999")
+}

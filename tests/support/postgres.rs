@@ -5,9 +5,10 @@
 //! Nothing needs to be running beforehand; a missing installation fails the
 //! test with the command that installs it.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use super::free_port;
 
 /// The superuser password set by `initdb` (host connections need it, so a
 /// URL with a password is exercised like in production).
@@ -51,20 +52,6 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
         .unwrap_or(false)
-}
-
-/// A free loopback port below the kernel's ephemeral range (32768 up on
-/// Linux): a cluster is stopped and started again on the same port, and an
-/// ephemeral port could be handed to another socket meanwhile (a
-/// `bind(0)` anywhere on the machine), leaving the restart unable to bind.
-fn free_port() -> u16 {
-    for _ in 0..1000 {
-        let port = 20_000 + (rand::random::<u16>() % 12_000);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free loopback port in 20000-31999")
 }
 
 impl PgCluster {

@@ -356,8 +356,15 @@ impl Monitored {
                 Route::credential("/dead", &format!("http://{dead}"), "flinks"),
             )
             .route("broken", Route::credential("/broken", &api, "broken"))
-            .pool_table("users", Pool::sandbox(&sandbox))
+            .pool_table(
+                "users",
+                Pool {
+                    authorize_url: Some(sandbox.authorize_url()),
+                    ..Pool::sandbox(&sandbox)
+                },
+            )
             .route("users", Route::pool("/api/fdx", &api, "users"))
+            .with(|c| c.connect = Some(super::config::Connect::loopback(&[])))
             .toml();
         let proxy = super::start_proxy(&toml).await;
         let admin = proxy.admin_addr().expect("admin listener");

@@ -1,0 +1,184 @@
+//! Connect sessions on the admin API (CONNECT.md, "Connect sessions"):
+//! `POST /connect-sessions/{pool}` (201 with the link, shown only here),
+//! `GET /connect-sessions/{pool}/{id}` and `DELETE` (204; the link stops
+//! working). Behind `api_token` like the connections API, whose JSON
+//! helpers it shares.
+
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use super::connections::{authorized, bad_request, error, respond, store_error, Answer, MAX_BODY};
+use crate::connections::connect::{ConnectError, SessionRequest};
+use crate::connections::Pool;
+use crate::ground::now_ms;
+use crate::proxy::body::ProxyBody;
+use crate::proxy::generation::{AppState, Generation};
+
+/// Serves one `/connect-sessions...` request.
+pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<ProxyBody> {
+    respond(answer(state, req).await)
+}
+
+async fn answer(state: &AppState, req: Request<Incoming>) -> Answer {
+    let generation = state.generation.load_full();
+    if let Some(token) = &generation.config.admin_api_token {
+        if !authorized(req.headers(), token.expose()) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "admin_unauthorized",
+                "the connect sessions API needs Authorization: Bearer <admin.api_token>",
+            );
+        }
+    }
+    let path = req.uri().path().to_owned();
+    let mut segments = path.trim_start_matches('/').split('/');
+    let (Some("connect-sessions"), Some(pool_name), id, None) = (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "use /connect-sessions/{pool} or /connect-sessions/{pool}/{session_id}",
+        );
+    };
+    let Some(pool) = generation.pools.get(pool_name).cloned() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "pool_not_found",
+            format!("no [connections.{pool_name}] pool is configured"),
+        );
+    };
+    let id = id.filter(|s| !s.is_empty());
+    if id.is_some_and(|id| id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return session_not_found(pool_name);
+    }
+    match (req.method().clone(), id) {
+        (Method::POST, None) => create(&generation, &pool, req).await,
+        (Method::GET, Some(id)) => get(&pool, id).await,
+        (Method::DELETE, Some(id)) => delete(&pool, id).await,
+        _ => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "POST /connect-sessions/{pool}; GET and DELETE /connect-sessions/{pool}/{session_id}",
+        ),
+    }
+}
+
+fn session_not_found(pool: &str) -> Answer {
+    error(
+        StatusCode::NOT_FOUND,
+        "session_not_found",
+        format!("pool {pool} has no such connect session"),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostBody {
+    connection_id: Option<String>,
+    redirect_to: Option<String>,
+    /// `"15m"`-style, or seconds.
+    ttl: Option<Ttl>,
+    #[serde(default)]
+    authorize_params: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Ttl {
+    Seconds(u64),
+    Text(String),
+}
+
+impl Ttl {
+    fn duration(&self) -> Result<Duration, String> {
+        match self {
+            Ttl::Seconds(s) => Ok(Duration::from_secs(*s)),
+            Ttl::Text(t) => humantime::parse_duration(t)
+                .map_err(|_| format!("ttl: {t:?} is not a duration like \"15m\" or 900")),
+        }
+    }
+}
+
+async fn create(generation: &Generation, pool: &Pool, req: Request<Incoming>) -> Answer {
+    let Some(connect) = &generation.config.connect else {
+        return bad_request("the connect flow needs a [connect] table in the config");
+    };
+    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "bad_request",
+                "the body must be JSON of at most 16 KiB",
+            )
+        }
+    };
+    let body: PostBody = if bytes.is_empty() {
+        PostBody {
+            connection_id: None,
+            redirect_to: None,
+            ttl: None,
+            authorize_params: Default::default(),
+        }
+    } else {
+        match serde_json::from_slice(&bytes) {
+            Ok(b) => b,
+            Err(e) => return bad_request(format!("the body is not the expected JSON: {e}")),
+        }
+    };
+    let ttl = match body.ttl.as_ref().map(Ttl::duration).transpose() {
+        Ok(t) => t,
+        Err(m) => return bad_request(m),
+    };
+    let request = SessionRequest {
+        connection_id: body.connection_id,
+        redirect_to: body.redirect_to,
+        ttl,
+        authorize_params: body.authorize_params.into_iter().collect(),
+    };
+    match pool.create_session(connect, request).await {
+        Ok(created) => {
+            let mut json = created.session.to_json(now_ms());
+            json["connect_url"] = created.connect_url.expose().into();
+            Answer {
+                status: StatusCode::CREATED,
+                body: json,
+            }
+        }
+        Err(ConnectError::BadRequest(m)) => bad_request(m),
+        Err(ConnectError::Store(e)) => store_error(&e),
+        Err(e @ ConnectError::Random) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        }
+    }
+}
+
+async fn get(pool: &Pool, id: &str) -> Answer {
+    match pool.session(id).await {
+        Ok(Some(s)) => Answer {
+            status: StatusCode::OK,
+            body: s.to_json(now_ms()),
+        },
+        Ok(None) => session_not_found(&pool.config().name),
+        Err(e) => store_error(&e),
+    }
+}
+
+async fn delete(pool: &Pool, id: &str) -> Answer {
+    match pool.delete_session(id).await {
+        Ok(true) => Answer {
+            status: StatusCode::NO_CONTENT,
+            body: serde_json::Value::Null,
+        },
+        Ok(false) => session_not_found(&pool.config().name),
+        Err(e) => store_error(&e),
+    }
+}
