@@ -42,7 +42,7 @@
 //! announcements, counts), `refresh` (the refresh path and its failure
 //! tail), `rejected` (upstream rejections, `revoked_codes`), `authorize`
 //! (the code exchange), `connect` (the hosted connect flow's sessions,
-//! links and callbacks).
+//! links and callbacks), `revoke` (delete, revoking at the provider first).
 
 mod authorize;
 mod conn;
@@ -52,6 +52,7 @@ mod ledger;
 mod pool;
 mod refresh;
 mod rejected;
+mod revoke;
 mod select;
 
 pub use authorize::{AuthorizeError, Exchange};
@@ -61,6 +62,7 @@ pub use error::PoolError;
 pub use ledger::Ledger;
 pub use pool::Pool;
 pub use rejected::Rejected;
+pub use revoke::Deleted;
 pub use select::{select, valid_id, ConnectionId, MAX_ID_LEN};
 
 use conn::{Failure, Fresh};

@@ -24,6 +24,7 @@
 
 mod api;
 mod authorize;
+mod revoke;
 mod server;
 #[cfg(test)]
 mod tests;
@@ -55,6 +56,7 @@ pub const TOKEN_PATH: &str = "/api/v1/token";
 /// Path of the authorize endpoint (the consent page), as Flinks serves it,
 /// on the token endpoint's listener.
 pub const AUTHORIZE_PATH: &str = "/api/v1/authorize";
+pub use revoke::REVOKE_PATH;
 /// API requests kept by [`Sandbox::recorded`]: enough for any test, bounded for benches.
 const RECORD_CAPACITY: usize = 1000;
 /// Secrets kept by [`Sandbox::issued_secrets`] (the newest): a fault-injection
@@ -527,6 +529,7 @@ struct Counters {
     finish_abandoned: AtomicBool,
     authorize_requests: AtomicU64,
     with_verifier: AtomicU64,
+    revocations: AtomicU64,
     verified: AtomicU64,
     code_replays: AtomicU64,
 }

@@ -782,3 +782,81 @@ fn base64_len(s: &str) -> usize {
         .decode(s)
         .map_or(0, |b| b.len())
 }
+
+/// A proxy whose pool `users` revokes at `revoke_url` before deleting.
+async fn start_revoking(
+    sb: &flinks_proxy::sandbox::Sandbox,
+    dir: &TempDir,
+    revoke_url: &str,
+) -> flinks_proxy::Running {
+    let toml = ProxyToml::pool(sb, &dir.path().join("store.db"), &new_key())
+        .with(|c| c.pool_mut("users").revoke_url = Some(revoke_url.to_owned()));
+    support::start_proxy(&toml.toml()).await
+}
+
+#[tokio::test]
+async fn delete_revokes_the_refresh_token_at_the_provider_then_erases_it() {
+    let sb = users_sandbox(3600, false).await;
+    let dir = TempDir::new();
+    let p = start_revoking(&sb, &dir, &sb.revoke_url()).await;
+    connect(&p, "alice").await;
+    assert_eq!(
+        sb.user_refresh_tokens("alice").len(),
+        1,
+        "alice has a live refresh token"
+    );
+    let r = admin(&p, "DELETE", "/connections/users/alice", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), serde_json::json!({"revoked": true}));
+    assert_eq!(sb.revocations(), 1);
+    assert!(
+        sb.user_refresh_tokens("alice").is_empty(),
+        "the provider no longer honours it"
+    );
+    assert_eq!(
+        admin(&p, "GET", "/connections/users/alice", None)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        admin(&p, "DELETE", "/connections/users/alice", None)
+            .await
+            .status,
+        404
+    );
+}
+
+#[tokio::test]
+async fn a_failed_revocation_still_erases_and_says_why_without_the_token() {
+    let sb = users_sandbox(3600, false).await;
+    let dir = TempDir::new();
+    // Nothing listens there: the revocation cannot be delivered.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/revoke", dead.local_addr().unwrap());
+    drop(dead);
+    let p = start_revoking(&sb, &dir, &url).await;
+    connect(&p, "bob").await;
+    let rt = sb
+        .user_refresh_tokens("bob")
+        .pop()
+        .expect("bob's refresh token");
+    let r = admin(&p, "DELETE", "/connections/users/bob", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["revoked"], false, "{body}");
+    assert!(
+        body["revoke_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("127.0.0.1")),
+        "{body}"
+    );
+    assert!(!r.text().contains(&rt), "the token is not in the answer");
+    assert_eq!(
+        admin(&p, "GET", "/connections/users/bob", None)
+            .await
+            .status,
+        404,
+        "erased anyway"
+    );
+}

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::connections::{valid_id, AuthorizeError, Exchange, Pool};
+use crate::connections::{valid_id, AuthorizeError, Deleted, Exchange, Pool};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::generation::AppState;
 use crate::store::{ConnectionInfo, ConnectionState, StoreError};
@@ -290,18 +290,23 @@ async fn get(pool: &Pool, id: &str) -> Answer {
     }
 }
 
-async fn delete(pool: &Pool, id: &str) -> Answer {
+async fn delete(pool: &Arc<Pool>, id: &str) -> Answer {
     let name = &pool.config().name;
-    match pool.store().delete(name, id).await {
-        Ok(true) => {
-            pool.forget(id).await;
-            tracing::info!(pool = %name, connection = id, "connection deleted");
-            Answer {
-                status: StatusCode::NO_CONTENT,
-                body: serde_json::Value::Null,
-            }
-        }
-        Ok(false) => connection_not_found(name, id),
+    match pool.delete_revoking(id).await {
+        Ok(d) if !d.existed => connection_not_found(name, id),
+        Ok(Deleted { revoked: None, .. }) => Answer {
+            status: StatusCode::NO_CONTENT,
+            body: serde_json::Value::Null,
+        },
+        Ok(Deleted {
+            revoked: Some(r), ..
+        }) => Answer {
+            status: StatusCode::OK,
+            body: match r {
+                Ok(()) => serde_json::json!({"revoked": true}),
+                Err(e) => serde_json::json!({"revoked": false, "revoke_error": e}),
+            },
+        },
         Err(e) => store_error(&e),
     }
 }

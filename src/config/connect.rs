@@ -442,6 +442,10 @@ allowed_redirects = ["https://app.example.com/done"]
                 with_connect(AUTHORIZE, &format!("{CONNECT}surprise = 1\n")),
                 "connect.surprise",
             ),
+            (
+                with_connect(r#"revoke_url = "http://ob.example.com/revoke""#, ""),
+                "connections.users.revoke_url: must be https://",
+            ),
         ];
         for (text, want) in cases {
             let e = parse(&text)

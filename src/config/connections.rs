@@ -60,6 +60,7 @@ pub(super) struct RawPool {
     pkce: Option<bool>,
     issuer: Option<String>,
     authorize_params: Option<BTreeMap<String, String>>,
+    revoke_url: Option<String>,
 }
 
 /// One `[connections.NAME]`: an OAuth client whose users' tokens are kept
@@ -100,6 +101,9 @@ pub struct PoolConfig {
     pub refresh_concurrency: usize,
     /// The connect flow's authorize settings, when `authorize_url` is set.
     pub authorize: Option<AuthorizeConfig>,
+    /// RFC 7009 revocation endpoint: a deleted connection's refresh token
+    /// is revoked there first.
+    pub revoke_url: Option<Uri>,
 }
 
 /// A pool's `authorize_url` and what goes with it (CONNECT.md, "Config").
@@ -173,6 +177,7 @@ impl Ctx {
             .transpose()
             .map_err(|m| self.err(&key("client_secret"), m))?;
         let authorize = self.authorize(name, &p)?;
+        let revoke_url = self.revoke_url(name, p.revoke_url.as_deref())?;
         let select_header = self.select_header(&key("select_header"), p.select_header)?;
         let cache_size = self.cache_size(&key("cache_size"), p.cache_size)?;
         let refresh_concurrency =
@@ -196,7 +201,21 @@ impl Ctx {
             cache_size,
             refresh_concurrency,
             authorize,
+            revoke_url,
         })
+    }
+
+    /// `revoke_url`: https (http only on loopback), as the token endpoint
+    /// it authenticates the client to.
+    fn revoke_url(&self, name: &str, url: Option<&str>) -> Result<Option<Uri>, ConfigError> {
+        let Some(url) = url else { return Ok(None) };
+        let key = format!("connections.{name}.revoke_url");
+        let uri = super::units::parse_url(url).map_err(|m| self.err(&key, m))?;
+        let host = uri.host().unwrap_or_default().to_ascii_lowercase();
+        if uri.scheme_str() != Some("https") && !super::connect::is_loopback_host(&host) {
+            return Err(self.err(&key, "must be https:// (http:// only on loopback)".into()));
+        }
+        Ok(Some(uri))
     }
 
     /// `authorize_url` and the keys that only make sense with it.

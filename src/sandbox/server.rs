@@ -59,6 +59,9 @@ async fn serve_connection(stream: tokio::net::TcpStream, shared: Arc<Shared>, ro
                 Role::Token if req.uri().path() == AUTHORIZE_PATH => {
                     handle_authorize(&shared, req).await
                 }
+                Role::Token if req.uri().path() == super::REVOKE_PATH => {
+                    super::revoke::handle_revoke(&shared, req).await
+                }
                 Role::Token if shared.n.finish_abandoned.load(SeqCst) => {
                     // Its own task: a client that leaves does not stop it.
                     let task = tokio::spawn(async move { handle_token(&shared, req).await });

@@ -170,6 +170,13 @@ async fn simulated_failure(shared: &Shared) -> Option<Response<Body>> {
     }
 }
 
+/// Whether the request authenticates the sandbox's client (HTTP Basic or
+/// body fields).
+pub(super) fn client_auth_ok(shared: &Shared, headers: &HeaderMap, params: &Params) -> bool {
+    let opts = &shared.opts;
+    matches!(client_auth(headers, params), Some((id, secret)) if id == opts.client_id && secret == opts.client_secret)
+}
+
 /// Checks the request and the client, then issues the grant: the consent
 /// page's if the code is one of its codes, a user's if the code or refresh
 /// token is one, else the single-user one.
@@ -388,7 +395,7 @@ pub(super) fn form_decode(s: &str) -> Option<String> {
 }
 
 /// A Flinks-format token endpoint error; the status follows from the code.
-fn oauth_error(error: &str, description: &str) -> Response<Body> {
+pub(super) fn oauth_error(error: &str, description: &str) -> Response<Body> {
     let status = match error {
         "server_error" => StatusCode::INTERNAL_SERVER_ERROR,
         "temporarily_unavailable" => StatusCode::SERVICE_UNAVAILABLE,

@@ -9,6 +9,7 @@
 //! the caller.
 
 mod error;
+mod revoke;
 #[cfg(test)]
 mod tests;
 
@@ -28,6 +29,7 @@ use crate::config::{BodyFormat, ClientAuth, CredentialConfig, DEFAULT_TOKEN_TIME
 use crate::ground::secret::Secret;
 use crate::net::upstream::HttpClient;
 pub use error::{describe, TokenError};
+pub use revoke::revoke;
 
 /// Lifetime assumed when the endpoint gives neither `expires_in` nor a JWT `exp`.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
@@ -242,7 +244,15 @@ async fn exchange(
     endpoint: &Endpoint,
     grant: Grant<'_>,
 ) -> Result<(StatusCode, Bytes), TokenError> {
-    let req = build(endpoint, grant)?;
+    send(endpoint, build(endpoint, grant)?).await
+}
+
+/// Sends `req` with the endpoint's client and reads the answer's status and
+/// body (at most [`MAX_TOKEN_RESPONSE`] bytes).
+async fn send(
+    endpoint: &Endpoint,
+    req: Request<Full<Bytes>>,
+) -> Result<(StatusCode, Bytes), TokenError> {
     let resp = endpoint
         .client
         .request(req)
@@ -334,22 +344,31 @@ fn build(endpoint: &Endpoint, grant: Grant<'_>) -> Result<Request<Full<Bytes>>, 
         )
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| TokenError::State(format!("cannot build the token request: {e}")))?;
-    if endpoint.client_auth == ClientAuth::Basic {
-        let secret = endpoint.client_secret.as_ref().map_or("", |s| s.expose());
-        let creds = format!(
-            "{}:{}",
-            form_encode(&endpoint.client_id),
-            form_encode(secret)
-        );
-        let mut v = HeaderValue::from_str(&format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(creds)
-        ))
-        .map_err(|_| TokenError::State("client id or secret cannot be sent in a header".into()))?;
-        v.set_sensitive(true);
+    if let Some(v) = basic_auth(endpoint)? {
         req.headers_mut().insert(header::AUTHORIZATION, v);
     }
     Ok(req)
+}
+
+/// HTTP Basic client authentication (RFC 6749 §2.3.1: id and secret
+/// form-encoded), when the endpoint uses it.
+fn basic_auth(endpoint: &Endpoint) -> Result<Option<HeaderValue>, TokenError> {
+    if endpoint.client_auth != ClientAuth::Basic {
+        return Ok(None);
+    }
+    let secret = endpoint.client_secret.as_ref().map_or("", |s| s.expose());
+    let creds = format!(
+        "{}:{}",
+        form_encode(&endpoint.client_id),
+        form_encode(secret)
+    );
+    let mut v = HeaderValue::from_str(&format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(creds)
+    ))
+    .map_err(|_| TokenError::State("client id or secret cannot be sent in a header".into()))?;
+    v.set_sensitive(true);
+    Ok(Some(v))
 }
 
 #[derive(Deserialize)]

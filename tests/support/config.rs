@@ -241,6 +241,8 @@ pub struct Pool {
     pub issuer: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authorize_params: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoke_url: Option<String>,
 }
 
 impl Pool {

@@ -1,0 +1,60 @@
+//! RFC 7009 token revocation: one request to a pool's `revoke_url` with
+//! the refresh token, the client authenticated as at the token endpoint,
+//! bounded by `token_timeout`. The endpoint's answer text goes through the
+//! same scrubbing as token answers (the token sent never appears in an
+//! error).
+
+use http::{header, Method, Request, Uri};
+use http_body_util::Full;
+
+use super::{basic_auth, form_encode, refusal, send, Endpoint, Grant, TokenError};
+use crate::config::ClientAuth;
+
+/// Revokes `refresh_token` at `url`. A 2xx answer is success (RFC 7009
+/// §2.2: also for a token the server no longer knows); anything else is
+/// the endpoint's refusal or failure.
+pub async fn revoke(endpoint: &Endpoint, url: &Uri, refresh_token: &str) -> Result<(), TokenError> {
+    let mut fields = vec![
+        ("token", refresh_token),
+        ("token_type_hint", "refresh_token"),
+    ];
+    if endpoint.client_auth == ClientAuth::Body {
+        fields.push(("client_id", endpoint.client_id.as_str()));
+        if let Some(s) = &endpoint.client_secret {
+            fields.push(("client_secret", s.expose()));
+        }
+    }
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
+        .collect();
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(url.clone())
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::ACCEPT, "application/json")
+        .header(
+            header::USER_AGENT,
+            concat!("flinks-proxy/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(Full::from(body.join("&")))
+        .map_err(|e| TokenError::State(format!("cannot build the revocation request: {e}")))?;
+    if let Some(v) = basic_auth(endpoint)? {
+        req.headers_mut().insert(header::AUTHORIZATION, v);
+    }
+    let sent = tokio::time::timeout(endpoint.token_timeout, send(endpoint, req)).await;
+    let (status, body) = sent.map_err(|_| TokenError::Timeout {
+        host: url.host().unwrap_or("?").to_owned(),
+        after: endpoint.token_timeout,
+    })??;
+    if status.is_success() {
+        return Ok(());
+    }
+    // Scrubbed as a refresh grant's answer is: the token sent is replaced.
+    Err(refusal(
+        endpoint,
+        Grant::RefreshToken { refresh_token },
+        status,
+        &body,
+    ))
+}
