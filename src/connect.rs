@@ -155,7 +155,7 @@ async fn open_link(state: &AppState, token: &str, headers: &HeaderMap) -> Respon
                 &session.id,
                 o.browser.expose(),
                 max_age,
-                connect.secure_cookies,
+                connect.secure_cookies(),
             ) {
                 r.headers_mut().insert(header::SET_COOKIE, c);
             }
@@ -322,7 +322,7 @@ fn finished(state: &AppState, generation: &Generation, f: &Finished) -> Response
         .config
         .connect
         .as_ref()
-        .is_some_and(|c| c.secure_cookies);
+        .is_some_and(|c| c.secure_cookies());
     if let Some(c) = set_cookie(&f.session_id, "", 0, secure) {
         r.headers_mut().insert(header::SET_COOKIE, c);
     }

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use std::collections::BTreeMap;
 
-use super::units::{duration, parse_url, socket_addr};
+use super::units::{duration, is_loopback_host, parse_secure_url, parse_url, socket_addr};
 use super::{ConfigError, Ctx, PoolConfig, ServerConfig};
 
 /// A connect session lives this long unless the config or the session says
@@ -61,9 +61,6 @@ pub struct ConnectConfig {
     pub allowed_redirects: Vec<AllowedRedirect>,
     /// A session's lifetime when it names none.
     pub session_ttl: Duration,
-    /// Whether the binding cookie is `Secure` (everything but plain http on
-    /// loopback).
-    pub secure_cookies: bool,
 }
 
 impl std::fmt::Debug for ConnectConfig {
@@ -92,6 +89,14 @@ impl ConnectConfig {
     /// The `redirect_uri` of the connect flow.
     pub fn redirect_uri(&self) -> String {
         format!("{}{CALLBACK_PATH}", self.public_url)
+    }
+
+    /// Whether the binding cookie is `Secure`: everything but a plain http
+    /// `public_url` (which validation allows on loopback only).
+    pub fn secure_cookies(&self) -> bool {
+        self.public_url
+            .get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
     }
 
     /// A session's link.
@@ -201,15 +206,6 @@ fn is_dot_segment(segment: &str) -> bool {
     lower == "." || lower == ".."
 }
 
-/// `localhost`, `127.0.0.0/8` and `[::1]`.
-pub(super) fn is_loopback_host(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost"
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 impl Ctx {
     /// `[connect]`.
     pub(super) fn connect(
@@ -217,7 +213,7 @@ impl Ctx {
         raw: Option<RawConnect>,
     ) -> Result<Option<ConnectConfig>, ConfigError> {
         let Some(c) = raw else { return Ok(None) };
-        let (public_url, secure_cookies) = self.public_url(&c.public_url)?;
+        let public_url = self.public_url(&c.public_url)?;
         let mut allowed_redirects = Vec::new();
         for (i, r) in c.allowed_redirects.iter().enumerate() {
             let allowed = AllowedRedirect::parse(r)
@@ -236,7 +232,6 @@ impl Ctx {
             tls: self.connect_tls(&c)?,
             allowed_redirects,
             session_ttl: c.session_ttl,
-            secure_cookies,
         }))
     }
 
@@ -272,26 +267,18 @@ impl Ctx {
     }
 
     /// `public_url`: an origin (the pages live at `/connect/`), https
-    /// unless on loopback. Returns it without a trailing slash, and whether
-    /// cookies are `Secure`.
-    fn public_url(&self, s: &str) -> Result<(String, bool), ConfigError> {
+    /// unless on loopback. Returns it without a trailing slash.
+    fn public_url(&self, s: &str) -> Result<String, ConfigError> {
         let key = "connect.public_url";
-        let uri: Uri = parse_url(s).map_err(|m| self.err(key, m))?;
-        let host = uri.host().unwrap_or_default().to_ascii_lowercase();
-        let https = uri.scheme_str() == Some("https");
-        if !https && !is_loopback_host(&host) {
-            return Err(self.err(
-                key,
-                format!("{s:?}: browsers send secrets here, so it must be https:// (http:// only on loopback)"),
-            ));
-        }
+        let uri: Uri = parse_secure_url(s)
+            .map_err(|m| self.err(key, format!("{s:?}: {m} (browsers send secrets here)")))?;
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() || s.contains('#') {
             return Err(self.err(
                 key,
                 format!("{s:?}: must be an origin (scheme://host[:port]); the connect pages live at /connect/"),
             ));
         }
-        Ok((s.trim_end_matches('/').to_owned(), https))
+        Ok(s.trim_end_matches('/').to_owned())
     }
 
     fn connect_tls(
@@ -361,7 +348,7 @@ allowed_redirects = ["https://app.example.com/done"]
             "https://connect.example.com/connect/callback"
         );
         assert_eq!(connect.session_ttl, DEFAULT_SESSION_TTL);
-        assert!(connect.secure_cookies);
+        assert!(connect.secure_cookies());
         let a = c.pools["users"].authorize.clone().expect("authorize");
         assert!(a.pkce, "PKCE by default");
         assert_eq!(a.issuer, None);
@@ -466,7 +453,6 @@ allowed_redirects = ["https://app.example.com/done"]
                 .map(|e| AllowedRedirect::parse(e).unwrap())
                 .collect(),
             session_ttl: DEFAULT_SESSION_TTL,
-            secure_cookies: true,
         }
     }
 

@@ -210,12 +210,9 @@ impl Ctx {
     fn revoke_url(&self, name: &str, url: Option<&str>) -> Result<Option<Uri>, ConfigError> {
         let Some(url) = url else { return Ok(None) };
         let key = format!("connections.{name}.revoke_url");
-        let uri = super::units::parse_url(url).map_err(|m| self.err(&key, m))?;
-        let host = uri.host().unwrap_or_default().to_ascii_lowercase();
-        if uri.scheme_str() != Some("https") && !super::connect::is_loopback_host(&host) {
-            return Err(self.err(&key, "must be https:// (http:// only on loopback)".into()));
-        }
-        Ok(Some(uri))
+        super::units::parse_secure_url(url)
+            .map(Some)
+            .map_err(|m| self.err(&key, m))
     }
 
     /// `authorize_url` and the keys that only make sense with it.
@@ -233,14 +230,8 @@ impl Ctx {
             }
             return Ok(None);
         };
-        let uri = super::units::parse_url(url).map_err(|m| self.err(&key("authorize_url"), m))?;
-        let host = uri.host().unwrap_or_default().to_ascii_lowercase();
-        if uri.scheme_str() != Some("https") && !super::connect::is_loopback_host(&host) {
-            return Err(self.err(
-                &key("authorize_url"),
-                "must be https:// (http:// only on loopback)".into(),
-            ));
-        }
+        let uri =
+            super::units::parse_secure_url(url).map_err(|m| self.err(&key("authorize_url"), m))?;
         if url.contains('#') {
             return Err(self.err(&key("authorize_url"), "must not have a fragment".into()));
         }

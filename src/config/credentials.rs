@@ -173,13 +173,7 @@ impl CredentialConfig {
         if self.token_url.scheme() != Some(&http::uri::Scheme::HTTP) {
             return false;
         }
-        let host = self.token_url.host().unwrap_or("");
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let loopback = host.eq_ignore_ascii_case("localhost")
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
-        !loopback
+        !super::units::is_loopback_host(self.token_url.host().unwrap_or(""))
     }
 }
 

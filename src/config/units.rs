@@ -28,6 +28,25 @@ pub(super) fn parse_url(s: &str) -> Result<Uri, String> {
     Ok(uri)
 }
 
+/// `localhost`, `127.0.0.0/8` and `[::1]` (brackets optional).
+pub fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// [`parse_url`], and `https://` unless the host is loopback: a URL the
+/// proxy sends secrets or browsers to.
+pub(super) fn parse_secure_url(s: &str) -> Result<Uri, String> {
+    let uri = parse_url(s)?;
+    if uri.scheme_str() != Some("https") && !is_loopback_host(uri.host().unwrap_or_default()) {
+        return Err("must be https:// (http:// only on loopback)".into());
+    }
+    Ok(uri)
+}
+
 /// Durations in the config: strings like `"30s"`; anything else says what
 /// is expected.
 pub(super) mod duration {

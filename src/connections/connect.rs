@@ -15,12 +15,12 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use ring::rand::{SecureRandom, SystemRandom};
 
 use super::{valid_id, AuthorizeError, Exchange, Pool};
 use crate::config::{
     AuthorizeConfig, ConnectConfig, MAX_SESSION_TTL, MIN_SESSION_TTL, SESSION_AUTHORIZE_PARAMS,
 };
+use crate::ground::crypto::{hex, random_bytes};
 use crate::ground::form;
 use crate::ground::now_ms;
 use crate::ground::secret::Secret;
@@ -165,20 +165,14 @@ impl Finished {
 
 /// 256 bits from the OS RNG, base64url without padding (43 characters).
 pub fn random_secret() -> Result<String, ConnectError> {
-    let mut bytes = [0u8; 32];
-    SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| ConnectError::Random)?;
+    let bytes = random_bytes::<32>().map_err(|_| ConnectError::Random)?;
     Ok(URL_SAFE_NO_PAD.encode(bytes))
 }
 
 /// 128 bits from the OS RNG as hex: a session id.
 fn random_id() -> Result<String, ConnectError> {
-    let mut bytes = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| ConnectError::Random)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    let bytes = random_bytes::<16>().map_err(|_| ConnectError::Random)?;
+    Ok(hex(&bytes))
 }
 
 /// RFC 7636 S256: BASE64URL(SHA256(verifier)).

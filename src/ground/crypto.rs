@@ -82,10 +82,7 @@ impl Key {
             ));
         }
         let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-        let id = digest.as_ref()[..4]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let id = hex(&digest.as_ref()[..4]);
         let unbound =
             UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| "unusable key".to_owned())?;
         let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bytes);
@@ -105,11 +102,21 @@ impl Key {
 
 /// A new random key as base64 (`flinks-proxy keygen`).
 pub fn generate_key() -> Result<String, CryptoError> {
-    let mut bytes = [0u8; KEY_LEN];
+    Ok(STANDARD.encode(random_bytes::<KEY_LEN>()?))
+}
+
+/// `N` bytes from the OS random generator.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], CryptoError> {
+    let mut bytes = [0u8; N];
     SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| CryptoError::Random)?;
-    Ok(STANDARD.encode(bytes))
+    Ok(bytes)
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Where a sealed value belongs: its row and field.
@@ -161,12 +168,7 @@ impl Sealer {
     pub fn fingerprints(&self, value: &[u8]) -> Vec<String> {
         std::iter::once(&self.current)
             .chain(&self.old)
-            .map(|k| {
-                ring::hmac::sign(&k.mac, value).as_ref()[..16]
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect()
-            })
+            .map(|k| hex(&ring::hmac::sign(&k.mac, value).as_ref()[..16]))
             .collect()
     }
 

@@ -2,12 +2,13 @@
 //! encoding of token request bodies, authorize URLs and redirects, and the
 //! decoding of callback queries.
 
-/// Encodes one key or value.
+/// Encodes one key or value: alphanumerics and `*-._~` as they are, a
+/// space as `+`, every other byte `%XX`.
 pub fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' | b'~' => {
                 out.push(b as char)
             }
             b' ' => out.push('+'),
@@ -65,10 +66,15 @@ pub fn decode_pairs(query: &str) -> Option<Vec<(String, String)>> {
         .collect()
 }
 
-/// `url` with `query` appended (after `?`, or `&` when it has a query).
+/// `url` with `query` appended: after `?`, or `&` when it has a query
+/// (nothing when that query is empty or ends with `&`).
 pub fn with_query(url: &str, query: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{query}")
+    let separator = match url.split_once('?') {
+        None => "?",
+        Some((_, q)) if q.is_empty() || q.ends_with('&') => "",
+        Some(_) => "&",
+    };
+    format!("{url}{separator}{query}")
 }
 
 #[cfg(test)]

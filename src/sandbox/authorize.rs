@@ -30,6 +30,8 @@ use super::server::{response, with_header};
 use super::token::{form_decode, parse_params, Grant};
 use super::{bump, get, lock, Body, Params, Sandbox, SandboxOptions, Shared};
 use super::{AUTHORIZE_PATH, RECORD_CAPACITY};
+use crate::connect::pages::escape;
+pub(super) use crate::ground::form::{encode as form_encode, with_query};
 
 /// A consent form is three short fields; anything near 16 KiB is abuse.
 const MAX_FORM_BODY: usize = 16 << 10;
@@ -358,16 +360,6 @@ fn redirect<'a>(shared: &'a Shared, uri: &str, mut fields: Vec<(&str, &'a str)>)
     resp
 }
 
-/// `uri` with `added` appended to the query it may already have.
-pub(super) fn with_query(uri: &str, added: &str) -> String {
-    let separator = match uri.split_once('?') {
-        None => "?",
-        Some((_, query)) if query.is_empty() || query.ends_with('&') => "",
-        Some(_) => "&",
-    };
-    format!("{uri}{separator}{added}")
-}
-
 /// The headers of every answer here: not cached, not framed, no referrer.
 fn secured(mut resp: Response<Body>, csp: &str) -> Response<Body> {
     let csp = HeaderValue::from_str(csp).unwrap_or(HeaderValue::from_static(PAGE_CSP));
@@ -404,38 +396,6 @@ fn record(recorded: &mut VecDeque<Params>, params: &Params) {
         recorded.pop_front();
     }
     recorded.push_back(params.clone());
-}
-
-/// HTML-escapes text for element content and quoted attributes.
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// `application/x-www-form-urlencoded` encoding: unreserved bytes as they
-/// are, a space as `+`, every other byte `%XX`.
-pub(super) fn form_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                out.push(char::from(b));
-            }
-            b' ' => out.push('+'),
-            b => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }
 
 /// A challenge S256 can have made: BASE64URL (no padding) of 32 bytes.

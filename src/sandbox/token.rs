@@ -379,20 +379,7 @@ pub(super) fn parse_params(headers: &HeaderMap, body: &[u8]) -> Result<Params, &
     Ok(params)
 }
 
-/// `application/x-www-form-urlencoded` decoding: `+` is a space, `%XX` a byte.
-pub(super) fn form_decode(s: &str) -> Option<String> {
-    let hex = |b: Option<u8>| u8::try_from(char::from(b?).to_digit(16)?).ok();
-    let mut out = Vec::with_capacity(s.len());
-    let mut bytes = s.bytes();
-    while let Some(b) = bytes.next() {
-        out.push(match b {
-            b'+' => b' ',
-            b'%' => (hex(bytes.next())? << 4) | hex(bytes.next())?,
-            other => other,
-        });
-    }
-    String::from_utf8(out).ok()
-}
+pub(super) use crate::ground::form::decode as form_decode;
 
 /// A Flinks-format token endpoint error; the status follows from the code.
 pub(super) fn oauth_error(error: &str, description: &str) -> Response<Body> {

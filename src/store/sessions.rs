@@ -177,8 +177,9 @@ pub struct SessionEnd<'a> {
 /// cookie): what the store keeps to find it by. 256 random bits cannot be
 /// recovered from their hash, and the hash survives key rotation.
 pub fn secret_hash(secret: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    crate::ground::crypto::hex(
+        ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref(),
+    )
 }
 
 const COLUMNS: &str = "id, pool, status, phase, connection_id, redirect_to, authorize_params, \

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use super::jwt::{jwt_claims, Claims};
 use crate::config::{BodyFormat, ClientAuth, CredentialConfig, DEFAULT_TOKEN_TIMEOUT};
+use crate::ground::form::encode as form_encode;
 use crate::ground::secret::Secret;
 use crate::net::upstream::HttpClient;
 pub use error::{describe, TokenError};
@@ -582,21 +583,6 @@ fn scrub(endpoint: &Endpoint, grant: Grant<'_>, text: &str) -> String {
     ];
     for s in secrets.into_iter().flatten().filter(|s| !s.is_empty()) {
         out = out.replace(s, "***");
-    }
-    out
-}
-
-/// `application/x-www-form-urlencoded` encoding of one key or value.
-fn form_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
-                out.push(b as char)
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
     }
     out
 }

@@ -8,6 +8,8 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 
+use flinks_proxy::ground::form;
+
 use super::{client, send, HttpClient, Resp};
 
 /// One browser: its own cookies.
@@ -95,7 +97,7 @@ impl Browser {
     pub async fn post_form(&mut self, url: &str, pairs: &[(&str, &str)]) -> Resp {
         let body = pairs
             .iter()
-            .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+            .map(|(k, v)| format!("{}={}", form::encode(k), form::encode(v)))
             .collect::<Vec<_>>()
             .join("&");
         let mut req =
@@ -163,17 +165,6 @@ fn form_action(html: &str) -> Option<String> {
     let v = tag.find("action=\"")? + 8;
     let len = tag[v..].find('"')?;
     Some(tag[v..v + len].replace("&amp;", "&"))
-}
-
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// The decoded query parameters of a URL.
