@@ -17,11 +17,11 @@ use subtle::ConstantTimeEq;
 
 use crate::connections::{valid_id, AuthorizeError, Deleted, Exchange, Pool};
 use crate::proxy::body::ProxyBody;
-use crate::proxy::generation::AppState;
+use crate::proxy::generation::{AppState, Generation};
 use crate::store::{ConnectionInfo, ConnectionState, StoreError};
 
 /// Largest request body: a code or refresh token and an id fit many times.
-pub(super) const MAX_BODY: usize = 16 * 1024;
+const MAX_BODY: usize = 16 * 1024;
 /// Page size when `limit` is not given.
 const DEFAULT_LIMIT: u32 = 100;
 /// Largest page.
@@ -104,39 +104,97 @@ pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<ProxyB
     respond(answer(state, req).await)
 }
 
-async fn answer(state: &AppState, req: Request<Incoming>) -> Answer {
-    let rt = state.generation.load_full();
-    if let Some(token) = &rt.config.admin_api_token {
+/// An admin API request on `/{api}/{pool}[/{id}]`, its bearer checked and
+/// its pool found.
+pub(super) struct PoolRequest {
+    /// The generation the request is served with.
+    pub(super) generation: Arc<Generation>,
+    /// The pool the path names.
+    pub(super) pool: Arc<Pool>,
+    /// The path's last segment, if any (not empty).
+    pub(super) id: Option<String>,
+}
+
+/// Checks `api_token` (for `what`, named in the 401), splits the path as
+/// `/{api}/{pool}[/{id}]` (`usage` in the 404) and finds the pool.
+pub(super) fn pool_request(
+    state: &AppState,
+    req: &Request<Incoming>,
+    (api, what, usage): (&str, &str, &str),
+) -> Result<PoolRequest, Answer> {
+    let generation = state.generation.load_full();
+    if let Some(token) = &generation.config.admin_api_token {
         if !authorized(req.headers(), token.expose()) {
-            return error(
+            return Err(error(
                 StatusCode::UNAUTHORIZED,
                 "admin_unauthorized",
-                "the connections API needs Authorization: Bearer <admin.api_token>",
-            );
+                format!("the {what} needs Authorization: Bearer <admin.api_token>"),
+            ));
         }
     }
-    let path = req.uri().path().to_owned();
-    let mut segments = path.trim_start_matches('/').split('/');
-    let (Some("connections"), Some(pool_name), id, None) = (
+    let mut segments = req.uri().path().trim_start_matches('/').split('/');
+    let (Some(first), Some(pool_name), id, None) = (
         segments.next(),
         segments.next(),
         segments.next(),
         segments.next(),
     ) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "use /connections/{pool} or /connections/{pool}/{id}",
-        );
+        return Err(error(StatusCode::NOT_FOUND, "not_found", usage));
     };
-    let Some(pool) = rt.pools.get(pool_name).cloned() else {
-        return error(
+    if first != api {
+        return Err(error(StatusCode::NOT_FOUND, "not_found", usage));
+    }
+    let Some(pool) = generation.pools.get(pool_name).cloned() else {
+        return Err(error(
             StatusCode::NOT_FOUND,
             "pool_not_found",
             format!("no [connections.{pool_name}] pool is configured"),
-        );
+        ));
     };
-    let id = id.filter(|s| !s.is_empty());
+    let id = id.filter(|s| !s.is_empty()).map(str::to_owned);
+    Ok(PoolRequest {
+        generation,
+        pool,
+        id,
+    })
+}
+
+/// A request body of at most [`MAX_BODY`] bytes.
+pub(super) async fn read_body(req: Request<Incoming>) -> Result<Bytes, Answer> {
+    Ok(Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "bad_request",
+                "the body must be JSON of at most 16 KiB",
+            )
+        })?
+        .to_bytes())
+}
+
+/// `bytes` as the JSON the endpoint expects; serde's message names the
+/// field or position, never a value.
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Answer> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| bad_request(format!("the body is not the expected JSON: {e}")))
+}
+
+async fn answer(state: &AppState, req: Request<Incoming>) -> Answer {
+    let r = match pool_request(
+        state,
+        &req,
+        (
+            "connections",
+            "connections API",
+            "use /connections/{pool} or /connections/{pool}/{id}",
+        ),
+    ) {
+        Ok(r) => r,
+        Err(a) => return a,
+    };
+    let (pool, id) = (r.pool, r.id.as_deref());
     if let Some(id) = id {
         if !valid_id(id) {
             return bad_request("a connection id is 1-128 of A-Z a-z 0-9 . _ : @ -");
@@ -156,7 +214,7 @@ async fn answer(state: &AppState, req: Request<Incoming>) -> Answer {
 }
 
 /// `Authorization: Bearer <token>`, compared in constant time.
-pub(super) fn authorized(headers: &http::HeaderMap, token: &str) -> bool {
+fn authorized(headers: &http::HeaderMap, token: &str) -> bool {
     let presented = headers
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes)
@@ -197,20 +255,7 @@ async fn post(pool: &Arc<Pool>, req: Request<Incoming>) -> Answer {
 /// The POST body: at most [`MAX_BODY`] bytes of [`PostBody`] JSON, with a
 /// valid `id` if one is given.
 async fn post_body(req: Request<Incoming>) -> Result<PostBody, Answer> {
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|_| {
-            error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "bad_request",
-                "the body must be JSON of at most 16 KiB",
-            )
-        })?
-        .to_bytes();
-    // serde's message names the field or position, never a value.
-    let body: PostBody = serde_json::from_slice(&bytes)
-        .map_err(|e| bad_request(format!("the body is not the expected JSON: {e}")))?;
+    let body: PostBody = parse_json(&read_body(req).await?)?;
     if let Some(id) = &body.id {
         if !valid_id(id) {
             return Err(bad_request("id: 1-128 of A-Z a-z 0-9 . _ : @ -"));

@@ -7,11 +7,12 @@
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 
-use super::connections::{authorized, bad_request, error, respond, store_error, Answer, MAX_BODY};
+use super::connections::{
+    bad_request, error, parse_json, pool_request, read_body, respond, store_error, Answer,
+};
 use crate::connections::connect::{ConnectError, SessionRequest};
 use crate::connections::Pool;
 use crate::ground::now_ms;
@@ -24,45 +25,26 @@ pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<ProxyB
 }
 
 async fn answer(state: &AppState, req: Request<Incoming>) -> Answer {
-    let generation = state.generation.load_full();
-    if let Some(token) = &generation.config.admin_api_token {
-        if !authorized(req.headers(), token.expose()) {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "admin_unauthorized",
-                "the connect sessions API needs Authorization: Bearer <admin.api_token>",
-            );
-        }
-    }
-    let path = req.uri().path().to_owned();
-    let mut segments = path.trim_start_matches('/').split('/');
-    let (Some("connect-sessions"), Some(pool_name), id, None) = (
-        segments.next(),
-        segments.next(),
-        segments.next(),
-        segments.next(),
-    ) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not_found",
+    let r = match pool_request(
+        state,
+        &req,
+        (
+            "connect-sessions",
+            "connect sessions API",
             "use /connect-sessions/{pool} or /connect-sessions/{pool}/{session_id}",
-        );
+        ),
+    ) {
+        Ok(r) => r,
+        Err(a) => return a,
     };
-    let Some(pool) = generation.pools.get(pool_name).cloned() else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "pool_not_found",
-            format!("no [connections.{pool_name}] pool is configured"),
-        );
-    };
-    let id = id.filter(|s| !s.is_empty());
+    let (pool, id) = (&r.pool, r.id.as_deref());
     if id.is_some_and(|id| id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit())) {
-        return session_not_found(pool_name);
+        return session_not_found(&pool.config().name);
     }
     match (req.method().clone(), id) {
-        (Method::POST, None) => create(&generation, &pool, req).await,
-        (Method::GET, Some(id)) => get(&pool, id).await,
-        (Method::DELETE, Some(id)) => delete(&pool, id).await,
+        (Method::POST, None) => create(&r.generation, pool, req).await,
+        (Method::GET, Some(id)) => get(pool, id).await,
+        (Method::DELETE, Some(id)) => delete(pool, id).await,
         _ => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -79,7 +61,7 @@ fn session_not_found(pool: &str) -> Answer {
     )
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct PostBody {
     connection_id: Option<String>,
@@ -111,27 +93,17 @@ async fn create(generation: &Generation, pool: &Pool, req: Request<Incoming>) ->
     let Some(connect) = &generation.config.connect else {
         return bad_request("the connect flow needs a [connect] table in the config");
     };
-    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "bad_request",
-                "the body must be JSON of at most 16 KiB",
-            )
-        }
+    let bytes = match read_body(req).await {
+        Ok(b) => b,
+        Err(a) => return a,
     };
+    // An empty body asks for a session with every default.
     let body: PostBody = if bytes.is_empty() {
-        PostBody {
-            connection_id: None,
-            redirect_to: None,
-            ttl: None,
-            authorize_params: Default::default(),
-        }
+        PostBody::default()
     } else {
-        match serde_json::from_slice(&bytes) {
+        match parse_json(&bytes) {
             Ok(b) => b,
-            Err(e) => return bad_request(format!("the body is not the expected JSON: {e}")),
+            Err(a) => return a,
         }
     };
     let ttl = match body.ttl.as_ref().map(Ttl::duration).transpose() {
