@@ -55,23 +55,7 @@ pub async fn serve_proxy(
 ) {
     let max = state.generation.load().config.server.max_connections;
     let limit = Arc::new(Semaphore::new(max));
-    loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&limit).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.cancelled() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
+    while let Some((permit, stream, peer)) = accept(&listener, &limit, &shutdown).await {
         let generation = state.generation.load();
         let tls = generation.tls.clone();
         let limits = Limits {
@@ -100,6 +84,33 @@ pub async fn serve_proxy(
         .is_err()
     {
         tracing::warn!("shutdown grace period passed with requests still in flight");
+    }
+}
+
+/// The next connection on `listener` with its slot of `limit`, waiting for a
+/// free slot first; `None` once `shutdown` is cancelled. Accept errors
+/// (EMFILE and friends) are logged and retried after a short pause rather
+/// than spun on.
+async fn accept(
+    listener: &TcpListener,
+    limit: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    let permit = tokio::select! {
+        p = Arc::clone(limit).acquire_owned() => p.ok()?,
+        _ = shutdown.cancelled() => return None,
+    };
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => return Some((permit, stream, peer)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.cancelled() => return None,
+        }
     }
 }
 
@@ -486,22 +497,7 @@ pub async fn serve_connect(
     shutdown: CancellationToken,
 ) {
     let limit = Arc::new(Semaphore::new(CONNECT_MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&limit).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.cancelled() => break,
-        };
-        let (stream, _peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "connect accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
+    while let Some((permit, stream, _peer)) = accept(&listener, &limit, &shutdown).await {
         let (state, shutdown, tls) = (Arc::clone(&state), shutdown.clone(), tls.clone());
         tokio::spawn(async move {
             let _permit = permit;
@@ -525,20 +521,7 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| crate::connect::handle(Arc::clone(&state), req));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(CONNECT_HEAD_TIMEOUT)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .max_headers(MAX_HEADERS);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_H2_HEADER_LIST)
-        .max_concurrent_streams(MAX_H2_STREAMS)
-        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+    let builder = connection_builder(CONNECT_HEAD_TIMEOUT);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
