@@ -52,6 +52,7 @@ use crate::ground::secret::Secret;
 
 use changes::CHANGE_BUFFER;
 pub use changes::{Change, ChangeKind};
+use error::unavailable;
 pub use error::StoreError;
 pub use record::{
     rfc3339, ConnectionInfo, ConnectionState, LastError, Lease, Record, Tokens, Version, Written,

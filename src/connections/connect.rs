@@ -16,6 +16,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 
+use super::authorize::retry_while_unavailable;
 use super::{valid_id, AuthorizeError, Exchange, Pool};
 use crate::config::{
     AuthorizeConfig, ConnectConfig, MAX_SESSION_TTL, MIN_SESSION_TTL, SESSION_AUTHORIZE_PARAMS,
@@ -468,7 +469,7 @@ impl Pool {
                 Ended::failed(clean_error(&error), description.as_deref().map(clean_text))
             }
             Err(AuthorizeError::EndpointUnavailable(e)) => Ended::failed(
-                "token_unavailable".into(),
+                "token_endpoint_unavailable".into(),
                 Some(format!("the token endpoint failed: {e}")),
             ),
             Err(AuthorizeError::Store(_)) => Ended::failed(
@@ -487,18 +488,7 @@ impl Pool {
             error: end.error.as_deref(),
             description: end.description.as_deref(),
         };
-        let start = tokio::time::Instant::now();
-        let mut wait = Duration::from_millis(100);
-        loop {
-            match self.store.finish_session(&s.id, &write).await {
-                Ok(_) => break,
-                Err(e) if e.is_unavailable() && start.elapsed() < FINISH_RETRY => {
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        retry_while_unavailable(FINISH_RETRY, || self.store.finish_session(&s.id, &write)).await?;
         tracing::info!(
             pool = %self.config.name,
             session = %s.id,

@@ -94,3 +94,9 @@ impl StoreError {
         )
     }
 }
+
+/// Maps a database error of operation `op` to [`StoreError::Unavailable`]
+/// (every backend's SQL, and the connect sessions').
+pub(super) fn unavailable(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Unavailable { op, source }
+}

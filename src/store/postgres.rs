@@ -18,6 +18,7 @@ use sqlx::Row;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use super::unavailable;
 use super::{
     sealed_row, Change, ConnectionInfo, ConnectionState, LastError, SealedRow, SealedTokens,
     StoreError, Took,
@@ -42,10 +43,6 @@ const COLUMNS: &str = "pool, id, sub, state, last_error, last_error_description,
 pub(super) struct Postgres {
     pool: PgPool,
     options: PgConnectOptions,
-}
-
-fn unavailable(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |source| StoreError::Unavailable { op, source }
 }
 
 impl Postgres {

@@ -13,7 +13,7 @@
 
 use serde::Serialize;
 
-use super::{Backend, Store, StoreError};
+use super::{unavailable, Backend, Store, StoreError};
 use crate::ground::crypto::Place;
 use crate::ground::now_ms;
 use crate::ground::secret::Secret;
@@ -218,10 +218,6 @@ fn numbered(sql: &str) -> String {
         }
     }
     out
-}
-
-fn unavailable(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |source| StoreError::Unavailable { op, source }
 }
 
 /// Runs `$sql` with `$args` bound on whichever backend is configured:

@@ -19,7 +19,8 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
 use super::{
-    sealed_row, Access, ConnectionInfo, ConnectionState, SealedRow, SealedTokens, StoreError,
+    sealed_row, unavailable, Access, ConnectionInfo, ConnectionState, SealedRow, SealedTokens,
+    StoreError,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -44,10 +45,6 @@ pub(super) struct Sqlite {
     /// The file's device and inode when opened (`None`: opened read-only
     /// before it existed).
     identity: Option<(u64, u64)>,
-}
-
-fn unavailable(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |source| StoreError::Unavailable { op, source }
 }
 
 #[cfg(unix)]
