@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
@@ -27,7 +26,7 @@ use ring::digest;
 use serde_json::Value;
 
 use super::server::{response, with_header};
-use super::token::{form_decode, parse_params, Grant};
+use super::token::{form_decode, read_params, Grant};
 use super::{bump, get, lock, Body, Params, Sandbox, SandboxOptions, Shared};
 use super::{AUTHORIZE_PATH, RECORD_CAPACITY};
 use crate::connect::pages::escape;
@@ -246,11 +245,8 @@ fn checked_request(
 /// `access_denied`, or a page when the form is bad. The request is spent
 /// whatever the answer.
 async fn decide(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
-    let (parts, body) = req.into_parts();
-    let form = match Limited::new(body, MAX_FORM_BODY).collect().await {
-        Ok(collected) => parse_params(&parts.headers, &collected.to_bytes()).ok(),
-        Err(_) => None,
-    };
+    let (_, form) = read_params(req, MAX_FORM_BODY).await;
+    let form = form.ok();
     let Some(form) = form else {
         return error_page(StatusCode::BAD_REQUEST, "The form could not be read.");
     };

@@ -5,12 +5,11 @@
 
 use std::sync::atomic::Ordering::SeqCst;
 
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
 use super::server::json_response;
-use super::token::{client_auth_ok, oauth_error, parse_params};
+use super::token::{client_auth_ok, oauth_error, read_params};
 use super::{lock, Body, Sandbox, Shared};
 
 /// Path of the revocation endpoint.
@@ -18,11 +17,7 @@ pub const REVOKE_PATH: &str = "/api/v1/revoke";
 
 /// `POST /api/v1/revoke`.
 pub(super) async fn handle_revoke(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
-    let (parts, body) = req.into_parts();
-    let params = match Limited::new(body, 16 << 10).collect().await {
-        Ok(c) => parse_params(&parts.headers, &c.to_bytes()),
-        Err(_) => Err("The request body could not be read or is too large"),
-    };
+    let (parts, params) = read_params(req, 16 << 10).await;
     let params = match params {
         Ok(p) => p,
         Err(d) => return oauth_error("invalid_request", d),

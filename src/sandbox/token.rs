@@ -116,11 +116,7 @@ pub(super) async fn handle_token(shared: &Shared, req: Request<Incoming>) -> Res
         let resp = error_json(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
         return with_header(resp, header::ALLOW, "POST");
     }
-    let (parts, body) = req.into_parts();
-    let params = match Limited::new(body, MAX_TOKEN_BODY).collect().await {
-        Ok(collected) => parse_params(&parts.headers, &collected.to_bytes()),
-        Err(_) => Err("The request body could not be read or is too large"),
-    };
+    let (parts, params) = read_params(req, MAX_TOKEN_BODY).await;
     if let Ok(params) = &params {
         lock(&shared.users).note_presentation(&shared.n, params);
     }
@@ -345,6 +341,20 @@ fn client_auth(headers: &HeaderMap, params: &Params) -> Option<(String, String)>
     }
     let (id, secret) = (params.get("client_id")?, params.get("client_secret")?);
     Some((id.clone(), secret.clone()))
+}
+
+/// A request's head and its body's parameters (at most `max` bytes, form
+/// or JSON as [`parse_params`] reads them).
+pub(super) async fn read_params(
+    req: Request<Incoming>,
+    max: usize,
+) -> (http::request::Parts, Result<Params, &'static str>) {
+    let (parts, body) = req.into_parts();
+    let params = match Limited::new(body, max).collect().await {
+        Ok(collected) => parse_params(&parts.headers, &collected.to_bytes()),
+        Err(_) => Err("The request body could not be read or is too large"),
+    };
+    (parts, params)
 }
 
 /// Request parameters from a JSON object (Flinks) or a form body (RFC 6749).
