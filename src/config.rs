@@ -38,6 +38,7 @@ mod routes;
 mod server;
 mod store;
 mod units;
+pub mod webhooks;
 
 pub use access::AccessConfig;
 pub use admin::{admin_listen, DEFAULT_ADMIN_LISTEN};
@@ -75,6 +76,8 @@ use log::RawLog;
 use routes::RawRoute;
 use server::RawServer;
 use store::RawStore;
+use webhooks::RawWebhooks;
+pub use webhooks::{WebhooksConfig, EVENT_TYPES};
 
 /// A config error: one line naming the file, the key and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +118,8 @@ pub struct Config {
     pub pools: BTreeMap<String, Arc<PoolConfig>>,
     /// `[connect]`: the hosted connect flow's listener.
     pub connect: Option<ConnectConfig>,
+    /// `[webhooks]`: where lifecycle events are delivered.
+    pub webhooks: Option<WebhooksConfig>,
 }
 
 /// The file as written: one raw struct per table, each in its table's file.
@@ -135,6 +140,7 @@ struct RawConfig {
     #[serde(default)]
     connections: BTreeMap<String, RawPool>,
     connect: Option<RawConnect>,
+    webhooks: Option<RawWebhooks>,
 }
 
 impl Config {
@@ -167,6 +173,13 @@ impl Config {
         let admin = ctx.admin(raw.admin, &pools)?;
         let connect = ctx.connect(raw.connect)?;
         ctx.connect_fits(connect.as_ref(), &pools, &server, admin.listen)?;
+        let webhooks = ctx.webhooks(raw.webhooks)?;
+        if webhooks.is_some() && store.is_none() {
+            return Err(ctx.err(
+                "webhooks",
+                "needs a [store]: events are kept there until delivered".into(),
+            ));
+        }
         Ok(Config {
             source: path.to_path_buf(),
             server,
@@ -180,6 +193,7 @@ impl Config {
             credentials,
             routes,
             connect,
+            webhooks,
         })
     }
 }

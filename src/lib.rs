@@ -23,17 +23,19 @@
 //!    file, shared slots).
 //! 6. [`connections`]: per-user connection pools: selection, bounded cache,
 //!    the process-wide refresh ledger, re-authorization.
-//! 7. [`proxy`]: the request path: a config `Generation` and the
+//! 7. [`webhooks`]: lifecycle events: the deliverer of the store's
+//!    outbox, Standard Webhooks signatures.
+//! 8. [`proxy`]: the request path: a config `Generation` and the
 //!    `AppState` that swaps it on reload, routes, the handler, errors, the
 //!    response body and the access log.
-//! 8. [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/status`, the
+//! 9. [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/status`, the
 //!    connections API.
-//! 9. [`server`]: accept loops for the proxy and admin listeners, limits,
-//!    TLS handshakes, graceful shutdown.
-//! 10. [`sandbox`]: the Flinks-like token endpoint and API for the demo,
+//! 10. [`server`]: accept loops for the proxy and admin listeners, limits,
+//!     TLS handshakes, graceful shutdown.
+//! 11. [`sandbox`]: the Flinks-like token endpoint and API for the demo,
 //!     tests and benchmarks.
-//! 11. This file: [`start`] and [`Running`] (listeners, shutdown).
-//! 12. [`cli`]: the subcommands of the `flinks-proxy` command (`check`,
+//! 12. This file: [`start`] and [`Running`] (listeners, shutdown).
+//! 13. [`cli`]: the subcommands of the `flinks-proxy` command (`check`,
 //!     `token`, `demo`, `store`, `connections`, `healthcheck`) and what
 //!     they share: config loading, logging, the runtime, exit codes.
 //!
@@ -54,6 +56,7 @@ pub mod sandbox;
 pub mod server;
 pub mod store;
 pub mod tokens;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -174,6 +177,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ));
     }
     state.start();
+    start_webhooks(&state, &shutdown);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "flinks-proxy started");
     let proxy_task = tokio::spawn(server::serve_proxy(
         listener,
@@ -190,6 +194,28 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         admin_shutdown,
         proxy_task: Some(proxy_task),
     })
+}
+
+/// Starts the webhook deliverer (with a store): it follows `[webhooks]`
+/// through reloads, and keeps the queue gauges even without it.
+fn start_webhooks(state: &Arc<AppState>, shutdown: &CancellationToken) {
+    let Some(store) = state.store.clone() else {
+        return;
+    };
+    let current = {
+        let state = Arc::downgrade(state);
+        move || {
+            state
+                .upgrade()
+                .and_then(|s| s.generation.load().config.webhooks.clone())
+        }
+    };
+    tokio::spawn(webhooks::run(
+        store,
+        current,
+        state.metrics.webhooks(),
+        shutdown.clone(),
+    ));
 }
 
 /// How often expired connect sessions are marked so (and counted), and

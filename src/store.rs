@@ -28,17 +28,19 @@
 
 mod changes;
 mod error;
+mod outbox;
 mod postgres;
 mod record;
 mod rekey;
 mod sealing;
 mod sessions;
+mod sql;
 mod sqlite;
 #[cfg(test)]
 mod tests;
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
@@ -54,6 +56,7 @@ use changes::CHANGE_BUFFER;
 pub use changes::{Change, ChangeKind};
 use error::unavailable;
 pub use error::StoreError;
+pub use outbox::{Attempt, EventState, Queue, WebhookEvent};
 pub use record::{
     rfc3339, ConnectionInfo, ConnectionState, LastError, Lease, Record, Tokens, Version, Written,
 };
@@ -69,6 +72,11 @@ pub const CREDENTIAL_POOL_PREFIX: &str = "credential:";
 /// How often a conditional write is tried against a row whose refresh
 /// token stays the same but whose sealing keeps changing (a rekey racing).
 const CONDITIONAL_TRIES: usize = 8;
+
+/// Milliseconds of `d`, saturating.
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
 
 /// The database behind a [`Store`].
 enum Backend {
@@ -104,6 +112,9 @@ pub struct Store {
     changes: broadcast::Sender<Change>,
     /// Stops the listener with the store.
     cancel: CancellationToken,
+    /// How long transient refresh failures last before they are reported
+    /// (`connection.refresh_failing`), in milliseconds.
+    failing_after_ms: AtomicI64,
 }
 
 impl Drop for Store {
@@ -197,6 +208,9 @@ impl Store {
             initialized: tokio::sync::OnceCell::new(),
             changes: broadcast::channel(CHANGE_BUFFER).0,
             cancel: CancellationToken::new(),
+            failing_after_ms: AtomicI64::new(duration_ms(
+                crate::config::webhooks::DEFAULT_REFRESH_FAILING_AFTER,
+            )),
         })
     }
 
@@ -260,6 +274,14 @@ impl Store {
             backend!(self.rename(pool, from, to, rt.as_deref(), at.as_deref(), &sealed))
         })
         .await
+    }
+
+    /// How long transient refresh failures last before
+    /// `connection.refresh_failing` is reported (`[webhooks]
+    /// refresh_failing_after`; the config follows reloads).
+    pub fn set_refresh_failing_after(&self, after: Duration) {
+        self.failing_after_ms
+            .store(duration_ms(after), Ordering::Relaxed);
     }
 
     /// This process's lease holder name (a refresh it committed is not news
@@ -467,7 +489,15 @@ impl Store {
     ) -> Result<Written, StoreError> {
         self.timed("record_failure", async {
             self.conditional(pool, id, seen, |expected| async move {
-                backend!(self.record_failure(pool, id, expected.as_deref(), &self.holder, error))
+                let after = self.failing_after_ms.load(Ordering::Relaxed);
+                backend!(self.record_failure(
+                    pool,
+                    id,
+                    expected.as_deref(),
+                    &self.holder,
+                    error,
+                    after
+                ))
             })
             .await
         })

@@ -38,6 +38,7 @@ const LAYERS: &[&[&str]] = &[
     &["store"],       // the store and its SQLite/PostgreSQL backends
     &["tokens"],      // grant, jwt, a credential's TokenSource
     &["connections"], // per-user pools, the ledger
+    &["webhooks"],    // lifecycle events: the outbox's deliverer, signatures
     &["proxy"],       // Generation, routes, handler, errors, access log, reload
     &["connect"],     // the [connect] listener's pages: links and callbacks
     &["admin"],       // /metrics, health, /status, connections API

@@ -123,15 +123,7 @@ pub(super) fn pool_request(
     (api, what, usage): (&str, &str, &str),
 ) -> Result<PoolRequest, Answer> {
     let generation = state.generation.load_full();
-    if let Some(token) = &generation.config.admin_api_token {
-        if !authorized(req.headers(), token.expose()) {
-            return Err(error(
-                StatusCode::UNAUTHORIZED,
-                "admin_unauthorized",
-                format!("the {what} needs Authorization: Bearer <admin.api_token>"),
-            ));
-        }
-    }
+    check_bearer(&generation, req, what)?;
     let mut segments = req.uri().path().trim_start_matches('/').split('/');
     let (Some(first), Some(pool_name), id, None) = (
         segments.next(),
@@ -157,6 +149,22 @@ pub(super) fn pool_request(
         pool,
         id,
     })
+}
+
+/// Checks `api_token`, when configured (for `what`, named in the 401).
+pub(super) fn check_bearer(
+    generation: &Generation,
+    req: &Request<Incoming>,
+    what: &str,
+) -> Result<(), Answer> {
+    match &generation.config.admin_api_token {
+        Some(token) if !authorized(req.headers(), token.expose()) => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "admin_unauthorized",
+            format!("the {what} needs Authorization: Bearer <admin.api_token>"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A request body of at most [`MAX_BODY`] bytes.

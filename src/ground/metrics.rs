@@ -31,6 +31,7 @@ pub struct Metrics {
     pub inflight: IntGauge,
     config_reloads: IntCounterVec,
     connections: ConnectionFamilies,
+    webhooks: WebhookMetrics,
 }
 
 impl Metrics {
@@ -60,7 +61,9 @@ impl Metrics {
             config_reloads.with_label_values(&[outcome]);
         }
         let connections = ConnectionFamilies::register(&registry);
+        let webhooks = WebhookMetrics::register(&registry);
         Metrics {
+            webhooks,
             connections,
             registry,
             routes,
@@ -189,6 +192,11 @@ impl Metrics {
             .inc();
     }
 
+    /// The webhook deliverer's handles.
+    pub fn webhooks(&self) -> WebhookMetrics {
+        self.webhooks.clone()
+    }
+
     /// Counts a reload.
     pub fn reload(&self, success: bool) {
         self.config_reloads
@@ -289,6 +297,12 @@ const STORE_OPS: &[&str] = &[
     "record_failure",
     "counts",
     "probe",
+    "webhook_claim",
+    "webhook_record",
+    "webhook_list",
+    "webhook_retry",
+    "webhook_queue",
+    "webhook_prune",
 ];
 
 /// Outcomes of token requests, as for credentials.
@@ -564,5 +578,59 @@ impl PoolMetrics {
         self.connections
             .with_label_values(&[&self.pool, state])
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+/// The `outcome` labels of `flinks_proxy_webhook_deliveries_total`
+/// (CONNECT.md): a 2xx, an attempt to be made again, a 4xx that ended it,
+/// an event given up after `max_age`.
+pub const WEBHOOK_OUTCOMES: [&str; 4] = ["delivered", "retried", "rejected", "expired"];
+
+/// The webhook outbox's families: attempts by outcome, and the queue
+/// (pending events, the oldest one's age) as the store holds it.
+#[derive(Clone)]
+pub struct WebhookMetrics {
+    deliveries: IntCounterVec,
+    queue: IntGauge,
+    oldest: prometheus::Gauge,
+}
+
+impl WebhookMetrics {
+    fn register(registry: &Registry) -> WebhookMetrics {
+        let deliveries = counter(
+            registry,
+            "flinks_proxy_webhook_deliveries_total",
+            "Webhook delivery attempts, by outcome (delivered, retried, rejected, expired)",
+            &["outcome"],
+        );
+        for outcome in WEBHOOK_OUTCOMES {
+            deliveries.with_label_values(&[outcome]);
+        }
+        let queue = IntGauge::new(
+            "flinks_proxy_webhook_queue",
+            "Webhook events not yet delivered (the store's, shared by replicas)",
+        )
+        .expect("valid metric");
+        let oldest = prometheus::Gauge::new(
+            "flinks_proxy_webhook_oldest_pending_seconds",
+            "Age of the oldest webhook event not yet delivered (0: none)",
+        )
+        .expect("valid metric");
+        WebhookMetrics {
+            deliveries,
+            queue: register(registry, queue),
+            oldest: register(registry, oldest),
+        }
+    }
+
+    /// Counts one attempt's outcome.
+    pub fn delivery(&self, outcome: &str) {
+        self.deliveries.with_label_values(&[outcome]).inc();
+    }
+
+    /// Sets the queue's gauges.
+    pub fn set_queue(&self, pending: u64, oldest_age: std::time::Duration) {
+        self.queue.set(i64::try_from(pending).unwrap_or(i64::MAX));
+        self.oldest.set(oldest_age.as_secs_f64());
     }
 }

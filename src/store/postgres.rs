@@ -228,6 +228,7 @@ impl Postgres {
              VALUES ($1, $2, $3, 'active', $4, $4, NULL, $5, $6, $7) \
              ON CONFLICT (pool, id) DO UPDATE SET sub = excluded.sub, state = 'active', \
              last_error = NULL, last_error_description = NULL, last_error_at = NULL, \
+             failing_since = NULL, failing_reported = 0, \
              authorized_at = GREATEST(excluded.authorized_at, connections.authorized_at + 1), \
              last_refresh_at = NULL, \
              access_token_expires_at = excluded.access_token_expires_at, \
@@ -375,7 +376,8 @@ impl Postgres {
         let sql = Self::conditional_sql(
             "refresh_token = $1, access_token = $2, access_token_expires_at = $3, \
              last_refresh_at = $4, state = 'active', last_error = NULL, \
-             last_error_description = NULL, last_error_at = NULL",
+             last_error_description = NULL, last_error_at = NULL, \
+             failing_since = NULL, failing_reported = 0",
             4,
         );
         let q = sqlx::query(&sql)
@@ -398,7 +400,8 @@ impl Postgres {
         let sql = Self::conditional_sql(
             "state = 'needs_reauthorization', access_token = NULL, \
              access_token_expires_at = NULL, last_error = $1, \
-             last_error_description = $2, last_error_at = $3",
+             last_error_description = $2, last_error_at = $3, \
+             failing_since = NULL, failing_reported = 0",
             3,
         );
         let q = sqlx::query(&sql)
@@ -416,15 +419,22 @@ impl Postgres {
         expected: Option<&str>,
         holder: &str,
         e: &LastError,
+        failing_after_ms: i64,
     ) -> Result<Option<SealedRow>, StoreError> {
+        // Every SET expression sees the old row: the failures are reported
+        // (once) when they have lasted `failing_after_ms`.
         let sql = Self::conditional_sql(
-            "last_error = $1, last_error_description = $2, last_error_at = $3",
-            3,
+            "last_error = $1, last_error_description = $2, last_error_at = $3, \
+             failing_since = COALESCE(failing_since, $3), \
+             failing_reported = CASE WHEN failing_since IS NOT NULL \
+                AND $3 - failing_since >= $4 THEN 1 ELSE failing_reported END",
+            4,
         );
         let q = sqlx::query(&sql)
             .bind(&e.error)
             .bind(&e.description)
-            .bind(e.at);
+            .bind(e.at)
+            .bind(failing_after_ms);
         self.run_conditional("record_failure", q, holder, pool, id, expected)
             .await
     }

@@ -13,6 +13,7 @@
 
 use serde::Serialize;
 
+use super::sql::run;
 use super::{unavailable, Backend, Store, StoreError};
 use crate::ground::crypto::Place;
 use crate::ground::now_ms;
@@ -204,53 +205,6 @@ struct SessionRow {
     finished_at: Option<i64>,
 }
 
-/// `?` placeholders as PostgreSQL's `$1`, `$2`, … (the SQL here has no `?`
-/// anywhere else).
-fn numbered(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len() + 8);
-    let mut n = 0;
-    for c in sql.chars() {
-        if c == '?' {
-            n += 1;
-            out.push_str(&format!("${n}"));
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Runs `$sql` with `$args` bound on whichever backend is configured:
-/// `rows` gives the session rows, `exec` the rows affected.
-macro_rules! run {
-    (rows $self:ident, $op:literal, $sql:expr, [$($arg:expr),*]) => {
-        match &$self.backend {
-            Backend::Sqlite(b) => {
-                b.check_file().await?;
-                sqlx::query_as::<_, SessionRow>(&$sql)$(.bind($arg))*
-                    .fetch_all(b.pool()).await.map_err(unavailable($op))
-            }
-            Backend::Postgres(b) => {
-                sqlx::query_as::<_, SessionRow>(&numbered(&$sql))$(.bind($arg))*
-                    .fetch_all(b.pool()).await.map_err(unavailable($op))
-            }
-        }
-    };
-    (exec $self:ident, $op:literal, $sql:expr, [$($arg:expr),*]) => {
-        match &$self.backend {
-            Backend::Sqlite(b) => {
-                b.check_file().await?;
-                sqlx::query(&$sql)$(.bind($arg))*
-                    .execute(b.pool()).await.map(|r| r.rows_affected()).map_err(unavailable($op))
-            }
-            Backend::Postgres(b) => {
-                sqlx::query(&numbered(&$sql))$(.bind($arg))*
-                    .execute(b.pool()).await.map(|r| r.rows_affected()).map_err(unavailable($op))
-            }
-        }
-    };
-}
-
 impl Store {
     /// Creates a pending session.
     pub async fn create_session(&self, s: &NewSession<'_>) -> Result<(), StoreError> {
@@ -272,7 +226,7 @@ impl Store {
     pub async fn session(&self, pool: &str, id: &str) -> Result<Option<Session>, StoreError> {
         self.timed("session_get", async {
             let sql = format!("SELECT {COLUMNS} FROM connect_sessions WHERE pool = ? AND id = ?");
-            let rows = run!(rows self, "session_get", sql, [pool, id])?;
+            let rows = run!(rows SessionRow, self, "session_get", sql, [pool, id])?;
             self.first_session(rows)
         })
         .await
@@ -282,7 +236,7 @@ impl Store {
     pub async fn session_by_token(&self, token_hash: &str) -> Result<Option<Session>, StoreError> {
         self.timed("session_get", async {
             let sql = format!("SELECT {COLUMNS} FROM connect_sessions WHERE token_hash = ?");
-            let rows = run!(rows self, "session_get", sql, [token_hash])?;
+            let rows = run!(rows SessionRow, self, "session_get", sql, [token_hash])?;
             self.first_session(rows)
         })
         .await
@@ -292,7 +246,7 @@ impl Store {
     pub async fn session_by_state(&self, state_hash: &str) -> Result<Option<Session>, StoreError> {
         self.timed("session_get", async {
             let sql = format!("SELECT {COLUMNS} FROM connect_sessions WHERE state_hash = ?");
-            let rows = run!(rows self, "session_get", sql, [state_hash])?;
+            let rows = run!(rows SessionRow, self, "session_get", sql, [state_hash])?;
             self.first_session(rows)
         })
         .await
@@ -348,7 +302,7 @@ impl Store {
                  WHERE state_hash = ? AND browser_hash = ? AND status = 'pending' \
                  AND phase = 'opened' AND expires_at > ? RETURNING {COLUMNS}"
             );
-            let rows = run!(rows self, "session_spend", sql, [state_hash, browser_hash, now_ms()])?;
+            let rows = run!(rows SessionRow, self, "session_spend", sql, [state_hash, browser_hash, now_ms()])?;
             self.first_session(rows)
         })
         .await
@@ -392,7 +346,7 @@ impl Store {
                  AND (phase <> 'exchanging' OR expires_at <= ?) RETURNING {COLUMNS}"
             );
             let rows =
-                run!(rows self, "session_expire", sql, [now, now, now.saturating_sub(grace_ms)])?;
+                run!(rows SessionRow, self, "session_expire", sql, [now, now, now.saturating_sub(grace_ms)])?;
             Ok(rows.into_iter().map(|r| r.pool).collect())
         })
         .await
@@ -470,14 +424,6 @@ fn verifier_place(session: &Session) -> Place<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn placeholders_are_numbered_for_postgres() {
-        assert_eq!(
-            numbered("UPDATE t SET a = ? WHERE b = ? AND c = ?"),
-            "UPDATE t SET a = $1 WHERE b = $2 AND c = $3"
-        );
-    }
 
     #[test]
     fn secret_hashes_are_sha256_hex() {

@@ -140,24 +140,27 @@ impl Sqlite {
         if !Path::new("/proc/self").exists() {
             return Ok(());
         }
-        let owners: Vec<(String,)> = sqlx::query_as(
-            "SELECT DISTINCT lease_owner FROM connections WHERE lease_owner IS NOT NULL",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable("open"))?;
-        for (owner,) in owners {
-            let pid = owner.split('-').next().and_then(|p| p.parse::<u32>().ok());
-            let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
-            if pid.is_some() && !alive {
-                sqlx::query(
-                    "UPDATE connections SET lease_owner = NULL, lease_until = NULL \
-                     WHERE lease_owner = ?",
-                )
-                .bind(&owner)
-                .execute(&self.pool)
-                .await
-                .map_err(unavailable("open"))?;
+        // Refresh leases and webhook delivery leases alike.
+        for table in ["connections", "webhook_events"] {
+            let owners: Vec<(String,)> = sqlx::query_as(&format!(
+                "SELECT DISTINCT lease_owner FROM {table} WHERE lease_owner IS NOT NULL"
+            ))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable("open"))?;
+            for (owner,) in owners {
+                let pid = owner.split('-').next().and_then(|p| p.parse::<u32>().ok());
+                let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+                if pid.is_some() && !alive {
+                    sqlx::query(&format!(
+                        "UPDATE {table} SET lease_owner = NULL, lease_until = NULL \
+                         WHERE lease_owner = ?"
+                    ))
+                    .bind(&owner)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(unavailable("open"))?;
+                }
             }
         }
         Ok(())
@@ -351,6 +354,7 @@ impl Sqlite {
              VALUES (?, ?, ?, 'active', ?, ?, NULL, ?, ?, ?) \
              ON CONFLICT (pool, id) DO UPDATE SET sub = excluded.sub, state = 'active', \
              last_error = NULL, last_error_description = NULL, last_error_at = NULL, \
+             failing_since = NULL, failing_reported = 0, \
              authorized_at = excluded.authorized_at, last_refresh_at = NULL, \
              access_token_expires_at = excluded.access_token_expires_at, \
              refresh_token = excluded.refresh_token, access_token = excluded.access_token, \

@@ -339,6 +339,21 @@ impl Connect {
     }
 }
 
+/// `[webhooks]`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Webhooks {
+    pub url: String,
+    pub secret: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "duration")]
+    pub timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "duration")]
+    pub max_age: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "duration")]
+    pub refresh_failing_after: Option<Duration>,
+}
+
 /// A whole proxy.toml.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ProxyToml {
@@ -359,6 +374,8 @@ pub struct ProxyToml {
     pub routes: BTreeMap<String, Route>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connect: Option<Connect>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<Webhooks>,
     /// `(table, key, TOML value)` added by [`ProxyToml::extra`].
     #[serde(skip)]
     extra: Vec<(String, String, String)>,

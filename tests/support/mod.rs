@@ -17,6 +17,7 @@ pub mod pki;
 pub mod postgres;
 pub mod process;
 pub mod prometheus;
+pub mod receiver;
 pub mod tempdir;
 pub mod upstream;
 pub mod webdriver;

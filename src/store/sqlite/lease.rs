@@ -86,7 +86,8 @@ impl Sqlite {
         let sql = Self::conditional_sql(
             "refresh_token = ?, access_token = ?, access_token_expires_at = ?, \
              last_refresh_at = ?, state = 'active', last_error = NULL, \
-             last_error_description = NULL, last_error_at = NULL",
+             last_error_description = NULL, last_error_at = NULL, \
+             failing_since = NULL, failing_reported = 0",
         );
         let q = sqlx::query(&sql)
             .bind(&t.refresh_token)
@@ -108,7 +109,8 @@ impl Sqlite {
         let sql = Self::conditional_sql(
             "state = 'needs_reauthorization', access_token = NULL, \
              access_token_expires_at = NULL, last_error = ?, \
-             last_error_description = ?, last_error_at = ?",
+             last_error_description = ?, last_error_at = ?, \
+             failing_since = NULL, failing_reported = 0",
         );
         let q = sqlx::query(&sql)
             .bind(&e.error)
@@ -125,13 +127,23 @@ impl Sqlite {
         expected: Option<&str>,
         holder: &str,
         e: &LastError,
+        failing_after_ms: i64,
     ) -> Result<Option<SealedRow>, StoreError> {
-        let sql =
-            Self::conditional_sql("last_error = ?, last_error_description = ?, last_error_at = ?");
+        // Every SET expression sees the old row: the failures are reported
+        // (once) when they have lasted `failing_after_ms`.
+        let sql = Self::conditional_sql(
+            "last_error = ?, last_error_description = ?, last_error_at = ?, \
+             failing_since = COALESCE(failing_since, ?), \
+             failing_reported = CASE WHEN failing_since IS NOT NULL \
+                AND ? - failing_since >= ? THEN 1 ELSE failing_reported END",
+        );
         let q = sqlx::query(&sql)
             .bind(&e.error)
             .bind(&e.description)
-            .bind(e.at);
+            .bind(e.at)
+            .bind(e.at)
+            .bind(e.at)
+            .bind(failing_after_ms);
         self.run_conditional("record_failure", q, holder, pool, id, expected)
             .await
     }
