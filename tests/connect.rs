@@ -383,6 +383,53 @@ async fn a_denied_consent_fails_the_session_and_tells_the_app() {
 }
 
 #[tokio::test]
+async fn a_denied_consent_is_a_signed_connect_session_failed_event() {
+    let rx = support::receiver::Receiver::start().await;
+    let secret = format!("whsec_{}", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+    let f = flow_with(|c| {
+        c.webhooks = Some(support::Webhooks {
+            url: rx.url(),
+            secret: Some(secret.as_str().into()),
+            ..support::Webhooks::default()
+        })
+    })
+    .await;
+    let s = f.session(json!({"redirect_to": APP})).await;
+    let mut b = Browser::new();
+    let authorize = f.open(&mut b, s["connect_url"].as_str().unwrap()).await;
+    let callback = b.consent(&authorize, "alice", false).await;
+    assert_eq!(b.get(&callback).await.status, 302);
+    let got = rx.wait_delivered(1, Duration::from_secs(20)).await;
+    let d = &got[0];
+    let wh = standardwebhooks::Webhook::new(&secret).unwrap();
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in &d.headers {
+        headers.append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    wh.verify(d.body.as_bytes(), &headers)
+        .expect("signed per Standard Webhooks");
+    let body = d.json();
+    assert_eq!(body["type"], "connect_session.failed", "{body}");
+    let id = s["session_id"].as_str().unwrap();
+    assert_eq!(body["data"]["session_id"], id, "{body}");
+    assert_eq!(body["data"]["state"], "failed", "{body}");
+    assert_eq!(body["data"]["error"]["error"], "access_denied", "{body}");
+    assert_eq!(
+        body["data"],
+        f.session_state(id).await,
+        "the admin API's JSON"
+    );
+    let text = format!("{:?}{}", d.headers, d.body);
+    assert!(
+        !text.contains(s["connect_url"].as_str().unwrap()),
+        "the link is a secret"
+    );
+}
+
+#[tokio::test]
 async fn redirects_outside_the_allowed_list_are_refused_naming_redirect_to() {
     let f = flow().await;
     for bad in [
