@@ -146,6 +146,9 @@ fn dashboard_has_current_schema_variables_and_a_panel_per_concern() {
         "flinks_proxy_inflight_requests",
         "flinks_proxy_connections",
         "flinks_proxy_store_operations_total",
+        "flinks_proxy_webhook_deliveries_total",
+        "flinks_proxy_webhook_queue",
+        "flinks_proxy_webhook_oldest_pending_seconds",
     ] {
         assert!(read.contains(family), "no panel reads {family}: {read:?}");
     }

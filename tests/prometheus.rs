@@ -165,6 +165,18 @@ async fn pooled_series_arrive(m: &Monitored) {
     );
     let timed = r#"flinks_proxy_store_operation_duration_seconds_count{op="counts"}"#;
     value(m, timed, |v| v >= 1.0).await;
+
+    // Webhook series exist from the start, at 0 (no [webhooks] here: the
+    // queue is still the store's).
+    for outcome in ["delivered", "retried", "rejected", "expired"] {
+        let s = format!("flinks_proxy_webhook_deliveries_total{{outcome=\"{outcome}\"}}");
+        value(m, &s, |v| v == 0.0).await;
+    }
+    value(m, "flinks_proxy_webhook_oldest_pending_seconds", |v| {
+        v >= 0.0
+    })
+    .await;
+    value(m, "flinks_proxy_webhook_queue", |v| v >= 0.0).await;
 }
 
 #[test]
@@ -176,7 +188,7 @@ fn alert_and_recording_rules_pass_promtool_check() {
         "deploy/prometheus/alerts.yml",
     ]);
     assert!(ok, "{out}");
-    assert!(out.contains("SUCCESS: 10 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 12 rules found"), "{out}");
 }
 
 #[test]
