@@ -55,7 +55,7 @@ use crate::ground::secret::Secret;
 use changes::CHANGE_BUFFER;
 pub use changes::{Change, ChangeKind};
 use error::unavailable;
-pub use error::StoreError;
+pub use error::{retry_while_unavailable, StoreError};
 pub use outbox::{Attempt, EventState, Queue, WebhookEvent};
 pub use record::{
     rfc3339, ConnectionInfo, ConnectionState, LastError, Lease, Record, Tokens, Version, Written,

@@ -25,7 +25,7 @@ use crate::config::WebhooksConfig;
 use crate::ground::metrics::WebhookMetrics;
 use crate::ground::now_ms;
 use crate::net::upstream::{build_client, HttpClient};
-use crate::store::{rfc3339, Attempt, Store, WebhookEvent};
+use crate::store::{retry_while_unavailable, rfc3339, Attempt, Store, WebhookEvent};
 
 pub use sign::signature;
 
@@ -145,7 +145,13 @@ async fn deliver_due(
                 tracing::error!(id = %ev.id, kind = %ev.kind, %outcome, %error, "webhook given up")
             }
         }
-        let _ = store.record_attempt(&ev, &attempt).await;
+        // The answer is known: keep it through a short store outage (the
+        // lease would otherwise make the event wait for its expiry, then
+        // be sent again).
+        let record = || store.record_attempt(&ev, &attempt);
+        if let Err(e) = retry_while_unavailable(lease, record).await {
+            tracing::warn!(id = %ev.id, error = %e, "webhook outcome not recorded; it is sent again when its lease ends");
+        }
     });
     futures_util::future::join_all(attempts).await;
     n

@@ -529,3 +529,63 @@ async fn two_replicas_on_one_postgres_store_deliver_each_event_once_in_order() {
         deliveries(&metrics(&a).await, "delivered") + deliveries(&metrics(&b).await, "delivered");
     assert_eq!(total, 6.0);
 }
+
+#[tokio::test]
+async fn an_outcome_is_kept_through_a_store_outage_and_delivery_resumes_after_it() {
+    let pg = support::postgres::PgCluster::start();
+    pg.create_database("outage");
+    let sb = users_sandbox(3600, false).await;
+    let dir = TempDir::new();
+    let rx = Receiver::start().await;
+    // The first attempt fails: the event is pending (a retry scheduled)
+    // when the database goes away.
+    rx.script(&[Reply::Status(503, Some(1))]);
+    let secret = new_secret();
+    let toml = toml_for(&sb, &dir, hooks(&rx, &secret)).with(|c| {
+        c.store = Some(support::config::Store {
+            url: Some(pg.url("outage").into()),
+            key: new_key().into(),
+            old_keys: None,
+            max_connections: Some(4),
+        })
+    });
+    let p = support::start_proxy(&toml.toml()).await;
+    connect(&p, "alice").await;
+    rx.wait_for(1, WAIT).await;
+    pg.stop();
+    let r = admin(
+        &p,
+        "POST",
+        "/connections/users",
+        Some(serde_json::json!({"code": "code-bob"})),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        503,
+        "no store, no connection, no event: {}",
+        r.text()
+    );
+    pg.start_server();
+    connect(&p, "bob").await;
+    let got = rx.wait_delivered(2, WAIT).await;
+    let mut users: Vec<String> = got
+        .iter()
+        .map(|d| d.json()["data"]["id"].as_str().unwrap().to_owned())
+        .collect();
+    users.sort();
+    assert_eq!(
+        users,
+        ["alice", "bob"],
+        "both delivered, alice's answer recorded through the outage"
+    );
+    let alice = got
+        .iter()
+        .find(|d| d.json()["data"]["id"] == "alice")
+        .unwrap();
+    assert_eq!(
+        alice.id(),
+        rx.deliveries()[0].id(),
+        "alice's retry kept its id"
+    );
+}

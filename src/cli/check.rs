@@ -48,6 +48,15 @@ pub fn check(path: &Path) -> ExitCode {
     print_access(&config.access);
     print_credentials(&config.credentials);
     print_routes(&config.routes);
+    if let Some(w) = &config.webhooks {
+        println!(
+            "webhooks {} (events {}; timeout {}, max_age {})",
+            w.display_url(),
+            w.events.join(", "),
+            humantime::format_duration(w.timeout),
+            humantime::format_duration(w.max_age),
+        );
+    }
     ExitCode::SUCCESS
 }
 

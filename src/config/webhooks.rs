@@ -80,7 +80,7 @@ pub struct WebhooksConfig {
 impl std::fmt::Debug for WebhooksConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhooksConfig")
-            .field("url", &self.url)
+            .field("url", &self.display_url())
             .field("key", &"<redacted>")
             .field("events", &self.events)
             .field("timeout", &self.timeout)
@@ -104,6 +104,19 @@ impl PartialEq for WebhooksConfig {
 }
 
 impl WebhooksConfig {
+    /// The URL without its query (which may carry a receiver's token), for
+    /// logs and `check`.
+    pub fn display_url(&self) -> String {
+        let scheme = self.url.scheme_str().unwrap_or("http");
+        let authority = self.url.authority().map_or("", |a| a.as_str());
+        let query = if self.url.query().is_some() {
+            "?…"
+        } else {
+            ""
+        };
+        format!("{scheme}://{authority}{}{query}", self.url.path())
+    }
+
     /// Whether events of type `kind` are delivered.
     pub fn wants(&self, kind: &str) -> bool {
         self.events.iter().any(|p| pattern_matches(p, kind))
@@ -147,7 +160,7 @@ impl Ctx {
         let host = url.host().unwrap_or_default();
         if url.scheme_str() == Some("http") && !is_loopback_host(host) {
             tracing::warn!(
-                url = %w.url,
+                host,
                 "webhooks.url is plain http beyond loopback: events and their signatures travel in clear"
             );
         }
@@ -203,6 +216,62 @@ mod tests {
         assert!(!pattern_matches("connection.*", "connect_session.failed"));
         assert!(pattern_matches("connection.deleted", "connection.deleted"));
         assert!(!pattern_matches("connection.delete", "connection.deleted"));
+    }
+
+    /// A config with a store and `[webhooks]` holding `body`.
+    fn parse(body: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
+        let key = crate::ground::crypto::generate_key().unwrap();
+        let text = format!("[store]\nurl = \"sqlite:x.db\"\nkey = \"{key}\"\n[webhooks]\n{body}\n");
+        crate::config::Config::parse(&text, std::path::Path::new("p.toml"))
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let secret = format!("whsec_{}", STANDARD.encode([1u8; 32]));
+        let good = format!("url = \"http://127.0.0.1:9/h\"\nsecret = \"{secret}\"");
+        let w = parse(&good).unwrap().webhooks.unwrap();
+        assert_eq!(w.events, ["*"]);
+        assert_eq!(w.max_age, Duration::from_secs(86400));
+        assert_eq!(w.refresh_failing_after, DEFAULT_REFRESH_FAILING_AFTER);
+        for (extra, key) in [
+            ("events = [\"connection.create\"]", "webhooks.events[0]"),
+            ("events = [\"*\", \"session.*\"]", "webhooks.events[1]"),
+            ("timeout = \"0s\"", "webhooks.timeout"),
+            ("timeout = \"10s\"\nmax_age = \"5s\"", "webhooks.max_age"),
+            ("colour = \"red\"", "colour"),
+        ] {
+            let err = parse(&format!("{good}\n{extra}")).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+        let err =
+            parse("url = \"http://127.0.0.1:9/h\"\nsecret = \"hunter2hunter2hunter2hunter2\"")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("webhooks.secret") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let err = parse(&format!("url = \"ftp://x/\"\nsecret = \"{secret}\"")).unwrap_err();
+        assert!(err.to_string().contains("webhooks.url"), "{err}");
+    }
+
+    #[test]
+    fn a_query_token_in_the_url_is_not_shown() {
+        let text = format!(
+            "[webhooks]\nurl = \"https://hooks.example.com/in?token=s3cr3t\"\nsecret = \"whsec_{}\"\n",
+            STANDARD.encode([1u8; 32])
+        );
+        let c = crate::config::Config::parse(&text, std::path::Path::new("p.toml"));
+        let err = c.expect_err("webhooks needs a store");
+        assert!(err.to_string().contains("webhooks"), "{err}");
+        let text = format!(
+            "[store]\nurl = \"sqlite:x.db\"\nkey = \"{}\"\n{text}",
+            crate::ground::crypto::generate_key().unwrap()
+        );
+        let c = crate::config::Config::parse(&text, std::path::Path::new("p.toml")).unwrap();
+        let w = c.webhooks.unwrap();
+        assert_eq!(w.display_url(), "https://hooks.example.com/in?…");
+        assert!(!format!("{w:?}").contains("s3cr3t"));
     }
 
     #[test]

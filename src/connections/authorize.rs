@@ -6,10 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use super::{valid_id, Pool};
 use crate::ground::secret::Secret;
+use crate::store::retry_while_unavailable;
 use crate::store::{ConnectionInfo, StoreError, Tokens};
 use crate::tokens::{self, Grant, Granted, TokenError};
 
@@ -176,29 +175,5 @@ impl Pool {
                 tracing::error!(pool = %name, connection = %id, error = %e, "the store did not take a just-authorized connection; the user must authorize again");
                 AuthorizeError::Store(e)
             })
-    }
-}
-
-/// Runs a store write until it lands or fails for good, trying again while
-/// the store is unavailable for up to `limit` (100 ms, doubling to 2 s): for
-/// writes that must not be lost because a code was just spent.
-pub(super) async fn retry_while_unavailable<T, F, Fut>(
-    limit: Duration,
-    mut write: F,
-) -> Result<T, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
-{
-    let start = Instant::now();
-    let mut wait = Duration::from_millis(100);
-    loop {
-        match write().await {
-            Err(e) if e.is_unavailable() && start.elapsed() < limit => {
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(2));
-            }
-            r => return r,
-        }
     }
 }

@@ -16,7 +16,6 @@ use std::time::Duration;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 
-use super::authorize::retry_while_unavailable;
 use super::{valid_id, AuthorizeError, Exchange, Pool};
 use crate::config::{
     AuthorizeConfig, ConnectConfig, MAX_SESSION_TTL, MIN_SESSION_TTL, SESSION_AUTHORIZE_PARAMS,
@@ -25,6 +24,7 @@ use crate::ground::crypto::{hex, random_bytes};
 use crate::ground::form;
 use crate::ground::now_ms;
 use crate::ground::secret::Secret;
+use crate::store::retry_while_unavailable;
 use crate::store::{
     secret_hash, NewSession, Session, SessionEnd, SessionPhase, SessionStatus, StoreError,
 };

@@ -2,6 +2,10 @@
 //! pass by themselves ([`StoreError::is_unavailable`]). Never carries a
 //! token, key or password.
 
+use std::time::Duration;
+
+use tokio::time::Instant;
+
 use crate::ground::crypto::CryptoError;
 
 /// Why a store operation failed. Never carries a token, key or password.
@@ -99,4 +103,29 @@ impl StoreError {
 /// (every backend's SQL, and the connect sessions').
 pub(super) fn unavailable(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Unavailable { op, source }
+}
+
+/// Runs a store write until it lands or fails for good, trying again while
+/// the store is unavailable for up to `limit` (100 ms, doubling to 2 s): for
+/// writes that must not be lost: a code was just spent, a webhook was
+/// just answered.
+pub async fn retry_while_unavailable<T, F, Fut>(
+    limit: Duration,
+    mut write: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let start = Instant::now();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match write().await {
+            Err(e) if e.is_unavailable() && start.elapsed() < limit => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            r => return r,
+        }
+    }
 }
