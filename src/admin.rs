@@ -3,7 +3,7 @@
 //! every credential has had a first token, and not draining) and `/status` (credentials and routes as
 //! JSON, never a secret); `admin/connections.rs` serves the connections
 //! API under `/connections`, `admin/sessions.rs` connect sessions under
-//! `/connect-sessions`.
+//! `/connect-sessions`, `admin/ui.rs` the operator's HTML page under `/ui`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 
 pub mod connections;
 pub mod sessions;
+pub mod ui;
 
 use crate::connections::Pool;
 use crate::proxy::body::ProxyBody;
@@ -45,6 +46,9 @@ pub async fn handle(
     }
     if path.starts_with("/connect-sessions/") {
         return Ok(sessions::handle(&state, req).await);
+    }
+    if path == "/ui" || path.starts_with("/ui/") {
+        return Ok(ui::handle(&state, req).await);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(reply(
