@@ -10,7 +10,7 @@
 
 mod support;
 
-use flinks_proxy::sandbox::Sandbox;
+use flinks_proxy::sandbox::{Sandbox, SandboxOptions, SandboxUser};
 use flinks_proxy::Running;
 use support::browser::Browser;
 use support::connections::{admin, connect, users_sandbox, API_TOKEN};
@@ -30,8 +30,8 @@ struct Ui {
 }
 
 impl Ui {
-    async fn start() -> Ui {
-        let sb = users_sandbox(3600, false).await;
+    /// The proxy on `sb`, with no connection yet.
+    async fn on(sb: Sandbox) -> Ui {
         let dir = TempDir::new();
         let toml = ProxyToml::pool(&sb, &dir.path().join("store.db"), &connections::new_key())
             .with(|c| {
@@ -43,21 +43,27 @@ impl Ui {
             });
         let public = toml.connect.as_ref().expect("[connect]").public_url.clone();
         let proxy = start_proxy(&toml.toml()).await;
-        for user in ["alice", "bob", "carol"] {
-            connect(&proxy, user).await;
-        }
-        // Carol's consent ends at the bank; her next request says so.
-        sb.revoke_consent("carol");
-        let r = connections::get_as(&proxy, "/api/fdx/5/accounts", "carol").await;
-        assert_eq!(r.status, 401, "{}", r.text());
-        let c = admin(&proxy, "GET", "/connections/users/carol", None).await;
-        assert_eq!(c.json()["state"], "needs_reauthorization", "{}", c.text());
         Ui {
             proxy,
             sb,
             public,
             _dir: dir,
         }
+    }
+
+    /// Alice, bob and carol connected; carol needs re-authorization.
+    async fn start() -> Ui {
+        let ui = Ui::on(users_sandbox(3600, false).await).await;
+        for user in ["alice", "bob", "carol"] {
+            connect(&ui.proxy, user).await;
+        }
+        // Carol's consent ends at the bank; her next request says so.
+        ui.sb.revoke_consent("carol");
+        let r = connections::get_as(&ui.proxy, "/api/fdx/5/accounts", "carol").await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        let c = admin(&ui.proxy, "GET", "/connections/users/carol", None).await;
+        assert_eq!(c.json()["state"], "needs_reauthorization", "{}", c.text());
+        ui
     }
 
     fn url(&self, path: &str) -> String {
@@ -340,4 +346,61 @@ async fn without_a_session_or_a_csrf_token_nothing_happens() {
     let r = b.post_form(&ui.url("/ui/delete"), &pairs).await;
     assert_eq!(r.status, 200, "with the session's csrf token: {}", r.text());
     assert_eq!(ui.status_of("alice").await, 404);
+}
+
+/// The ids of the connection rows in `html`.
+fn row_ids(html: &str) -> Vec<&str> {
+    html.split("<tr data-id=\"")
+        .skip(1)
+        .filter_map(|r| r.split('"').next())
+        .collect()
+}
+
+/// The `href` of the link with `id` in `html`, unescaped (`&amp;`).
+fn href(html: &str, id: &str) -> Option<String> {
+    let pattern = format!("id=\"{id}\" href=\"");
+    let at = html.find(&pattern)? + pattern.len();
+    Some(html[at..].split('"').next()?.replace("&amp;", "&"))
+}
+
+#[tokio::test]
+async fn connections_come_in_pages_of_fifty_and_the_search_spans_them() {
+    let users: Vec<String> = (0..55).map(|i| format!("user{i:02}")).collect();
+    let sb = Sandbox::start(SandboxOptions {
+        users: users.iter().map(|u| SandboxUser::new(u)).collect(),
+        ..SandboxOptions::default()
+    })
+    .await
+    .expect("sandbox");
+    let ui = Ui::on(sb).await;
+    for u in &users {
+        connect(&ui.proxy, u).await;
+    }
+    let mut b = Browser::new();
+    let first = http_log_in(&ui, &mut b).await;
+    assert_eq!(
+        row_ids(&first),
+        users[..50].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    let next = href(&first, "next").expect("a next page link");
+    let second = b.get(&ui.url(&next)).await;
+    assert_eq!(second.status, 200, "{next}: {}", second.text());
+    assert_eq!(
+        row_ids(&second.text()),
+        ["user50", "user51", "user52", "user53", "user54"]
+    );
+    assert!(href(&second.text(), "next").is_none(), "the last page");
+    let found = b.get(&ui.url("/ui?pool=users&q=USER0")).await.text();
+    let expected: Vec<String> = (0..10).map(|i| format!("user0{i}")).collect();
+    assert_eq!(row_ids(&found), expected);
+    let found = b.get(&ui.url("/ui?pool=users&q=5")).await.text();
+    assert_eq!(
+        row_ids(&found),
+        [
+            "user05", "user15", "user25", "user35", "user45", "user50", "user51", "user52",
+            "user53", "user54"
+        ]
+    );
+    let none = b.get(&ui.url("/ui?pool=users&q=nobody")).await.text();
+    assert!(row_ids(&none).is_empty() && none.contains("No connection matches."));
 }
