@@ -4,7 +4,7 @@
 //! JSON, never a secret); `admin/connections.rs` serves the connections
 //! API under `/connections`, `admin/sessions.rs` connect sessions under
 //! `/connect-sessions`, `admin/webhooks.rs` webhook events under
-//! `/webhooks/events`.
+//! `/webhooks/events`, `admin/ui.rs` the operator's HTML page under `/ui`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 
 pub mod connections;
 pub mod sessions;
+pub mod ui;
 pub mod webhooks;
 
 use crate::connections::Pool;
@@ -50,6 +51,9 @@ pub async fn handle(
     }
     if path == "/webhooks/events" || path.starts_with("/webhooks/events/") {
         return Ok(webhooks::handle(&state, req).await);
+    }
+    if path == "/ui" || path.starts_with("/ui/") {
+        return Ok(ui::handle(&state, req).await);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(reply(

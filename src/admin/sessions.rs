@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::connections::{
     bad_request, error, parse_json, pool_request, read_body, respond, store_error, Answer,
 };
-use crate::connections::connect::{ConnectError, SessionRequest};
+use crate::connections::connect::{ConnectError, Created, SessionRequest};
 use crate::connections::Pool;
 use crate::ground::now_ms;
 use crate::proxy::body::ProxyBody;
@@ -89,10 +89,23 @@ impl Ttl {
     }
 }
 
-async fn create(generation: &Generation, pool: &Pool, req: Request<Incoming>) -> Answer {
+/// Creates a connect session on `pool` with the generation's `[connect]`
+/// settings: the one path of `POST /connect-sessions/{pool}` and of the
+/// operator page's re-authorize link (`admin/ui`).
+pub(super) async fn start_session(
+    generation: &Generation,
+    pool: &Pool,
+    request: SessionRequest,
+) -> Result<Created, ConnectError> {
     let Some(connect) = &generation.config.connect else {
-        return bad_request("the connect flow needs a [connect] table in the config");
+        return Err(ConnectError::BadRequest(
+            "the connect flow needs a [connect] table in the config".into(),
+        ));
     };
+    pool.create_session(connect, request).await
+}
+
+async fn create(generation: &Generation, pool: &Pool, req: Request<Incoming>) -> Answer {
     let bytes = match read_body(req).await {
         Ok(b) => b,
         Err(a) => return a,
@@ -116,7 +129,7 @@ async fn create(generation: &Generation, pool: &Pool, req: Request<Incoming>) ->
         ttl,
         authorize_params: body.authorize_params.into_iter().collect(),
     };
-    match pool.create_session(connect, request).await {
+    match start_session(generation, pool, request).await {
         Ok(created) => {
             let mut json = created.session.to_json(now_ms());
             json["connect_url"] = created.connect_url.expose().into();
