@@ -28,6 +28,7 @@
 
 mod changes;
 mod error;
+pub mod idle;
 mod postgres;
 mod record;
 mod rekey;
