@@ -174,6 +174,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ));
     }
     state.start();
+    start_keepalive(&state, &shutdown);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "flinks-proxy started");
     let proxy_task = tokio::spawn(server::serve_proxy(
         listener,
@@ -190,6 +191,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         admin_shutdown,
         proxy_task: Some(proxy_task),
     })
+}
+
+/// Starts the keep-alive task (`connections::keepalive`): it follows the
+/// current generation's pools and stops with `shutdown`.
+fn start_keepalive(state: &Arc<AppState>, shutdown: &CancellationToken) {
+    if state.store.is_none() {
+        return;
+    }
+    let st = Arc::clone(state);
+    let pools = move || st.generation.load().pools.values().cloned().collect();
+    connections::keepalive::spawn(pools, shutdown.child_token());
 }
 
 /// How often expired connect sessions are marked so (and counted), and

@@ -3,6 +3,8 @@
 //! handles. Per-route and per-credential handles are resolved once when a
 //! config is built, never per request.
 
+mod keepalive;
+
 use std::sync::OnceLock;
 
 use prometheus::{
@@ -31,7 +33,10 @@ pub struct Metrics {
     pub inflight: IntGauge,
     config_reloads: IntCounterVec,
     connections: ConnectionFamilies,
+    keepalive: keepalive::KeepaliveFamilies,
 }
+
+pub use keepalive::{KeepaliveMetrics, KEEPALIVE_OUTCOMES};
 
 impl Metrics {
     /// Creates the registry and registers every family (and process metrics
@@ -60,8 +65,10 @@ impl Metrics {
             config_reloads.with_label_values(&[outcome]);
         }
         let connections = ConnectionFamilies::register(&registry);
+        let keepalive = keepalive::KeepaliveFamilies::register(&registry);
         Metrics {
             connections,
+            keepalive,
             registry,
             routes,
             credentials,
@@ -177,6 +184,7 @@ impl Metrics {
             token_requests: f.token_requests.clone(),
             connections: f.connections.clone(),
             connect_sessions: f.connect_sessions.clone(),
+            keepalive: self.keepalive.pool(pool),
         }
     }
 
@@ -289,6 +297,8 @@ const STORE_OPS: &[&str] = &[
     "record_failure",
     "counts",
     "probe",
+    "idle_scan",
+    "idle_oldest",
 ];
 
 /// Outcomes of token requests, as for credentials.
@@ -540,6 +550,8 @@ pub struct PoolMetrics {
     token_requests: IntCounterVec,
     connections: IntGaugeVec,
     connect_sessions: IntCounterVec,
+    /// Keep-alive handles.
+    pub keepalive: KeepaliveMetrics,
 }
 
 impl PoolMetrics {
