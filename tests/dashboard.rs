@@ -146,6 +146,8 @@ fn dashboard_has_current_schema_variables_and_a_panel_per_concern() {
         "flinks_proxy_inflight_requests",
         "flinks_proxy_connections",
         "flinks_proxy_store_operations_total",
+        "flinks_proxy_connection_refresh_token_idle_seconds",
+        "flinks_proxy_keepalive_refreshes_total",
     ] {
         assert!(read.contains(family), "no panel reads {family}: {read:?}");
     }
