@@ -357,3 +357,70 @@ async fn the_oldest_unused_refresh_token_age_is_a_gauge_even_without_keepalive()
     );
     p.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_keep_alive_turns_the_connection_needs_reauthorization() {
+    let subs = users(1);
+    let sb = sandbox(&subs).await;
+    let dir = TempDir::new();
+    let db_path = dir.join("c.db");
+    let p = support::start_proxy(&sqlite_toml(&sb, &db_path, Some(("100s", 5.0)))).await;
+    let user = &subs[0];
+    connect(&p, user).await;
+    // The user's consent is gone: the endpoint refuses their refresh token.
+    sb.revoke_consent(user);
+    Db::sqlite(&db_path).await.age(user, HOUR_MS).await;
+    let refused =
+        r#"flinks_proxy_keepalive_refreshes_total{outcome="needs_reauthorization",pool="users"}"#;
+    until(
+        Duration::from_secs(20),
+        "the refused keep-alive",
+        || async { metric(&p, refused).await >= 1.0 },
+    )
+    .await;
+    let c = support::connections::admin(&p, "GET", &format!("/connections/users/{user}"), None)
+        .await
+        .json();
+    assert_eq!(c["state"], "needs_reauthorization", "{c}");
+    assert_eq!(c["last_error"]["error"], "invalid_grant", "{c}");
+    // Its user must authorize again: keep-alive leaves it alone now.
+    two_more_scans(&[&p]).await;
+    assert_eq!(
+        sb.token_requests_by_grant("refresh_token"),
+        1,
+        "one refused refresh"
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_turned_on_by_a_reload_takes_effect() {
+    let subs = users(1);
+    let sb = sandbox(&subs).await;
+    let dir = TempDir::new();
+    let db_path = dir.join("c.db");
+    let key = new_key();
+    let toml = |keepalive| {
+        ProxyToml::pool(&sb, &db_path, &key)
+            .with(|c| set_keepalive(c, keepalive))
+            .toml()
+    };
+    let p = support::start_proxy(&toml(None)).await;
+    let user = &subs[0];
+    connect(&p, user).await;
+    Db::sqlite(&db_path).await.age(user, HOUR_MS).await;
+    assert_eq!(scans(&p).await, 0.0, "no keepalive, no scans");
+    p.reload(support::parse_config(
+        &toml(Some(("100s", 5.0))),
+        &dir.join(""),
+    ))
+    .expect("reload");
+    until(
+        Duration::from_secs(20),
+        "the keep-alive refresh",
+        || async { sb.user_token_requests(user) >= 2 },
+    )
+    .await;
+    assert!(scans(&p).await >= 1.0);
+    p.shutdown().await;
+}
