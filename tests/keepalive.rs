@@ -424,3 +424,30 @@ async fn keepalive_turned_on_by_a_reload_takes_effect() {
     assert!(scans(&p).await >= 1.0);
     p.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_removed_by_a_reload_leaves_no_idle_gauge_behind() {
+    let sb = sandbox(&users(1)).await;
+    let dir = TempDir::new();
+    let db_path = dir.join("c.db");
+    let key = new_key();
+    let base = ProxyToml::pool(&sb, &db_path, &key);
+    let with_spare = base
+        .clone()
+        .pool_table("spare", config::Pool::sandbox(&sb))
+        .toml();
+    let p = support::start_proxy(&with_spare).await;
+    let spare = r#"flinks_proxy_connection_refresh_token_idle_seconds{pool="spare"}"#;
+    let shown = |p: &Running| {
+        let url = support::admin_url(p, "/metrics");
+        async move { support::get(&url).await.text().contains(spare) }
+    };
+    assert!(shown(&p).await, "at 0 from the start");
+    p.reload(support::parse_config(&base.toml(), &dir.join("")))
+        .expect("reload");
+    until(Duration::from_secs(10), "the gauge to go", || async {
+        !shown(&p).await
+    })
+    .await;
+    p.shutdown().await;
+}

@@ -79,6 +79,10 @@ where
                 let keep = current.iter().any(|c| Arc::ptr_eq(c, p));
                 if !keep {
                     stop.cancel();
+                    let name = &p.config.name;
+                    if !current.iter().any(|c| &c.config.name == name) {
+                        p.metrics.keepalive.forget();
+                    }
                 }
                 keep
             });

@@ -50,6 +50,8 @@ impl KeepaliveFamilies {
     pub(super) fn pool(&self, pool: &str) -> KeepaliveMetrics {
         let outcome = |o: &str| self.refreshes.with_label_values(&[pool, o]);
         KeepaliveMetrics {
+            pool: pool.to_owned(),
+            family: self.idle.clone(),
             idle: self.idle.with_label_values(&[pool]),
             success: outcome("success"),
             needs_reauthorization: outcome("needs_reauthorization"),
@@ -63,6 +65,8 @@ impl KeepaliveFamilies {
 /// A pool's keep-alive handles.
 #[derive(Clone)]
 pub struct KeepaliveMetrics {
+    pool: String,
+    family: IntGaugeVec,
     idle: IntGauge,
     success: IntCounter,
     needs_reauthorization: IntCounter,
@@ -75,6 +79,12 @@ impl KeepaliveMetrics {
     /// Sets the oldest unused refresh token's age.
     pub fn set_idle_seconds(&self, seconds: u64) {
         self.idle.set(i64::try_from(seconds).unwrap_or(i64::MAX));
+    }
+
+    /// Drops the pool's idle gauge (a reload removed the pool: a last
+    /// value left behind would keep an alert firing for nothing).
+    pub fn forget(&self) {
+        let _ = self.family.remove_label_values(&[&self.pool]);
     }
 
     /// Counts one keep-alive refresh's outcome (one of
