@@ -42,12 +42,15 @@
 //! announcements, counts), `refresh` (the refresh path and its failure
 //! tail), `rejected` (upstream rejections, `revoked_codes`), `authorize`
 //! (the code exchange), `connect` (the hosted connect flow's sessions,
-//! links and callbacks), `revoke` (delete, revoking at the provider first).
+//! links and callbacks), `revoke` (delete, revoking at the provider first),
+//! `keepalive` (background refreshes of idle refresh tokens, and their
+//! age as a gauge).
 
 mod authorize;
 mod conn;
 pub mod connect;
 mod error;
+pub mod keepalive;
 mod ledger;
 mod pool;
 mod refresh;

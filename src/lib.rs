@@ -178,6 +178,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     state.start();
     start_webhooks(&state, &shutdown);
+    start_keepalive(&state, &shutdown);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "flinks-proxy started");
     let proxy_task = tokio::spawn(server::serve_proxy(
         listener,
@@ -216,6 +217,17 @@ fn start_webhooks(state: &Arc<AppState>, shutdown: &CancellationToken) {
         state.metrics.webhooks(),
         shutdown.clone(),
     ));
+}
+
+/// Starts the keep-alive task (`connections::keepalive`): it follows the
+/// current generation's pools and stops with `shutdown`.
+fn start_keepalive(state: &Arc<AppState>, shutdown: &CancellationToken) {
+    if state.store.is_none() {
+        return;
+    }
+    let st = Arc::clone(state);
+    let pools = move || st.generation.load().pools.values().cloned().collect();
+    connections::keepalive::spawn(pools, shutdown.child_token());
 }
 
 /// How often expired connect sessions are marked so (and counted), and

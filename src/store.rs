@@ -21,13 +21,16 @@
 //! the rest is a file each: `record.rs` (what a row is, opened and sealed),
 //! `error.rs` ([`StoreError`]), `sealing.rs` (sealing, opening, the
 //! canary), `rekey.rs` ([`Store::rekey`]), `changes.rs` ([`Change`] and
-//! [`Store::subscribe`]), `sessions.rs` (connect sessions).
+//! [`Store::subscribe`]), `sessions.rs` (connect sessions), `outbox.rs`
+//! (the webhook outbox), `idle.rs` (keep-alive's idle connections),
+//! `sql.rs` (SQL written once for both backends).
 //!
 //! This module does not call token endpoints or cache anything in memory
 //! (see `connections`).
 
 mod changes;
 mod error;
+pub mod idle;
 mod outbox;
 mod postgres;
 mod record;

@@ -149,6 +149,8 @@ fn dashboard_has_current_schema_variables_and_a_panel_per_concern() {
         "flinks_proxy_webhook_deliveries_total",
         "flinks_proxy_webhook_queue",
         "flinks_proxy_webhook_oldest_pending_seconds",
+        "flinks_proxy_connection_refresh_token_idle_seconds",
+        "flinks_proxy_keepalive_refreshes_total",
     ] {
         assert!(read.contains(family), "no panel reads {family}: {read:?}");
     }

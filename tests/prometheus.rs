@@ -177,6 +177,17 @@ async fn pooled_series_arrive(m: &Monitored) {
     })
     .await;
     value(m, "flinks_proxy_webhook_queue", |v| v >= 0.0).await;
+    // Keep-alive: the idle gauge for every pool (its users were connected
+    // just now: under a minute), the refreshes counter at 0 without
+    // keepalive.
+    let idle = r#"flinks_proxy_connection_refresh_token_idle_seconds{pool="users"}"#;
+    value(m, idle, |v| (0.0..60.0).contains(&v)).await;
+    let keepalive = |outcome: &str| {
+        format!("flinks_proxy_keepalive_refreshes_total{{pool=\"users\",outcome=\"{outcome}\"}}")
+    };
+    for outcome in flinks_proxy::ground::metrics::KEEPALIVE_OUTCOMES {
+        value(m, &keepalive(outcome), |v| v == 0.0).await;
+    }
 }
 
 #[test]
@@ -188,7 +199,7 @@ fn alert_and_recording_rules_pass_promtool_check() {
         "deploy/prometheus/alerts.yml",
     ]);
     assert!(ok, "{out}");
-    assert!(out.contains("SUCCESS: 12 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 13 rules found"), "{out}");
 }
 
 #[test]
@@ -251,6 +262,7 @@ fn every_alert_says_what_to_do_and_links_its_runbook_entry() {
         "FlinksProxyConnectionsNeedReauthorization",
         "FlinksProxyStoreUnavailable",
         "FlinksProxyConfigReloadFailed",
+        "FlinksProxyRefreshTokenIdle",
     ] {
         assert!(names.contains(&wanted), "{wanted} missing: {names:?}");
     }

@@ -32,6 +32,15 @@ pub const DEFAULT_CACHE_SIZE: u64 = 10_000;
 pub const DEFAULT_REFRESH_CONCURRENCY: usize = 32;
 /// More would defeat the bound.
 pub const MAX_REFRESH_CONCURRENCY: usize = 4096;
+/// Keep-alive refreshes per second and pool (and process), by default:
+/// a million idle connections take under three days, well inside any
+/// sensible `keepalive` margin, while the token endpoint sees a trickle.
+pub const DEFAULT_KEEPALIVE_RATE: f64 = 5.0;
+/// More is no longer a trickle for a token endpoint.
+pub const MAX_KEEPALIVE_RATE: f64 = 1000.0;
+/// Flinks' refresh tokens die after 30 days unused: a `keepalive` of that
+/// or more refreshes them after they are dead, so it is refused.
+pub const KEEPALIVE_LIMIT: Duration = Duration::from_secs(30 * 24 * 3600);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,6 +70,8 @@ pub(super) struct RawPool {
     issuer: Option<String>,
     authorize_params: Option<BTreeMap<String, String>>,
     revoke_url: Option<String>,
+    keepalive: Option<String>,
+    keepalive_rate: Option<f64>,
 }
 
 /// One `[connections.NAME]`: an OAuth client whose users' tokens are kept
@@ -104,6 +115,18 @@ pub struct PoolConfig {
     /// RFC 7009 revocation endpoint: a deleted connection's refresh token
     /// is revoked there first.
     pub revoke_url: Option<Uri>,
+    /// Background refreshes of refresh tokens left unused (`keepalive`).
+    pub keepalive: Option<Keepalive>,
+}
+
+/// A pool's `keepalive` and `keepalive_rate` (CONNECT.md, "Keeping
+/// connections alive").
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Keepalive {
+    /// A refresh token unused for this long is refreshed in the background.
+    pub idle: Duration,
+    /// At most this many keep-alive refreshes start per second.
+    pub rate: f64,
 }
 
 /// A pool's `authorize_url` and what goes with it (CONNECT.md, "Config").
@@ -183,6 +206,7 @@ impl Ctx {
         let refresh_concurrency =
             self.refresh_concurrency(&key("refresh_concurrency"), p.refresh_concurrency)?;
         let revoked_codes = revoked_codes(p.revoked_codes);
+        let keepalive = self.keepalive(name, p.keepalive.as_deref(), p.keepalive_rate)?;
         Ok(PoolConfig {
             name: name.to_owned(),
             token_url,
@@ -202,7 +226,53 @@ impl Ctx {
             refresh_concurrency,
             authorize,
             revoke_url,
+            keepalive,
         })
+    }
+
+    /// `keepalive` (off by default; more than zero, less than
+    /// [`KEEPALIVE_LIMIT`]) and `keepalive_rate` (default
+    /// [`DEFAULT_KEEPALIVE_RATE`], only with `keepalive`).
+    fn keepalive(
+        &self,
+        name: &str,
+        idle: Option<&str>,
+        rate: Option<f64>,
+    ) -> Result<Option<Keepalive>, ConfigError> {
+        let key = |k: &str| format!("connections.{name}.{k}");
+        let Some(idle) = idle else {
+            return match rate {
+                Some(_) => Err(self.err(&key("keepalive_rate"), "needs keepalive".into())),
+                None => Ok(None),
+            };
+        };
+        let idle = humantime::parse_duration(idle).map_err(|_| {
+            self.err(
+                &key("keepalive"),
+                format!(r#"{idle:?} is not a duration: expected a duration like "20d""#),
+            )
+        })?;
+        if idle.is_zero() {
+            return Err(self.err(&key("keepalive"), "must be more than zero".into()));
+        }
+        if idle >= KEEPALIVE_LIMIT {
+            return Err(self.err(
+                &key("keepalive"),
+                format!(
+                    "must be under 30d: Flinks refresh tokens die after 30 days unused, so a \
+                     keep-alive at {} would come too late (\"20d\" leaves room for outages)",
+                    humantime::format_duration(idle)
+                ),
+            ));
+        }
+        let rate = rate.unwrap_or(DEFAULT_KEEPALIVE_RATE);
+        if !(rate > 0.0 && rate <= MAX_KEEPALIVE_RATE) {
+            return Err(self.err(
+                &key("keepalive_rate"),
+                format!("must be more than 0 and at most {MAX_KEEPALIVE_RATE} (per second)"),
+            ));
+        }
+        Ok(Some(Keepalive { idle, rate }))
     }
 
     /// `revoke_url`: https (http only on loopback), as the token endpoint
@@ -306,4 +376,71 @@ fn valid_pool_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::{parse, pooled, KEY};
+
+    /// The `users` pool with `keys` added to its table.
+    fn pool_with(keys: &str) -> Result<crate::config::Config, ConfigError> {
+        let store = format!("[store]\nkey = \"{KEY}\"");
+        let text = pooled(&store, "", "connections = \"users\"").replace(
+            "redirect_uri = \"https://app.example.com/cb\"",
+            &format!("redirect_uri = \"https://app.example.com/cb\"\n{keys}"),
+        );
+        assert!(keys.is_empty() || text.contains(keys), "the keys went in");
+        parse(&text)
+    }
+
+    #[test]
+    fn keepalive_is_off_by_default_and_its_rate_defaults_to_five_per_second() {
+        assert_eq!(pool_with("").unwrap().pools["users"].keepalive, None);
+        let c = pool_with("keepalive = \"20d\"").unwrap();
+        assert_eq!(
+            c.pools["users"].keepalive,
+            Some(Keepalive {
+                idle: Duration::from_secs(20 * 24 * 3600),
+                rate: DEFAULT_KEEPALIVE_RATE,
+            })
+        );
+        let c = pool_with("keepalive = \"12h\"\nkeepalive_rate = 0.5").unwrap();
+        assert_eq!(c.pools["users"].keepalive.unwrap().rate, 0.5);
+        let c = pool_with("keepalive = \"12h\"\nkeepalive_rate = 20").unwrap();
+        assert_eq!(c.pools["users"].keepalive.unwrap().rate, 20.0);
+    }
+
+    #[test]
+    fn bad_keepalive_values_name_the_key() {
+        for (keys, key, says) in [
+            ("keepalive = \"soon\"", "keepalive", "is not a duration"),
+            ("keepalive = \"0s\"", "keepalive", "more than zero"),
+            ("keepalive = \"30d\"", "keepalive", "under 30d"),
+            ("keepalive = \"45d\"", "keepalive", "under 30d"),
+            ("keepalive_rate = 5", "keepalive_rate", "needs keepalive"),
+            (
+                "keepalive = \"20d\"\nkeepalive_rate = 0",
+                "keepalive_rate",
+                "more than 0",
+            ),
+            (
+                "keepalive = \"20d\"\nkeepalive_rate = -1",
+                "keepalive_rate",
+                "more than 0",
+            ),
+            (
+                "keepalive = \"20d\"\nkeepalive_rate = 5000",
+                "keepalive_rate",
+                "at most",
+            ),
+        ] {
+            let e = pool_with(keys).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("connections.users.{key}: ")),
+                "{keys}: {e}"
+            );
+            assert!(e.contains(says), "{keys}: {e}");
+        }
+    }
 }

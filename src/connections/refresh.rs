@@ -58,19 +58,39 @@ impl Pool {
     /// tries again).
     pub(super) fn refresh_behind(self: &Arc<Self>, conn: &Arc<Conn>) {
         if !conn.refreshing.load(Ordering::Acquire) {
-            let _ = self.start_refresh(conn, true);
+            let _ = self.start_refresh(conn, true, None);
         }
+    }
+
+    /// Starts a keep-alive refresh (`keepalive.rs`): a background refresh
+    /// that calls the token endpoint even while the stored access token is
+    /// fresh, as long as the row, read under the lease, still shows its
+    /// refresh token unused since `cutoff` (Unix ms). Once another holder
+    /// refreshed it (its commit moves `last_refresh_at`), this one uses
+    /// that holder's token instead: one token request fleet-wide. `None`
+    /// when the connection is backing off or no refresh slot is free.
+    pub(super) fn refresh_idle(
+        self: &Arc<Self>,
+        conn: &Arc<Conn>,
+        cutoff: i64,
+    ) -> Option<watch::Receiver<Option<Outcome>>> {
+        if self.backoff(conn).is_some() {
+            return None;
+        }
+        self.start_refresh(conn, true, Some(cutoff))
     }
 
     /// Joins this connection's refresh in flight in this process (whichever
     /// generation's pool started it), or starts one in a task of its own:
     /// once sent, a token request runs to completion and its tokens are
     /// committed (or parked), whoever still waits. `None` only when
-    /// `background` and no refresh slot is free.
+    /// `background` and no refresh slot is free. `idle_cutoff`: a
+    /// keep-alive refresh (see [`Pool::refresh_idle`]).
     fn start_refresh(
         self: &Arc<Self>,
         conn: &Arc<Conn>,
         background: bool,
+        idle_cutoff: Option<i64>,
     ) -> Option<watch::Receiver<Option<Outcome>>> {
         let key = (self.config.name.clone(), conn.id.clone());
         let mut flights = lock(&self.ledger.flights);
@@ -97,7 +117,7 @@ impl Pool {
                 Some(p) => Some(p),
                 None => Arc::clone(&pool.slots).acquire_owned().await.ok(),
             };
-            let outcome = pool.refresh(&conn, &tx).await;
+            let outcome = pool.refresh(&conn, &tx, idle_cutoff).await;
             if let Err(e) = &outcome {
                 tracing::debug!(pool = %pool.config.name, connection = %conn.id, error = %e, "refresh failed");
             }
@@ -134,7 +154,7 @@ impl Pool {
             reason: reason.to_owned(),
             retry_after: Duration::from_secs(1),
         };
-        let Some(mut rx) = self.start_refresh(conn, false) else {
+        let Some(mut rx) = self.start_refresh(conn, false, None) else {
             return Err(unavailable("no refresh slot is free"));
         };
         let outcome = match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
@@ -171,7 +191,12 @@ impl Pool {
     /// One refresh, in its own task: tokens parked earlier go first; then
     /// lease, re-read, use a fresh stored token or call the endpoint,
     /// commit, install.
-    async fn refresh(&self, conn: &Conn, flight: &watch::Sender<Option<Outcome>>) -> Outcome {
+    async fn refresh(
+        &self,
+        conn: &Conn,
+        flight: &watch::Sender<Option<Outcome>>,
+        idle_cutoff: Option<i64>,
+    ) -> Outcome {
         if let Some(fresh) = self.commit_parked(conn).await? {
             return Ok(fresh);
         }
@@ -181,7 +206,7 @@ impl Pool {
                 Ok(record) => record,
                 Err(adopted) => return Ok(adopted),
             };
-            match self.refresh_with(conn, record, flight).await {
+            match self.refresh_with(conn, record, flight, idle_cutoff).await {
                 // The row moved on under this refresh (another holder
                 // rotated the refresh token): once more with the new one.
                 Err(Retry::Superseded) if !superseded => superseded = true,
@@ -294,12 +319,15 @@ impl Pool {
         Ok(Ok(record))
     }
 
-    /// The token request under the lease, and what its answer means.
+    /// The token request under the lease, and what its answer means. A
+    /// fresh stored token is used instead, unless this is a keep-alive
+    /// refresh (`idle_cutoff`) and the refresh token is still unused.
     async fn refresh_with(
         &self,
         conn: &Conn,
         record: Record,
         flight: &watch::Sender<Option<Outcome>>,
+        idle_cutoff: Option<i64>,
     ) -> Result<Fresh, Retry> {
         let (pool, id) = (self.config.name.as_str(), conn.id.as_str());
         if record.info.state == ConnectionState::NeedsReauthorization {
@@ -307,7 +335,11 @@ impl Pool {
             conn.revoke(true);
             return Err(Retry::No(PoolError::Reauthorization(id.to_owned())));
         }
-        if let Some(t) = self.adopt(conn, &record) {
+        let keep_alive = idle_cutoff.is_some_and(|cutoff| {
+            let info = &record.info;
+            info.last_refresh_at.unwrap_or(info.authorized_at) <= cutoff
+        });
+        if let Some(t) = (!keep_alive).then(|| self.adopt(conn, &record)).flatten() {
             self.store
                 .release(pool, id)
                 .await

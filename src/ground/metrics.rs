@@ -3,6 +3,8 @@
 //! handles. Per-route and per-credential handles are resolved once when a
 //! config is built, never per request.
 
+mod keepalive;
+
 use std::sync::OnceLock;
 
 use prometheus::{
@@ -32,7 +34,10 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     connections: ConnectionFamilies,
     webhooks: WebhookMetrics,
+    keepalive: keepalive::KeepaliveFamilies,
 }
+
+pub use keepalive::{KeepaliveMetrics, KEEPALIVE_OUTCOMES};
 
 impl Metrics {
     /// Creates the registry and registers every family (and process metrics
@@ -62,9 +67,11 @@ impl Metrics {
         }
         let connections = ConnectionFamilies::register(&registry);
         let webhooks = WebhookMetrics::register(&registry);
+        let keepalive = keepalive::KeepaliveFamilies::register(&registry);
         Metrics {
             webhooks,
             connections,
+            keepalive,
             registry,
             routes,
             credentials,
@@ -180,6 +187,7 @@ impl Metrics {
             token_requests: f.token_requests.clone(),
             connections: f.connections.clone(),
             connect_sessions: f.connect_sessions.clone(),
+            keepalive: self.keepalive.pool(pool),
         }
     }
 
@@ -303,6 +311,8 @@ const STORE_OPS: &[&str] = &[
     "webhook_retry",
     "webhook_queue",
     "webhook_prune",
+    "idle_scan",
+    "idle_oldest",
 ];
 
 /// Outcomes of token requests, as for credentials.
@@ -554,6 +564,8 @@ pub struct PoolMetrics {
     token_requests: IntCounterVec,
     connections: IntGaugeVec,
     connect_sessions: IntCounterVec,
+    /// Keep-alive handles.
+    pub keepalive: KeepaliveMetrics,
 }
 
 impl PoolMetrics {

@@ -243,6 +243,10 @@ pub struct Pool {
     pub authorize_params: Option<BTreeMap<String, String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revoke_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive_rate: Option<f64>,
 }
 
 impl Pool {
