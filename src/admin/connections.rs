@@ -365,19 +365,21 @@ async fn delete(pool: &Arc<Pool>, id: &str) -> Answer {
 }
 
 /// `state`, `after` and `limit` from a query string.
-fn list_query(query: &str) -> Result<(Option<ConnectionState>, Option<String>, u32), Answer> {
-    let (mut state, mut after, mut limit) = (None, None, DEFAULT_LIMIT);
+/// A list's query: `state=` (parsed by `state`, else `state_help`),
+/// `after=` (checked by `after`, else `after_help`), `limit=` (1 to
+/// [`MAX_LIMIT`], default [`DEFAULT_LIMIT`]); anything else is refused.
+pub(super) fn page_query<S>(
+    query: &str,
+    (state, state_help): (impl Fn(&str) -> Option<S>, &str),
+    (after, after_help): (impl Fn(&str) -> bool, &str),
+) -> Result<(Option<S>, Option<String>, u32), Answer> {
+    let (mut st, mut aft, mut limit) = (None, None, DEFAULT_LIMIT);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
-            "state" => {
-                state = Some(
-                    ConnectionState::parse(v)
-                        .ok_or_else(|| bad_request("state: active or needs_reauthorization"))?,
-                )
-            }
-            "after" if valid_id(v) => after = Some(v.to_owned()),
-            "after" => return Err(bad_request("after: a connection id")),
+            "state" => st = Some(state(v).ok_or_else(|| bad_request(state_help))?),
+            "after" if after(v) => aft = Some(v.to_owned()),
+            "after" => return Err(bad_request(after_help)),
             "limit" => {
                 limit = v
                     .parse()
@@ -388,7 +390,39 @@ fn list_query(query: &str) -> Result<(Option<ConnectionState>, Option<String>, u
             _ => return Err(bad_request(format!("unknown parameter {k:?}"))),
         }
     }
-    Ok((state, after, limit))
+    Ok((st, aft, limit))
+}
+
+/// One page of a list read with one more than `limit`: the items as JSON
+/// under `key`, and `next` (the last item's cursor) when there are more.
+pub(super) fn page_answer<T>(
+    key: &str,
+    mut items: Vec<T>,
+    limit: u32,
+    cursor: impl Fn(&T) -> String,
+    json: impl Fn(&T) -> serde_json::Value,
+) -> Answer {
+    let more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    let next = more.then(|| items.last().map(&cursor)).flatten();
+    let mut body = serde_json::Map::new();
+    body.insert(key.to_owned(), items.iter().map(json).collect());
+    body.insert("next".to_owned(), serde_json::json!(next));
+    Answer {
+        status: StatusCode::OK,
+        body: body.into(),
+    }
+}
+
+fn list_query(query: &str) -> Result<(Option<ConnectionState>, Option<String>, u32), Answer> {
+    page_query(
+        query,
+        (
+            ConnectionState::parse,
+            "state: active or needs_reauthorization",
+        ),
+        (valid_id, "after: a connection id"),
+    )
 }
 
 async fn list(pool: &Pool, query: &str) -> Answer {
@@ -397,23 +431,19 @@ async fn list(pool: &Pool, query: &str) -> Answer {
         Err(a) => return a,
     };
     let name = &pool.config().name;
-    let mut page = match pool
+    match pool
         .store()
         .list(name, state, after.as_deref(), limit + 1)
         .await
     {
-        Ok(p) => p,
-        Err(e) => return store_error(&e),
-    };
-    let more = page.len() > limit as usize;
-    page.truncate(limit as usize);
-    let next = more.then(|| page.last().map(|c| c.id.clone())).flatten();
-    Answer {
-        status: StatusCode::OK,
-        body: serde_json::json!({
-            "connections": page.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
-            "next": next,
-        }),
+        Ok(page) => page_answer(
+            "connections",
+            page,
+            limit,
+            |c| c.id.clone(),
+            |c| c.to_json(),
+        ),
+        Err(e) => store_error(&e),
     }
 }
 

@@ -8,15 +8,13 @@
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::connections::{bad_request, check_bearer, error, respond, store_error, Answer};
+use super::connections::{
+    check_bearer, error, page_answer, page_query, respond, store_error, Answer,
+};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::generation::AppState;
 use crate::store::{EventState, Store};
 
-/// Page size when `limit` is not given.
-const DEFAULT_LIMIT: u32 = 100;
-/// Largest page.
-const MAX_LIMIT: u32 = 1000;
 const USAGE: &str = "use GET /webhooks/events, GET /webhooks/events/{id} or \
                      POST /webhooks/events/{id}/retry";
 
@@ -88,29 +86,11 @@ fn valid_event_id(id: &str) -> bool {
 }
 
 fn list_query(query: &str) -> Result<(Option<EventState>, Option<String>, u32), Answer> {
-    let (mut state, mut after, mut limit) = (None, None, DEFAULT_LIMIT);
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match k {
-            "state" => {
-                state = Some(
-                    EventState::parse(v)
-                        .ok_or_else(|| bad_request("state: pending, delivered or failed"))?,
-                )
-            }
-            "after" if valid_event_id(v) => after = Some(v.to_owned()),
-            "after" => return Err(bad_request("after: an event id (msg_...)")),
-            "limit" => {
-                limit = v
-                    .parse()
-                    .ok()
-                    .filter(|l| (1..=MAX_LIMIT).contains(l))
-                    .ok_or_else(|| bad_request("limit: 1 to 1000"))?
-            }
-            _ => return Err(bad_request(format!("unknown parameter {k:?}"))),
-        }
-    }
-    Ok((state, after, limit))
+    page_query(
+        query,
+        (EventState::parse, "state: pending, delivered or failed"),
+        (valid_event_id, "after: an event id (msg_...)"),
+    )
 }
 
 async fn list(store: &Store, query: &str) -> Answer {
@@ -118,17 +98,10 @@ async fn list(store: &Store, query: &str) -> Answer {
         Ok(q) => q,
         Err(a) => return a,
     };
-    let mut page = match store.list_events(state, after.as_deref(), limit + 1).await {
-        Ok(p) => p,
-        Err(e) => return store_error(&e),
-    };
-    let more = page.len() > limit as usize;
-    page.truncate(limit as usize);
-    let next = more.then(|| page.last().map(|e| e.id.clone())).flatten();
-    ok(serde_json::json!({
-        "events": page.iter().map(|e| e.to_json()).collect::<Vec<_>>(),
-        "next": next,
-    }))
+    match store.list_events(state, after.as_deref(), limit + 1).await {
+        Ok(page) => page_answer("events", page, limit, |e| e.id.clone(), |e| e.to_json()),
+        Err(e) => store_error(&e),
+    }
 }
 
 #[cfg(test)]

@@ -53,6 +53,23 @@ impl Delivery {
         serde_json::from_str(&self.body).expect("JSON body")
     }
 
+    /// Verifies the signature with the Standard Webhooks reference
+    /// implementation (never our own code), and the headers it implies.
+    pub fn verify(&self, secret: &str) {
+        let wh = standardwebhooks::Webhook::new(secret).expect("a Standard Webhooks secret");
+        let mut headers = http::HeaderMap::new();
+        for (k, v) in &self.headers {
+            headers.append(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+                http::HeaderValue::from_str(v).expect("header value"),
+            );
+        }
+        wh.verify(self.body.as_bytes(), &headers)
+            .unwrap_or_else(|e| panic!("signature refused: {e:?}; {self:?}"));
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        assert!(self.id().starts_with("msg_"), "{}", self.id());
+    }
+
     pub fn kind(&self) -> String {
         self.json()["type"].as_str().unwrap_or_default().to_owned()
     }
