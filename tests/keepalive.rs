@@ -286,7 +286,7 @@ async fn two_replicas_on_one_postgres_store_refresh_each_idle_connection_once() 
 }
 
 /// The PostgreSQL plans of the keep-alive's two queries (their shape as in
-/// `src/store/postgres/idle.rs`), with sequential scans priced out (a
+/// `src/store/idle.rs`), with sequential scans priced out (a
 /// small table would be scanned anyway): the index answers both, already
 /// in order.
 async fn assert_idle_queries_use_the_index(pool: &sqlx::PgPool) {

@@ -8,10 +8,34 @@
 //!
 //! What is done with them is `connections/keepalive.rs`'s.
 
-use super::{backend, Backend, Store, StoreError};
+use super::sql::run;
+use super::{unavailable, Backend, Store, StoreError};
+
+/// The indexed expression, spelled exactly as in migration 0005 (SQLite
+/// matches expression indexes textually).
+const IDLE: &str = "COALESCE(last_refresh_at, authorized_at)";
+
+/// Candidates: equality on pool and state, then the range, row comparison
+/// and order on the indexed expression and id (the `connections_idle`
+/// index answers it without a sort on both backends).
+pub(super) fn idle_sql() -> String {
+    format!(
+        "SELECT id, {IDLE} AS idle_since FROM connections \
+         WHERE pool = ? AND state = 'active' AND {IDLE} <= ? AND ({IDLE}, id) > (?, ?) \
+         ORDER BY {IDLE}, id LIMIT ?"
+    )
+}
+
+/// The oldest unused refresh token's time: the index's first entry.
+pub(super) fn oldest_sql() -> String {
+    format!(
+        "SELECT {IDLE} AS idle_since FROM connections WHERE pool = ? AND state = 'active' \
+         ORDER BY {IDLE} LIMIT 1"
+    )
+}
 
 /// One connection whose refresh token is unused since `idle_since`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct IdleConnection {
     /// Its id.
     pub id: String,
@@ -51,7 +75,8 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<IdleConnection>, StoreError> {
         self.timed("idle_scan", async {
-            backend!(self.idle_connections(pool, cutoff, after, limit))
+            run!(rows IdleConnection, self, "idle", idle_sql(),
+                [pool, cutoff, after.idle_since, &after.id, i64::from(limit)])
         })
         .await
     }
@@ -59,8 +84,15 @@ impl Store {
     /// When the oldest unused refresh token among `pool`'s active
     /// connections was last used (Unix ms); `None` without any.
     pub async fn oldest_idle(&self, pool: &str) -> Result<Option<i64>, StoreError> {
-        self.timed("idle_oldest", async { backend!(self.oldest_idle(pool)) })
-            .await
+        #[derive(sqlx::FromRow)]
+        struct Oldest {
+            idle_since: i64,
+        }
+        self.timed("idle_oldest", async {
+            let rows = run!(rows Oldest, self, "idle", oldest_sql(), [pool])?;
+            Ok(rows.first().map(|r| r.idle_since))
+        })
+        .await
     }
 }
 

@@ -9,8 +9,6 @@
 //! password) is never formatted: sqlx's connect options are not `Debug`
 //! printed here, and driver errors do not contain it.
 
-mod idle;
-
 use std::str::FromStr;
 use std::time::Duration;
 

@@ -8,6 +8,7 @@
 //! operation, so a file removed or replaced under the running proxy gives
 //! clear errors instead of writes into an unlinked file.
 
+#[cfg(test)]
 mod idle;
 mod lease;
 mod poller;
