@@ -576,3 +576,41 @@ async fn an_outcome_is_kept_through_a_store_outage_and_delivery_resumes_after_it
         "alice's retry kept its id"
     );
 }
+
+#[tokio::test]
+async fn webhooks_turned_on_by_a_reload_deliver_what_happened_before_it() {
+    let sb = users_sandbox(3600, false).await;
+    let dir = TempDir::new();
+    let rx = Receiver::start().await;
+    let secret = new_secret();
+    let without = ProxyToml::pool(&sb, &dir.join("c.db"), &new_key());
+    let with = without
+        .clone()
+        .with(|c| c.webhooks = Some(hooks(&rx, &secret)));
+    let p = support::start_proxy(&without.toml()).await;
+    connect(&p, "alice").await;
+    // Without [webhooks] the event waits in the outbox, undelivered.
+    let r = admin(&p, "GET", "/webhooks/events?state=pending", None).await;
+    assert_eq!(
+        r.json()["events"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        r.text()
+    );
+    assert!(rx.deliveries().is_empty());
+    p.reload(support::parse_config(&with.toml(), &std::env::temp_dir()))
+        .expect("reload");
+    let got = rx.wait_delivered(1, WAIT).await;
+    assert_eq!(got[0].kind(), "connection.created");
+    verify(&secret, &got[0]);
+    // And off again: a later event stays pending.
+    p.reload(support::parse_config(
+        &without.toml(),
+        &std::env::temp_dir(),
+    ))
+    .expect("reload");
+    connect(&p, "bob").await;
+    let pending = wait_listed(&p, "pending", 1).await;
+    assert_eq!(pending[0]["data"]["id"], "bob");
+    assert_eq!(rx.deliveries().len(), 1);
+}
