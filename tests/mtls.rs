@@ -134,6 +134,9 @@ impl Jwks {
 /// be the presented certificate's, or it answers 401 with the reason.
 struct MtlsUpstream {
     addr: SocketAddr,
+    /// As a token endpoint ([`MtlsUpstream::token_endpoint`]): each request
+    /// to `/token` or `/revoke` as (path, presented `x5t#S256`, body).
+    recorded: Recorded,
     /// Handshakes that failed (no or a bad client certificate), and a wake-up for each.
     failed: Arc<(AtomicUsize, Notify)>,
     connections: Arc<AtomicUsize>,
@@ -146,8 +149,21 @@ impl Drop for MtlsUpstream {
     }
 }
 
+type Recorded = Arc<Mutex<Vec<(String, String, String)>>>;
+
 impl MtlsUpstream {
     async fn start(pki: &Pki, jwks: Option<Arc<Jwks>>) -> MtlsUpstream {
+        Self::start_with(pki, jwks, false).await
+    }
+
+    /// A token endpoint requiring client certificates: `/token` answers a
+    /// Bearer token `at-N` and refresh token `rt-N`, `/revoke` answers 200;
+    /// every request is recorded.
+    async fn token_endpoint(pki: &Pki) -> MtlsUpstream {
+        Self::start_with(pki, None, true).await
+    }
+
+    async fn start_with(pki: &Pki, jwks: Option<Arc<Jwks>>, tokens: bool) -> MtlsUpstream {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         roots
@@ -178,7 +194,9 @@ impl MtlsUpstream {
         let addr = listener.local_addr().expect("addr");
         let failed = Arc::new((AtomicUsize::new(0), Notify::new()));
         let connections = Arc::new(AtomicUsize::new(0));
+        let recorded: Recorded = Arc::default();
         let (failed2, connections2) = (Arc::clone(&failed), Arc::clone(&connections));
+        let recorded2 = Arc::clone(&recorded);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -186,6 +204,7 @@ impl MtlsUpstream {
                 };
                 let (acceptor, failed, jwks) =
                     (acceptor.clone(), Arc::clone(&failed2), jwks.clone());
+                let recorded = tokens.then(|| Arc::clone(&recorded2));
                 let n = connections2.fetch_add(1, Ordering::SeqCst) + 1;
                 tokio::spawn(async move {
                     let tls = match acceptor.accept(tcp).await {
@@ -199,8 +218,14 @@ impl MtlsUpstream {
                     let cert = tls.get_ref().1.peer_certificates().expect("verified")[0].clone();
                     let x5t = b64url(ring::digest::digest(&ring::digest::SHA256, &cert).as_ref());
                     let service = hyper::service::service_fn(move |req: Request<_>| {
-                        let answer = answer(&req, &x5t, n, jwks.as_deref());
-                        async move { Ok::<_, std::convert::Infallible>(answer) }
+                        let (x5t, jwks, recorded) = (x5t.clone(), jwks.clone(), recorded.clone());
+                        async move {
+                            let answer = match recorded {
+                                Some(r) => token_answer(req, &x5t, &r).await,
+                                None => answer(&req, &x5t, n, jwks.as_deref()),
+                            };
+                            Ok::<_, std::convert::Infallible>(answer)
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
@@ -212,6 +237,7 @@ impl MtlsUpstream {
         });
         MtlsUpstream {
             addr,
+            recorded,
             failed,
             connections,
             task,
@@ -236,6 +262,38 @@ impl MtlsUpstream {
         .await
         .expect("a failed client-certificate handshake");
     }
+}
+
+/// The token endpoint's answer (see [`MtlsUpstream::token_endpoint`]).
+async fn token_answer(
+    req: Request<hyper::body::Incoming>,
+    x5t: &str,
+    recorded: &Mutex<Vec<(String, String, String)>>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let mut r = recorded.lock().unwrap();
+    r.push((
+        path.clone(),
+        x5t.to_owned(),
+        String::from_utf8_lossy(&body).into_owned(),
+    ));
+    let n = r.len();
+    let body = if path == "/token" {
+        serde_json::json!({
+            "access_token": format!("at-{n}"),
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "refresh_token": format!("rt-{n}"),
+        })
+        .to_string()
+    } else {
+        String::new()
+    };
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::from(body))
+        .expect("response")
 }
 
 fn answer(
@@ -754,4 +812,70 @@ async fn tls_client_auth_obtains_certificate_bound_tokens_from_oidc_provider() {
         assert_no_key(text, &a, what);
         assert_no_key(text, &b, what);
     }
+}
+
+/// A pool with `tls_client_auth`: its refresh and its revocation both
+/// present the pool's certificate and send `client_id` without a secret.
+#[tokio::test]
+async fn a_pool_refreshes_and_revokes_with_its_client_certificate() {
+    let pki = Pki::new("mtls");
+    let a = pki.client("app-a");
+    let dir = TempDir::new();
+    write_pems(&dir, &pki, &[("a", &a)]);
+    let op = MtlsUpstream::token_endpoint(&pki).await;
+    let api = TestUpstream::start("api").await;
+    let pool = Pool {
+        token_url: format!("{}/token", op.url()),
+        client_id: "pool-client".to_owned(),
+        client_auth: Some("tls_client_auth".to_owned()),
+        body_format: Some("form".to_owned()),
+        token_timeout: Some(Duration::from_secs(5)),
+        ca_file: Some(ca_file(&dir)),
+        revoke_url: Some(format!("{}/revoke", op.url())),
+        ..Pool::default()
+    };
+    let mut toml = ProxyToml::listeners()
+        .pool_table("users", pool)
+        .route("u", Route::pool("/", &api.http_url(), "users"));
+    toml.server.request_timeout = Some(Duration::from_secs(5));
+    toml.admin_mut().api_token = Some(API_TOKEN.into());
+    toml.store = Some(Store::sqlite(
+        &dir.path().join("store.db"),
+        &connections::new_key(),
+    ));
+    let toml = with_cert(toml, "connections.users", &dir, "a");
+    let p = start_proxy(&toml.toml()).await;
+
+    let r = connections::admin(
+        &p,
+        "POST",
+        "/connections/users",
+        Some(serde_json::json!({"id": "alice", "refresh_token": "rt-0"})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let req = Request::get(proxy_url(&p, "/x"))
+        .header("x-flinks-connection", "alice")
+        .body(Full::default())
+        .unwrap();
+    let r = send(&client(), req).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(api.requests()[0].headers["authorization"], "Bearer at-1");
+    let r = connections::admin(&p, "DELETE", "/connections/users/alice", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let recorded = op.recorded.lock().unwrap().clone();
+    let x5t = x5t_of_pem(&a.cert_pem);
+    assert_eq!(recorded.len(), 2, "{recorded:?}");
+    for ((path, presented, body), (want_path, want_token)) in recorded
+        .iter()
+        .zip([("/token", "refresh_token=rt-0"), ("/revoke", "token=rt-1")])
+    {
+        assert_eq!(path, want_path);
+        assert_eq!(presented, &x5t, "{path}: the pool's certificate");
+        assert!(body.contains("client_id=pool-client"), "{path}: {body}");
+        assert!(body.contains(want_token), "{path}: {body}");
+        assert!(!body.contains("client_secret"), "{path}: {body}");
+    }
+    p.shutdown().await;
 }
