@@ -1,6 +1,6 @@
 //! [`UpstreamCache`]: the pools by origin, trust roots and client
-//! certificate, kept across
-//! reloads, and the reaper task that closes their idle connections.
+//! certificate, kept across reloads, and the reaper task that closes their
+//! idle connections.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize};
@@ -32,8 +32,9 @@ type PoolKey = (
 );
 type Pools = Mutex<HashMap<PoolKey, Arc<Upstream>>>;
 
-/// Upstream pools by origin, trust roots and client certificate, shared by routes and kept
-/// across reloads; owns the reaper task that closes idle connections.
+/// Upstream pools by origin, trust roots and client certificate, shared by
+/// routes and kept across reloads; owns the reaper task that closes idle
+/// connections.
 pub struct UpstreamCache {
     pools: Arc<Pools>,
     timings: Arc<ArcSwap<PoolTimings>>,
@@ -63,10 +64,9 @@ impl Drop for UpstreamCache {
 
 impl UpstreamCache {
     /// The pool for this origin, these extra roots and this client
-    /// certificate, made on first use.
-    /// Routes sharing a pool share its connection limit, the largest of
-    /// theirs: the pool serves them all, and a smaller limit from one route
-    /// would throttle the others.
+    /// certificate, made on first use. Routes sharing a pool share its
+    /// connection limit, the largest of theirs: the pool serves them all,
+    /// and a smaller limit from one route would throttle the others.
     pub fn get(
         &self,
         scheme: &Scheme,
