@@ -260,6 +260,40 @@ impl Ctx {
             None => Ok(Vec::new()),
         }
     }
+
+    /// `{prefix}client_cert` (a PEM file) and `{prefix}client_cert_key` (a
+    /// secret): both or neither; the key must be the certificate's. Errors
+    /// name the key at fault and never quote the key's text.
+    fn client_cert(
+        &self,
+        prefix: &str,
+        cert: &Option<PathBuf>,
+        key: &Option<crate::ground::secret::SecretSource>,
+    ) -> Result<Option<crate::net::tls::ClientCert>, ConfigError> {
+        use crate::net::tls::{CertError, ClientCert};
+        let (cert_key, key_key) = (
+            format!("{prefix}client_cert"),
+            format!("{prefix}client_cert_key"),
+        );
+        let (cert, key) = match (cert, key) {
+            (None, None) => return Ok(None),
+            (Some(_), None) => {
+                return Err(self.err(&key_key, "is required with client_cert".into()))
+            }
+            (None, Some(_)) => {
+                return Err(self.err(&cert_key, "is required with client_cert_key".into()))
+            }
+            (Some(c), Some(k)) => (c, k),
+        };
+        let chain = self.load_certs(&cert_key, &Some(cert.clone()))?;
+        let key = key.resolve(&self.base).map_err(|m| self.err(&key_key, m))?;
+        ClientCert::new(chain, key.expose())
+            .map(Some)
+            .map_err(|e| match e {
+                CertError::Cert(m) => self.err(&cert_key, m),
+                CertError::Key(m) => self.err(&key_key, m),
+            })
+    }
 }
 
 #[cfg(test)]

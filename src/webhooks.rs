@@ -73,7 +73,7 @@ pub async fn run(
                 .as_ref()
                 .is_none_or(|(was, _)| was.ca_certs != c.ca_certs)
             {
-                client = build_client(&c.ca_certs)
+                client = build_client(&c.ca_certs, None)
                     .map_err(
                         |e| tracing::warn!(error = %e, "webhooks: cannot build the HTTP client"),
                     )

@@ -10,7 +10,10 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use crate::cli::block_on;
-use crate::config::{AccessConfig, Config, CredentialConfig, RouteConfig, ServerConfig};
+use crate::config::{
+    AccessConfig, Config, CredentialConfig, PoolConfig, RouteConfig, ServerConfig,
+};
+use crate::net::tls::ClientCert;
 
 /// Checks the config at `path`: exit 0 with a summary, or 1 with the error.
 pub fn check(path: &Path) -> ExitCode {
@@ -48,6 +51,7 @@ pub fn check(path: &Path) -> ExitCode {
     print_access(&config.access);
     print_credentials(&config.credentials);
     print_routes(&config.routes);
+    print_pool_client_certs(&config.pools);
     if let Some(w) = &config.webhooks {
         println!(
             "webhooks {} (events {}; timeout {}, max_age {})",
@@ -133,6 +137,7 @@ fn print_credentials(credentials: &BTreeMap<String, Arc<CredentialConfig>>) {
                 .map(|s| format!(", scope {s}"))
                 .unwrap_or_default()
         );
+        print_client_cert(c.client_cert.as_ref());
         if c.sends_secrets_in_clear() {
             eprintln!("warning: credentials.{name}.token_url is plain http:// beyond loopback: the client secret and tokens travel in clear; use https://");
         }
@@ -150,6 +155,31 @@ fn print_routes(routes: &[RouteConfig]) {
             r.path_prefix,
             r.upstream_url(),
             r.auth
+        );
+        print_client_cert(r.client_cert.as_ref());
+    }
+}
+
+/// One line per pool that presents a client certificate to its token
+/// endpoint: the client-auth method and the certificate.
+fn print_pool_client_certs(pools: &BTreeMap<String, Arc<PoolConfig>>) {
+    for (name, p) in pools.iter().filter(|(_, p)| p.client_cert.is_some()) {
+        println!(
+            "connections {name}: {} client auth at {}",
+            p.client_auth.as_str(),
+            p.token_url
+        );
+        print_client_cert(p.client_cert.as_ref());
+    }
+}
+
+/// The client certificate's subject and SHA-256 fingerprint (never the key).
+fn print_client_cert(cert: Option<&ClientCert>) {
+    if let Some(c) = cert {
+        println!(
+            "    client certificate {} (SHA-256 {})",
+            c.subject(),
+            c.fingerprint()
         );
     }
 }

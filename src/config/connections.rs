@@ -61,6 +61,8 @@ pub(super) struct RawPool {
     #[serde(default)]
     extra: BTreeMap<String, String>,
     ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_cert_key: Option<SecretSource>,
     select_header: Option<String>,
     revoked_codes: Option<Vec<String>>,
     cache_size: Option<u64>,
@@ -102,6 +104,8 @@ pub struct PoolConfig {
     pub extra: Vec<(String, String)>,
     /// Extra trust roots for the token endpoint.
     pub ca_certs: Vec<CertificateDer<'static>>,
+    /// The certificate presented to the token endpoint (`client_cert`).
+    pub client_cert: Option<crate::net::tls::ClientCert>,
     /// The request header naming the connection (removed before forwarding).
     pub select_header: HeaderName,
     /// Upstream error `code`s meaning the user's consent is gone.
@@ -193,6 +197,13 @@ impl Ctx {
                 ca_file: &p.ca_file,
             },
         )?;
+        let client_cert = self.endpoint_client_cert(
+            &key(""),
+            p.client_auth,
+            &token_url,
+            &p.client_cert,
+            &p.client_cert_key,
+        )?;
         let client_secret = p
             .client_secret
             .as_ref()
@@ -220,6 +231,7 @@ impl Ctx {
             token_timeout: p.token_timeout,
             extra: p.extra.into_iter().collect(),
             ca_certs,
+            client_cert,
             select_header,
             revoked_codes,
             cache_size,

@@ -13,6 +13,7 @@ use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
 use crate::ground::secret::{Secret, SecretSource};
+use crate::net::tls::ClientCert;
 
 use super::units::{duration, parse_url};
 use super::{ConfigError, Ctx, StoreConfig};
@@ -52,6 +53,9 @@ pub enum ClientAuth {
     Body,
     /// HTTP Basic authentication (RFC 6749 §2.3.1).
     Basic,
+    /// `client_id` in the body and the client certificate on the TLS
+    /// connection (RFC 8705 §2): `client_cert`, `client_cert_key`.
+    TlsClientAuth,
 }
 
 impl ClientAuth {
@@ -60,6 +64,7 @@ impl ClientAuth {
         match self {
             ClientAuth::Body => "body",
             ClientAuth::Basic => "basic",
+            ClientAuth::TlsClientAuth => "tls_client_auth",
         }
     }
 }
@@ -112,6 +117,8 @@ pub(super) struct RawCredential {
     #[serde(default)]
     extra: BTreeMap<String, String>,
     ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_cert_key: Option<SecretSource>,
 }
 
 pub(super) fn d_refresh_before() -> Duration {
@@ -164,6 +171,8 @@ pub struct CredentialConfig {
     pub extra: Vec<(String, String)>,
     /// Extra trust roots for the token endpoint.
     pub ca_certs: Vec<CertificateDer<'static>>,
+    /// The certificate presented to the token endpoint (`client_cert`).
+    pub client_cert: Option<ClientCert>,
 }
 
 impl CredentialConfig {
@@ -211,6 +220,13 @@ impl Ctx {
                 ca_file: &c.ca_file,
             },
         )?;
+        let client_cert = self.endpoint_client_cert(
+            &key(""),
+            c.client_auth,
+            &token_url,
+            &c.client_cert,
+            &c.client_cert_key,
+        )?;
         Ok(CredentialConfig {
             name: name.to_owned(),
             token_url,
@@ -230,7 +246,37 @@ impl Ctx {
             in_store: false,
             extra: c.extra.into_iter().collect(),
             ca_certs,
+            client_cert,
         })
+    }
+
+    /// `client_cert` / `client_cert_key` of a credential or pool (`prefix`
+    /// ends in a dot): required by `client_auth = "tls_client_auth"`, which
+    /// also needs an `https://` token URL (the certificate travels in TLS).
+    pub(super) fn endpoint_client_cert(
+        &self,
+        prefix: &str,
+        client_auth: ClientAuth,
+        token_url: &Uri,
+        cert: &Option<PathBuf>,
+        cert_key: &Option<SecretSource>,
+    ) -> Result<Option<ClientCert>, ConfigError> {
+        let key = |k: &str| format!("{prefix}{k}");
+        if client_auth == ClientAuth::TlsClientAuth {
+            if cert.is_none() {
+                return Err(self.err(
+                    &key("client_cert"),
+                    "is required with client_auth = \"tls_client_auth\"".into(),
+                ));
+            }
+            if token_url.scheme() != Some(&http::uri::Scheme::HTTPS) {
+                return Err(self.err(
+                    &key("token_url"),
+                    "must be https:// with client_auth = \"tls_client_auth\" (the client certificate is presented in TLS)".into(),
+                ));
+            }
+        }
+        self.client_cert(prefix, cert, cert_key)
     }
 
     /// What credentials and pools share about their token endpoint:

@@ -37,6 +37,8 @@ pub(super) struct RawRoute {
     scheme: Option<String>,
     reauth_on: Option<Vec<u16>>,
     ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_cert_key: Option<crate::ground::secret::SecretSource>,
     #[serde(default)]
     preserve_host: bool,
     max_connections: Option<usize>,
@@ -102,6 +104,9 @@ pub struct RouteConfig {
     pub reauth_on: Vec<StatusCode>,
     /// Extra trust roots for this upstream.
     pub ca_certs: Vec<CertificateDer<'static>>,
+    /// The certificate presented to the upstream (mutual TLS); routes to
+    /// one origin share a connection pool only with the same certificate.
+    pub client_cert: Option<crate::net::tls::ClientCert>,
     /// Forward the client's Host header.
     pub preserve_host: bool,
     /// Most connections open to the upstream; routes sharing an upstream
@@ -154,6 +159,7 @@ impl Ctx {
         let scheme = self.auth_scheme(&key("scheme"), r.scheme.as_deref())?;
         let reauth_on = self.reauth_on(&key("reauth_on"), r.reauth_on)?;
         let ca_certs = self.load_certs(&key("ca_file"), &r.ca_file)?;
+        let client_cert = self.client_cert(&key(""), &r.client_cert, &r.client_cert_key)?;
         let max_connections = r
             .max_connections
             .unwrap_or(DEFAULT_UPSTREAM_MAX_CONNECTIONS);
@@ -172,12 +178,19 @@ impl Ctx {
                 ),
             ));
         }
+        let upstream_scheme = upstream.scheme.unwrap_or(Scheme::HTTP);
+        if client_cert.is_some() && upstream_scheme != Scheme::HTTPS {
+            return Err(self.err(
+                &key("client_cert"),
+                "needs an https:// upstream (the certificate is presented in TLS)".into(),
+            ));
+        }
         Ok(RouteConfig {
             name: name.to_owned(),
             host,
             path_prefix: prefix,
             strip_prefix: r.strip_prefix,
-            upstream_scheme: upstream.scheme.unwrap_or(Scheme::HTTP),
+            upstream_scheme,
             upstream_authority: upstream
                 .authority
                 .ok_or_else(|| self.err(&key("upstream"), "has no host".into()))?,
@@ -187,6 +200,7 @@ impl Ctx {
             scheme,
             reauth_on,
             ca_certs,
+            client_cert,
             preserve_host: r.preserve_host,
             max_connections,
         })

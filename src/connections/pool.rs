@@ -67,8 +67,14 @@ impl Pool {
             pool: c.name.clone(),
             source,
         };
-        let mut endpoint =
-            Endpoint::new(&c.name, c.token_url.clone(), &c.client_id, &c.ca_certs).map_err(err)?;
+        let mut endpoint = Endpoint::new(
+            &c.name,
+            c.token_url.clone(),
+            &c.client_id,
+            &c.ca_certs,
+            c.client_cert.as_ref(),
+        )
+        .map_err(err)?;
         endpoint.client_secret = c.client_secret.clone();
         endpoint.client_auth = c.client_auth;
         endpoint.body_format = c.body_format;

@@ -58,6 +58,7 @@ use tower_service::Service;
 
 use crate::ground::lock;
 use crate::net::body::RequestBody;
+use crate::net::tls::ClientCert;
 use capacity::Capacity;
 use conn::WireBody;
 use h1::{Abandoned, H1Conn, IdleList, ReturnTo};
@@ -116,8 +117,9 @@ type Io = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
 
 fn connector(
     extra_roots: &[CertificateDer<'static>],
+    identity: Option<&ClientCert>,
 ) -> Result<HttpsConnector<HttpConnector>, String> {
-    let tls = crate::net::tls::client_config(extra_roots)?;
+    let tls = crate::net::tls::client_config(extra_roots, identity)?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -131,8 +133,13 @@ fn connector(
         .wrap_connector(http))
 }
 
-/// Builds a pooled client trusting webpki roots plus `extra_roots`.
-pub fn build_client<B>(extra_roots: &[CertificateDer<'static>]) -> Result<HttpClient<B>, String>
+/// Builds a pooled client trusting webpki roots plus `extra_roots`, and
+/// presenting `identity` to servers that ask for a client certificate
+/// (`tls_client_auth`). The client's connections all carry that identity.
+pub fn build_client<B>(
+    extra_roots: &[CertificateDer<'static>],
+    identity: Option<&ClientCert>,
+) -> Result<HttpClient<B>, String>
 where
     B: Body + Send + 'static + Unpin,
     B::Data: Send,
@@ -143,7 +150,7 @@ where
         .timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-        .build(connector(extra_roots)?))
+        .build(connector(extra_roots, identity)?))
 }
 
 /// What an origin spoke on its last new connection.

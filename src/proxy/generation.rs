@@ -354,6 +354,7 @@ fn build_route(
             &r.upstream_scheme,
             &r.upstream_authority,
             &r.ca_certs,
+            r.client_cert.as_ref(),
             r.max_connections,
         )
         .map_err(|e| BuildError(format!("routes.{}.upstream: {e}", r.name)))?;

@@ -28,6 +28,7 @@ use super::jwt::{jwt_claims, Claims};
 use crate::config::{BodyFormat, ClientAuth, CredentialConfig, DEFAULT_TOKEN_TIMEOUT};
 use crate::ground::form::encode as form_encode;
 use crate::ground::secret::Secret;
+use crate::net::tls::ClientCert;
 use crate::net::upstream::HttpClient;
 pub use error::{describe, TokenError};
 pub use revoke::revoke;
@@ -85,12 +86,14 @@ impl Endpoint {
     /// An endpoint with body client authentication, a JSON body, no client
     /// secret, no scope, no extra fields and the default `token_timeout`;
     /// set the public fields for anything else. Trusts the webpki roots
-    /// plus `ca_certs`.
+    /// plus `ca_certs`; presents `client_cert` on every connection to the
+    /// endpoint (`tls_client_auth`, certificate-bound tokens).
     pub fn new(
         name: impl Into<String>,
         token_url: Uri,
         client_id: impl Into<String>,
         ca_certs: &[CertificateDer<'static>],
+        client_cert: Option<&ClientCert>,
     ) -> Result<Endpoint, EndpointError> {
         Ok(Endpoint {
             name: name.into(),
@@ -102,13 +105,20 @@ impl Endpoint {
             scope: None,
             extra: Vec::new(),
             token_timeout: DEFAULT_TOKEN_TIMEOUT,
-            client: crate::net::upstream::build_client(ca_certs).map_err(EndpointError)?,
+            client: crate::net::upstream::build_client(ca_certs, client_cert)
+                .map_err(EndpointError)?,
         })
     }
 
     /// The endpoint of a `[credentials.NAME]` table.
     pub fn from_credential(c: &CredentialConfig) -> Result<Endpoint, EndpointError> {
-        let mut e = Endpoint::new(&c.name, c.token_url.clone(), &c.client_id, &c.ca_certs)?;
+        let mut e = Endpoint::new(
+            &c.name,
+            c.token_url.clone(),
+            &c.client_id,
+            &c.ca_certs,
+            c.client_cert.as_ref(),
+        )?;
         e.client_secret = c.client_secret.clone();
         e.client_auth = c.client_auth;
         e.body_format = c.body_format;
@@ -278,12 +288,7 @@ async fn send(
 fn fields<'a>(endpoint: &'a Endpoint, grant: &Grant<'a>) -> Vec<(&'a str, &'a str)> {
     let mut fields = Vec::with_capacity(8 + endpoint.extra.len());
     fields.push(("grant_type", grant.as_str()));
-    if endpoint.client_auth == ClientAuth::Body {
-        fields.push(("client_id", endpoint.client_id.as_str()));
-        if let Some(s) = &endpoint.client_secret {
-            fields.push(("client_secret", s.expose()));
-        }
-    }
+    client_fields(endpoint, &mut fields);
     if !matches!(grant, Grant::AuthorizationCode { .. }) {
         if let Some(scope) = &endpoint.scope {
             fields.push(("scope", scope.as_str()));
@@ -349,6 +354,22 @@ fn build(endpoint: &Endpoint, grant: Grant<'_>) -> Result<Request<Full<Bytes>>, 
         req.headers_mut().insert(header::AUTHORIZATION, v);
     }
     Ok(req)
+}
+
+/// The client authentication body fields: `client_id` and `client_secret`
+/// (`body`), `client_id` alone (`tls_client_auth`: the certificate on the
+/// connection authenticates), none (`basic`).
+fn client_fields<'a>(endpoint: &'a Endpoint, fields: &mut Vec<(&'a str, &'a str)>) {
+    match endpoint.client_auth {
+        ClientAuth::Body => {
+            fields.push(("client_id", endpoint.client_id.as_str()));
+            if let Some(s) = &endpoint.client_secret {
+                fields.push(("client_secret", s.expose()));
+            }
+        }
+        ClientAuth::TlsClientAuth => fields.push(("client_id", endpoint.client_id.as_str())),
+        ClientAuth::Basic => {}
+    }
 }
 
 /// HTTP Basic client authentication (RFC 6749 §2.3.1: id and secret

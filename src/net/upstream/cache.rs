@@ -1,5 +1,6 @@
-//! [`UpstreamCache`]: the pools by origin and trust roots, kept across
-//! reloads, and the reaper task that closes their idle connections.
+//! [`UpstreamCache`]: the pools by origin, trust roots and client
+//! certificate, kept across reloads, and the reaper task that closes their
+//! idle connections.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize};
@@ -17,13 +18,23 @@ use super::h1::IdleList;
 use super::h2::H2List;
 use super::{connector, PoolTimings, Protocol, Upstream};
 use crate::ground::lock;
+use crate::net::tls::ClientCert;
 
-/// What makes two routes share a pool: trust roots and origin.
-type PoolKey = (Vec<CertificateDer<'static>>, Scheme, Authority);
+/// What makes two routes share a pool: trust roots, origin and the client
+/// certificate presented (a connection made with one certificate must never
+/// carry another route's requests: the upstream authenticated it as that
+/// client).
+type PoolKey = (
+    Vec<CertificateDer<'static>>,
+    Option<Vec<CertificateDer<'static>>>,
+    Scheme,
+    Authority,
+);
 type Pools = Mutex<HashMap<PoolKey, Arc<Upstream>>>;
 
-/// Upstream pools by origin and trust roots, shared by routes and kept
-/// across reloads; owns the reaper task that closes idle connections.
+/// Upstream pools by origin, trust roots and client certificate, shared by
+/// routes and kept across reloads; owns the reaper task that closes idle
+/// connections.
 pub struct UpstreamCache {
     pools: Arc<Pools>,
     timings: Arc<ArcSwap<PoolTimings>>,
@@ -52,19 +63,25 @@ impl Drop for UpstreamCache {
 }
 
 impl UpstreamCache {
-    /// The pool for this origin and these extra roots, made on first use.
-    /// Routes sharing a pool share its connection limit, the largest of
-    /// theirs: the pool serves them all, and a smaller limit from one route
-    /// would throttle the others.
+    /// The pool for this origin, these extra roots and this client
+    /// certificate, made on first use. Routes sharing a pool share its
+    /// connection limit, the largest of theirs: the pool serves them all,
+    /// and a smaller limit from one route would throttle the others.
     pub fn get(
         &self,
         scheme: &Scheme,
         authority: &Authority,
         extra_roots: &[CertificateDer<'static>],
+        identity: Option<&ClientCert>,
         max_connections: usize,
     ) -> Result<Arc<Upstream>, String> {
         self.spawn_reaper();
-        let key = (extra_roots.to_vec(), scheme.clone(), authority.clone());
+        let key = (
+            extra_roots.to_vec(),
+            identity.map(|c| c.chain().to_vec()),
+            scheme.clone(),
+            authority.clone(),
+        );
         let mut pools = lock(&self.pools);
         if let Some(u) = pools.get(&key) {
             u.cap.raise_max(max_connections);
@@ -78,7 +95,7 @@ impl UpstreamCache {
             .map_err(|e| e.to_string())?;
         let u = Arc::new(Upstream {
             origin,
-            connector: connector(extra_roots)?,
+            connector: connector(extra_roots, identity)?,
             timings: Arc::clone(&self.timings),
             cap: Capacity::new(max_connections),
             idle: IdleList::default(),
