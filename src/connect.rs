@@ -94,6 +94,17 @@ fn connect_error(e: &ConnectError) -> Response<ProxyBody> {
     match e {
         ConnectError::Store(e) if e.is_unavailable() => unavailable(),
         ConnectError::BadRequest(_) => not_a_link(),
+        ConnectError::Pushed(cause) => {
+            tracing::warn!(%cause, "connect: the pushed authorization request failed");
+            let mut r = page(
+                StatusCode::BAD_GATEWAY,
+                "Please try again",
+                &["Your bank could not be reached. Reload this page in a minute."],
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
+            r
+        }
         _ => {
             tracing::error!(error = %e, "connect page failed");
             page(

@@ -49,9 +49,10 @@ struct OidcServer {
 
 impl OidcServer {
     /// Starts the server for one client whose redirect URI is
-    /// `redirect_uri`, access tokens living `access_token_ttl` seconds;
-    /// returns once it answers (its `listening` line).
-    async fn start(redirect_uri: &str, access_token_ttl: u64) -> OidcServer {
+    /// `redirect_uri`, access tokens living `access_token_ttl` seconds, with
+    /// more launcher `flags` (`--require-par`); returns once it answers (its
+    /// `listening` line).
+    async fn start_with(redirect_uri: &str, access_token_ttl: u64, flags: &[&str]) -> OidcServer {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc");
         assert!(
             dir.join("node_modules/oidc-provider/package.json")
@@ -69,6 +70,7 @@ impl OidcServer {
                 redirect_uri,
             ])
             .args(["--access-token-ttl", &access_token_ttl.to_string()])
+            .args(flags)
             .current_dir(&dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -215,13 +217,23 @@ fn oidc_pool(issuer: &str) -> Pool {
 /// Starts oidc-provider (access tokens living `access_token_ttl` s) and the
 /// proxy, its pool changed by `f`.
 async fn setup_with(access_token_ttl: u64, f: impl FnOnce(&mut Pool)) -> Setup {
+    setup_on(access_token_ttl, &[], |_, p| f(p)).await
+}
+
+/// [`setup_with`] with launcher `flags`; `f` also sees the issuer.
+async fn setup_on(access_token_ttl: u64, flags: &[&str], f: impl FnOnce(&str, &mut Pool)) -> Setup {
     let dir = TempDir::new();
     let connect = Connect::loopback(&[]);
     let public = connect.public_url.clone();
-    let op = OidcServer::start(&format!("{public}/connect/callback"), access_token_ttl).await;
+    let op = OidcServer::start_with(
+        &format!("{public}/connect/callback"),
+        access_token_ttl,
+        flags,
+    )
+    .await;
     let upstream = TestUpstream::start("api").await;
     let mut pool = oidc_pool(&op.issuer);
-    f(&mut pool);
+    f(&op.issuer, &mut pool);
     let mut toml = ProxyToml::listeners()
         .pool_table("users", pool)
         .route("api", Route::pool("/", &upstream.http_url(), "users"));
@@ -578,4 +590,81 @@ async fn past_its_expiry_the_api_gets_a_token_the_proxy_refreshed_at_oidc_provid
         .json();
     assert_eq!(c["state"], "active", "{c}");
     assert!(!c["last_refresh_at"].is_null(), "{c}");
+}
+
+#[tokio::test]
+async fn with_par_the_browser_carries_only_a_request_uri_and_the_user_connects() {
+    let mut s = setup_on(300, &["--require-par"], |issuer, p| {
+        p.par_url = Some(format!("{issuer}/request"));
+    })
+    .await;
+    let (id, link) = s.session().await;
+    let mut b = Browser::new();
+    let authorize = s.open(&mut b, &link).await;
+    let q = query_params(&authorize);
+    let keys: Vec<&str> = q.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        ["client_id", "request_uri"],
+        "RFC 9126 §4: {authorize}"
+    );
+    assert_eq!(q["client_id"], CLIENT_ID);
+    assert!(
+        q["request_uri"].starts_with("urn:ietf:params:oauth:request_uri:"),
+        "{authorize}"
+    );
+    let (callback, prompts) = sign_in_and_consent(&mut b, &s.op.issuer, &authorize, "alice").await;
+    assert_eq!(prompts, ["login", "consent"], "{}", s.op.log());
+    let done = b.get(&callback).await;
+    assert_eq!(done.status, 200, "{}\n{}", done.text(), s.op.log());
+    s.op.wait_for_line("token authorization_code").await;
+    let st = s.session_state(&id).await;
+    assert_eq!(st["state"], "connected", "{st}");
+    let token = s.call_api_as("alice").await;
+    assert_eq!(jwt_payload(&token)["sub"], "alice");
+}
+
+#[tokio::test]
+async fn a_client_that_must_push_is_refused_without_par_and_the_session_fails() {
+    let s = setup_on(300, &["--require-par"], |_, _| {}).await;
+    let (id, link) = s.session().await;
+    let mut b = Browser::new();
+    let authorize = s.open(&mut b, &link).await;
+    assert!(
+        query_params(&authorize).contains_key("state"),
+        "{authorize}"
+    );
+    let (callback, _) = sign_in_and_consent(&mut b, &s.op.issuer, &authorize, "alice").await;
+    let back = query_params(&callback);
+    assert_eq!(back["error"], "invalid_request", "{callback}");
+    let r = b.get(&callback).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let st = s.session_state(&id).await;
+    assert_eq!(st["state"], "failed", "{st}");
+    assert_eq!(st["error"]["error"], "invalid_request", "{st}");
+}
+
+#[tokio::test]
+async fn a_par_endpoint_that_refuses_shows_a_retry_page_and_keeps_the_session() {
+    // A par_url that answers 404 (no such endpoint at the provider).
+    let s = setup_on(300, &[], |issuer, p| {
+        p.par_url = Some(format!("{issuer}/no-such-par"));
+    })
+    .await;
+    let (id, link) = s.session().await;
+    let mut b = Browser::new();
+    let r = b.get(&link).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        r.text().contains("try again") || r.text().contains("Reload"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(r.header("retry-after"), Some("30"));
+    let st = s.session_state(&id).await;
+    assert_eq!(
+        st["state"], "pending",
+        "the same browser may try again: {st}"
+    );
+    assert!(!r.text().contains(CLIENT_SECRET));
 }

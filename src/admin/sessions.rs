@@ -140,7 +140,7 @@ async fn create(generation: &Generation, pool: &Pool, req: Request<Incoming>) ->
         }
         Err(ConnectError::BadRequest(m)) => bad_request(m),
         Err(ConnectError::Store(e)) => store_error(&e),
-        Err(e @ ConnectError::Random) => {
+        Err(e @ (ConnectError::Random | ConnectError::Pushed(_))) => {
             error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
         }
     }

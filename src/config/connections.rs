@@ -72,6 +72,7 @@ pub(super) struct RawPool {
     issuer: Option<String>,
     authorize_params: Option<BTreeMap<String, String>>,
     revoke_url: Option<String>,
+    par_url: Option<String>,
     keepalive: Option<String>,
     keepalive_rate: Option<f64>,
 }
@@ -144,6 +145,9 @@ pub struct AuthorizeConfig {
     pub issuer: Option<String>,
     /// Fixed extra authorize parameters.
     pub params: Vec<(String, String)>,
+    /// RFC 9126: the parameters are pushed here first and the browser
+    /// gets only `client_id` and `request_uri`.
+    pub par_url: Option<Uri>,
 }
 
 /// Authorize parameters the flow sets itself: neither the config nor a
@@ -305,6 +309,7 @@ impl Ctx {
                 ("pkce", p.pkce.is_some()),
                 ("issuer", p.issuer.is_some()),
                 ("authorize_params", p.authorize_params.is_some()),
+                ("par_url", p.par_url.is_some()),
             ] {
                 if set {
                     return Err(self.err(&key(k), "needs authorize_url (the connect flow)".into()));
@@ -330,11 +335,19 @@ impl Ctx {
         if let Some(issuer) = &p.issuer {
             super::units::parse_url(issuer).map_err(|m| self.err(&key("issuer"), m))?;
         }
+        // Client authentication goes there as to the token endpoint.
+        let par_url = p
+            .par_url
+            .as_deref()
+            .map(super::units::parse_secure_url)
+            .transpose()
+            .map_err(|m| self.err(&key("par_url"), m))?;
         Ok(Some(AuthorizeConfig {
             url: uri,
             pkce: p.pkce.unwrap_or(true),
             issuer: p.issuer.clone(),
             params,
+            par_url,
         }))
     }
 
@@ -421,6 +434,27 @@ mod tests {
         assert_eq!(c.pools["users"].keepalive.unwrap().rate, 0.5);
         let c = pool_with("keepalive = \"12h\"\nkeepalive_rate = 20").unwrap();
         assert_eq!(c.pools["users"].keepalive.unwrap().rate, 20.0);
+    }
+
+    #[test]
+    fn par_url_needs_authorize_url_and_https_beyond_loopback() {
+        // (A good par_url is tests/oidc.rs's: a pool with authorize_url
+        // also needs [connect].)
+        let authorize = "authorize_url = \"https://bank.example.com/auth\"";
+        for (keys, says) in [
+            (
+                "par_url = \"https://bank.example.com/par\"".to_owned(),
+                "needs authorize_url",
+            ),
+            (
+                format!("{authorize}\npar_url = \"http://bank.example.com/par\""),
+                "https",
+            ),
+        ] {
+            let e = pool_with(&keys).unwrap_err().to_string();
+            assert!(e.contains("connections.users.par_url: "), "{keys}: {e}");
+            assert!(e.contains(says), "{keys}: {e}");
+        }
     }
 
     #[test]

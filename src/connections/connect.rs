@@ -63,6 +63,10 @@ pub enum ConnectError {
     /// The OS RNG failed.
     #[error("the system random number generator failed")]
     Random,
+    /// The authorization server's pushed authorization endpoint failed or
+    /// refused (the text is the scrubbed token error: no secret).
+    #[error("pushed authorization request: {0}")]
+    Pushed(String),
 }
 
 /// A created session and its link (the link is shown once).
@@ -311,7 +315,9 @@ impl Pool {
         if !opened {
             return Ok(Err(LinkRefusal::Used));
         }
-        let location = self.authorize_url(connect, authorize, session, &state, verifier.as_ref());
+        let location = self
+            .authorize_location(connect, authorize, session, &state, verifier.as_ref())
+            .await?;
         Ok(Ok(Opened {
             location: Secret::new(location),
             browser: Secret::new(browser),
@@ -354,14 +360,17 @@ impl Pool {
         self.store.finish_session(&session.id, &end).await
     }
 
-    fn authorize_url(
+    /// Where the browser goes: the authorize URL with every parameter, or,
+    /// with `par_url`, with `client_id` and the `request_uri` the pushed
+    /// request was answered with (RFC 9126 §4).
+    async fn authorize_location(
         &self,
         connect: &ConnectConfig,
         authorize: &AuthorizeConfig,
         session: &Session,
         state: &str,
         verifier: Option<&Secret>,
-    ) -> String {
+    ) -> Result<String, ConnectError> {
         let redirect_uri = connect.redirect_uri();
         let challenge = verifier.map(|v| code_challenge(v.expose()));
         let mut pairs: Vec<(&str, &str)> = vec![
@@ -390,7 +399,18 @@ impl Pool {
         for (k, v) in &session.authorize_params {
             pairs.push((k, v));
         }
-        form::with_query(&authorize.url.to_string(), &form::encode_pairs(pairs))
+        let url = authorize.url.to_string();
+        let Some(par_url) = &authorize.par_url else {
+            return Ok(form::with_query(&url, &form::encode_pairs(pairs)));
+        };
+        let request_uri = crate::tokens::grant::push(&self.endpoint, par_url, &pairs)
+            .await
+            .map_err(|e| ConnectError::Pushed(e.to_string()))?;
+        let pairs = [
+            ("client_id", self.config.client_id.as_str()),
+            ("request_uri", request_uri.as_str()),
+        ];
+        Ok(form::with_query(&url, &form::encode_pairs(pairs)))
     }
 
     /// The callback for `session` (found by its `state`), from a browser

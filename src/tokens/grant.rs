@@ -9,6 +9,7 @@
 //! the caller.
 
 mod error;
+mod par;
 mod revoke;
 #[cfg(test)]
 mod tests;
@@ -31,6 +32,7 @@ use crate::ground::secret::Secret;
 use crate::net::tls::ClientCert;
 use crate::net::upstream::HttpClient;
 pub use error::{describe, TokenError};
+pub use par::push;
 pub use revoke::revoke;
 
 /// Lifetime assumed when the endpoint gives neither `expires_in` nor a JWT `exp`.

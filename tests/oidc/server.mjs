@@ -5,7 +5,7 @@
 //
 // Usage (every option may also come from the environment variable named):
 //   node tests/oidc/server.mjs --client-id ID --client-secret SECRET \
-//     --redirect-uri URI [--port 0] [--access-token-ttl 300]
+//     --redirect-uri URI [--port 0] [--access-token-ttl 300] [--require-par]
 //   OIDC_PORT, OIDC_CLIENT_ID, OIDC_CLIENT_SECRET, OIDC_REDIRECT_URI,
 //   OIDC_ACCESS_TOKEN_TTL
 //
@@ -28,6 +28,9 @@ const { values: args } = parseArgs({
     'client-secret': { type: 'string' },
     'redirect-uri': { type: 'string' },
     'access-token-ttl': { type: 'string' },
+    // The client must use pushed authorization requests (RFC 9126): an
+    // authorize request with its parameters in the query is refused.
+    'require-par': { type: 'boolean' },
   },
 });
 
@@ -60,6 +63,7 @@ function configuration() {
       response_types: ['code'],
       grant_types: ['authorization_code', 'refresh_token'],
       token_endpoint_auth_method: 'client_secret_basic',
+      require_pushed_authorization_requests: args['require-par'] === true,
     }],
     // Any login is accepted; the account id is what was typed.
     async findAccount(_ctx, id) {
@@ -74,6 +78,8 @@ function configuration() {
     scopes: ['openid', 'offline_access'],
     features: {
       devInteractions: { enabled: true },
+      // RFC 9126 at /request (on by default; explicit here).
+      pushedAuthorizationRequests: { enabled: true },
       resourceIndicators: {
         enabled: true,
         defaultResource: () => RESOURCE,

@@ -244,6 +244,8 @@ pub struct Pool {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revoke_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub par_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub keepalive: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keepalive_rate: Option<f64>,

@@ -66,7 +66,7 @@ pub async fn reauthorize(g: &Generation, session: &Session, form: &Form) -> Resp
             return message(StatusCode::BAD_REQUEST, "No link", &m, csrf)
         }
         Err(ConnectError::Store(e)) => return store_failed(&e, csrf),
-        Err(e @ ConnectError::Random) => {
+        Err(e @ (ConnectError::Random | ConnectError::Pushed(_))) => {
             return message(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "No link",

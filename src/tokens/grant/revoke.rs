@@ -1,4 +1,5 @@
-//! RFC 7009 token revocation: one request to a pool's `revoke_url` with
+//! RFC 7009 token revocation (and the authenticated form POST it shares
+//! with pushed authorization requests, `par.rs`): one request to a pool's `revoke_url` with
 //! the refresh token, the client authenticated as at the token endpoint
 //! (the same body fields, Basic header or client certificate: the same
 //! HTTP client),
@@ -15,10 +16,34 @@ use super::{basic_auth, client_fields, form_encode, refusal, send, Endpoint, Gra
 /// §2.2: also for a token the server no longer knows); anything else is
 /// the endpoint's refusal or failure.
 pub async fn revoke(endpoint: &Endpoint, url: &Uri, refresh_token: &str) -> Result<(), TokenError> {
-    let mut fields = vec![
+    let fields = [
         ("token", refresh_token),
         ("token_type_hint", "refresh_token"),
     ];
+    let (status, body) = post_form(endpoint, url, &fields, "revocation").await?;
+    if status.is_success() {
+        return Ok(());
+    }
+    // Scrubbed as a refresh grant's answer is: the token sent is replaced.
+    Err(refusal(
+        endpoint,
+        Grant::RefreshToken { refresh_token },
+        status,
+        &body,
+    ))
+}
+
+/// POSTs `fields` as a form to `url` with the endpoint's client
+/// authentication (its body fields, Basic header or client certificate:
+/// the same HTTP client), bounded by `token_timeout`; `what` names the
+/// request in errors. Revocation and pushed authorization requests.
+pub(super) async fn post_form(
+    endpoint: &Endpoint,
+    url: &Uri,
+    fields: &[(&str, &str)],
+    what: &str,
+) -> Result<(http::StatusCode, bytes::Bytes), TokenError> {
+    let mut fields = fields.to_vec();
     client_fields(endpoint, &mut fields);
     let body: Vec<String> = fields
         .iter()
@@ -34,23 +59,13 @@ pub async fn revoke(endpoint: &Endpoint, url: &Uri, refresh_token: &str) -> Resu
             concat!("flinks-proxy/", env!("CARGO_PKG_VERSION")),
         )
         .body(Full::from(body.join("&")))
-        .map_err(|e| TokenError::State(format!("cannot build the revocation request: {e}")))?;
+        .map_err(|e| TokenError::State(format!("cannot build the {what} request: {e}")))?;
     if let Some(v) = basic_auth(endpoint)? {
         req.headers_mut().insert(header::AUTHORIZATION, v);
     }
     let sent = tokio::time::timeout(endpoint.token_timeout, send(endpoint, req)).await;
-    let (status, body) = sent.map_err(|_| TokenError::Timeout {
+    sent.map_err(|_| TokenError::Timeout {
         host: url.host().unwrap_or("?").to_owned(),
         after: endpoint.token_timeout,
-    })??;
-    if status.is_success() {
-        return Ok(());
-    }
-    // Scrubbed as a refresh grant's answer is: the token sent is replaced.
-    Err(refusal(
-        endpoint,
-        Grant::RefreshToken { refresh_token },
-        status,
-        &body,
-    ))
+    })?
 }
