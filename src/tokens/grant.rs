@@ -1,5 +1,5 @@
 //! One token request: the body (JSON or form), client authentication (body
-//! fields or HTTP Basic), the HTTP exchange bounded by `token_timeout`,
+//! fields, HTTP Basic, or a fresh signed assertion from `assertion`), the HTTP exchange bounded by `token_timeout`,
 //! parsing and validation of the answer (lifetime capped, header-safe
 //! token, JWT `exp` fallback), and the error classes (in `error`).
 //!
@@ -8,6 +8,7 @@
 //! requests: rotation of refresh tokens, caching and single flight belong to
 //! the caller.
 
+mod assertion;
 mod error;
 mod revoke;
 #[cfg(test)]
@@ -25,10 +26,13 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::jwt::{jwt_claims, Claims};
-use crate::config::{BodyFormat, ClientAuth, CredentialConfig, DEFAULT_TOKEN_TIMEOUT};
+use crate::config::{
+    BodyFormat, ClientAssertion, ClientAuth, CredentialConfig, DEFAULT_TOKEN_TIMEOUT,
+};
 use crate::ground::form::encode as form_encode;
 use crate::ground::secret::Secret;
 use crate::net::upstream::HttpClient;
+pub use assertion::{client_assertion, ASSERTION_TYPE};
 pub use error::{describe, TokenError};
 pub use revoke::revoke;
 
@@ -53,8 +57,10 @@ pub struct Endpoint {
     pub client_id: String,
     /// OAuth client secret.
     pub client_secret: Option<Secret>,
-    /// Body fields or HTTP Basic.
+    /// Body fields, HTTP Basic or a signed assertion.
     pub client_auth: ClientAuth,
+    /// The assertion's key and audience (`private_key_jwt`, `client_secret_jwt`).
+    pub assertion: Option<ClientAssertion>,
     /// JSON or form body.
     pub body_format: BodyFormat,
     /// Scope sent with `client_credentials` and `refresh_token` grants.
@@ -98,6 +104,7 @@ impl Endpoint {
             client_id: client_id.into(),
             client_secret: None,
             client_auth: ClientAuth::default(),
+            assertion: None,
             body_format: BodyFormat::default(),
             scope: None,
             extra: Vec::new(),
@@ -111,6 +118,7 @@ impl Endpoint {
         let mut e = Endpoint::new(&c.name, c.token_url.clone(), &c.client_id, &c.ca_certs)?;
         e.client_secret = c.client_secret.clone();
         e.client_auth = c.client_auth;
+        e.assertion = c.assertion.clone();
         e.body_format = c.body_format;
         e.scope = c.scope.clone();
         e.extra = c.extra.clone();
@@ -274,16 +282,41 @@ async fn send(
     Ok((status, body))
 }
 
-/// The body fields of `grant`, in wire order.
-fn fields<'a>(endpoint: &'a Endpoint, grant: &Grant<'a>) -> Vec<(&'a str, &'a str)> {
-    let mut fields = Vec::with_capacity(8 + endpoint.extra.len());
-    fields.push(("grant_type", grant.as_str()));
-    if endpoint.client_auth == ClientAuth::Body {
-        fields.push(("client_id", endpoint.client_id.as_str()));
-        if let Some(s) = &endpoint.client_secret {
-            fields.push(("client_secret", s.expose()));
+/// The client authentication body fields: `client_id` and `client_secret`
+/// (`body`), or `client_id` and the assertion (`private_key_jwt`,
+/// `client_secret_jwt`); none for `basic`. Shared with revocation.
+fn client_fields<'a>(
+    endpoint: &'a Endpoint,
+    assertion: Option<&'a Secret>,
+    fields: &mut Vec<(&'a str, &'a str)>,
+) {
+    match endpoint.client_auth {
+        ClientAuth::Basic => {}
+        ClientAuth::Body => {
+            fields.push(("client_id", endpoint.client_id.as_str()));
+            if let Some(s) = &endpoint.client_secret {
+                fields.push(("client_secret", s.expose()));
+            }
+        }
+        ClientAuth::PrivateKeyJwt | ClientAuth::ClientSecretJwt => {
+            fields.push(("client_id", endpoint.client_id.as_str()));
+            if let Some(a) = assertion {
+                fields.push(("client_assertion_type", ASSERTION_TYPE));
+                fields.push(("client_assertion", a.expose()));
+            }
         }
     }
+}
+
+/// The body fields of `grant`, in wire order.
+fn fields<'a>(
+    endpoint: &'a Endpoint,
+    grant: &Grant<'a>,
+    assertion: Option<&'a Secret>,
+) -> Vec<(&'a str, &'a str)> {
+    let mut fields = Vec::with_capacity(8 + endpoint.extra.len());
+    fields.push(("grant_type", grant.as_str()));
+    client_fields(endpoint, assertion, &mut fields);
     if !matches!(grant, Grant::AuthorizationCode { .. }) {
         if let Some(scope) = &endpoint.scope {
             fields.push(("scope", scope.as_str()));
@@ -313,7 +346,8 @@ fn fields<'a>(endpoint: &'a Endpoint, grant: &Grant<'a>) -> Vec<(&'a str, &'a st
 }
 
 fn build(endpoint: &Endpoint, grant: Grant<'_>) -> Result<Request<Full<Bytes>>, TokenError> {
-    let fields = fields(endpoint, &grant);
+    let assertion = client_assertion(endpoint)?;
+    let fields = fields(endpoint, &grant, assertion.as_ref());
     let (content_type, body) = match endpoint.body_format {
         BodyFormat::Json => {
             let map: serde_json::Map<String, serde_json::Value> = fields

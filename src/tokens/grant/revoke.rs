@@ -1,5 +1,6 @@
 //! RFC 7009 token revocation: one request to a pool's `revoke_url` with
-//! the refresh token, the client authenticated as at the token endpoint,
+//! the refresh token, the client authenticated as at the token endpoint
+//! (a fresh assertion for `private_key_jwt` and `client_secret_jwt`),
 //! bounded by `token_timeout`. The endpoint's answer text goes through the
 //! same scrubbing as token answers (the token sent never appears in an
 //! error).
@@ -7,8 +8,10 @@
 use http::{header, Method, Request, Uri};
 use http_body_util::Full;
 
-use super::{basic_auth, form_encode, refusal, send, Endpoint, Grant, TokenError};
-use crate::config::ClientAuth;
+use super::{
+    basic_auth, client_assertion, client_fields, form_encode, refusal, send, Endpoint, Grant,
+    TokenError,
+};
 
 /// Revokes `refresh_token` at `url`. A 2xx answer is success (RFC 7009
 /// §2.2: also for a token the server no longer knows); anything else is
@@ -18,12 +21,8 @@ pub async fn revoke(endpoint: &Endpoint, url: &Uri, refresh_token: &str) -> Resu
         ("token", refresh_token),
         ("token_type_hint", "refresh_token"),
     ];
-    if endpoint.client_auth == ClientAuth::Body {
-        fields.push(("client_id", endpoint.client_id.as_str()));
-        if let Some(s) = &endpoint.client_secret {
-            fields.push(("client_secret", s.expose()));
-        }
-    }
+    let assertion = client_assertion(endpoint)?;
+    client_fields(endpoint, assertion.as_ref(), &mut fields);
     let body: Vec<String> = fields
         .iter()
         .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
