@@ -386,6 +386,16 @@ async fn each_method_authenticates_a_credential_and_an_unknown_key_is_invalid_cl
     );
     let metrics = get(&p.admin("/metrics")).await;
     assert_eq!(metrics.status, 200);
+    let outcome = |cred: &str, o: &str| {
+        metric(
+            &metrics.text(),
+            &format!("flinks_proxy_token_requests_total{{credential=\"{cred}\",outcome=\"{o}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(outcome("unknown", "rejected") >= 1.0, "{}", metrics.text());
+    assert_eq!(outcome("unknown", "success"), 0.0);
+    assert_eq!(outcome("es256", "success"), 1.0, "{}", metrics.text());
 
     p.signal("TERM");
     assert_eq!(p.wait_exit(Duration::from_secs(20)), Some(0), "{}", p.log());
