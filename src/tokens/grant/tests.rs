@@ -199,3 +199,26 @@ fn client_secret_jwt_signs_hs256_with_the_secret_and_a_configured_audience() {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"shh");
     ring::hmac::verify(&key, input.as_bytes(), &sig).expect("HS256 with client_secret");
 }
+
+#[test]
+fn a_json_body_carries_the_assertion_fields_too() {
+    use http_body_util::BodyExt;
+    let mut e = jwt_endpoint(ClientAuth::PrivateKeyJwt);
+    e.body_format = BodyFormat::Json;
+    let req = build(&e, Grant::ClientCredentials).expect("request");
+    let body = block_on(req.into_body().collect())
+        .expect("body")
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(v["client_id"], "cid");
+    assert_eq!(v["client_assertion_type"], ASSERTION_TYPE);
+    assert_eq!(
+        v["client_assertion"]
+            .as_str()
+            .expect("assertion")
+            .split('.')
+            .count(),
+        3
+    );
+    assert!(v.get("client_secret").is_none(), "{v}");
+}
