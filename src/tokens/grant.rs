@@ -239,7 +239,9 @@ pub async fn request_within(
 ) -> Result<Granted, TokenError> {
     let sent_at = Instant::now();
     match tokio::time::timeout(limit, exchange(endpoint, grant)).await {
-        Ok(Ok((status, body))) => parse(endpoint, grant, status, &body, sent_at),
+        Ok(Ok((status, body, assertion))) => {
+            parse(endpoint, grant, status, &body, sent_at, assertion.as_ref())
+        }
         Ok(Err(e)) => Err(e),
         Err(_) => Err(TokenError::Timeout {
             host: endpoint.host(),
@@ -249,11 +251,16 @@ pub async fn request_within(
 }
 
 /// Sends the request and reads the answer's status and body.
+/// Sends the request and reads the answer's status and body; with the
+/// client assertion sent, so that an answer quoting it is scrubbed.
 async fn exchange(
     endpoint: &Endpoint,
     grant: Grant<'_>,
-) -> Result<(StatusCode, Bytes), TokenError> {
-    send(endpoint, build(endpoint, grant)?).await
+) -> Result<(StatusCode, Bytes, Option<Secret>), TokenError> {
+    let assertion = client_assertion(endpoint)?;
+    let req = build(endpoint, grant, assertion.as_ref())?;
+    let (status, body) = send(endpoint, req).await?;
+    Ok((status, body, assertion))
 }
 
 /// Sends `req` with the endpoint's client and reads the answer's status and
@@ -345,9 +352,12 @@ fn fields<'a>(
     fields
 }
 
-fn build(endpoint: &Endpoint, grant: Grant<'_>) -> Result<Request<Full<Bytes>>, TokenError> {
-    let assertion = client_assertion(endpoint)?;
-    let fields = fields(endpoint, &grant, assertion.as_ref());
+fn build(
+    endpoint: &Endpoint,
+    grant: Grant<'_>,
+    assertion: Option<&Secret>,
+) -> Result<Request<Full<Bytes>>, TokenError> {
+    let fields = fields(endpoint, &grant, assertion);
     let (content_type, body) = match endpoint.body_format {
         BodyFormat::Json => {
             let map: serde_json::Map<String, serde_json::Value> = fields
@@ -430,8 +440,9 @@ fn parse(
     status: StatusCode,
     body: &[u8],
     sent_at: Instant,
+    assertion: Option<&Secret>,
 ) -> Result<Granted, TokenError> {
-    let parsed = token_response(endpoint, grant, status, body)?;
+    let parsed = token_response(endpoint, grant, status, body, assertion)?;
     let access = access_token(
         endpoint,
         grant,
@@ -467,9 +478,10 @@ fn token_response(
     grant: Grant<'_>,
     status: StatusCode,
     body: &[u8],
+    assertion: Option<&Secret>,
 ) -> Result<TokenResponse, TokenError> {
     if !status.is_success() {
-        return Err(refusal(endpoint, grant, status, body));
+        return Err(refusal(endpoint, grant, status, body, assertion));
     }
     if status != StatusCode::OK {
         return Err(TokenError::InvalidResponse(format!(
@@ -495,7 +507,7 @@ fn access_token(
         if !tt.eq_ignore_ascii_case("bearer") {
             return Err(TokenError::InvalidResponse(format!(
                 "token_type {:?} is not Bearer",
-                scrub(endpoint, grant, tt)
+                scrub(endpoint, grant, None, tt)
             )));
         }
     }
@@ -529,12 +541,20 @@ fn lifetime_or_default(
 }
 
 /// The error of a non-2xx answer.
-fn refusal(endpoint: &Endpoint, grant: Grant<'_>, status: StatusCode, body: &[u8]) -> TokenError {
+fn refusal(
+    endpoint: &Endpoint,
+    grant: Grant<'_>,
+    status: StatusCode,
+    body: &[u8],
+    assertion: Option<&Secret>,
+) -> TokenError {
     let err: Option<OAuthError> = serde_json::from_slice(body).ok();
-    let error = err.as_ref().map(|e| scrub(endpoint, grant, &e.error));
+    let error = err
+        .as_ref()
+        .map(|e| scrub(endpoint, grant, assertion, &e.error));
     let description = err
         .and_then(|e| e.error_description)
-        .map(|d| scrub(endpoint, grant, &d));
+        .map(|d| scrub(endpoint, grant, assertion, &d));
     if status.is_server_error() {
         return TokenError::ServerError {
             status: status.as_u16(),
@@ -599,13 +619,12 @@ fn short(s: &str) -> String {
 }
 
 /// Endpoint text without control characters, bounded, and with the
-/// secrets we sent replaced by `***`.
-fn scrub(endpoint: &Endpoint, grant: Grant<'_>, text: &str) -> String {
-    let mut out: String = text
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_ENDPOINT_TEXT)
-        .collect();
+/// secrets we sent (the client secret, the grant's code or refresh token,
+/// the PKCE verifier, the client assertion) replaced by `***`.
+fn scrub(endpoint: &Endpoint, grant: Grant<'_>, assertion: Option<&Secret>, text: &str) -> String {
+    // Replaced before the text is cut short: a secret the cut went through
+    // would otherwise survive as a prefix of itself.
+    let mut out: String = text.chars().filter(|c| !c.is_control()).collect();
     let verifier = match grant {
         Grant::AuthorizationCode { code_verifier, .. } => code_verifier,
         _ => None,
@@ -614,9 +633,10 @@ fn scrub(endpoint: &Endpoint, grant: Grant<'_>, text: &str) -> String {
         endpoint.client_secret.as_ref().map(Secret::expose),
         grant.secret(),
         verifier,
+        assertion.map(Secret::expose),
     ];
     for s in secrets.into_iter().flatten().filter(|s| !s.is_empty()) {
         out = out.replace(s, "***");
     }
-    out
+    out.chars().take(MAX_ENDPOINT_TEXT).collect()
 }

@@ -55,5 +55,6 @@ pub async fn revoke(endpoint: &Endpoint, url: &Uri, refresh_token: &str) -> Resu
         Grant::RefreshToken { refresh_token },
         status,
         &body,
+        assertion.as_ref(),
     ))
 }

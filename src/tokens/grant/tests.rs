@@ -111,7 +111,8 @@ fn sent_fields(
     grant: Grant<'_>,
 ) -> std::collections::BTreeMap<String, String> {
     use http_body_util::BodyExt;
-    let req = build(endpoint, grant).expect("request");
+    let assertion = client_assertion(endpoint).expect("assertion");
+    let req = build(endpoint, grant, assertion.as_ref()).expect("request");
     let body = block_on(req.into_body().collect())
         .expect("a full body")
         .to_bytes();
@@ -205,7 +206,8 @@ fn a_json_body_carries_the_assertion_fields_too() {
     use http_body_util::BodyExt;
     let mut e = jwt_endpoint(ClientAuth::PrivateKeyJwt);
     e.body_format = BodyFormat::Json;
-    let req = build(&e, Grant::ClientCredentials).expect("request");
+    let assertion = client_assertion(&e).expect("assertion");
+    let req = build(&e, Grant::ClientCredentials, assertion.as_ref()).expect("request");
     let body = block_on(req.into_body().collect())
         .expect("body")
         .to_bytes();
@@ -221,4 +223,25 @@ fn a_json_body_carries_the_assertion_fields_too() {
         3
     );
     assert!(v.get("client_secret").is_none(), "{v}");
+}
+
+#[test]
+fn an_answer_quoting_the_assertion_is_scrubbed() {
+    let e = jwt_endpoint(ClientAuth::PrivateKeyJwt);
+    let assertion = client_assertion(&e).unwrap().unwrap();
+    let body = json!({
+        "error": "invalid_client",
+        "error_description": format!("bad assertion {}", assertion.expose()),
+    })
+    .to_string();
+    let err = refusal(
+        &e,
+        Grant::ClientCredentials,
+        StatusCode::UNAUTHORIZED,
+        body.as_bytes(),
+        Some(&assertion),
+    );
+    let text = err.to_string();
+    assert!(text.contains("bad assertion ***"), "{text}");
+    assert!(!text.contains(assertion.expose()), "{text}");
 }
