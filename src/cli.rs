@@ -5,6 +5,7 @@
 pub mod check;
 pub mod demo;
 pub mod healthcheck;
+pub mod keygen;
 pub mod store;
 pub mod token;
 

@@ -53,7 +53,7 @@ pub use connections::{
 };
 pub use connections::{Keepalive, DEFAULT_KEEPALIVE_RATE, KEEPALIVE_LIMIT, MAX_KEEPALIVE_RATE};
 pub use credentials::{
-    BodyFormat, ClientAuth, CredentialConfig, GrantType, DEFAULT_REFRESH_BEFORE,
+    BodyFormat, ClientAssertion, ClientAuth, CredentialConfig, GrantType, DEFAULT_REFRESH_BEFORE,
     DEFAULT_TOKEN_TIMEOUT,
 };
 pub use log::{LogConfig, LogFormat};

@@ -1,12 +1,14 @@
 //! Ground helpers: what every layer may use and that knows no request,
 //! no route and no token. The lock helper, the clock in Unix milliseconds,
 //! secrets ([`secret`]), urlencoding ([`form`]), the metric registry and its typed handles
-//! ([`metrics`]) and the store's sealing and fingerprint key ([`crypto`]).
+//! ([`metrics`]) the store's sealing and fingerprint key ([`crypto`]) and JOSE
+//! signing keys ([`jose`]).
 //!
 //! Must not import anything else of the crate.
 
 pub mod crypto;
 pub mod form;
+pub mod jose;
 pub mod metrics;
 pub mod secret;
 

@@ -110,8 +110,21 @@ enum Command {
         #[command(flatten)]
         config: ConfigPath,
     },
-    /// Print a new store key (base64 of 32 random bytes).
-    Keygen,
+    /// Print a new store key (base64 of 32 random bytes), or with
+    /// --client-key a private_key_jwt key (PKCS#8 PEM) and its public JWK
+    /// set for registration. RSA keys (PS256, RS256) come from openssl:
+    /// `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048`.
+    Keygen {
+        /// A client assertion key instead of a store key.
+        #[arg(long)]
+        client_key: bool,
+        /// The key's algorithm: ES256 (EC P-256, the default) or EdDSA (Ed25519).
+        #[arg(long, requires = "client_key")]
+        alg: Option<String>,
+        /// The JWK's `kid` (default: its RFC 7638 thumbprint).
+        #[arg(long, requires = "client_key")]
+        kid: Option<String>,
+    },
     /// Store maintenance.
     Store {
         #[command(subcommand)]
@@ -189,11 +202,15 @@ fn main() -> ExitCode {
         Some(Command::Token { name, show, config }) => {
             cli::token::token(&config.or(&top), &name, show)
         }
-        Some(Command::Keygen) => cli::exit(
-            flinks_proxy::ground::crypto::generate_key()
-                .map(|k| println!("{k}"))
-                .context("cannot generate a key"),
-        ),
+        Some(Command::Keygen {
+            client_key,
+            alg,
+            kid,
+        }) => cli::exit(cli::keygen::keygen(if client_key {
+            cli::keygen::KeygenWhat::ClientKey { alg, kid }
+        } else {
+            cli::keygen::KeygenWhat::StoreKey
+        })),
         Some(Command::Store {
             command: StoreCommand::Rekey,
             config,

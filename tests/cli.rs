@@ -599,3 +599,79 @@ async fn connections_list_says_when_a_pool_has_none() {
     assert!(stdout.starts_with("users\talice\tactive"), "{stdout}");
     assert!(!stderr.contains("no connections"), "{stderr}");
 }
+
+/// Issue 19: `keygen --client-key` prints a PKCS#8 key and its public JWK
+/// (`kid` = the RFC 7638 thumbprint); `check` on a `private_key_jwt`
+/// credential using that key (from a file) prints the method, key id and
+/// the same thumbprint, and never the key.
+#[test]
+fn keygen_client_key_and_check_print_the_thumbprint_never_the_key() {
+    let (code, stdout, stderr) = run_binary(&["keygen", "--client-key"], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let end = "-----END PRIVATE KEY-----\n";
+    let split = stdout.find(end).expect("a PEM private key") + end.len();
+    let (pem, jwks) = stdout.split_at(split);
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{pem}");
+    let jwks: serde_json::Value = serde_json::from_str(jwks).expect("a JWK set");
+    let jwk = &jwks["keys"][0];
+    assert_eq!(jwk["kty"], "EC", "{jwk}");
+    assert_eq!(jwk["crv"], "P-256", "{jwk}");
+    assert_eq!(jwk["alg"], "ES256", "{jwk}");
+    assert_eq!(jwk["use"], "sig", "{jwk}");
+    assert!(jwk.get("d").is_none(), "no private part: {jwk}");
+    let thumbprint = jwk["kid"].as_str().expect("kid").to_owned();
+    assert_eq!(thumbprint.len(), 43, "base64url SHA-256: {jwk}");
+
+    let dir = TempDir::new();
+    let key_file = dir.write("client.key", pem);
+    let toml = config_with(
+        "client_secret = { env = \"FLINKS_PROXY_CLI_TEST_SECRET\" }",
+        &format!(
+            "client_auth = \"private_key_jwt\"\nclient_key = {{ file = \"{}\" }}\nclient_key_id = \"key-2026\"",
+            key_file.display()
+        ),
+    );
+    let path = dir.write("proxy.toml", toml);
+    let path = path.display().to_string();
+    let (code, stdout, stderr) = run_binary(&["check", "--config", &path], &[]);
+    assert_eq!(code, 0, "stdout {stdout}\nstderr {stderr}");
+    for needle in [
+        "private_key_jwt",
+        "EC P-256",
+        "ES256",
+        "kid key-2026",
+        &thumbprint,
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "check does not show {needle:?}:\n{stdout}"
+        );
+    }
+    for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(
+            !stdout.contains(line) && !stderr.contains(line),
+            "key material shown:\n{stdout}"
+        );
+    }
+
+    let (code, _, stderr) = run_binary(&["keygen", "--client-key", "--alg", "PS256"], &[]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("openssl genpkey"), "{stderr}");
+}
+
+#[test]
+fn a_bad_client_key_file_stops_the_proxy_naming_the_key() {
+    let dir = TempDir::new();
+    let key_file = dir.write(
+        "client.key",
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    );
+    let toml = config_with(
+        "client_secret = { env = \"FLINKS_PROXY_CLI_TEST_SECRET\" }",
+        &format!(
+            "client_auth = \"private_key_jwt\"\nclient_key = {{ file = \"{}\" }}",
+            key_file.display()
+        ),
+    );
+    assert_refused(&toml, &[], "credentials.flinks.client_key", "PKCS#8");
+}

@@ -1,6 +1,7 @@
 //! `flinks-proxy check`: validates a config and the secrets it names, builds
 //! its runtime as the proxy would (the store opened read-only) and prints the
-//! effective server settings, routes and credentials.
+//! effective server settings, credentials and pools (with their client
+//! assertion key's thumbprint, never the key) and routes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -50,6 +51,7 @@ pub fn check(path: &Path) -> ExitCode {
     }
     print_access(&config.access);
     print_credentials(&config.credentials);
+    print_pools(&config.pools);
     print_routes(&config.routes);
     print_pool_client_certs(&config.pools);
     if let Some(w) = &config.webhooks {
@@ -138,8 +140,62 @@ fn print_credentials(credentials: &BTreeMap<String, Arc<CredentialConfig>>) {
                 .unwrap_or_default()
         );
         print_client_cert(c.client_cert.as_ref());
+        if let Some(line) = assertion_line(c.client_auth, c.assertion.as_ref()) {
+            println!("{line}");
+        }
         if c.sends_secrets_in_clear() {
             eprintln!("warning: credentials.{name}.token_url is plain http:// beyond loopback: the client secret and tokens travel in clear; use https://");
+        }
+    }
+}
+
+/// The client assertion of a credential or pool: its method, key type,
+/// algorithm, key id and the key's RFC 7638 JWK thumbprint (the public
+/// key's hash, what the authorization server has registered), never the
+/// key itself.
+pub fn assertion_line(
+    auth: crate::config::ClientAuth,
+    assertion: Option<&crate::config::ClientAssertion>,
+) -> Option<String> {
+    let a = assertion?;
+    let audience = a
+        .audience
+        .as_deref()
+        .map(|aud| format!(", audience {aud}"))
+        .unwrap_or_else(|| ", audience the token URL".to_owned());
+    Some(match &a.key {
+        Some(key) => format!(
+            "    {}: {} key ({}), kid {}, JWK thumbprint {}{audience}",
+            auth.as_str(),
+            key.describe(),
+            key.alg().as_str(),
+            a.key_id.as_deref().unwrap_or("(none)"),
+            key.thumbprint(),
+        ),
+        None => format!(
+            "    {}: HS256 with the client secret{audience}",
+            auth.as_str()
+        ),
+    })
+}
+
+/// One line per pool (never a secret): its token endpoint and client
+/// authentication.
+fn print_pools(pools: &BTreeMap<String, Arc<crate::config::PoolConfig>>) {
+    if pools.is_empty() {
+        return;
+    }
+    println!("connections:");
+    for (name, p) in pools {
+        println!(
+            "  {name}: at {} (client_id {}, {} body, {} client auth)",
+            p.token_url,
+            p.client_id,
+            p.body_format.as_str(),
+            p.client_auth.as_str(),
+        );
+        if let Some(line) = assertion_line(p.client_auth, p.assertion.as_ref()) {
+            println!("{line}");
         }
     }
 }

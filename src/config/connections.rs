@@ -15,7 +15,9 @@ use serde::Deserialize;
 
 use crate::ground::secret::{Secret, SecretSource};
 
-use super::credentials::{d_refresh_before, d_token_timeout, EndpointKeys};
+use super::credentials::{
+    d_refresh_before, d_token_timeout, AssertionKeys, ClientAssertion, EndpointKeys,
+};
 use super::{BodyFormat, ClientAuth, ConfigError, Ctx};
 
 /// The header that names a connection on a pooled route.
@@ -75,6 +77,10 @@ pub(super) struct RawPool {
     par_url: Option<String>,
     keepalive: Option<String>,
     keepalive_rate: Option<f64>,
+    client_key: Option<SecretSource>,
+    client_key_id: Option<String>,
+    client_assertion_alg: Option<String>,
+    client_assertion_audience: Option<String>,
 }
 
 /// One `[connections.NAME]`: an OAuth client whose users' tokens are kept
@@ -93,8 +99,10 @@ pub struct PoolConfig {
     pub scope: Option<String>,
     /// Sent with codes when the admin request names none.
     pub redirect_uri: Option<String>,
-    /// Body fields or HTTP Basic.
+    /// Body fields, HTTP Basic or a signed assertion.
     pub client_auth: ClientAuth,
+    /// The assertion's key and audience (`private_key_jwt`, `client_secret_jwt`).
+    pub assertion: Option<ClientAssertion>,
     /// JSON or form body.
     pub body_format: BodyFormat,
     /// Renew this long before expiry (capped at half the lifetime).
@@ -214,6 +222,17 @@ impl Ctx {
             .map(|s| s.resolve(&self.base))
             .transpose()
             .map_err(|m| self.err(&key("client_secret"), m))?;
+        let assertion = self.client_assertion(
+            &key(""),
+            &AssertionKeys {
+                client_auth: p.client_auth,
+                client_secret: client_secret.is_some(),
+                client_key: &p.client_key,
+                client_key_id: &p.client_key_id,
+                client_assertion_alg: &p.client_assertion_alg,
+                client_assertion_audience: &p.client_assertion_audience,
+            },
+        )?;
         let authorize = self.authorize(name, &p)?;
         let revoke_url = self.revoke_url(name, p.revoke_url.as_deref())?;
         let select_header = self.select_header(&key("select_header"), p.select_header)?;
@@ -230,6 +249,7 @@ impl Ctx {
             scope: p.scope,
             redirect_uri: p.redirect_uri,
             client_auth: p.client_auth,
+            assertion,
             body_format: p.body_format,
             refresh_before: p.refresh_before,
             token_timeout: p.token_timeout,

@@ -12,6 +12,7 @@ use http::Uri;
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
+use crate::ground::jose::{JoseError, SigningKey};
 use crate::ground::secret::{Secret, SecretSource};
 use crate::net::tls::ClientCert;
 
@@ -56,6 +57,10 @@ pub enum ClientAuth {
     /// `client_id` in the body and the client certificate on the TLS
     /// connection (RFC 8705 §2): `client_cert`, `client_cert_key`.
     TlsClientAuth,
+    /// A JWT signed with `client_key` (RFC 7523 §2.2, OIDC Core §9).
+    PrivateKeyJwt,
+    /// A JWT signed HS256 with `client_secret` (OIDC Core §9).
+    ClientSecretJwt,
 }
 
 impl ClientAuth {
@@ -65,8 +70,30 @@ impl ClientAuth {
             ClientAuth::Body => "body",
             ClientAuth::Basic => "basic",
             ClientAuth::TlsClientAuth => "tls_client_auth",
+            ClientAuth::PrivateKeyJwt => "private_key_jwt",
+            ClientAuth::ClientSecretJwt => "client_secret_jwt",
         }
     }
+
+    /// Whether the client authenticates with a signed assertion.
+    pub fn is_jwt(self) -> bool {
+        matches!(
+            self,
+            ClientAuth::PrivateKeyJwt | ClientAuth::ClientSecretJwt
+        )
+    }
+}
+
+/// The keys of `private_key_jwt` and `client_secret_jwt` (CLIENT_AUTH.md):
+/// what signs the client assertion, and for whom.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientAssertion {
+    /// `client_key` (`private_key_jwt`); `None`: HS256 with the client secret.
+    pub key: Option<Arc<SigningKey>>,
+    /// `client_key_id`: the JWS `kid`.
+    pub key_id: Option<String>,
+    /// `client_assertion_audience`; `None`: the token URL.
+    pub audience: Option<String>,
 }
 
 /// The OAuth 2.0 grant a credential uses.
@@ -119,6 +146,10 @@ pub(super) struct RawCredential {
     ca_file: Option<PathBuf>,
     client_cert: Option<PathBuf>,
     client_cert_key: Option<SecretSource>,
+    client_key: Option<SecretSource>,
+    client_key_id: Option<String>,
+    client_assertion_alg: Option<String>,
+    client_assertion_audience: Option<String>,
 }
 
 pub(super) fn d_refresh_before() -> Duration {
@@ -144,8 +175,10 @@ pub struct CredentialConfig {
     pub client_secret: Option<Secret>,
     /// Requested scope.
     pub scope: Option<String>,
-    /// Body fields or HTTP Basic.
+    /// Body fields, HTTP Basic or a signed assertion.
     pub client_auth: ClientAuth,
+    /// The assertion's key and audience (`private_key_jwt`, `client_secret_jwt`).
+    pub assertion: Option<ClientAssertion>,
     /// JSON or form body.
     pub body_format: BodyFormat,
     /// Renew this long before expiry (capped at half the lifetime).
@@ -227,14 +260,27 @@ impl Ctx {
             &c.client_cert,
             &c.client_cert_key,
         )?;
+        let client_secret = resolve("client_secret", &c.client_secret)?;
+        let assertion = self.client_assertion(
+            &key(""),
+            &AssertionKeys {
+                client_auth: c.client_auth,
+                client_secret: client_secret.is_some(),
+                client_key: &c.client_key,
+                client_key_id: &c.client_key_id,
+                client_assertion_alg: &c.client_assertion_alg,
+                client_assertion_audience: &c.client_assertion_audience,
+            },
+        )?;
         Ok(CredentialConfig {
             name: name.to_owned(),
             token_url,
             grant_type: c.grant_type,
             client_id: c.client_id,
-            client_secret: resolve("client_secret", &c.client_secret)?,
+            client_secret,
             scope: c.scope,
             client_auth: c.client_auth,
+            assertion,
             body_format: c.body_format,
             refresh_before: c.refresh_before,
             token_timeout: c.token_timeout,
@@ -305,6 +351,90 @@ impl Ctx {
         }
         let ca_certs = self.load_certs(&key("ca_file"), e.ca_file)?;
         Ok((token_url, ca_certs))
+    }
+
+    /// `client_key`, `client_key_id`, `client_assertion_alg` and
+    /// `client_assertion_audience` for `client_auth`: the key loaded and
+    /// checked against the algorithm, each error naming its key (and never
+    /// showing the key). `prefix` is the table's key path ending in a dot.
+    pub(super) fn client_assertion(
+        &self,
+        prefix: &str,
+        a: &AssertionKeys<'_>,
+    ) -> Result<Option<ClientAssertion>, ConfigError> {
+        let key = |k: &str| format!("{prefix}{k}");
+        let needs = |k: &str| {
+            self.err(
+                &key(k),
+                format!(
+                    "is required with client_auth = \"{}\"",
+                    a.client_auth.as_str()
+                ),
+            )
+        };
+        let only = |k: &str, with: &str| {
+            self.err(&key(k), format!("is only used with client_auth = {with}"))
+        };
+        const JWT: &str = "\"private_key_jwt\" or \"client_secret_jwt\"";
+        const PKJ: &str = "\"private_key_jwt\"";
+        let alg = a.client_assertion_alg.as_deref();
+        match a.client_auth {
+            ClientAuth::Body | ClientAuth::Basic | ClientAuth::TlsClientAuth => {
+                for (k, set) in [
+                    ("client_key", a.client_key.is_some()),
+                    ("client_key_id", a.client_key_id.is_some()),
+                    ("client_assertion_alg", alg.is_some()),
+                    (
+                        "client_assertion_audience",
+                        a.client_assertion_audience.is_some(),
+                    ),
+                ] {
+                    if set {
+                        return Err(only(k, JWT));
+                    }
+                }
+                Ok(None)
+            }
+            ClientAuth::ClientSecretJwt => {
+                if a.client_key.is_some() {
+                    return Err(only("client_key", PKJ));
+                }
+                if a.client_key_id.is_some() {
+                    return Err(only("client_key_id", PKJ));
+                }
+                if !a.client_secret {
+                    return Err(needs("client_secret"));
+                }
+                if let Some(alg) = alg.filter(|a| *a != "HS256") {
+                    return Err(self.err(
+                        &key("client_assertion_alg"),
+                        format!("{alg:?} does not fit client_auth = \"client_secret_jwt\" (HS256 with client_secret)"),
+                    ));
+                }
+                Ok(Some(ClientAssertion {
+                    key: None,
+                    key_id: None,
+                    audience: a.client_assertion_audience.clone(),
+                }))
+            }
+            ClientAuth::PrivateKeyJwt => {
+                let source = a.client_key.as_ref().ok_or_else(|| needs("client_key"))?;
+                let pem = source
+                    .resolve(&self.base)
+                    .map_err(|m| self.err(&key("client_key"), m))?;
+                let signing = SigningKey::from_pem(pem.expose(), alg).map_err(|e| match e {
+                    JoseError::AlgMismatch { .. } | JoseError::UnknownAlg(_) => {
+                        self.err(&key("client_assertion_alg"), e.to_string())
+                    }
+                    _ => self.err(&key("client_key"), e.to_string()),
+                })?;
+                Ok(Some(ClientAssertion {
+                    key: Some(Arc::new(signing)),
+                    key_id: a.client_key_id.clone(),
+                    audience: a.client_assertion_audience.clone(),
+                }))
+            }
+        }
     }
 
     /// Which keys each grant requires or refuses.
@@ -425,6 +555,16 @@ pub(super) struct EndpointKeys<'a> {
     pub(super) ca_file: &'a Option<PathBuf>,
 }
 
+/// The client assertion keys credentials and pools share, as written.
+pub(super) struct AssertionKeys<'a> {
+    pub(super) client_auth: ClientAuth,
+    pub(super) client_secret: bool,
+    pub(super) client_key: &'a Option<SecretSource>,
+    pub(super) client_key_id: &'a Option<String>,
+    pub(super) client_assertion_alg: &'a Option<String>,
+    pub(super) client_assertion_audience: &'a Option<String>,
+}
+
 /// Two credentials writing one state file would overwrite each other's
 /// refresh tokens. The error is `(key, message)`.
 fn unique_state_files(
@@ -457,6 +597,8 @@ const RESERVED_TOKEN_FIELDS: &[&str] = &[
     "code",
     "redirect_uri",
     "refresh_token",
+    "client_assertion",
+    "client_assertion_type",
 ];
 
 #[cfg(test)]
@@ -516,5 +658,154 @@ credential = "c"
         let rt = "grant_type = \"refresh_token\"\nrefresh_token = \"rt\"\nshared = true";
         let e = parse(&credential(rt, &store)).unwrap_err().to_string();
         assert!(e.contains("credentials.c.shared"), "{e}");
+    }
+
+    /// A credential authenticating with `auth_lines`; its error, if any.
+    fn with_auth(auth_lines: &str) -> Result<crate::config::Config, String> {
+        parse(&credential(
+            &format!("grant_type = \"client_credentials\"\n{auth_lines}"),
+            "",
+        ))
+        .map_err(|e| e.to_string())
+    }
+
+    fn toml_key(pem: &str) -> String {
+        format!("client_key = \"\"\"\n{pem}\"\"\"")
+    }
+
+    fn openssl_rsa(bits: u32) -> String {
+        let out = std::process::Command::new("openssl")
+            .args(["genpkey", "-algorithm", "RSA", "-pkeyopt"])
+            .arg(format!("rsa_keygen_bits:{bits}"))
+            .output()
+            .expect("openssl");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn private_key_jwt_loads_the_key_and_defaults_the_algorithm() {
+        use crate::ground::jose::{generate_pem, Alg};
+        let pem = generate_pem(Alg::Es256).unwrap();
+        let c = with_auth(&format!(
+            "client_auth = \"private_key_jwt\"\n{}\nclient_key_id = \"k1\"",
+            toml_key(&pem)
+        ))
+        .unwrap();
+        let a = c.credentials["c"]
+            .assertion
+            .clone()
+            .expect("assertion keys");
+        assert_eq!(a.key.expect("a key").alg(), Alg::Es256);
+        assert_eq!(a.key_id.as_deref(), Some("k1"));
+        assert_eq!(a.audience, None, "the token URL, when sent");
+    }
+
+    #[test]
+    fn each_bad_client_key_is_named_and_never_printed() {
+        use crate::ground::jose::{generate_pem, Alg};
+        let pkj = "client_auth = \"private_key_jwt\"";
+        let e = with_auth(pkj).unwrap_err();
+        assert!(
+            e.contains(
+                "credentials.c.client_key: is required with client_auth = \"private_key_jwt\""
+            ),
+            "{e}"
+        );
+        let e = with_auth(&format!("{pkj}\nclient_key = \"not a key\"")).unwrap_err();
+        assert!(
+            e.contains("credentials.c.client_key: is not a PKCS#8 PEM"),
+            "{e}"
+        );
+        let small = openssl_rsa(1024);
+        let e = with_auth(&format!("{pkj}\n{}", toml_key(&small))).unwrap_err();
+        assert!(
+            e.contains("credentials.c.client_key: is an RSA key under 2048 bits"),
+            "{e}"
+        );
+        let body: String = small.lines().nth(1).unwrap().into();
+        assert!(!e.contains(&body), "no key material: {e}");
+        let rsa = openssl_rsa(2048);
+        let e = with_auth(&format!(
+            "{pkj}\n{}\nclient_assertion_alg = \"ES256\"",
+            toml_key(&rsa)
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains(
+                "credentials.c.client_assertion_alg: algorithm ES256 does not fit a RSA key"
+            ),
+            "{e}"
+        );
+        let ec = generate_pem(Alg::Es256).unwrap();
+        let e = with_auth(&format!(
+            "{pkj}\n{}\nclient_assertion_alg = \"HS256\"",
+            toml_key(&ec)
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("credentials.c.client_assertion_alg: algorithm HS256 does not fit"),
+            "{e}"
+        );
+        assert!(!e.contains(ec.lines().nth(1).unwrap()), "{e}");
+        let c = with_auth(&format!(
+            "{pkj}\n{}\nclient_assertion_alg = \"RS256\"",
+            toml_key(&rsa)
+        ))
+        .unwrap();
+        let key = c.credentials["c"].assertion.clone().unwrap().key.unwrap();
+        assert_eq!(key.alg(), Alg::Rs256);
+    }
+
+    #[test]
+    fn client_secret_jwt_needs_the_secret_and_takes_no_key() {
+        let csj = "client_auth = \"client_secret_jwt\"";
+        let e = with_auth(csj).unwrap_err();
+        assert!(
+            e.contains(
+                "credentials.c.client_secret: is required with client_auth = \"client_secret_jwt\""
+            ),
+            "{e}"
+        );
+        let ok = with_auth(&format!("{csj}\nclient_secret = \"s\"")).unwrap();
+        assert!(ok.credentials["c"]
+            .assertion
+            .as_ref()
+            .unwrap()
+            .key
+            .is_none());
+        let e = with_auth(&format!(
+            "{csj}\nclient_secret = \"s\"\nclient_assertion_alg = \"ES256\""
+        ))
+        .unwrap_err();
+        assert!(e.contains("credentials.c.client_assertion_alg"), "{e}");
+        let e =
+            with_auth(&format!("{csj}\nclient_secret = \"s\"\nclient_key = \"k\"")).unwrap_err();
+        assert!(
+            e.contains(
+                "credentials.c.client_key: is only used with client_auth = \"private_key_jwt\""
+            ),
+            "{e}"
+        );
+        let e = with_auth("client_secret = \"s\"\nclient_key_id = \"k\"").unwrap_err();
+        assert!(
+            e.contains("credentials.c.client_key_id: is only used with client_auth"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_pool_names_its_client_key() {
+        use crate::config::tests::pooled;
+        let store = format!("[store]\nkey = \"{KEY}\"");
+        let text = pooled(&store, "", "connections = \"users\"").replace(
+            "client_id = \"id\"",
+            "client_id = \"id\"\nclient_auth = \"private_key_jwt\"",
+        );
+        assert!(text.contains("private_key_jwt"));
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("connections.users.client_key: is required"),
+            "{e}"
+        );
     }
 }

@@ -77,6 +77,7 @@ impl Pool {
         .map_err(err)?;
         endpoint.client_secret = c.client_secret.clone();
         endpoint.client_auth = c.client_auth;
+        endpoint.assertion = c.assertion.clone();
         endpoint.body_format = c.body_format;
         endpoint.scope = c.scope.clone();
         endpoint.extra = c.extra.clone();

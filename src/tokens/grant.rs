@@ -1,6 +1,7 @@
 //! One token request: the body (JSON or form), client authentication (body
-//! fields or HTTP Basic), the HTTP exchange bounded by `token_timeout`,
-//! parsing and validation of the answer (lifetime capped, header-safe
+//! fields, HTTP Basic, a fresh signed assertion from `assertion`, or the
+//! client certificate on the connection), the HTTP exchange bounded by
+//! `token_timeout`, parsing and validation of the answer (lifetime capped, header-safe
 //! token, JWT `exp` fallback), and the error classes (in `error`).
 //!
 //! Shared by credentials ([`crate::tokens::TokenSource`]) and per-user
@@ -8,6 +9,7 @@
 //! requests: rotation of refresh tokens, caching and single flight belong to
 //! the caller.
 
+mod assertion;
 mod error;
 mod par;
 mod revoke;
@@ -26,11 +28,14 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::jwt::{jwt_claims, Claims};
-use crate::config::{BodyFormat, ClientAuth, CredentialConfig, DEFAULT_TOKEN_TIMEOUT};
+use crate::config::{
+    BodyFormat, ClientAssertion, ClientAuth, CredentialConfig, DEFAULT_TOKEN_TIMEOUT,
+};
 use crate::ground::form::encode as form_encode;
 use crate::ground::secret::Secret;
 use crate::net::tls::ClientCert;
 use crate::net::upstream::HttpClient;
+pub use assertion::{client_assertion, ASSERTION_TYPE};
 pub use error::{describe, TokenError};
 pub use par::push;
 pub use revoke::revoke;
@@ -56,8 +61,10 @@ pub struct Endpoint {
     pub client_id: String,
     /// OAuth client secret.
     pub client_secret: Option<Secret>,
-    /// Body fields or HTTP Basic.
+    /// Body fields, HTTP Basic or a signed assertion.
     pub client_auth: ClientAuth,
+    /// The assertion's key and audience (`private_key_jwt`, `client_secret_jwt`).
+    pub assertion: Option<ClientAssertion>,
     /// JSON or form body.
     pub body_format: BodyFormat,
     /// Scope sent with `client_credentials` and `refresh_token` grants.
@@ -103,6 +110,7 @@ impl Endpoint {
             client_id: client_id.into(),
             client_secret: None,
             client_auth: ClientAuth::default(),
+            assertion: None,
             body_format: BodyFormat::default(),
             scope: None,
             extra: Vec::new(),
@@ -123,6 +131,7 @@ impl Endpoint {
         )?;
         e.client_secret = c.client_secret.clone();
         e.client_auth = c.client_auth;
+        e.assertion = c.assertion.clone();
         e.body_format = c.body_format;
         e.scope = c.scope.clone();
         e.extra = c.extra.clone();
@@ -243,7 +252,9 @@ pub async fn request_within(
 ) -> Result<Granted, TokenError> {
     let sent_at = Instant::now();
     match tokio::time::timeout(limit, exchange(endpoint, grant)).await {
-        Ok(Ok((status, body))) => parse(endpoint, grant, status, &body, sent_at),
+        Ok(Ok((status, body, assertion))) => {
+            parse(endpoint, grant, status, &body, sent_at, assertion.as_ref())
+        }
         Ok(Err(e)) => Err(e),
         Err(_) => Err(TokenError::Timeout {
             host: endpoint.host(),
@@ -253,11 +264,16 @@ pub async fn request_within(
 }
 
 /// Sends the request and reads the answer's status and body.
+/// Sends the request and reads the answer's status and body; with the
+/// client assertion sent, so that an answer quoting it is scrubbed.
 async fn exchange(
     endpoint: &Endpoint,
     grant: Grant<'_>,
-) -> Result<(StatusCode, Bytes), TokenError> {
-    send(endpoint, build(endpoint, grant)?).await
+) -> Result<(StatusCode, Bytes, Option<Secret>), TokenError> {
+    let assertion = client_assertion(endpoint)?;
+    let req = build(endpoint, grant, assertion.as_ref())?;
+    let (status, body) = send(endpoint, req).await?;
+    Ok((status, body, assertion))
 }
 
 /// Sends `req` with the endpoint's client and reads the answer's status and
@@ -286,11 +302,44 @@ async fn send(
     Ok((status, body))
 }
 
+/// The client authentication body fields: `client_id` and `client_secret`
+/// (`body`), `client_id` and the assertion (`private_key_jwt`,
+/// `client_secret_jwt`), `client_id` alone (`tls_client_auth`: the
+/// certificate on the connection authenticates); none for `basic`. Shared
+/// with revocation and pushed authorization requests.
+fn client_fields<'a>(
+    endpoint: &'a Endpoint,
+    assertion: Option<&'a Secret>,
+    fields: &mut Vec<(&'a str, &'a str)>,
+) {
+    match endpoint.client_auth {
+        ClientAuth::Basic => {}
+        ClientAuth::Body => {
+            fields.push(("client_id", endpoint.client_id.as_str()));
+            if let Some(s) = &endpoint.client_secret {
+                fields.push(("client_secret", s.expose()));
+            }
+        }
+        ClientAuth::TlsClientAuth => fields.push(("client_id", endpoint.client_id.as_str())),
+        ClientAuth::PrivateKeyJwt | ClientAuth::ClientSecretJwt => {
+            fields.push(("client_id", endpoint.client_id.as_str()));
+            if let Some(a) = assertion {
+                fields.push(("client_assertion_type", ASSERTION_TYPE));
+                fields.push(("client_assertion", a.expose()));
+            }
+        }
+    }
+}
+
 /// The body fields of `grant`, in wire order.
-fn fields<'a>(endpoint: &'a Endpoint, grant: &Grant<'a>) -> Vec<(&'a str, &'a str)> {
+fn fields<'a>(
+    endpoint: &'a Endpoint,
+    grant: &Grant<'a>,
+    assertion: Option<&'a Secret>,
+) -> Vec<(&'a str, &'a str)> {
     let mut fields = Vec::with_capacity(8 + endpoint.extra.len());
     fields.push(("grant_type", grant.as_str()));
-    client_fields(endpoint, &mut fields);
+    client_fields(endpoint, assertion, &mut fields);
     if !matches!(grant, Grant::AuthorizationCode { .. }) {
         if let Some(scope) = &endpoint.scope {
             fields.push(("scope", scope.as_str()));
@@ -319,8 +368,12 @@ fn fields<'a>(endpoint: &'a Endpoint, grant: &Grant<'a>) -> Vec<(&'a str, &'a st
     fields
 }
 
-fn build(endpoint: &Endpoint, grant: Grant<'_>) -> Result<Request<Full<Bytes>>, TokenError> {
-    let fields = fields(endpoint, &grant);
+fn build(
+    endpoint: &Endpoint,
+    grant: Grant<'_>,
+    assertion: Option<&Secret>,
+) -> Result<Request<Full<Bytes>>, TokenError> {
+    let fields = fields(endpoint, &grant, assertion);
     let (content_type, body) = match endpoint.body_format {
         BodyFormat::Json => {
             let map: serde_json::Map<String, serde_json::Value> = fields
@@ -356,22 +409,6 @@ fn build(endpoint: &Endpoint, grant: Grant<'_>) -> Result<Request<Full<Bytes>>, 
         req.headers_mut().insert(header::AUTHORIZATION, v);
     }
     Ok(req)
-}
-
-/// The client authentication body fields: `client_id` and `client_secret`
-/// (`body`), `client_id` alone (`tls_client_auth`: the certificate on the
-/// connection authenticates), none (`basic`).
-fn client_fields<'a>(endpoint: &'a Endpoint, fields: &mut Vec<(&'a str, &'a str)>) {
-    match endpoint.client_auth {
-        ClientAuth::Body => {
-            fields.push(("client_id", endpoint.client_id.as_str()));
-            if let Some(s) = &endpoint.client_secret {
-                fields.push(("client_secret", s.expose()));
-            }
-        }
-        ClientAuth::TlsClientAuth => fields.push(("client_id", endpoint.client_id.as_str())),
-        ClientAuth::Basic => {}
-    }
 }
 
 /// HTTP Basic client authentication (RFC 6749 §2.3.1: id and secret
@@ -419,8 +456,9 @@ fn parse(
     status: StatusCode,
     body: &[u8],
     sent_at: Instant,
+    assertion: Option<&Secret>,
 ) -> Result<Granted, TokenError> {
-    let parsed = token_response(endpoint, grant, status, body)?;
+    let parsed = token_response(endpoint, grant, status, body, assertion)?;
     let access = access_token(
         endpoint,
         grant,
@@ -456,9 +494,10 @@ fn token_response(
     grant: Grant<'_>,
     status: StatusCode,
     body: &[u8],
+    assertion: Option<&Secret>,
 ) -> Result<TokenResponse, TokenError> {
     if !status.is_success() {
-        return Err(refusal(endpoint, grant, status, body));
+        return Err(refusal(endpoint, grant, status, body, assertion));
     }
     if status != StatusCode::OK {
         return Err(TokenError::InvalidResponse(format!(
@@ -484,7 +523,7 @@ fn access_token(
         if !tt.eq_ignore_ascii_case("bearer") {
             return Err(TokenError::InvalidResponse(format!(
                 "token_type {:?} is not Bearer",
-                scrub(endpoint, grant, tt)
+                scrub(endpoint, grant, None, tt)
             )));
         }
     }
@@ -518,12 +557,20 @@ fn lifetime_or_default(
 }
 
 /// The error of a non-2xx answer.
-fn refusal(endpoint: &Endpoint, grant: Grant<'_>, status: StatusCode, body: &[u8]) -> TokenError {
+fn refusal(
+    endpoint: &Endpoint,
+    grant: Grant<'_>,
+    status: StatusCode,
+    body: &[u8],
+    assertion: Option<&Secret>,
+) -> TokenError {
     let err: Option<OAuthError> = serde_json::from_slice(body).ok();
-    let error = err.as_ref().map(|e| scrub(endpoint, grant, &e.error));
+    let error = err
+        .as_ref()
+        .map(|e| scrub(endpoint, grant, assertion, &e.error));
     let description = err
         .and_then(|e| e.error_description)
-        .map(|d| scrub(endpoint, grant, &d));
+        .map(|d| scrub(endpoint, grant, assertion, &d));
     if status.is_server_error() {
         return TokenError::ServerError {
             status: status.as_u16(),
@@ -588,13 +635,12 @@ fn short(s: &str) -> String {
 }
 
 /// Endpoint text without control characters, bounded, and with the
-/// secrets we sent replaced by `***`.
-fn scrub(endpoint: &Endpoint, grant: Grant<'_>, text: &str) -> String {
-    let mut out: String = text
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_ENDPOINT_TEXT)
-        .collect();
+/// secrets we sent (the client secret, the grant's code or refresh token,
+/// the PKCE verifier, the client assertion) replaced by `***`.
+fn scrub(endpoint: &Endpoint, grant: Grant<'_>, assertion: Option<&Secret>, text: &str) -> String {
+    // Replaced before the text is cut short: a secret the cut went through
+    // would otherwise survive as a prefix of itself.
+    let mut out: String = text.chars().filter(|c| !c.is_control()).collect();
     let verifier = match grant {
         Grant::AuthorizationCode { code_verifier, .. } => code_verifier,
         _ => None,
@@ -603,9 +649,10 @@ fn scrub(endpoint: &Endpoint, grant: Grant<'_>, text: &str) -> String {
         endpoint.client_secret.as_ref().map(Secret::expose),
         grant.secret(),
         verifier,
+        assertion.map(Secret::expose),
     ];
     for s in secrets.into_iter().flatten().filter(|s| !s.is_empty()) {
         out = out.replace(s, "***");
     }
-    out
+    out.chars().take(MAX_ENDPOINT_TEXT).collect()
 }

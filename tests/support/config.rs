@@ -183,6 +183,15 @@ pub struct Credential {
     pub extra: Option<BTreeMap<String, String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// `private_key_jwt`: the PKCS#8 PEM key (a secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_assertion_alg: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_assertion_audience: Option<String>,
 }
 
 impl Credential {
@@ -249,6 +258,15 @@ pub struct Pool {
     pub keepalive: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keepalive_rate: Option<f64>,
+    /// `private_key_jwt`: the PKCS#8 PEM key (a secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_assertion_alg: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_assertion_audience: Option<String>,
 }
 
 impl Pool {

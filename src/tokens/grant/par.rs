@@ -21,13 +21,19 @@ pub async fn push(
     url: &Uri,
     params: &[(&str, &str)],
 ) -> Result<String, TokenError> {
-    let (status, body) = post_form(endpoint, url, params, "pushed authorization").await?;
-    if !status.is_success() {
+    let sent = post_form(endpoint, url, params, "pushed authorization").await?;
+    if !sent.status.is_success() {
         // Nothing secret was sent but the client's own authentication,
-        // which the scrubbing of a grant's answer already covers.
-        return Err(refusal(endpoint, Grant::ClientCredentials, status, &body));
+        // which the scrubbing of an answer covers.
+        return Err(refusal(
+            endpoint,
+            Grant::ClientCredentials,
+            sent.status,
+            &sent.body,
+            sent.assertion.as_ref(),
+        ));
     }
-    let pushed: Pushed = serde_json::from_slice(&body).map_err(|_| {
+    let pushed: Pushed = serde_json::from_slice(&sent.body).map_err(|_| {
         TokenError::InvalidResponse("the pushed authorization answer has no request_uri".into())
     })?;
     if pushed.request_uri.is_empty() || pushed.request_uri.len() > 2048 {

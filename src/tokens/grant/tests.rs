@@ -104,3 +104,150 @@ fn causes_name_refused_connections_and_tls() {
         describe(&outer)
     );
 }
+
+/// The form fields of the token request `endpoint` builds for `grant`.
+fn sent_fields(
+    endpoint: &Endpoint,
+    grant: Grant<'_>,
+) -> std::collections::BTreeMap<String, String> {
+    use http_body_util::BodyExt;
+    let assertion = client_assertion(endpoint).expect("assertion");
+    let req = build(endpoint, grant, assertion.as_ref()).expect("request");
+    let body = block_on(req.into_body().collect())
+        .expect("a full body")
+        .to_bytes();
+    crate::ground::form::decode_pairs(std::str::from_utf8(&body).unwrap())
+        .expect("a form body")
+        .into_iter()
+        .collect()
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+fn jwt_parts(jwt: &str) -> (serde_json::Value, serde_json::Value) {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    let p: Vec<&str> = jwt.split('.').collect();
+    assert_eq!(p.len(), 3, "{jwt}");
+    let json = |s: &str| serde_json::from_slice(&B64.decode(s).unwrap()).unwrap();
+    (json(p[0]), json(p[1]))
+}
+
+fn jwt_endpoint(auth: ClientAuth) -> Endpoint {
+    use crate::ground::jose::{generate_pem, Alg, SigningKey};
+    let mut e = Endpoint::new(
+        "c",
+        "https://as.example/token".parse().unwrap(),
+        "cid",
+        &[],
+        None,
+    )
+    .unwrap();
+    e.client_auth = auth;
+    e.body_format = BodyFormat::Form;
+    e.client_secret = Some(Secret::new("shh".to_owned()));
+    let key = (auth == ClientAuth::PrivateKeyJwt)
+        .then(|| Arc::new(SigningKey::from_pem(&generate_pem(Alg::Es256).unwrap(), None).unwrap()));
+    e.assertion = Some(ClientAssertion {
+        key,
+        key_id: Some("k1".into()),
+        audience: None,
+    });
+    e
+}
+
+#[test]
+fn private_key_jwt_sends_a_fresh_assertion_and_no_secret() {
+    let e = jwt_endpoint(ClientAuth::PrivateKeyJwt);
+    let first = sent_fields(&e, Grant::ClientCredentials);
+    assert_eq!(first["client_id"], "cid");
+    assert_eq!(first["client_assertion_type"], ASSERTION_TYPE);
+    assert!(!first.contains_key("client_secret"), "{first:?}");
+    let (header, claims) = jwt_parts(&first["client_assertion"]);
+    assert_eq!(header["alg"], "ES256");
+    assert_eq!(header["kid"], "k1");
+    assert_eq!(claims["iss"], "cid");
+    assert_eq!(claims["sub"], "cid");
+    assert_eq!(claims["aud"], "https://as.example/token");
+    let iat = claims["iat"].as_u64().unwrap();
+    assert_eq!(claims["exp"].as_u64().unwrap(), iat + 60);
+    assert_eq!(claims["jti"].as_str().unwrap().len(), 32, "{claims}");
+    let second = sent_fields(&e, Grant::ClientCredentials);
+    let (_, again) = jwt_parts(&second["client_assertion"]);
+    assert_ne!(again["jti"], claims["jti"], "a new jti per request");
+    assert_ne!(second["client_assertion"], first["client_assertion"]);
+}
+
+#[test]
+fn client_secret_jwt_signs_hs256_with_the_secret_and_a_configured_audience() {
+    let mut e = jwt_endpoint(ClientAuth::ClientSecretJwt);
+    e.assertion.as_mut().unwrap().audience = Some("https://as.example".into());
+    let f = sent_fields(
+        &e,
+        Grant::RefreshToken {
+            refresh_token: "rt",
+        },
+    );
+    assert!(!f.contains_key("client_secret"), "{f:?}");
+    assert_eq!(f["refresh_token"], "rt");
+    let jwt = &f["client_assertion"];
+    let (header, claims) = jwt_parts(jwt);
+    assert_eq!(header["alg"], "HS256");
+    assert_eq!(claims["aud"], "https://as.example");
+    let (input, sig) = jwt.rsplit_once('.').unwrap();
+    use base64::Engine as _;
+    let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(sig)
+        .unwrap();
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"shh");
+    ring::hmac::verify(&key, input.as_bytes(), &sig).expect("HS256 with client_secret");
+}
+
+#[test]
+fn a_json_body_carries_the_assertion_fields_too() {
+    use http_body_util::BodyExt;
+    let mut e = jwt_endpoint(ClientAuth::PrivateKeyJwt);
+    e.body_format = BodyFormat::Json;
+    let assertion = client_assertion(&e).expect("assertion");
+    let req = build(&e, Grant::ClientCredentials, assertion.as_ref()).expect("request");
+    let body = block_on(req.into_body().collect())
+        .expect("body")
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(v["client_id"], "cid");
+    assert_eq!(v["client_assertion_type"], ASSERTION_TYPE);
+    assert_eq!(
+        v["client_assertion"]
+            .as_str()
+            .expect("assertion")
+            .split('.')
+            .count(),
+        3
+    );
+    assert!(v.get("client_secret").is_none(), "{v}");
+}
+
+#[test]
+fn an_answer_quoting_the_assertion_is_scrubbed() {
+    let e = jwt_endpoint(ClientAuth::PrivateKeyJwt);
+    let assertion = client_assertion(&e).unwrap().unwrap();
+    let body = json!({
+        "error": "invalid_client",
+        "error_description": format!("bad assertion {}", assertion.expose()),
+    })
+    .to_string();
+    let err = refusal(
+        &e,
+        Grant::ClientCredentials,
+        StatusCode::UNAUTHORIZED,
+        body.as_bytes(),
+        Some(&assertion),
+    );
+    let text = err.to_string();
+    assert!(text.contains("bad assertion ***"), "{text}");
+    assert!(!text.contains(assertion.expose()), "{text}");
+}

@@ -1,0 +1,657 @@
+//! `client_auth = "private_key_jwt"` and `"client_secret_jwt"` (issue 19,
+//! CLIENT_AUTH.md) against a real authorization server: node's
+//! `oidc-provider` (tests/oidc/client_auth.mjs, pinned by
+//! tests/oidc/package-lock.json) with one client per method (ES256, PS256
+//! and EdDSA keys, HS256 with the client secret), the client_credentials
+//! grant, revocation and JWT access tokens. The API side verifies each
+//! token the proxy injected against the provider's JWKS with ring.
+//!
+//! Needs `node` and `npm ci --prefix tests/oidc`; without either the tests
+//! fail saying so (they never skip).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use flinks_proxy::ground::jose::{generate_pem, Alg, SigningKey};
+use serde_json::json;
+use support::browser::Browser;
+use support::connections::admin;
+use support::*;
+use tokio::sync::mpsc;
+
+/// Starting node and loading oidc-provider takes well under a second.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+/// A token request is answered in milliseconds; its log line follows it.
+const LINE_DEADLINE: Duration = Duration::from_secs(10);
+const MAX_HOPS: usize = 12;
+const RESOURCE: &str = "urn:flinks-proxy:test-api";
+/// `client_secret_jwt`'s shared secret (HS256 wants 32 bytes or more).
+const JWT_SECRET: &str = "client-secret-jwt-test-secret-6c1f0e9a8b7d4c3e2f1a";
+
+/// `tests/oidc/client_auth.mjs` under node, stopped when dropped (and by
+/// itself when this process ends: it exits when its stdin closes).
+struct Provider {
+    child: Child,
+    issuer: String,
+    lines: mpsc::UnboundedReceiver<String>,
+    log: Arc<Mutex<String>>,
+    _dir: TempDir,
+}
+
+impl Provider {
+    /// Starts the provider with `clients` (oidc-provider client metadata).
+    async fn start(clients: serde_json::Value) -> Provider {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc");
+        assert!(
+            dir.join("node_modules/oidc-provider/package.json")
+                .is_file(),
+            "tests/oidc/node_modules is missing: run `npm ci --prefix tests/oidc`"
+        );
+        let tmp = TempDir::new();
+        let file = tmp.write("clients.json", clients.to_string());
+        let mut child = Command::new("node")
+            .arg(dir.join("client_auth.mjs"))
+            .args(["--port", "0", "--clients"])
+            .arg(&file)
+            .current_dir(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run `node` ({e}): install Node.js"));
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, mut lines) = mpsc::unbounded_channel();
+        read_lines(
+            child.stdout.take().expect("stdout"),
+            Arc::clone(&log),
+            Some(tx),
+        );
+        read_lines(child.stderr.take().expect("stderr"), Arc::clone(&log), None);
+        let issuer = loop {
+            let line = tokio::time::timeout(START_DEADLINE, lines.recv())
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| panic!("oidc-provider did not start:\n{}", lock(&log)));
+            if let Some(url) = line.strip_prefix("listening ") {
+                break url.to_owned();
+            }
+        };
+        Provider {
+            child,
+            issuer,
+            lines,
+            log,
+            _dir: tmp,
+        }
+    }
+
+    /// Waits for a stdout line starting with `prefix`; returns it and the
+    /// lines passed over on the way.
+    async fn wait_for_line(&mut self, prefix: &str) -> (String, Vec<String>) {
+        let deadline = tokio::time::Instant::now() + LINE_DEADLINE;
+        let mut before = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) if line.starts_with(prefix) => return (line, before),
+                Ok(Some(line)) => before.push(line),
+                _ => panic!("no `{prefix}` line from oidc-provider:\n{}", self.log()),
+            }
+        }
+    }
+
+    fn log(&self) -> String {
+        lock(&self.log).clone()
+    }
+
+    fn token_url(&self) -> String {
+        format!("{}/token", self.issuer)
+    }
+
+    /// The provider's signing keys (`/jwks`).
+    async fn jwks(&self) -> serde_json::Value {
+        let r = get(&format!("{}/jwks", self.issuer)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lock(log: &Mutex<String>) -> std::sync::MutexGuard<'_, String> {
+    log.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn read_lines(
+    from: impl std::io::Read + Send + 'static,
+    log: Arc<Mutex<String>>,
+    tx: Option<mpsc::UnboundedSender<String>>,
+) {
+    use std::io::BufRead;
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+            let mut l = lock(&log);
+            l.push_str(&line);
+            l.push('\n');
+            drop(l);
+            if let Some(tx) = &tx {
+                let _ = tx.send(line);
+            }
+        }
+    });
+}
+
+/// An RSA 2048 key from openssl (ring cannot generate RSA keys).
+fn openssl_rsa_2048() -> String {
+    let out = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ])
+        .output()
+        .expect("openssl (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("PEM")
+}
+
+/// The public JWK set of `pem` for alg `alg`, `kid` given.
+fn jwks_of(pem: &str, alg: Option<&str>, kid: &str) -> serde_json::Value {
+    let key = SigningKey::from_pem(pem, alg).expect("key");
+    json!({ "keys": [key.public_jwk(Some(kid))] })
+}
+
+/// A `private_key_jwt` client of oidc-provider.
+fn pkjwt_client(id: &str, alg: &str, jwks: serde_json::Value) -> serde_json::Value {
+    json!({
+        "client_id": id,
+        "token_endpoint_auth_method": "private_key_jwt",
+        "token_endpoint_auth_signing_alg": alg,
+        "jwks": jwks,
+        "grant_types": ["client_credentials"],
+        "response_types": [],
+        "redirect_uris": [],
+    })
+}
+
+/// The payload of a JWT verified with RS256/PS256/ES256 against `jwks`
+/// (oidc-provider signs its access tokens with its development RSA key).
+fn verify_jwt(jwks: &serde_json::Value, jwt: &str) -> serde_json::Value {
+    use ring::signature::{RsaPublicKeyComponents, RSA_PKCS1_2048_8192_SHA256};
+    let (input, sig) = jwt.rsplit_once('.').expect("a JWT");
+    let header: serde_json::Value =
+        serde_json::from_slice(&B64.decode(input.split('.').next().unwrap()).unwrap()).unwrap();
+    assert_eq!(header["alg"], "RS256", "oidc-provider's default: {header}");
+    let key = jwks["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["kid"] == header["kid"])
+        .unwrap_or_else(|| panic!("no key {} in {jwks}", header["kid"]));
+    let n = B64.decode(key["n"].as_str().unwrap()).unwrap();
+    let e = B64.decode(key["e"].as_str().unwrap()).unwrap();
+    RsaPublicKeyComponents { n: &n, e: &e }
+        .verify(
+            &RSA_PKCS1_2048_8192_SHA256,
+            input.as_bytes(),
+            &B64.decode(sig).unwrap(),
+        )
+        .expect("the access token's signature verifies against the provider's JWKS");
+    let payload = input.split('.').nth(1).unwrap();
+    serde_json::from_slice(&B64.decode(payload).unwrap()).unwrap()
+}
+
+/// The bearer token of the last request `upstream` received.
+fn last_bearer(upstream: &TestUpstream) -> String {
+    let seen = upstream
+        .requests()
+        .last()
+        .expect("a request upstream")
+        .clone();
+    let auth = seen.headers.get("authorization").expect("Authorization");
+    auth.to_str()
+        .unwrap()
+        .strip_prefix("Bearer ")
+        .expect("a bearer token")
+        .to_owned()
+}
+
+fn base64_body_lines(pem: &str) -> Vec<String> {
+    pem.lines()
+        .filter(|l| !l.starts_with("-----"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Each method through a credential (client_credentials), on the real
+/// binary at debug level: tokens obtained and injected, verified against
+/// the provider's JWKS; two token requests by one client both accepted
+/// (fresh jtis, which oidc-provider checks); a key the provider does not
+/// know is invalid_client: a 503 to the app and /status saying so; no key,
+/// secret, assertion or token in the log, /status or /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_method_authenticates_a_credential_and_an_unknown_key_is_invalid_client() {
+    let es256 = generate_pem(Alg::Es256).expect("key");
+    let eddsa = generate_pem(Alg::EdDsa).expect("key");
+    let ps256 = openssl_rsa_2048();
+    let unknown = generate_pem(Alg::Es256).expect("key");
+    let clients = json!([
+        pkjwt_client("pkjwt-es256", "ES256", jwks_of(&es256, None, "es-1")),
+        pkjwt_client("pkjwt-ps256", "PS256", jwks_of(&ps256, None, "rsa-1")),
+        pkjwt_client("pkjwt-eddsa", "EdDSA", jwks_of(&eddsa, None, "ed-1")),
+        {
+            "client_id": "csjwt",
+            "client_secret": JWT_SECRET,
+            "token_endpoint_auth_method": "client_secret_jwt",
+            "token_endpoint_auth_signing_alg": "HS256",
+            "grant_types": ["client_credentials"],
+            "response_types": [],
+            "redirect_uris": [],
+        },
+    ]);
+    let mut op = Provider::start(clients).await;
+    let upstream = TestUpstream::start("api").await;
+    let cred = |client_id: &str, auth: &str| Credential {
+        token_url: op.token_url(),
+        grant_type: "client_credentials".into(),
+        client_id: client_id.into(),
+        client_auth: Some(auth.into()),
+        body_format: Some("form".into()),
+        token_timeout: Some(Duration::from_secs(5)),
+        ..Credential::default()
+    };
+    let pkjwt = |client_id: &str, pem: &str, kid: &str| Credential {
+        client_key: Some(pem.into()),
+        client_key_id: Some(kid.into()),
+        ..cred(client_id, "private_key_jwt")
+    };
+    let creds = [
+        ("es256", pkjwt("pkjwt-es256", &es256, "es-1")),
+        ("es256_again", pkjwt("pkjwt-es256", &es256, "es-1")),
+        ("ps256", pkjwt("pkjwt-ps256", &ps256, "rsa-1")),
+        ("eddsa", pkjwt("pkjwt-eddsa", &eddsa, "ed-1")),
+        (
+            "csjwt",
+            Credential {
+                client_secret: Some(JWT_SECRET.into()),
+                client_assertion_audience: Some(op.issuer.clone()),
+                ..cred("csjwt", "client_secret_jwt")
+            },
+        ),
+        ("unknown", pkjwt("pkjwt-es256", &unknown, "es-1")),
+    ];
+    let mut toml = ProxyToml::listeners();
+    toml.log_mut().level = Some("debug".into());
+    for (name, c) in creds {
+        toml = toml.credential(name, c).route(
+            name,
+            Route::credential(&format!("/{name}/"), &upstream.http_url(), name),
+        );
+    }
+    let dir = TempDir::new();
+    let cfg = toml.write(&dir);
+    let mut p = ProxyProcess::start(&cfg, &[]);
+    let jwks = op.jwks().await;
+
+    let c = client();
+    let mut tokens = Vec::new();
+    for (name, client_id) in [
+        ("es256", "pkjwt-es256"),
+        ("es256_again", "pkjwt-es256"),
+        ("ps256", "pkjwt-ps256"),
+        ("eddsa", "pkjwt-eddsa"),
+        ("csjwt", "csjwt"),
+    ] {
+        let req = http::Request::get(p.url(&format!("/{name}/accounts")))
+            .body(Default::default())
+            .unwrap();
+        let r = send(&c, req).await;
+        assert_eq!(r.status, 200, "{name}: {}\n{}", r.text(), op.log());
+        let token = last_bearer(&upstream);
+        let claims = verify_jwt(&jwks, &token);
+        assert_eq!(claims["client_id"], client_id, "{name}: {claims}");
+        assert_eq!(claims["iss"], op.issuer, "{claims}");
+        assert_eq!(claims["aud"], RESOURCE, "{claims}");
+        tokens.push(token);
+    }
+    // The proxy may have fetched them in any order (at start, or at the
+    // first request): five accepted token requests, two of them by
+    // pkjwt-es256.
+    let (mut granted, mut refused) = (Vec::new(), Vec::new());
+    while granted.len() < 5 {
+        let (line, _) = op.wait_for_line("token ").await;
+        match line.strip_prefix("token client_credentials ") {
+            Some(rest) => granted.push(rest.split(' ').next().unwrap_or_default().to_owned()),
+            None => refused.push(line),
+        }
+    }
+    granted.sort();
+    assert_eq!(
+        granted,
+        [
+            "csjwt",
+            "pkjwt-eddsa",
+            "pkjwt-es256",
+            "pkjwt-es256",
+            "pkjwt-ps256"
+        ],
+        "{}",
+        op.log()
+    );
+    assert_ne!(tokens[0], tokens[1], "two token requests of one client");
+
+    // A key oidc-provider does not know: invalid_client, as a wrong secret.
+    let req = http::Request::get(p.url("/unknown/accounts"))
+        .body(Default::default())
+        .unwrap();
+    let r = send(&c, req).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        r.header("content-type").unwrap_or("").contains("json"),
+        "{:?}",
+        r.headers
+    );
+    assert!(r.text().contains("invalid_client"), "{}", r.text());
+    if refused.is_empty() {
+        refused.push(op.wait_for_line("token error").await.0);
+    }
+    assert!(
+        refused[0].starts_with("token error client_credentials invalid_client"),
+        "{refused:?}"
+    );
+    let status = get(&p.admin("/status")).await;
+    let st = status.json();
+    assert_eq!(
+        st["credentials"]["unknown"]["last_error"]["error"], "invalid_client",
+        "{st}"
+    );
+    let metrics = get(&p.admin("/metrics")).await;
+    assert_eq!(metrics.status, 200);
+    let outcome = |cred: &str, o: &str| {
+        metric(
+            &metrics.text(),
+            &format!("flinks_proxy_token_requests_total{{credential=\"{cred}\",outcome=\"{o}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(outcome("unknown", "rejected") >= 1.0, "{}", metrics.text());
+    assert_eq!(outcome("unknown", "success"), 0.0);
+    assert_eq!(outcome("es256", "success"), 1.0, "{}", metrics.text());
+
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(Duration::from_secs(20)), Some(0), "{}", p.log());
+    let end = Instant::now() + Duration::from_secs(10);
+    while !p.log().lines().any(|l| l.trim_end().ends_with(" stopped")) {
+        assert!(Instant::now() < end, "no final log line:\n{}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = p.log();
+    assert!(
+        log.contains("token obtained"),
+        "the log is worth searching:\n{log}"
+    );
+
+    // Every assertion the provider accepted had a jti of its own.
+    let op_log = op.log();
+    let jtis: Vec<&str> = op_log
+        .lines()
+        .filter_map(|l| l.strip_prefix("assertion "))
+        .collect();
+    assert_eq!(jtis.len(), 5, "one per accepted token request:\n{op_log}");
+    assert!(jtis.iter().all(|j| j.ends_with(" fresh")), "{jtis:?}");
+    let mut unique: Vec<&str> = jtis.iter().map(|j| j.split(' ').next().unwrap()).collect();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 5, "{jtis:?}");
+    let assertions: Vec<&str> = op_log
+        .lines()
+        .filter_map(|l| l.split(" assertion=").nth(1))
+        .collect();
+    assert_eq!(assertions.len(), 5, "{op_log}");
+
+    let mut secrets: Vec<(String, String)> = Vec::new();
+    for (what, pem) in [
+        ("es256", &es256),
+        ("ps256", &ps256),
+        ("eddsa", &eddsa),
+        ("unknown", &unknown),
+    ] {
+        for l in base64_body_lines(pem) {
+            secrets.push((format!("{what} key"), l));
+        }
+    }
+    secrets.push(("client secret".into(), JWT_SECRET.into()));
+    for a in assertions {
+        secrets.push(("assertion".into(), a.to_owned()));
+        let sig = a.rsplit('.').next().unwrap();
+        secrets.push(("assertion signature".into(), sig.to_owned()));
+    }
+    for t in &tokens {
+        secrets.push(("access token".into(), t.clone()));
+        secrets.push((
+            "access token claims".into(),
+            t.split('.').nth(1).unwrap().to_owned(),
+        ));
+    }
+    for (place, text) in [
+        ("log", &log),
+        ("/status", &status.text()),
+        ("/metrics", &metrics.text()),
+    ] {
+        for (what, s) in &secrets {
+            assert!(!text.contains(s.as_str()), "{what} in {place}");
+        }
+    }
+}
+
+/// A page's first form: its action and hidden fields.
+struct Form {
+    action: String,
+    hidden: BTreeMap<String, String>,
+}
+
+impl Form {
+    fn parse(html: &str) -> Form {
+        let start = html
+            .find("<form")
+            .unwrap_or_else(|| panic!("no form in:\n{html}"));
+        let end = start + html[start..].find("</form>").expect("</form>");
+        let form = &html[start..end];
+        let tag = |from: usize| &form[from..from + form[from..].find('>').expect("tag end")];
+        let action = attr(tag(0), "action").expect("the form's action");
+        let mut hidden = BTreeMap::new();
+        let mut at = 0;
+        while let Some(i) = form[at..].find("<input") {
+            let input = tag(at + i);
+            if attr(input, "type").as_deref() == Some("hidden") {
+                let name = attr(input, "name").expect("a hidden input's name");
+                hidden.insert(name, attr(input, "value").unwrap_or_default());
+            }
+            at += i + 6;
+        }
+        Form { action, hidden }
+    }
+}
+
+fn attr(tag: &str, name: &str) -> Option<String> {
+    let needle = format!(" {name}=\"");
+    let v = tag.find(&needle)? + needle.len();
+    let len = tag[v..].find('"')?;
+    Some(
+        tag[v..v + len]
+            .replace("&#x2F;", "/")
+            .replace("&quot;", "\"")
+            .replace("&amp;", "&"),
+    )
+}
+
+fn absolute(origin: &str, location: &str) -> String {
+    if location.starts_with('/') {
+        format!("{origin}{location}")
+    } else {
+        location.to_owned()
+    }
+}
+
+/// Walks oidc-provider's login and consent pages from `authorize` as
+/// `login`; returns where it finally sends the browser.
+async fn sign_in_and_consent(
+    b: &mut Browser,
+    issuer: &str,
+    authorize: &str,
+    login: &str,
+) -> String {
+    let mut next = authorize.to_owned();
+    for _ in 0..MAX_HOPS {
+        if !next.starts_with(issuer) {
+            return next;
+        }
+        let r = b.get(&next).await;
+        let r = match r.status.as_u16() {
+            302 | 303 => r,
+            200 => {
+                let form = Form::parse(&r.text());
+                let mut fields = form.hidden.clone();
+                if fields.get("prompt").map(String::as_str) == Some("login") {
+                    fields.insert("login".into(), login.into());
+                    fields.insert("password".into(), "any password".into());
+                }
+                let pairs: Vec<(&str, &str)> = fields
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let posted = b.post_form(&absolute(issuer, &form.action), &pairs).await;
+                assert_eq!(posted.status, 303, "{}: {}", form.action, posted.text());
+                posted
+            }
+            _ => panic!("{next}: {} {}", r.status, r.text()),
+        };
+        next = absolute(issuer, r.header("location").expect("location"));
+    }
+    panic!("still at oidc-provider after {MAX_HOPS} hops: {next}")
+}
+
+/// A pool whose client authenticates with private_key_jwt (EdDSA, audience
+/// the issuer, as FAPI servers want): the connect flow's code exchange,
+/// the token injected and verified, and the revocation when the connection
+/// is deleted (RFC 7009 with the same client authentication), each a new
+/// assertion the provider accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_connects_and_revokes_with_private_key_jwt() {
+    let key = generate_pem(Alg::EdDsa).expect("key");
+    let dir = TempDir::new();
+    let connect = Connect::loopback(&[]);
+    let public = connect.public_url.clone();
+    let callback = format!("{public}/connect/callback");
+    let mut op = Provider::start(json!([{
+        "client_id": "pool-eddsa",
+        "token_endpoint_auth_method": "private_key_jwt",
+        "token_endpoint_auth_signing_alg": "EdDSA",
+        "jwks": jwks_of(&key, None, "pool-1"),
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+        "redirect_uris": [callback],
+    }]))
+    .await;
+    let upstream = TestUpstream::start("api").await;
+    let pool = Pool {
+        token_url: op.token_url(),
+        client_id: "pool-eddsa".into(),
+        client_auth: Some("private_key_jwt".into()),
+        client_key: Some(key.as_str().into()),
+        client_key_id: Some("pool-1".into()),
+        client_assertion_audience: Some(op.issuer.clone()),
+        scope: Some("openid offline_access".into()),
+        body_format: Some("form".into()),
+        token_timeout: Some(Duration::from_secs(5)),
+        authorize_url: Some(format!("{}/auth", op.issuer)),
+        issuer: Some(op.issuer.clone()),
+        revoke_url: Some(format!("{}/token/revocation", op.issuer)),
+        authorize_params: Some(BTreeMap::from([("prompt".into(), "consent".into())])),
+        ..Pool::default()
+    };
+    let mut toml = ProxyToml::listeners()
+        .pool_table("users", pool)
+        .route("api", Route::pool("/", &upstream.http_url(), "users"));
+    toml.admin_mut().api_token = Some(support::connections::API_TOKEN.into());
+    toml.store = Some(Store::sqlite(
+        &dir.path().join("store.db"),
+        &support::connections::new_key(),
+    ));
+    toml.connect = Some(connect);
+    let proxy = start_proxy(&toml.toml()).await;
+
+    let r = admin(&proxy, "POST", "/connect-sessions/users", Some(json!({}))).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let link = r.json()["connect_url"].as_str().unwrap().to_owned();
+    let mut b = Browser::new();
+    let r = b.get(&link).await;
+    assert_eq!(r.status, 302, "{}", r.text());
+    let authorize = r.header("location").unwrap().to_owned();
+    let back = sign_in_and_consent(&mut b, &op.issuer, &authorize, "alice").await;
+    assert!(back.starts_with(&callback), "{back}");
+    let done = b.get(&back).await;
+    assert_eq!(done.status, 200, "{}\n{}", done.text(), op.log());
+    assert!(
+        done.text().contains("is connected"),
+        "{}\n{}",
+        done.text(),
+        op.log()
+    );
+    let (line, _) = op
+        .wait_for_line("token authorization_code pool-eddsa")
+        .await;
+    let sent = line.split(" assertion=").nth(1).unwrap_or("-");
+    assert_eq!(
+        sent.split('.').count(),
+        3,
+        "a client assertion was sent: {line}"
+    );
+
+    let req = http::Request::get(proxy_url(&proxy, "/accounts"))
+        .header(support::connections::SELECT, "alice")
+        .body(Default::default())
+        .unwrap();
+    let r = send(&client(), req).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let claims = verify_jwt(&op.jwks().await, &last_bearer(&upstream));
+    assert_eq!(claims["sub"], "alice", "{claims}");
+    assert_eq!(claims["client_id"], "pool-eddsa", "{claims}");
+
+    let r = admin(&proxy, "DELETE", "/connections/users/alice", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["revoked"], true, "{}\n{}", r.text(), op.log());
+    op.wait_for_line("revoked").await;
+    let jtis: Vec<String> = op
+        .log()
+        .lines()
+        .filter_map(|l| l.strip_prefix("assertion "))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        jtis.len(),
+        2,
+        "the code exchange and the revocation: {jtis:?}"
+    );
+    assert!(jtis.iter().all(|j| j.ends_with(" fresh")), "{jtis:?}");
+    assert_ne!(jtis[0], jtis[1]);
+}

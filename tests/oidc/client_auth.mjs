@@ -1,0 +1,125 @@
+// A real authorization server for tests/client_auth.rs: node's
+// `oidc-provider` (pinned in package-lock.json) whose clients are the
+// ones the test passes in, each with the token endpoint authentication
+// method under test (`private_key_jwt` with the public JWKS of the test's
+// key, `client_secret_jwt`, ...). Separate from server.mjs (the connect
+// flow's launcher) so that each test file owns its server's settings.
+//
+// Usage:
+//   node tests/oidc/client_auth.mjs --clients FILE [--port 0] [--access-token-ttl 300]
+// FILE is a JSON array of oidc-provider client metadata, used as given
+// (client_id, token_endpoint_auth_method, token_endpoint_auth_signing_alg,
+// jwks, client_secret, grant_types, redirect_uris, response_types).
+//
+// Enabled: the client_credentials grant, RFC 7009 revocation, and JWT
+// access tokens for the resource `urn:flinks-proxy:test-api` (the default
+// resource, so a client_credentials token is a JWT the test's resource
+// server verifies against /jwks). It listens on 127.0.0.1 only and prints
+// `listening http://127.0.0.1:PORT` once it answers (the issuer). Every
+// token request prints `token GRANT_TYPE CLIENT_ID` or `token error
+// GRANT_TYPE ERROR: DESCRIPTION` (the success line ends with
+// ` assertion=JWT`, the client assertion received, so the test can search
+// the proxy's outputs for it); a failed revocation `revocation error ...`;
+// every revocation `revoked`; each client assertion that reached the
+// replay check `assertion JTI fresh|replayed`. It exits when its stdin
+// closes.
+
+import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { createServer } from 'node:http';
+import { parseArgs } from 'node:util';
+
+import Provider from 'oidc-provider';
+
+const { values: args } = parseArgs({
+  options: {
+    port: { type: 'string', default: '0' },
+    clients: { type: 'string' },
+    'access-token-ttl': { type: 'string', default: '300' },
+  },
+});
+if (!args.clients) {
+  console.error('client_auth.mjs: --clients FILE is required');
+  process.exit(2);
+}
+const clients = JSON.parse(readFileSync(args.clients, 'utf8'));
+const accessTokenTtl = Number(args['access-token-ttl']);
+const RESOURCE = 'urn:flinks-proxy:test-api';
+
+function configuration() {
+  return {
+    clients,
+    async findAccount(_ctx, id) {
+      return { accountId: id, async claims() { return { sub: id }; } };
+    },
+    pkce: { methods: ['S256'], required: () => true },
+    scopes: ['openid', 'offline_access', 'api:read'],
+    features: {
+      devInteractions: { enabled: true },
+      clientCredentials: { enabled: true },
+      revocation: { enabled: true },
+      resourceIndicators: {
+        enabled: true,
+        defaultResource: () => RESOURCE,
+        useGrantedResource: () => true,
+        getResourceServerInfo: () => ({
+          scope: 'api:read',
+          audience: RESOURCE,
+          accessTokenFormat: 'jwt',
+          accessTokenTTL: accessTokenTtl,
+        }),
+      },
+    },
+    ttl: {
+      AccessToken: accessTokenTtl,
+      ClientCredentials: accessTokenTtl,
+      IdToken: 3600,
+      Interaction: 600,
+      Session: 3600,
+      Grant: 86400,
+      RefreshToken: 86400,
+    },
+    cookies: { keys: [randomBytes(32).toString('base64url')] },
+  };
+}
+
+const server = createServer();
+server.listen(Number(args.port), '127.0.0.1', () => {
+  const issuer = `http://127.0.0.1:${server.address().port}`;
+  const provider = new Provider(issuer, configuration());
+  provider.on('grant.success', (ctx) => {
+    console.log(`token ${ctx.oidc.params.grant_type} ${ctx.oidc.client?.clientId} assertion=${ctx.oidc.params.client_assertion ?? '-'}`);
+  });
+  provider.on('grant.error', (ctx, err) => {
+    console.log(`token error ${ctx.oidc?.params?.grant_type} ${err.error}: ${err.error_description}`);
+  });
+  provider.on('revocation.error', (_ctx, err) => {
+    console.log(`revocation error ${err.error}: ${err.error_description}`);
+  });
+  provider.on('grant.revoked', () => {
+    console.log('revoked');
+  });
+  provider.on('authorization.error', (_ctx, err) => {
+    console.log(`authorization error ${err.error}: ${err.error_description}`);
+  });
+  provider.on('server_error', (_ctx, err) => {
+    console.error('server_error', err);
+  });
+  // A client assertion the server accepted: its jti, so the test sees
+  // one new assertion per request.
+  const ReplayDetection = provider.ReplayDetection;
+  if (ReplayDetection) {
+    const unique = ReplayDetection.unique.bind(ReplayDetection);
+    ReplayDetection.unique = async (iss, jti, exp) => {
+      const fresh = await unique(iss, jti, exp);
+      console.log(`assertion ${jti} ${fresh ? 'fresh' : 'replayed'}`);
+      return fresh;
+    };
+  }
+  server.on('request', provider.callback());
+  console.log(`listening ${issuer}`);
+});
+
+process.stdin.resume();
+process.stdin.on('end', () => process.exit(0));
+process.stdin.on('error', () => process.exit(0));
