@@ -12,8 +12,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,14 +22,12 @@ use flinks_proxy::ground::jose::{generate_pem, Alg, SigningKey};
 use serde_json::json;
 use support::browser::Browser;
 use support::connections::admin;
+use support::oidc::{lock, sign_in_and_consent, spawn_node, Spawned};
 use support::*;
 use tokio::sync::mpsc;
 
-/// Starting node and loading oidc-provider takes well under a second.
-const START_DEADLINE: Duration = Duration::from_secs(30);
 /// A token request is answered in milliseconds; its log line follows it.
 const LINE_DEADLINE: Duration = Duration::from_secs(10);
-const MAX_HOPS: usize = 12;
 const RESOURCE: &str = "urn:flinks-proxy:test-api";
 /// `client_secret_jwt`'s shared secret (HS256 wants 32 bytes or more).
 const JWT_SECRET: &str = "client-secret-jwt-test-secret-6c1f0e9a8b7d4c3e2f1a";
@@ -48,42 +45,17 @@ struct Provider {
 impl Provider {
     /// Starts the provider with `clients` (oidc-provider client metadata).
     async fn start(clients: serde_json::Value) -> Provider {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc");
-        assert!(
-            dir.join("node_modules/oidc-provider/package.json")
-                .is_file(),
-            "tests/oidc/node_modules is missing: run `npm ci --prefix tests/oidc`"
-        );
         let tmp = TempDir::new();
         let file = tmp.write("clients.json", clients.to_string());
-        let mut child = Command::new("node")
-            .arg(dir.join("client_auth.mjs"))
-            .args(["--port", "0", "--clients"])
-            .arg(&file)
-            .current_dir(&dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run `node` ({e}): install Node.js"));
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, mut lines) = mpsc::unbounded_channel();
-        read_lines(
-            child.stdout.take().expect("stdout"),
-            Arc::clone(&log),
-            Some(tx),
-        );
-        read_lines(child.stderr.take().expect("stderr"), Arc::clone(&log), None);
-        let issuer = loop {
-            let line = tokio::time::timeout(START_DEADLINE, lines.recv())
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or_else(|| panic!("oidc-provider did not start:\n{}", lock(&log)));
-            if let Some(url) = line.strip_prefix("listening ") {
-                break url.to_owned();
-            }
-        };
+        let Spawned {
+            child,
+            issuer,
+            lines,
+            log,
+        } = spawn_node("client_auth.mjs", |cmd| {
+            cmd.args(["--port", "0", "--clients"]).arg(&file);
+        })
+        .await;
         Provider {
             child,
             issuer,
@@ -128,30 +100,6 @@ impl Drop for Provider {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn lock(log: &Mutex<String>) -> std::sync::MutexGuard<'_, String> {
-    log.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn read_lines(
-    from: impl std::io::Read + Send + 'static,
-    log: Arc<Mutex<String>>,
-    tx: Option<mpsc::UnboundedSender<String>>,
-) {
-    use std::io::BufRead;
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
-            let mut l = lock(&log);
-            l.push_str(&line);
-            l.push('\n');
-            drop(l);
-            if let Some(tx) = &tx {
-                let _ = tx.send(line);
-            }
-        }
-    });
 }
 
 /// An RSA 2048 key from openssl (ring cannot generate RSA keys).
@@ -463,98 +411,6 @@ async fn each_method_authenticates_a_credential_and_an_unknown_key_is_invalid_cl
     }
 }
 
-/// A page's first form: its action and hidden fields.
-struct Form {
-    action: String,
-    hidden: BTreeMap<String, String>,
-}
-
-impl Form {
-    fn parse(html: &str) -> Form {
-        let start = html
-            .find("<form")
-            .unwrap_or_else(|| panic!("no form in:\n{html}"));
-        let end = start + html[start..].find("</form>").expect("</form>");
-        let form = &html[start..end];
-        let tag = |from: usize| &form[from..from + form[from..].find('>').expect("tag end")];
-        let action = attr(tag(0), "action").expect("the form's action");
-        let mut hidden = BTreeMap::new();
-        let mut at = 0;
-        while let Some(i) = form[at..].find("<input") {
-            let input = tag(at + i);
-            if attr(input, "type").as_deref() == Some("hidden") {
-                let name = attr(input, "name").expect("a hidden input's name");
-                hidden.insert(name, attr(input, "value").unwrap_or_default());
-            }
-            at += i + 6;
-        }
-        Form { action, hidden }
-    }
-}
-
-fn attr(tag: &str, name: &str) -> Option<String> {
-    let needle = format!(" {name}=\"");
-    let v = tag.find(&needle)? + needle.len();
-    let len = tag[v..].find('"')?;
-    Some(
-        tag[v..v + len]
-            .replace("&#x2F;", "/")
-            .replace("&quot;", "\"")
-            .replace("&amp;", "&"),
-    )
-}
-
-fn absolute(origin: &str, location: &str) -> String {
-    if location.starts_with('/') {
-        format!("{origin}{location}")
-    } else {
-        location.to_owned()
-    }
-}
-
-/// Walks oidc-provider's login and consent pages from `authorize` as
-/// `login`; returns where it finally sends the browser.
-async fn sign_in_and_consent(
-    b: &mut Browser,
-    issuer: &str,
-    authorize: &str,
-    login: &str,
-) -> String {
-    let mut next = authorize.to_owned();
-    for _ in 0..MAX_HOPS {
-        if !next.starts_with(issuer) {
-            return next;
-        }
-        let r = b.get(&next).await;
-        let r = match r.status.as_u16() {
-            302 | 303 => r,
-            200 => {
-                let form = Form::parse(&r.text());
-                let mut fields = form.hidden.clone();
-                if fields.get("prompt").map(String::as_str) == Some("login") {
-                    fields.insert("login".into(), login.into());
-                    fields.insert("password".into(), "any password".into());
-                }
-                let pairs: Vec<(&str, &str)> = fields
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
-                let posted = b.post_form(&absolute(issuer, &form.action), &pairs).await;
-                assert_eq!(posted.status, 303, "{}: {}", form.action, posted.text());
-                posted
-            }
-            _ => panic!("{next}: {} {}", r.status, r.text()),
-        };
-        next = absolute(issuer, r.header("location").expect("location"));
-    }
-    panic!("still at oidc-provider after {MAX_HOPS} hops: {next}")
-}
-
-/// A pool whose client authenticates with private_key_jwt (EdDSA, audience
-/// the issuer, as FAPI servers want): the connect flow's code exchange,
-/// the token injected and verified, and the revocation when the connection
-/// is deleted (RFC 7009 with the same client authentication), each a new
-/// assertion the provider accepts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_connects_and_revokes_with_private_key_jwt() {
     let key = generate_pem(Alg::EdDsa).expect("key");
@@ -607,7 +463,7 @@ async fn a_pool_connects_and_revokes_with_private_key_jwt() {
     let r = b.get(&link).await;
     assert_eq!(r.status, 302, "{}", r.text());
     let authorize = r.header("location").unwrap().to_owned();
-    let back = sign_in_and_consent(&mut b, &op.issuer, &authorize, "alice").await;
+    let (back, _) = sign_in_and_consent(&mut b, &op.issuer, &authorize, "alice").await;
     assert!(back.starts_with(&callback), "{back}");
     let done = b.get(&back).await;
     assert_eq!(done.status, 200, "{}\n{}", done.text(), op.log());

@@ -12,7 +12,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +23,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use support::oidc::{spawn_node, Spawned};
 use support::*;
 use tokio::sync::{mpsc, Notify};
 
@@ -581,9 +582,6 @@ fn check_prints_the_method_and_the_certificate_never_the_key() {
 }
 
 const OIDC_CLIENT_ID: &str = "flinks-proxy-mtls";
-/// Starting node and loading oidc-provider takes well under a second;
-/// this leaves room for a loaded CI machine.
-const START_DEADLINE: Duration = Duration::from_secs(30);
 
 /// `tests/oidc/mtls.mjs` under node, stopped when dropped (and by itself
 /// when this process ends: it exits when its stdin closes).
@@ -607,52 +605,28 @@ impl MtlsProvider {
     /// `server.key`, `ca.pem`); its one client is the certificate whose SAN
     /// is `san_dns`.
     async fn start(dir: &Path, san_dns: &str) -> MtlsProvider {
-        let oidc = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc");
-        assert!(
-            oidc.join("node_modules/oidc-provider/package.json")
-                .is_file(),
-            "tests/oidc/node_modules is missing: run `npm ci --prefix tests/oidc`"
-        );
-        let mut child = Command::new("node")
-            .arg(oidc.join("mtls.mjs"))
-            .arg("--cert")
-            .arg(dir.join("server.pem"))
-            .arg("--key")
-            .arg(dir.join("server.key"))
-            .arg("--ca")
-            .arg(dir.join("ca.pem"))
-            .args([
-                "--client-id",
-                OIDC_CLIENT_ID,
-                "--san-dns",
-                san_dns,
-                "--port",
-                "0",
-            ])
-            .current_dir(&oidc)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run `node` ({e}): install Node.js"));
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, mut lines) = mpsc::unbounded_channel();
-        read_lines(
-            child.stdout.take().expect("stdout"),
-            Arc::clone(&log),
-            Some(tx),
-        );
-        read_lines(child.stderr.take().expect("stderr"), Arc::clone(&log), None);
-        let issuer = loop {
-            let line = tokio::time::timeout(START_DEADLINE, lines.recv())
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or_else(|| panic!("mtls.mjs did not start:\n{}", log.lock().unwrap()));
-            if let Some(url) = line.strip_prefix("listening ") {
-                break url.to_owned();
-            }
-        };
+        let Spawned {
+            child,
+            issuer,
+            lines,
+            log,
+        } = spawn_node("mtls.mjs", |cmd| {
+            cmd.arg("--cert")
+                .arg(dir.join("server.pem"))
+                .arg("--key")
+                .arg(dir.join("server.key"))
+                .arg("--ca")
+                .arg(dir.join("ca.pem"))
+                .args([
+                    "--client-id",
+                    OIDC_CLIENT_ID,
+                    "--san-dns",
+                    san_dns,
+                    "--port",
+                    "0",
+                ]);
+        })
+        .await;
         MtlsProvider {
             child,
             issuer,
@@ -675,28 +649,6 @@ impl MtlsProvider {
             }
         }
     }
-}
-
-/// Copies `from`'s lines into `log` (and `tx`) on a thread of its own.
-fn read_lines(
-    from: impl std::io::Read + Send + 'static,
-    log: Arc<Mutex<String>>,
-    tx: Option<mpsc::UnboundedSender<String>>,
-) {
-    use std::io::BufRead;
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
-            let mut l = log
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            l.push_str(&line);
-            l.push('\n');
-            drop(l);
-            if let Some(tx) = &tx {
-                let _ = tx.send(line);
-            }
-        }
-    });
 }
 
 /// GET over HTTPS trusting the test CA, no client certificate.

@@ -11,8 +11,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,19 +20,14 @@ use flinks_proxy::Running;
 use serde_json::json;
 use support::browser::{query_params, Browser};
 use support::connections::admin;
+use support::oidc::{lock, sign_in_and_consent, spawn_node, Spawned};
 use support::*;
 use tokio::sync::mpsc;
 
 const CLIENT_ID: &str = "flinks-proxy-test";
 const CLIENT_SECRET: &str = "oidc-test-secret";
-/// Starting node and loading oidc-provider takes well under a second;
-/// this leaves room for a loaded CI machine.
-const START_DEADLINE: Duration = Duration::from_secs(30);
 /// A token request is answered in milliseconds; its log line follows it.
 const LINE_DEADLINE: Duration = Duration::from_secs(10);
-/// Hops from the authorize redirect back to the callback: /auth, the login
-/// page, /auth again, the consent page, /auth once more.
-const MAX_HOPS: usize = 12;
 
 /// `tests/oidc/server.mjs` running under node, stopped when dropped (and
 /// by itself when this process ends: it exits when its stdin closes).
@@ -53,50 +47,23 @@ impl OidcServer {
     /// more launcher `flags` (`--require-par`); returns once it answers (its
     /// `listening` line).
     async fn start_with(redirect_uri: &str, access_token_ttl: u64, flags: &[&str]) -> OidcServer {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc");
-        assert!(
-            dir.join("node_modules/oidc-provider/package.json")
-                .is_file(),
-            "tests/oidc/node_modules is missing: run `npm ci --prefix tests/oidc` \
-             (it installs the pinned oidc-provider; .ci/run does it)"
-        );
-        let mut child = Command::new("node")
-            .arg(dir.join("server.mjs"))
-            .args(["--port", "0", "--client-id", CLIENT_ID])
-            .args([
-                "--client-secret",
-                CLIENT_SECRET,
-                "--redirect-uri",
-                redirect_uri,
-            ])
-            .args(["--access-token-ttl", &access_token_ttl.to_string()])
-            .args(flags)
-            .current_dir(&dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run `node` ({e}): install Node.js (`apt-get install nodejs npm`)")
-            });
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, mut lines) = mpsc::unbounded_channel();
-        read_lines(
-            child.stdout.take().expect("stdout"),
-            Arc::clone(&log),
-            Some(tx),
-        );
-        read_lines(child.stderr.take().expect("stderr"), Arc::clone(&log), None);
-        let issuer = loop {
-            let line = tokio::time::timeout(START_DEADLINE, lines.recv())
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or_else(|| panic!("oidc-provider did not start:\n{}", lock(&log)));
-            if let Some(url) = line.strip_prefix("listening ") {
-                break url.to_owned();
-            }
-        };
+        let Spawned {
+            child,
+            issuer,
+            lines,
+            log,
+        } = spawn_node("server.mjs", |cmd| {
+            cmd.args(["--port", "0", "--client-id", CLIENT_ID])
+                .args([
+                    "--client-secret",
+                    CLIENT_SECRET,
+                    "--redirect-uri",
+                    redirect_uri,
+                ])
+                .args(["--access-token-ttl", &access_token_ttl.to_string()])
+                .args(flags);
+        })
+        .await;
         assert!(issuer.starts_with("http://127.0.0.1:"), "{issuer}");
         OidcServer {
             child,
@@ -153,31 +120,6 @@ impl Drop for OidcServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn lock(log: &Mutex<String>) -> std::sync::MutexGuard<'_, String> {
-    log.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Copies `from`'s lines into `log` (and `tx`) on a thread of its own.
-fn read_lines(
-    from: impl std::io::Read + Send + 'static,
-    log: Arc<Mutex<String>>,
-    tx: Option<mpsc::UnboundedSender<String>>,
-) {
-    use std::io::BufRead;
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
-            let mut l = lock(&log);
-            l.push_str(&line);
-            l.push('\n');
-            drop(l);
-            if let Some(tx) = &tx {
-                let _ = tx.send(line);
-            }
-        }
-    });
 }
 
 /// A proxy whose pool `users` is oidc-provider's client, a `[connect]`
@@ -329,107 +271,6 @@ impl Setup {
             .strip_prefix("Bearer ")
             .expect("a bearer token");
         token.to_owned()
-    }
-}
-
-/// Walks oidc-provider's pages from `authorize` as a user would: follows
-/// its redirects, signs in as `login` on the login form and approves the
-/// consent form (their actions and hidden fields read from the HTML).
-/// Returns where it finally sends the browser (the proxy's callback) and
-/// the prompts it showed.
-async fn sign_in_and_consent(
-    b: &mut Browser,
-    issuer: &str,
-    authorize: &str,
-    login: &str,
-) -> (String, Vec<String>) {
-    let mut next = authorize.to_owned();
-    let mut prompts = Vec::new();
-    for _ in 0..MAX_HOPS {
-        if !next.starts_with(issuer) {
-            return (next, prompts);
-        }
-        let r = b.get(&next).await;
-        let r = match r.status.as_u16() {
-            302 | 303 => r,
-            200 => {
-                let form = Form::parse(&r.text());
-                let mut fields = form.hidden.clone();
-                let prompt = fields.get("prompt").cloned().unwrap_or_default();
-                if prompt == "login" {
-                    fields.insert("login".into(), login.into());
-                    fields.insert("password".into(), "any password".into());
-                }
-                prompts.push(prompt);
-                let pairs: Vec<(&str, &str)> = fields
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
-                let posted = b.post_form(&absolute(issuer, &form.action), &pairs).await;
-                assert_eq!(
-                    posted.status,
-                    303,
-                    "{} answered: {}",
-                    form.action,
-                    posted.text()
-                );
-                posted
-            }
-            _ => panic!("{next}: {} {}", r.status, r.text()),
-        };
-        next = absolute(issuer, r.header("location").expect("location"));
-    }
-    panic!("still at oidc-provider after {MAX_HOPS} hops: {next}")
-}
-
-/// A page's first form: its action and hidden fields.
-struct Form {
-    action: String,
-    hidden: BTreeMap<String, String>,
-}
-
-impl Form {
-    fn parse(html: &str) -> Form {
-        let start = html
-            .find("<form")
-            .unwrap_or_else(|| panic!("no form in:\n{html}"));
-        let end = start + html[start..].find("</form>").expect("</form>");
-        let form = &html[start..end];
-        let tag = |from: usize| &form[from..from + form[from..].find('>').expect("tag end")];
-        let action = attr(tag(0), "action").expect("the form's action");
-        let mut hidden = BTreeMap::new();
-        let mut at = 0;
-        while let Some(i) = form[at..].find("<input") {
-            let input = tag(at + i);
-            if attr(input, "type").as_deref() == Some("hidden") {
-                let name = attr(input, "name").expect("a hidden input's name");
-                hidden.insert(name, attr(input, "value").unwrap_or_default());
-            }
-            at += i + 6;
-        }
-        Form { action, hidden }
-    }
-}
-
-/// The value of attribute `name="..."` in `tag`, entities decoded.
-fn attr(tag: &str, name: &str) -> Option<String> {
-    let needle = format!(" {name}=\"");
-    let v = tag.find(&needle)? + needle.len();
-    let len = tag[v..].find('"')?;
-    Some(
-        tag[v..v + len]
-            .replace("&#x2F;", "/")
-            .replace("&quot;", "\"")
-            .replace("&amp;", "&"),
-    )
-}
-
-/// `location` made absolute against `origin` when it is a path.
-fn absolute(origin: &str, location: &str) -> String {
-    if location.starts_with('/') {
-        format!("{origin}{location}")
-    } else {
-        location.to_owned()
     }
 }
 

@@ -13,6 +13,7 @@ pub mod config;
 pub mod connections;
 pub mod durability;
 pub mod in_process;
+pub mod oidc;
 pub mod pki;
 pub mod postgres;
 pub mod process;
