@@ -172,12 +172,18 @@ async fn open_link(state: &AppState, token: &str, headers: &HeaderMap) -> Respon
             }
             r
         }
-        Err(refusal) => link_refused(state, &session.pool, refusal),
+        Err(refusal) => link_refused(state, &generation, &session.pool, refusal),
     }
 }
 
-fn link_refused(state: &AppState, pool: &str, refusal: LinkRefusal) -> Response<ProxyBody> {
+fn link_refused(
+    state: &AppState,
+    generation: &Generation,
+    pool: &str,
+    refusal: LinkRefusal,
+) -> Response<ProxyBody> {
     match refusal {
+        LinkRefusal::Refused(f) => finished(state, generation, &f),
         LinkRefusal::Used => {
             state.metrics.connect_session(pool, "rejected");
             page(

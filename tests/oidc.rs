@@ -486,10 +486,12 @@ async fn a_client_that_must_push_is_refused_without_par_and_the_session_fails() 
 }
 
 #[tokio::test]
-async fn a_par_endpoint_that_refuses_shows_a_retry_page_and_keeps_the_session() {
-    // A par_url that answers 404 (no such endpoint at the provider).
-    let s = setup_on(300, &[], |issuer, p| {
-        p.par_url = Some(format!("{issuer}/no-such-par"));
+async fn a_par_endpoint_that_cannot_be_reached_shows_a_retry_page_and_keeps_the_session() {
+    // Nothing listens there: a network error, which may pass (a 4xx
+    // answer ends the session instead, see below).
+    let port = free_port();
+    let s = setup_on(300, &[], |_, p| {
+        p.par_url = Some(format!("http://127.0.0.1:{port}/par"));
     })
     .await;
     let (id, link) = s.session().await;
@@ -508,4 +510,25 @@ async fn a_par_endpoint_that_refuses_shows_a_retry_page_and_keeps_the_session() 
         "the same browser may try again: {st}"
     );
     assert!(!r.text().contains(CLIENT_SECRET));
+}
+
+#[tokio::test]
+async fn a_pushed_request_the_provider_refuses_fails_the_session_with_its_error() {
+    let s = setup_on(300, &["--require-par"], |issuer, p| {
+        p.par_url = Some(format!("{issuer}/request"));
+        p.client_secret = Some("not-the-secret".into());
+    })
+    .await;
+    let (id, link) = s.session().await;
+    let mut b = Browser::new();
+    let r = b.get(&link).await;
+    // No browser could go on: the result page, as for a denied consent.
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("not connected"), "{}", r.text());
+    assert!(r.text().contains("invalid_client"), "{}", r.text());
+    let st = s.session_state(&id).await;
+    assert_eq!(st["state"], "failed", "{st}");
+    assert_eq!(st["error"]["error"], "invalid_client", "{st}");
+    let again = b.get(&link).await;
+    assert_eq!(again.status, 409, "the link has ended: {}", again.text());
 }

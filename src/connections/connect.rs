@@ -28,6 +28,7 @@ use crate::store::retry_while_unavailable;
 use crate::store::{
     secret_hash, NewSession, Session, SessionEnd, SessionPhase, SessionStatus, StoreError,
 };
+use crate::tokens::grant::TokenError;
 
 /// Longest authorize parameter value a session may set.
 const MAX_PARAM_LEN: usize = 512;
@@ -86,7 +87,7 @@ pub struct Opened {
 }
 
 /// Why a link does not lead to the bank.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkRefusal {
     /// Opened by another browser already, or its code is being exchanged.
     Used,
@@ -97,6 +98,10 @@ pub enum LinkRefusal {
     },
     /// It ended already.
     Finished(SessionStatus),
+    /// The authorization server refused the pushed authorization request
+    /// (`invalid_client`, `invalid_request`, …): no browser could go on,
+    /// so the session ended failed with its error, as a denied consent.
+    Refused(Finished),
 }
 
 /// What the callback brought (`GET /connect/callback?...`).
@@ -315,9 +320,24 @@ impl Pool {
         if !opened {
             return Ok(Err(LinkRefusal::Used));
         }
-        let location = self
+        let location = match self
             .authorize_location(connect, authorize, session, &state, verifier.as_ref())
-            .await?;
+            .await
+        {
+            Ok(l) => l,
+            Err(TokenError::Rejected {
+                error, description, ..
+            }) => {
+                let outcome = self
+                    .finish(session, Ended::failed(error, description))
+                    .await?;
+                return Ok(Err(match outcome {
+                    CallbackOutcome::Finished(f) => LinkRefusal::Refused(f),
+                    _ => LinkRefusal::Finished(SessionStatus::Failed),
+                }));
+            }
+            Err(e) => return Err(ConnectError::Pushed(e.to_string())),
+        };
         Ok(Ok(Opened {
             location: Secret::new(location),
             browser: Secret::new(browser),
@@ -370,7 +390,7 @@ impl Pool {
         session: &Session,
         state: &str,
         verifier: Option<&Secret>,
-    ) -> Result<String, ConnectError> {
+    ) -> Result<String, TokenError> {
         let redirect_uri = connect.redirect_uri();
         let challenge = verifier.map(|v| code_challenge(v.expose()));
         let mut pairs: Vec<(&str, &str)> = vec![
@@ -403,9 +423,7 @@ impl Pool {
         let Some(par_url) = &authorize.par_url else {
             return Ok(form::with_query(&url, &form::encode_pairs(pairs)));
         };
-        let request_uri = crate::tokens::grant::push(&self.endpoint, par_url, &pairs)
-            .await
-            .map_err(|e| ConnectError::Pushed(e.to_string()))?;
+        let request_uri = crate::tokens::grant::push(&self.endpoint, par_url, &pairs).await?;
         let pairs = [
             ("client_id", self.config.client_id.as_str()),
             ("request_uri", request_uri.as_str()),
