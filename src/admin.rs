@@ -128,12 +128,32 @@ pub fn status(state: &AppState) -> serde_json::Value {
     serde_json::json!({
         "pools": pools,
         "store": store,
+        "webhooks": webhooks_json(state),
         "version": env!("CARGO_PKG_VERSION"),
         "draining": state.is_draining(),
         "config": rt.config.source.display().to_string(),
         "credentials": credentials,
         "routes": routes,
     })
+}
+
+/// `[webhooks]` in `/status`: the receiver (without its query, which may
+/// carry a token), the types delivered, and the queue as last read (the
+/// store's, shared by replicas; `null` without a store).
+fn webhooks_json(state: &AppState) -> serde_json::Value {
+    let rt = state.generation.load();
+    let queue = state.store.as_ref().map(|_| {
+        let (pending, oldest) = state.metrics.webhooks().queue();
+        serde_json::json!({"pending": pending, "oldest_pending_seconds": oldest})
+    });
+    match &rt.config.webhooks {
+        Some(w) => serde_json::json!({
+            "url": w.display_url(),
+            "events": w.events,
+            "queue": queue,
+        }),
+        None => serde_json::json!({"url": null, "queue": queue}),
+    }
 }
 
 /// A route in `/status`: where it matches, its upstream, and its

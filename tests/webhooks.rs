@@ -359,6 +359,8 @@ async fn the_queue_gauges_show_what_waits_and_events_can_be_filtered() {
     rx.set_default(Reply::Hold);
     let secret = new_secret();
     let w = Webhooks {
+        // A receiver token in the query: /status must not show it.
+        url: format!("{}?token=receiver-query-secret", rx.url()),
         events: Some(vec![
             "connection.deleted".into(),
             "connect_session.*".into(),
@@ -388,6 +390,14 @@ async fn the_queue_gauges_show_what_waits_and_events_can_be_filtered() {
         let m = metrics(&p).await;
         if metric(&m, "flinks_proxy_webhook_queue") == Some(1.0) {
             assert!(metric(&m, "flinks_proxy_webhook_oldest_pending_seconds").unwrap() > 0.0);
+            let status = get(&support::admin_url(&p, "/status")).await.text();
+            let parsed: serde_json::Value = serde_json::from_str(&status).unwrap();
+            let w = &parsed["webhooks"];
+            assert_eq!(w["queue"]["pending"], 1, "{w}");
+            let events = serde_json::json!(["connection.deleted", "connect_session.*"]);
+            assert_eq!(w["events"], events, "{w}");
+            assert_eq!(w["url"], format!("{}?…", rx.url()), "{w}");
+            assert!(!status.contains("receiver-query-secret"), "{status}");
             break;
         }
         assert!(

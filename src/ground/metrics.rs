@@ -640,6 +640,12 @@ impl WebhookMetrics {
         self.deliveries.with_label_values(&[outcome]).inc();
     }
 
+    /// The queue as last read: pending events and the oldest one's age in
+    /// seconds.
+    pub fn queue(&self) -> (i64, f64) {
+        (self.queue.get(), self.oldest.get())
+    }
+
     /// Sets the queue's gauges.
     pub fn set_queue(&self, pending: u64, oldest_age: std::time::Duration) {
         self.queue.set(i64::try_from(pending).unwrap_or(i64::MAX));
