@@ -469,3 +469,37 @@ async fn the_page_shows_the_webhook_queue_and_sends_a_given_up_event_again() {
         .await;
     assert_eq!(r.status, 404, "{}", r.text());
 }
+
+#[tokio::test]
+async fn without_an_api_token_the_login_asks_nothing_but_the_csrf_check_stays() {
+    // The config allows no api_token only with the admin listener on
+    // loopback (it is, here).
+    let ui = Ui::on_with(users_sandbox(3600, false).await, |c| {
+        c.admin_mut().api_token = None;
+    })
+    .await;
+    connect(&ui.proxy, "alice").await;
+    let mut b = Browser::new();
+    let r = b.get(&ui.url("/ui")).await;
+    assert_eq!(r.status, 303, "a session is still needed: {}", r.text());
+    let form = b.get(&ui.url("/ui/login")).await;
+    assert_eq!(form.status, 200, "{}", form.text());
+    assert!(
+        !form.text().contains("name=\"api_token\""),
+        "{}",
+        form.text()
+    );
+    assert!(
+        form.text().contains("No <code>admin.api_token</code>"),
+        "{}",
+        form.text()
+    );
+    let forged = b.post_form(&ui.url("/ui/login"), &[]).await;
+    assert_eq!(forged.status, 403, "no CSRF token: {}", forged.text());
+    let csrf = csrf_in(&form.text());
+    let ok = b.post_form(&ui.url("/ui/login"), &[("csrf", &csrf)]).await;
+    assert_eq!(ok.status, 303, "{}", ok.text());
+    let page = b.get(&ui.url("/ui")).await;
+    assert_eq!(page.status, 200, "{}", page.text());
+    assert_eq!(row_ids(&page.text()), ["alice"]);
+}
