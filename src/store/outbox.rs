@@ -374,6 +374,26 @@ impl Store {
         .await
     }
 
+    /// The latest `limit` events in `state`, oldest of them first (the
+    /// operator page's view: one indexed read, however long the history).
+    pub async fn latest_events(
+        &self,
+        state: EventState,
+        limit: u32,
+    ) -> Result<Vec<WebhookEvent>, StoreError> {
+        self.timed("webhook_list", async {
+            let sql = format!(
+                "SELECT {COLUMNS} FROM webhook_events WHERE state = ? ORDER BY seq DESC LIMIT ?"
+            );
+            let rows = run!(rows EventRow, self, "webhook_list", sql,
+                [state.as_str(), i64::from(limit)])?;
+            let mut events: Vec<WebhookEvent> = rows.into_iter().map(event).collect();
+            events.reverse();
+            Ok(events)
+        })
+        .await
+    }
+
     /// One event by id.
     pub async fn webhook_event(&self, id: &str) -> Result<Option<WebhookEvent>, StoreError> {
         self.timed("webhook_list", async {

@@ -41,7 +41,7 @@ pub async fn section(state: &AppState, session: &Session) -> Result<String, Stor
         (EventState::Pending, "Pending", false),
         (EventState::Failed, "Given up", true),
     ] {
-        let events = newest(store, state).await?;
+        let events = store.latest_events(state, SHOWN).await?;
         if events.is_empty() {
             continue;
         }
@@ -56,29 +56,6 @@ pub async fn section(state: &AppState, session: &Session) -> Result<String, Stor
         html.push_str("</table>\n");
     }
     Ok(html)
-}
-
-/// The latest [`SHOWN`] events in `state` (the outbox pages oldest first).
-async fn newest(
-    store: &crate::store::Store,
-    state: EventState,
-) -> Result<Vec<WebhookEvent>, StoreError> {
-    let mut all = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store
-            .list_events(Some(state), after.as_deref(), 500)
-            .await?;
-        let full = page.len() == 500;
-        after = page.last().map(|e| e.id.clone());
-        all.extend(page);
-        if all.len() > SHOWN as usize {
-            all.drain(..all.len() - SHOWN as usize);
-        }
-        if !full {
-            return Ok(all);
-        }
-    }
 }
 
 fn row(ev: &WebhookEvent, retry_csrf: Option<&str>) -> String {
