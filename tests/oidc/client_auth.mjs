@@ -31,6 +31,8 @@ import { parseArgs } from 'node:util';
 
 import Provider from 'oidc-provider';
 
+import { jwtResource } from './common.mjs';
+
 const { values: args } = parseArgs({
   options: {
     port: { type: 'string', default: '0' },
@@ -44,7 +46,6 @@ if (!args.clients) {
 }
 const clients = JSON.parse(readFileSync(args.clients, 'utf8'));
 const accessTokenTtl = Number(args['access-token-ttl']);
-const RESOURCE = 'urn:flinks-proxy:test-api';
 
 function configuration() {
   return {
@@ -58,17 +59,7 @@ function configuration() {
       devInteractions: { enabled: true },
       clientCredentials: { enabled: true },
       revocation: { enabled: true },
-      resourceIndicators: {
-        enabled: true,
-        defaultResource: () => RESOURCE,
-        useGrantedResource: () => true,
-        getResourceServerInfo: () => ({
-          scope: 'api:read',
-          audience: RESOURCE,
-          accessTokenFormat: 'jwt',
-          accessTokenTTL: accessTokenTtl,
-        }),
-      },
+      resourceIndicators: jwtResource('api:read', accessTokenTtl),
     },
     ttl: {
       AccessToken: accessTokenTtl,

@@ -21,6 +21,8 @@ import { parseArgs } from 'node:util';
 
 import Provider from 'oidc-provider';
 
+import { jwtResource } from './common.mjs';
+
 const { values: args } = parseArgs({
   options: {
     port: { type: 'string' },
@@ -45,7 +47,6 @@ const port = Number(setting('port', '0'));
 const clientId = setting('client-id');
 const sanDns = setting('san-dns');
 
-const RESOURCE = 'urn:flinks-proxy:test-api';
 
 // The certificate the client presented on this request's TLS connection,
 // PEM (oidc-provider hashes it into `cnf.x5t#S256`).
@@ -94,17 +95,7 @@ function configuration() {
           return san.split(', ').includes(`DNS:${expected}`);
         },
       },
-      resourceIndicators: {
-        enabled: true,
-        defaultResource: () => RESOURCE,
-        useGrantedResource: () => true,
-        getResourceServerInfo: () => ({
-          scope: '',
-          audience: RESOURCE,
-          accessTokenFormat: 'jwt',
-          accessTokenTTL: 300,
-        }),
-      },
+      resourceIndicators: jwtResource('', 300),
     },
     ttl: {
       AccessToken: 300,

@@ -21,6 +21,8 @@ import { parseArgs } from 'node:util';
 
 import Provider from 'oidc-provider';
 
+import { jwtResource } from './common.mjs';
+
 const { values: args } = parseArgs({
   options: {
     port: { type: 'string' },
@@ -49,10 +51,6 @@ const clientSecret = setting('client-secret', 'OIDC_CLIENT_SECRET');
 const redirectUri = setting('redirect-uri', 'OIDC_REDIRECT_URI');
 const accessTokenTtl = Number(setting('access-token-ttl', 'OIDC_ACCESS_TOKEN_TTL', '300'));
 
-// The API the proxy calls with the user's token. Access tokens for it are
-// JWTs (the proxy reads `sub` and `exp` from them, as from Flinks' tokens);
-// without a resource, oidc-provider issues opaque userinfo tokens.
-const RESOURCE = 'urn:flinks-proxy:test-api';
 
 function configuration() {
   return {
@@ -80,17 +78,7 @@ function configuration() {
       devInteractions: { enabled: true },
       // RFC 9126 at /request (on by default; explicit here).
       pushedAuthorizationRequests: { enabled: true },
-      resourceIndicators: {
-        enabled: true,
-        defaultResource: () => RESOURCE,
-        useGrantedResource: () => true,
-        getResourceServerInfo: () => ({
-          scope: '',
-          audience: RESOURCE,
-          accessTokenFormat: 'jwt',
-          accessTokenTTL: accessTokenTtl,
-        }),
-      },
+      resourceIndicators: jwtResource('', accessTokenTtl),
     },
     // Every lifetime set (oidc-provider notices each default it uses).
     ttl: {
