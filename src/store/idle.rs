@@ -209,7 +209,8 @@ mod tests {
         let Backend::Sqlite(b) = &store.backend else {
             panic!("sqlite")
         };
-        for plan in b.idle_plans().await {
+        for sql in [idle_sql(), oldest_sql()] {
+            let plan = b.plan(&sql).await;
             assert!(plan.contains("USING INDEX connections_idle"), "{plan}");
             assert!(!plan.contains("TEMP B-TREE"), "sorted by the index: {plan}");
         }

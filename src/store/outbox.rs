@@ -156,6 +156,19 @@ struct SessionData {
 
 /// The admin API's JSON of what a trigger wrote: the same function renders
 /// both, so an event's `data` is what `GET` would have answered then.
+/// A page of [`Store::list_events`], in `state` when `by_state`: read in
+/// `seq` order from `webhook_events_listed` (migration 0006) or the
+/// primary key.
+pub(super) fn page_sql(by_state: bool) -> String {
+    let filter = if by_state { "state = ? AND" } else { "" };
+    format!("SELECT {COLUMNS} FROM webhook_events WHERE {filter} seq > ? ORDER BY seq LIMIT ?")
+}
+
+/// [`Store::latest_events`]: backwards down `webhook_events_listed`.
+pub(super) fn latest_sql() -> String {
+    format!("SELECT {COLUMNS} FROM webhook_events WHERE state = ? ORDER BY seq DESC LIMIT ?")
+}
+
 fn render(subject: &str, raw: &str) -> serde_json::Value {
     let rendered = if subject.starts_with("session/") {
         serde_json::from_str::<SessionData>(raw).ok().map(|s| {
@@ -358,11 +371,7 @@ impl Store {
                     }
                 }
             };
-            let filter = if state.is_some() { "state = ? AND" } else { "" };
-            let sql = format!(
-                "SELECT {COLUMNS} FROM webhook_events WHERE {filter} seq > ? \
-                 ORDER BY seq LIMIT ?"
-            );
+            let sql = page_sql(state.is_some());
             let rows = match state {
                 Some(s) => run!(rows EventRow, self, "webhook_list", sql,
                     [s.as_str(), after_seq, i64::from(limit)])?,
@@ -375,17 +384,15 @@ impl Store {
     }
 
     /// The latest `limit` events in `state`, oldest of them first (the
-    /// operator page's view: one indexed read, however long the history).
+    /// operator page's view: one read down `webhook_events_listed`,
+    /// however long the history).
     pub async fn latest_events(
         &self,
         state: EventState,
         limit: u32,
     ) -> Result<Vec<WebhookEvent>, StoreError> {
         self.timed("webhook_list", async {
-            let sql = format!(
-                "SELECT {COLUMNS} FROM webhook_events WHERE state = ? ORDER BY seq DESC LIMIT ?"
-            );
-            let rows = run!(rows EventRow, self, "webhook_list", sql,
+            let rows = run!(rows EventRow, self, "webhook_list", latest_sql(),
                 [state.as_str(), i64::from(limit)])?;
             let mut events: Vec<WebhookEvent> = rows.into_iter().map(event).collect();
             events.reverse();

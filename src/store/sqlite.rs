@@ -8,9 +8,9 @@
 //! operation, so a file removed or replaced under the running proxy gives
 //! clear errors instead of writes into an unlinked file.
 
-#[cfg(test)]
-mod idle;
 mod lease;
+#[cfg(test)]
+mod plan;
 mod poller;
 
 use std::path::{Path, PathBuf};

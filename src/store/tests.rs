@@ -655,3 +655,22 @@ impl Store {
         Ok(())
     }
 }
+
+/// The admin API's pages of one state's events and the operator page's
+/// latest events read down `webhook_events_listed` in order: no scan of
+/// every event in the state, no sort (with 300,000 delivered events that
+/// was about 430 ms per read).
+#[tokio::test]
+async fn event_listings_are_answered_from_the_index_in_order() {
+    let dir = tempdir();
+    let store = open(&dir, &crate::ground::crypto::generate_key().unwrap()).await;
+    let Backend::Sqlite(b) = &store.backend else {
+        panic!("sqlite")
+    };
+    for sql in [outbox::page_sql(true), outbox::latest_sql()] {
+        let plan = b.plan(&sql).await;
+        assert!(plan.contains("USING INDEX webhook_events_listed"), "{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "in index order: {plan}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
