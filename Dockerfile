@@ -10,6 +10,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
 COPY migrations ./migrations
+COPY build.rs ./
 RUN cargo build --release --locked --bin flinks-proxy
 
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -456,8 +456,9 @@ fn build_stage_copies() -> Vec<String> {
 }
 
 /// The quick half of `.ci/docker-context` (which builds from a copy): what
-/// the compiler reads beyond `src/` — every `sqlx::migrate!` folder and
-/// every target path in Cargo.toml — is under a build-stage `COPY`.
+/// the compiler reads beyond `src/` — every `sqlx::migrate!` folder, every
+/// target path in Cargo.toml and the build script — is under a build-stage
+/// `COPY`.
 #[test]
 fn dockerfile_copies_everything_the_build_reads() {
     let copies = build_stage_copies();
@@ -467,6 +468,10 @@ fn dockerfile_copies_everything_the_build_reads() {
             .any(|c| path == c || path.starts_with(&format!("{}/", c.trim_end_matches('/'))))
     };
     let mut read = vec!["Cargo.toml".to_owned(), "Cargo.lock".to_owned()];
+    // Cargo runs a build.rs at the package root when there is one.
+    if repo_file("build.rs").exists() {
+        read.push("build.rs".to_owned());
+    }
     let manifest: toml::Value =
         toml::from_str(&std::fs::read_to_string(repo_file("Cargo.toml")).expect("Cargo.toml"))
             .expect("Cargo.toml parses");
