@@ -47,7 +47,6 @@ const port = Number(setting('port', '0'));
 const clientId = setting('client-id');
 const sanDns = setting('san-dns');
 
-
 // The certificate the client presented on this request's TLS connection,
 // PEM (oidc-provider hashes it into `cnf.x5t#S256`).
 function getCertificate(ctx) {

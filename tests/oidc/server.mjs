@@ -51,7 +51,6 @@ const clientSecret = setting('client-secret', 'OIDC_CLIENT_SECRET');
 const redirectUri = setting('redirect-uri', 'OIDC_REDIRECT_URI');
 const accessTokenTtl = Number(setting('access-token-ttl', 'OIDC_ACCESS_TOKEN_TTL', '300'));
 
-
 function configuration() {
   return {
     clients: [{
