@@ -112,14 +112,19 @@ enum Command {
     },
     /// Print a new store key (base64 of 32 random bytes), or with
     /// --client-key a private_key_jwt key (PKCS#8 PEM) and its public JWK
-    /// set for registration. RSA keys (PS256, RS256) come from openssl:
-    /// `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048`.
+    /// set for registration, or with --dpop a DPoP key (PKCS#8 PEM) and
+    /// its public JWK and thumbprint. RSA keys (PS256, RS256) come from
+    /// openssl: `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048`.
+    #[command(group(clap::ArgGroup::new("signing").args(["client_key", "dpop"])))]
     Keygen {
         /// A client assertion key instead of a store key.
         #[arg(long)]
         client_key: bool,
+        /// A DPoP key (`dpop_key`) instead of a store key.
+        #[arg(long)]
+        dpop: bool,
         /// The key's algorithm: ES256 (EC P-256, the default) or EdDSA (Ed25519).
-        #[arg(long, requires = "client_key")]
+        #[arg(long, requires = "signing")]
         alg: Option<String>,
         /// The JWK's `kid` (default: its RFC 7638 thumbprint).
         #[arg(long, requires = "client_key")]
@@ -204,10 +209,13 @@ fn main() -> ExitCode {
         }
         Some(Command::Keygen {
             client_key,
+            dpop,
             alg,
             kid,
         }) => cli::exit(cli::keygen::keygen(if client_key {
             cli::keygen::KeygenWhat::ClientKey { alg, kid }
+        } else if dpop {
+            cli::keygen::KeygenWhat::DpopKey { alg }
         } else {
             cli::keygen::KeygenWhat::StoreKey
         })),

@@ -2,7 +2,8 @@
 //! background task that fetches and renews it, and the state file of
 //! refresh tokens. [`Token`] (a cached token with prebuilt header values,
 //! in `token`) is shared with per-user pools; so is [`grant`], the one token request,
-//! and [`jwt`], the one JWT claims decoder.
+//! [`jwt`], the one JWT claims decoder, and [`dpop`], the DPoP proofs of
+//! both.
 //!
 //! The request path only reads: [`TokenSource::usable`] is a lock-free
 //! `arc-swap` load. Every token request is made by the source's refresh
@@ -11,6 +12,7 @@
 //! answer `503 token_unavailable` at once when the last attempt failed.
 //! This module does not know about routes or HTTP requests from clients.
 
+pub mod dpop;
 pub mod grant;
 pub mod jwt;
 pub mod refresh;
@@ -199,6 +201,11 @@ impl TokenSource {
         &self.config
     }
 
+    /// Its DPoP proofs and nonces, with `dpop = true`.
+    pub fn dpop(&self) -> Option<&Arc<dpop::Dpop>> {
+        self.endpoint.dpop.as_ref()
+    }
+
     /// The refresh-token state (shared with other generations of this
     /// credential).
     pub fn refresh_state(&self) -> &Arc<RefreshState> {
@@ -343,6 +350,14 @@ impl TokenSource {
                 "invalid_response": m.invalid_response.get(),
             },
         });
+        if let Some(d) = &self.endpoint.dpop {
+            // Whether the endpoint bound the token to the key, or answered
+            // a Bearer token to a DPoP request (then sent as Bearer).
+            json["dpop"] = serde_json::json!({
+                "jkt": d.thumbprint(),
+                "token_type": token.as_ref().map(|t| if t.ath.is_some() { "DPoP" } else { "Bearer" }),
+            });
+        }
         if show_subjects {
             let sub = token
                 .as_ref()

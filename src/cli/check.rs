@@ -143,6 +143,9 @@ fn print_credentials(credentials: &BTreeMap<String, Arc<CredentialConfig>>) {
         if let Some(line) = assertion_line(c.client_auth, c.assertion.as_ref()) {
             println!("{line}");
         }
+        if let Some(line) = dpop_line(c.dpop_key.as_deref()) {
+            println!("{line}");
+        }
         if c.sends_secrets_in_clear() {
             eprintln!("warning: credentials.{name}.token_url is plain http:// beyond loopback: the client secret and tokens travel in clear; use https://");
         }
@@ -197,7 +200,22 @@ fn print_pools(pools: &BTreeMap<String, Arc<crate::config::PoolConfig>>) {
         if let Some(line) = assertion_line(p.client_auth, p.assertion.as_ref()) {
             println!("{line}");
         }
+        if let Some(line) = dpop_line(p.dpop_key.as_deref()) {
+            println!("{line}");
+        }
     }
+}
+
+/// The DPoP key of a credential or pool: its type, algorithm and RFC 7638
+/// JWK thumbprint (the `jkt` its tokens are bound to), never the key.
+pub fn dpop_line(key: Option<&crate::ground::jose::SigningKey>) -> Option<String> {
+    let key = key?;
+    Some(format!(
+        "    dpop: {} key ({}), JWK thumbprint {}",
+        key.describe(),
+        key.alg().as_str(),
+        key.thumbprint()
+    ))
 }
 
 /// One line per route: where it matches, where it goes, how it authenticates.

@@ -13,6 +13,7 @@ use http::Uri;
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
+use crate::ground::jose::SigningKey;
 use crate::ground::secret::{Secret, SecretSource};
 
 use super::credentials::{
@@ -81,6 +82,9 @@ pub(super) struct RawPool {
     client_key_id: Option<String>,
     client_assertion_alg: Option<String>,
     client_assertion_audience: Option<String>,
+    #[serde(default)]
+    dpop: bool,
+    dpop_key: Option<SecretSource>,
 }
 
 /// One `[connections.NAME]`: an OAuth client whose users' tokens are kept
@@ -130,6 +134,8 @@ pub struct PoolConfig {
     pub revoke_url: Option<Uri>,
     /// Background refreshes of refresh tokens left unused (`keepalive`).
     pub keepalive: Option<Keepalive>,
+    /// `dpop = true`: the key its DPoP proofs are signed with (`dpop_key`).
+    pub dpop_key: Option<Arc<SigningKey>>,
 }
 
 /// A pool's `keepalive` and `keepalive_rate` (CONNECT.md, "Keeping
@@ -168,6 +174,7 @@ pub const RESERVED_AUTHORIZE_PARAMS: &[&str] = &[
     "state",
     "code_challenge",
     "code_challenge_method",
+    "dpop_jkt",
     "request_uri",
     "request",
 ];
@@ -233,6 +240,7 @@ impl Ctx {
                 client_assertion_audience: &p.client_assertion_audience,
             },
         )?;
+        let dpop_key = self.dpop_key(&key(""), p.dpop, &p.dpop_key)?;
         let authorize = self.authorize(name, &p)?;
         let revoke_url = self.revoke_url(name, p.revoke_url.as_deref())?;
         let select_header = self.select_header(&key("select_header"), p.select_header)?;
@@ -263,6 +271,7 @@ impl Ctx {
             authorize,
             revoke_url,
             keepalive,
+            dpop_key,
         })
     }
 

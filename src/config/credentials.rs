@@ -12,7 +12,7 @@ use http::Uri;
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
-use crate::ground::jose::{JoseError, SigningKey};
+use crate::ground::jose::{Alg, JoseError, SigningKey};
 use crate::ground::secret::{Secret, SecretSource};
 use crate::net::tls::ClientCert;
 
@@ -150,6 +150,9 @@ pub(super) struct RawCredential {
     client_key_id: Option<String>,
     client_assertion_alg: Option<String>,
     client_assertion_audience: Option<String>,
+    #[serde(default)]
+    dpop: bool,
+    dpop_key: Option<SecretSource>,
 }
 
 pub(super) fn d_refresh_before() -> Duration {
@@ -206,6 +209,8 @@ pub struct CredentialConfig {
     pub ca_certs: Vec<CertificateDer<'static>>,
     /// The certificate presented to the token endpoint (`client_cert`).
     pub client_cert: Option<ClientCert>,
+    /// `dpop = true`: the key its DPoP proofs are signed with (`dpop_key`).
+    pub dpop_key: Option<Arc<SigningKey>>,
 }
 
 impl CredentialConfig {
@@ -272,6 +277,7 @@ impl Ctx {
                 client_assertion_audience: &c.client_assertion_audience,
             },
         )?;
+        let dpop_key = self.dpop_key(&key(""), c.dpop, &c.dpop_key)?;
         Ok(CredentialConfig {
             name: name.to_owned(),
             token_url,
@@ -293,6 +299,7 @@ impl Ctx {
             extra: c.extra.into_iter().collect(),
             ca_certs,
             client_cert,
+            dpop_key,
         })
     }
 
@@ -435,6 +442,49 @@ impl Ctx {
                 }))
             }
         }
+    }
+
+    /// `dpop` and `dpop_key` of a credential or pool (`prefix` ends in a
+    /// dot): with `dpop = true` the key is required, loaded and must be EC
+    /// P-256 (ES256) or Ed25519 (EdDSA), the algorithms DPoP servers take
+    /// (RSA proofs are kilobytes on every request); a key without `dpop`
+    /// is refused rather than silently unused.
+    pub(super) fn dpop_key(
+        &self,
+        prefix: &str,
+        dpop: bool,
+        source: &Option<SecretSource>,
+    ) -> Result<Option<Arc<SigningKey>>, ConfigError> {
+        let key = |k: &str| format!("{prefix}{k}");
+        let Some(source) = source else {
+            return match dpop {
+                true => Err(self.err(
+                    &key("dpop_key"),
+                    "is required with dpop = true (a PKCS#8 PEM EC P-256 or Ed25519 key; \
+                     `flinks-proxy keygen --dpop` prints one)"
+                        .into(),
+                )),
+                false => Ok(None),
+            };
+        };
+        if !dpop {
+            return Err(self.err(&key("dpop_key"), "is only used with dpop = true".into()));
+        }
+        let pem = source
+            .resolve(&self.base)
+            .map_err(|m| self.err(&key("dpop_key"), m))?;
+        let signing = SigningKey::from_pem(pem.expose(), None)
+            .map_err(|e| self.err(&key("dpop_key"), e.to_string()))?;
+        if !matches!(signing.alg(), Alg::Es256 | Alg::EdDsa) {
+            return Err(self.err(
+                &key("dpop_key"),
+                format!(
+                    "is an {} key: DPoP proofs are signed ES256 (EC P-256) or EdDSA (Ed25519)",
+                    signing.describe()
+                ),
+            ));
+        }
+        Ok(Some(Arc::new(signing)))
     }
 
     /// Which keys each grant requires or refuses.
@@ -807,5 +857,73 @@ credential = "c"
             e.contains("connections.users.client_key: is required"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn dpop_needs_an_ec_or_ed25519_key_and_the_default_header() {
+        use crate::ground::jose::{generate_pem, Alg};
+        let dpop_key = |pem: &str| format!("dpop = true\ndpop_key = \"\"\"\n{pem}\"\"\"");
+        let ec = generate_pem(Alg::Es256).unwrap();
+        let c = with_auth(&dpop_key(&ec)).unwrap();
+        let key = c.credentials["c"].dpop_key.as_ref().expect("the key");
+        assert_eq!(key.alg(), Alg::Es256);
+        let ed = generate_pem(Alg::EdDsa).unwrap();
+        let c = with_auth(&dpop_key(&ed)).unwrap();
+        assert_eq!(
+            c.credentials["c"].dpop_key.as_ref().unwrap().alg(),
+            Alg::EdDsa
+        );
+        assert!(with_auth("").unwrap().credentials["c"].dpop_key.is_none());
+
+        let e = with_auth("dpop = true").unwrap_err();
+        assert!(
+            e.contains("credentials.c.dpop_key: is required with dpop = true"),
+            "{e}"
+        );
+        let e = with_auth(&dpop_key(&ec).replace("dpop = true\n", "")).unwrap_err();
+        assert!(
+            e.contains("credentials.c.dpop_key: is only used with dpop = true"),
+            "{e}"
+        );
+        let rsa = openssl_rsa(2048);
+        let e = with_auth(&dpop_key(&rsa)).unwrap_err();
+        assert!(
+            e.contains("credentials.c.dpop_key: is an RSA 2048 key"),
+            "{e}"
+        );
+        let body: String = rsa.lines().filter(|l| !l.starts_with("-----")).collect();
+        assert!(!e.contains(&body[..40]), "no key material in {e}");
+        let e = with_auth(&dpop_key("not a key")).unwrap_err();
+        assert!(
+            e.contains("credentials.c.dpop_key: is not a PKCS#8 PEM"),
+            "{e}"
+        );
+        // A DPoP token only goes in `Authorization: DPoP`.
+        for (line, k) in [
+            ("header = \"X-Token\"", "header"),
+            ("scheme = \"Token\"", "scheme"),
+        ] {
+            let text = credential(
+                &format!("grant_type = \"client_credentials\"\n{}", dpop_key(&ec)),
+                "",
+            )
+            .replace("credential = \"c\"", &format!("credential = \"c\"\n{line}"));
+            assert!(text.contains(line), "{text}");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("routes.r.{k}: its credential c uses DPoP")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pool_names_its_dpop_key() {
+        use crate::config::tests::pooled;
+        let store = format!("[store]\nkey = \"{KEY}\"");
+        let text = pooled(&store, "", "connections = \"users\"")
+            .replace("client_id = \"id\"", "client_id = \"id\"\ndpop = true");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("connections.users.dpop_key: is required"), "{e}");
     }
 }

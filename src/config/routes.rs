@@ -57,6 +57,15 @@ pub enum RouteAuth {
     Connections(String),
 }
 
+impl RouteAuth {
+    /// The credential's or pool's name.
+    pub fn name(&self) -> &str {
+        match self {
+            RouteAuth::Credential(n) | RouteAuth::Connections(n) => n,
+        }
+    }
+}
+
 impl fmt::Display for RouteAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -175,6 +184,24 @@ impl Ctx {
                 format!(
                     "route {} already matches the same host and prefix",
                     other.name
+                ),
+            ));
+        }
+        let dpop = match &auth {
+            RouteAuth::Credential(c) => credentials.get(c).is_some_and(|c| c.dpop_key.is_some()),
+            RouteAuth::Connections(p) => pools.get(p).is_some_and(|p| p.dpop_key.is_some()),
+        };
+        if dpop && (header != http::header::AUTHORIZATION || scheme != AuthScheme::Bearer) {
+            let k = if header != http::header::AUTHORIZATION {
+                "header"
+            } else {
+                "scheme"
+            };
+            return Err(self.err(
+                &key(k),
+                format!(
+                    "its {auth} uses DPoP, whose tokens go in `Authorization: DPoP <token>` \
+                     with a proof: leave header and scheme unset"
                 ),
             ));
         }

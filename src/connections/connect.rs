@@ -406,6 +406,11 @@ impl Pool {
             pairs.push(("code_challenge", c));
             pairs.push(("code_challenge_method", "S256"));
         }
+        // RFC 9449 §10: the code is bound to the pool's DPoP key, so only
+        // a token request proving that key can exchange it.
+        if let Some(d) = &self.endpoint.dpop {
+            pairs.push(("dpop_jkt", d.thumbprint()));
+        }
         let session_keys: Vec<&str> = session
             .authorize_params
             .iter()

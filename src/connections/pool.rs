@@ -18,6 +18,7 @@ use crate::config::PoolConfig;
 use crate::ground::lock;
 use crate::ground::metrics::PoolMetrics;
 use crate::store::{Change, ChangeKind, ConnectionState, Store};
+use crate::tokens::dpop::Dpop;
 use crate::tokens::{self, Endpoint, Token};
 
 /// How often the per-state counts (`/status`, metrics) are read.
@@ -82,6 +83,7 @@ impl Pool {
         endpoint.scope = c.scope.clone();
         endpoint.extra = c.extra.clone();
         endpoint.token_timeout = c.token_timeout;
+        endpoint.dpop = c.dpop_key.clone().map(|k| Arc::new(Dpop::new(k)));
         let cache = moka::future::Cache::builder()
             .max_capacity(c.cache_size)
             .build();
@@ -172,6 +174,7 @@ impl Pool {
     async fn load_once(&self, id: &str) -> Result<(Arc<Conn>, bool), PoolError> {
         let pool = &self.config.name;
         let refresh_before = self.config.refresh_before;
+        let dpop = self.config.dpop_key.is_some();
         self.cache
             .entry_by_ref(id)
             .or_try_insert_with(async {
@@ -185,7 +188,7 @@ impl Pool {
                 if record.info.state == ConnectionState::NeedsReauthorization {
                     conn.needs_reauthorization.store(true, Ordering::Release);
                     *lock(&conn.version) = (None, record.version.clone());
-                } else if let Some(t) = tokens::stored_token(&record, refresh_before) {
+                } else if let Some(t) = tokens::stored_token(&record, refresh_before, dpop) {
                     conn.install(t, record.version.clone());
                 } else {
                     *lock(&conn.version) = (None, record.version.clone());
@@ -228,7 +231,11 @@ impl Pool {
                 }
                 Ok(Some(r)) => {
                     let held = conn.held.load().as_ref().map(|t| t.usable_until);
-                    if let Some(t) = tokens::stored_token(&r, pool.config.refresh_before) {
+                    if let Some(t) = tokens::stored_token(
+                        &r,
+                        pool.config.refresh_before,
+                        pool.config.dpop_key.is_some(),
+                    ) {
                         if held.is_none_or(|h| t.usable_until > h) {
                             let _ = pool.adopt(&conn, &r);
                         }

@@ -435,7 +435,11 @@ impl Pool {
         if record.info.state != ConnectionState::Active {
             return None;
         }
-        let t = tokens::stored_token(record, self.config.refresh_before)?;
+        let t = tokens::stored_token(
+            record,
+            self.config.refresh_before,
+            self.config.dpop_key.is_some(),
+        )?;
         let rejected = conn.rejected.load();
         if rejected
             .as_ref()

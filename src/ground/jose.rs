@@ -227,7 +227,35 @@ impl SigningKey {
         extra: &[(&str, serde_json::Value)],
         claims: &serde_json::Value,
     ) -> Result<String, JoseError> {
-        let input = signing_input(self.alg, typ, kid, extra, claims);
+        self.sign_encoded(&self.encoded_header(typ, kid, extra), claims)
+    }
+
+    /// The base64url JWS header [`SigningKey::sign`] would use, to be
+    /// made once and reused with [`SigningKey::sign_encoded`] (a DPoP
+    /// proof's header, with its `jwk`, is the same for every request).
+    pub fn encoded_header(
+        &self,
+        typ: &str,
+        kid: Option<&str>,
+        extra: &[(&str, serde_json::Value)],
+    ) -> String {
+        encoded_header(self.alg, typ, kid, extra)
+    }
+
+    /// The public JWK with the RFC 7638 members only (a DPoP proof's
+    /// header `jwk`).
+    pub fn canonical_jwk(&self) -> serde_json::Value {
+        serde_json::from_str(&self.canonical_jwk).unwrap_or_default()
+    }
+
+    /// A compact JWS of `claims` under a header from
+    /// [`SigningKey::encoded_header`].
+    pub fn sign_encoded(
+        &self,
+        encoded_header: &str,
+        claims: &serde_json::Value,
+    ) -> Result<String, JoseError> {
+        let input = format!("{encoded_header}.{}", B64.encode(claims.to_string()));
         let rng = SystemRandom::new();
         let crypto = |e: ring::error::Unspecified| JoseError::Crypto(e.to_string());
         let sig = match &self.pair {
@@ -296,6 +324,20 @@ fn signing_input(
     extra: &[(&str, serde_json::Value)],
     claims: &serde_json::Value,
 ) -> String {
+    format!(
+        "{}.{}",
+        encoded_header(alg, typ, kid, extra),
+        B64.encode(claims.to_string())
+    )
+}
+
+/// `base64url(header)`: `alg`, `typ`, `kid` when given, then `extra`.
+fn encoded_header(
+    alg: Alg,
+    typ: &str,
+    kid: Option<&str>,
+    extra: &[(&str, serde_json::Value)],
+) -> String {
     let mut header = serde_json::Map::new();
     header.insert("alg".into(), alg.as_str().into());
     header.insert("typ".into(), typ.into());
@@ -305,11 +347,7 @@ fn signing_input(
     for (k, v) in extra {
         header.insert((*k).into(), v.clone());
     }
-    format!(
-        "{}.{}",
-        B64.encode(serde_json::Value::Object(header).to_string()),
-        B64.encode(claims.to_string())
-    )
+    B64.encode(serde_json::Value::Object(header).to_string())
 }
 
 /// A compact JWS of `claims`, HS256 keyed by `secret`.

@@ -107,6 +107,7 @@ impl Metrics {
             by_status: (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect(),
             duration: self.routes.duration.with_label_values(&[route]),
             replays: self.routes.replays.with_label_values(&[route]),
+            dpop_nonce_retries: self.routes.dpop_nonce_retries.with_label_values(&[route]),
             upstream_errors: self.routes.upstream_errors.clone(),
         }
     }
@@ -231,6 +232,8 @@ pub struct RouteMetrics {
     pub duration: Histogram,
     /// `flinks_proxy_token_replays_total{route}`.
     pub replays: IntCounter,
+    /// `flinks_proxy_dpop_nonce_retries_total{route}`.
+    pub dpop_nonce_retries: IntCounter,
     upstream_errors: IntCounterVec,
 }
 
@@ -338,6 +341,7 @@ struct RouteFamilies {
     duration: HistogramVec,
     upstream_errors: IntCounterVec,
     replays: IntCounterVec,
+    dpop_nonce_retries: IntCounterVec,
 }
 
 impl RouteFamilies {
@@ -365,6 +369,12 @@ impl RouteFamilies {
                 registry,
                 "flinks_proxy_token_replays_total",
                 "Requests replayed with a new token after the upstream rejected one",
+                &["route"],
+            ),
+            dpop_nonce_retries: counter(
+                registry,
+                "flinks_proxy_dpop_nonce_retries_total",
+                "Requests sent again with the DPoP nonce the upstream asked for",
                 &["route"],
             ),
         }

@@ -30,6 +30,7 @@ use crate::net::upstream::{Upstream, UpstreamCache};
 use crate::proxy::error::ProxyError;
 use crate::proxy::routes::RouteTable;
 use crate::store::Store;
+use crate::tokens::dpop::Dpop;
 use crate::tokens::refresh::StateKey;
 use crate::tokens::TokenSource;
 
@@ -57,6 +58,9 @@ pub struct Route {
     pub reauth_on: Vec<StatusCode>,
     /// Where its tokens come from.
     pub tokens: RouteTokens,
+    /// The DPoP proofs of its credential or pool (`dpop = true`): every
+    /// request with a DPoP-bound token carries a fresh one.
+    pub dpop: Option<Arc<Dpop>>,
     /// The upstream's connection pool.
     pub upstream: Arc<Upstream>,
     /// Metric handles.
@@ -349,6 +353,10 @@ fn build_route(
         RouteAuth::Connections(p) => pools.get(p).cloned().map(RouteTokens::Pool),
     }
     .ok_or_else(|| BuildError(format!("routes.{}: unknown {}", r.name, r.auth)))?;
+    let dpop = match &tokens {
+        RouteTokens::Credential(s) => s.dpop().cloned(),
+        RouteTokens::Pool(p) => p.endpoint().dpop.clone(),
+    };
     let upstream = upstreams
         .get(
             &r.upstream_scheme,
@@ -372,6 +380,7 @@ fn build_route(
         auth_scheme: r.scheme.clone(),
         reauth_on: r.reauth_on.clone(),
         tokens,
+        dpop,
         upstream,
         metrics: metrics.route(&r.name),
         config: r.clone(),

@@ -29,7 +29,7 @@ use crate::proxy::access_log::{self, AccessLog, ResponseFacts, RouteLabels};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
 use crate::proxy::generation::{AppState, Generation, Route, RouteTokens};
-use crate::tokens::{Rejection, Token};
+use crate::tokens::{dpop, Rejection, Token};
 use target::check_target;
 
 /// What the handler knows about the connection a request came on; made
@@ -154,7 +154,9 @@ async fn handle_inner(
     let (mut parts, body) = req.into_parts();
     let (token, picked) = token_for(route, &mut parts.headers, deadline).await?;
     let (method, uri, headers) = upstream_head(route, conn, parts, rid)?;
-    let body = if route.reauth_on.is_empty() {
+    // A DPoP-bound token's request may be asked for a nonce: kept for a
+    // replay as for `reauth_on`.
+    let body = if route.reauth_on.is_empty() && token.ath.is_none() {
         RequestBody::streaming(body, &conn.activity)
     } else {
         // Boxed: reading ahead for a replay is the rarer case.
@@ -165,8 +167,20 @@ async fn handle_inner(
     // within the replay budget) clones.
     let replay = body.try_clone();
     let started = Instant::now();
-    let replay_head = head_copy(route, replay.is_some(), &method, &uri, &headers);
+    let mut replay_head = head_copy(route, replay.is_some(), &method, &uri, &headers);
     let mut resp = send(route, method, uri, headers, body, &token, deadline).await;
+    if token.ath.is_some() {
+        // Boxed: a nonce challenge is rare (the latest nonce is reused).
+        Box::pin(nonce_retry(
+            route,
+            &token,
+            &mut resp,
+            replay.as_ref(),
+            &mut replay_head,
+            deadline,
+        ))
+        .await;
+    }
     // Until the first answer's head: what a pass-through reports.
     let first_answer = started.elapsed();
     let (rejected, again) = reauth_replay(route, &mut resp, replay, replay_head);
@@ -340,6 +354,39 @@ async fn token_for(
     }
 }
 
+/// RFC 9449 §9: an upstream's `401` with `WWW-Authenticate: DPoP
+/// error="use_dpop_nonce"` (its `DPoP-Nonce` kept by [`send`]) is sent
+/// once more with a proof carrying the nonce, when the body could be kept;
+/// otherwise the 401 stands. `head` is the copy for a later `reauth_on`
+/// replay, renewed here when it was used.
+async fn nonce_retry(
+    route: &Route,
+    token: &Token,
+    resp: &mut Result<Sent, ProxyError>,
+    replay: Option<&RequestBody>,
+    head: &mut Option<Head>,
+    deadline: Instant,
+) {
+    let Ok(sent) = resp else { return };
+    if sent.response.status() != http::StatusCode::UNAUTHORIZED
+        || !dpop::asks_for_nonce(sent.response.headers())
+    {
+        return;
+    }
+    let Some(body) = replay.and_then(RequestBody::try_clone) else {
+        return;
+    };
+    let Some((method, uri, headers)) = head.take().or_else(|| {
+        let p = sent.request.take()?;
+        Some((p.method, p.uri, p.headers))
+    }) else {
+        return;
+    };
+    *head = head_copy(route, true, &method, &uri, &headers);
+    route.metrics.dpop_nonce_retries.inc();
+    *resp = send(route, method, uri, headers, body, token, deadline).await;
+}
+
 /// A request's method, URI and headers.
 type Head = (Method, Uri, HeaderMap);
 /// A request's head and replayable body, for a second attempt.
@@ -434,12 +481,33 @@ async fn send(
     deadline: Instant,
 ) -> Result<Sent, ProxyError> {
     headers.insert(route.header.clone(), token.header_value(&route.auth_scheme));
+    // A DPoP-bound token goes with a fresh proof of this method and URL
+    // (RFC 9449 §7); the answer's `DPoP-Nonce` is kept for the next one.
+    let dpop = match (&route.dpop, &token.ath) {
+        (Some(d), Some(ath)) => {
+            let proof = d
+                .proof_header(method.as_str(), &uri, Some(ath))
+                .map_err(|e| ProxyError::TokenUnavailable {
+                    credential: route.config.auth.name().to_owned(),
+                    reason: e.to_string(),
+                    retry_after: Duration::from_secs(1),
+                })?;
+            headers.insert(&dpop::DPOP, proof);
+            Some((d, uri.clone()))
+        }
+        _ => None,
+    };
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     match tokio::time::timeout_at(deadline.into(), route.upstream.send(req)).await {
-        Ok(Ok(resp)) => Ok(resp),
+        Ok(Ok(resp)) => {
+            if let Some((d, uri)) = dpop {
+                d.remember(&uri, resp.response.headers());
+            }
+            Ok(resp)
+        }
         Ok(Err(e)) if e.client_body => {
             // The client's body broke (bad chunk framing, disconnect): the
             // client's fault, not the upstream's.

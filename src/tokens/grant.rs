@@ -27,6 +27,7 @@ use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use super::dpop::{Dpop, DPOP};
 use super::jwt::{jwt_claims, Claims};
 use crate::config::{
     BodyFormat, ClientAssertion, ClientAuth, CredentialConfig, DEFAULT_TOKEN_TIMEOUT,
@@ -73,6 +74,9 @@ pub struct Endpoint {
     pub extra: Vec<(String, String)>,
     /// One request, end to end.
     pub token_timeout: Duration,
+    /// `dpop = true`: the proofs sent with each token request, and the
+    /// token endpoint's latest nonce.
+    pub dpop: Option<Arc<Dpop>>,
     client: HttpClient<Full<Bytes>>,
 }
 
@@ -115,6 +119,7 @@ impl Endpoint {
             scope: None,
             extra: Vec::new(),
             token_timeout: DEFAULT_TOKEN_TIMEOUT,
+            dpop: None,
             client: crate::net::upstream::build_client(ca_certs, client_cert)
                 .map_err(EndpointError)?,
         })
@@ -136,6 +141,7 @@ impl Endpoint {
         e.scope = c.scope.clone();
         e.extra = c.extra.clone();
         e.token_timeout = c.token_timeout;
+        e.dpop = c.dpop_key.clone().map(|k| Arc::new(Dpop::new(k)));
         Ok(e)
     }
 
@@ -203,6 +209,9 @@ pub struct Granted {
     pub sent_at: Instant,
     /// Unix time the token expires.
     pub expires_unix: u64,
+    /// `token_type` DPoP: the token is bound to the endpoint's DPoP key
+    /// and is sent as `Authorization: DPoP` with a proof.
+    pub dpop: bool,
 }
 
 impl Granted {
@@ -226,6 +235,7 @@ impl std::fmt::Debug for Granted {
             .field("lifetime", &self.lifetime)
             .field("scope", &self.scope)
             .field("sub", &self.sub)
+            .field("dpop", &self.dpop)
             .finish_non_exhaustive()
     }
 }
@@ -263,17 +273,31 @@ pub async fn request_within(
     }
 }
 
-/// Sends the request and reads the answer's status and body.
 /// Sends the request and reads the answer's status and body; with the
-/// client assertion sent, so that an answer quoting it is scrubbed.
+/// client assertion sent, so that an answer quoting it is scrubbed. With
+/// DPoP, a `400 use_dpop_nonce` answer (RFC 9449 §8) is retried once with
+/// the nonce it gave, a fresh assertion and a fresh proof.
 async fn exchange(
     endpoint: &Endpoint,
     grant: Grant<'_>,
 ) -> Result<(StatusCode, Bytes, Option<Secret>), TokenError> {
-    let assertion = client_assertion(endpoint)?;
-    let req = build(endpoint, grant, assertion.as_ref())?;
-    let (status, body) = send(endpoint, req).await?;
-    Ok((status, body, assertion))
+    let mut challenged = false;
+    loop {
+        let assertion = client_assertion(endpoint)?;
+        let req = build(endpoint, grant, assertion.as_ref())?;
+        let (status, body) = send(endpoint, req).await?;
+        if endpoint.dpop.is_some() && !challenged && asks_for_nonce(status, &body) {
+            challenged = true;
+            continue;
+        }
+        return Ok((status, body, assertion));
+    }
+}
+
+/// Whether a token endpoint's answer is RFC 9449 §8's nonce challenge.
+fn asks_for_nonce(status: StatusCode, body: &[u8]) -> bool {
+    status == StatusCode::BAD_REQUEST
+        && serde_json::from_slice::<OAuthError>(body).is_ok_and(|e| e.error == "use_dpop_nonce")
 }
 
 /// Sends `req` with the endpoint's client and reads the answer's status and
@@ -282,11 +306,15 @@ async fn send(
     endpoint: &Endpoint,
     req: Request<Full<Bytes>>,
 ) -> Result<(StatusCode, Bytes), TokenError> {
+    let uri = endpoint.dpop.as_ref().map(|_| req.uri().clone());
     let resp = endpoint
         .client
         .request(req)
         .await
         .map_err(|e| TokenError::network(endpoint, Arc::new(e)))?;
+    if let (Some(dpop), Some(uri)) = (&endpoint.dpop, &uri) {
+        dpop.remember(uri, resp.headers());
+    }
     let status = resp.status();
     let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
         .collect()
@@ -408,6 +436,12 @@ fn build(
     if let Some(v) = basic_auth(endpoint)? {
         req.headers_mut().insert(header::AUTHORIZATION, v);
     }
+    if let Some(dpop) = &endpoint.dpop {
+        let proof = dpop
+            .proof_header("POST", &endpoint.token_url, None)
+            .map_err(|e| TokenError::State(e.to_string()))?;
+        req.headers_mut().insert(&DPOP, proof);
+    }
     Ok(req)
 }
 
@@ -459,7 +493,7 @@ fn parse(
     assertion: Option<&Secret>,
 ) -> Result<Granted, TokenError> {
     let parsed = token_response(endpoint, grant, status, body, assertion)?;
-    let access = access_token(
+    let (access, dpop) = access_token(
         endpoint,
         grant,
         parsed.access_token,
@@ -483,6 +517,7 @@ fn parse(
         sub: claims.and_then(|c| c.sub),
         sent_at,
         expires_unix: now_unix.saturating_add(lifetime.as_secs()),
+        dpop,
     })
 }
 
@@ -509,30 +544,44 @@ fn token_response(
 }
 
 /// The answer's access token: present and not empty, of `token_type`
-/// Bearer when one is given, and fit for an `Authorization` header.
+/// Bearer when one is given (or DPoP, when the endpoint sent a proof), and
+/// fit for an `Authorization` header; and whether it is DPoP-bound.
 fn access_token(
     endpoint: &Endpoint,
     grant: Grant<'_>,
     access_token: Option<String>,
     token_type: Option<&str>,
-) -> Result<String, TokenError> {
+) -> Result<(String, bool), TokenError> {
     let access = access_token
         .filter(|t| !t.is_empty())
         .ok_or_else(|| TokenError::InvalidResponse("no access_token".into()))?;
-    if let Some(tt) = token_type {
-        if !tt.eq_ignore_ascii_case("bearer") {
+    let dpop = match token_type {
+        Some(tt) if tt.eq_ignore_ascii_case("dpop") && endpoint.dpop.is_some() => true,
+        Some(tt) if !tt.eq_ignore_ascii_case("bearer") => {
             return Err(TokenError::InvalidResponse(format!(
-                "token_type {:?} is not Bearer",
-                scrub(endpoint, grant, None, tt)
+                "token_type {:?} is not {}",
+                scrub(endpoint, grant, None, tt),
+                if endpoint.dpop.is_some() {
+                    "DPoP or Bearer"
+                } else {
+                    "Bearer (a DPoP token needs dpop = true)"
+                }
             )));
         }
+        _ => false,
+    };
+    if endpoint.dpop.is_some() && !dpop {
+        tracing::warn!(
+            credential = %endpoint.name,
+            "the token endpoint answered a DPoP request with a Bearer token: using it as Bearer"
+        );
     }
     if HeaderValue::from_str(&format!("Bearer {access}")).is_err() {
         return Err(TokenError::InvalidResponse(
             "access_token has characters not allowed in a header".into(),
         ));
     }
-    Ok(access)
+    Ok((access, dpop))
 }
 
 /// The [`lifetime`] the answer grants, or [`DEFAULT_LIFETIME`] (with a

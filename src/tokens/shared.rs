@@ -269,7 +269,7 @@ impl StoreSlot {
 
 /// The stored access token when it is usable and not yet due for renewal.
 fn fresh(record: &Record, c: &CredentialConfig) -> Option<Token> {
-    let t = stored_token(record, c.refresh_before)?;
+    let t = stored_token(record, c.refresh_before, c.dpop_key.is_some())?;
     let now = Instant::now();
     (t.is_usable(now) && now < t.refresh_at).then_some(t)
 }

@@ -25,8 +25,12 @@ pub const REJECT_FLOOR_MAX: Duration = Duration::from_secs(30);
 /// A cached access token with its prebuilt header values.
 pub struct Token {
     value: Secret,
+    /// `Bearer <token>`, or `DPoP <token>` for a DPoP-bound token.
     bearer: HeaderValue,
     bare: HeaderValue,
+    /// A DPoP-bound token's `ath` (base64url SHA-256 of it), which every
+    /// proof sent with it carries; `None` for a Bearer token.
+    pub ath: Option<Box<str>>,
     /// When the request that obtained it was sent.
     pub obtained_at: Instant,
     /// It was fetched because the upstream rejected its predecessor: while
@@ -53,12 +57,15 @@ impl std::fmt::Debug for Token {
             .field("expires_unix", &self.expires_unix)
             .field("scope", &self.scope)
             .field("sub", &self.sub)
+            .field("dpop", &self.ath.is_some())
             .finish()
     }
 }
 
 impl Token {
-    /// The header value for `scheme`: prebuilt for `Bearer` and bare tokens.
+    /// The header value for `scheme`: prebuilt for `Bearer` and bare
+    /// tokens. A DPoP-bound token is `DPoP <token>` under the `Bearer`
+    /// scheme (config allows DPoP only with the default header and scheme).
     pub fn header_value(&self, scheme: &AuthScheme) -> HeaderValue {
         match scheme {
             AuthScheme::Bearer => self.bearer.clone(),
@@ -105,6 +112,7 @@ impl Token {
             sub: None,
             sent_at: Instant::now(),
             expires_unix: state::unix_now().saturating_add(lifetime.as_secs()),
+            dpop: false,
         };
         Token::from_granted(&granted, crate::config::DEFAULT_REFRESH_BEFORE)
     }
@@ -120,8 +128,9 @@ impl Token {
                 "access_token has characters not allowed in a header".into(),
             )
         };
+        let scheme = if g.dpop { "DPoP" } else { "Bearer" };
         let mut bearer =
-            HeaderValue::from_str(&format!("Bearer {access}")).map_err(|_| invalid())?;
+            HeaderValue::from_str(&format!("{scheme} {access}")).map_err(|_| invalid())?;
         bearer.set_sensitive(true);
         let mut bare = HeaderValue::from_str(access).map_err(|_| invalid())?;
         bare.set_sensitive(true);
@@ -140,6 +149,7 @@ impl Token {
             replaces_rejected: false,
             bearer,
             bare,
+            ath: g.dpop.then(|| super::dpop::ath(access).into()),
             usable_until: at(lifetime.saturating_sub(margin))?,
             refresh_at: at(refresh_in)?,
             expires_unix: g.expires_unix,
@@ -152,8 +162,14 @@ impl Token {
 
 /// The stored access token as a cached [`Token`], if it has not expired.
 /// Its renewal is placed as if it had been fetched at the last refresh (or
-/// authorization), so a cold read schedules it like a warm one.
-pub fn stored_token(record: &crate::store::Record, refresh_before: Duration) -> Option<Token> {
+/// authorization), so a cold read schedules it like a warm one. `dpop`:
+/// the credential or pool sends DPoP proofs, so its stored tokens are
+/// DPoP-bound (see `Granted::dpop`).
+pub fn stored_token(
+    record: &crate::store::Record,
+    refresh_before: Duration,
+    dpop: bool,
+) -> Option<Token> {
     let access = record.tokens.access_token.clone()?;
     let expires = record.tokens.access_expires_at?;
     let issued = record
@@ -175,6 +191,7 @@ pub fn stored_token(record: &crate::store::Record, refresh_before: Duration) -> 
         sub: record.info.sub.clone(),
         sent_at: Instant::now().checked_sub(since_issue)?,
         expires_unix: u64::try_from(expires / 1000).ok()?,
+        dpop,
     };
     Token::from_granted(&granted, refresh_before).ok()
 }
@@ -192,6 +209,7 @@ mod tests {
             sub: None,
             sent_at: Instant::now(),
             expires_unix: 0,
+            dpop: false,
         }
     }
 

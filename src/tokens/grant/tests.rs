@@ -251,3 +251,61 @@ fn an_answer_quoting_the_assertion_is_scrubbed() {
     assert!(text.contains("bad assertion ***"), "{text}");
     assert!(!text.contains(assertion.expose()), "{text}");
 }
+
+fn dpop_endpoint() -> Endpoint {
+    use crate::ground::jose::{generate_pem, Alg, SigningKey};
+    let mut e = jwt_endpoint(ClientAuth::PrivateKeyJwt);
+    e.token_url = "https://as.example/token?tenant=1".parse().unwrap();
+    let key = SigningKey::from_pem(&generate_pem(Alg::EdDsa).unwrap(), None).unwrap();
+    e.dpop = Some(Arc::new(Dpop::new(Arc::new(key))));
+    e
+}
+
+#[test]
+fn a_dpop_token_request_carries_a_proof_of_post_to_the_token_url() {
+    let e = dpop_endpoint();
+    let req = build(&e, Grant::ClientCredentials, None).unwrap();
+    let proof = req.headers().get(&DPOP).expect("a DPoP header");
+    assert!(proof.is_sensitive());
+    let (header, claims) = jwt_parts(proof.to_str().unwrap());
+    assert_eq!(header["typ"], "dpop+jwt");
+    assert_eq!(header["alg"], "EdDSA");
+    assert_eq!(header["jwk"]["kty"], "OKP");
+    assert_eq!(claims["htm"], "POST");
+    assert_eq!(claims["htu"], "https://as.example/token", "no query");
+    assert!(claims.get("ath").is_none(), "{claims}");
+    let again = build(&e, Grant::ClientCredentials, None).unwrap();
+    assert_ne!(
+        jwt_parts(again.headers()[&DPOP].to_str().unwrap()).1["jti"],
+        claims["jti"]
+    );
+    let plain = jwt_endpoint(ClientAuth::PrivateKeyJwt);
+    let req = build(&plain, Grant::ClientCredentials, None).unwrap();
+    assert!(req.headers().get(&DPOP).is_none());
+}
+
+#[test]
+fn token_type_dpop_is_taken_only_from_a_dpop_request() {
+    let g = Grant::ClientCredentials;
+    let at = || Some("tok".to_owned());
+    let e = dpop_endpoint();
+    assert!(access_token(&e, g, at(), Some("DPoP")).unwrap().1);
+    assert!(access_token(&e, g, at(), Some("dpop")).unwrap().1);
+    assert!(!access_token(&e, g, at(), Some("Bearer")).unwrap().1);
+    assert!(!access_token(&e, g, at(), None).unwrap().1);
+    let plain = jwt_endpoint(ClientAuth::PrivateKeyJwt);
+    let err = access_token(&plain, g, at(), Some("DPoP")).unwrap_err();
+    assert!(err.to_string().contains("needs dpop = true"), "{err}");
+    assert!(asks_for_nonce(
+        StatusCode::BAD_REQUEST,
+        br#"{"error":"use_dpop_nonce"}"#
+    ));
+    assert!(!asks_for_nonce(
+        StatusCode::UNAUTHORIZED,
+        br#"{"error":"use_dpop_nonce"}"#
+    ));
+    assert!(!asks_for_nonce(
+        StatusCode::BAD_REQUEST,
+        br#"{"error":"invalid_dpop_proof"}"#
+    ));
+}
