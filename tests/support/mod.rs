@@ -12,6 +12,7 @@ pub mod chaos;
 pub mod client;
 pub mod config;
 pub mod connections;
+pub mod dpop;
 pub mod durability;
 pub mod in_process;
 pub mod jwks;
