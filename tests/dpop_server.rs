@@ -557,6 +557,153 @@ async fn an_ed25519_key_gets_a_bound_token_and_its_proofs_verify() {
     assert_refused(&r, Reason::BadSignature, "EdDSA under an EC key");
 }
 
+/// A client of the authorization_code and refresh_token grants.
+const CODE_CLIENT: &str = "dpop-code";
+const CALLBACK: &str = "http://127.0.0.1:9/callback";
+
+/// POSTs `form` to `url` with a fresh proof carrying the provider's
+/// latest nonce (`nonce`, updated from each `DPoP-Nonce`); once more with
+/// the new nonce after `400 use_dpop_nonce`, never more.
+async fn dpop_post(prover: &Prover, url: &str, form: &str, nonce: &mut Option<String>) -> Resp {
+    let mut retried = false;
+    loop {
+        let proof = prover.proof("POST", url, nonce.as_deref(), None);
+        let r = post_form(url, form, Some(&proof)).await;
+        if let Some(n) = r.header("dpop-nonce") {
+            *nonce = Some(n.to_owned());
+        }
+        let use_nonce = r.status == 400 && r.json()["error"] == "use_dpop_nonce";
+        if !use_nonce || retried {
+            return r;
+        }
+        retried = true;
+    }
+}
+
+/// The launcher's other grants under `--dpop`: a code obtained through
+/// oidc-provider's login and consent pages, exchanged with a proof for a
+/// bound token and a refresh token; the refresh token rotates on use (the
+/// old one is then refused) and the refreshed token is bound to the same
+/// key; after revocation the current refresh token is refused too. One
+/// nonce retry in all: the nonce learnt first is used from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_and_rotating_refresh_tokens_are_dpop_bound_and_revocable() {
+    let client = json!([{
+        "client_id": CODE_CLIENT,
+        "client_secret": SECRET,
+        "token_endpoint_auth_method": "client_secret_post",
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+        "redirect_uris": [CALLBACK],
+        "dpop_bound_access_tokens": true,
+    }]);
+    let mut op = AuthServer::start(&client, &["--dpop"]).await;
+    let prover = Prover::new(Alg::Es256);
+    let verifier = B64.encode(rand::random::<[u8; 32]>());
+    let challenge = B64.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        verifier.as_bytes(),
+    ));
+    let query = flinks_proxy::ground::form::encode_pairs([
+        ("client_id", CODE_CLIENT),
+        ("response_type", "code"),
+        ("redirect_uri", CALLBACK),
+        ("scope", "openid offline_access api:read"),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+        ("state", "s1"),
+        ("prompt", "consent"),
+    ]);
+    let authorize = format!("{}/auth?{query}", op.issuer);
+    let mut b = support::browser::Browser::new();
+    let (back, _) =
+        support::oidc::sign_in_and_consent(&mut b, &op.issuer, &authorize, "alice").await;
+    assert!(back.starts_with(CALLBACK), "{back}\n{}", op.log());
+    let code = support::browser::query_params(&back)["code"].clone();
+
+    let url = op.token_url();
+    let mut nonce = None;
+    let form = flinks_proxy::ground::form::encode_pairs([
+        ("grant_type", "authorization_code"),
+        ("code", code.as_str()),
+        ("redirect_uri", CALLBACK),
+        ("code_verifier", verifier.as_str()),
+        ("client_id", CODE_CLIENT),
+        ("client_secret", SECRET),
+    ]);
+    let r = dpop_post(&prover, &url, &form, &mut nonce).await;
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), op.log());
+    let first = r.json();
+    assert_eq!(first["token_type"], "DPoP", "{first}");
+    let rt1 = first["refresh_token"].as_str().expect("refresh_token");
+
+    let refresh = |rt: &str| {
+        flinks_proxy::ground::form::encode_pairs([
+            ("grant_type", "refresh_token"),
+            ("refresh_token", rt),
+            ("client_id", CODE_CLIENT),
+            ("client_secret", SECRET),
+        ])
+    };
+    let r = dpop_post(&prover, &url, &refresh(rt1), &mut nonce).await;
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), op.log());
+    let second = r.json();
+    assert_eq!(second["token_type"], "DPoP", "{second}");
+    let rt2 = second["refresh_token"]
+        .as_str()
+        .expect("a rotated refresh token");
+    assert_ne!(rt2, rt1, "rotateRefreshToken");
+    let access = second["access_token"].as_str().unwrap();
+    let jwks = op.jwks().await;
+    let claims = jwks.verify(access).expect("the refreshed token verifies");
+    assert_eq!(claims["cnf"]["jkt"], prover.key.thumbprint(), "{claims}");
+    assert_eq!(claims["sub"], "alice", "{claims}");
+    let api = DpopServer::start(jwks).await;
+    let api_url = format!("{}/me", api.url());
+    let proof = prover.proof("GET", &api_url, Some(&api.nonce()), Some(access));
+    let r = call(&api_url, "GET", Some(&format!("DPoP {access}")), &[&proof]).await;
+    accepted(&r, "the refreshed token");
+
+    // The rotated-out refresh token is refused (oidc-provider then revokes
+    // the grant; revoke the current one explicitly first).
+    let revoke = flinks_proxy::ground::form::encode_pairs([
+        ("token", rt2),
+        ("token_type_hint", "refresh_token"),
+        ("client_id", CODE_CLIENT),
+        ("client_secret", SECRET),
+    ]);
+    let r = post_form(&format!("{}/token/revocation", op.issuer), &revoke, None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    op.wait_for_line("revoked").await;
+    for (what, rt) in [("revoked", rt2), ("rotated out", rt1)] {
+        let r = dpop_post(&prover, &url, &refresh(rt), &mut nonce).await;
+        assert_eq!(r.status, 400, "{what}: {}", r.text());
+        assert_eq!(r.json()["error"], "invalid_grant", "{what}: {}", r.text());
+    }
+
+    let log = op.log();
+    let outcomes: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("dpop POST /token "))
+        .map(|l| l.rsplit_once(' ').unwrap().1)
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            "use_dpop_nonce",
+            "ok",
+            "ok",
+            "invalid_grant",
+            "invalid_grant"
+        ],
+        "{log}"
+    );
+    for grant in ["authorization_code", "refresh_token"] {
+        let line = format!("token {grant} {CODE_CLIENT} token_type=DPoP ");
+        assert!(log.contains(&line), "{line}\n{log}");
+    }
+}
+
 /// `htu` normalization, alone.
 #[test]
 fn htu_normalization_follows_rfc_3986_syntax_rules() {
