@@ -22,7 +22,7 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use serde_json::{json, Value};
 use support::dpop::{normalize_htu, DpopOptions, DpopServer, Reason};
-use support::jwks::thumbprint;
+use support::jwks::{thumbprint, Jwks};
 use support::oidc::AuthServer;
 use support::*;
 
@@ -555,6 +555,37 @@ async fn an_ed25519_key_gets_a_bound_token_and_its_proofs_verify() {
     )
     .await;
     assert_refused(&r, Reason::BadSignature, "EdDSA under an EC key");
+}
+
+/// Token lifetime, without waiting for one to end: an authorization
+/// server key of the test's own signs a bound token whose `exp` has
+/// passed, and one that is not yet expired as the control.
+#[tokio::test]
+async fn an_expired_bound_token_is_refused() {
+    let issuer = Prover::new(Alg::Es256);
+    let jwks = Jwks::from_json(&json!({ "keys": [issuer.key.public_jwk(Some("as-1"))] }));
+    let prover = Prover::new(Alg::Es256);
+    let api = DpopServer::start(jwks).await;
+    let url = format!("{}/x", api.url());
+    for (exp, reason) in [(now() + 60, None), (now() - 1, Some(Reason::TokenExpired))] {
+        let claims = json!({"sub": "s", "exp": exp, "cnf": {"jkt": prover.key.thumbprint()}});
+        let token = issuer
+            .key
+            .sign("at+jwt", Some("as-1"), &[], &claims)
+            .unwrap();
+        let proof = prover.proof("GET", &url, Some(&api.nonce()), Some(&token));
+        let r = call(&url, "GET", Some(&format!("DPoP {token}")), &[&proof]).await;
+        match reason {
+            None => {
+                accepted(&r, "unexpired");
+            }
+            Some(reason) => assert_refused(&r, reason, "expired"),
+        }
+    }
+    assert_eq!(
+        api.refusals(),
+        [(StatusCode::UNAUTHORIZED, Reason::TokenExpired)]
+    );
 }
 
 /// A client of the authorization_code and refresh_token grants.
