@@ -269,6 +269,11 @@ impl DpopServer {
         self.state.origin.clone()
     }
 
+    /// Its address (`127.0.0.1:PORT`).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// The current nonce (the one proofs must carry when required).
     pub fn nonce(&self) -> String {
         self.state.lock().nonce.clone()
@@ -321,7 +326,10 @@ impl DpopServer {
     }
 
     /// Waits until `n` requests have been answered (accepted or refused);
-    /// returns them all. Panics after [`WAIT_DEADLINE`].
+    /// returns them all. Panics after [`WAIT_DEADLINE`]. A request is
+    /// recorded before its answer is sent: who holds the response needs no
+    /// wait; this is for what the proxy sends on its own (a nonce retry
+    /// behind one client request).
     pub async fn wait_requests(&self, n: usize) -> Vec<Seen> {
         let waited = tokio::time::timeout(WAIT_DEADLINE, async {
             loop {
