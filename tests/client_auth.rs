@@ -4,7 +4,7 @@
 //! tests/oidc/package-lock.json) with one client per method (ES256, PS256
 //! and EdDSA keys, HS256 with the client secret), the client_credentials
 //! grant, revocation and JWT access tokens. The API side verifies each
-//! token the proxy injected against the provider's JWKS with ring.
+//! token the proxy injected against the provider's JWKS (tests/support/jwks.rs).
 //!
 //! Needs `node` and `npm ci --prefix tests/oidc`; without either the tests
 //! fail saying so (they never skip).
@@ -12,95 +12,20 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use base64::Engine;
 use flinks_proxy::ground::jose::{generate_pem, Alg, SigningKey};
 use serde_json::json;
 use support::browser::Browser;
 use support::connections::admin;
-use support::oidc::{lock, sign_in_and_consent, spawn_node, Spawned};
+use support::jwks::Jwks;
+use support::oidc::{sign_in_and_consent, AuthServer};
 use support::*;
-use tokio::sync::mpsc;
 
-/// A token request is answered in milliseconds; its log line follows it.
-const LINE_DEADLINE: Duration = Duration::from_secs(10);
 const RESOURCE: &str = "urn:flinks-proxy:test-api";
 /// `client_secret_jwt`'s shared secret (HS256 wants 32 bytes or more).
 const JWT_SECRET: &str = "client-secret-jwt-test-secret-6c1f0e9a8b7d4c3e2f1a";
-
-/// `tests/oidc/client_auth.mjs` under node, stopped when dropped (and by
-/// itself when this process ends: it exits when its stdin closes).
-struct Provider {
-    child: Child,
-    issuer: String,
-    lines: mpsc::UnboundedReceiver<String>,
-    log: Arc<Mutex<String>>,
-    _dir: TempDir,
-}
-
-impl Provider {
-    /// Starts the provider with `clients` (oidc-provider client metadata).
-    async fn start(clients: serde_json::Value) -> Provider {
-        let tmp = TempDir::new();
-        let file = tmp.write("clients.json", clients.to_string());
-        let Spawned {
-            child,
-            issuer,
-            lines,
-            log,
-        } = spawn_node("client_auth.mjs", |cmd| {
-            cmd.args(["--port", "0", "--clients"]).arg(&file);
-        })
-        .await;
-        Provider {
-            child,
-            issuer,
-            lines,
-            log,
-            _dir: tmp,
-        }
-    }
-
-    /// Waits for a stdout line starting with `prefix`; returns it and the
-    /// lines passed over on the way.
-    async fn wait_for_line(&mut self, prefix: &str) -> (String, Vec<String>) {
-        let deadline = tokio::time::Instant::now() + LINE_DEADLINE;
-        let mut before = Vec::new();
-        loop {
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) if line.starts_with(prefix) => return (line, before),
-                Ok(Some(line)) => before.push(line),
-                _ => panic!("no `{prefix}` line from oidc-provider:\n{}", self.log()),
-            }
-        }
-    }
-
-    fn log(&self) -> String {
-        lock(&self.log).clone()
-    }
-
-    fn token_url(&self) -> String {
-        format!("{}/token", self.issuer)
-    }
-
-    /// The provider's signing keys (`/jwks`).
-    async fn jwks(&self) -> serde_json::Value {
-        let r = get(&format!("{}/jwks", self.issuer)).await;
-        assert_eq!(r.status, 200, "{}", r.text());
-        r.json()
-    }
-}
-
-impl Drop for Provider {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// An RSA 2048 key from openssl (ring cannot generate RSA keys).
 fn openssl_rsa_2048() -> String {
@@ -141,31 +66,11 @@ fn pkjwt_client(id: &str, alg: &str, jwks: serde_json::Value) -> serde_json::Val
     })
 }
 
-/// The payload of a JWT verified with RS256/PS256/ES256 against `jwks`
-/// (oidc-provider signs its access tokens with its development RSA key).
-fn verify_jwt(jwks: &serde_json::Value, jwt: &str) -> serde_json::Value {
-    use ring::signature::{RsaPublicKeyComponents, RSA_PKCS1_2048_8192_SHA256};
-    let (input, sig) = jwt.rsplit_once('.').expect("a JWT");
-    let header: serde_json::Value =
-        serde_json::from_slice(&B64.decode(input.split('.').next().unwrap()).unwrap()).unwrap();
-    assert_eq!(header["alg"], "RS256", "oidc-provider's default: {header}");
-    let key = jwks["keys"]
-        .as_array()
-        .expect("keys")
-        .iter()
-        .find(|k| k["kid"] == header["kid"])
-        .unwrap_or_else(|| panic!("no key {} in {jwks}", header["kid"]));
-    let n = B64.decode(key["n"].as_str().unwrap()).unwrap();
-    let e = B64.decode(key["e"].as_str().unwrap()).unwrap();
-    RsaPublicKeyComponents { n: &n, e: &e }
-        .verify(
-            &RSA_PKCS1_2048_8192_SHA256,
-            input.as_bytes(),
-            &B64.decode(sig).unwrap(),
-        )
-        .expect("the access token's signature verifies against the provider's JWKS");
-    let payload = input.split('.').nth(1).unwrap();
-    serde_json::from_slice(&B64.decode(payload).unwrap()).unwrap()
+/// The claims of a JWT verified against `jwks` (oidc-provider signs its
+/// access tokens with its development RSA key).
+fn verify_jwt(jwks: &Jwks, jwt: &str) -> serde_json::Value {
+    jwks.verify(jwt)
+        .expect("the access token's signature verifies against the provider's JWKS")
 }
 
 /// The bearer token of the last request `upstream` received.
@@ -216,7 +121,7 @@ async fn each_method_authenticates_a_credential_and_an_unknown_key_is_invalid_cl
             "redirect_uris": [],
         },
     ]);
-    let mut op = Provider::start(clients).await;
+    let mut op = AuthServer::start(&clients, &[]).await;
     let upstream = TestUpstream::start("api").await;
     let cred = |client_id: &str, auth: &str| Credential {
         token_url: op.token_url(),
@@ -418,15 +323,18 @@ async fn a_pool_connects_and_revokes_with_private_key_jwt() {
     let connect = Connect::loopback(&[]);
     let public = connect.public_url.clone();
     let callback = format!("{public}/connect/callback");
-    let mut op = Provider::start(json!([{
-        "client_id": "pool-eddsa",
-        "token_endpoint_auth_method": "private_key_jwt",
-        "token_endpoint_auth_signing_alg": "EdDSA",
-        "jwks": jwks_of(&key, None, "pool-1"),
-        "grant_types": ["authorization_code", "refresh_token"],
-        "response_types": ["code"],
-        "redirect_uris": [callback],
-    }]))
+    let mut op = AuthServer::start(
+        &json!([{
+            "client_id": "pool-eddsa",
+            "token_endpoint_auth_method": "private_key_jwt",
+            "token_endpoint_auth_signing_alg": "EdDSA",
+            "jwks": jwks_of(&key, None, "pool-1"),
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+            "redirect_uris": [callback],
+        }]),
+        &[],
+    )
     .await;
     let upstream = TestUpstream::start("api").await;
     let pool = Pool {

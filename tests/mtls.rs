@@ -23,6 +23,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use support::jwks::Jwks;
 use support::oidc::{spawn_node, Spawned};
 use support::*;
 use tokio::sync::{mpsc, Notify};
@@ -52,78 +53,6 @@ fn assert_no_key(text: &str, leaf: &Leaf, what: &str) {
             !text.contains(&line),
             "{what} shows the client key:\n{text}"
         );
-    }
-}
-
-/// JWT verification keys from a JWKS (RS256, PS256, ES256).
-struct Jwks(Vec<(Option<String>, serde_json::Value)>);
-
-impl Jwks {
-    fn from_json(v: &serde_json::Value) -> Jwks {
-        Jwks(
-            v["keys"]
-                .as_array()
-                .expect("keys")
-                .iter()
-                .map(|k| (k["kid"].as_str().map(str::to_owned), k.clone()))
-                .collect(),
-        )
-    }
-
-    /// The claims of `jwt` when its signature verifies under one of the keys.
-    fn verify(&self, jwt: &str) -> Result<serde_json::Value, String> {
-        use ring::signature as sig;
-        let b64 = |s: &str| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(s)
-                .map_err(|e| format!("base64: {e}"))
-        };
-        let mut parts = jwt.split('.');
-        let (Some(h), Some(p), Some(s), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err("not a JWS".into());
-        };
-        let header: serde_json::Value =
-            serde_json::from_slice(&b64(h)?).map_err(|e| e.to_string())?;
-        let signature = b64(s)?;
-        let message = format!("{h}.{p}");
-        let alg = header["alg"].as_str().unwrap_or("");
-        let kid = header["kid"].as_str().map(str::to_owned);
-        for (k_kid, jwk) in &self.0 {
-            if kid.is_some() && *k_kid != kid {
-                continue;
-            }
-            let field = |n: &str| b64(jwk[n].as_str().unwrap_or(""));
-            let ok = match (alg, jwk["kty"].as_str()) {
-                ("RS256" | "PS256", Some("RSA")) => {
-                    let params = if alg == "RS256" {
-                        &sig::RSA_PKCS1_2048_8192_SHA256
-                    } else {
-                        &sig::RSA_PSS_2048_8192_SHA256
-                    };
-                    sig::RsaPublicKeyComponents {
-                        n: field("n")?,
-                        e: field("e")?,
-                    }
-                    .verify(params, message.as_bytes(), &signature)
-                    .is_ok()
-                }
-                ("ES256", Some("EC")) => {
-                    let mut point = vec![4u8];
-                    point.extend(field("x")?);
-                    point.extend(field("y")?);
-                    sig::UnparsedPublicKey::new(&sig::ECDSA_P256_SHA256_FIXED, point)
-                        .verify(message.as_bytes(), &signature)
-                        .is_ok()
-                }
-                _ => false,
-            };
-            if ok {
-                return serde_json::from_slice(&b64(p)?).map_err(|e| e.to_string());
-            }
-        }
-        Err(format!("no key verifies this {alg} signature"))
     }
 }
 

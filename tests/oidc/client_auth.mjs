@@ -1,4 +1,5 @@
-// A real authorization server for tests/client_auth.rs: node's
+// A real authorization server for tests/client_auth.rs and, with
+// `--dpop`, tests/dpop_server.rs and the proxy's DPoP tests: node's
 // `oidc-provider` (pinned in package-lock.json) whose clients are the
 // ones the test passes in, each with the token endpoint authentication
 // method under test (`private_key_jwt` with the public JWKS of the test's
@@ -6,7 +7,7 @@
 // flow's launcher) so that each test file owns its server's settings.
 //
 // Usage:
-//   node tests/oidc/client_auth.mjs --clients FILE [--port 0] [--access-token-ttl 300]
+//   node tests/oidc/client_auth.mjs --clients FILE [--port 0] [--access-token-ttl 300] [--dpop]
 // FILE is a JSON array of oidc-provider client metadata, used as given
 // (client_id, token_endpoint_auth_method, token_endpoint_auth_signing_alg,
 // jwks, client_secret, grant_types, redirect_uris, response_types).
@@ -23,6 +24,18 @@
 // every revocation `revoked`; each client assertion that reached the
 // replay check `assertion JTI fresh|replayed`. It exits when its stdin
 // closes.
+//
+// `--dpop` adds RFC 9449 (oidc-provider's `features.dPoP`): every DPoP
+// proof must carry a server nonce (the first proof of a client gets
+// `400 use_dpop_nonce` and a `DPoP-Nonce` header), clients with
+// `dpop_bound_access_tokens: true` in FILE must send a proof, access
+// tokens are bound to the proof's key (`cnf.jkt` in the JWT, `token_type`
+// `DPoP`), and refresh tokens rotate on every use. Its lines: the success
+// line becomes `token GRANT_TYPE CLIENT_ID token_type=DPoP|Bearer
+// assertion=JWT`; each request with a `DPoP` header prints, once answered,
+// `dpop METHOD PATH jti=JTI nonce=NONCE|- STATUS ok|ERROR` (so a test
+// counts nonce retries); the replay check of a proof's jti prints `dpop
+// jti JTI fresh|replayed` (instead of an `assertion` line).
 
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -38,6 +51,7 @@ const { values: args } = parseArgs({
     port: { type: 'string', default: '0' },
     clients: { type: 'string' },
     'access-token-ttl': { type: 'string', default: '300' },
+    dpop: { type: 'boolean', default: false },
   },
 });
 if (!args.clients) {
@@ -47,9 +61,24 @@ if (!args.clients) {
 const clients = JSON.parse(readFileSync(args.clients, 'utf8'));
 const accessTokenTtl = Number(args['access-token-ttl']);
 
+// The claims of a compact JWS, unverified (only to log them); `{}` when it
+// is not one.
+function unverifiedClaims(jws) {
+  try {
+    return JSON.parse(Buffer.from(jws.split('.')[1], 'base64url').toString('utf8')) ?? {};
+  } catch {
+    return {};
+  }
+}
+
+// The jtis of DPoP proofs received, so that the replay check's line says
+// which kind of JWT it saw.
+const dpopJtis = new Set();
+
 function configuration() {
   return {
     clients,
+    ...(args.dpop ? { rotateRefreshToken: true } : {}),
     async findAccount(_ctx, id) {
       return { accountId: id, async claims() { return { sub: id }; } };
     },
@@ -60,6 +89,13 @@ function configuration() {
       clientCredentials: { enabled: true },
       revocation: { enabled: true },
       resourceIndicators: jwtResource('api:read', accessTokenTtl),
+      ...(args.dpop ? {
+        dPoP: {
+          enabled: true,
+          nonceSecret: randomBytes(32),
+          requireNonce: () => true,
+        },
+      } : {}),
     },
     ttl: {
       AccessToken: accessTokenTtl,
@@ -79,8 +115,25 @@ server.listen(Number(args.port), '127.0.0.1', () => {
   const issuer = `http://127.0.0.1:${server.address().port}`;
   const provider = new Provider(issuer, configuration());
   provider.on('grant.success', (ctx) => {
-    console.log(`token ${ctx.oidc.params.grant_type} ${ctx.oidc.client?.clientId} assertion=${ctx.oidc.params.client_assertion ?? '-'}`);
+    const tokenType = args.dpop ? ` token_type=${ctx.body?.token_type}` : '';
+    console.log(`token ${ctx.oidc.params.grant_type} ${ctx.oidc.client?.clientId}${tokenType} assertion=${ctx.oidc.params.client_assertion ?? '-'}`);
   });
+  if (args.dpop) {
+    provider.use(async (ctx, next) => {
+      const proof = ctx.get('DPoP');
+      if (!proof) {
+        return next();
+      }
+      const { jti, nonce } = unverifiedClaims(proof);
+      if (typeof jti === 'string') {
+        dpopJtis.add(jti);
+      }
+      await next();
+      const error = (ctx.body && typeof ctx.body === 'object' && ctx.body.error) || 'ok';
+      console.log(`dpop ${ctx.method} ${ctx.path} jti=${jti ?? '-'} nonce=${nonce ?? '-'} ${ctx.status} ${error}`);
+      return undefined;
+    });
+  }
   provider.on('grant.error', (ctx, err) => {
     console.log(`token error ${ctx.oidc?.params?.grant_type} ${err.error}: ${err.error_description}`);
   });
@@ -96,14 +149,15 @@ server.listen(Number(args.port), '127.0.0.1', () => {
   provider.on('server_error', (_ctx, err) => {
     console.error('server_error', err);
   });
-  // A client assertion the server accepted: its jti, so the test sees
-  // one new assertion per request.
+  // A client assertion (or DPoP proof) the server accepted: its jti, so
+  // the test sees one new assertion (proof) per request.
   const ReplayDetection = provider.ReplayDetection;
   if (ReplayDetection) {
     const unique = ReplayDetection.unique.bind(ReplayDetection);
     ReplayDetection.unique = async (iss, jti, exp) => {
       const fresh = await unique(iss, jti, exp);
-      console.log(`assertion ${jti} ${fresh ? 'fresh' : 'replayed'}`);
+      const kind = dpopJtis.has(jti) ? 'dpop jti' : 'assertion';
+      console.log(`${kind} ${jti} ${fresh ? 'fresh' : 'replayed'}`);
       return fresh;
     };
   }

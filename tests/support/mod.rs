@@ -1,5 +1,6 @@
-//! Test support: real servers on loopback, a plain HTTP client, a test PKI,
-//! and a way to run the real binary as a child process.
+//! Test support: real servers on loopback (among them resource servers
+//! that verify JWTs and DPoP proofs), a plain HTTP client, a test PKI, and
+//! a way to run the real binary as a child process.
 //!
 //! Every test file includes this with `mod support;` and uses what it needs;
 //! each file below holds one concern, re-exported here so call sites stay
@@ -11,8 +12,10 @@ pub mod chaos;
 pub mod client;
 pub mod config;
 pub mod connections;
+pub mod dpop;
 pub mod durability;
 pub mod in_process;
+pub mod jwks;
 pub mod oidc;
 pub mod pki;
 pub mod postgres;

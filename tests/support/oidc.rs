@@ -1,6 +1,7 @@
-//! oidc-provider in tests (tests/oidc.rs, tests/client_auth.rs): its
-//! output read line by line, and its own login and consent pages walked as
-//! a user would.
+//! oidc-provider in tests (tests/oidc.rs, tests/client_auth.rs,
+//! tests/dpop_server.rs): a launcher under node, its output read line by
+//! line, the client_auth.mjs server as an [`AuthServer`], and its own
+//! login and consent pages walked as a user would.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -207,3 +208,90 @@ pub async fn spawn_node(
 /// Starting node and loading oidc-provider takes well under a second;
 /// this leaves room for a loaded CI machine.
 pub const START_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long [`AuthServer::wait_for_line`] waits: a token request is
+/// answered in milliseconds and its line follows it.
+pub const LINE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `tests/oidc/client_auth.mjs` under node (its usage and log lines are in
+/// its header), stopped when dropped (and by itself when this process
+/// ends: it exits when its stdin closes).
+pub struct AuthServer {
+    pub child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub issuer: String,
+    lines: mpsc::UnboundedReceiver<String>,
+    log: Arc<Mutex<String>>,
+    _dir: super::TempDir,
+}
+
+impl AuthServer {
+    /// Starts it with `clients` (a JSON array of oidc-provider client
+    /// metadata) and the launcher's `flags` (`--dpop`,
+    /// `--access-token-ttl N`).
+    pub async fn start(clients: &serde_json::Value, flags: &[&str]) -> AuthServer {
+        let dir = super::TempDir::new();
+        let file = dir.write("clients.json", clients.to_string());
+        let Spawned {
+            child,
+            issuer,
+            lines,
+            log,
+        } = spawn_node("client_auth.mjs", |cmd| {
+            cmd.args(["--port", "0", "--clients"])
+                .arg(&file)
+                .args(flags);
+        })
+        .await;
+        AuthServer {
+            child,
+            issuer,
+            lines,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Waits for a stdout line starting with `prefix`; returns it and the
+    /// lines passed over on the way.
+    pub async fn wait_for_line(&mut self, prefix: &str) -> (String, Vec<String>) {
+        let deadline = tokio::time::Instant::now() + LINE_DEADLINE;
+        let mut before = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) if line.starts_with(prefix) => return (line, before),
+                Ok(Some(line)) => before.push(line),
+                _ => panic!("no `{prefix}` line from oidc-provider:\n{}", self.log()),
+            }
+        }
+    }
+
+    /// Everything it printed so far.
+    pub fn log(&self) -> String {
+        lock(&self.log).clone()
+    }
+
+    /// `{issuer}/token`.
+    pub fn token_url(&self) -> String {
+        format!("{}/token", self.issuer)
+    }
+
+    /// The provider's signing keys (`/jwks`) as JSON.
+    pub async fn jwks_json(&self) -> serde_json::Value {
+        let r = super::get(&format!("{}/jwks", self.issuer)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    }
+
+    /// The provider's signing keys, to verify its access tokens.
+    pub async fn jwks(&self) -> super::jwks::Jwks {
+        super::jwks::Jwks::from_json(&self.jwks_json().await)
+    }
+}
+
+impl Drop for AuthServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
