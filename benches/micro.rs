@@ -2,7 +2,9 @@
 //! operation: route lookup over 1, 10 and 100 routes; token load plus
 //! header injection; request header rewrite (hop-by-hop removal and
 //! X-Forwarded-*); request id generation; metric recording; the token of a
-//! pooled route's connection with a warm cache, next to a credential's.
+//! pooled route's connection with a warm cache, next to a credential's;
+//! what a DPoP route adds per request (a fresh ES256 or EdDSA proof, and
+//! keeping the answer's nonce), next to a Bearer route's header.
 //!
 //! Run: `cargo bench --bench micro` (a filter narrows it, e.g.
 //! `cargo bench --bench micro -- route_lookup`). The side-by-side load
@@ -304,6 +306,54 @@ fn pooled_lookup(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A DPoP route's work per request beyond a Bearer route's, as
+/// `proxy::handler::send` does it: the proof of this method and URL with
+/// the token's `ath` and the server's nonce, and the answer's
+/// `DPoP-Nonce` kept. Side by side with the Bearer header alone.
+fn dpop(c: &mut Criterion) {
+    use flinks_proxy::ground::jose::{generate_pem, Alg, SigningKey};
+    use flinks_proxy::tokens::dpop::{ath, Dpop, DPOP, DPOP_NONCE};
+    let (_state, route, source) = state();
+    let uri: http::Uri = "https://127.0.0.1:8443/v3/accounts?page=2".parse().unwrap();
+    let ath = ath(ACCESS_TOKEN);
+    let mut answer = HeaderMap::new();
+    answer.insert(
+        &DPOP_NONCE,
+        HeaderValue::from_static("eyJ7S_zG.eyJH0-Z.HX4w-7v"),
+    );
+    let mut g = c.benchmark_group("dpop");
+    let mut headers = inbound_headers();
+    g.bench_function("bearer_header", |b| {
+        b.iter(|| {
+            let token = source.usable().expect("usable token");
+            headers.insert(
+                route.header.clone(),
+                token.header_value(&AuthScheme::Bearer),
+            );
+        })
+    });
+    for (name, alg) in [("es256", Alg::Es256), ("eddsa", Alg::EdDsa)] {
+        let key = SigningKey::from_pem(&generate_pem(alg).unwrap(), None).unwrap();
+        let d = Dpop::new(Arc::new(key));
+        d.remember(&uri, &answer);
+        g.bench_function(format!("bearer_header_and_{name}_proof"), |b| {
+            b.iter(|| {
+                let token = source.usable().expect("usable token");
+                headers.insert(
+                    route.header.clone(),
+                    token.header_value(&AuthScheme::Bearer),
+                );
+                let proof = d
+                    .proof_header(black_box("GET"), black_box(&uri), Some(&ath))
+                    .expect("proof");
+                headers.insert(&DPOP, proof);
+                d.remember(&uri, black_box(&answer));
+            })
+        });
+    }
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -314,6 +364,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = route_lookup, token_injection, rewrite, request_id, metrics, pooled_lookup
+    targets = route_lookup, token_injection, rewrite, request_id, metrics, pooled_lookup, dpop
 }
 criterion_main!(benches);

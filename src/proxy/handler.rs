@@ -183,7 +183,13 @@ async fn handle_inner(
     }
     // Until the first answer's head: what a pass-through reports.
     let first_answer = started.elapsed();
-    let (rejected, again) = reauth_replay(route, &mut resp, replay, replay_head);
+    // A nonce challenge left standing (its body could not be kept) is not
+    // a rejection of the token: it goes back to the app, token kept.
+    let (rejected, again) = if token.ath.is_some() && nonce_challenge(&resp) {
+        (false, None)
+    } else {
+        reauth_replay(route, &mut resp, replay, replay_head)
+    };
     if rejected {
         // Boxed: the rare second attempt would otherwise double the space
         // every request's future takes.
@@ -367,12 +373,10 @@ async fn nonce_retry(
     head: &mut Option<Head>,
     deadline: Instant,
 ) {
-    let Ok(sent) = resp else { return };
-    if sent.response.status() != http::StatusCode::UNAUTHORIZED
-        || !dpop::asks_for_nonce(sent.response.headers())
-    {
+    if !nonce_challenge(resp) {
         return;
     }
+    let Ok(sent) = resp else { return };
     let Some(body) = replay.and_then(RequestBody::try_clone) else {
         return;
     };
@@ -385,6 +389,15 @@ async fn nonce_retry(
     *head = head_copy(route, true, &method, &uri, &headers);
     route.metrics.dpop_nonce_retries.inc();
     *resp = send(route, method, uri, headers, body, token, deadline).await;
+}
+
+/// Whether the upstream answered `401` with `WWW-Authenticate: DPoP
+/// error="use_dpop_nonce"`.
+fn nonce_challenge(resp: &Result<Sent, ProxyError>) -> bool {
+    resp.as_ref().is_ok_and(|sent| {
+        sent.response.status() == http::StatusCode::UNAUTHORIZED
+            && dpop::asks_for_nonce(sent.response.headers())
+    })
 }
 
 /// A request's method, URI and headers.
@@ -485,15 +498,16 @@ async fn send(
     // (RFC 9449 §7); the answer's `DPoP-Nonce` is kept for the next one.
     let dpop = match (&route.dpop, &token.ath) {
         (Some(d), Some(ath)) => {
+            let target = proof_target(route, &uri, &headers);
             let proof = d
-                .proof_header(method.as_str(), &uri, Some(ath))
+                .proof_header(method.as_str(), &target, Some(ath))
                 .map_err(|e| ProxyError::TokenUnavailable {
                     credential: route.config.auth.name().to_owned(),
                     reason: e.to_string(),
                     retry_after: Duration::from_secs(1),
                 })?;
             headers.insert(&dpop::DPOP, proof);
-            Some((d, uri.clone()))
+            Some((d, target))
         }
         _ => None,
     };
@@ -528,6 +542,27 @@ async fn send(
             Err(ProxyError::UpstreamTimeout)
         }
     }
+}
+
+/// The URL a DPoP proof names (`htu`): the upstream request's, whose URI
+/// is absolute when the handler built it but origin-form when an HTTP/1.1
+/// upstream gave the head back for a replay; then the route's scheme and
+/// the `Host` sent (the upstream's, or the client's with `preserve_host`).
+fn proof_target(route: &Route, uri: &Uri, headers: &HeaderMap) -> Uri {
+    if uri.authority().is_some() {
+        return uri.clone();
+    }
+    let authority = headers
+        .get(header::HOST)
+        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        .unwrap_or_else(|| route.authority.clone());
+    let mut parts = uri.clone().into_parts();
+    parts.scheme = Some(route.scheme.clone());
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
 }
 
 /// The authority of the upstream request and the `Host` that goes with it:

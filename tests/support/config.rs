@@ -192,6 +192,11 @@ pub struct Credential {
     pub client_assertion_alg: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_assertion_audience: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dpop: Option<bool>,
+    /// The PKCS#8 PEM DPoP key (a secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dpop_key: Option<Secret>,
 }
 
 impl Credential {
@@ -267,6 +272,11 @@ pub struct Pool {
     pub client_assertion_alg: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_assertion_audience: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dpop: Option<bool>,
+    /// The PKCS#8 PEM DPoP key (a secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dpop_key: Option<Secret>,
 }
 
 impl Pool {
