@@ -659,6 +659,55 @@ fn keygen_client_key_and_check_print_the_thumbprint_never_the_key() {
     assert!(stderr.contains("openssl genpkey"), "{stderr}");
 }
 
+/// Issue 19: `keygen --dpop [--alg EdDSA]` prints a PKCS#8 key, its public
+/// JWK and thumbprint (`jkt`), and the key loads as a `dpop_key`: `check`
+/// prints the same thumbprint and no key material.
+#[test]
+fn keygen_dpop_prints_a_key_whose_thumbprint_check_shows() {
+    let (code, stdout, stderr) = run_binary(&["keygen", "--dpop", "--alg", "EdDSA"], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let end = "-----END PRIVATE KEY-----\n";
+    let split = stdout.find(end).expect("a PEM private key") + end.len();
+    let (pem, public) = stdout.split_at(split);
+    let public: serde_json::Value = serde_json::from_str(public).expect("JSON");
+    assert_eq!(public["jwk"]["kty"], "OKP", "{public}");
+    assert_eq!(public["jwk"]["crv"], "Ed25519", "{public}");
+    assert!(
+        public["jwk"].get("d").is_none(),
+        "no private part: {public}"
+    );
+    let jkt = public["jkt"].as_str().expect("jkt").to_owned();
+    assert_eq!(
+        jkt,
+        flinks_proxy::ground::jose::SigningKey::from_pem(pem, None)
+            .unwrap()
+            .thumbprint()
+    );
+
+    let dir = TempDir::new();
+    let key_file = dir.write("dpop.key", pem);
+    let toml = config_with(
+        "client_secret = { env = \"FLINKS_PROXY_CLI_TEST_SECRET\" }",
+        &format!(
+            "dpop = true\ndpop_key = {{ file = \"{}\" }}",
+            key_file.display()
+        ),
+    );
+    let path = dir.write("proxy.toml", toml);
+    let (code, stdout, stderr) = run_binary(&["check", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "stdout {stdout}\nstderr {stderr}");
+    assert!(
+        stdout.contains(&format!("dpop: Ed25519 key (EdDSA), JWK thumbprint {jkt}")),
+        "{stdout}"
+    );
+    for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!stdout.contains(line) && !stderr.contains(line), "{stdout}");
+    }
+    let (code, _, stderr) = run_binary(&["keygen", "--alg", "EdDSA"], &[]);
+    assert_ne!(code, 0, "--alg needs --client-key or --dpop");
+    assert!(stderr.contains("--alg"), "{stderr}");
+}
+
 #[test]
 fn a_bad_client_key_file_stops_the_proxy_naming_the_key() {
     let dir = TempDir::new();
