@@ -152,6 +152,8 @@ impl Store {
 /// `[credentials.NAME]`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Credential {
+    /// Left out when empty (`discovery = true` supplies it).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub token_url: String,
     pub grant_type: String,
     pub client_id: String,
@@ -192,6 +194,10 @@ pub struct Credential {
     pub client_assertion_alg: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_assertion_audience: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<bool>,
 }
 
 impl Credential {
@@ -214,6 +220,8 @@ impl Credential {
 /// `[connections.NAME]`: a pool.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Pool {
+    /// Left out when empty (`discovery = true` supplies it).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub token_url: String,
     pub client_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -267,6 +275,8 @@ pub struct Pool {
     pub client_assertion_alg: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_assertion_audience: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<bool>,
 }
 
 impl Pool {
