@@ -437,3 +437,109 @@ fn reload_follows_a_changed_token_endpoint_and_keeps_the_config_when_the_issuer_
     });
     assert_eq!((sb1.token_requests(), sb2.token_requests()), (1, 1));
 }
+
+/// A pool with only `issuer` and `discovery = true` for its endpoints,
+/// and a `[connect]` table, against oidc-provider requiring pushed
+/// authorization requests: the discovered PAR and authorization endpoints
+/// take the user through its login and consent, the code is exchanged at
+/// the discovered token endpoint, and the user's token reaches the API.
+/// `Config::load` runs on a runtime thread here: discovery has a thread of
+/// its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_discovers_its_authorize_par_and_token_endpoints_and_connects_a_user() {
+    use support::browser::{query_params, Browser};
+    use support::oidc::sign_in_and_consent;
+    const POOL_CLIENT: &str = "discovery-pool";
+    let dir = TempDir::new();
+    let connect = Connect::loopback(&[]);
+    let public = connect.public_url.clone();
+    let Spawned {
+        mut child,
+        issuer,
+        log,
+        ..
+    } = spawn_node("server.mjs", |cmd| {
+        cmd.args(["--port", "0", "--client-id", POOL_CLIENT])
+            .args(["--client-secret", CLIENT_SECRET])
+            .arg("--redirect-uri")
+            .arg(format!("{public}/connect/callback"))
+            .arg("--require-par");
+    })
+    .await;
+    let upstream = TestUpstream::start("api").await;
+    let pool = Pool {
+        issuer: Some(issuer.clone()),
+        discovery: Some(true),
+        client_id: POOL_CLIENT.into(),
+        client_secret: Some(CLIENT_SECRET.into()),
+        scope: Some("openid offline_access".into()),
+        client_auth: Some("basic".into()),
+        body_format: Some("form".into()),
+        token_timeout: Some(Duration::from_secs(5)),
+        authorize_params: Some([("prompt".to_owned(), "consent".to_owned())].into()),
+        ..Pool::default()
+    };
+    let mut toml = ProxyToml::listeners()
+        .pool_table("users", pool)
+        .route("api", Route::pool("/", &upstream.http_url(), "users"));
+    toml.admin_mut().api_token = Some(API_TOKEN.into());
+    toml.store = Some(Store::sqlite(
+        &dir.path().join("store.db"),
+        &support::connections::new_key(),
+    ));
+    toml.connect = Some(connect);
+    let path = toml.write(&dir);
+    let config = flinks_proxy::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let found = &config.discovered["connections.users"];
+    let keys: Vec<&str> = found.keys.iter().map(|(k, _)| *k).collect();
+    assert_eq!(
+        keys,
+        ["token_url", "authorize_url", "par_url"],
+        "server.mjs has no revocation endpoint: {found:?}"
+    );
+    let proxy = flinks_proxy::start(config).await.expect("proxy starts");
+
+    let r = support::connections::admin(&proxy, "POST", "/connect-sessions/users", Some(json!({})))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let session = r.json();
+    let link = session["connect_url"].as_str().expect("link").to_owned();
+    let session_id = session["session_id"].as_str().expect("id").to_owned();
+    let mut b = Browser::new();
+    let r = b.get(&link).await;
+    assert_eq!(r.status, 302, "{}\n{}", r.text(), lock(&log));
+    let authorize = r.header("location").expect("location").to_owned();
+    assert!(
+        authorize.starts_with(&format!("{issuer}/auth?")),
+        "{authorize}"
+    );
+    assert!(
+        query_params(&authorize).contains_key("request_uri"),
+        "pushed first: {authorize}"
+    );
+    let (callback, _) = sign_in_and_consent(&mut b, &issuer, &authorize, "alice").await;
+    let done = b.get(&callback).await;
+    assert_eq!(done.status, 200, "{}\n{}", done.text(), lock(&log));
+    let path = format!("/connect-sessions/users/{session_id}");
+    let st = support::connections::admin(&proxy, "GET", &path, None)
+        .await
+        .json();
+    assert_eq!(st["state"], "connected", "{st}");
+    let conn = st["connection_id"]
+        .as_str()
+        .expect("connection_id")
+        .to_owned();
+    let req = http::Request::get(proxy_url(&proxy, "/accounts"))
+        .header(support::connections::SELECT, &conn)
+        .body(Default::default())
+        .expect("request");
+    let r = send(&client(), req).await;
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), lock(&log));
+    assert_eq!(
+        last_bearer(&upstream).split('.').count(),
+        3,
+        "oidc-provider's JWT access token"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
