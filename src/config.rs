@@ -10,11 +10,13 @@
 //! struct), as validated, its defaults and the `Ctx` method between the
 //! two: `server`, `admin`, `log`, `access`, `store`, `credentials` (with
 //! the token endpoint settings `connections` shares), `connections`,
-//! `routes`; `units` holds the value syntaxes several tables use. This file
-//! holds `Config` and the order the tables are validated in.
+//! `routes`; `units` holds the value syntaxes several tables use;
+//! `discovery` reads and merges issuers' metadata (`discovery = true`).
+//! This file holds `Config` and the order the tables are validated in.
 //!
 //! Below `config` are only the ground helpers (secrets, the store key's
-//! decoder) and the transport helpers (header policy, TLS loading); it
+//! decoder) and the transport helpers (header policy, TLS loading, the
+//! HTTP client discovery fetches metadata with); it
 //! imports nothing above it: no tokens, store or store backends,
 //! connections, proxy, server or admin.
 
@@ -33,6 +35,7 @@ mod admin;
 mod connect;
 mod connections;
 mod credentials;
+mod discovery;
 mod log;
 mod routes;
 mod server;
@@ -55,6 +58,10 @@ pub use connections::{Keepalive, DEFAULT_KEEPALIVE_RATE, KEEPALIVE_LIMIT, MAX_KE
 pub use credentials::{
     BodyFormat, ClientAssertion, ClientAuth, CredentialConfig, GrantType, DEFAULT_REFRESH_BEFORE,
     DEFAULT_TOKEN_TIMEOUT,
+};
+pub use discovery::{
+    well_known_urls, Discovered, DiscoveredKeys, FetchError, Metadata, DISCOVERY_TIMEOUT,
+    MAX_METADATA,
 };
 pub use log::{LogConfig, LogFormat};
 pub use routes::{
@@ -121,6 +128,9 @@ pub struct Config {
     pub connect: Option<ConnectConfig>,
     /// `[webhooks]`: where lifecycle events are delivered.
     pub webhooks: Option<WebhooksConfig>,
+    /// The endpoint keys read from issuers' metadata (`discovery = true`),
+    /// by table (`credentials.NAME`, `connections.NAME`).
+    pub discovered: BTreeMap<String, DiscoveredKeys>,
 }
 
 /// The file as written: one raw struct per table, each in its table's file.
@@ -145,23 +155,63 @@ struct RawConfig {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file, fetching the metadata of the
+    /// issuers its tables discover their endpoints from (`discovery =
+    /// true`; at most [`DISCOVERY_TIMEOUT`] per issuer, all at once).
+    /// Blocking: from async code, call it on a blocking thread.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.display().to_string(),
             line: None,
             message: format!("cannot read: {e}"),
         })?;
-        Config::parse(&text, path)
+        let ctx = Ctx::new(path);
+        let mut raw = ctx.deserialize(&text)?;
+        let discovered = ctx.discover(&mut raw)?;
+        Config::validate(&ctx, raw, path, &discovered)
     }
 
     /// Validates config text; `path` names it in errors and anchors relative
-    /// file paths (secrets, certificates, state files). One step per table,
-    /// each after the tables it refers to; the first error is the one
-    /// reported.
+    /// file paths (secrets, certificates, state files). Fetches nothing: a
+    /// table with `discovery = true` is an error (use [`Config::load`] or
+    /// [`Config::parse_with`]).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        Config::parse_with(text, path, &Discovered::default())
+    }
+
+    /// [`Config::parse`] with issuers' metadata already read: the endpoints
+    /// of tables with `discovery = true` come from `discovered`.
+    pub fn parse_with(
+        text: &str,
+        path: &Path,
+        discovered: &Discovered,
+    ) -> Result<Config, ConfigError> {
         let ctx = Ctx::new(path);
         let raw = ctx.deserialize(text)?;
+        Config::validate(&ctx, raw, path, discovered)
+    }
+
+    /// Discovered endpoints merged into the tables as if written, then the
+    /// tables validated; an error about a discovered value says so.
+    fn validate(
+        ctx: &Ctx,
+        mut raw: RawConfig,
+        path: &Path,
+        discovered: &Discovered,
+    ) -> Result<Config, ConfigError> {
+        let found = ctx.merge_discovered(&mut raw, discovered)?;
+        match Config::validate_tables(ctx, raw, path) {
+            Ok(config) => Ok(Config {
+                discovered: found,
+                ..config
+            }),
+            Err(e) => Err(discovery::blame(e, &found)),
+        }
+    }
+
+    /// One step per table, each after the tables it refers to; the first
+    /// error is the one reported.
+    fn validate_tables(ctx: &Ctx, raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         let server = ctx.server(raw.server)?;
         let log = ctx.log(raw.log)?;
         let access = ctx.access(raw.access)?;
@@ -195,6 +245,7 @@ impl Config {
             routes,
             connect,
             webhooks,
+            discovered: BTreeMap::new(),
         })
     }
 }

@@ -14,7 +14,8 @@
 //! 2. [`net`]: transport that knows no tokens: bodies, header policy, TLS,
 //!    the upstream connection pools (HTTP/1.1 wire, HTTP/2), also the
 //!    token endpoints' client.
-//! 3. [`config`]: proxy.toml → validated, immutable [`Config`].
+//! 3. [`config`]: proxy.toml → validated, immutable [`Config`] (the
+//!    endpoints of `discovery = true` tables read from issuers' metadata).
 //! 4. [`store`]: the connection store and its SQLite and PostgreSQL
 //!    backends (sealed tokens, leases, change notifications); shared by
 //!    per-user connections and by credentials kept for replicas.

@@ -1,7 +1,8 @@
 //! `flinks-proxy check`: validates a config and the secrets it names, builds
 //! its runtime as the proxy would (the store opened read-only) and prints the
 //! effective server settings, credentials and pools (with their client
-//! assertion key's thumbprint, never the key) and routes.
+//! assertion key's thumbprint, never the key; the endpoints discovered from
+//! an issuer's metadata, marked so) and routes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,7 +13,7 @@ use anyhow::Context as _;
 
 use crate::cli::block_on;
 use crate::config::{
-    AccessConfig, Config, CredentialConfig, PoolConfig, RouteConfig, ServerConfig,
+    AccessConfig, Config, CredentialConfig, DiscoveredKeys, PoolConfig, RouteConfig, ServerConfig,
 };
 use crate::net::tls::ClientCert;
 
@@ -50,8 +51,8 @@ pub fn check(path: &Path) -> ExitCode {
         println!("admin   {a}");
     }
     print_access(&config.access);
-    print_credentials(&config.credentials);
-    print_pools(&config.pools);
+    print_credentials(&config.credentials, &config.discovered);
+    print_pools(&config.pools, &config.discovered);
     print_routes(&config.routes);
     print_pool_client_certs(&config.pools);
     if let Some(w) = &config.webhooks {
@@ -119,7 +120,10 @@ fn print_access(access: &AccessConfig) {
 
 /// One line per credential (never a secret), and a warning on stderr for
 /// each that sends its secret in clear.
-fn print_credentials(credentials: &BTreeMap<String, Arc<CredentialConfig>>) {
+fn print_credentials(
+    credentials: &BTreeMap<String, Arc<CredentialConfig>>,
+    discovered: &BTreeMap<String, DiscoveredKeys>,
+) {
     println!("credentials:");
     for (name, c) in credentials {
         println!(
@@ -139,6 +143,7 @@ fn print_credentials(credentials: &BTreeMap<String, Arc<CredentialConfig>>) {
                 .map(|s| format!(", scope {s}"))
                 .unwrap_or_default()
         );
+        print_discovered(discovered.get(&format!("credentials.{name}")));
         print_client_cert(c.client_cert.as_ref());
         if let Some(line) = assertion_line(c.client_auth, c.assertion.as_ref()) {
             println!("{line}");
@@ -184,7 +189,10 @@ pub fn assertion_line(
 
 /// One line per pool (never a secret): its token endpoint and client
 /// authentication.
-fn print_pools(pools: &BTreeMap<String, Arc<crate::config::PoolConfig>>) {
+fn print_pools(
+    pools: &BTreeMap<String, Arc<crate::config::PoolConfig>>,
+    discovered: &BTreeMap<String, DiscoveredKeys>,
+) {
     if pools.is_empty() {
         return;
     }
@@ -197,6 +205,7 @@ fn print_pools(pools: &BTreeMap<String, Arc<crate::config::PoolConfig>>) {
             p.body_format.as_str(),
             p.client_auth.as_str(),
         );
+        print_discovered(discovered.get(&format!("connections.{name}")));
         if let Some(line) = assertion_line(p.client_auth, p.assertion.as_ref()) {
             println!("{line}");
         }
@@ -216,6 +225,21 @@ pub fn dpop_line(key: Option<&crate::ground::jose::SigningKey>) -> Option<String
         key.alg().as_str(),
         key.thumbprint()
     ))
+}
+
+/// A table's endpoint keys read from its issuer's metadata: one line each,
+/// or one saying every endpoint key was written.
+fn print_discovered(d: Option<&DiscoveredKeys>) {
+    let Some(d) = d else { return };
+    if d.keys.is_empty() {
+        println!(
+            "    discovery: {} (every endpoint key set in the file)",
+            d.url
+        );
+    }
+    for (key, value) in &d.keys {
+        println!("    {key} {value} (discovered from {})", d.issuer);
+    }
 }
 
 /// One line per route: where it matches, where it goes, how it authenticates.

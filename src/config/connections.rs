@@ -19,6 +19,7 @@ use crate::ground::secret::{Secret, SecretSource};
 use super::credentials::{
     d_refresh_before, d_token_timeout, AssertionKeys, ClientAssertion, EndpointKeys,
 };
+use super::discovery::Endpoints;
 use super::{BodyFormat, ClientAuth, ConfigError, Ctx};
 
 /// The header that names a connection on a pooled route.
@@ -48,7 +49,8 @@ pub const KEEPALIVE_LIMIT: Duration = Duration::from_secs(30 * 24 * 3600);
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPool {
-    token_url: String,
+    /// Optional only with `discovery = true` (the metadata's `token_endpoint`).
+    token_url: Option<String>,
     client_id: String,
     client_secret: Option<SecretSource>,
     scope: Option<String>,
@@ -85,6 +87,23 @@ pub(super) struct RawPool {
     #[serde(default)]
     dpop: bool,
     dpop_key: Option<SecretSource>,
+    #[serde(default)]
+    discovery: bool,
+}
+
+impl RawPool {
+    /// The keys discovery reads and fills (`discovery.rs`).
+    pub(super) fn endpoints(&mut self) -> Endpoints<'_> {
+        Endpoints {
+            issuer: self.issuer.as_deref(),
+            discovery: self.discovery,
+            ca_file: self.ca_file.as_deref(),
+            token_url: &mut self.token_url,
+            authorize_url: Some(&mut self.authorize_url),
+            par_url: Some(&mut self.par_url),
+            revoke_url: Some(&mut self.revoke_url),
+        }
+    }
 }
 
 /// One `[connections.NAME]`: an OAuth client whose users' tokens are kept
@@ -209,7 +228,7 @@ impl Ctx {
         let (token_url, ca_certs) = self.endpoint(
             &key(""),
             &EndpointKeys {
-                token_url: &p.token_url,
+                token_url: p.token_url.as_deref(),
                 client_id: &p.client_id,
                 token_timeout: p.token_timeout,
                 extra: &p.extra,
@@ -336,7 +355,8 @@ impl Ctx {
         let Some(url) = &p.authorize_url else {
             for (k, set) in [
                 ("pkce", p.pkce.is_some()),
-                ("issuer", p.issuer.is_some()),
+                // With discovery, the issuer names the metadata too.
+                ("issuer", p.issuer.is_some() && !p.discovery),
                 ("authorize_params", p.authorize_params.is_some()),
                 ("par_url", p.par_url.is_some()),
             ] {

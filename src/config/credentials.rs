@@ -16,6 +16,7 @@ use crate::ground::jose::{Alg, JoseError, SigningKey};
 use crate::ground::secret::{Secret, SecretSource};
 use crate::net::tls::ClientCert;
 
+use super::discovery::Endpoints;
 use super::units::{duration, parse_url};
 use super::{ConfigError, Ctx, StoreConfig};
 
@@ -122,7 +123,8 @@ impl GrantType {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCredential {
-    token_url: String,
+    /// Optional only with `discovery = true` (the metadata's `token_endpoint`).
+    token_url: Option<String>,
     grant_type: GrantType,
     client_id: String,
     client_secret: Option<SecretSource>,
@@ -153,6 +155,24 @@ pub(super) struct RawCredential {
     #[serde(default)]
     dpop: bool,
     dpop_key: Option<SecretSource>,
+    issuer: Option<String>,
+    #[serde(default)]
+    discovery: bool,
+}
+
+impl RawCredential {
+    /// The keys discovery reads and fills (`discovery.rs`).
+    pub(super) fn endpoints(&mut self) -> Endpoints<'_> {
+        Endpoints {
+            issuer: self.issuer.as_deref(),
+            discovery: self.discovery,
+            ca_file: self.ca_file.as_deref(),
+            token_url: &mut self.token_url,
+            authorize_url: None,
+            par_url: None,
+            revoke_url: None,
+        }
+    }
 }
 
 pub(super) fn d_refresh_before() -> Duration {
@@ -251,7 +271,7 @@ impl Ctx {
         let (token_url, ca_certs) = self.endpoint(
             &key(""),
             &EndpointKeys {
-                token_url: &c.token_url,
+                token_url: c.token_url.as_deref(),
                 client_id: &c.client_id,
                 token_timeout: c.token_timeout,
                 extra: &c.extra,
@@ -341,7 +361,13 @@ impl Ctx {
         e: &EndpointKeys<'_>,
     ) -> Result<(Uri, Vec<CertificateDer<'static>>), ConfigError> {
         let key = |k: &str| format!("{prefix}{k}");
-        let token_url = parse_url(e.token_url).map_err(|m| self.err(&key("token_url"), m))?;
+        let token_url = e.token_url.ok_or_else(|| {
+            self.err(
+                &key("token_url"),
+                "is required (or issuer with discovery = true)".into(),
+            )
+        })?;
+        let token_url = parse_url(token_url).map_err(|m| self.err(&key("token_url"), m))?;
         if e.client_id.is_empty() {
             return Err(self.err(&key("client_id"), "is empty".into()));
         }
@@ -598,7 +624,7 @@ impl GrantKeys<'_> {
 
 /// The token endpoint keys credentials and pools share, as written.
 pub(super) struct EndpointKeys<'a> {
-    pub(super) token_url: &'a str,
+    pub(super) token_url: Option<&'a str>,
     pub(super) client_id: &'a str,
     pub(super) token_timeout: Duration,
     pub(super) extra: &'a BTreeMap<String, String>,

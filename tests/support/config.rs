@@ -152,6 +152,8 @@ impl Store {
 /// `[credentials.NAME]`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Credential {
+    /// Left out when empty (`discovery = true` supplies it).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub token_url: String,
     pub grant_type: String,
     pub client_id: String,
@@ -197,6 +199,10 @@ pub struct Credential {
     /// The PKCS#8 PEM DPoP key (a secret).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dpop_key: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<bool>,
 }
 
 impl Credential {
@@ -219,6 +225,8 @@ impl Credential {
 /// `[connections.NAME]`: a pool.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Pool {
+    /// Left out when empty (`discovery = true` supplies it).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub token_url: String,
     pub client_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -277,6 +285,8 @@ pub struct Pool {
     /// The PKCS#8 PEM DPoP key (a secret).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dpop_key: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<bool>,
 }
 
 impl Pool {
