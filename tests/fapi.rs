@@ -17,21 +17,21 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use flinks_proxy::ground::jose::{generate_pem, Alg, SigningKey};
+use flinks_proxy::ground::jose::{generate_pem, Alg};
 use flinks_proxy::Running;
 use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use serde_json::{json, Value};
+use serde_json::json;
 use support::browser::Browser;
 use support::connections::{admin, SELECT};
 use support::dpop::{DpopServer, Reason, Seen};
 use support::jwks::{thumbprint, Jws};
+use support::keys::{jkt_of, jwks_of, openssl_rsa_2048};
 use support::oidc::{sign_in_and_consent, AuthServer};
 use support::*;
 
@@ -41,59 +41,6 @@ const RESOURCE: &str = "urn:flinks-proxy:test-api";
 const JWT_SECRET: &str = "fapi-client-secret-jwt-secret-0d9c8b7a6f5e4d3c2b1a";
 /// RFC 7523's assertion lifetime as CLIENT_AUTH.md sets it.
 const ASSERTION_LIFETIME: i64 = 60;
-
-/// An RSA 2048 key from openssl (ring cannot generate RSA keys).
-fn openssl_rsa_2048() -> String {
-    let out = Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-        ])
-        .output()
-        .expect("openssl (apt-get install openssl)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("PEM")
-}
-
-/// The public JWK set of `pem` signing with `alg`, `kid` given.
-fn jwks_of(pem: &str, alg: Option<&str>, kid: &str) -> Value {
-    let key = SigningKey::from_pem(pem, alg).expect("key");
-    json!({ "keys": [key.public_jwk(Some(kid))] })
-}
-
-fn jkt_of(pem: &str) -> String {
-    SigningKey::from_pem(pem, None)
-        .expect("key")
-        .thumbprint()
-        .to_owned()
-}
-
-/// The Authorization header of the last request `upstream` received.
-fn last_authorization(upstream: &TestUpstream) -> String {
-    let seen = upstream.requests();
-    let last = seen.last().expect("a request upstream");
-    last.headers
-        .get("authorization")
-        .expect("Authorization")
-        .to_str()
-        .unwrap()
-        .to_owned()
-}
-
-/// The bearer token of the last request `upstream` received.
-fn last_bearer(upstream: &TestUpstream) -> String {
-    let auth = last_authorization(upstream);
-    auth.strip_prefix("Bearer ")
-        .unwrap_or_else(|| panic!("not a bearer token: {auth}"))
-        .to_owned()
-}
 
 /// The client assertion of oidc-provider's `token ...` success line.
 fn assertion_of(line: &str) -> Jws {
@@ -165,7 +112,7 @@ async fn an_rs256_client_assertion_authenticates_a_credential() {
     let claims = op
         .jwks()
         .await
-        .verify(&last_bearer(&upstream))
+        .verify(&upstream.last_bearer())
         .expect("the access token verifies against the provider's JWKS");
     assert_eq!(claims["client_id"], "pkjwt-rs256", "{claims}");
     assert_eq!(claims["iss"], op.issuer, "{claims}");
@@ -326,7 +273,7 @@ async fn a_pool_connects_a_user_with_client_secret_jwt() {
     let claims = op
         .jwks()
         .await
-        .verify(&last_bearer(&upstream))
+        .verify(&upstream.last_bearer())
         .expect("the access token verifies against the provider's JWKS");
     assert_eq!(claims["sub"], "alice", "{claims}");
     assert_eq!(claims["client_id"], "pool-csjwt", "{claims}");
@@ -335,14 +282,6 @@ async fn a_pool_connects_a_user_with_client_secret_jwt() {
         "the select header is not forwarded"
     );
     p.proxy.shutdown().await;
-}
-
-/// The token an API request carried (`Authorization: DPoP <token>`).
-fn dpop_token(seen: &Seen) -> String {
-    let auth = seen.headers["authorization"].to_str().unwrap();
-    auth.strip_prefix("DPoP ")
-        .unwrap_or_else(|| panic!("not a DPoP authorization: {auth}"))
-        .to_owned()
 }
 
 /// The next `token` line of oidc-provider that is not a DPoP nonce
@@ -478,7 +417,7 @@ async fn a_pools_refresh_with_private_key_jwt_and_dpop_keeps_the_rotated_refresh
         "the token endpoint's nonce was kept: {before:?}"
     );
     assert_ne!(assertion_of(&line).claims["jti"], code_jti);
-    let (first, second) = (dpop_token(&seen[1]), dpop_token(&seen[2]));
+    let (first, second) = (seen[1].dpop_token(), seen[2].dpop_token());
     assert_ne!(first, second, "the refresh brought a new access token");
     for s in &seen[1..] {
         let token = s.token_claims.as_ref().expect("token claims");
@@ -503,7 +442,7 @@ async fn a_pools_refresh_with_private_key_jwt_and_dpop_keeps_the_rotated_refresh
     let seen = api.requests();
     assert_eq!(seen.len(), 4, "{seen:?}");
     assert_eq!(seen[3].reason(), Some(Reason::RefusedOnDemand));
-    assert_eq!(dpop_token(&seen[3]), second);
+    assert_eq!(seen[3].dpop_token(), second);
 
     // A new process: the stored token, refused; a refresh with the stored
     // (rotated) refresh token; one nonce challenge per server again (a
@@ -522,13 +461,13 @@ async fn a_pools_refresh_with_private_key_jwt_and_dpop_keeps_the_rotated_refresh
         ],
         "{seen:?}"
     );
-    assert_eq!(dpop_token(&seen[5]), second, "the stored token");
+    assert_eq!(seen[5].dpop_token(), second, "the stored token");
     let (line, before) = next_grant(&mut op).await;
     assert!(
         check_refresh_lines(&line, &before, "pool-fapi", &op.issuer) <= 1,
         "{before:?}"
     );
-    let third = dpop_token(&seen[6]);
+    let third = seen[6].dpop_token();
     assert!(third != first && third != second, "a third access token");
     let token = seen[6].token_claims.as_ref().expect("token claims");
     assert_eq!(token["cnf"]["jkt"], jkt, "{token}");
@@ -651,7 +590,7 @@ async fn a_bearer_answer_to_a_dpop_token_request_is_used_as_bearer() {
         let r = get(&proxy_url(&proxy, path)).await;
         assert_eq!(r.status, 200, "{path}: {}", r.text());
         assert_eq!(
-            last_authorization(&upstream),
+            upstream.last_authorization(),
             format!("Bearer {BEARER_TOKEN}")
         );
         let last = upstream.requests().pop().unwrap();

@@ -184,6 +184,15 @@ impl Seen {
     pub fn reason(&self) -> Option<Reason> {
         self.refused.as_ref().map(|(r, _)| *r)
     }
+
+    /// The token of `Authorization: DPoP <token>`; panics for another
+    /// scheme.
+    pub fn dpop_token(&self) -> String {
+        let auth = self.headers["authorization"].to_str().unwrap_or("");
+        auth.strip_prefix("DPoP ")
+            .unwrap_or_else(|| panic!("not a DPoP authorization: {auth}"))
+            .to_owned()
+    }
 }
 
 /// The DPoP resource server (see the module doc). Stops when dropped.
