@@ -12,46 +12,20 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use flinks_proxy::ground::jose::{generate_pem, Alg, SigningKey};
+use flinks_proxy::ground::jose::{generate_pem, Alg};
 use serde_json::json;
 use support::browser::Browser;
 use support::connections::admin;
 use support::jwks::Jwks;
+use support::keys::{jwks_of, openssl_rsa_2048};
 use support::oidc::{sign_in_and_consent, AuthServer};
 use support::*;
 
 const RESOURCE: &str = "urn:flinks-proxy:test-api";
 /// `client_secret_jwt`'s shared secret (HS256 wants 32 bytes or more).
 const JWT_SECRET: &str = "client-secret-jwt-test-secret-6c1f0e9a8b7d4c3e2f1a";
-
-/// An RSA 2048 key from openssl (ring cannot generate RSA keys).
-fn openssl_rsa_2048() -> String {
-    let out = Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-        ])
-        .output()
-        .expect("openssl (apt-get install openssl)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("PEM")
-}
-
-/// The public JWK set of `pem` for alg `alg`, `kid` given.
-fn jwks_of(pem: &str, alg: Option<&str>, kid: &str) -> serde_json::Value {
-    let key = SigningKey::from_pem(pem, alg).expect("key");
-    json!({ "keys": [key.public_jwk(Some(kid))] })
-}
 
 /// A `private_key_jwt` client of oidc-provider.
 fn pkjwt_client(id: &str, alg: &str, jwks: serde_json::Value) -> serde_json::Value {
@@ -71,21 +45,6 @@ fn pkjwt_client(id: &str, alg: &str, jwks: serde_json::Value) -> serde_json::Val
 fn verify_jwt(jwks: &Jwks, jwt: &str) -> serde_json::Value {
     jwks.verify(jwt)
         .expect("the access token's signature verifies against the provider's JWKS")
-}
-
-/// The bearer token of the last request `upstream` received.
-fn last_bearer(upstream: &TestUpstream) -> String {
-    let seen = upstream
-        .requests()
-        .last()
-        .expect("a request upstream")
-        .clone();
-    let auth = seen.headers.get("authorization").expect("Authorization");
-    auth.to_str()
-        .unwrap()
-        .strip_prefix("Bearer ")
-        .expect("a bearer token")
-        .to_owned()
 }
 
 fn base64_body_lines(pem: &str) -> Vec<String> {
@@ -179,7 +138,7 @@ async fn each_method_authenticates_a_credential_and_an_unknown_key_is_invalid_cl
             .unwrap();
         let r = send(&c, req).await;
         assert_eq!(r.status, 200, "{name}: {}\n{}", r.text(), op.log());
-        let token = last_bearer(&upstream);
+        let token = upstream.last_bearer();
         let claims = verify_jwt(&jwks, &token);
         assert_eq!(claims["client_id"], client_id, "{name}: {claims}");
         assert_eq!(claims["iss"], op.issuer, "{claims}");
@@ -397,7 +356,7 @@ async fn a_pool_connects_and_revokes_with_private_key_jwt() {
         .unwrap();
     let r = send(&client(), req).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let claims = verify_jwt(&op.jwks().await, &last_bearer(&upstream));
+    let claims = verify_jwt(&op.jwks().await, &upstream.last_bearer());
     assert_eq!(claims["sub"], "alice", "{claims}");
     assert_eq!(claims["client_id"], "pool-eddsa", "{claims}");
 

@@ -23,6 +23,7 @@ use serde_json::json;
 use support::browser::Browser;
 use support::connections::admin;
 use support::dpop::{DpopOptions, DpopServer, Reason, Seen};
+use support::keys::jkt_of;
 use support::oidc::{sign_in_and_consent, AuthServer};
 use support::*;
 
@@ -37,21 +38,6 @@ fn b64url_sha256(s: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .encode(ring::digest::digest(&ring::digest::SHA256, s.as_bytes()))
-}
-
-fn thumbprint(pem: &str) -> String {
-    SigningKey::from_pem(pem, None)
-        .expect("key")
-        .thumbprint()
-        .to_owned()
-}
-
-/// The token an accepted request carried (`Authorization: DPoP <token>`).
-fn dpop_token(seen: &Seen) -> String {
-    let auth = seen.headers["authorization"].to_str().unwrap();
-    auth.strip_prefix("DPoP ")
-        .unwrap_or_else(|| panic!("not a DPoP authorization: {auth}"))
-        .to_owned()
 }
 
 /// Checks an accepted request: its proof names its method and URL (no
@@ -79,7 +65,7 @@ fn assert_bound(seen: &Seen, api: &DpopServer, jkt: &str) {
 async fn a_credential_proves_its_key_on_every_request_and_follows_both_servers_nonces() {
     let client_key = generate_pem(Alg::Es256).expect("key");
     let dpop_key = generate_pem(Alg::Es256).expect("key");
-    let jkt = thumbprint(&dpop_key);
+    let jkt = jkt_of(&dpop_key);
     let client_jwk = SigningKey::from_pem(&client_key, None)
         .unwrap()
         .public_jwk(Some("c-1"));
@@ -166,7 +152,7 @@ async fn a_credential_proves_its_key_on_every_request_and_follows_both_servers_n
     assert_eq!(seen[0].reason(), Some(Reason::NonceMissing), "{seen:?}");
     assert_bound(&seen[1], &api, &jkt);
     assert_eq!(seen[1].path_and_query, "/v1/accounts?page=2");
-    let token = dpop_token(&seen[1]);
+    let token = seen[1].dpop_token();
     assert_eq!(
         seen[1].proof_claims.as_ref().unwrap()["ath"],
         b64url_sha256(&token)
@@ -311,7 +297,7 @@ async fn get_text(url: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_binds_the_code_and_its_users_tokens_to_its_key() {
     let dpop_key = generate_pem(Alg::EdDsa).expect("key");
-    let jkt = thumbprint(&dpop_key);
+    let jkt = jkt_of(&dpop_key);
     let dir = TempDir::new();
     let connect = Connect::loopback(&[]);
     let callback = format!("{}/connect/callback", connect.public_url);

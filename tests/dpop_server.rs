@@ -508,6 +508,52 @@ async fn the_server_nonce_rotates_every_n_requests_and_on_demand() {
     assert_eq!(r.header("dpop-nonce"), None);
 }
 
+/// `refuse_next(n)`: the next n requests that pass every check are
+/// refused as `RefusedOnDemand` (`invalid_token`, as a revoked token);
+/// a defective request in between is refused for its defect and does not
+/// count; the jti of a refused good proof is spent; then good requests are
+/// accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuse_next_refuses_good_requests_as_invalid_token_then_accepts_again() {
+    let mut op = provider().await;
+    let prover = Prover::new(Alg::Es256);
+    let token = bound_token(&mut op, &prover).await;
+    let api = DpopServer::start_with(
+        op.jwks().await,
+        DpopOptions {
+            require_nonce: false,
+            ..DpopOptions::default()
+        },
+    )
+    .await;
+    let url = format!("{}/x", api.url());
+    let auth = format!("DPoP {token}");
+    let good = || prover.proof("GET", &url, None, Some(&token));
+    api.refuse_next(2);
+    let first = good();
+    let r = call(&url, "GET", Some(&auth), &[&first]).await;
+    assert_refused(&r, Reason::RefusedOnDemand, "1st good request");
+    let wrong_htm = prover.proof("POST", &url, None, Some(&token));
+    let r = call(&url, "GET", Some(&auth), &[&wrong_htm]).await;
+    assert_refused(&r, Reason::WrongHtm, "a defect is refused for itself");
+    let r = call(&url, "GET", Some(&auth), &[&good()]).await;
+    assert_refused(&r, Reason::RefusedOnDemand, "2nd good request");
+    let r = call(&url, "GET", Some(&auth), &[&first]).await;
+    assert_refused(&r, Reason::Replay, "a refused good proof's jti is spent");
+    let r = call(&url, "GET", Some(&auth), &[&good()]).await;
+    accepted(&r, "after the two refusals");
+    assert_eq!(
+        api.refusals(),
+        [
+            (StatusCode::UNAUTHORIZED, Reason::RefusedOnDemand),
+            (StatusCode::UNAUTHORIZED, Reason::WrongHtm),
+            (StatusCode::UNAUTHORIZED, Reason::RefusedOnDemand),
+            (StatusCode::UNAUTHORIZED, Reason::Replay),
+        ]
+    );
+    assert_eq!(api.accepted(), 1);
+}
+
 /// The EdDSA path: an Ed25519 key gets a bound token from oidc-provider
 /// and its proofs verify; an ES256 proof for that token is another key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -772,6 +818,7 @@ fn refusals_map_to_rfc_9449_error_codes() {
         TokenExpired,
         TokenNotBound,
         KeyMismatch,
+        RefusedOnDemand,
     ] {
         assert_eq!(r.error(), Some("invalid_token"), "{r}");
     }

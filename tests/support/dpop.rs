@@ -21,7 +21,9 @@
 //!
 //! Answers: 200 with JSON `{"method", "path", "claims"}` (the token's
 //! claims); refusals are 401 with `WWW-Authenticate: DPoP error="..."` (see
-//! [`Reason::error`]) and the [`Reason`] and a detail as the body; a nonce
+//! [`Reason::error`]) and the [`Reason`] and a detail as the body (also,
+//! as [`Reason::RefusedOnDemand`], for the requests a test asked to refuse
+//! with [`DpopServer::refuse_next`]); a nonce
 //! refusal and every 200 carry `DPoP-Nonce` (the current nonce) when nonces
 //! are required. What it does not check: the token's `aud` and `scope`
 //! (the test reads them from [`Seen::token_claims`]), and proofs at token
@@ -105,6 +107,9 @@ pub enum Reason {
     /// The token is bound to another key than the proof's (check 12's
     /// key binding).
     KeyMismatch,
+    /// A request that passed every check, refused because the test asked
+    /// ([`DpopServer::refuse_next`]): as a server that revoked the token.
+    RefusedOnDemand,
 }
 
 impl Reason {
@@ -118,7 +123,7 @@ impl Reason {
             NoAuthorization => None,
             NonceMissing | NonceStale => Some("use_dpop_nonce"),
             WrongScheme | BoundTokenAsBearer | BearerNotAccepted | InvalidToken | TokenExpired
-            | TokenNotBound | KeyMismatch => Some("invalid_token"),
+            | TokenNotBound | KeyMismatch | RefusedOnDemand => Some("invalid_token"),
             NoProof | MultipleProofs | MalformedProof | WrongTyp | UnacceptableAlg | NoJwk
             | PrivateKeyInJwk | BadSignature | MissingJti | WrongHtm | WrongHtu | MissingIat
             | IatOutOfWindow | WrongAth | Replay => Some("invalid_dpop_proof"),
@@ -179,6 +184,15 @@ impl Seen {
     pub fn reason(&self) -> Option<Reason> {
         self.refused.as_ref().map(|(r, _)| *r)
     }
+
+    /// The token of `Authorization: DPoP <token>`; panics for another
+    /// scheme.
+    pub fn dpop_token(&self) -> String {
+        let auth = self.headers["authorization"].to_str().unwrap_or("");
+        auth.strip_prefix("DPoP ")
+            .unwrap_or_else(|| panic!("not a DPoP authorization: {auth}"))
+            .to_owned()
+    }
 }
 
 /// The DPoP resource server (see the module doc). Stops when dropped.
@@ -207,6 +221,9 @@ struct State {
 struct Inner {
     nonce: String,
     accepted_since_rotation: usize,
+    /// Otherwise-acceptable requests still to refuse
+    /// ([`DpopServer::refuse_next`]).
+    refuse_next: usize,
     jtis: HashSet<String>,
     seen: Vec<Seen>,
 }
@@ -242,6 +259,7 @@ impl DpopServer {
             inner: Mutex::new(Inner {
                 nonce: new_nonce(),
                 accepted_since_rotation: 0,
+                refuse_next: 0,
                 jtis: HashSet::new(),
                 seen: Vec::new(),
             }),
@@ -286,6 +304,15 @@ impl DpopServer {
         inner.nonce = new_nonce();
         inner.accepted_since_rotation = 0;
         inner.nonce.clone()
+    }
+
+    /// Refuses the next `n` requests that pass every check, as
+    /// [`Reason::RefusedOnDemand`] (`401`, `WWW-Authenticate: DPoP
+    /// error="invalid_token"`): the way to make a client drop a token it
+    /// holds and get another, without waiting for it to expire. Their
+    /// `jti`s count as seen; the nonce does not rotate for them.
+    pub fn refuse_next(&self, n: usize) {
+        self.state.lock().refuse_next = n;
     }
 
     /// Every request so far, oldest first.
@@ -503,6 +530,10 @@ fn check(
     check_binding(&token_claims, &jwk)?;
     if !inner.jtis.insert(jti.to_owned()) {
         return refuse(Reason::Replay, format!("jti {jti:?} was seen before"));
+    }
+    if inner.refuse_next > 0 {
+        inner.refuse_next -= 1;
+        return refuse(Reason::RefusedOnDemand, "the test asked for a refusal");
     }
     Ok(())
 }

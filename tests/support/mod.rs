@@ -16,6 +16,7 @@ pub mod dpop;
 pub mod durability;
 pub mod in_process;
 pub mod jwks;
+pub mod keys;
 pub mod oidc;
 pub mod pki;
 pub mod postgres;

@@ -114,6 +114,24 @@ impl TestUpstream {
     pub fn requests(&self) -> Vec<UpstreamRequest> {
         self.requests.lock().unwrap().clone()
     }
+
+    /// The `Authorization` header of the last request received; panics
+    /// without one.
+    pub fn last_authorization(&self) -> String {
+        let requests = self.requests.lock().unwrap();
+        let last = requests.last().expect("a request upstream");
+        let auth = last.headers.get("authorization").expect("Authorization");
+        auth.to_str().expect("ASCII").to_owned()
+    }
+
+    /// The bearer token of the last request received; panics when it
+    /// has none.
+    pub fn last_bearer(&self) -> String {
+        let auth = self.last_authorization();
+        auth.strip_prefix("Bearer ")
+            .unwrap_or_else(|| panic!("not a bearer token: {auth}"))
+            .to_owned()
+    }
 }
 
 impl Drop for TestUpstream {
