@@ -49,7 +49,7 @@ pub fn token(path: &Path, name: &str, show: bool) -> ExitCode {
         println!("scope       {}", t.scope.as_deref().unwrap_or("-"));
         println!("sub         {}", t.sub.as_deref().unwrap_or("-"));
         if show {
-            println!("token       {}", t.secret().expose());
+            println!("token       {}", t.expose());
         }
         Ok(())
     }))

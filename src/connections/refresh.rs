@@ -441,10 +441,7 @@ impl Pool {
             self.config.dpop_key.is_some(),
         )?;
         let rejected = conn.rejected.load();
-        if rejected
-            .as_ref()
-            .is_some_and(|r| r.secret().expose() == t.secret().expose())
-        {
+        if rejected.as_ref().is_some_and(|r| r.expose() == t.expose()) {
             return None;
         }
         let now = Instant::now();

@@ -324,7 +324,7 @@ refresh_token = "rt-configured"
         assert!(!slot.id.contains("rt-configured"));
         let endpoint = Endpoint::from_credential(c).unwrap();
         let token = slot.fetch(c, &endpoint).await.expect("the stored token");
-        assert_eq!(token.secret().expose(), "at-stored");
+        assert_eq!(token.expose(), "at-stored");
         let row = store.get(&pool, &slot.id).await.unwrap().expect("renamed");
         assert_eq!(row.tokens.refresh_token.unwrap().expose(), "rt-rotated");
         assert!(store.get(&pool, &legacy).await.unwrap().is_none());

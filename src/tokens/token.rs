@@ -1,5 +1,8 @@
 //! [`Token`], a cached access token with its header values built once,
-//! made from a token request's answer or from a stored record.
+//! made from a token request's answer or from a stored record. The token's
+//! bytes are held once: the bare value is a slice of the `Bearer` (or
+//! `DPoP`) header's buffer, so a cached connection costs one copy of its
+//! access token, not three.
 
 use std::time::Duration;
 
@@ -24,9 +27,9 @@ pub const REJECT_FLOOR_MAX: Duration = Duration::from_secs(30);
 
 /// A cached access token with its prebuilt header values.
 pub struct Token {
-    value: Secret,
     /// `Bearer <token>`, or `DPoP <token>` for a DPoP-bound token.
     bearer: HeaderValue,
+    /// The token alone: a slice of `bearer`'s buffer.
     bare: HeaderValue,
     /// A DPoP-bound token's `ath` (base64url SHA-256 of it), which every
     /// proof sent with it carries; `None` for a Bearer token.
@@ -71,7 +74,7 @@ impl Token {
             AuthScheme::Bearer => self.bearer.clone(),
             AuthScheme::Bare => self.bare.clone(),
             AuthScheme::Other(s) => {
-                let mut v = HeaderValue::from_str(&format!("{s} {}", self.value.expose()))
+                let mut v = HeaderValue::from_str(&format!("{s} {}", self.expose()))
                     .unwrap_or_else(|_| self.bare.clone());
                 v.set_sensitive(true);
                 v
@@ -79,9 +82,11 @@ impl Token {
         }
     }
 
-    /// The token itself (for `flinks-proxy token --show`).
-    pub fn secret(&self) -> &Secret {
-        &self.value
+    /// The token itself (for `flinks-proxy token --show`, and to compare
+    /// two tokens).
+    pub fn expose(&self) -> &str {
+        // Built from a `String`, so UTF-8 (`to_str` would refuse obs-text).
+        std::str::from_utf8(self.bare.as_bytes()).unwrap_or("")
     }
 
     /// Whether it may still be sent.
@@ -128,11 +133,17 @@ impl Token {
                 "access_token has characters not allowed in a header".into(),
             )
         };
-        let scheme = if g.dpop { "DPoP" } else { "Bearer" };
-        let mut bearer =
-            HeaderValue::from_str(&format!("{scheme} {access}")).map_err(|_| invalid())?;
+        let scheme = if g.dpop { "DPoP " } else { "Bearer " };
+        let mut buf = bytes::BytesMut::with_capacity(scheme.len() + access.len());
+        buf.extend_from_slice(scheme.as_bytes());
+        buf.extend_from_slice(access.as_bytes());
+        let buf = buf.freeze();
+        // `from_maybe_shared` of `Bytes` keeps the buffer: both values
+        // share one allocation.
+        let mut bearer = HeaderValue::from_maybe_shared(buf.clone()).map_err(|_| invalid())?;
         bearer.set_sensitive(true);
-        let mut bare = HeaderValue::from_str(access).map_err(|_| invalid())?;
+        let mut bare =
+            HeaderValue::from_maybe_shared(buf.slice(scheme.len()..)).map_err(|_| invalid())?;
         bare.set_sensitive(true);
         let lifetime = g.lifetime.min(MAX_LIFETIME);
         let margin = (lifetime / 10).min(EXPIRY_MARGIN_MAX);
@@ -144,7 +155,6 @@ impl Token {
                 .ok_or_else(|| TokenError::InvalidResponse("lifetime out of range".into()))
         };
         Ok(Token {
-            value: g.access_token.clone(),
             obtained_at: g.sent_at,
             replaces_rejected: false,
             bearer,
@@ -255,5 +265,31 @@ mod tests {
         .unwrap();
         assert!(!format!("{t:?}").contains("tok-123"));
         assert!(t.bearer.is_sensitive());
+    }
+
+    #[test]
+    fn the_token_is_held_once() {
+        for dpop in [false, true] {
+            let access = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyLTEyMyJ9.c2ln-é";
+            let g = Granted {
+                dpop,
+                ..granted(access, Duration::from_secs(60))
+            };
+            let t = Token::from_granted(&g, Duration::from_secs(1)).unwrap();
+            let scheme = if dpop { "DPoP " } else { "Bearer " };
+            let bearer = t.header_value(&AuthScheme::Bearer);
+            assert_eq!(bearer.as_bytes(), format!("{scheme}{access}").as_bytes());
+            assert_eq!(
+                t.header_value(&AuthScheme::Bare).as_bytes(),
+                access.as_bytes()
+            );
+            assert_eq!(t.expose(), access);
+            assert!(t.header_value(&AuthScheme::Bare).is_sensitive());
+            // One allocation: the bare value points into the header's bytes.
+            let start = t.bearer.as_bytes().as_ptr() as usize;
+            assert_eq!(t.bare.as_bytes().as_ptr() as usize, start + scheme.len());
+            let other = t.header_value(&AuthScheme::Other("Token".into()));
+            assert_eq!(other.as_bytes(), format!("Token {access}").as_bytes());
+        }
     }
 }
