@@ -65,8 +65,10 @@
 # `instr` mode: user-space instructions per proxied request under
 # valgrind's callgrind, the stable measure (wall-clock ratios on a shared
 # machine move by ±0.2 between runs; this one repeats within a few percent).
-# Each proxy (nginx with `master_process off`, Caddy with `GOMAXPROCS=1`,
-# flinks-proxy with `workers = 1`, the configs of the compare mode) is
+# Each proxy (nginx with `master_process off`, Caddy with `GOMAXPROCS=1`
+# and `GODEBUG=asyncpreemptoff=1` (callgrind 3.19 asserts on Go's nested
+# SIGURG preemption), flinks-proxy with `workers = 1`, the configs of the
+# compare mode) is
 # started under
 # `valgrind --tool=callgrind --instr-atstart=no`; INSTR_WARMUP (2000)
 # requests with `h2load --h1 -c 16`, then `callgrind_control -i on`,
@@ -1091,8 +1093,11 @@ start_measured() {
         wait_http "http://127.0.0.1:$NGINX_PORT/" 200 "$WORK/nginx.err" "$PROXY_PID"
         ;;
     caddy)
-        # Under valgrind the environment comes first (env execs valgrind).
-        start_caddy "$@"
+        # The environment comes before valgrind (env execs it). Go preempts
+        # goroutines with SIGURG, which callgrind 3.19 cannot take nested in
+        # another signal (assertion in vgCallgrind_post_signal), so async
+        # preemption is off for this measurement (and its native strace run).
+        start_caddy GODEBUG=asyncpreemptoff=1 "$@"
         PROXY_PID=$STARTED_PID
         wait_http "http://127.0.0.1:$CADDY_PORT/" 200 "$WORK/caddy.err" "$PROXY_PID"
         ;;
