@@ -68,8 +68,7 @@
 # Each proxy (nginx with `master_process off`, Caddy with `GOMAXPROCS=1`
 # and `GODEBUG=asyncpreemptoff=1` (callgrind 3.19 asserts on Go's nested
 # SIGURG preemption), flinks-proxy with `workers = 1`, the configs of the
-# compare mode) is
-# started under
+# compare mode) is started under
 # `valgrind --tool=callgrind --instr-atstart=no`; INSTR_WARMUP (2000)
 # requests with `h2load --h1 -c 16`, then `callgrind_control -i on`,
 # INSTR_REQUESTS (20000) requests, `-i off`, a dump, and the dump's total Ir
