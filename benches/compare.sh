@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Side-by-side load comparison: flinks-proxy against nginx and HAProxy, each
-# proxying to the same local upstream while setting the Authorization header.
+# Side-by-side load comparison: flinks-proxy against nginx, HAProxy and
+# Caddy, each proxying to the same local upstream while setting the
+# Authorization header.
 #
 # One command, from a clean clone (Debian or Ubuntu, root or sudo, 2+ cores):
 #
@@ -11,7 +12,7 @@
 #     benches/compare.sh instr               # instructions and syscalls per request (~3 min)
 #
 # What it does:
-#   - installs wrk, nginx and haproxy from the distribution if missing
+#   - installs wrk, nginx, haproxy and caddy from the distribution if missing
 #     (apt-get update; apt-get install -y), builds `cargo build --release`;
 #   - writes every config it uses into bench-results/work-MODE/ (git-ignored);
 #   - starts, on 127.0.0.1 only: an upstream nginx (one worker) answering 200
@@ -19,17 +20,20 @@
 #     Authorization`, an upstream keep-alive pool of 512 and
 #     `proxy_ignore_client_abort on`; HAProxy (`nbthread 1`) with
 #     `http-request set-header Authorization`, `http-reuse always` and
-#     `pool-purge-delay 300s`; the flinks-proxy sandbox token endpoint; and
+#     `pool-purge-delay 300s`; Caddy (one process, `GOMAXPROCS=1`, `admin
+#     off`, `auto_https off`, no access log, a Caddyfile with `reverse_proxy`
+#     and `header_up Authorization`, an upstream keep-alive pool of 512 idle
+#     connections kept 300 s); the flinks-proxy sandbox token endpoint; and
 #     flinks-proxy (`workers = 1`, `[log] level = "warn"`) getting its token
-#     from that endpoint. nginx and HAProxy send a real token fetched from the
-#     same endpoint, so every proxy sends a header of the same size;
+#     from that endpoint. nginx, HAProxy and Caddy send a real token fetched
+#     from the same endpoint, so every proxy sends a header of the same size;
 #   - checks, before measuring, that each proxy delivers its Authorization
 #     header to the upstream and drops the client's (flinks-proxy's token
 #     must also be accepted by the sandbox API);
 #   - pins wrk (`-t1`) to CPU 0 and the proxies and upstream to CPU 1;
 #   - per connection count (1, 64, 256): a warm-up of every target, then
 #     RUNS rounds of DURATION seconds each, targets interleaved (direct,
-#     nginx, haproxy, flinks-proxy, repeat);
+#     nginx, haproxy, caddy, flinks-proxy, repeat);
 #   - per run: req/s, p50/p99 latency and errors (from a wrk Lua `done()`),
 #     CPU µs per request of the proxy process and of the upstream
 #     (/proc/PID/stat utime+stime over the run, user part shown apart), the
@@ -38,7 +42,8 @@
 #     stub_status), and the proxy's open upstream connections after it (ss),
 #     so "no new upstream connections after warm-up" is measured, not assumed;
 #   - prints a Markdown table (medians, req/s with min–max), the ratios
-#     flinks-proxy/nginx and flinks-proxy/direct and the issue's targets, and
+#     flinks-proxy/nginx, flinks-proxy/haproxy, flinks-proxy/caddy and
+#     flinks-proxy/direct and the targets of issue 20, and
 #     writes it to bench-results/compare.md (raw runs in runs.tsv).
 #
 # `renewal` mode: flinks-proxy in front of the sandbox API (which answers 401
@@ -60,8 +65,10 @@
 # `instr` mode: user-space instructions per proxied request under
 # valgrind's callgrind, the stable measure (wall-clock ratios on a shared
 # machine move by ±0.2 between runs; this one repeats within a few percent).
-# Each proxy (nginx with `master_process off`, flinks-proxy with
-# `workers = 1`, the configs of the compare mode) is started under
+# Each proxy (nginx with `master_process off`, Caddy with `GOMAXPROCS=1`
+# and `GODEBUG=asyncpreemptoff=1` (callgrind 3.19 asserts on Go's nested
+# SIGURG preemption), flinks-proxy with `workers = 1`, the configs of the
+# compare mode) is started under
 # `valgrind --tool=callgrind --instr-atstart=no`; INSTR_WARMUP (2000)
 # requests with `h2load --h1 -c 16`, then `callgrind_control -i on`,
 # INSTR_REQUESTS (20000) requests, `-i off`, a dump, and the dump's total Ir
@@ -122,7 +129,7 @@ INSTR_POOL_SELECT=${INSTR_POOL_SELECT:-4}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$ROOT/bench-results}
 WORK=$OUT/work-$MODE
-TARGETS=(direct nginx haproxy flinks-proxy)
+TARGETS=(direct nginx haproxy caddy flinks-proxy)
 CLIENT_ID=demo-client
 CLIENT_SECRET=demo-secret
 SCOPE=client:admin
@@ -196,6 +203,7 @@ install_missing() {
     command -v wrk >/dev/null || missing+=(wrk)
     command -v nginx >/dev/null || missing+=(nginx)
     command -v haproxy >/dev/null || missing+=(haproxy)
+    command -v caddy >/dev/null || missing+=(caddy)
     command -v curl >/dev/null || missing+=(curl)
     command -v taskset >/dev/null || missing+=(util-linux)
     command -v ss >/dev/null || missing+=(iproute2)
@@ -382,6 +390,56 @@ backend be
 EOF
 }
 
+# Caddy: one site on 127.0.0.1 only, `reverse_proxy` to the upstream with the
+# same static token as nginx and HAProxy (`header_up` replaces the client's
+# Authorization), HTTP/1.1 keep-alive to the upstream with up to 512 idle
+# connections kept 300 s (Caddy's default keeps 32 per host, fewer than the
+# 64 and 256 client connections, which would open upstream connections in
+# every run); no admin endpoint, no automatic HTTPS, and no access log (a
+# site logs requests only with a `log` directive); runtime log at WARN.
+write_caddy_conf() {
+    cat >"$WORK/Caddyfile" <<EOF
+{
+	admin off
+	auto_https off
+	log {
+		level WARN
+	}
+}
+
+http://:$CADDY_PORT {
+	bind 127.0.0.1
+	reverse_proxy 127.0.0.1:$UP_PORT {
+		header_up Authorization "Bearer $STATIC_TOKEN"
+		transport http {
+			keepalive 300s
+			keepalive_idle_conns 512
+			keepalive_idle_conns_per_host 512
+		}
+	}
+}
+EOF
+}
+
+# Caddy with its config, data and home directories in WORK (it writes an
+# autosave of its config there), one OS thread running Go code
+# (`GOMAXPROCS=1`), "$@" before the caddy command (valgrind in instr mode).
+# Sets STARTED_PID.
+start_caddy() {
+    local home=$WORK/caddy-home
+    mkdir -p "$home"
+    start_pinned caddy env GOMAXPROCS=1 HOME="$home" XDG_CONFIG_HOME="$home/config" XDG_DATA_HOME="$home/data" \
+        "$@" caddy run --config "$WORK/Caddyfile" --adapter caddyfile
+}
+
+validate_caddy_conf() {
+    local home=$WORK/caddy-home
+    mkdir -p "$home"
+    env HOME="$home" XDG_CONFIG_HOME="$home/config" XDG_DATA_HOME="$home/data" \
+        caddy validate --config "$WORK/Caddyfile" --adapter caddyfile >"$WORK/caddy-validate.log" 2>&1 ||
+        die "Caddyfile: $(tail -5 "$WORK/caddy-validate.log")"
+}
+
 # flinks-proxy config: ROUTE_UPSTREAM, EXTRA route lines.
 write_flinks_conf() {
     local upstream=$1 extra=${2:-}
@@ -534,7 +592,7 @@ machine() {
     local cpu
     cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
     echo "- machine: ${cpu:-unknown CPU}, $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM, Linux $(uname -r)"
-    echo "- $(nginx -v 2>&1 | sed 's/^nginx version: //'), HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }'), $(wrk -v 2>&1 | awk 'NR == 1 { print $1, $2 }'), flinks-proxy $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$ROOT" && git diff --quiet HEAD 2>/dev/null || echo ' (uncommitted changes)')"
+    echo "- $(nginx -v 2>&1 | sed 's/^nginx version: //'), HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }'), Caddy $(caddy version | awk '{ print $1 }'), $(wrk -v 2>&1 | awk 'NR == 1 { print $1, $2 }'), flinks-proxy $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$ROOT" && git diff --quiet HEAD 2>/dev/null || echo ' (uncommitted changes)')"
     echo "- layout: wrk -t1 pinned to CPU $LOAD_CPU; upstream and proxy pinned to CPU $SERVER_CPU; every server one worker/thread"
     echo "- $RUNS runs × ${DURATION} s per target and connection count, interleaved, after a ${WARMUP} s warm-up each; $(date -u '+%Y-%m-%d %H:%M UTC')"
 }
@@ -546,6 +604,7 @@ start_all() {
     alloc_port UP_STATUS_PORT
     alloc_port NGINX_PORT
     alloc_port HAPROXY_PORT
+    alloc_port CADDY_PORT
     alloc_port FLINKS_PORT
     alloc_port FLINKS_ADMIN_PORT
 
@@ -556,6 +615,7 @@ start_all() {
     write_upstream_conf
     write_nginx_conf
     write_haproxy_conf
+    write_caddy_conf
     write_flinks_conf "http://127.0.0.1:$UP_PORT"
     write_wrk_scripts
 
@@ -571,6 +631,11 @@ start_all() {
     HAPROXY_PID=$STARTED_PID
     wait_http "http://127.0.0.1:$HAPROXY_PORT/" 200 "$WORK/haproxy.err" "$HAPROXY_PID"
 
+    validate_caddy_conf
+    start_caddy
+    CADDY_PID=$STARTED_PID
+    wait_http "http://127.0.0.1:$CADDY_PORT/" 200 "$WORK/caddy.err" "$CADDY_PID"
+
     start_flinks
     wait_http "http://127.0.0.1:$FLINKS_PORT/" 200 "$WORK/flinks-proxy.err" "$FLINKS_PID"
 }
@@ -580,6 +645,7 @@ port_of() {
     direct) echo "$UP_PORT" ;;
     nginx) echo "$NGINX_PORT" ;;
     haproxy) echo "$HAPROXY_PORT" ;;
+    caddy) echo "$CADDY_PORT" ;;
     flinks-proxy | flinks-pooled) echo "$FLINKS_PORT" ;;
     esac
 }
@@ -589,6 +655,7 @@ pid_of() {
     direct) echo "" ;;
     nginx) echo "$NGINX_PID" ;;
     haproxy) echo "$HAPROXY_PID" ;;
+    caddy) echo "$CADDY_PID" ;;
     flinks-proxy) echo "$FLINKS_PID" ;;
     esac
 }
@@ -603,7 +670,7 @@ seen_authorization() {
 
 verify_headers() {
     local seen
-    for t in nginx haproxy; do
+    for t in nginx haproxy caddy; do
         seen=$(seen_authorization "$t")
         [[ $seen == "Bearer $STATIC_TOKEN" ]] || die "$t did not deliver its Authorization header (upstream saw: '${seen:0:40}')"
         log "verified: $t delivers Authorization: Bearer <token> (${#seen} bytes) and drops the client's"
@@ -688,7 +755,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "NA" || b == "NA" || b == 0)
 
 report() {
     local t c rps rmin rmax p50 p99 cpu user ucpu rss err newc pool steady
-    echo "### flinks-proxy vs nginx vs HAProxy (token header injection)"
+    echo "### flinks-proxy vs nginx vs HAProxy vs Caddy (token header injection)"
     echo
     machine
     echo
@@ -721,13 +788,16 @@ report() {
     echo
     echo "#### Ratios (medians)"
     echo
-    echo "| conns | req/s flinks/nginx | CPU/req flinks/nginx | p99 flinks/nginx | req/s flinks/haproxy | CPU/req flinks/haproxy | req/s flinks/direct | p99 flinks/direct |"
-    echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| conns | req/s flinks/nginx | req/s flinks/caddy | CPU/req flinks/nginx | CPU/req flinks/caddy | p99 flinks/nginx | p99 flinks/caddy | req/s flinks/haproxy | CPU/req flinks/haproxy | req/s flinks/direct | p99 flinks/direct |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for c in $CONNS; do
-        printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$c" \
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$c" \
             "$(ratio "$(med flinks-proxy "$c" 4)" "$(med nginx "$c" 4)")" \
+            "$(ratio "$(med flinks-proxy "$c" 4)" "$(med caddy "$c" 4)")" \
             "$(ratio "$(med flinks-proxy "$c" 7)" "$(med nginx "$c" 7)")" \
+            "$(ratio "$(med flinks-proxy "$c" 7)" "$(med caddy "$c" 7)")" \
             "$(ratio "$(med flinks-proxy "$c" 6)" "$(med nginx "$c" 6)")" \
+            "$(ratio "$(med flinks-proxy "$c" 6)" "$(med caddy "$c" 6)")" \
             "$(ratio "$(med flinks-proxy "$c" 4)" "$(med haproxy "$c" 4)")" \
             "$(ratio "$(med flinks-proxy "$c" 7)" "$(med haproxy "$c" 7)")" \
             "$(ratio "$(med flinks-proxy "$c" 4)" "$(med direct "$c" 4)")" \
@@ -737,7 +807,11 @@ report() {
     targets_check
 }
 
-# The issue's targets, each with its measured values.
+# The targets, each with its measured values: issue 20's (CPU per request
+# ≤ 1.1× nginx's, throughput at 64 conns ≥ 0.95× nginx's, p99 at 64 conns ≤
+# nginx's, 0 errors at 64 conns), then the earlier ones still held (added
+# latency at 1 conn, 256 conns: errors, upstream connections, RSS); Caddy's
+# position is printed beside them, with no target of its own.
 targets_check() {
     local verdict
     has_conns() { [[ " $CONNS " == *" $1 "* ]]; }
@@ -748,19 +822,27 @@ targets_check() {
         local fc nc
         fc=$(med flinks-proxy "$c" 7)
         nc=$(med nginx "$c" 7)
-        check "$fc <= $nc"
-        echo "- CPU per request ≤ nginx's at $c conns: flinks-proxy $(r1 "$fc") µs, nginx $(r1 "$nc") µs → $(ratio "$fc" "$nc")× — $verdict"
+        check "$fc <= 1.1 * $nc"
+        echo "- CPU per request ≤ 1.1× nginx's at $c conns: flinks-proxy $(r1 "$fc") µs, nginx $(r1 "$nc") µs → $(ratio "$fc" "$nc")× — $verdict"
     done
     if has_conns 64; then
         local f n
         f=$(med flinks-proxy 64 4)
         n=$(med nginx 64 4)
-        check "$f >= $n"
-        echo "- throughput at 64 conns ≥ nginx's: $(r0 "$f") vs $(r0 "$n") req/s → $(ratio "$f" "$n")× — $verdict"
+        check "$f >= 0.95 * $n"
+        echo "- throughput at 64 conns ≥ 0.95× nginx's: $(r0 "$f") vs $(r0 "$n") req/s → $(ratio "$f" "$n")× — $verdict"
         f=$(med flinks-proxy 64 6)
         n=$(med nginx 64 6)
         check "$f <= $n"
         echo "- p99 at 64 conns ≤ nginx's: $(r0 "$f") vs $(r0 "$n") µs → $(ratio "$f" "$n")× — $verdict"
+        f=$(sumof flinks-proxy 64 10)
+        check "$f == 0"
+        echo "- 64 conns, no errors: $f errors — $verdict"
+        local cr cc
+        f=$(med flinks-proxy 64 4)
+        cr=$(med caddy 64 4)
+        cc=$(med caddy 64 7)
+        echo "- where Caddy stands at 64 conns (no target): $(r0 "$cr") req/s and $(r1 "$cc") µs CPU per request; flinks-proxy $(ratio "$f" "$cr")× its throughput at $(ratio "$(med flinks-proxy 64 7)" "$cc")× its CPU per request, nginx $(ratio "$(med nginx 64 4)" "$cr")× its throughput"
     fi
     if has_conns 1; then
         local d fa na
@@ -785,7 +867,7 @@ targets_check() {
         echo "- RSS below 30 MiB at 256 conns: $(awk -v k="$rss" 'BEGIN { printf "%.1f", k / 1024 }') MiB — $verdict"
     fi
     echo "- zero failed requests across token renewals: see \`benches/compare.sh renewal\`"
-    echo "- instructions per request ≤ nginx's: see \`benches/compare.sh instr\`"
+    echo "- instructions per request, credential route ≤ 1.25× nginx's, per-user route ≤ +1,000 over it: see \`benches/compare.sh instr\`"
 }
 
 compare_mode() {
@@ -804,7 +886,7 @@ compare_mode() {
             done
         done
     done
-    for t in nginx haproxy flinks-proxy; do
+    for t in nginx haproxy caddy flinks-proxy; do
         kill -0 "$(pid_of "$t")" 2>/dev/null || die "$t died during the run"
     done
     mkdir -p "$OUT"
@@ -998,7 +1080,8 @@ run_h2load() {
     grep -q "status codes: $n 2xx" <<<"$out" || die "h2load: non-2xx answers: $(grep '^status codes:' <<<"$out")"
 }
 
-# Starts NAME (nginx or flinks-proxy) with "$@" prefixed; sets PROXY_PID.
+# Starts NAME (nginx, caddy, flinks-proxy or flinks-pooled) with "$@"
+# prefixed; sets PROXY_PID.
 start_measured() {
     local name=$1
     shift
@@ -1007,6 +1090,15 @@ start_measured() {
         start_pinned "$name" "$@" nginx -p "$WORK/" -c "$WORK/nginx.conf" -e "$WORK/nginx.err"
         PROXY_PID=$STARTED_PID
         wait_http "http://127.0.0.1:$NGINX_PORT/" 200 "$WORK/nginx.err" "$PROXY_PID"
+        ;;
+    caddy)
+        # The environment comes before valgrind (env execs it). Go preempts
+        # goroutines with SIGURG, which callgrind 3.19 cannot take nested in
+        # another signal (assertion in vgCallgrind_post_signal), so async
+        # preemption is off for this measurement (and its native strace run).
+        start_caddy GODEBUG=asyncpreemptoff=1 "$@"
+        PROXY_PID=$STARTED_PID
+        wait_http "http://127.0.0.1:$CADDY_PORT/" 200 "$WORK/caddy.err" "$PROXY_PID"
         ;;
     flinks-proxy)
         start_pinned "$name" "$@" "$BIN" --config "$WORK/flinks-proxy.toml"
@@ -1144,6 +1236,7 @@ instr_mode() {
     alloc_port UP_PORT
     alloc_port UP_STATUS_PORT
     alloc_port NGINX_PORT
+    alloc_port CADDY_PORT
     alloc_port FLINKS_PORT
     alloc_port FLINKS_ADMIN_PORT
     start_sandbox 3600 sandbox --users "$INSTR_USERS"
@@ -1151,13 +1244,15 @@ instr_mode() {
     [[ -n $STATIC_TOKEN ]] || die "could not get a token from $TOKEN_URL"
     write_upstream_conf
     write_nginx_conf
+    write_caddy_conf
     write_flinks_conf "http://127.0.0.1:$UP_PORT"
     write_flinks_pooled_conf "http://127.0.0.1:$UP_PORT"
     start_upstream
     nginx -t -q -p "$WORK/" -c "$WORK/nginx.conf" -e "$WORK/nginx.err" || die "nginx.conf: $(cat "$WORK/nginx.err")"
+    validate_caddy_conf
     log "connecting $INSTR_USERS users to the pool through the admin API"
     connect_users
-    local t ir=() sc=() targets=(nginx flinks-proxy flinks-pooled)
+    local t ir=() sc=() targets=(nginx caddy flinks-proxy flinks-pooled)
     for t in "${targets[@]}"; do
         log "$t under callgrind: $INSTR_WARMUP warm-up requests, then $INSTR_REQUESTS measured (h2load --h1 -c $INSTR_CONNS)"
         ir+=("$(measure_instr "$t")")
@@ -1179,11 +1274,13 @@ instr_mode() {
         echo "| proxy | instructions / request | syscalls / request |"
         echo "|---|---:|---:|"
         printf '| nginx | %s | %s |\n' "${ir[0]}" "${sc[0]}"
-        printf '| flinks-proxy, credential route | %s | %s |\n' "${ir[1]}" "${sc[1]}"
-        printf '| flinks-proxy, pooled route | %s | %s |\n' "${ir[2]}" "${sc[2]}"
-        printf '| credential route / nginx | %s× | %s× |\n' "$(ratio "${ir[1]}" "${ir[0]}")" "$(ratio "${sc[1]}" "${sc[0]}")"
-        printf '| pooled route / nginx | %s× | %s× |\n' "$(ratio "${ir[2]}" "${ir[0]}")" "$(ratio "${sc[2]}" "${sc[0]}")"
-        printf '| pooled route / credential route | %s× | %s× |\n' "$(ratio "${ir[2]}" "${ir[1]}")" "$(ratio "${sc[2]}" "${sc[1]}")"
+        printf '| caddy | %s | %s |\n' "${ir[1]}" "${sc[1]}"
+        printf '| flinks-proxy, credential route | %s | %s |\n' "${ir[2]}" "${sc[2]}"
+        printf '| flinks-proxy, pooled route | %s | %s |\n' "${ir[3]}" "${sc[3]}"
+        printf '| credential route / nginx | %s× | %s× |\n' "$(ratio "${ir[2]}" "${ir[0]}")" "$(ratio "${sc[2]}" "${sc[0]}")"
+        printf '| credential route / caddy | %s× | %s× |\n' "$(ratio "${ir[2]}" "${ir[1]}")" "$(ratio "${sc[2]}" "${sc[1]}")"
+        printf '| pooled route / nginx | %s× | %s× |\n' "$(ratio "${ir[3]}" "${ir[0]}")" "$(ratio "${sc[3]}" "${sc[0]}")"
+        printf '| pooled route / credential route | %s× | %s× |\n' "$(ratio "${ir[3]}" "${ir[2]}")" "$(ratio "${sc[3]}" "${sc[2]}")"
         echo
         echo "Syscalls per request by name:"
         echo
@@ -1192,8 +1289,10 @@ instr_mode() {
         done
         echo
         local verdict
-        if awk -v f="${ir[1]}" -v n="${ir[0]}" 'BEGIN { exit !(f <= n) }'; then verdict=met; else verdict=MISSED; fi
-        echo "- instructions per request ≤ nginx's: $(ratio "${ir[1]}" "${ir[0]}")× — $verdict"
+        if awk -v f="${ir[2]}" -v n="${ir[0]}" 'BEGIN { exit !(f <= 1.25 * n) }'; then verdict=met; else verdict=MISSED; fi
+        echo "- instructions per request, credential route ≤ 1.25× nginx's: ${ir[2]} vs ${ir[0]} → $(ratio "${ir[2]}" "${ir[0]}")× — $verdict"
+        if awk -v p="${ir[3]}" -v f="${ir[2]}" 'BEGIN { exit !(p <= f + 1000) }'; then verdict=met; else verdict=MISSED; fi
+        echo "- per-user connection route ≤ +1,000 instructions over the credential route: +$((ir[3] - ir[2])) — $verdict"
     } | tee "$OUT/instr.md"
     log "written: $OUT/instr.md; callgrind dumps in $WORK/*.callgrind (callgrind_annotate FILE)"
 }
