@@ -169,9 +169,12 @@ async fn handle_inner(
     let started = Instant::now();
     let mut replay_head = head_copy(route, replay.is_some(), &method, &uri, &headers);
     let mut resp = send(route, method, uri, headers, body, &token, deadline).await;
-    if token.ath.is_some() {
-        // Boxed: a nonce challenge is rare (the latest nonce is reused).
-        Box::pin(nonce_retry(
+    // A DPoP nonce challenge is answered once; one left standing (its body
+    // could not be kept) is not a rejection of the token: it goes back to
+    // the app, token kept. Boxed: a challenge is rare (the latest nonce is
+    // reused).
+    let challenged = token.ath.is_some()
+        && Box::pin(nonce_retry(
             route,
             &token,
             &mut resp,
@@ -180,12 +183,9 @@ async fn handle_inner(
             deadline,
         ))
         .await;
-    }
     // Until the first answer's head: what a pass-through reports.
     let first_answer = started.elapsed();
-    // A nonce challenge left standing (its body could not be kept) is not
-    // a rejection of the token: it goes back to the app, token kept.
-    let (rejected, again) = if token.ath.is_some() && nonce_challenge(&resp) {
+    let (rejected, again) = if challenged {
         (false, None)
     } else {
         reauth_replay(route, &mut resp, replay, replay_head)
@@ -364,7 +364,8 @@ async fn token_for(
 /// error="use_dpop_nonce"` (its `DPoP-Nonce` kept by [`send`]) is sent
 /// once more with a proof carrying the nonce, when the body could be kept;
 /// otherwise the 401 stands. `head` is the copy for a later `reauth_on`
-/// replay, renewed here when it was used.
+/// replay, renewed here when it was used. Whether the answer left in
+/// `resp` is a challenge.
 async fn nonce_retry(
     route: &Route,
     token: &Token,
@@ -372,32 +373,31 @@ async fn nonce_retry(
     replay: Option<&RequestBody>,
     head: &mut Option<Head>,
     deadline: Instant,
-) {
-    if !nonce_challenge(resp) {
-        return;
-    }
-    let Ok(sent) = resp else { return };
+) -> bool {
+    let sent = match resp {
+        Ok(sent) if nonce_challenge(sent) => sent,
+        _ => return false,
+    };
     let Some(body) = replay.and_then(RequestBody::try_clone) else {
-        return;
+        return true;
     };
     let Some((method, uri, headers)) = head.take().or_else(|| {
         let p = sent.request.take()?;
         Some((p.method, p.uri, p.headers))
     }) else {
-        return;
+        return true;
     };
     *head = head_copy(route, true, &method, &uri, &headers);
     route.metrics.dpop_nonce_retries.inc();
     *resp = send(route, method, uri, headers, body, token, deadline).await;
+    resp.as_ref().is_ok_and(nonce_challenge)
 }
 
 /// Whether the upstream answered `401` with `WWW-Authenticate: DPoP
 /// error="use_dpop_nonce"`.
-fn nonce_challenge(resp: &Result<Sent, ProxyError>) -> bool {
-    resp.as_ref().is_ok_and(|sent| {
-        sent.response.status() == http::StatusCode::UNAUTHORIZED
-            && dpop::asks_for_nonce(sent.response.headers())
-    })
+fn nonce_challenge(sent: &Sent) -> bool {
+    sent.response.status() == http::StatusCode::UNAUTHORIZED
+        && dpop::asks_for_nonce(sent.response.headers())
 }
 
 /// A request's method, URI and headers.
@@ -498,16 +498,16 @@ async fn send(
     // (RFC 9449 §7); the answer's `DPoP-Nonce` is kept for the next one.
     let dpop = match (&route.dpop, &token.ath) {
         (Some(d), Some(ath)) => {
-            let target = proof_target(route, &uri, &headers);
+            let server = proof_server(route, &uri, &headers);
             let proof = d
-                .proof_header(method.as_str(), &target, Some(ath))
+                .proof_header_on(&server, method.as_str(), uri.path(), Some(ath))
                 .map_err(|e| ProxyError::TokenUnavailable {
                     credential: route.config.auth.name().to_owned(),
                     reason: e.to_string(),
                     retry_after: Duration::from_secs(1),
                 })?;
             headers.insert(&dpop::DPOP, proof);
-            Some((d, target))
+            Some((d, server))
         }
         _ => None,
     };
@@ -517,8 +517,8 @@ async fn send(
     *req.headers_mut() = headers;
     match tokio::time::timeout_at(deadline.into(), route.upstream.send(req)).await {
         Ok(Ok(resp)) => {
-            if let Some((d, uri)) = dpop {
-                d.remember(&uri, resp.response.headers());
+            if let Some((d, server)) = dpop {
+                d.remember_from(&server, resp.response.headers());
             }
             Ok(resp)
         }
@@ -544,25 +544,20 @@ async fn send(
     }
 }
 
-/// The URL a DPoP proof names (`htu`): the upstream request's, whose URI
-/// is absolute when the handler built it but origin-form when an HTTP/1.1
-/// upstream gave the head back for a replay; then the route's scheme and
-/// the `Host` sent (the upstream's, or the client's with `preserve_host`).
-fn proof_target(route: &Route, uri: &Uri, headers: &HeaderMap) -> Uri {
+/// The server a DPoP proof names in `htu` and whose nonce it carries: the
+/// upstream request's scheme and authority. Its URI is absolute when the
+/// handler built it but origin-form when an HTTP/1.1 upstream gave the
+/// head back for a replay; then the route's scheme and the `Host` sent
+/// (the upstream's, or the client's with `preserve_host`).
+fn proof_server(route: &Route, uri: &Uri, headers: &HeaderMap) -> dpop::Server {
     if uri.authority().is_some() {
-        return uri.clone();
+        return dpop::Server::of(uri);
     }
     let authority = headers
         .get(header::HOST)
-        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
-        .unwrap_or_else(|| route.authority.clone());
-    let mut parts = uri.clone().into_parts();
-    parts.scheme = Some(route.scheme.clone());
-    parts.authority = Some(authority);
-    if parts.path_and_query.is_none() {
-        parts.path_and_query = Some(PathAndQuery::from_static("/"));
-    }
-    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or(route.authority.as_str());
+    dpop::Server::new(route.scheme.as_str(), authority)
 }
 
 /// The authority of the upstream request and the `Host` that goes with it:

@@ -77,14 +77,25 @@ impl Dpop {
     /// path: RFC 9449 §4.2 `htu` has no query or fragment), with the
     /// latest nonce of `uri`'s server and `ath` when given.
     pub fn proof(&self, method: &str, uri: &Uri, ath: Option<&str>) -> Result<String, ProofError> {
-        let server = server_of(uri);
-        let nonce = lock(&self.nonces).get(&server).cloned();
+        self.proof_on(&Server::of(uri), method, uri.path(), ath)
+    }
+
+    /// [`Dpop::proof`] for `path` on `server`, named once per request
+    /// and shared with [`Dpop::remember_from`].
+    pub fn proof_on(
+        &self,
+        server: &Server,
+        method: &str,
+        path: &str,
+        ath: Option<&str>,
+    ) -> Result<String, ProofError> {
+        let nonce = lock(&self.nonces).get(&server.0).cloned();
         let jti = random_bytes::<16>().map_err(|e| ProofError(e.to_string()))?;
         let iat = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        let htu = format!("{server}{}", uri.path());
+        let htu = format!("{}{path}", server.0);
         let mut claims = json!({
             "jti": B64.encode(jti),
             "htm": method,
@@ -111,40 +122,70 @@ impl Dpop {
         uri: &Uri,
         ath: Option<&str>,
     ) -> Result<HeaderValue, ProofError> {
-        let mut v = HeaderValue::try_from(self.proof(method, uri, ath)?)
-            .map_err(|e| ProofError(e.to_string()))?;
-        v.set_sensitive(true);
-        Ok(v)
+        header_value(self.proof(method, uri, ath)?)
+    }
+
+    /// [`Dpop::proof_on`] as a header value (marked sensitive).
+    pub fn proof_header_on(
+        &self,
+        server: &Server,
+        method: &str,
+        path: &str,
+        ath: Option<&str>,
+    ) -> Result<HeaderValue, ProofError> {
+        header_value(self.proof_on(server, method, path, ath)?)
     }
 
     /// Keeps the `DPoP-Nonce` of an answer from `uri`'s server, if it has
     /// one; returns whether it did.
     pub fn remember(&self, uri: &Uri, headers: &HeaderMap) -> bool {
+        self.remember_from(&Server::of(uri), headers)
+    }
+
+    /// [`Dpop::remember`] for an answer from `server`.
+    pub fn remember_from(&self, server: &Server, headers: &HeaderMap) -> bool {
         let Some(nonce) = headers.get(&DPOP_NONCE).and_then(|v| v.to_str().ok()) else {
             return false;
         };
         if nonce.is_empty() || nonce.len() > MAX_NONCE {
             return false;
         }
-        let server = server_of(uri);
         let mut nonces = lock(&self.nonces);
-        if nonces.get(&server).is_some_and(|n| n == nonce) {
+        if nonces.get(&server.0).is_some_and(|n| n == nonce) {
             return true;
         }
-        if nonces.len() >= MAX_SERVERS && !nonces.contains_key(&server) {
+        if nonces.len() >= MAX_SERVERS && !nonces.contains_key(&server.0) {
             nonces.clear();
         }
-        nonces.insert(server, nonce.to_owned());
+        nonces.insert(server.0.clone(), nonce.to_owned());
         true
     }
 }
 
-/// `scheme://authority` of `uri`, lower-cased (RFC 9449 §4.3 compares
-/// `htu` after RFC 3986 normalization).
-fn server_of(uri: &Uri) -> String {
-    let scheme = uri.scheme_str().unwrap_or("https");
-    let authority = uri.authority().map_or("", |a| a.as_str());
-    format!("{scheme}://{authority}").to_ascii_lowercase()
+fn header_value(proof: String) -> Result<HeaderValue, ProofError> {
+    let mut v = HeaderValue::try_from(proof).map_err(|e| ProofError(e.to_string()))?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// A server a proof is for and whose nonce is kept: `scheme://authority`,
+/// lower-cased (RFC 9449 §4.3 compares `htu` after RFC 3986
+/// normalization).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server(String);
+
+impl Server {
+    /// The server of an absolute `uri` (`https` when it has no scheme).
+    pub fn of(uri: &Uri) -> Server {
+        let scheme = uri.scheme_str().unwrap_or("https");
+        let authority = uri.authority().map_or("", |a| a.as_str());
+        Server::new(scheme, authority)
+    }
+
+    /// The server at `scheme://authority`.
+    pub fn new(scheme: &str, authority: &str) -> Server {
+        Server(format!("{scheme}://{authority}").to_ascii_lowercase())
+    }
 }
 
 /// `ath`: base64url(SHA-256(access token)) (RFC 9449 §4.2).
