@@ -312,15 +312,12 @@ async fn a_pool_connects_and_revokes_with_private_key_jwt() {
         authorize_params: Some(BTreeMap::from([("prompt".into(), "consent".into())])),
         ..Pool::default()
     };
-    let mut toml = ProxyToml::listeners()
-        .pool_table("users", pool)
-        .route("api", Route::pool("/", &upstream.http_url(), "users"));
-    toml.admin_mut().api_token = Some(support::connections::API_TOKEN.into());
-    toml.store = Some(Store::sqlite(
+    let toml = ProxyToml::connect_flow(
+        pool,
+        &upstream.http_url(),
         &dir.path().join("store.db"),
-        &support::connections::new_key(),
-    ));
-    toml.connect = Some(connect);
+        connect,
+    );
     let proxy = start_proxy(&toml.toml()).await;
 
     let r = admin(&proxy, "POST", "/connect-sessions/users", Some(json!({}))).await;

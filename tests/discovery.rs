@@ -479,15 +479,12 @@ async fn a_pool_discovers_its_authorize_par_and_token_endpoints_and_connects_a_u
         authorize_params: Some([("prompt".to_owned(), "consent".to_owned())].into()),
         ..Pool::default()
     };
-    let mut toml = ProxyToml::listeners()
-        .pool_table("users", pool)
-        .route("api", Route::pool("/", &upstream.http_url(), "users"));
-    toml.admin_mut().api_token = Some(API_TOKEN.into());
-    toml.store = Some(Store::sqlite(
+    let toml = ProxyToml::connect_flow(
+        pool,
+        &upstream.http_url(),
         &dir.path().join("store.db"),
-        &support::connections::new_key(),
-    ));
-    toml.connect = Some(connect);
+        connect,
+    );
     let path = toml.write(&dir);
     let config = flinks_proxy::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     let found = &config.discovered["connections.users"];

@@ -329,15 +329,7 @@ async fn a_pool_binds_the_code_and_its_users_tokens_to_its_key() {
         dpop_key: Some(dpop_key.as_str().into()),
         ..Pool::default()
     };
-    let mut toml = ProxyToml::listeners()
-        .pool_table("users", pool)
-        .route("api", Route::pool("/", &api.url(), "users"));
-    toml.admin_mut().api_token = Some(support::connections::API_TOKEN.into());
-    toml.store = Some(Store::sqlite(
-        &dir.path().join("store.db"),
-        &support::connections::new_key(),
-    ));
-    toml.connect = Some(connect);
+    let toml = ProxyToml::connect_flow(pool, &api.url(), &dir.path().join("store.db"), connect);
     let proxy = start_proxy(&toml.toml()).await;
 
     let r = admin(&proxy, "POST", "/connect-sessions/users", Some(json!({}))).await;

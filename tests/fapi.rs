@@ -152,15 +152,7 @@ impl Pooled {
     /// listener `connect`.
     async fn start(pool: Pool, upstream: &str, connect: Connect) -> Pooled {
         let dir = TempDir::new();
-        let mut toml = ProxyToml::listeners()
-            .pool_table("users", pool)
-            .route("api", Route::pool("/", upstream, "users"));
-        toml.admin_mut().api_token = Some(support::connections::API_TOKEN.into());
-        toml.store = Some(Store::sqlite(
-            &dir.path().join("store.db"),
-            &support::connections::new_key(),
-        ));
-        toml.connect = Some(connect);
+        let toml = ProxyToml::connect_flow(pool, upstream, &dir.path().join("store.db"), connect);
         let proxy = start_proxy(&toml.toml()).await;
         Pooled { proxy, dir, toml }
     }

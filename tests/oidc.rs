@@ -176,16 +176,13 @@ async fn setup_on(access_token_ttl: u64, flags: &[&str], f: impl FnOnce(&str, &m
     let upstream = TestUpstream::start("api").await;
     let mut pool = oidc_pool(&op.issuer);
     f(&op.issuer, &mut pool);
-    let mut toml = ProxyToml::listeners()
-        .pool_table("users", pool)
-        .route("api", Route::pool("/", &upstream.http_url(), "users"));
-    toml.server.request_timeout = Some(Duration::from_secs(5));
-    toml.admin_mut().api_token = Some(API_TOKEN.into());
-    toml.store = Some(Store::sqlite(
+    let mut toml = ProxyToml::connect_flow(
+        pool,
+        &upstream.http_url(),
         &dir.path().join("store.db"),
-        &connections::new_key(),
-    ));
-    toml.connect = Some(connect);
+        connect,
+    );
+    toml.server.request_timeout = Some(Duration::from_secs(5));
     let proxy = start_proxy(&toml.toml()).await;
     Setup {
         op,

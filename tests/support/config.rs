@@ -464,6 +464,19 @@ impl ProxyToml {
         c
     }
 
+    /// `pool` as `users`, routed at `/` to `upstream`, on an SQLite store
+    /// at `db` (a new key), with the admin API token and the connect flow
+    /// on `connect`: the connect-flow tests' proxy.
+    pub fn connect_flow(pool: Pool, upstream: &str, db: &Path, connect: Connect) -> ProxyToml {
+        let mut c = ProxyToml::listeners()
+            .pool_table("users", pool)
+            .route("api", Route::pool("/", upstream, "users"));
+        c.admin_mut().api_token = Some(API_TOKEN.into());
+        c.store = Some(Store::sqlite(db, &super::connections::new_key()));
+        c.connect = Some(connect);
+        c
+    }
+
     /// Applies `f` (for chaining).
     pub fn with(mut self, f: impl FnOnce(&mut ProxyToml)) -> ProxyToml {
         f(&mut self);
