@@ -138,22 +138,35 @@ pub struct Record {
 /// replaces a connection's tokens or state says which refresh token it
 /// expects to find (STYLE: "writes are conditional on what was read"), and
 /// does nothing when the row moved on (re-authorized, or refreshed by
-/// another holder). The sealed text is compared in SQL; the opened token
-/// tells a rekey (same token, new sealing) from a real change.
-#[derive(Debug, Clone, Default)]
+/// another holder). The sealed text is compared in SQL; the opened
+/// token's SHA-256 tells a rekey (same token, new sealing) from a real
+/// change (a digest, not the token: a cached connection keeps only this).
+#[derive(Clone, Default)]
 pub struct Version {
     pub(super) sealed: Option<String>,
-    pub(super) refresh_token: Option<Secret>,
+    pub(super) refresh_digest: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Version")
+            .field("sealed", &self.sealed)
+            .field("refresh_token", &self.refresh_digest.map(|_| "***"))
+            .finish()
+    }
 }
 
 impl Version {
     /// Whether both name the same refresh token (whatever its sealing).
     pub fn same_refresh_token(&self, other: &Version) -> bool {
-        match (&self.refresh_token, &other.refresh_token) {
-            (Some(a), Some(b)) => a.expose() == b.expose(),
-            (None, None) => true,
-            _ => false,
-        }
+        self.refresh_digest == other.refresh_digest
+    }
+
+    pub(super) fn digest(token: &Secret) -> [u8; 32] {
+        let d = ring::digest::digest(&ring::digest::SHA256, token.expose().as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        out
     }
 }
 

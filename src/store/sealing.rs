@@ -125,7 +125,7 @@ impl Store {
         };
         let version = Version {
             sealed: row.refresh_token,
-            refresh_token: tokens.refresh_token.clone(),
+            refresh_digest: tokens.refresh_token.as_ref().map(Version::digest),
         };
         Ok(Record {
             info: row.info,
