@@ -185,27 +185,28 @@ impl Store {
             id: String::new(),
             what,
         })?;
-        let backend = match &config.location {
-            StoreLocation::Sqlite(path) => {
-                let b = sqlite::Sqlite::open(path, access).await?;
-                if access == Access::Serve {
-                    b.free_dead_holders().await?;
+        // The process id first: an SQLite store frees the leases of
+        // holders that died (see `free_dead_holders`).
+        let holder = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
+        let backend =
+            match &config.location {
+                StoreLocation::Sqlite(path) => {
+                    let b = sqlite::Sqlite::open(path, access).await?;
+                    if access == Access::Serve {
+                        b.free_dead_holders().await?;
+                    }
+                    Backend::Sqlite(b)
                 }
-                Backend::Sqlite(b)
-            }
-            StoreLocation::Postgres(url) => Backend::Postgres(Box::new(postgres::Postgres::new(
-                url,
-                config.max_connections,
-            )?)),
-        };
+                StoreLocation::Postgres(url) => Backend::Postgres(Box::new(
+                    postgres::Postgres::new(url, config.max_connections, &holder)?,
+                )),
+            };
         Ok(Store {
             backend,
             sealer,
             kind: config.location.kind(),
             access,
-            // The process id first: an SQLite store frees the leases of
-            // holders that died (see `free_dead_holders`).
-            holder: format!("{}-{:016x}", std::process::id(), rand::random::<u64>()),
+            holder,
             healthy: AtomicBool::new(true),
             metrics,
             initialized: tokio::sync::OnceCell::new(),

@@ -20,11 +20,14 @@ CREATE TABLE connection_changes (
 CREATE INDEX connection_changes_at ON connection_changes (at);
 
 -- The events of 0001's trigger, now written to the feed. Lease-only
--- updates are not changes.
+-- updates are not changes. `holder` is the process that made the change:
+-- the lease holder that committed a refresh, else the writing session's
+-- application_name (a proxy names its connections after its lease holder
+-- id, so it can skip what it wrote itself).
 CREATE FUNCTION flinks_proxy_log_change() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     event TEXT;
-    holder TEXT := '';
+    holder TEXT := COALESCE(current_setting('application_name', true), '');
     r connections;
 BEGIN
     IF TG_OP = 'INSERT' THEN

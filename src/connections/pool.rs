@@ -269,7 +269,11 @@ impl Pool {
             }
             Err(RecvError::Closed) => return,
         };
+        let own = holder == self.store.holder();
         match kind {
+            // What this process wrote it forgot already (`Pool::forget`);
+            // a read since holds the row as written.
+            ChangeKind::Created | ChangeKind::Reauthorized if own => return,
             ChangeKind::Created | ChangeKind::Reauthorized => self.forget_local(&id).await,
             ChangeKind::Deleted => {
                 if let Some(c) = self.cache.get(&id).await {
@@ -282,12 +286,15 @@ impl Pool {
                     c.revoke(true);
                 }
             }
-            ChangeKind::Refreshed if holder != self.store.holder() => {
-                if let Some(c) = self.cache.get(&id).await {
-                    c.stale.store(true, Ordering::Release);
+            // New tokens change no count: no recount.
+            ChangeKind::Refreshed => {
+                if !own {
+                    if let Some(c) = self.cache.get(&id).await {
+                        c.stale.store(true, Ordering::Release);
+                    }
                 }
+                return;
             }
-            ChangeKind::Refreshed => return,
         }
         self.recount.notify_one();
     }

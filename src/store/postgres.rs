@@ -10,6 +10,7 @@
 //! printed here, and driver errors do not contain it.
 
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
@@ -21,6 +22,7 @@ use super::{
     sealed_row, ConnectionInfo, ConnectionState, LastError, SealedRow, SealedTokens, StoreError,
     Took,
 };
+use crate::ground::lock;
 use crate::ground::secret::Secret;
 
 mod feed;
@@ -43,6 +45,8 @@ const COLUMNS: &str = "pool, id, sub, state, last_error, last_error_description,
 pub(super) struct Postgres {
     pool: PgPool,
     options: PgConnectOptions,
+    /// The change feed's cursor, placed by [`Postgres::init`].
+    feed_start: Arc<Mutex<Option<feed::Cursor>>>,
 }
 
 impl Postgres {
@@ -52,17 +56,30 @@ impl Postgres {
     }
 
     /// A pool that connects lazily: nothing is sent until [`Postgres::init`].
-    pub(super) fn new(url: &Secret, max_connections: u32) -> Result<Postgres, StoreError> {
-        let options = PgConnectOptions::from_str(url.expose()).map_err(unavailable("open"))?;
+    /// Its connections name `holder` as their `application_name`: the
+    /// change feed's trigger records which process made a change.
+    pub(super) fn new(
+        url: &Secret,
+        max_connections: u32,
+        holder: &str,
+    ) -> Result<Postgres, StoreError> {
+        let options = PgConnectOptions::from_str(url.expose())
+            .map_err(unavailable("open"))?
+            .application_name(holder);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options.clone());
-        Ok(Postgres { pool, options })
+        Ok(Postgres {
+            pool,
+            options,
+            feed_start: Arc::default(),
+        })
     }
 
     /// Refuses a schema newer than the embedded migrations, then migrates
-    /// (sqlx takes an advisory lock: replicas starting together migrate once).
+    /// (sqlx takes an advisory lock: replicas starting together migrate
+    /// once), and places the change feed's cursor before anything is read.
     pub(super) async fn init(&self) -> Result<(), StoreError> {
         self.check_schema().await?;
         MIGRATOR.run(&self.pool).await.map_err(|e| match e {
@@ -71,7 +88,12 @@ impl Postgres {
                 source,
             },
             e => StoreError::Migrate(e),
-        })
+        })?;
+        let cursor = feed::start(&self.pool, tokio::time::Instant::now())
+            .await
+            .map_err(unavailable("migrate"))?;
+        *lock(&self.feed_start) = Some(cursor);
+        Ok(())
     }
 
     /// Refuses a schema newer than the embedded migrations (writes nothing).
@@ -99,6 +121,7 @@ impl Postgres {
     pub(super) fn feed(&self) -> feed::Feed {
         feed::Feed {
             options: self.options.clone(),
+            start: Arc::clone(&self.feed_start),
         }
     }
 

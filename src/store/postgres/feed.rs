@@ -13,7 +13,7 @@
 //! whose transaction rolled back stays a hole until then.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
@@ -22,8 +22,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{ACQUIRE_TIMEOUT, CHANNEL, LISTEN_BACKOFF_MAX};
+use crate::ground::lock;
 use crate::store::{Change, ChangeKind, CHANGE_POLL};
 
+/// Reads of one replica are at least this far apart (at most 20 a second,
+/// whatever the fleet's change rate); a full page is read on at once.
+const READ_GAP: Duration = Duration::from_millis(50);
 /// Rows read per query; a full page is followed at once by the next.
 const PAGE: i64 = 1_000;
 /// How long a skipped sequence number is asked for again.
@@ -121,13 +125,18 @@ impl Cursor {
 /// Follows the feed: the doorbell on one connection, the reads on another.
 pub(in crate::store) struct Feed {
     pub(super) options: PgConnectOptions,
+    /// Where [`super::Postgres::init`] leaves the cursor it placed before
+    /// the store served anything.
+    pub(super) start: Arc<Mutex<Option<Cursor>>>,
 }
 
 impl Feed {
-    /// Reads the feed until `cancel`, sending what changed to `tx`. It
-    /// sends [`Change::All`] when it cannot know what it missed: at start
-    /// (what was cached before the cursor existed), after a jump it could
-    /// not track, and after being unable to read for [`FEED_LOST`].
+    /// Reads the feed until `cancel`, sending what changed to `tx`, from
+    /// the cursor the store's initialisation placed (nothing is read from
+    /// the store before: nothing cached can predate it). It sends
+    /// [`Change::All`] when it cannot know what it missed: after a jump it
+    /// could not track, after being unable to read for [`FEED_LOST`], and
+    /// when the store's numbers went back.
     pub(in crate::store) async fn follow(
         self,
         tx: broadcast::Sender<Change>,
@@ -144,9 +153,30 @@ impl Feed {
         let mut pruned_at = Instant::now();
         loop {
             let now = Instant::now();
+            if cursor.is_none() {
+                cursor = lock(&self.start).take();
+            }
+            let Some(c) = cursor.as_mut() else {
+                // The store is not initialised yet.
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(READ_GAP) => {}
+                }
+                read_at = Instant::now();
+                continue;
+            };
             let r = tokio::select! {
                 () = cancel.cancelled() => return,
-                r = read(&own, &mut cursor, &tx) => r,
+                r = read(&own, c, &tx) => r,
+            };
+            let r = match r {
+                Ok(Read::Reset) => start(&own, Instant::now()).await.map(|c| {
+                    cursor = Some(c);
+                    let _ = tx.send(Change::All);
+                    false
+                }),
+                Ok(Read::Page { full }) => Ok(full),
+                Err(e) => Err(e),
             };
             match r {
                 Ok(full) => {
@@ -180,36 +210,50 @@ impl Feed {
                 () = bell.notified() => {}
                 () = tokio::time::sleep(CHANGE_POLL) => {}
             }
+            // A busy fleet rings all the time: one read gathers what rang
+            // within READ_GAP, so reads per second stay bounded.
+            if let Some(wait) = now.checked_add(READ_GAP) {
+                tokio::time::sleep_until(wait).await;
+            }
         }
     }
 }
 
 type Row = (i64, String, String, String, String);
 
-/// One read of the feed; `true` when a full page came back (read again).
+/// What a read of the feed found.
+enum Read {
+    /// Rows (a full page: read again at once).
+    Page { full: bool },
+    /// The store's numbers went back (restored from an older backup):
+    /// start again from its newest.
+    Reset,
+}
+
+/// A cursor after the newest change, with the numbers skipped over the
+/// last [`START_WINDOW_S`] as holes (transactions still in flight).
+pub(in crate::store) async fn start(db: &PgPool, now: Instant) -> Result<Cursor, sqlx::Error> {
+    let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM connection_changes")
+        .fetch_one(db)
+        .await?;
+    let recent: Vec<(i64,)> = sqlx::query_as(
+        "SELECT seq FROM connection_changes \
+         WHERE at > clock_timestamp() - make_interval(secs => $1) ORDER BY seq",
+    )
+    .bind(START_WINDOW_S as f64)
+    .fetch_all(db)
+    .await?;
+    let recent: Vec<i64> = recent.into_iter().map(|r| r.0).collect();
+    Ok(Cursor::start(max.unwrap_or(0), &recent, now))
+}
+
+/// One read of the feed.
 async fn read(
     db: &PgPool,
-    cursor: &mut Option<Cursor>,
+    c: &mut Cursor,
     tx: &broadcast::Sender<Change>,
-) -> Result<bool, sqlx::Error> {
+) -> Result<Read, sqlx::Error> {
     let now = Instant::now();
-    let Some(c) = cursor else {
-        let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM connection_changes")
-            .fetch_one(db)
-            .await?;
-        let recent: Vec<(i64,)> = sqlx::query_as(
-            "SELECT seq FROM connection_changes \
-             WHERE at > clock_timestamp() - make_interval(secs => $1) ORDER BY seq",
-        )
-        .bind(START_WINDOW_S as f64)
-        .fetch_all(db)
-        .await?;
-        let recent: Vec<i64> = recent.into_iter().map(|r| r.0).collect();
-        *cursor = Some(Cursor::start(max.unwrap_or(0), &recent, now));
-        // Whatever was read into memory before the cursor existed.
-        let _ = tx.send(Change::All);
-        return Ok(false);
-    };
     c.expire(now);
     let rows: Vec<Row> = sqlx::query_as(
         "(SELECT seq, pool, id, event, holder FROM connection_changes \
@@ -244,16 +288,16 @@ async fn read(
         }
     }
     if after == 0 {
-        // The store restored from an older backup (its numbers went back):
-        // start again from its newest.
         let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM connection_changes")
             .fetch_one(db)
             .await?;
         if max.unwrap_or(0) < c.last() {
-            *cursor = None;
+            return Ok(Read::Reset);
         }
     }
-    Ok(after >= PAGE)
+    Ok(Read::Page {
+        full: after >= PAGE,
+    })
 }
 
 /// Rings `bell` at every notification on [`CHANNEL`], reconnecting with
