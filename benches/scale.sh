@@ -158,6 +158,9 @@ SEED_S=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", (b - a) / 1000 }')
 VACUUM_S=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.1f", (b - a) / 1000 }')
 read -r TOTAL_BYTES HEAP_BYTES INDEX_BYTES <<<"$(pg_sql bench -At -F ' ' -c "SELECT pg_total_relation_size('connections'),
     pg_relation_size('connections'), pg_indexes_size('connections')")"
+# What `flinks-proxy connections list` without --pool runs (Store::pools).
+DISTINCT_MS=$(pg_sql bench -At -c "EXPLAIN (ANALYZE, FORMAT JSON) SELECT DISTINCT pool FROM connections ORDER BY pool" |
+    jq '.[0]["Execution Time"]')
 log "seeded in $SEED_S s (vacuum analyze $VACUUM_S s); $((TOTAL_BYTES / ROWS)) bytes per row"
 
 # alive PID DEADLINE_MS: a short pause, or stop the bench if PID died or
@@ -254,6 +257,16 @@ snapshot() {
     for i in 0 1; do curl -s "$(admin "$i")/status" | jq '.pools.users.cache_size'; done |
         awk '{ s += $1 } END { printf "cached %d\n", s }' >>"$1"
 }
+# cpu_ticks PID...: utime + stime of the processes, in clock ticks.
+cpu_ticks() { for p in "$@"; do awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$p/stat"; done | awk '{ s += $1 } END { print s }'; }
+# The cluster's processes: the postmaster and its children (the proxies'
+# connections are long-lived, so their CPU stays counted).
+pg_pids() {
+    local pm
+    pm=$(head -1 "$WORK/pg/data/postmaster.pid")
+    # shellcheck disable=SC2046
+    echo "$pm" $(ps -o pid= --ppid "$pm")
+}
 # delta NAME: the measured run's increase of NAME.
 delta() {
     awk -v k="$1" '$1 == k { if (FNR == NR) b = $2; else a = $2 } END { printf "%d", a - b }' \
@@ -271,8 +284,12 @@ run_load() {
 log "load: Zipf over $ZIPF_N users, $CONNS connections, ${WARMUP} s warm-up"
 run_load "$WARMUP" warmup
 snapshot "$WORK/before.txt"
+# shellcheck disable=SC2046
+read -r PROXY_T0 PG_T0 <<<"$(cpu_ticks "${REPLICA_PIDS[@]}") $(cpu_ticks $(pg_pids))"
 log "load: ${DURATION} s measured"
 run_load "$DURATION" measured
+# shellcheck disable=SC2046
+read -r PROXY_T1 PG_T1 <<<"$(cpu_ticks "${REPLICA_PIDS[@]}") $(cpu_ticks $(pg_pids))"
 snapshot "$WORK/after.txt"
 sleep 1
 RSS1=("$(rss_kb "${REPLICA_PIDS[0]}")" "$(rss_kb "${REPLICA_PIDS[1]}")")
@@ -283,6 +300,8 @@ BAD=$(($(field non2xx) + $(field errors)))
 P99=$(sed -n 's/.* p99_us=\([0-9]*\).*/\1/p' "$WORK"/wrk-measured-*.txt | sort -n | tail -1)
 P50=$(sed -n 's/.* p50_us=\([0-9]*\).*/\1/p' "$WORK"/wrk-measured-*.txt | sort -n | tail -1)
 
+HZ=$(getconf CLK_TCK)
+us_per() { awk -v t="$1" -v n="$2" -v hz="$HZ" 'BEGIN { printf "%.1f", n ? t * 1e6 / hz / n : 0 }'; }
 FIRST_READS=$(delta cached)
 BACKGROUND_OPS=$(($(delta op_counts) + $(delta op_idle_oldest) + $(delta op_webhook_queue)))
 REQUEST_OPS=$(($(delta ops) - BACKGROUND_OPS))
@@ -328,20 +347,35 @@ mkdir -p "$OUT"
         echo "| RSS at start with $rows rows | $(($(col "$f" 4) / 1024)) MiB |"
     done
     echo "| the per-state counts query (connection_counts), mean over the run | $COUNTS_MS ms |"
+    echo "| \`connections list\` without --pool: SELECT DISTINCT pool over $ROWS rows | $DISTINCT_MS ms |"
     echo "| cold user's first request, valid stored token: p50 / p99 (ms) | $(class_times valid "$WORK/cold.txt" | pct 50) / $(class_times valid "$WORK/cold.txt" | pct 99) |"
     echo "| cold user's first request, expired stored token (a refresh): p50 / p99 (ms) | $(class_times expired "$WORK/cold.txt" | pct 50) / $(class_times expired "$WORK/cold.txt" | pct 99) |"
     echo "| the same users again, warm: p50 / p99 (ms) | $(awk '{ print $3 }' "$WORK/warm.txt" | pct 50) / $(awk '{ print $3 }' "$WORK/warm.txt" | pct 99) |"
     echo "| Zipf load, ${DURATION} s after ${WARMUP} s: requests, req/s, p50 / p99 (µs, worse replica), non-2xx + errors | $REQUESTS, $((REQUESTS / DURATION)), $P50 / $P99, $BAD |"
+    echo "| CPU per proxied request: both replicas / PostgreSQL (µs) | $(us_per $((PROXY_T1 - PROXY_T0)) "$REQUESTS") / $(us_per $((PG_T1 - PG_T0)) "$REQUESTS") |"
+    echo "| PostgreSQL CPU per store operation (µs) | $(us_per $((PG_T1 - PG_T0)) "$(delta ops)") |"
     echo "| store operations per proxied request on the request path (get, lease, commit, release) | $(ratio "$REQUEST_OPS" "$REQUESTS") |"
     echo "| of which first reads of users not cached yet | $(ratio "$FIRST_READS" "$REQUESTS") |"
     echo "| **warm: re-reads of cached users (5 s revalidation) and refresh writes, per request** | **$(ratio $((REQUEST_OPS - FIRST_READS)) "$REQUESTS")** |"
     echo "| background store operations (counts, keep-alive gauge, webhook queue), per replica per second | $(ratio "$BACKGROUND_OPS" $((2 * DURATION)) %.1f) |"
     echo "| store operations by op in the measured run (both replicas) | $(for o in $(awk '$1 ~ /^op_/ { sub(/^op_/, "", $1); print $1 }' "$WORK/after.txt" | sort); do d=$(delta "op_$o"); ((d > 0)) && printf '%s %d, ' "$o" "$d"; done | sed 's/, $//') |"
     echo "| refreshes (token requests) in the measured run, per second | $(delta refreshes), $(ratio "$(delta refreshes)" "$DURATION" %.1f) |"
+    echo "| row updates of connections (all runs), of which HOT | $(pg_sql bench -At -F ', ' -c "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'connections'") |"
     echo "| WAL bytes per refresh | $(ratio "$(delta wal)" "$(delta refreshes)" %.0f) |"
     for i in 0 1; do
         echo "| replica $i: RSS after startup → after the load, cached connections, bytes per cached connection | $((RSS0[i] / 1024)) → $((RSS1[i] / 1024)) MiB, ${CACHED[i]}, $(per_conn "${RSS0[i]}" "${RSS1[i]}" "${CACHED[i]}") |"
     done
     echo
+    cold99=$(class_times valid "$WORK/cold.txt" | pct 99)
+    warm99=$(awk '{ print $3 }' "$WORK/warm.txt" | pct 99)
+    small=$(col "$WORK/startup-small.txt" 3)
+    big=$(col "$WORK/startup-bench.txt" 3)
+    verdict() { if awk "BEGIN { exit !($1) }"; then echo met; else echo MISSED; fi; }
+    echo "- target, startup and RSS do not grow with the rows: counts in /status after ${small} ms with $SMALL_ROWS rows, ${big} ms with $ROWS; RSS $(($(col "$WORK/startup-small.txt" 4) / 1024)) and $(($(col "$WORK/startup-bench.txt" 4) / 1024)) MiB"
+    echo "- target, a cold user's first request p99 ≤ 5 ms over the warm path: ${cold99} ms against ${warm99} ms warm, +$(awk -v a="$cold99" -v b="$warm99" 'BEGIN { printf "%.1f", a - b }') ms — $(verdict "$cold99 - $warm99 <= 5")"
+    warm_ops=$(ratio $((REQUEST_OPS - FIRST_READS)) "$REQUESTS")
+    echo "- target, 0 store round trips per warm request: $warm_ops — $(verdict "$warm_ops == 0")"
+    bpc=$(per_conn "${RSS0[1]}" "${RSS1[1]}" "${CACHED[1]}")
+    echo "- target, ≤ 1 KiB per cached connection: $(per_conn "${RSS0[0]}" "${RSS1[0]}" "${CACHED[0]}") and $bpc bytes — $(verdict "$bpc <= 1024 && $(per_conn "${RSS0[0]}" "${RSS1[0]}" "${CACHED[0]}") <= 1024")"
     echo "- cold and warm requests: $COLD users u$((ROWS - COLD))..u$((ROWS - 1)) (outside the Zipf ranks), sequential on replica 1 after the load, one keep-alive connection; non-200: $cold_bad"
 } | tee "$OUT/scale.md"
