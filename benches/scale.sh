@@ -2,7 +2,7 @@
 # A million connections per store (issue 20): ROWS sealed connections in
 # one PostgreSQL, two replicas, Zipf-distributed traffic over the users.
 #
-#     benches/scale.sh                          # about 10 minutes
+#     benches/scale.sh                          # about 3 minutes
 #     ROWS=100000 DURATION=20 benches/scale.sh  # quick check
 #
 # What it does (loopback only):
@@ -310,6 +310,22 @@ COUNTS_MS=$(for i in 0 1; do curl -s "$(admin "$i")/metrics"; done | awk '
     /^flinks_proxy_store_operation_duration_seconds_count\{op="counts"/ { n += $2 }
     END { printf "%.2f", n ? s / n * 1000 : 0 }')
 
+# op_latency OP: "mean_ms p99_le_ms" of a store operation over the whole
+# run (both replicas; the p99 as the histogram bucket bound it falls under).
+op_latency() {
+    for i in 0 1; do curl -s "$(admin "$i")/metrics"; done | awk -v op="op=\"$1\"" '
+        index($0, "flinks_proxy_store_operation_duration_seconds_bucket{") == 1 && index($0, op) {
+            match($0, /le="[^"]*"/); le = substr($0, RSTART + 4, RLENGTH - 5); b[le] += $2; les[le] = 1 }
+        index($0, "flinks_proxy_store_operation_duration_seconds_sum{") == 1 && index($0, op) { s += $2 }
+        index($0, "flinks_proxy_store_operation_duration_seconds_count{") == 1 && index($0, op) { n += $2 }
+        END {
+            p = "?"; best = 1e9
+            for (le in les) if (le != "+Inf" && b[le] >= 0.99 * n && le + 0 < best) { best = le + 0; p = sprintf("%g", le * 1000) }
+            printf "%.2f %s", n ? s / n * 1000 : 0, p
+        }'
+}
+read -r GET_MEAN GET_P99 <<<"$(op_latency get)"
+
 # Cold users on replica 1: one curl, one keep-alive connection, a request each.
 cold_config() {
     for u in $(seq $((ROWS - COLD)) $((ROWS - 1))); do
@@ -354,6 +370,7 @@ mkdir -p "$OUT"
     echo "| Zipf load, ${DURATION} s after ${WARMUP} s: requests, req/s, p50 / p99 (µs, worse replica), non-2xx + errors | $REQUESTS, $((REQUESTS / DURATION)), $P50 / $P99, $BAD |"
     echo "| CPU per proxied request: both replicas / PostgreSQL (µs) | $(us_per $((PROXY_T1 - PROXY_T0)) "$REQUESTS") / $(us_per $((PG_T1 - PG_T0)) "$REQUESTS") |"
     echo "| PostgreSQL CPU per store operation (µs) | $(us_per $((PG_T1 - PG_T0)) "$(delta ops)") |"
+    echo "| store reads (get) as the replicas time them, incl. waiting for one of the pool's connections: mean, p99 ≤ (ms) | $GET_MEAN, $GET_P99 |"
     echo "| store operations per proxied request on the request path (get, lease, commit, release) | $(ratio "$REQUEST_OPS" "$REQUESTS") |"
     echo "| of which first reads of users not cached yet | $(ratio "$FIRST_READS" "$REQUESTS") |"
     echo "| **warm: re-reads of cached users (5 s revalidation) and refresh writes, per request** | **$(ratio $((REQUEST_OPS - FIRST_READS)) "$REQUESTS")** |"
