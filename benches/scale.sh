@@ -114,6 +114,8 @@ cache_size = $ROWS
 path_prefix = "/"
 upstream = "$API_URL"
 connections = "users"
+# A stored token the sandbox does not take shows as a non-2xx, not a retry.
+reauth_on = []
 EOF
 }
 
@@ -136,11 +138,11 @@ for db in small bench; do
 done
 
 # seed DB FIRST COUNT: bench-rows into DB's connections, triggers off.
-COLUMNS="pool, id, sub, state, created_at, authorized_at, last_refresh_at, access_token_expires_at, refresh_token, access_token"
+COPY_COLUMNS="pool, id, sub, state, created_at, authorized_at, last_refresh_at, access_token_expires_at, refresh_token, access_token"
 seed() {
     FLINKS_PROXY_STORE_KEY=$KEY "$BIN" bench-rows --first "$2" --rows "$3" \
         --expired-every "$EXPIRED_EVERY" --valid-for "$VALID_FOR" |
-        pg_sql "$1" -c "SET session_replication_role = replica" -c "\\copy connections ($COLUMNS) FROM pstdin"
+        pg_sql "$1" -c "SET session_replication_role = replica" -c "\\copy connections ($COPY_COLUMNS) FROM pstdin"
     pg_sql "$1" -c "INSERT INTO connection_counts (pool, state, n)
         SELECT pool, state, COUNT(*) FROM connections GROUP BY pool, state
         ON CONFLICT (pool, state) DO UPDATE SET n = EXCLUDED.n"
@@ -389,7 +391,7 @@ mkdir -p "$OUT"
     big=$(col "$WORK/startup-bench.txt" 3)
     verdict() { if awk "BEGIN { exit !($1) }"; then echo met; else echo MISSED; fi; }
     echo "- target, startup and RSS do not grow with the rows: counts in /status after ${small} ms with $SMALL_ROWS rows, ${big} ms with $ROWS; RSS $(($(col "$WORK/startup-small.txt" 4) / 1024)) and $(($(col "$WORK/startup-bench.txt" 4) / 1024)) MiB"
-    echo "- target, a cold user's first request p99 ≤ 5 ms over the warm path: ${cold99} ms against ${warm99} ms warm, +$(awk -v a="$cold99" -v b="$warm99" 'BEGIN { printf "%.1f", a - b }') ms — $(verdict "$cold99 - $warm99 <= 5")"
+    echo "- target, a cold user's first request p99 ≤ 5 ms over the warm path: ${cold99} ms against ${warm99} ms warm, $(awk -v a="$cold99" -v b="$warm99" 'BEGIN { printf "%+.1f", a - b }') ms — $(verdict "$cold99 - $warm99 <= 5")"
     warm_ops=$(ratio $((REQUEST_OPS - FIRST_READS)) "$REQUESTS")
     echo "- target, 0 store round trips per warm request: $warm_ops — $(verdict "$warm_ops == 0")"
     bpc=$(per_conn "${RSS0[1]}" "${RSS1[1]}" "${CACHED[1]}")
