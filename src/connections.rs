@@ -59,7 +59,7 @@ mod revoke;
 mod select;
 
 pub use authorize::{AuthorizeError, Exchange};
-pub use conn::{Conn, REVALIDATE_AFTER};
+pub use conn::Conn;
 pub use error::PoolBuildError;
 pub use error::PoolError;
 pub use ledger::Ledger;

@@ -56,7 +56,7 @@ use crate::ground::now_ms;
 use crate::ground::secret::Secret;
 
 use changes::CHANGE_BUFFER;
-pub use changes::{Change, ChangeKind};
+pub use changes::{Change, ChangeKind, CHANGE_POLL};
 use error::unavailable;
 pub use error::{retry_while_unavailable, StoreError};
 pub use outbox::{Attempt, EventState, Queue, WebhookEvent};

@@ -54,7 +54,8 @@ const USERS: usize = 6;
 /// Access token lifetime: refreshed after half of it.
 const LIFETIME_S: u64 = 2;
 const LONG_LIVED: Duration = Duration::from_secs(30);
-/// A deletion reaches every proxy within `REVALIDATE_AFTER` (5 s) + 1 s.
+/// A deletion reaches every proxy within the 5 s CONNECTIONS.md promises
+/// (the change feed: `CHANGE_POLL` and one read) + 1 s.
 const DELETE_BOUND: Duration = Duration::from_secs(6);
 /// A re-authorization on one replica reaches the other within the same bound.
 const SETTLE: Duration = Duration::from_secs(6);

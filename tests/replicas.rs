@@ -269,10 +269,10 @@ async fn a_connection_made_on_one_replica_works_on_another_and_its_deletion_foll
     })
     .await;
     assert!(gone, "b stops using a deleted connection");
-    // Bound: the notification, else the 5 s re-validation.
+    // Bound: the doorbell, else the next read of the change feed.
     let took = deleted.elapsed();
     assert!(
-        took < flinks_proxy::connections::REVALIDATE_AFTER + Duration::from_secs(5),
+        took < flinks_proxy::store::CHANGE_POLL + Duration::from_secs(5),
         "{took:?}"
     );
     a.shutdown().await;
@@ -798,7 +798,7 @@ async fn the_store_speaks_tls_as_the_urls_sslmode_says() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deletion_whose_notification_is_lost_is_seen_by_the_periodic_check() {
+async fn a_deletion_whose_notification_is_lost_is_seen_by_the_next_read_of_the_feed() {
     let pg = PgCluster::start();
     pg.create_database("lost");
     let subs: Vec<String> = vec!["alice".to_owned()];
@@ -806,12 +806,12 @@ async fn a_deletion_whose_notification_is_lost_is_seen_by_the_periodic_check() {
     let p = support::start_proxy(&pg_toml(&sb, &pg.url("lost"), &new_key())).await;
     connect(&p, "alice").await;
     assert_eq!(get_as(&p, "/api/fdx/5/accounts", "alice").await.status, 200);
-    // Deleted behind the proxy's back, without a notification.
+    // Deleted without the doorbell ringing.
     let db = sqlx::PgPool::connect(&pg.url("lost")).await.unwrap();
     for sql in [
-        "ALTER TABLE connections DISABLE TRIGGER connections_notify",
+        "ALTER TABLE connection_changes DISABLE TRIGGER connection_changes_ring",
         "DELETE FROM connections WHERE id = 'alice'",
-        "ALTER TABLE connections ENABLE TRIGGER connections_notify",
+        "ALTER TABLE connection_changes ENABLE TRIGGER connection_changes_ring",
     ] {
         sqlx::query(sql).execute(&db).await.unwrap();
     }
@@ -826,10 +826,149 @@ async fn a_deletion_whose_notification_is_lost_is_seen_by_the_periodic_check() {
     );
     let took = deleted.elapsed();
     assert!(
-        took < flinks_proxy::connections::REVALIDATE_AFTER + Duration::from_secs(5),
+        took < flinks_proxy::store::CHANGE_POLL + Duration::from_secs(5),
         "{took:?}"
     );
     p.shutdown().await;
+}
+
+/// Sequence numbers of the change feed are drawn when a change is written
+/// and seen when its transaction commits: a change committed after a later
+/// one's must still reach the replica (it asks again for the numbers it
+/// skipped). Here alice's deletion draws its number first and its writer
+/// pauses until the proxy has read past it (bob's re-authorization, which
+/// takes no lock the deletion holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_committed_after_a_later_one_is_still_seen() {
+    const ACCOUNTS: &str = "/api/fdx/5/accounts";
+    let pg = PgCluster::start();
+    pg.create_database("gaps");
+    let subs: Vec<String> = vec!["alice".to_owned(), "bob".to_owned()];
+    let sb = users_sandbox(&subs, 3600).await;
+    let p = support::start_proxy(&pg_toml(&sb, &pg.url("gaps"), &new_key())).await;
+    for s in &subs {
+        connect(&p, s).await;
+        assert_eq!(get_as(&p, ACCOUNTS, s).await.status, 200);
+    }
+    let db = sqlx::PgPool::connect(&pg.url("gaps")).await.unwrap();
+    let mut paused = db.begin().await.unwrap();
+    sqlx::query("DELETE FROM connections WHERE id = 'alice'")
+        .execute(&mut *paused)
+        .await
+        .unwrap();
+    let (alice_seq,): (i64,) =
+        sqlx::query_as("SELECT currval(pg_get_serial_sequence('connection_changes', 'seq'))")
+            .fetch_one(&mut *paused)
+            .await
+            .unwrap();
+    let gets = store_gets(&p).await;
+    sqlx::query("UPDATE connections SET authorized_at = authorized_at + 1 WHERE id = 'bob'")
+        .execute(&db)
+        .await
+        .unwrap();
+    let (bob_seq,): (i64,) = sqlx::query_as(
+        "SELECT seq FROM connection_changes WHERE id = 'bob' AND event = 'reauthorized'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert!(bob_seq > alice_seq, "{bob_seq} > {alice_seq}");
+    // Once the proxy has read bob's change it forgets him: his next
+    // request reads the store.
+    let read_past = eventually(Duration::from_secs(10), || async {
+        assert_eq!(get_as(&p, ACCOUNTS, "bob").await.status, 200);
+        store_gets(&p).await > gets
+    })
+    .await;
+    assert!(
+        read_past,
+        "the proxy read bob's change, past alice's number"
+    );
+    let r = get_as(&p, ACCOUNTS, "alice").await;
+    assert_eq!(r.status, 200, "alice's deletion is not committed yet");
+
+    paused.commit().await.unwrap();
+    let committed = Instant::now();
+    let gone = eventually(Duration::from_secs(10), || async {
+        get_as(&p, ACCOUNTS, "alice").await.status == 404
+    })
+    .await;
+    assert!(
+        gone,
+        "the deletion committed out of order reaches the proxy"
+    );
+    let took = committed.elapsed();
+    assert!(
+        took < flinks_proxy::store::CHANGE_POLL + Duration::from_secs(5),
+        "{took:?}"
+    );
+    p.shutdown().await;
+}
+
+/// Store reads for connections (`get`) a proxy has made, from its metrics.
+async fn store_gets(p: &flinks_proxy::Running) -> f64 {
+    let m = support::get(&support::admin_url(p, "/metrics"))
+        .await
+        .text();
+    m.lines()
+        .filter(|l| l.starts_with("flinks_proxy_store_operations_total{op=\"get\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Warm requests on replicas read nothing from the store, however long
+/// they go on: what a replica keeps follows the change feed (one read per
+/// replica per interval), not a re-read of each connection in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_requests_on_replicas_read_nothing_from_the_store() {
+    const ACCOUNTS: &str = "/api/fdx/5/accounts";
+    let pg = PgCluster::start();
+    pg.create_database("warm");
+    let subs: Vec<String> = vec!["alice".to_owned(), "bob".to_owned()];
+    let sb = users_sandbox(&subs, 3600).await;
+    let toml = pg_toml(&sb, &pg.url("warm"), &new_key());
+    let replicas = [
+        support::start_proxy(&toml).await,
+        support::start_proxy(&toml).await,
+    ];
+    for s in &subs {
+        connect(&replicas[0], s).await;
+    }
+    for p in &replicas {
+        for s in &subs {
+            assert_eq!(get_as(p, ACCOUNTS, s).await.status, 200);
+        }
+    }
+    let mut before = 0.0;
+    for p in &replicas {
+        before += store_gets(p).await;
+    }
+    // Longer than the 5 s after which each connection in use used to be
+    // read again.
+    let until = Instant::now() + Duration::from_secs(7);
+    let mut sent = 0;
+    while Instant::now() < until {
+        for p in &replicas {
+            for s in &subs {
+                let r = get_as(p, ACCOUNTS, s).await;
+                assert_eq!(r.status, 200, "{}", r.text());
+                sent += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut after = 0.0;
+    for p in &replicas {
+        after += store_gets(p).await;
+    }
+    assert_eq!(
+        after - before,
+        0.0,
+        "store reads during {sent} warm requests"
+    );
+    for p in replicas {
+        p.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

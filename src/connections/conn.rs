@@ -15,12 +15,6 @@ use crate::ground::lock;
 use crate::store::Version;
 use crate::tokens::Token;
 
-/// With a shared store, a connection in memory is read again (in the
-/// background) when a request uses it this long after the last read: the
-/// safety net under notifications, so a deletion or new tokens missed by the
-/// listener are seen within this bound plus one store read.
-pub const REVALIDATE_AFTER: Duration = Duration::from_secs(5);
-
 /// Refresh-ahead moments are spread over up to this share of a token's
 /// lifetime, so connections authorized together do not refresh together.
 const REFRESH_JITTER: f64 = 0.1;
@@ -84,10 +78,9 @@ pub struct Conn {
     /// the ledger's map).
     pub(super) refreshing: AtomicBool,
     pub(super) failure: Mutex<Option<Failure>>,
-    /// A shared store announced a change (or may have): read it again.
+    /// A shared store announced a change (or may have): read it again at
+    /// its next use.
     pub(super) stale: AtomicBool,
-    /// When it was last read from the store.
-    pub(super) checked: Mutex<Instant>,
     pub(super) revalidating: AtomicBool,
 }
 
@@ -102,15 +95,13 @@ impl Conn {
             refreshing: AtomicBool::new(false),
             failure: Mutex::new(None),
             stale: AtomicBool::new(false),
-            checked: Mutex::new(Instant::now()),
             revalidating: AtomicBool::new(false),
         }
     }
 
     /// Whether a shared store's row must be read again.
-    pub(super) fn due_for_check(&self, now: Instant) -> bool {
+    pub(super) fn due_for_check(&self) -> bool {
         self.stale.load(Ordering::Acquire)
-            || now.saturating_duration_since(*lock(&self.checked)) >= REVALIDATE_AFTER
     }
 
     /// The connection was deleted or turned needs_reauthorization

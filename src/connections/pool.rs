@@ -134,7 +134,7 @@ impl Pool {
             None => self.load(id).await?,
         };
         let now = Instant::now();
-        if !loaded && self.store.is_shared() && conn.due_for_check(now) {
+        if !loaded && conn.due_for_check() {
             self.revalidate_behind(&conn);
         }
         if conn.needs_reauthorization.load(Ordering::Acquire) {
@@ -203,16 +203,16 @@ impl Pool {
             .map_err(|e: Arc<PoolError>| (*e).clone())
     }
 
-    /// Reads a cached connection again in the background (one at a time):
-    /// gone or needs_reauthorization stop its token; a newer stored token
-    /// (another replica refreshed) replaces the held one. A store outage
-    /// changes nothing: the token in memory keeps serving.
+    /// Reads a cached connection the store announced a change of again, in
+    /// the background (one at a time): gone or needs_reauthorization stop
+    /// its token; a newer stored token (another replica refreshed)
+    /// replaces the held one. A store outage changes nothing: the token in
+    /// memory keeps serving (and it stays stale).
     fn revalidate_behind(self: &Arc<Self>, conn: &Arc<Conn>) {
         if conn.revalidating.swap(true, Ordering::AcqRel) {
             return;
         }
         conn.stale.store(false, Ordering::Release);
-        *lock(&conn.checked) = Instant::now();
         let (pool, conn) = (Arc::clone(self), Arc::clone(conn));
         tokio::spawn(async move {
             let name = pool.config.name.as_str();
@@ -242,6 +242,7 @@ impl Pool {
                     }
                 }
                 Err(e) => {
+                    conn.stale.store(true, Ordering::Release);
                     tracing::debug!(pool = name, connection = %conn.id, error = %e, "cannot re-read the connection; the token in memory keeps serving");
                 }
             }

@@ -4,9 +4,15 @@
 //! listeners themselves are the backends' (PostgreSQL's `LISTEN`,
 //! SQLite's change-log poller); this file only wires them to the channel.
 
+use std::time::Duration;
+
 use tokio::sync::broadcast;
 
 use super::{Backend, Store};
+
+/// How often a process reads the store's change log (SQLite) or feed
+/// (PostgreSQL) for what other processes changed.
+pub const CHANGE_POLL: Duration = Duration::from_secs(1);
 
 /// Changes buffered per subscriber; one that falls further behind gets
 /// [`Change::All`] semantics (`Lagged`).
@@ -26,6 +32,20 @@ pub enum ChangeKind {
     Refreshed,
     /// Deleted.
     Deleted,
+}
+
+impl ChangeKind {
+    /// The event name the migrations' triggers write.
+    pub fn parse(event: &str) -> Option<ChangeKind> {
+        Some(match event {
+            "created" => ChangeKind::Created,
+            "reauthorized" => ChangeKind::Reauthorized,
+            "needs_reauthorization" => ChangeKind::NeedsReauthorization,
+            "refreshed" => ChangeKind::Refreshed,
+            "deleted" => ChangeKind::Deleted,
+            _ => return None,
+        })
+    }
 }
 
 /// A change announced by a shared store.
@@ -52,14 +72,7 @@ impl Change {
     pub fn parse(payload: &str) -> Option<Change> {
         let mut parts = payload.splitn(4, '/');
         let (pool, id, event) = (parts.next()?, parts.next()?, parts.next()?);
-        let kind = match event {
-            "created" => ChangeKind::Created,
-            "reauthorized" => ChangeKind::Reauthorized,
-            "needs_reauthorization" => ChangeKind::NeedsReauthorization,
-            "refreshed" => ChangeKind::Refreshed,
-            "deleted" => ChangeKind::Deleted,
-            _ => return None,
-        };
+        let kind = ChangeKind::parse(event)?;
         Some(Change::Connection {
             pool: pool.to_owned(),
             id: id.to_owned(),
@@ -83,15 +96,16 @@ impl Store {
     }
 
     /// Starts following changes made by other processes until the store is
-    /// dropped: PostgreSQL's notifications, SQLite's change log (a CLI
-    /// command's delete reaches the running proxy within a second).
+    /// dropped: PostgreSQL's change feed, SQLite's change log. Either way a
+    /// change reaches every process within [`CHANGE_POLL`] plus one read
+    /// (PostgreSQL's doorbell makes it sooner).
     pub fn spawn_listener(&self) {
         let (tx, cancel) = (self.changes.clone(), self.cancel.clone());
         // The tasks do not keep the store alive: they read through their
         // own connections and stop when the store is dropped.
         match &self.backend {
             Backend::Postgres(pg) => {
-                tokio::spawn(pg.listener().listen(tx, cancel));
+                tokio::spawn(pg.feed().follow(tx, cancel));
             }
             Backend::Sqlite(sqlite) => {
                 tokio::spawn(sqlite.poller().listen(tx, cancel));

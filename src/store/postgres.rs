@@ -1,8 +1,8 @@
 //! The PostgreSQL backend, shared by replicas: a bounded sqlx pool (TLS
 //! through rustls as the URL's `sslmode` says), migrations from
 //! `migrations/postgres` embedded in the binary, the SQL of every store
-//! operation, and the listener that turns the migration's trigger
-//! notifications into [`Change`]s. Holds sealed text only.
+//! operation, and (in `feed.rs`) the change feed that turns what the
+//! migrations' triggers log into [`Change`]s. Holds sealed text only.
 //!
 //! Leases are timed on the database's clock, so replicas with skewed clocks
 //! agree on when a dead holder's lease is free. The URL (it may carry a
@@ -13,17 +13,17 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Row;
-use tokio::sync::broadcast;
-use tokio_util::sync::CancellationToken;
 
 use super::unavailable;
 use super::{
-    sealed_row, Change, ConnectionInfo, ConnectionState, LastError, SealedRow, SealedTokens,
-    StoreError, Took,
+    sealed_row, ConnectionInfo, ConnectionState, LastError, SealedRow, SealedTokens, StoreError,
+    Took,
 };
 use crate::ground::secret::Secret;
+
+mod feed;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -31,9 +31,9 @@ static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 pub(super) const CHANNEL: &str = "flinks_proxy_connections";
 /// Until a pooled database connection is handed out: past this a request
 /// answers `store_unavailable` rather than waiting out `request_timeout`.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Reconnecting the listener backs off up to this.
-const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub(super) const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The database's clock in Unix milliseconds.
 const DB_NOW: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 
@@ -95,9 +95,9 @@ impl Postgres {
         Ok(())
     }
 
-    /// What listens for changes, on a connection of its own.
-    pub(super) fn listener(&self) -> Listener {
-        Listener {
+    /// What follows the change feed, on connections of its own.
+    pub(super) fn feed(&self) -> feed::Feed {
+        feed::Feed {
             options: self.options.clone(),
         }
     }
@@ -538,53 +538,5 @@ impl Postgres {
                 .await
                 .map_err(unavailable("pools"))?;
         Ok(rows.into_iter().map(|r| r.0).collect())
-    }
-}
-
-/// Listens for the trigger's notifications on its own connection (not one
-/// of the bounded pool's).
-pub(super) struct Listener {
-    options: PgConnectOptions,
-}
-
-impl Listener {
-    /// Listens until `cancel`, reconnecting with backoff; after every
-    /// (re)connection, and when it is lost, it sends [`Change::All`]
-    /// (changes made meanwhile are unknown).
-    pub(super) async fn listen(self, tx: broadcast::Sender<Change>, cancel: CancellationToken) {
-        let own = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_lazy_with(self.options);
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let run = async {
-                let mut listener = PgListener::connect_with(&own).await?;
-                listener.listen(CHANNEL).await?;
-                let _ = tx.send(Change::All);
-                tracing::debug!("listening for store changes");
-                while let Some(n) = listener.try_recv().await? {
-                    if let Some(change) = Change::parse(n.payload()) {
-                        let _ = tx.send(change);
-                    }
-                }
-                Ok::<(), sqlx::Error>(())
-            };
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                r = run => {
-                    let _ = tx.send(Change::All);
-                    match r {
-                        Ok(()) => delay = Duration::from_millis(100),
-                        Err(e) => tracing::debug!(error = %e, "store listener lost; reconnecting"),
-                    }
-                }
-            }
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(LISTEN_BACKOFF_MAX);
-        }
     }
 }

@@ -8,6 +8,7 @@
 //! operation, so a file removed or replaced under the running proxy gives
 //! clear errors instead of writes into an unlinked file.
 
+mod group;
 mod lease;
 #[cfg(test)]
 mod plan;
@@ -33,10 +34,6 @@ const MAX_CONNECTIONS: u32 = 4;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Until a pooled database connection is handed out.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the serving process reads the change log: a connection
-/// deleted by the CLI stops serving within this (CONNECTIONS.md promises
-/// 5 s, as for PostgreSQL).
-pub(super) const CHANGE_POLL: Duration = Duration::from_secs(1);
 
 const COLUMNS: &str = "pool, id, sub, state, last_error, last_error_description, last_error_at, \
      created_at, authorized_at, last_refresh_at, access_token_expires_at, refresh_token, access_token";
@@ -47,6 +44,8 @@ pub(super) struct Sqlite {
     /// The file's device and inode when opened (`None`: opened read-only
     /// before it existed).
     identity: Option<(u64, u64)>,
+    /// The refresh writes' group commit.
+    group: group::Group,
 }
 
 #[cfg(unix)]
@@ -80,6 +79,12 @@ async fn create_private(path: &Path) -> Result<(), StoreError> {
 }
 
 impl Sqlite {
+    /// The refresh writes' group commit.
+    #[cfg(test)]
+    pub(super) fn group(&self) -> &group::Group {
+        &self.group
+    }
+
     /// The database connections (for `sessions.rs`'s SQL).
     pub(super) fn pool(&self) -> &SqlitePool {
         &self.pool
@@ -107,8 +112,10 @@ impl Sqlite {
             .acquire_timeout(ACQUIRE_TIMEOUT);
         if read_only {
             let identity = tokio::fs::metadata(path).await.ok().map(|m| identity(&m));
+            let pool = pool_options.connect_lazy_with(options);
             return Ok(Sqlite {
-                pool: pool_options.connect_lazy_with(options),
+                group: group::Group::start(pool.clone()),
+                pool,
                 path: path.to_path_buf(),
                 identity,
             });
@@ -124,6 +131,7 @@ impl Sqlite {
                 source,
             })?;
         let store = Sqlite {
+            group: group::Group::start(pool.clone()),
             pool,
             path: path.to_path_buf(),
             identity: Some(identity(&meta)),

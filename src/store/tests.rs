@@ -4,6 +4,7 @@
 use super::*;
 use crate::ground::crypto::{CryptoError, Key};
 use crate::ground::metrics::Metrics;
+use std::sync::Arc;
 
 fn config(dir: &std::path::Path, key: &str) -> StoreConfig {
     StoreConfig {
@@ -585,7 +586,7 @@ async fn another_process_deleting_is_announced_through_the_change_log() {
     let mut changes = proxy.subscribe();
     proxy.spawn_listener();
     // The poller starts after the newest change present.
-    tokio::time::sleep(sqlite::CHANGE_POLL * 2).await;
+    tokio::time::sleep(super::CHANGE_POLL * 2).await;
     let cli = Store::open_for(&config(&dir, &key), Metrics::new().store(), Access::Write)
         .await
         .unwrap();
@@ -673,4 +674,134 @@ async fn event_listings_are_answered_from_the_index_in_order() {
         assert!(!plan.contains("TEMP B-TREE"), "in index order: {plan}");
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The SQLite backend of `store` (the group commit's counters).
+fn sqlite(store: &Store) -> &sqlite::Sqlite {
+    match &store.backend {
+        Backend::Sqlite(s) => s,
+        Backend::Postgres(_) => unreachable!("the unit tests run on SQLite"),
+    }
+}
+
+/// Holds SQLite's write lock from a connection of its own, so the group
+/// writer pauses on its first write while the rest queue behind it.
+async fn hold_write_lock(dir: &std::path::Path) -> sqlx::SqliteConnection {
+    use sqlx::Connection;
+    let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(dir.join("c.db"));
+    let mut c = sqlx::SqliteConnection::connect_with(&opts).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c
+}
+
+/// Seeds `n` connections u0.. and starts a commit of new tokens for each
+/// while the write lock is held; returns once all are queued or taken.
+async fn commits_behind_a_held_lock(
+    store: &Arc<Store>,
+    dir: &std::path::Path,
+    n: usize,
+) -> (
+    sqlx::SqliteConnection,
+    Vec<tokio::task::JoinHandle<Result<Written, StoreError>>>,
+) {
+    for i in 0..n {
+        let t = tokens(&format!("rt{i}"), &format!("at{i}"));
+        store.seed("users", &format!("u{i}"), &t).await.unwrap();
+    }
+    let lock = hold_write_lock(dir).await;
+    let sent = sqlite(store).group().sent();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let store = Arc::clone(store);
+        tasks.push(tokio::spawn(async move {
+            let id = format!("u{i}");
+            let seen = store.get("users", &id).await?.expect("seeded").version;
+            let t = tokens(&format!("rt{i}-2"), &format!("at{i}-2"));
+            store.commit_refresh("users", &id, &seen, &t).await
+        }));
+    }
+    while sqlite(store).group().sent() < sent + n as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (lock, tasks)
+}
+
+fn refresh_token_of(r: &Record) -> String {
+    r.tokens
+        .refresh_token
+        .as_ref()
+        .map(|t| t.expose().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_commits_waiting_together_share_one_transaction_and_answer_after_it() {
+    const N: usize = 64;
+    let dir = tempdir();
+    let key = crate::ground::crypto::generate_key().unwrap();
+    let store = Arc::new(
+        Store::open(&config(&dir, &key), Metrics::new().store())
+            .await
+            .unwrap(),
+    );
+    let groups = sqlite(&store).group().groups();
+    let (mut lock, tasks) = commits_behind_a_held_lock(&store, &dir, N).await;
+    // The writer waits for the lock with the first writes; none answers.
+    assert!(tasks.iter().all(|t| !t.is_finished()));
+    for i in 0..N {
+        let r = store.get("users", &format!("u{i}")).await.unwrap().unwrap();
+        assert_eq!(refresh_token_of(&r), format!("rt{i}"));
+    }
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    for t in tasks {
+        assert!(matches!(t.await.unwrap(), Ok(Written::Done(_))));
+    }
+    let written = sqlite(&store).group().groups() - groups;
+    // The writes taken before the lock, then all that queued behind them.
+    assert!(
+        (1..=2).contains(&written),
+        "{N} commits in {written} transactions"
+    );
+    for i in 0..N {
+        let r = store.get("users", &format!("u{i}")).await.unwrap().unwrap();
+        assert_eq!(refresh_token_of(&r), format!("rt{i}-2"), "u{i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_fails_inside_a_group_fails_alone() {
+    const N: usize = 8;
+    let dir = tempdir();
+    let key = crate::ground::crypto::generate_key().unwrap();
+    let store = Arc::new(
+        Store::open(&config(&dir, &key), Metrics::new().store())
+            .await
+            .unwrap(),
+    );
+    sqlx::query(
+        "CREATE TRIGGER refuse_u3 BEFORE UPDATE OF refresh_token ON connections \
+         WHEN NEW.id = 'u3' BEGIN SELECT RAISE(ABORT, 'refused'); END",
+    )
+    .execute(sqlite(&store).pool())
+    .await
+    .unwrap();
+    let (mut lock, tasks) = commits_behind_a_held_lock(&store, &dir, N).await;
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap();
+        let row = store.get("users", &format!("u{i}")).await.unwrap().unwrap();
+        if i == 3 {
+            assert!(
+                matches!(r, Err(StoreError::Unavailable { op: "commit", .. })),
+                "{r:?}"
+            );
+            assert_eq!(refresh_token_of(&row), "rt3", "u3 keeps its token");
+        } else {
+            assert!(matches!(r, Ok(Written::Done(_))), "u{i}: {r:?}");
+            assert_eq!(refresh_token_of(&row), format!("rt{i}-2"));
+        }
+    }
 }

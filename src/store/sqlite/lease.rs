@@ -1,9 +1,11 @@
 //! Leases on the SQLite backend: taking one, the writes that hold only
 //! while the refresh token read is still there (each frees this holder's
-//! lease), and giving one back.
+//! lease), and giving one back. All of them go through the group commit
+//! (`group.rs`).
 
-use super::{unavailable, Sqlite, COLUMNS};
-use crate::store::{sealed_row, LastError, SealedRow, SealedTokens, StoreError, Took};
+use super::group::{Arg, Write};
+use super::{Sqlite, COLUMNS};
+use crate::store::{LastError, SealedRow, SealedTokens, StoreError, Took};
 
 impl Sqlite {
     /// `(taken, row)`, or `None` when there is no such row.
@@ -20,20 +22,19 @@ impl Sqlite {
             "UPDATE connections SET lease_owner = ?, lease_until = ? WHERE pool = ? AND id = ? \
              AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?) RETURNING {COLUMNS}"
         );
-        let taken = sqlx::query(&sql)
-            .bind(holder)
-            .bind(now.saturating_add(ttl_ms))
-            .bind(pool)
-            .bind(id)
-            .bind(holder)
-            .bind(now)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable("lease"))?;
+        let args = vec![
+            holder.into(),
+            now.saturating_add(ttl_ms).into(),
+            pool.into(),
+            id.into(),
+            holder.into(),
+            now.into(),
+        ];
+        let taken = self.write("lease", sql, args).await?;
         // One serving process per file (a killed one's leases are freed
         // at the next start): a lease is never taken over from a live one.
         if let Some(row) = taken {
-            return Ok(Some((Took::Free, sealed_row(&row)?)));
+            return Ok(Some((Took::Free, row)));
         }
         Ok(self.get(pool, id).await?.map(|row| (Took::Busy, row)))
     }
@@ -52,26 +53,36 @@ impl Sqlite {
         )
     }
 
-    async fn run_conditional<'q>(
+    #[allow(clippy::too_many_arguments)]
+    async fn run_conditional(
         &self,
         op: &'static str,
-        q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
-        holder: &'q str,
-        pool: &'q str,
-        id: &'q str,
-        expected: Option<&'q str>,
+        sql: String,
+        mut args: Vec<Arg>,
+        holder: &str,
+        pool: &str,
+        id: &str,
+        expected: Option<&str>,
     ) -> Result<Option<SealedRow>, StoreError> {
         self.check_file().await?;
-        q.bind(holder)
-            .bind(holder)
-            .bind(pool)
-            .bind(id)
-            .bind(expected)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable(op))?
-            .map(|r| sealed_row(&r))
-            .transpose()
+        args.extend([
+            holder.into(),
+            holder.into(),
+            pool.into(),
+            id.into(),
+            expected.into(),
+        ]);
+        self.write(op, sql, args).await
+    }
+
+    /// A write through the group commit.
+    async fn write(
+        &self,
+        op: &'static str,
+        sql: String,
+        args: Vec<Arg>,
+    ) -> Result<Option<SealedRow>, StoreError> {
+        self.group.write(Write { op, sql, args }).await
     }
 
     pub(in crate::store) async fn commit_refresh(
@@ -89,12 +100,13 @@ impl Sqlite {
              last_error_description = NULL, last_error_at = NULL, \
              failing_since = NULL, failing_reported = 0",
         );
-        let q = sqlx::query(&sql)
-            .bind(&t.refresh_token)
-            .bind(&t.access_token)
-            .bind(t.access_expires_at)
-            .bind(now);
-        self.run_conditional("commit", q, holder, pool, id, expected)
+        let args = vec![
+            t.refresh_token.as_deref().into(),
+            t.access_token.as_deref().into(),
+            t.access_expires_at.into(),
+            now.into(),
+        ];
+        self.run_conditional("commit", sql, args, holder, pool, id, expected)
             .await
     }
 
@@ -112,11 +124,12 @@ impl Sqlite {
              last_error_description = ?, last_error_at = ?, \
              failing_since = NULL, failing_reported = 0",
         );
-        let q = sqlx::query(&sql)
-            .bind(&e.error)
-            .bind(&e.description)
-            .bind(e.at);
-        self.run_conditional("record_failure", q, holder, pool, id, expected)
+        let args = vec![
+            e.error.as_str().into(),
+            e.description.as_deref().into(),
+            e.at.into(),
+        ];
+        self.run_conditional("record_failure", sql, args, holder, pool, id, expected)
             .await
     }
 
@@ -137,14 +150,15 @@ impl Sqlite {
              failing_reported = CASE WHEN failing_since IS NOT NULL \
                 AND ? - failing_since >= ? THEN 1 ELSE failing_reported END",
         );
-        let q = sqlx::query(&sql)
-            .bind(&e.error)
-            .bind(&e.description)
-            .bind(e.at)
-            .bind(e.at)
-            .bind(e.at)
-            .bind(failing_after_ms);
-        self.run_conditional("record_failure", q, holder, pool, id, expected)
+        let args = vec![
+            e.error.as_str().into(),
+            e.description.as_deref().into(),
+            e.at.into(),
+            e.at.into(),
+            e.at.into(),
+            failing_after_ms.into(),
+        ];
+        self.run_conditional("record_failure", sql, args, holder, pool, id, expected)
             .await
     }
 
@@ -155,16 +169,10 @@ impl Sqlite {
         holder: &str,
     ) -> Result<(), StoreError> {
         self.check_file().await?;
-        sqlx::query(
-            "UPDATE connections SET lease_owner = NULL, lease_until = NULL \
-             WHERE pool = ? AND id = ? AND lease_owner = ?",
-        )
-        .bind(pool)
-        .bind(id)
-        .bind(holder)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable("release"))?;
+        let sql = "UPDATE connections SET lease_owner = NULL, lease_until = NULL \
+                   WHERE pool = ? AND id = ? AND lease_owner = ?";
+        let args = vec![pool.into(), id.into(), holder.into()];
+        self.write("release", sql.to_owned(), args).await?;
         Ok(())
     }
 }

@@ -5,8 +5,8 @@ use sqlx::sqlite::SqlitePool;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::{Sqlite, CHANGE_POLL};
-use crate::store::Change;
+use super::Sqlite;
+use crate::store::{Change, CHANGE_POLL};
 
 /// Change-log rows kept behind the newest one read (older ones are pruned).
 const CHANGES_KEPT: i64 = 10_000;
