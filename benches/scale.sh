@@ -86,8 +86,10 @@ ratio() { awk -v a="$1" -v b="$2" -v f="${3:-%.3f}" 'BEGIN { printf f, b ? a / b
 median() { sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 
 log "PostgreSQL cluster on port $((PORT_BASE + 99))"
-pg_start $((PORT_BASE + 99)) -c shared_buffers=256MB -c max_wal_size=4GB
+pg_start $((PORT_BASE + 99)) -c shared_buffers=256MB -c max_wal_size=4GB -c shared_preload_libraries=pg_stat_statements
 pg_createdb small
+# Every statement PostgreSQL runs for the replicas, counted on its side too.
+pg_sql bench -c "CREATE EXTENSION pg_stat_statements"
 sandbox_start --bench-users "$ROWS" --expires-in "$EXPIRES"
 KEY=$("$BIN" keygen)
 
@@ -288,8 +290,15 @@ run_load "$WARMUP" warmup
 snapshot "$WORK/before.txt"
 # shellcheck disable=SC2046
 read -r PROXY_T0 PG_T0 <<<"$(cpu_ticks "${REPLICA_PIDS[@]}") $(cpu_ticks $(pg_pids))"
+pg_sql bench -At -c "SELECT pg_stat_statements_reset()" >/dev/null
 log "load: ${DURATION} s measured"
 run_load "$DURATION" measured
+# Statements on `bench` during the run (this script's own left out), and
+# those that read the change feed (connection_changes), if any.
+read -r PG_STATEMENTS PG_FEED_READS <<<"$(pg_sql bench -At -F ' ' -c "SELECT COALESCE(SUM(calls), 0),
+    COALESCE(SUM(calls) FILTER (WHERE query LIKE '%FROM connection_changes%' AND query NOT LIKE 'DELETE%'), 0)
+    FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = 'bench')
+    AND query NOT LIKE '%pg_stat_statements%' AND query NOT LIKE '%pg_current_wal_lsn%'")"
 # shellcheck disable=SC2046
 read -r PROXY_T1 PG_T1 <<<"$(cpu_ticks "${REPLICA_PIDS[@]}") $(cpu_ticks $(pg_pids))"
 snapshot "$WORK/after.txt"
@@ -305,8 +314,8 @@ P50=$(sed -n 's/.* p50_us=\([0-9]*\).*/\1/p' "$WORK"/wrk-measured-*.txt | sort -
 HZ=$(getconf CLK_TCK)
 us_per() { awk -v t="$1" -v n="$2" -v hz="$HZ" 'BEGIN { printf "%.1f", n ? t * 1e6 / hz / n : 0 }'; }
 FIRST_READS=$(delta cached)
-BACKGROUND_OPS=$(($(delta op_counts) + $(delta op_idle_oldest) + $(delta op_webhook_queue)))
-REQUEST_OPS=$(($(delta ops) - BACKGROUND_OPS))
+REQUEST_OPS=$(($(delta op_get) + $(delta op_lease) + $(delta op_commit) + $(delta op_release)))
+BACKGROUND_OPS=$(($(delta ops) - REQUEST_OPS))
 COUNTS_MS=$(for i in 0 1; do curl -s "$(admin "$i")/metrics"; done | awk '
     /^flinks_proxy_store_operation_duration_seconds_sum\{op="counts"/ { s += $2 }
     /^flinks_proxy_store_operation_duration_seconds_count\{op="counts"/ { n += $2 }
@@ -375,8 +384,11 @@ mkdir -p "$OUT"
     echo "| store reads (get) as the replicas time them, incl. waiting for one of the pool's connections: mean, p99 ≤ (ms) | $GET_MEAN, $GET_P99 |"
     echo "| store operations per proxied request on the request path (get, lease, commit, release) | $(ratio "$REQUEST_OPS" "$REQUESTS") |"
     echo "| of which first reads of users not cached yet | $(ratio "$FIRST_READS" "$REQUESTS") |"
-    echo "| **warm: re-reads of cached users (5 s revalidation) and refresh writes, per request** | **$(ratio $((REQUEST_OPS - FIRST_READS)) "$REQUESTS")** |"
-    echo "| background store operations (counts, keep-alive gauge, webhook queue), per replica per second | $(ratio "$BACKGROUND_OPS" $((2 * DURATION)) %.1f) |"
+    echo "| **warm: re-reads of cached users and refresh writes, per request** | **$(ratio $((REQUEST_OPS - FIRST_READS)) "$REQUESTS")** |"
+    echo "| of which re-reads of cached users (gets minus first reads) / refresh writes (lease, commit, release) | $(ratio $(($(delta op_get) - FIRST_READS)) "$REQUESTS") / $(ratio $((REQUEST_OPS - $(delta op_get))) "$REQUESTS") |"
+    echo "| statements PostgreSQL ran for the replicas (pg_stat_statements, BEGIN/COMMIT included), per proxied request | $(ratio "$PG_STATEMENTS" "$REQUESTS") |"
+    echo "| change feed reads, per replica per second | $(ratio "$PG_FEED_READS" $((2 * DURATION)) %.1f) |"
+    echo "| background store operations (all but those four: counts, keep-alive gauge, webhook queue), per replica per second | $(ratio "$BACKGROUND_OPS" $((2 * DURATION)) %.1f) |"
     echo "| store operations by op in the measured run (both replicas) | $(for o in $(awk '$1 ~ /^op_/ { sub(/^op_/, "", $1); print $1 }' "$WORK/after.txt" | sort); do d=$(delta "op_$o"); ((d > 0)) && printf '%s %d, ' "$o" "$d"; done | sed 's/, $//') |"
     echo "| refreshes (token requests) in the measured run, per second | $(delta refreshes), $(ratio "$(delta refreshes)" "$DURATION" %.1f) |"
     echo "| row updates of connections (all runs), of which HOT | $(pg_sql bench -At -F ', ' -c "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'connections'") |"
