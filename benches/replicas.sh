@@ -35,24 +35,21 @@ PORT_BASE=${PORT_BASE:-23000}
 OUT=${OUT:-$ROOT/bench-results}
 WORK="$OUT/work-replicas"
 BIN=${BIN:-$ROOT/target/release/flinks-proxy}
-PG_PORT=$((PORT_BASE + 99))
-PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 PIDS=()
+# shellcheck source=benches/common.sh
+source "$ROOT/benches/common.sh"
 
 log() { printf '[replicas] %s\n' "$*" >&2; }
-as_pg() { if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    [[ -d $WORK/pg/data ]] && as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg/data" -m immediate stop >/dev/null 2>&1 || true
-    rm -rf "$WORK/pg"
+    pg_stop
 }
 trap cleanup EXIT
 
-[[ -n $PG_BIN ]] || { log "PostgreSQL not found: apt-get install -y postgresql"; exit 1; }
 command -v wrk >/dev/null || { log "wrk is needed (apt-get install -y wrk)"; exit 1; }
 [[ ${SKIP_BUILD:-} == 1 ]] || (cd "$ROOT" && cargo build --release)
 rm -rf "$WORK"
-mkdir -p "$WORK/pg"
+mkdir -p "$WORK"
 
 sum_metric() {
     local total=0 v
@@ -63,26 +60,10 @@ sum_metric() {
     done
     echo "$total"
 }
-wait_http() {
-    for _ in $(seq 1 400); do curl -s -o /dev/null "$1" && return 0; sleep 0.05; done
-    log "timed out waiting for $1"; exit 1
-}
-pct() { sort -n | awk -v p="$1" '{ a[NR] = $1 } END { i = int(NR * p / 100); if (i < 1) i = 1; printf "%.1f", a[i] * 1000 }'; }
 
-log "PostgreSQL cluster on port $PG_PORT"
-echo bench >"$WORK/pg/pw"
-[[ $(id -u) -eq 0 ]] && chown -R postgres:postgres "$WORK/pg"
-as_pg "$PG_BIN/initdb" -D "$WORK/pg/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
-    --pwfile "$WORK/pg/pw" --no-sync -E UTF8 >/dev/null
-as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/log" -w \
-    -o "-p $PG_PORT -h 127.0.0.1 -k $WORK/pg -c fsync=off -c max_connections=200" start >/dev/null
-PGPASSWORD=bench as_pg "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres bench
-
-"$BIN" sandbox --users "$USERS" --expires-in "$EXPIRES" >"$WORK/sandbox.out" 2>"$WORK/sandbox.err" &
-PIDS+=("$!")
-for _ in $(seq 1 200); do grep -q '^api_url' "$WORK/sandbox.out" && break; sleep 0.05; done
-TOKEN_URL=$(awk '/^token_url/ { print $2 }' "$WORK/sandbox.out")
-API_URL=$(awk '/^api_url/ { print $2 }' "$WORK/sandbox.out")
+log "PostgreSQL cluster on port $((PORT_BASE + 99))"
+pg_start $((PORT_BASE + 99))
+sandbox_start --users "$USERS" --expires-in "$EXPIRES"
 KEY=$("$BIN" keygen)
 for i in $(seq 0 $((REPLICAS - 1))); do
     cat >"$WORK/proxy$i.toml" <<EOF
@@ -93,7 +74,7 @@ listen = "127.0.0.1:$((PORT_BASE + 2 * i + 1))"
 [log]
 level = "warn"
 [store]
-url = "postgres://postgres:bench@127.0.0.1:$PG_PORT/bench"
+url = "$(pg_url bench)"
 key = "$KEY"
 [connections.users]
 token_url = "$TOKEN_URL"

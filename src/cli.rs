@@ -2,6 +2,7 @@
 //! they share: loading the config, logging, the async runtime and the exit
 //! codes. `main.rs` parses the command line and calls them.
 
+pub mod bench_rows;
 pub mod check;
 pub mod demo;
 pub mod healthcheck;

@@ -17,6 +17,7 @@
 //! reports) and the state both servers share; the rest is a file each:
 //! `token.rs` (the token endpoint: grants, rotation, failure modes),
 //! `users.rs` (end users: their grants, consent, reuse detection),
+//! `bench.rs` (stateless bench users, known by their tokens' form),
 //! `authorize.rs` (the consent page, its codes and their exchange, PKCE,
 //! and the [`Sandbox`] getters about them),
 //! `api.rs` (the API: token checks, accounts, consent revoked as `602`,
@@ -24,6 +25,7 @@
 
 mod api;
 mod authorize;
+pub mod bench;
 mod revoke;
 mod server;
 #[cfg(test)]
@@ -98,6 +100,10 @@ pub struct SandboxOptions {
     /// End users for per-user connections: each has its own `sub`, first
     /// code and accounts (see [`SandboxUser`]).
     pub users: Vec<SandboxUser>,
+    /// Stateless bench users `u0..u{N-1}` (see [`bench`]): their tokens
+    /// are known by their form, so a store can be seeded without the
+    /// sandbox. 0: none.
+    pub bench_users: u64,
     /// With `rotate_refresh_tokens`: how long the previous refresh token
     /// is still accepted after a rotation (Okta's and Auth0's "grace
     /// period" / "reuse interval"); within it, the previous token gets the
@@ -158,6 +164,7 @@ impl Default for SandboxOptions {
             rotate_refresh_tokens: false,
             subject: "user-123".into(),
             users: Vec::new(),
+            bench_users: 0,
             refresh_reuse_grace: Duration::ZERO,
             issuer: None,
             authorize_lifetime: Duration::from_secs(600),

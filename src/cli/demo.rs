@@ -237,7 +237,13 @@ async fn demo_inner(addrs: &DemoAddrs<'_>, expires_in: u64) -> anyhow::Result<()
 }
 
 /// Runs only the sandbox until Ctrl-C, printing its two URLs.
-pub fn sandbox(token_listen: &str, api_listen: &str, expires_in: u64, users: usize) -> ExitCode {
+pub fn sandbox(
+    token_listen: &str,
+    api_listen: &str,
+    expires_in: u64,
+    users: usize,
+    bench_users: u64,
+) -> ExitCode {
     init_logging("warn", LogFormat::Text);
     exit(block_on(1, async {
         let opts = SandboxOptions {
@@ -245,6 +251,7 @@ pub fn sandbox(token_listen: &str, api_listen: &str, expires_in: u64, users: usi
             users: (0..users)
                 .map(|i| SandboxUser::new(&format!("u{i}")))
                 .collect(),
+            bench_users,
             ..SandboxOptions::default()
         };
         let sb = Sandbox::start_on(opts, token_listen.parse()?, api_listen.parse()?).await?;

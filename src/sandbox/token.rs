@@ -3,7 +3,8 @@
 //! failure modes it can be told to answer with, and the single-user
 //! grants: `client_credentials`, the one authorization code and the
 //! refresh token, which rotates (with an optional reuse grace) or never
-//! changes. End users' grants are `users.rs`'s, the consent page's codes
+//! changes. End users' grants are `users.rs`'s (stateless bench users'
+//! `bench.rs`'s), the consent page's codes
 //! `authorize.rs`'s; the access tokens minted here are what the API checks
 //! (`api.rs`).
 
@@ -197,6 +198,7 @@ fn grant_response(
     let issued = shared
         .issue_authorized(grant, &params, &client_id)
         .or_else(|| shared.issue_for_user(grant, &params))
+        .or_else(|| shared.issue_for_bench_user(grant, &params).map(Ok))
         .unwrap_or_else(|| shared.issue(grant, &params));
     match issued {
         Ok(body) => {
