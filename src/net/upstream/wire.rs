@@ -15,6 +15,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 
+use super::{Head as RequestHead, Rewrite};
+use crate::net::headers;
+
 /// Longest response head accepted (status line and headers).
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
 /// Most headers in a response head (and in a trailer section).
@@ -546,10 +549,30 @@ fn trailer_section(buf: &mut BytesMut, eof: bool) -> Result<Option<HeaderMap>, W
     Ok(Some(trailers))
 }
 
+/// Writes the request head of `head` into `out`: request line in origin
+/// form, the rewritten headers (written straight from the client's, see
+/// [`headers::write_request`]) or the headers as they are, then the
+/// framing of the body the proxy will write (see [`encode_head`]).
+pub(crate) fn encode_request(
+    out: &mut BytesMut,
+    head: &RequestHead,
+    rw: &Rewrite<'_>,
+    body_len: Option<u64>,
+) {
+    let pq = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    request_line(out, &head.method, pq, head.headers.len());
+    match (&rw.forwarding, head.client) {
+        (Some(f), true) => headers::write_request(out, &head.headers, f, rw.set, is_framing),
+        _ => header_lines(out, &head.headers, rw.set),
+    }
+    body_framing(out, &head.method, body_len);
+}
+
 /// Writes the request head into `out`: request line in origin form,
 /// `headers` minus any framing the client sent, then the framing of the
 /// body the proxy will write: `content-length` when its length is known
 /// (`None` for no body on a method that has none), else chunked.
+#[cfg(test)]
 pub(crate) fn encode_head(
     out: &mut BytesMut,
     method: &Method,
@@ -557,23 +580,45 @@ pub(crate) fn encode_head(
     headers: &HeaderMap,
     body_len: Option<u64>,
 ) {
+    request_line(out, method, path_and_query, headers.len());
+    header_lines(out, headers, &[]);
+    body_framing(out, method, body_len);
+}
+
+fn request_line(out: &mut BytesMut, method: &Method, path_and_query: &str, headers: usize) {
     // The buffer is the connection's and keeps its capacity: after the first
     // request this reserves nothing, and no sizing pass over the headers is
     // needed.
-    out.reserve(method.as_str().len() + path_and_query.len() + 40 * headers.len() + 64);
+    out.reserve(method.as_str().len() + path_and_query.len() + 40 * headers + 512);
     out.extend_from_slice(method.as_str().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(path_and_query.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+}
+
+/// The framing headers, which the proxy writes itself.
+fn is_framing(name: &HeaderName) -> bool {
+    name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING
+}
+
+/// `headers` as they are, minus framing and the names of `set`, then `set`.
+fn header_lines(
+    out: &mut BytesMut,
+    headers: &HeaderMap,
+    set: &[Option<(HeaderName, HeaderValue)>],
+) {
     for (name, value) in headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        if is_framing(name) || set.iter().flatten().any(|(n, _)| n == name) {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        headers::line(out, name.as_str().as_bytes(), value.as_bytes());
     }
+    for (name, value) in set.iter().flatten() {
+        headers::line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+}
+
+fn body_framing(out: &mut BytesMut, method: &Method, body_len: Option<u64>) {
     match body_len {
         Some(0) if !method_has_body(method) => {}
         Some(n) => {
