@@ -143,9 +143,11 @@ async fn serve_accepted(
         let open = Counted::enter(&counters, Counter::Open);
         let bodies = Arc::clone(&counters);
         let activity = Arc::clone(&conn.activity);
-        let handled = crate::proxy::handle(Arc::clone(&state), Arc::clone(&conn), req);
+        let (state, conn) = (Arc::clone(&state), Arc::clone(&conn));
+        // The handler's future is made where it is awaited: made outside
+        // and moved in, its bytes would be copied once more per request.
         async move {
-            let resp = handled.await?;
+            let resp = crate::proxy::handle(state, conn, req).await?;
             activity.touch();
             let sending = Counted::enter(&bodies, Counter::Bodies);
             Ok::<_, Infallible>(resp.map(|body| ServedBody {

@@ -33,15 +33,20 @@ impl ConnectionId {
 
 /// The connection a request named, removed from its headers.
 pub fn select(headers: &mut HeaderMap, name: &HeaderName) -> Result<ConnectionId, PoolError> {
-    let single = {
-        let mut values = headers.get_all(name).iter();
-        values.next().is_some() && values.next().is_none()
-    };
-    let value = headers.remove(name);
-    value
-        .filter(|v| single && v.to_str().is_ok_and(valid_id))
-        .map(ConnectionId)
-        .ok_or_else(|| PoolError::ConnectionRequired(name.clone()))
+    let id = named(headers, name);
+    headers.remove(name);
+    id
+}
+
+/// The connection a request named, its headers left as they are (the
+/// proxy's rewrite leaves the select header out as it writes the head:
+/// one lookup, no removal from the map).
+pub fn named(headers: &HeaderMap, name: &HeaderName) -> Result<ConnectionId, PoolError> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) if v.to_str().is_ok_and(valid_id) => Ok(ConnectionId(v.clone())),
+        _ => Err(PoolError::ConnectionRequired(name.clone())),
+    }
 }
 
 #[cfg(test)]

@@ -166,8 +166,10 @@ fn id_batch() -> bytes::Bytes {
     bytes::Bytes::from(buf)
 }
 
-/// What the rewrite adds to a request, decided by `proxy`.
-#[derive(Debug)]
+/// What the rewrite adds to a request, decided by `proxy`: applied as the
+/// head is written ([`write_request`]), or to a new map
+/// ([`rewrite_request`]) for HTTP/2.
+#[derive(Debug, Clone, Copy)]
 pub struct Forwarding<'a> {
     /// The `Host` sent upstream (the upstream authority, or the client's
     /// host with `preserve_host`).
@@ -180,6 +182,9 @@ pub struct Forwarding<'a> {
     pub tls: bool,
     /// The request id (`x-request-id`).
     pub request_id: &'a HeaderValue,
+    /// One more client header removed: a pool's select header, which names
+    /// the connection to the proxy and is not the upstream's business.
+    pub remove: Option<&'a HeaderName>,
 }
 
 /// Whether a client header is dropped by the rewrite: hop-by-hop, client
@@ -195,24 +200,32 @@ fn dropped(name: &HeaderName) -> bool {
         || name == FORWARDED
 }
 
-/// The upstream request headers, built in one pass over the client's:
-/// hop-by-hop headers (and those `Connection` lists), `Authorization`,
-/// `Proxy-Authorization` and `Forwarded` out; `Host`, `X-Forwarded-*` and
-/// `x-request-id` set. `X-Forwarded-For` is every client `X-Forwarded-For`
-/// header, in order, then the peer.
-///
-/// A client's `Forwarded` header is removed, not rewritten: it is a claim
-/// the proxy cannot check, frameworks prefer it over `X-Forwarded-*`, and
-/// the `X-Forwarded-*` headers of SPEC §5 already say what it would.
-pub fn rewrite_request(client: HeaderMap, f: &Forwarding<'_>) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(client.len() + ADDED_HEADERS);
-    // Connection-listed names are rare: collected (allocating) only then.
-    let listed: Vec<HeaderName> = client
+/// Names a client's `Connection` headers list (hop-by-hop too). Rare:
+/// nothing is allocated when there are none.
+fn listed_names(client: &HeaderMap) -> Vec<HeaderName> {
+    client
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(connection_listed)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
+        .collect()
+}
+
+/// The upstream request headers, built in one pass over the client's:
+/// hop-by-hop headers (and those `Connection` lists), `Authorization`,
+/// `Proxy-Authorization`, `Forwarded` and [`Forwarding::remove`] out;
+/// `Host`, `X-Forwarded-*` and `x-request-id` set. `X-Forwarded-For` is
+/// every client `X-Forwarded-For` header, in order, then the peer.
+///
+/// A client's `Forwarded` header is removed, not rewritten: it is a claim
+/// the proxy cannot check, frameworks prefer it over `X-Forwarded-*`, and
+/// the `X-Forwarded-*` headers of SPEC §5 already say what it would.
+///
+/// [`write_request`] writes the same headers straight into an HTTP/1.1
+/// head; the two are tested to agree.
+pub fn rewrite_request(client: HeaderMap, f: &Forwarding<'_>) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(client.len() + ADDED_HEADERS);
+    let listed = listed_names(&client);
     let mut xff: Option<Vec<u8>> = None;
     let mut current: Option<HeaderName> = None;
     let mut skip = false;
@@ -220,7 +233,7 @@ pub fn rewrite_request(client: HeaderMap, f: &Forwarding<'_>) -> HeaderMap {
     // values; values move into the new map without a copy.
     for (name, value) in client {
         if let Some(name) = name {
-            skip = dropped(&name) || listed.contains(&name);
+            skip = dropped(&name) || listed.contains(&name) || f.remove == Some(&name);
             current = Some(name);
         }
         let Some(name) = current.as_ref() else {
@@ -249,15 +262,105 @@ pub fn rewrite_request(client: HeaderMap, f: &Forwarding<'_>) -> HeaderMap {
         None => f.peer.clone(),
     };
     out.insert(X_FORWARDED_FOR.clone(), xff);
-    out.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if f.tls { "https" } else { "http" }),
-    );
+    out.insert(X_FORWARDED_PROTO.clone(), forwarded_proto(f.tls));
     if let Some(h) = f.original_host {
         out.insert(X_FORWARDED_HOST.clone(), h.clone());
     }
     out.insert(X_REQUEST_ID.clone(), f.request_id.clone());
     out
+}
+
+fn forwarded_proto(tls: bool) -> HeaderValue {
+    HeaderValue::from_static(if tls { "https" } else { "http" })
+}
+
+/// Writes the header lines of [`rewrite_request`]`(client, f)` into an
+/// HTTP/1.1 head, without building that map: the client's headers are
+/// read in place. `set` are headers the proxy sets after the rewrite (the
+/// token, a DPoP proof): any client header of those names is left out.
+/// `skip` says which further names not to write (the head's framing).
+/// Only the order of lines with different names differs from the map's
+/// (`X-Forwarded-For` comes where the client had it).
+pub fn write_request(
+    out: &mut bytes::BytesMut,
+    client: &HeaderMap,
+    f: &Forwarding<'_>,
+    set: &[Option<(HeaderName, HeaderValue)>],
+    skip: impl Fn(&HeaderName) -> bool,
+) {
+    let listed = listed_names(client);
+    let replaced = |name: &HeaderName| set.iter().flatten().any(|(n, _)| n == name);
+    let mut xff_open = false;
+    let mut wrote_xff = false;
+    let mut current: *const HeaderName = std::ptr::null();
+    let mut keep = false;
+    for (name, value) in client {
+        // The values of one name come together, under one key: a new key
+        // is a new name.
+        if !std::ptr::eq(current, name) {
+            if xff_open {
+                close_xff(out, f);
+                xff_open = false;
+            }
+            current = name;
+            keep = !(dropped(name)
+                || listed.contains(name)
+                || f.remove == Some(name)
+                || replaced(name)
+                || skip(name));
+            if keep && name == X_FORWARDED_FOR {
+                // Every value of a name comes together: one line, the
+                // client's chain then the peer.
+                out.extend_from_slice(b"x-forwarded-for: ");
+                out.extend_from_slice(value.as_bytes());
+                xff_open = true;
+                wrote_xff = true;
+                continue;
+            }
+        } else if xff_open {
+            out.extend_from_slice(b", ");
+            out.extend_from_slice(value.as_bytes());
+            continue;
+        }
+        if keep {
+            line(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    if xff_open {
+        close_xff(out, f);
+    }
+    line(out, b"host", f.host.as_bytes());
+    if !wrote_xff {
+        line(out, b"x-forwarded-for", f.peer.as_bytes());
+    }
+    line(
+        out,
+        b"x-forwarded-proto",
+        if f.tls { b"https" } else { b"http" },
+    );
+    if let Some(h) = f.original_host {
+        line(out, b"x-forwarded-host", h.as_bytes());
+    }
+    line(out, b"x-request-id", f.request_id.as_bytes());
+    for (name, value) in set.iter().flatten() {
+        line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+}
+
+/// Ends the `X-Forwarded-For` line: the peer last.
+fn close_xff(out: &mut bytes::BytesMut, f: &Forwarding<'_>) {
+    out.extend_from_slice(b", ");
+    out.extend_from_slice(f.peer.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// One header line.
+#[inline]
+pub(crate) fn line(out: &mut bytes::BytesMut, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]
@@ -283,7 +386,7 @@ mod tests {
         h.insert("x-keep", HeaderValue::from_static("1"));
         h.append(header::CONNECTION, HeaderValue::from_static("X-Second-Hop"));
         h.insert("x-second-hop", HeaderValue::from_static("1"));
-        let rewritten = rewrite_request(h.clone(), &forwarding());
+        let rewritten = rewrite(h.clone(), &forwarding());
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
@@ -304,6 +407,37 @@ mod tests {
     static PEER: HeaderValue = HeaderValue::from_static("192.0.2.7");
     static RID: HeaderValue = HeaderValue::from_static("rid-1");
 
+    /// The headers `write_request` writes, parsed back.
+    fn written(
+        client: &HeaderMap,
+        f: &Forwarding<'_>,
+        set: &[Option<(HeaderName, HeaderValue)>],
+    ) -> HeaderMap {
+        let mut out = bytes::BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
+        write_request(&mut out, client, f, set, |n| n == header::CONTENT_LENGTH);
+        out.extend_from_slice(b"\r\n");
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut slots);
+        assert!(req.parse(&out).expect("a valid head").is_complete());
+        let mut map = HeaderMap::new();
+        for h in req.headers.iter() {
+            map.append(
+                HeaderName::from_bytes(h.name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(h.value).unwrap(),
+            );
+        }
+        map
+    }
+
+    /// `rewrite_request`, checked to agree with what `write_request` writes.
+    fn rewrite(client: HeaderMap, f: &Forwarding<'_>) -> HeaderMap {
+        let direct = written(&client, f, &[]);
+        let mut map = rewrite_request(client, f);
+        map.remove(header::CONTENT_LENGTH);
+        assert_eq!(direct, map);
+        map
+    }
+
     fn forwarding() -> Forwarding<'static> {
         Forwarding {
             host: &HOST,
@@ -311,6 +445,7 @@ mod tests {
             peer: &PEER,
             tls: true,
             request_id: &RID,
+            remove: None,
         }
     }
 
@@ -323,7 +458,7 @@ mod tests {
             "x-forwarded-for",
             HeaderValue::from_static("10.0.0.2, 10.0.0.3"),
         );
-        let out = rewrite_request(h, &forwarding());
+        let out = rewrite(h, &forwarding());
         let xff: Vec<_> = out.get_all("x-forwarded-for").iter().collect();
         assert_eq!(xff, ["10.0.0.1, 10.0.0.2, 10.0.0.3, 192.0.2.7"]);
         assert_eq!(out["x-other"], "a");
@@ -344,7 +479,7 @@ mod tests {
         h.insert("x-request-id", HeaderValue::from_static("old"));
         h.append("accept", HeaderValue::from_static("a/b"));
         h.append("accept", HeaderValue::from_static("c/d"));
-        let out = rewrite_request(h, &forwarding());
+        let out = rewrite(h, &forwarding());
         assert_eq!(out[header::HOST], "upstream.example:8443");
         assert!(!out.contains_key(header::AUTHORIZATION));
         assert!(!out.contains_key(header::PROXY_AUTHORIZATION));
@@ -366,8 +501,77 @@ mod tests {
         };
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-host", HeaderValue::from_static("spoofed"));
-        let out = rewrite_request(h, &f);
+        let out = rewrite(h, &f);
         assert!(!out.contains_key("x-forwarded-host"), "{out:?}");
+    }
+
+    #[test]
+    fn the_select_header_and_set_headers_replace_the_clients() {
+        let select = HeaderName::from_static("x-flinks-connection");
+        let token = HeaderName::from_static("x-api-key");
+        let mut h = HeaderMap::new();
+        h.insert(&select, HeaderValue::from_static("alice"));
+        h.append(&token, HeaderValue::from_static("client-1"));
+        h.append(&token, HeaderValue::from_static("client-2"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        let f = Forwarding {
+            remove: Some(&select),
+            ..forwarding()
+        };
+        let out = rewrite(h.clone(), &f);
+        assert!(!out.contains_key(&select), "{out:?}");
+        let set = [
+            Some((token.clone(), HeaderValue::from_static("proxy"))),
+            None,
+        ];
+        let direct = written(&h, &f, &set);
+        let mut expected = out;
+        expected.insert(&token, HeaderValue::from_static("proxy"));
+        assert_eq!(direct, expected);
+        assert_eq!(direct.get_all(&token).iter().count(), 1);
+        assert!(!direct.contains_key(header::CONTENT_LENGTH));
+    }
+
+    #[test]
+    fn written_heads_agree_with_the_rewritten_map() {
+        // Names in several orders, repeated, some dropped, X-Forwarded-For
+        // first, in the middle, last, listed in Connection or not.
+        let names = [
+            "x-forwarded-for",
+            "accept",
+            "connection",
+            "x-hop",
+            "authorization",
+            "x-forwarded-host",
+            "cookie",
+        ];
+        for mask in 0u32..(1 << names.len()) {
+            for rotate in 0..names.len() {
+                let mut h = HeaderMap::new();
+                for i in 0..names.len() {
+                    let n = names[(i + rotate) % names.len()];
+                    if mask & (1 << i) == 0 {
+                        continue;
+                    }
+                    let v = match n {
+                        "connection" => "keep-alive, X-Hop",
+                        _ => "v1",
+                    };
+                    h.append(n, HeaderValue::from_static(v));
+                    if i % 2 == 0 {
+                        h.append(n, HeaderValue::from_static("v2"));
+                    }
+                }
+                rewrite(h.clone(), &forwarding());
+                let f = Forwarding {
+                    original_host: None,
+                    tls: false,
+                    ..forwarding()
+                };
+                rewrite(h, &f);
+            }
+        }
     }
 
     #[test]

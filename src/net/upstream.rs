@@ -46,7 +46,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{Request, Response, Uri};
+use http::header::HeaderName;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
@@ -58,6 +59,7 @@ use tower_service::Service;
 
 use crate::ground::lock;
 use crate::net::body::RequestBody;
+use crate::net::headers::{self, Forwarding};
 use crate::net::tls::ClientCert;
 use capacity::Capacity;
 use conn::WireBody;
@@ -199,9 +201,80 @@ enum Attempt {
 struct Failed {
     error: SendError,
     /// The request, when the upstream never processed it.
-    retry: Option<Request<RequestBody>>,
+    retry: Option<(Head, RequestBody)>,
     /// The upstream refused it (HTTP/2): retry even on a fresh connection.
     refused: bool,
+}
+
+/// A request's head on its way upstream. While `client` is set its headers
+/// are the client's, and the request's [`Rewrite`] (SPEC §5) is still to
+/// apply: an HTTP/1.1 connection writes the upstream's head straight from
+/// them into its buffer (no second map is built per request); for HTTP/2
+/// the map hyper needs is built ([`Head::into_request`]).
+#[derive(Debug, Clone)]
+pub struct Head {
+    /// The method.
+    pub method: Method,
+    /// Absolute (its authority is HTTP/2's `:authority`), or origin-form.
+    pub uri: Uri,
+    /// The client's headers while `client` is set, else those to send.
+    pub headers: HeaderMap,
+    /// `headers` are the client's: the rewrite still applies.
+    pub client: bool,
+}
+
+/// What the proxy does to a request's headers on the way: the SPEC §5
+/// rewrite of a client's headers, then headers set over any of the same
+/// name (the token header, a DPoP proof).
+#[derive(Debug, Clone, Copy)]
+pub struct Rewrite<'a> {
+    /// Applied to a head whose headers are the client's.
+    pub forwarding: Option<Forwarding<'a>>,
+    /// Set last, replacing any header of the same name.
+    pub set: &'a [Option<(HeaderName, HeaderValue)>],
+}
+
+impl Rewrite<'_> {
+    /// Nothing to rewrite: headers go as they are.
+    pub const NONE: Rewrite<'static> = Rewrite {
+        forwarding: None,
+        set: &[],
+    };
+}
+
+impl Head {
+    /// A head whose `headers` are sent as they are (but for `set`).
+    pub fn new(method: Method, uri: Uri, headers: HeaderMap) -> Head {
+        Head {
+            method,
+            uri,
+            headers,
+            client: false,
+        }
+    }
+
+    /// The request with `rw` applied to a map of headers, for a client that
+    /// needs one (HTTP/2).
+    pub fn into_request<B>(self, body: B, rw: &Rewrite<'_>) -> Request<B> {
+        let mut headers = match (&rw.forwarding, self.client) {
+            (Some(f), true) => headers::rewrite_request(self.headers, f),
+            _ => self.headers,
+        };
+        for (name, value) in rw.set.iter().flatten() {
+            headers.insert(name.clone(), value.clone());
+        }
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.headers_mut() = headers;
+        req
+    }
+
+    /// A request's head as it is, and its body.
+    pub fn split<B>(req: Request<B>) -> (Head, B) {
+        let (parts, body) = req.into_parts();
+        (Head::new(parts.method, parts.uri, parts.headers), body)
+    }
 }
 
 /// A response from an upstream, and the request's head when the exchange
@@ -210,10 +283,10 @@ struct Failed {
 pub struct Sent {
     /// The response; its body streams.
     pub response: Response<UpstreamBody>,
-    /// The request's method, URI (origin-form) and headers, from an
-    /// HTTP/1.1 exchange (written, no longer needed): a replay needs no copy
-    /// made in advance. `None` from HTTP/2.
-    pub request: Option<http::request::Parts>,
+    /// The request's head as it was sent, from an HTTP/1.1 exchange
+    /// (written, no longer needed): a replay needs no copy made in
+    /// advance. `None` from HTTP/2.
+    pub request: Option<Head>,
 }
 
 impl Upstream {
@@ -223,15 +296,20 @@ impl Upstream {
     /// Sent again once, on another connection, when a pooled connection
     /// turned out closed before the request was written, or when an HTTP/2
     /// upstream refused the stream unprocessed.
-    pub async fn send(self: &Arc<Self>, mut req: Request<RequestBody>) -> Result<Sent, SendError> {
+    pub async fn send(
+        self: &Arc<Self>,
+        mut head: Head,
+        mut body: RequestBody,
+        rw: &Rewrite<'_>,
+    ) -> Result<Sent, SendError> {
         let mut retried = false;
         loop {
             let (checkout, reused) = self.checkout().await?;
             let failed = match checkout {
                 // Boxed: hyper's HTTP/2 exchange future is large, and would be
                 // moved with every request's future, HTTP/1.1 ones too.
-                Checkout::H2(stream) => Box::pin(self.send_h2(stream, req)).await,
-                Checkout::H1(conn) => self.send_h1(conn, req, reused).await,
+                Checkout::H2(stream) => Box::pin(self.send_h2(stream, head, body, rw)).await,
+                Checkout::H1(conn) => self.send_h1(conn, head, body, rw, reused).await,
             };
             let f = match failed {
                 Ok(resp) => return Ok(resp),
@@ -241,7 +319,7 @@ impl Upstream {
                 Some(r) if !retried && (reused || f.refused) => {
                     tracing::debug!(upstream = %self.origin, refused = f.refused, "request not processed; sending it once more");
                     retried = true;
-                    req = r;
+                    (head, body) = r;
                 }
                 _ => return Err(f.error),
             }
@@ -251,20 +329,25 @@ impl Upstream {
     async fn send_h2(
         &self,
         mut stream: Stream,
-        mut req: Request<RequestBody>,
+        mut head: Head,
+        body: RequestBody,
+        rw: &Rewrite<'_>,
     ) -> Result<Sent, Failed> {
         // The URI's own authority is kept (`:authority` must match what the
         // proxy chose for `Host`); only a relative URI gets the pool's.
-        if req.uri().authority().is_none() {
-            let mut parts = req.uri().clone().into_parts();
+        if head.uri.authority().is_none() {
+            let mut parts = head.uri.clone().into_parts();
             parts.scheme = self.origin.scheme().cloned();
             parts.authority = self.origin.authority().cloned();
             if let Ok(uri) = Uri::from_parts(parts) {
-                *req.uri_mut() = uri;
+                head.uri = uri;
             }
         }
-        let copy = replay_copy(&req);
-        let result = stream.sender().try_send_request(req).await;
+        let copy = replay_copy(&head, &body);
+        let result = stream
+            .sender()
+            .try_send_request(head.into_request(body, rw))
+            .await;
         stream.settle();
         match result {
             Ok(resp) => Ok(Sent {
@@ -277,7 +360,7 @@ impl Upstream {
                 request: None,
             }),
             Err(mut e) => {
-                let not_written = e.take_message();
+                let not_written = e.take_message().map(Head::split);
                 let e = e.into_error();
                 let refused = h2::is_refused(&e);
                 if not_written.is_some() || refused {
@@ -295,18 +378,14 @@ impl Upstream {
     async fn send_h1(
         self: &Arc<Self>,
         conn: H1Conn,
-        mut req: Request<RequestBody>,
+        head: Head,
+        body: RequestBody,
+        rw: &Rewrite<'_>,
         reused: bool,
     ) -> Result<Sent, Failed> {
-        // HTTP/1.1 origin-form: the path, not the absolute URI.
-        if req.uri().authority().is_some() {
-            if let Some(pq) = req.uri().path_and_query() {
-                *req.uri_mut() = Uri::from(pq.clone());
-            }
-        }
         let (wire, ret) = conn.lend(self);
         let mut guard = Abandoned {
-            exchange: Some(Box::pin(wire.exchange(req, reused))),
+            exchange: Some(Box::pin(wire.exchange(head, body, rw, reused))),
             ret: Some(ret),
         };
         let result = match guard.exchange.as_mut() {
@@ -487,18 +566,13 @@ impl Upstream {
 
 /// A copy of a request whose body can be sent again (buffered, or empty),
 /// for a retry after a refused HTTP/2 stream.
-fn replay_copy(req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
-    let body = match req.body().try_clone() {
+fn replay_copy(head: &Head, body: &RequestBody) -> Option<(Head, RequestBody)> {
+    let body = match body.try_clone() {
         Some(b) => b,
-        None if req.body().is_end_stream() => RequestBody::Buffered(None, None),
+        None if body.is_end_stream() => RequestBody::Buffered(None, None),
         None => return None,
     };
-    let mut copy = Request::new(body);
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy)
+    Some((head.clone(), body))
 }
 
 /// An upstream response body. HTTP/1.1: read off the connection in the

@@ -18,13 +18,13 @@ use std::time::{Duration, Instant};
 
 use http::header;
 use http::uri::{Authority, PathAndQuery};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 use crate::connections::{Conn, Pool, Rejected};
 use crate::net::body::{Activity, Idle, RequestBody, REPLAY_LIMIT};
 use crate::net::headers::{self, Forwarding, X_REQUEST_ID};
-use crate::net::upstream::{ErrorKind, Sent, UpstreamBody};
+use crate::net::upstream::{ErrorKind, Head, Rewrite, Sent, UpstreamBody};
 use crate::proxy::access_log::{self, AccessLog, ResponseFacts, RouteLabels};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
@@ -151,9 +151,17 @@ async fn handle_inner(
     done.route = Some(Arc::clone(route));
     let deadline = Instant::now() + rt.request_timeout;
 
-    let (mut parts, body) = req.into_parts();
-    let (token, picked) = token_for(route, &mut parts.headers, deadline).await?;
-    let (method, uri, headers) = upstream_head(route, conn, parts, rid)?;
+    let (parts, body) = req.into_parts();
+    let (token, picked, select) = token_for(route, &parts.headers, deadline).await?;
+    let (head, host, original_host) = upstream_head(route, parts)?;
+    let fwd = Forwarding {
+        host: &host,
+        original_host: original_host.as_ref(),
+        peer: &conn.forwarded_for,
+        tls: conn.tls,
+        request_id: rid,
+        remove: select,
+    };
     // A DPoP-bound token's request may be asked for a nonce: kept for a
     // replay as for `reauth_on`.
     let body = if route.reauth_on.is_empty() && token.ath.is_none() {
@@ -167,8 +175,8 @@ async fn handle_inner(
     // within the replay budget) clones.
     let replay = body.try_clone();
     let started = Instant::now();
-    let mut replay_head = head_copy(route, replay.is_some(), &method, &uri, &headers);
-    let mut resp = send(route, method, uri, headers, body, &token, deadline).await;
+    let mut replay_head = head_copy(route, replay.is_some(), &head);
+    let mut resp = send(route, head, body, &fwd, &token, deadline).await;
     // A DPoP nonce challenge is answered once; one left standing (its body
     // could not be kept) is not a rejection of the token: it goes back to
     // the app, token kept. Boxed: a challenge is rare (the latest nonce is
@@ -176,6 +184,7 @@ async fn handle_inner(
     let challenged = token.ath.is_some()
         && Box::pin(nonce_retry(
             route,
+            &fwd,
             &token,
             &mut resp,
             replay.as_ref(),
@@ -194,7 +203,7 @@ async fn handle_inner(
         // Boxed: the rare second attempt would otherwise double the space
         // every request's future takes.
         match Box::pin(after_rejection(
-            route, picked, &token, resp, again, deadline,
+            route, &fwd, picked, &token, resp, again, deadline,
         ))
         .await
         {
@@ -237,15 +246,8 @@ fn route_for<'g>(
 /// replayed. An HTTP/1.1 upstream gives the head back with its answer; for
 /// any other, the copy is made before sending.
 #[inline]
-fn head_copy(
-    route: &Route,
-    replayable: bool,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-) -> Option<Head> {
-    (replayable && !route.upstream.gives_request_back())
-        .then(|| (method.clone(), uri.clone(), headers.clone()))
+fn head_copy(route: &Route, replayable: bool, head: &Head) -> Option<Head> {
+    (replayable && !route.upstream.gives_request_back()).then(|| head.clone())
 }
 
 /// Whether the answer has one of the route's `reauth_on` statuses, and if
@@ -262,10 +264,7 @@ fn reauth_replay(
 ) -> (bool, Option<Replay>) {
     match resp {
         Ok(sent) if route.reauth_on.contains(&sent.response.status()) => {
-            let head = copy.or_else(|| {
-                let p = sent.request.take()?;
-                Some((p.method, p.uri, p.headers))
-            });
+            let head = copy.or_else(|| sent.request.take());
             (true, replay.zip(head))
         }
         _ => (false, None),
@@ -287,30 +286,26 @@ fn downstream(
     Response::from_parts(parts, ProxyBody::Upstream(body, idle))
 }
 
-/// The upstream request's method, URI and headers (SPEC §5 rewrite).
+/// The upstream request's head: its method and URI, and the client's
+/// headers, to which the SPEC §5 rewrite applies as they are written; and
+/// the `Host` it goes with and the client's host, for that rewrite.
 fn upstream_head(
     route: &Route,
-    conn: &ConnInfo,
     parts: http::request::Parts,
-    rid: &HeaderValue,
-) -> Result<(Method, Uri, HeaderMap), ProxyError> {
+) -> Result<(Head, HeaderValue, Option<HeaderValue>), ProxyError> {
     let original_host = match parts.uri.authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
         None => parts.headers.get(header::HOST).cloned(),
     };
     let (authority, host) = upstream_authority(route, original_host.as_ref())?;
     let uri = upstream_uri(route, &parts.uri, authority)?;
-    let headers = headers::rewrite_request(
-        parts.headers,
-        &Forwarding {
-            host: &host,
-            original_host: original_host.as_ref(),
-            peer: &conn.forwarded_for,
-            tls: conn.tls,
-            request_id: rid,
-        },
-    );
-    Ok((parts.method, uri, headers))
+    let head = Head {
+        method: parts.method,
+        uri,
+        headers: parts.headers,
+        client: true,
+    };
+    Ok((head, host, original_host))
 }
 
 /// The request body read ahead for a replay (within the global replay
@@ -331,19 +326,20 @@ async fn replay_body(
 }
 
 /// The route's token: its credential's, or that of the connection the
-/// request names in the pool's select header (removed here).
-async fn token_for(
-    route: &Route,
-    headers: &mut HeaderMap,
+/// request names in the pool's select header (whose name comes back too:
+/// the rewrite leaves it out).
+async fn token_for<'r>(
+    route: &'r Route,
+    headers: &HeaderMap,
     deadline: Instant,
-) -> Result<(Arc<Token>, Option<Arc<Conn>>), ProxyError> {
+) -> Result<(Arc<Token>, Option<Arc<Conn>>, Option<&'r HeaderName>), ProxyError> {
     match &route.tokens {
         RouteTokens::Credential(source) => match source.usable() {
-            Some(t) => Ok((t, None)),
+            Some(t) => Ok((t, None, None)),
             // Boxed: waiting for a token is rare and its future large.
             None => Box::pin(source.get(deadline))
                 .await
-                .map(|t| (t, None))
+                .map(|t| (t, None, None))
                 .map_err(|u| ProxyError::TokenUnavailable {
                     credential: source.config().name.clone(),
                     reason: u.reason,
@@ -351,11 +347,12 @@ async fn token_for(
                 }),
         },
         RouteTokens::Pool(pool) => {
-            let id = crate::connections::select(headers, &pool.config().select_header)?;
+            let name = &pool.config().select_header;
+            let id = crate::connections::named(headers, name)?;
             // Boxed: the pool's lookup future is large, and the handler's
             // future is moved for every request.
             let (conn, token) = Box::pin(pool.token(id.as_str(), deadline.into())).await?;
-            Ok((token, Some(conn)))
+            Ok((token, Some(conn), Some(name)))
         }
     }
 }
@@ -368,6 +365,7 @@ async fn token_for(
 /// `resp` is a challenge.
 async fn nonce_retry(
     route: &Route,
+    fwd: &Forwarding<'_>,
     token: &Token,
     resp: &mut Result<Sent, ProxyError>,
     replay: Option<&RequestBody>,
@@ -381,15 +379,12 @@ async fn nonce_retry(
     let Some(body) = replay.and_then(RequestBody::try_clone) else {
         return true;
     };
-    let Some((method, uri, headers)) = head.take().or_else(|| {
-        let p = sent.request.take()?;
-        Some((p.method, p.uri, p.headers))
-    }) else {
+    let Some(again) = head.take().or_else(|| sent.request.take()) else {
         return true;
     };
-    *head = head_copy(route, true, &method, &uri, &headers);
+    *head = head_copy(route, true, &again);
     route.metrics.dpop_nonce_retries.inc();
-    *resp = send(route, method, uri, headers, body, token, deadline).await;
+    *resp = send(route, again, body, fwd, token, deadline).await;
     resp.as_ref().is_ok_and(nonce_challenge)
 }
 
@@ -400,8 +395,6 @@ fn nonce_challenge(sent: &Sent) -> bool {
         && dpop::asks_for_nonce(sent.response.headers())
 }
 
-/// A request's method, URI and headers.
-type Head = (Method, Uri, HeaderMap);
 /// A request's head and replayable body, for a second attempt.
 type Replay = (RequestBody, Head);
 
@@ -411,6 +404,7 @@ type Replay = (RequestBody, Head);
 /// through at once, e.g. when the user's consent is gone: that is the `Err`.
 async fn after_rejection(
     route: &Route,
+    fwd: &Forwarding<'_>,
     picked: Option<Arc<Conn>>,
     token: &Arc<Token>,
     resp: Result<Sent, ProxyError>,
@@ -438,13 +432,13 @@ async fn after_rejection(
         (RouteTokens::Pool(_), None) => return Ok(resp),
     };
     // A pooled route hands out a new token only when a replay is possible.
-    let Some((body, (method, uri, headers))) = again else {
+    let Some((body, head)) = again else {
         return Ok(Err(ProxyError::BadRequest(
             "the request cannot be replayed",
         )));
     };
     route.metrics.replays.inc();
-    Ok(send(route, method, uri, headers, body, &fresh, deadline).await)
+    Ok(send(route, head, body, fwd, &fresh, deadline).await)
 }
 
 /// A pooled route's `reauth_on` answer: the token to replay with, or the
@@ -486,36 +480,38 @@ async fn pooled_rejection(
 
 async fn send(
     route: &Route,
-    method: Method,
-    uri: Uri,
-    mut headers: HeaderMap,
+    head: Head,
     body: RequestBody,
+    fwd: &Forwarding<'_>,
     token: &Token,
     deadline: Instant,
 ) -> Result<Sent, ProxyError> {
-    headers.insert(route.header.clone(), token.header_value(&route.auth_scheme));
+    let mut set = [
+        Some((route.header.clone(), token.header_value(&route.auth_scheme))),
+        None,
+    ];
     // A DPoP-bound token goes with a fresh proof of this method and URL
     // (RFC 9449 §7); the answer's `DPoP-Nonce` is kept for the next one.
     let dpop = match (&route.dpop, &token.ath) {
         (Some(d), Some(ath)) => {
-            let server = proof_server(route, &uri, &headers);
+            let server = proof_server(route, &head, fwd);
             let proof = d
-                .proof_header_on(&server, method.as_str(), uri.path(), Some(ath))
+                .proof_header_on(&server, head.method.as_str(), head.uri.path(), Some(ath))
                 .map_err(|e| ProxyError::TokenUnavailable {
                     credential: route.config.auth.name().to_owned(),
                     reason: e.to_string(),
                     retry_after: Duration::from_secs(1),
                 })?;
-            headers.insert(&dpop::DPOP, proof);
+            set[1] = Some((dpop::DPOP.clone(), proof));
             Some((d, server))
         }
         _ => None,
     };
-    let mut req = Request::new(body);
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.headers_mut() = headers;
-    match tokio::time::timeout_at(deadline.into(), route.upstream.send(req)).await {
+    let rw = Rewrite {
+        forwarding: Some(*fwd),
+        set: &set,
+    };
+    match tokio::time::timeout_at(deadline.into(), route.upstream.send(head, body, &rw)).await {
         Ok(Ok(resp)) => {
             if let Some((d, server)) = dpop {
                 d.remember_from(&server, resp.response.headers());
@@ -545,16 +541,18 @@ async fn send(
 }
 
 /// The server a DPoP proof names in `htu` and whose nonce it carries: the
-/// upstream request's scheme and authority. Its URI is absolute when the
-/// handler built it but origin-form when an HTTP/1.1 upstream gave the
-/// head back for a replay; then the route's scheme and the `Host` sent
-/// (the upstream's, or the client's with `preserve_host`).
-fn proof_server(route: &Route, uri: &Uri, headers: &HeaderMap) -> dpop::Server {
-    if uri.authority().is_some() {
-        return dpop::Server::of(uri);
+/// upstream request's scheme and authority. Its URI is absolute as the
+/// handler builds it; an origin-form one gets the route's scheme and the
+/// `Host` sent (the upstream's, or the client's with `preserve_host`).
+fn proof_server(route: &Route, head: &Head, fwd: &Forwarding<'_>) -> dpop::Server {
+    if head.uri.authority().is_some() {
+        return dpop::Server::of(&head.uri);
     }
-    let authority = headers
-        .get(header::HOST)
+    let host = match head.client {
+        true => Some(fwd.host),
+        false => head.headers.get(header::HOST),
+    };
+    let authority = host
         .and_then(|h| h.to_str().ok())
         .unwrap_or(route.authority.as_str());
     dpop::Server::new(route.scheme.as_str(), authority)
@@ -634,6 +632,7 @@ pub fn rewrite_headers(
             peer: &conn.forwarded_for,
             tls: conn.tls,
             request_id: rid,
+            remove: None,
         },
     );
 }

@@ -14,14 +14,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{Method, Request, Response};
+use http::{Method, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWrite;
 
 pub(crate) use super::wire::Decoder;
 use super::wire::{self, Decoded, Parsed, WireError};
-use super::Io;
+use super::{Head, Io, Rewrite};
 use crate::net::body::RequestBody;
 
 /// Read buffer kept per connection: a typical API response in one read.
@@ -47,7 +47,7 @@ pub(crate) enum ExchangeError {
 pub(crate) struct Failure {
     pub(crate) error: ExchangeError,
     /// The request, when the upstream cannot have processed it.
-    pub(crate) retry: Option<Request<RequestBody>>,
+    pub(crate) retry: Option<(Head, RequestBody)>,
 }
 
 /// An HTTP/1.1 connection between exchanges.
@@ -106,20 +106,36 @@ impl Wire {
         self.poll_fill(&mut cx).is_pending()
     }
 
-    /// Sends `req` (origin-form URI) and reads the final response head; the
-    /// response body is read through a [`WireBody`] made of the returned
-    /// decoder and connection. The request's head comes back too (it is
-    /// written and no longer needed), for a replay without a copy.
-    pub(crate) async fn exchange(
+    /// Sends a request (its URI's path and query in origin form, its
+    /// headers rewritten by `rw` as they are written) and reads the final
+    /// response head; the response body is read through a [`WireBody`] made
+    /// of the returned decoder and connection. The request's head comes back
+    /// too (it is written and no longer needed), for a replay without a
+    /// copy. The head is written into the buffer before the future is made,
+    /// so the future does not borrow `rw`.
+    pub(crate) fn exchange(
         mut self,
-        req: Request<RequestBody>,
+        head: Head,
+        body: RequestBody,
+        rw: &Rewrite<'_>,
         reused: bool,
-    ) -> Result<(Response<()>, Decoder, Wire, http::request::Parts), Failure> {
-        let (parts, mut body) = req.into_parts();
-        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    ) -> impl std::future::Future<Output = Result<(Response<()>, Decoder, Wire, Head), Failure>>
+           + Send
+           + 'static {
         let length = body.size_hint().exact();
         self.write.clear();
-        wire::encode_head(&mut self.write, &parts.method, pq, &parts.headers, length);
+        wire::encode_request(&mut self.write, &head, rw, length);
+        self.exchange_written(head, body, reused)
+    }
+
+    /// [`Wire::exchange`] once the head is in the write buffer.
+    async fn exchange_written(
+        mut self,
+        parts: Head,
+        mut body: RequestBody,
+        reused: bool,
+    ) -> Result<(Response<()>, Decoder, Wire, Head), Failure> {
+        let length = body.size_hint().exact();
         let chunked = length.is_none();
         // A small buffered body goes out with the head, in one write.
         let mut upload = match &body {
@@ -159,7 +175,7 @@ impl Wire {
                         || (reused && progress == Progress::Written && idempotent(&parts.method)));
                 Err(Failure {
                     error,
-                    retry: retry.then(|| Request::from_parts(parts, body)),
+                    retry: retry.then_some((parts, body)),
                 })
             }
         }

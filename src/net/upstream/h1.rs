@@ -19,7 +19,7 @@ use http::Response;
 
 use super::capacity::Slot;
 use super::conn::{Decoder, Failure, Release, Wire, WireBody, DRAIN_TIMEOUT};
-use super::{lock, Io, Upstream};
+use super::{lock, Head, Io, Upstream};
 
 /// One HTTP/1.1 connection, out of the pool or in it.
 pub(super) struct H1Conn {
@@ -133,9 +133,8 @@ impl Release for ReturnTo {
 /// The future of an exchange on a connection lent out.
 pub(super) type Exchange = Pin<
     Box<
-        dyn std::future::Future<
-                Output = Result<(Response<()>, Decoder, Wire, http::request::Parts), Failure>,
-            > + Send,
+        dyn std::future::Future<Output = Result<(Response<()>, Decoder, Wire, Head), Failure>>
+            + Send,
     >,
 >;
 

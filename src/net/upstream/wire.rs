@@ -15,6 +15,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 
+use super::{Head as RequestHead, Rewrite};
+use crate::net::headers;
+
 /// Longest response head accepted (status line and headers).
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
 /// Most headers in a response head (and in a trailer section).
@@ -134,16 +137,41 @@ pub(crate) fn parse_head(
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
     let mut present = Present::default();
-    for &(n, nl, v, vl) in spans.iter() {
+    // What each header is: hop-by-hop ones are read for framing and
+    // keep-alive but do not go into the map (the client's response never
+    // carries them), which saves their insertion and later removal.
+    let mut kinds = [Kind::Other; MAX_HEADERS];
+    for (&(n, nl, v, vl), kind) in spans.iter().zip(kinds.iter_mut()) {
         let name = HeaderName::from_bytes(&head[n..n + nl])
             .map_err(|_| WireError::Head("invalid header name"))?;
-        present.note(&name);
         let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
             .map_err(|_| WireError::Head("invalid header value"))?;
-        headers.append(name, value);
+        *kind = present.note(&name);
+        if *kind == Kind::Other {
+            headers.append(name, value);
+        }
     }
-    let framing = framing(&headers, present, status, method)?;
-    let keep_alive = keep_alive(&headers, present, version) && framing != Framing::Close;
+    let head = &head;
+    let kinds = &kinds;
+    let values = |want: Kind| {
+        spans
+            .iter()
+            .zip(kinds.iter())
+            .filter(move |&(_, kind)| *kind == want)
+            .map(move |(&(_, _, v, vl), _)| &head[v..v + vl])
+    };
+    let framing = framing(
+        &headers,
+        values(Kind::TransferEncoding),
+        present,
+        status,
+        method,
+    )?;
+    let keep_alive =
+        keep_alive(values(Kind::Connection), present, version) && framing != Framing::Close;
+    if present.connection {
+        remove_listed(&mut headers, values(Kind::Connection));
+    }
     Ok(Parsed::Final(Head {
         status,
         version,
@@ -174,17 +202,60 @@ struct Present {
     connection: bool,
 }
 
+/// A response header as the parser sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Passed on.
+    Other,
+    /// Hop-by-hop (RFC 9110 §7.6.1), read here and not passed on:
+    /// `Connection`,
+    Connection,
+    /// `Transfer-Encoding`,
+    TransferEncoding,
+    /// and the rest of the fixed set.
+    Hop,
+}
+
 impl Present {
-    fn note(&mut self, name: &HeaderName) {
+    fn note(&mut self, name: &HeaderName) -> Kind {
         self.transfer_encoding |= name == header::TRANSFER_ENCODING;
         self.content_length |= name == header::CONTENT_LENGTH;
         self.connection |= name == header::CONNECTION;
+        if name == header::CONNECTION {
+            Kind::Connection
+        } else if name == header::TRANSFER_ENCODING {
+            Kind::TransferEncoding
+        } else if headers::is_hop_by_hop(name) {
+            Kind::Hop
+        } else {
+            Kind::Other
+        }
+    }
+}
+
+/// Removes the headers a response's `Connection` headers list (hop-by-hop
+/// too), but for the `close` and `keep-alive` options.
+fn remove_listed<'a>(headers: &mut HeaderMap, connection: impl Iterator<Item = &'a [u8]>) {
+    for v in connection {
+        for token in v.split(|&b| b == b',') {
+            let t = token.trim_ascii();
+            if t.is_empty()
+                || t.eq_ignore_ascii_case(b"close")
+                || t.eq_ignore_ascii_case(b"keep-alive")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(t) {
+                headers.remove(name);
+            }
+        }
     }
 }
 
 /// RFC 9112 §6.3, strictly.
-fn framing(
+fn framing<'a>(
     headers: &HeaderMap,
+    transfer_encoding: impl Iterator<Item = &'a [u8]>,
     present: Present,
     status: StatusCode,
     method: &Method,
@@ -204,8 +275,8 @@ fn framing(
         }
         // Chunked must be the last coding, and only once.
         let mut codings = Vec::<&[u8]>::new();
-        for v in headers.get_all(header::TRANSFER_ENCODING) {
-            for c in v.as_bytes().split(|&b| b == b',') {
+        for v in transfer_encoding {
+            for c in v.split(|&b| b == b',') {
                 let c = c.trim_ascii();
                 if !c.is_empty() {
                     codings.push(c);
@@ -253,14 +324,18 @@ fn parse_decimal(s: &[u8]) -> Option<u64> {
 }
 
 /// HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with `keep-alive`.
-fn keep_alive(headers: &HeaderMap, present: Present, version: Version) -> bool {
+fn keep_alive<'a>(
+    connection: impl Iterator<Item = &'a [u8]>,
+    present: Present,
+    version: Version,
+) -> bool {
     if !present.connection {
         return version == Version::HTTP_11;
     }
     let mut close = false;
     let mut keep = false;
-    for v in headers.get_all(header::CONNECTION) {
-        for token in v.as_bytes().split(|&b| b == b',') {
+    for v in connection {
+        for token in v.split(|&b| b == b',') {
             let t = token.trim_ascii();
             close |= t.eq_ignore_ascii_case(b"close");
             keep |= t.eq_ignore_ascii_case(b"keep-alive");
@@ -546,10 +621,30 @@ fn trailer_section(buf: &mut BytesMut, eof: bool) -> Result<Option<HeaderMap>, W
     Ok(Some(trailers))
 }
 
+/// Writes the request head of `head` into `out`: request line in origin
+/// form, the rewritten headers (written straight from the client's, see
+/// [`headers::write_request`]) or the headers as they are, then the
+/// framing of the body the proxy will write (see [`encode_head`]).
+pub(crate) fn encode_request(
+    out: &mut BytesMut,
+    head: &RequestHead,
+    rw: &Rewrite<'_>,
+    body_len: Option<u64>,
+) {
+    let pq = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    request_line(out, &head.method, pq, head.headers.len());
+    match (&rw.forwarding, head.client) {
+        (Some(f), true) => headers::write_request(out, &head.headers, f, rw.set, is_framing),
+        _ => header_lines(out, &head.headers, rw.set),
+    }
+    body_framing(out, &head.method, body_len);
+}
+
 /// Writes the request head into `out`: request line in origin form,
 /// `headers` minus any framing the client sent, then the framing of the
 /// body the proxy will write: `content-length` when its length is known
 /// (`None` for no body on a method that has none), else chunked.
+#[cfg(test)]
 pub(crate) fn encode_head(
     out: &mut BytesMut,
     method: &Method,
@@ -557,23 +652,45 @@ pub(crate) fn encode_head(
     headers: &HeaderMap,
     body_len: Option<u64>,
 ) {
+    request_line(out, method, path_and_query, headers.len());
+    header_lines(out, headers, &[]);
+    body_framing(out, method, body_len);
+}
+
+fn request_line(out: &mut BytesMut, method: &Method, path_and_query: &str, headers: usize) {
     // The buffer is the connection's and keeps its capacity: after the first
     // request this reserves nothing, and no sizing pass over the headers is
     // needed.
-    out.reserve(method.as_str().len() + path_and_query.len() + 40 * headers.len() + 64);
+    out.reserve(method.as_str().len() + path_and_query.len() + 40 * headers + 512);
     out.extend_from_slice(method.as_str().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(path_and_query.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+}
+
+/// The framing headers, which the proxy writes itself.
+fn is_framing(name: &HeaderName) -> bool {
+    name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING
+}
+
+/// `headers` as they are, minus framing and the names of `set`, then `set`.
+fn header_lines(
+    out: &mut BytesMut,
+    headers: &HeaderMap,
+    set: &[Option<(HeaderName, HeaderValue)>],
+) {
     for (name, value) in headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        if is_framing(name) || set.iter().flatten().any(|(n, _)| n == name) {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        headers::line(out, name.as_str().as_bytes(), value.as_bytes());
     }
+    for (name, value) in set.iter().flatten() {
+        headers::line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+}
+
+fn body_framing(out: &mut BytesMut, method: &Method, body_len: Option<u64>) {
     match body_len {
         Some(0) if !method_has_body(method) => {}
         Some(n) => {

@@ -7,6 +7,8 @@ use hyper_rustls::MaybeHttpsStream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use http::Request;
+
 use super::*;
 
 /// Collects released connections.
@@ -63,6 +65,18 @@ fn get(path: &str) -> Request<RequestBody> {
         .unwrap()
 }
 
+impl Wire {
+    /// [`Wire::exchange`] of a request as it is.
+    async fn exchange_request(
+        self,
+        req: Request<RequestBody>,
+        reused: bool,
+    ) -> Result<(Response<()>, Decoder, Wire, Head), Failure> {
+        let (head, body) = Head::split(req);
+        self.exchange(head, body, &Rewrite::NONE, reused).await
+    }
+}
+
 async fn body_of(wire: Wire, decoder: Decoder, pool: &Pool) -> Vec<u8> {
     let body = WireBody::new(wire, decoder, pool.clone());
     body.collect().await.unwrap().to_bytes().to_vec()
@@ -80,7 +94,7 @@ async fn sequential_exchanges_reuse_the_connection() {
                 .await
                 .unwrap();
         };
-        let (r, ()) = tokio::join!(wire.exchange(get(&format!("/r{i}")), i > 0), server);
+        let (r, ()) = tokio::join!(wire.exchange_request(get(&format!("/r{i}")), i > 0), server);
         let Ok((resp, decoder, w, _)) = r else {
             panic!("exchange failed")
         };
@@ -102,7 +116,7 @@ async fn a_body_known_complete_releases_at_once_and_is_end_stream() {
             .await
             .unwrap();
     };
-    let (r, ()) = tokio::join!(wire.exchange(get("/"), false), server);
+    let (r, ()) = tokio::join!(wire.exchange_request(get("/"), false), server);
     let Ok((_, decoder, w, _)) = r else {
         panic!("exchange failed")
     };
@@ -132,20 +146,20 @@ async fn a_request_on_a_connection_closed_without_answer_comes_back_for_a_retry(
         read_request(&mut up, 0).await;
         drop(up);
     };
-    let (r, ()) = tokio::join!(wire.exchange(get("/again"), true), server);
+    let (r, ()) = tokio::join!(wire.exchange_request(get("/again"), true), server);
     let Err(f) = r else { panic!("should fail") };
     assert!(matches!(f.error, ExchangeError::Io(_)), "{}", f.error);
     let retry = f
         .retry
         .expect("an idempotent request on a reused connection is retried");
-    assert_eq!(retry.uri(), "/again");
+    assert_eq!(retry.0.uri, "/again");
     // Not on a fresh connection, nor for a POST.
     let (wire, mut up) = pair().await;
     let server = async {
         read_request(&mut up, 0).await;
         drop(up);
     };
-    let (r, ()) = tokio::join!(wire.exchange(get("/fresh"), false), server);
+    let (r, ()) = tokio::join!(wire.exchange_request(get("/fresh"), false), server);
     assert!(r.is_err_and(|f| f.retry.is_none()));
     let (wire, mut up) = pair().await;
     let server = async {
@@ -154,7 +168,7 @@ async fn a_request_on_a_connection_closed_without_answer_comes_back_for_a_retry(
     };
     let mut post = get("/post");
     *post.method_mut() = Method::POST;
-    let (r, ()) = tokio::join!(wire.exchange(post, true), server);
+    let (r, ()) = tokio::join!(wire.exchange_request(post, true), server);
     assert!(r.is_err_and(|f| f.retry.is_none()));
 }
 
@@ -176,7 +190,7 @@ async fn buffered_bodies_go_with_the_head_and_chunked_bodies_stream() {
             .await
             .unwrap();
     };
-    let (r, ()) = tokio::join!(wire.exchange(req, false), server);
+    let (r, ()) = tokio::join!(wire.exchange_request(req, false), server);
     let Ok((resp, decoder, w, _)) = r else {
         panic!("exchange failed")
     };
@@ -224,7 +238,7 @@ async fn an_answer_before_the_upload_ends_makes_the_connection_unusable() {
             .await
             .unwrap();
     };
-    let (r, ()) = tokio::join!(wire.exchange(req, false), server);
+    let (r, ()) = tokio::join!(wire.exchange_request(req, false), server);
     let Ok((resp, decoder, w, _)) = r else {
         panic!("exchange failed")
     };
@@ -242,7 +256,7 @@ async fn a_malformed_response_fails_the_exchange() {
             .await
             .unwrap();
     };
-    let (r, ()) = tokio::join!(wire.exchange(get("/"), true), server);
+    let (r, ()) = tokio::join!(wire.exchange_request(get("/"), true), server);
     let Err(f) = r else { panic!("should fail") };
     assert!(
         matches!(f.error, ExchangeError::Wire(WireError::Framing(_))),
@@ -262,7 +276,7 @@ async fn a_body_dropped_early_is_drained_and_released() {
             .await
             .unwrap();
     };
-    let (r, ()) = tokio::join!(wire.exchange(get("/"), false), server);
+    let (r, ()) = tokio::join!(wire.exchange_request(get("/"), false), server);
     let Ok((_, decoder, w, _)) = r else {
         panic!("exchange failed")
     };

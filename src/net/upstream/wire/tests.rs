@@ -85,6 +85,27 @@ fn content_length_body_and_keep_alive() {
 }
 
 #[test]
+fn hop_by_hop_headers_are_read_but_not_passed_on() {
+    let input = b"HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\nUpgrade: h2c\r\nX-Keep: 1\r\nconnection: X-Second\r\nx-second: 2\r\n\r\n0\r\n\r\n";
+    let mut buf = BytesMut::from(&input[..]);
+    let Parsed::Final(head) = parse_head(&mut buf, &Method::GET, &mut Vec::new()).unwrap() else {
+        panic!("not final");
+    };
+    let names: Vec<&str> = head.headers.keys().map(|n| n.as_str()).collect();
+    assert_eq!(names, ["x-keep"]);
+    assert_eq!(head.framing, Framing::Chunked);
+    assert!(!head.keep_alive);
+    let mut buf = BytesMut::from(
+        &b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n"[..],
+    );
+    let Parsed::Final(head) = parse_head(&mut buf, &Method::GET, &mut Vec::new()).unwrap() else {
+        panic!("not final");
+    };
+    assert!(head.keep_alive);
+    assert_eq!(head.headers.len(), 1, "{:?}", head.headers);
+}
+
+#[test]
 fn head_values_share_the_buffer_and_keep_order() {
     let mut buf = BytesMut::from(CL);
     let Parsed::Final(head) = parse_head(&mut buf, &Method::GET, &mut Vec::new()).unwrap() else {
