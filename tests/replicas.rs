@@ -934,38 +934,64 @@ async fn warm_requests_on_replicas_read_nothing_from_the_store() {
     for s in &subs {
         connect(&replicas[0], s).await;
     }
-    for p in &replicas {
-        for s in &subs {
-            assert_eq!(get_as(p, ACCOUNTS, s).await.status, 200);
+    let (rs, users) = (&replicas, &subs);
+    let gets = || async move {
+        let mut n = 0.0;
+        for p in rs {
+            n += store_gets(p).await;
+        }
+        n
+    };
+    let requests = |run_for: Duration| async move {
+        let until = Instant::now() + run_for;
+        let mut sent = 0;
+        while Instant::now() < until {
+            for p in rs {
+                for s in users {
+                    let r = get_as(p, ACCOUNTS, s).await;
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    sent += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        sent
+    };
+    // Warm up until a feed interval passes without a read: replica 1
+    // re-reads a user it cached before replica 0's creation of her reached
+    // it through the feed (once per connection, not per interval).
+    let mut settled = false;
+    for _ in 0..10 {
+        let g = gets().await;
+        requests(flinks_proxy::store::CHANGE_POLL + Duration::from_millis(500)).await;
+        if gets().await == g {
+            settled = true;
+            break;
         }
     }
-    let mut before = 0.0;
-    for p in &replicas {
-        before += store_gets(p).await;
-    }
+    assert!(settled, "the replicas keep reading the store");
+    let before = gets().await;
     // Longer than the 5 s after which each connection in use used to be
     // read again.
-    let until = Instant::now() + Duration::from_secs(7);
-    let mut sent = 0;
-    while Instant::now() < until {
-        for p in &replicas {
-            for s in &subs {
-                let r = get_as(p, ACCOUNTS, s).await;
-                assert_eq!(r.status, 200, "{}", r.text());
-                sent += 1;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let mut after = 0.0;
-    for p in &replicas {
-        after += store_gets(p).await;
-    }
+    let sent = requests(Duration::from_secs(7)).await;
+    let after = gets().await;
     assert_eq!(
         after - before,
         0.0,
         "store reads during {sent} warm requests"
     );
+    // What each replica did instead: read the change feed, once a second.
+    for p in &replicas {
+        let m = support::get(&support::admin_url(p, "/metrics"))
+            .await
+            .text();
+        let reads = support::metric(
+            &m,
+            "flinks_proxy_store_operations_total{op=\"changes\",outcome=\"ok\"}",
+        )
+        .unwrap_or(0.0);
+        assert!(reads >= 5.0, "feed reads in 7 s: {reads}");
+    }
     for p in replicas {
         p.shutdown().await;
     }

@@ -105,7 +105,7 @@ impl Store {
         // own connections and stop when the store is dropped.
         match &self.backend {
             Backend::Postgres(pg) => {
-                tokio::spawn(pg.feed().follow(tx, cancel));
+                tokio::spawn(pg.feed().follow(tx, cancel, self.metrics.clone()));
             }
             Backend::Sqlite(sqlite) => {
                 tokio::spawn(sqlite.poller().listen(tx, cancel));

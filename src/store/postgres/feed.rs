@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ACQUIRE_TIMEOUT, CHANNEL, LISTEN_BACKOFF_MAX};
 use crate::ground::lock;
+use crate::ground::metrics::StoreMetrics;
 use crate::store::{Change, ChangeKind, CHANGE_POLL};
 
 /// Reads of one replica are at least this far apart (at most 20 a second,
@@ -141,6 +142,7 @@ impl Feed {
         self,
         tx: broadcast::Sender<Change>,
         cancel: CancellationToken,
+        metrics: StoreMetrics,
     ) {
         let own = PgPoolOptions::new()
             .max_connections(2)
@@ -169,6 +171,9 @@ impl Feed {
                 () = cancel.cancelled() => return,
                 r = read(&own, c, &tx) => r,
             };
+            // As `op="changes"` of the store's operations: a feed that
+            // cannot be read shows as errors there.
+            metrics.observe("changes", r.is_ok(), now.elapsed());
             let r = match r {
                 Ok(Read::Reset) => start(&own, Instant::now()).await.map(|c| {
                     cursor = Some(c);
