@@ -905,6 +905,42 @@ async fn a_change_committed_after_a_later_one_is_still_seen() {
     p.shutdown().await;
 }
 
+/// A jump in the feed's numbers too large to track as holes (a sequence
+/// moved by hand, a partial restore) makes the replica re-read what it has
+/// in memory rather than trust it: alice's deletion, made here without a
+/// feed row, is found by that re-read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jump_in_the_feeds_numbers_makes_the_replica_check_what_it_holds() {
+    const ACCOUNTS: &str = "/api/fdx/5/accounts";
+    let pg = PgCluster::start();
+    pg.create_database("jump");
+    let subs: Vec<String> = vec!["alice".to_owned(), "bob".to_owned()];
+    let sb = users_sandbox(&subs, 3600).await;
+    let p = support::start_proxy(&pg_toml(&sb, &pg.url("jump"), &new_key())).await;
+    for s in &subs {
+        connect(&p, s).await;
+        assert_eq!(get_as(&p, ACCOUNTS, s).await.status, 200);
+    }
+    let db = sqlx::PgPool::connect(&pg.url("jump")).await.unwrap();
+    for sql in [
+        "ALTER TABLE connections DISABLE TRIGGER connections_log",
+        "DELETE FROM connections WHERE id = 'alice'",
+        "ALTER TABLE connections ENABLE TRIGGER connections_log",
+        "SELECT setval(pg_get_serial_sequence('connection_changes', 'seq'), \
+         (SELECT MAX(seq) FROM connection_changes) + 20000)",
+        "UPDATE connections SET authorized_at = authorized_at + 1 WHERE id = 'bob'",
+    ] {
+        sqlx::query(sql).execute(&db).await.unwrap();
+    }
+    let gone = eventually(Duration::from_secs(10), || async {
+        get_as(&p, ACCOUNTS, "alice").await.status == 404
+    })
+    .await;
+    assert!(gone, "the replica re-read alice after the jump");
+    assert_eq!(get_as(&p, ACCOUNTS, "bob").await.status, 200);
+    p.shutdown().await;
+}
+
 /// Store reads for connections (`get`) a proxy has made, from its metrics.
 async fn store_gets(p: &flinks_proxy::Running) -> f64 {
     let m = support::get(&support::admin_url(p, "/metrics"))
