@@ -173,24 +173,8 @@ enum Command {
     /// PostgreSQL COPY text to stdout (benches/scale.sh).
     #[command(hide = true)]
     BenchRows {
-        /// The pool.
-        #[arg(long, default_value = "users")]
-        pool: String,
-        /// The first user index.
-        #[arg(long, default_value_t = 0)]
-        first: u64,
-        /// How many users.
-        #[arg(long)]
-        rows: u64,
-        /// Every n-th user's access token has expired (0: none).
-        #[arg(long, default_value_t = 10)]
-        expired_every: u64,
-        /// Lifetime of the other access tokens, in seconds.
-        #[arg(long, default_value_t = 3600)]
-        valid_for: u64,
-        /// The access tokens' client_id claim.
-        #[arg(long, default_value = "demo-client")]
-        client_id: String,
+        #[command(flatten)]
+        rows: cli::bench_rows::BenchRows,
         /// The store key (base64), as store.key.
         #[arg(long, env = "FLINKS_PROXY_STORE_KEY", hide_env_values = true)]
         key: String,
@@ -280,23 +264,7 @@ fn main() -> ExitCode {
             users,
             bench_users,
         }) => cli::demo::sandbox(&token_listen, &api_listen, expires_in, users, bench_users),
-        Some(Command::BenchRows {
-            pool,
-            first,
-            rows,
-            expired_every,
-            valid_for,
-            client_id,
-            key,
-        }) => {
-            let rows = cli::bench_rows::BenchRows {
-                pool,
-                first,
-                rows,
-                expired_every,
-                valid_for,
-                client_id,
-            };
+        Some(Command::BenchRows { rows, key }) => {
             cli::exit(cli::bench_rows::bench_rows(&rows, &key))
         }
     }

@@ -19,20 +19,26 @@ use crate::ground::crypto::{Key, Place, Sealer};
 use crate::ground::now_ms;
 use crate::sandbox::bench;
 
-/// What `bench-rows` writes.
-#[derive(Debug, Clone)]
+/// What `bench-rows` writes (its command-line options).
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchRows {
     /// The pool the rows belong to.
+    #[arg(long, default_value = "users")]
     pub pool: String,
     /// The first user (`u<first>`).
+    #[arg(long, default_value_t = 0)]
     pub first: u64,
     /// How many users from there.
+    #[arg(long)]
     pub rows: u64,
     /// Every n-th user (by index) has an expired access token; 0: none.
+    #[arg(long, default_value_t = 10)]
     pub expired_every: u64,
     /// Lifetime of the valid access tokens, in seconds.
+    #[arg(long, default_value_t = 3600)]
     pub valid_for: u64,
     /// The `client_id` claim of the access tokens.
+    #[arg(long, default_value = "demo-client")]
     pub client_id: String,
 }
 

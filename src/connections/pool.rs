@@ -269,11 +269,14 @@ impl Pool {
             }
             Err(RecvError::Closed) => return,
         };
-        let own = holder == self.store.holder();
         match kind {
-            // What this process wrote it forgot already (`Pool::forget`);
-            // a read since holds the row as written.
-            ChangeKind::Created | ChangeKind::Reauthorized if own => return,
+            // What this process wrote it forgot (`Pool::forget`) or
+            // installed already: a read since holds the row as written.
+            ChangeKind::Created | ChangeKind::Reauthorized | ChangeKind::Refreshed
+                if holder == self.store.holder() =>
+            {
+                return
+            }
             ChangeKind::Created | ChangeKind::Reauthorized => self.forget_local(&id).await,
             ChangeKind::Deleted => {
                 if let Some(c) = self.cache.get(&id).await {
@@ -288,10 +291,8 @@ impl Pool {
             }
             // New tokens change no count: no recount.
             ChangeKind::Refreshed => {
-                if !own {
-                    if let Some(c) = self.cache.get(&id).await {
-                        c.stale.store(true, Ordering::Release);
-                    }
+                if let Some(c) = self.cache.get(&id).await {
+                    c.stale.store(true, Ordering::Release);
                 }
                 return;
             }

@@ -51,19 +51,18 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == header::UPGRADE
 }
 
-/// Header names a `Connection` header lists, without the `close` and
-/// `keep-alive` options (and `connection` itself).
-fn connection_listed(value: &HeaderValue) -> impl Iterator<Item = &str> {
+/// Header names a `Connection` header's value lists, without the `close`
+/// and `keep-alive` options (and `connection` itself); requests' and
+/// responses' (the upstream wire's parser) alike.
+pub(crate) fn connection_listed(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
-        .to_str()
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
         .filter(|t| {
             !t.is_empty()
-                && !t.eq_ignore_ascii_case("close")
-                && !t.eq_ignore_ascii_case("keep-alive")
-                && !t.eq_ignore_ascii_case("connection")
+                && !t.eq_ignore_ascii_case(b"close")
+                && !t.eq_ignore_ascii_case(b"keep-alive")
+                && !t.eq_ignore_ascii_case(b"connection")
         })
 }
 
@@ -102,8 +101,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             let Some(value) = headers.get_all(header::CONNECTION).iter().nth(i).cloned() else {
                 break;
             };
-            for token in connection_listed(&value) {
-                headers.remove(token);
+            for token in connection_listed(value.as_bytes()) {
+                if let Ok(name) = std::str::from_utf8(token) {
+                    headers.remove(name);
+                }
             }
         }
     }
@@ -206,8 +207,8 @@ fn listed_names(client: &HeaderMap) -> Vec<HeaderName> {
     client
         .get_all(header::CONNECTION)
         .iter()
-        .flat_map(connection_listed)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .flat_map(|v| connection_listed(v.as_bytes()))
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
         .collect()
 }
 
@@ -333,11 +334,7 @@ pub fn write_request(
     if !wrote_xff {
         line(out, b"x-forwarded-for", f.peer.as_bytes());
     }
-    line(
-        out,
-        b"x-forwarded-proto",
-        if f.tls { b"https" } else { b"http" },
-    );
+    line(out, b"x-forwarded-proto", forwarded_proto(f.tls).as_bytes());
     if let Some(h) = f.original_host {
         line(out, b"x-forwarded-host", h.as_bytes());
     }

@@ -281,7 +281,8 @@ impl Head {
 /// gave it back.
 #[derive(Debug)]
 pub struct Sent {
-    /// The response; its body streams.
+    /// The response, hop-by-hop headers (and those `Connection` lists)
+    /// already left out; its body streams.
     pub response: Response<UpstreamBody>,
     /// The request's head as it was sent, from an HTTP/1.1 exchange
     /// (written, no longer needed): a replay needs no copy made in
@@ -350,8 +351,13 @@ impl Upstream {
             .await;
         stream.settle();
         match result {
-            Ok(resp) => Ok(Sent {
-                response: resp.map(|body| UpstreamBody {
+            Ok(mut resp) => Ok(Sent {
+                response: {
+                    // HTTP/1.1's parser leaves them out as it reads.
+                    headers::remove_hop_by_hop(resp.headers_mut());
+                    resp
+                }
+                .map(|body| UpstreamBody {
                     inner: Inner::H2 {
                         body,
                         _stream: stream,

@@ -271,8 +271,9 @@ fn reauth_replay(
     }
 }
 
-/// The upstream's answer as the client gets it: hop-by-hop headers
-/// removed, HTTP/1.1, the body under the `idle_timeout` timer.
+/// The upstream's answer as the client gets it (hop-by-hop headers were
+/// left out by `net::upstream`): HTTP/1.1, the body under the
+/// `idle_timeout` timer.
 #[inline]
 fn downstream(
     rt: &Generation,
@@ -280,7 +281,6 @@ fn downstream(
     activity: Option<Arc<Activity>>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
-    headers::remove_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
     let idle = Idle::new(rt.idle_timeout, activity);
     Response::from_parts(parts, ProxyBody::Upstream(body, idle))
@@ -454,7 +454,6 @@ async fn pooled_rejection(
     replay: bool,
 ) -> Result<Arc<Token>, Response<ProxyBody>> {
     let (mut parts, body) = answer.into_parts();
-    headers::remove_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
     let collected = tokio::time::timeout_at(
         deadline.into(),

@@ -10,16 +10,13 @@
 //!
 //! The tag key is a constant: the sandbox is not a security component.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use ring::hmac;
 use serde_json::{json, Value};
 
 use super::token::Grant;
 use super::{Params, SandboxOptions, Shared};
 use crate::ground::crypto::hex;
+use crate::ground::unix_now;
 
 /// Keys the tags (not a secret: anyone may mint sandbox bench tokens).
 const TAG_KEY: &[u8] = b"flinks-proxy sandbox bench users";
@@ -41,19 +38,9 @@ pub fn refresh_token(i: u64) -> String {
 /// An access token of `sub` for `client_id`, valid until `exp` (Unix
 /// seconds): JWT-shaped like the sandbox's others, its signature a tag.
 pub fn access_token(client_id: &str, sub: &str, exp: u64, jti: &str) -> String {
-    let iat = exp.saturating_sub(300);
-    let claims = json!({"client_id": client_id, "sub": sub, "exp": exp, "iat": iat, "jti": jti});
-    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
-    let signed = format!("{header}.{}", URL_SAFE_NO_PAD.encode(claims.to_string()));
+    let signed = super::token::unsigned_jwt(client_id, sub, exp, exp.saturating_sub(300), jti);
     let t = tag(&signed);
     format!("{signed}.{SIGNATURE_PREFIX}{t}")
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
 }
 
 /// Whether `sub` is `u<i>` with `i < users`.

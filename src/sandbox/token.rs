@@ -305,11 +305,10 @@ impl Shared {
         let client_id = &opts.client_id;
         let over = lock(&self.token_override).clone();
         let exp = over.exp.unwrap_or(exp);
-        let claims =
-            json!({"client_id": client_id, "sub": sub, "exp": exp, "iat": iat, "jti": jti});
-        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
-        let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
-        let access_token = format!("{header}.{claims}.sandbox-signature");
+        let access_token = format!(
+            "{}.sandbox-signature",
+            unsigned_jwt(client_id, sub, exp, iat, &jti)
+        );
         state.insert_token(access_token.clone(), expiry);
         drop(state);
 
@@ -331,6 +330,14 @@ impl Shared {
         }
         body
     }
+}
+
+/// A sandbox access token's header and claims (`header.claims`, base64url),
+/// before its signature: the API's check reads these claims.
+pub(super) fn unsigned_jwt(client_id: &str, sub: &str, exp: u64, iat: u64, jti: &str) -> String {
+    let claims = json!({"client_id": client_id, "sub": sub, "exp": exp, "iat": iat, "jti": jti});
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    format!("{header}.{}", URL_SAFE_NO_PAD.encode(claims.to_string()))
 }
 
 /// Client id and secret from HTTP Basic (RFC 6749 §2.3.1: form-urlencoded,

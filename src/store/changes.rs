@@ -1,8 +1,8 @@
-//! Change notifications: what a shared store announces when a connection
-//! changes ([`Change`], parsed from the backends' `pool/id/event/holder`
-//! payloads), and how a [`Store`] hands them to subscribers. The
-//! listeners themselves are the backends' (PostgreSQL's `LISTEN`,
-//! SQLite's change-log poller); this file only wires them to the channel.
+//! Change notifications: what a store announces when a connection changes
+//! ([`Change`], made from the backends' change-log rows `pool, id, event,
+//! holder`), and how a [`Store`] hands them to subscribers. The readers
+//! themselves are the backends' (PostgreSQL's change feed, SQLite's
+//! change-log poller); this file only wires them to the channel.
 
 use std::time::Duration;
 
@@ -51,7 +51,8 @@ impl ChangeKind {
 /// A change announced by a shared store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// Changes may have been missed (the listener (re)connected or lagged):
+    /// Changes may have been missed (the feed could not account for what
+    /// it skipped, or a subscriber lagged):
     /// everything in memory must be checked again.
     All,
     /// One connection changed.
@@ -62,33 +63,35 @@ pub enum Change {
         id: String,
         /// What happened.
         kind: ChangeKind,
-        /// For `Refreshed`: the lease holder that committed it.
+        /// The process that made it: for `Refreshed` the lease holder that
+        /// committed it, else (PostgreSQL) the writing session's; empty
+        /// when unknown.
         holder: String,
     },
 }
 
 impl Change {
-    /// Parses a notification payload, `pool/id/event/holder`.
+    /// A row of a change log or feed (`None` for an unknown event).
+    pub fn of_row(pool: String, id: String, event: &str, holder: String) -> Option<Change> {
+        Some(Change::Connection {
+            pool,
+            id,
+            kind: ChangeKind::parse(event)?,
+            holder,
+        })
+    }
+
+    /// Parses the text form `pool/id/event/holder` (tests).
+    #[cfg(test)]
     pub fn parse(payload: &str) -> Option<Change> {
         let mut parts = payload.splitn(4, '/');
         let (pool, id, event) = (parts.next()?, parts.next()?, parts.next()?);
-        let kind = ChangeKind::parse(event)?;
-        Some(Change::Connection {
-            pool: pool.to_owned(),
-            id: id.to_owned(),
-            kind,
-            holder: parts.next().unwrap_or("").to_owned(),
-        })
+        let holder = parts.next().unwrap_or("").to_owned();
+        Change::of_row(pool.to_owned(), id.to_owned(), event, holder)
     }
 }
 
 impl Store {
-    /// Whether several processes share this store (PostgreSQL): memory must
-    /// then follow [`Store::subscribe`] and be re-checked.
-    pub fn is_shared(&self) -> bool {
-        matches!(self.backend, Backend::Postgres(_))
-    }
-
     /// Changes to connections as the store announces them (nothing for
     /// SQLite, which one process owns).
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {

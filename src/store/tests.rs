@@ -676,6 +676,16 @@ async fn event_listings_are_answered_from_the_index_in_order() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A store in a new directory, to share between tasks.
+async fn shared_store() -> (std::path::PathBuf, Arc<Store>) {
+    let dir = tempdir();
+    let key = crate::ground::crypto::generate_key().unwrap();
+    let store = Store::open(&config(&dir, &key), Metrics::new().store())
+        .await
+        .unwrap();
+    (dir, Arc::new(store))
+}
+
 /// The SQLite backend of `store` (the group commit's counters).
 fn sqlite(store: &Store) -> &sqlite::Sqlite {
     match &store.backend {
@@ -740,13 +750,7 @@ fn refresh_token_of(r: &Record) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_commits_waiting_together_share_one_transaction_and_answer_after_it() {
     const N: usize = 64;
-    let dir = tempdir();
-    let key = crate::ground::crypto::generate_key().unwrap();
-    let store = Arc::new(
-        Store::open(&config(&dir, &key), Metrics::new().store())
-            .await
-            .unwrap(),
-    );
+    let (dir, store) = shared_store().await;
     let groups = sqlite(&store).group().groups();
     let (mut lock, tasks) = commits_behind_a_held_lock(&store, &dir, N).await;
     // The writer waits for the lock with the first writes; none answers.
@@ -774,13 +778,7 @@ async fn refresh_commits_waiting_together_share_one_transaction_and_answer_after
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_fails_inside_a_group_fails_alone() {
     const N: usize = 8;
-    let dir = tempdir();
-    let key = crate::ground::crypto::generate_key().unwrap();
-    let store = Arc::new(
-        Store::open(&config(&dir, &key), Metrics::new().store())
-            .await
-            .unwrap(),
-    );
+    let (dir, store) = shared_store().await;
     sqlx::query(
         "CREATE TRIGGER refuse_u3 BEFORE UPDATE OF refresh_token ON connections \
          WHEN NEW.id = 'u3' BEGIN SELECT RAISE(ABORT, 'refused'); END",

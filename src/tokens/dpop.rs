@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
@@ -91,10 +90,7 @@ impl Dpop {
     ) -> Result<String, ProofError> {
         let nonce = lock(&self.nonces).get(&server.0).cloned();
         let jti = random_bytes::<16>().map_err(|e| ProofError(e.to_string()))?;
-        let iat = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let iat = crate::ground::unix_now();
         let htu = format!("{}{path}", server.0);
         let mut claims = json!({
             "jti": B64.encode(jti),

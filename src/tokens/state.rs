@@ -8,7 +8,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -42,13 +41,7 @@ impl std::fmt::Debug for State {
     }
 }
 
-/// Unix seconds now.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use crate::ground::unix_now;
 
 /// A stable, non-reversible fingerprint (FNV-1a 64) of a configured secret.
 /// It only tells "same as before or not"; the file already holds the live

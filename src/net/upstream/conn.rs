@@ -125,7 +125,7 @@ impl Wire {
         let length = body.size_hint().exact();
         self.write.clear();
         wire::encode_request(&mut self.write, &head, rw, length);
-        self.exchange_written(head, body, reused)
+        self.exchange_written(head, body, length, reused)
     }
 
     /// [`Wire::exchange`] once the head is in the write buffer.
@@ -133,9 +133,9 @@ impl Wire {
         mut self,
         parts: Head,
         mut body: RequestBody,
+        length: Option<u64>,
         reused: bool,
     ) -> Result<(Response<()>, Decoder, Wire, Head), Failure> {
-        let length = body.size_hint().exact();
         let chunked = length.is_none();
         // A small buffered body goes out with the head, in one write.
         let mut upload = match &body {

@@ -234,20 +234,11 @@ impl Present {
 }
 
 /// Removes the headers a response's `Connection` headers list (hop-by-hop
-/// too), but for the `close` and `keep-alive` options.
+/// too).
 fn remove_listed<'a>(headers: &mut HeaderMap, connection: impl Iterator<Item = &'a [u8]>) {
-    for v in connection {
-        for token in v.split(|&b| b == b',') {
-            let t = token.trim_ascii();
-            if t.is_empty()
-                || t.eq_ignore_ascii_case(b"close")
-                || t.eq_ignore_ascii_case(b"keep-alive")
-            {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(t) {
-                headers.remove(name);
-            }
+    for token in connection.flat_map(headers::connection_listed) {
+        if let Ok(name) = std::str::from_utf8(token) {
+            headers.remove(name);
         }
     }
 }

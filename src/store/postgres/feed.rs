@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::{ACQUIRE_TIMEOUT, CHANNEL, LISTEN_BACKOFF_MAX};
 use crate::ground::lock;
 use crate::ground::metrics::StoreMetrics;
-use crate::store::{Change, ChangeKind, CHANGE_POLL};
+use crate::store::{Change, CHANGE_POLL};
 
 /// Reads of one replica are at least this far apart (at most 20 a second,
 /// whatever the fleet's change rate); a full page is read on at once.
@@ -174,15 +174,6 @@ impl Feed {
             // As `op="changes"` of the store's operations: a feed that
             // cannot be read shows as errors there.
             metrics.observe("changes", r.is_ok(), now.elapsed());
-            let r = match r {
-                Ok(Read::Reset) => start(&own, Instant::now()).await.map(|c| {
-                    cursor = Some(c);
-                    let _ = tx.send(Change::All);
-                    false
-                }),
-                Ok(Read::Page { full }) => Ok(full),
-                Err(e) => Err(e),
-            };
             match r {
                 Ok(full) => {
                     if now.saturating_duration_since(read_at) >= FEED_LOST {
@@ -226,21 +217,10 @@ impl Feed {
 
 type Row = (i64, String, String, String, String);
 
-/// What a read of the feed found.
-enum Read {
-    /// Rows (a full page: read again at once).
-    Page { full: bool },
-    /// The store's numbers went back (restored from an older backup):
-    /// start again from its newest.
-    Reset,
-}
-
 /// A cursor after the newest change, with the numbers skipped over the
 /// last [`START_WINDOW_S`] as holes (transactions still in flight).
 pub(in crate::store) async fn start(db: &PgPool, now: Instant) -> Result<Cursor, sqlx::Error> {
-    let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM connection_changes")
-        .fetch_one(db)
-        .await?;
+    let max = newest(db).await?;
     let recent: Vec<(i64,)> = sqlx::query_as(
         "SELECT seq FROM connection_changes \
          WHERE at > clock_timestamp() - make_interval(secs => $1) ORDER BY seq",
@@ -249,15 +229,25 @@ pub(in crate::store) async fn start(db: &PgPool, now: Instant) -> Result<Cursor,
     .fetch_all(db)
     .await?;
     let recent: Vec<i64> = recent.into_iter().map(|r| r.0).collect();
-    Ok(Cursor::start(max.unwrap_or(0), &recent, now))
+    Ok(Cursor::start(max, &recent, now))
 }
 
-/// One read of the feed.
+/// The newest number in the feed (0 for none).
+async fn newest(db: &PgPool) -> Result<i64, sqlx::Error> {
+    let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM connection_changes")
+        .fetch_one(db)
+        .await?;
+    Ok(max.unwrap_or(0))
+}
+
+/// One read of the feed; `true` when a full page came back (read again at
+/// once). A store whose numbers went back (restored from an older backup)
+/// gets a new cursor at its newest, and everything in memory is checked.
 async fn read(
     db: &PgPool,
     c: &mut Cursor,
     tx: &broadcast::Sender<Change>,
-) -> Result<Read, sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     let now = Instant::now();
     c.expire(now);
     let rows: Vec<Row> = sqlx::query_as(
@@ -280,29 +270,18 @@ async fn read(
         if taken == Taken::Seen {
             continue;
         }
-        if let Some(kind) = ChangeKind::parse(&event) {
-            let _ = tx.send(Change::Connection {
-                pool,
-                id,
-                kind,
-                holder,
-            });
+        if let Some(change) = Change::of_row(pool, id, &event, holder) {
+            let _ = tx.send(change);
         }
         if taken == Taken::Overflow {
             let _ = tx.send(Change::All);
         }
     }
-    if after == 0 {
-        let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM connection_changes")
-            .fetch_one(db)
-            .await?;
-        if max.unwrap_or(0) < c.last() {
-            return Ok(Read::Reset);
-        }
+    if after == 0 && newest(db).await? < c.last() {
+        *c = start(db, now).await?;
+        let _ = tx.send(Change::All);
     }
-    Ok(Read::Page {
-        full: after >= PAGE,
-    })
+    Ok(after >= PAGE)
 }
 
 /// Rings `bell` at every notification on [`CHANNEL`], reconnecting with

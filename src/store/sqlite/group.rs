@@ -14,7 +14,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use sqlx::sqlite::SqlitePool;
+use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::Connection;
 use tokio::sync::{mpsc, oneshot};
 
@@ -156,28 +156,35 @@ async fn run(pool: &SqlitePool, jobs: &[Job]) -> Vec<Result<Option<SealedRow>, S
         Ok(c) => c,
         Err(e) => return failed(&e),
     };
+    // A write alone is a transaction of its own.
+    if let [job] = jobs {
+        return vec![one(&mut conn, &job.write).await];
+    }
     let mut tx = match conn.begin().await {
         Ok(tx) => tx,
         Err(e) => return failed(&e),
     };
     let mut answers = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let w = &job.write;
-        let mut q = sqlx::query(&w.sql);
-        for a in &w.args {
-            q = match a {
-                Arg::Text(t) => q.bind(t.as_deref()),
-                Arg::Int(n) => q.bind(*n),
-            };
-        }
-        let answer = match q.fetch_optional(&mut *tx).await {
-            Ok(row) => row.map(|r| sealed_row(&r)).transpose(),
-            Err(source) => Err(StoreError::Unavailable { op: w.op, source }),
-        };
-        answers.push(answer);
+        answers.push(one(&mut tx, &job.write).await);
     }
     match tx.commit().await {
         Ok(()) => answers,
         Err(e) => failed(&e),
+    }
+}
+
+/// Runs one write's statement on `conn`.
+async fn one(conn: &mut SqliteConnection, w: &Write) -> Result<Option<SealedRow>, StoreError> {
+    let mut q = sqlx::query(&w.sql);
+    for a in &w.args {
+        q = match a {
+            Arg::Text(t) => q.bind(t.as_deref()),
+            Arg::Int(n) => q.bind(*n),
+        };
+    }
+    match q.fetch_optional(&mut *conn).await {
+        Ok(row) => row.map(|r| sealed_row(&r)).transpose(),
+        Err(source) => Err(StoreError::Unavailable { op: w.op, source }),
     }
 }

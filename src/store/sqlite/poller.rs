@@ -82,7 +82,7 @@ impl Poller {
         .fetch_all(&self.pool)
         .await?;
         for (seq, pool, id, event, holder) in rows {
-            if let Some(c) = Change::parse(&format!("{pool}/{id}/{event}/{holder}")) {
+            if let Some(c) = Change::of_row(pool, id, &event, holder) {
                 let _ = tx.send(c);
             }
             *last = Some(seq);
