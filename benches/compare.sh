@@ -90,7 +90,7 @@
 # RENEWAL_DURATION (30), RENEWAL_CONNS (64), RENEWAL_EXPIRES (2),
 # PROFILE_DURATION (15), PROFILE_CONNS (64), INSTR_WARMUP (2000),
 # INSTR_REQUESTS (20000), INSTR_CONNS (16), INSTR_USERS (300),
-# INSTR_POOL_SELECT (4),
+# INSTR_POOL_SELECT (4), INSTR_QUICK (0: 1 measures only the two flinks-proxy routes),
 # OUT (bench-results), SKIP_BUILD (unset; 1 uses the existing binary).
 
 set -euo pipefail
@@ -124,6 +124,7 @@ INSTR_WARMUP=${INSTR_WARMUP:-2000}
 INSTR_REQUESTS=${INSTR_REQUESTS:-20000}
 INSTR_CONNS=${INSTR_CONNS:-16}
 INSTR_USERS=${INSTR_USERS:-300}
+INSTR_QUICK=${INSTR_QUICK:-0}
 INSTR_POOL_SELECT=${INSTR_POOL_SELECT:-4}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -1253,11 +1254,18 @@ instr_mode() {
     log "connecting $INSTR_USERS users to the pool through the admin API"
     connect_users
     local t ir=() sc=() targets=(nginx caddy flinks-proxy flinks-pooled)
+    # INSTR_QUICK=1: the two flinks-proxy routes only, no syscalls, no
+    # table (for iterating on a change; the table needs the peers).
+    [[ $INSTR_QUICK == 1 ]] && targets=(flinks-proxy flinks-pooled)
     for t in "${targets[@]}"; do
         log "$t under callgrind: $INSTR_WARMUP warm-up requests, then $INSTR_REQUESTS measured (h2load --h1 -c $INSTR_CONNS)"
         ir+=("$(measure_instr "$t")")
         log "$t: ${ir[-1]} instructions per request"
     done
+    if [[ $INSTR_QUICK == 1 ]]; then
+        echo "credential route ${ir[0]}, pooled route ${ir[1]} (+$((ir[1] - ir[0]))) instructions per request"
+        return
+    fi
     for t in "${targets[@]}"; do
         log "$t under strace -c -f: $INSTR_REQUESTS requests"
         sc+=("$(measure_syscalls "$t")")

@@ -47,6 +47,7 @@
 //! age as a gauge).
 
 mod authorize;
+mod cache;
 mod conn;
 pub mod connect;
 mod error;

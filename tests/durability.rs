@@ -516,14 +516,8 @@ async fn status_cache_size_stops_counting_a_connection_deleted_through_the_admin
             .as_u64()
             .expect("cache_size")
     };
-    // The count is maintained lazily as the cache is used: use it until
-    // both entries are counted.
-    let deadline = Instant::now() + SLACK;
-    while cache_size().await != 2 {
-        assert!(Instant::now() < deadline, "alice and bob never counted");
-        assert_eq!(get_as(&p, PATH, "alice").await.status, 200);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The count is exact at once.
+    assert_eq!(cache_size().await, 2, "alice and bob are in memory");
 
     let r = admin(&p, "DELETE", &format!("/connections/{POOL}/alice"), None).await;
     assert_eq!(r.status, 204, "{}", r.text());
@@ -532,14 +526,9 @@ async fn status_cache_size_stops_counting_a_connection_deleted_through_the_admin
 
 // ------------------ extra: uncommitted rotated tokens and cache eviction
 
-/// Moka applies evictions in housekeeping that runs on a cache operation at
-/// most every 300 ms: requests further apart than this each see the
-/// previous one's outcome applied.
-const HOUSEKEEPING: Duration = Duration::from_millis(400);
-
-/// Uses `id` until it holds the pool's one-entry cache: two requests in a
-/// row served from memory, each [`HOUSEKEEPING`] after the one before,
-/// mean the cache admitted `id` and so evicted the other entry.
+/// Uses `id` until it holds the pool's one-entry cache: a request served
+/// from memory means the cache admitted `id` (at the request before) and
+/// so evicted the other entry. Evictions are immediate.
 async fn take_the_cache(p: &Running, id: &str) {
     let series =
         format!(r#"flinks_proxy_connection_tokens_total{{pool="{POOL}",source="memory"}}"#);
@@ -549,20 +538,15 @@ async fn take_the_cache(p: &Running, id: &str) {
             .text();
         support::metric(&m, &series).expect("the memory series")
     };
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let mut streak = 0;
-    while streak < 2 {
-        assert!(Instant::now() < deadline, "{id} never took the cache");
+    for _ in 0..3 {
         let before = from_memory().await;
         let r = get_as(p, PATH, id).await;
         assert_eq!(r.status, 200, "{id}: {}", r.text());
-        streak = if from_memory().await > before {
-            streak + 1
-        } else {
-            0
-        };
-        tokio::time::sleep(HOUSEKEEPING).await;
+        if from_memory().await > before {
+            return;
+        }
     }
+    panic!("{id} never took the cache");
 }
 
 #[tokio::test]

@@ -130,7 +130,7 @@ impl Pool {
             .store_authorized(&id, g.sub.as_deref(), &tokens)
             .await?;
         let name = &self.config.name;
-        self.forget(&id).await;
+        self.forget(&id);
         tracing::info!(pool = %name, connection = %id, created = stored.1, "connection authorized");
         Ok(stored)
     }

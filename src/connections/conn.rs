@@ -82,6 +82,8 @@ pub struct Conn {
     /// its next use.
     pub(super) stale: AtomicBool,
     pub(super) revalidating: AtomicBool,
+    /// Looked up since the cache's eviction hand last passed it.
+    pub(super) used: AtomicBool,
 }
 
 impl Conn {
@@ -96,6 +98,7 @@ impl Conn {
             failure: Mutex::new(None),
             stale: AtomicBool::new(false),
             revalidating: AtomicBool::new(false),
+            used: AtomicBool::new(false),
         }
     }
 

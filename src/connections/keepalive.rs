@@ -228,7 +228,7 @@ impl Pool {
         // A connection in memory is refreshed as itself (its backoff
         // counts, it gets the new token); another is not loaded into the
         // cache, so keep-alive never evicts the users being served.
-        let conn = match self.cache.get(id).await {
+        let conn = match self.cache.get(id) {
             Some(c) => c,
             None => Arc::new(Conn::new(id.to_owned())),
         };

@@ -4,6 +4,7 @@
 //! per-state counts. The refresh path, upstream rejections and the code
 //! exchange are `impl Pool` blocks of their own files.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,6 +14,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::cache::Cache;
 use super::{store_err, Conn, Failure, Ledger, PoolBuildError, PoolError};
 use crate::config::PoolConfig;
 use crate::ground::lock;
@@ -20,6 +22,9 @@ use crate::ground::metrics::PoolMetrics;
 use crate::store::{Change, ChangeKind, ConnectionState, Store};
 use crate::tokens::dpop::Dpop;
 use crate::tokens::{self, Endpoint, Token};
+
+/// A store read of one connection, shared by the requests that missed it.
+type Load = tokio::sync::OnceCell<Result<Arc<Conn>, PoolError>>;
 
 /// How often the per-state counts (`/status`, metrics) are read.
 const COUNT_INTERVAL: Duration = Duration::from_secs(5);
@@ -30,7 +35,10 @@ pub struct Pool {
     pub(super) endpoint: Endpoint,
     pub(super) store: Arc<Store>,
     pub(super) ledger: Arc<Ledger>,
-    pub(super) cache: moka::future::Cache<String, Arc<Conn>>,
+    pub(super) cache: Cache,
+    /// Store reads in progress, one per connection: concurrent misses
+    /// share it (and its error).
+    loads: Mutex<HashMap<String, Arc<Load>>>,
     /// Bounds this pool's refreshes in flight (`refresh_concurrency`).
     pub(super) slots: Arc<Semaphore>,
     /// The endpoint refused the client itself: every user waits.
@@ -84,9 +92,7 @@ impl Pool {
         endpoint.extra = c.extra.clone();
         endpoint.token_timeout = c.token_timeout;
         endpoint.dpop = c.dpop_key.clone().map(|k| Arc::new(Dpop::new(k)));
-        let cache = moka::future::Cache::builder()
-            .max_capacity(c.cache_size)
-            .build();
+        let cache = Cache::new(c.cache_size);
         if c.authorize.is_some() {
             metrics.init_connect_sessions();
         }
@@ -95,6 +101,7 @@ impl Pool {
             store,
             ledger,
             cache,
+            loads: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(c.refresh_concurrency)),
             client_failure: Mutex::new(None),
             forgets: AtomicU64::new(0),
@@ -129,30 +136,55 @@ impl Pool {
         id: &str,
         deadline: Instant,
     ) -> Result<(Arc<Conn>, Arc<Token>), PoolError> {
-        let (conn, loaded) = match self.cache.get(id).await {
+        let (conn, loaded) = match self.cache.get(id) {
             Some(c) => (c, false),
             None => self.load(id).await?,
         };
-        let now = Instant::now();
-        if !loaded && conn.due_for_check() {
-            self.revalidate_behind(&conn);
-        }
-        if conn.needs_reauthorization.load(Ordering::Acquire) {
-            return Err(PoolError::Reauthorization(conn.id.clone()));
-        }
-        if let Some(t) = conn.usable(now) {
-            if now >= t.refresh_at && self.backoff(&conn).is_none() {
-                self.refresh_behind(&conn);
-            }
-            if loaded {
-                self.metrics.from_store.inc();
-            } else {
-                self.metrics.from_memory.inc();
-            }
-            return Ok((conn, t));
+        if let Some(served) = self.serve(&conn, loaded) {
+            return served;
         }
         let t = self.refresh_now(&conn, deadline).await?;
         Ok((conn, t))
+    }
+
+    /// [`Pool::token`] without waiting, for a connection in memory: `None`
+    /// when it must be read from the store or refreshed first (the request
+    /// path's fast path, no future).
+    #[inline]
+    pub fn cached_token(
+        self: &Arc<Self>,
+        id: &str,
+    ) -> Option<Result<(Arc<Conn>, Arc<Token>), PoolError>> {
+        let conn = self.cache.get(id)?;
+        self.serve(&conn, false)
+    }
+
+    /// The answer for a request from `conn` as it is (read from the store
+    /// just now when `loaded`), starting what it is due for behind it:
+    /// `None` when a refresh must come first.
+    #[inline]
+    fn serve(
+        self: &Arc<Self>,
+        conn: &Arc<Conn>,
+        loaded: bool,
+    ) -> Option<Result<(Arc<Conn>, Arc<Token>), PoolError>> {
+        if !loaded && conn.due_for_check() {
+            self.revalidate_behind(conn);
+        }
+        if conn.needs_reauthorization.load(Ordering::Acquire) {
+            return Some(Err(PoolError::Reauthorization(conn.id.clone())));
+        }
+        let now = Instant::now();
+        let t = conn.usable(now)?;
+        if now >= t.refresh_at && self.backoff(conn).is_none() {
+            self.refresh_behind(conn);
+        }
+        if loaded {
+            self.metrics.from_store.inc();
+        } else {
+            self.metrics.from_memory.inc();
+        }
+        Some(Ok((Arc::clone(conn), t)))
     }
 
     /// Reads a connection from the store into the cache; concurrent misses
@@ -167,40 +199,62 @@ impl Pool {
             if !fresh || self.forgets.load(Ordering::Acquire) == before || tries >= 3 {
                 return Ok((conn, fresh));
             }
-            self.cache.invalidate(id).await;
+            self.cache.remove(id);
         }
     }
 
     async fn load_once(&self, id: &str) -> Result<(Arc<Conn>, bool), PoolError> {
-        let pool = &self.config.name;
-        let refresh_before = self.config.refresh_before;
-        let dpop = self.config.dpop_key.is_some();
-        self.cache
-            .entry_by_ref(id)
-            .or_try_insert_with(async {
-                let record = self
-                    .store
-                    .get(pool, id)
-                    .await
-                    .map_err(store_err)?
-                    .ok_or_else(|| PoolError::NotFound(id.to_owned()))?;
-                let conn = Conn::new(id.to_owned());
-                if record.info.state == ConnectionState::NeedsReauthorization {
-                    conn.needs_reauthorization.store(true, Ordering::Release);
-                    *lock(&conn.version) = (None, record.version.clone());
-                } else if let Some(t) = tokens::stored_token(&record, refresh_before, dpop) {
-                    conn.install(t, record.version.clone());
-                } else {
-                    *lock(&conn.version) = (None, record.version.clone());
-                }
-                Ok(Arc::new(conn))
+        let load = {
+            let mut loads = lock(&self.loads);
+            // A read that ended put its connection here before it left
+            // `loads` (both under this lock's order): looked at again.
+            if let Some(c) = self.cache.get(id) {
+                return Ok((c, false));
+            }
+            Arc::clone(loads.entry(id.to_owned()).or_default())
+        };
+        let mut read = false;
+        let result = load
+            .get_or_init(|| {
+                read = true;
+                self.read(id)
             })
             .await
-            .map(|entry| {
-                let fresh = entry.is_fresh();
-                (entry.into_value(), fresh)
-            })
-            .map_err(|e: Arc<PoolError>| (*e).clone())
+            .clone();
+        if read {
+            if let Ok(c) = &result {
+                self.cache.insert(Arc::clone(c));
+            }
+            let mut loads = lock(&self.loads);
+            if loads.get(id).is_some_and(|l| Arc::ptr_eq(l, &load)) {
+                loads.remove(id);
+            }
+        }
+        result.map(|c| (c, read))
+    }
+
+    /// One connection as the store has it, not yet cached.
+    async fn read(&self, id: &str) -> Result<Arc<Conn>, PoolError> {
+        let record = self
+            .store
+            .get(&self.config.name, id)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| PoolError::NotFound(id.to_owned()))?;
+        let conn = Conn::new(id.to_owned());
+        if record.info.state == ConnectionState::NeedsReauthorization {
+            conn.needs_reauthorization.store(true, Ordering::Release);
+            *lock(&conn.version) = (None, record.version.clone());
+        } else if let Some(t) = tokens::stored_token(
+            &record,
+            self.config.refresh_before,
+            self.config.dpop_key.is_some(),
+        ) {
+            conn.install(t, record.version.clone());
+        } else {
+            *lock(&conn.version) = (None, record.version.clone());
+        }
+        Ok(Arc::new(conn))
     }
 
     /// Reads a cached connection the store announced a change of again, in
@@ -219,7 +273,7 @@ impl Pool {
             match pool.store.get(name, &conn.id).await {
                 Ok(None) => {
                     conn.revoke(false);
-                    pool.forget_local(&conn.id).await;
+                    pool.forget_local(&conn.id);
                 }
                 Ok(Some(r)) if r.info.state == ConnectionState::NeedsReauthorization => {
                     conn.revoke(true);
@@ -227,7 +281,7 @@ impl Pool {
                 // Re-authorized elsewhere (a notification was missed): read
                 // it afresh at the next request.
                 Ok(Some(_)) if conn.needs_reauthorization.load(Ordering::Acquire) => {
-                    pool.forget_local(&conn.id).await;
+                    pool.forget_local(&conn.id);
                 }
                 Ok(Some(r)) => {
                     let held = conn.held.load().as_ref().map(|t| t.usable_until);
@@ -262,9 +316,8 @@ impl Pool {
             }) if pool == self.config.name => (id, kind, holder),
             Ok(Change::Connection { .. }) => return,
             Ok(Change::All) | Err(RecvError::Lagged(_)) => {
-                for (_, c) in &self.cache {
-                    c.stale.store(true, Ordering::Release);
-                }
+                self.cache
+                    .for_each(|c| c.stale.store(true, Ordering::Release));
                 return;
             }
             Err(RecvError::Closed) => return,
@@ -277,21 +330,21 @@ impl Pool {
             {
                 return
             }
-            ChangeKind::Created | ChangeKind::Reauthorized => self.forget_local(&id).await,
+            ChangeKind::Created | ChangeKind::Reauthorized => self.forget_local(&id),
             ChangeKind::Deleted => {
-                if let Some(c) = self.cache.get(&id).await {
+                if let Some(c) = self.cache.get(&id) {
                     c.revoke(false);
                 }
-                self.forget_local(&id).await;
+                self.forget_local(&id);
             }
             ChangeKind::NeedsReauthorization => {
-                if let Some(c) = self.cache.get(&id).await {
+                if let Some(c) = self.cache.get(&id) {
                     c.revoke(true);
                 }
             }
             // New tokens change no count: no recount.
             ChangeKind::Refreshed => {
-                if let Some(c) = self.cache.get(&id).await {
+                if let Some(c) = self.cache.get(&id) {
                     c.stale.store(true, Ordering::Release);
                 }
                 return;
@@ -301,22 +354,21 @@ impl Pool {
     }
 
     /// Forgets a connection in memory (after an admin change).
-    pub async fn forget(&self, id: &str) {
-        self.forget_local(id).await;
+    pub fn forget(&self, id: &str) {
+        self.forget_local(id);
         self.recount.notify_one();
     }
 
     /// Drops a connection from the cache, so that the next request reads
     /// it afresh (and a read in progress is not kept).
-    pub(super) async fn forget_local(&self, id: &str) {
+    pub(super) fn forget_local(&self, id: &str) {
         self.forgets.fetch_add(1, Ordering::AcqRel);
-        self.cache.invalidate(id).await;
-        self.cache.run_pending_tasks().await;
+        self.cache.remove(id);
     }
 
     /// Access tokens in memory.
     pub fn cache_size(&self) -> u64 {
-        self.cache.entry_count()
+        self.cache.len()
     }
 
     /// Counts by state as last read from the store, for `/status`.

@@ -239,7 +239,7 @@ impl Pool {
         match written {
             Written::Done(record) | Written::Superseded(record) => Ok(self.adopt(conn, &record)),
             Written::Gone => {
-                self.forget_local(&conn.id).await;
+                self.forget_local(&conn.id);
                 Err(PoolError::NotFound(conn.id.clone()))
             }
         }
@@ -260,7 +260,7 @@ impl Pool {
                 Lease::Taken(r) => return Ok(Ok(r)),
                 Lease::TakenOver(r) => return self.after_takeover(conn, r).await,
                 Lease::Gone => {
-                    self.forget_local(id).await;
+                    self.forget_local(id);
                     return Err(PoolError::NotFound(id.to_owned()));
                 }
                 Lease::Busy(r) => {
@@ -303,7 +303,7 @@ impl Pool {
             tokio::time::sleep(TAKEOVER_POLL).await;
             match self.store.get(pool, id).await.map_err(store_err)? {
                 None => {
-                    self.forget_local(id).await;
+                    self.forget_local(id);
                     return Err(PoolError::NotFound(id.to_owned()));
                 }
                 Some(now) if !now.version.same_refresh_token(&record.version) => {
@@ -491,7 +491,7 @@ impl Pool {
                 }
             }
             Ok(Written::Gone) => {
-                self.forget_local(id).await;
+                self.forget_local(id);
                 Err(Retry::No(PoolError::NotFound(id.to_owned())))
             }
             Err(e) => {
@@ -535,7 +535,7 @@ impl Pool {
                 }
             }
             Ok(Written::Gone) => {
-                self.forget_local(id).await;
+                self.forget_local(id);
                 return Err(Retry::No(PoolError::NotFound(id.to_owned())));
             }
             Err(err) => {

@@ -94,7 +94,7 @@ impl Pool {
             }
             Ok(Written::Gone) => {
                 conn.revoke(false);
-                self.forget_local(id).await;
+                self.forget_local(id);
                 return;
             }
             Ok(Written::Done(_)) => {

@@ -46,7 +46,7 @@ impl Pool {
         };
         let existed = self.store.delete(name, id).await?;
         if existed {
-            self.forget(id).await;
+            self.forget(id);
             let ok = revoked.as_ref().map(Result::is_ok);
             tracing::info!(pool = %name, connection = id, revoked = ?ok, "connection deleted");
         }

@@ -349,9 +349,13 @@ async fn token_for<'r>(
         RouteTokens::Pool(pool) => {
             let name = &pool.config().select_header;
             let id = crate::connections::named(headers, name)?;
-            // Boxed: the pool's lookup future is large, and the handler's
-            // future is moved for every request.
-            let (conn, token) = Box::pin(pool.token(id.as_str(), deadline.into())).await?;
+            // A connection in memory answers without a future; the rest
+            // is boxed: the pool's lookup future is large, and the
+            // handler's future is moved for every request.
+            let (conn, token) = match pool.cached_token(id.as_str()) {
+                Some(served) => served?,
+                None => Box::pin(pool.token(id.as_str(), deadline.into())).await?,
+            };
             Ok((token, Some(conn), Some(name)))
         }
     }
