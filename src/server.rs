@@ -9,12 +9,13 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -134,13 +135,12 @@ async fn serve_accepted(
     let counters = Arc::new(Counters::new());
     let watch = ConnWatch {
         limits,
-        deadline,
         counters: Arc::clone(&counters),
         activity: Arc::clone(&conn.activity),
         shutdown,
     };
     let service = service_fn(move |req: Request<Incoming>| {
-        let open = Counted::enter(&counters, Counter::Open);
+        let open = Counted::enter_request(&counters, req.version());
         let bodies = Arc::clone(&counters);
         let activity = Arc::clone(&conn.activity);
         let (state, conn) = (Arc::clone(&state), Arc::clone(&conn));
@@ -182,12 +182,11 @@ struct Limits {
     idle_timeout: Duration,
 }
 
-/// What ends a connection besides its peer: no first request head by
-/// `deadline`, no open request for `idle_timeout`, response bodies on which
+/// What ends a connection besides its peer: a request head overdue
+/// (`header_read_timeout`), no open request for `idle_timeout`, response bodies on which
 /// nothing moved for `idle_timeout`, or shutdown.
 struct ConnWatch {
     limits: Limits,
-    deadline: Instant,
     /// Requests open and response bodies being sent.
     counters: Arc<Counters>,
     /// When bytes last moved on a body of this connection, either way.
@@ -204,8 +203,9 @@ struct Counters {
     open: AtomicUsize,
     /// Response bodies being sent.
     bodies: AtomicUsize,
-    /// Requests seen so far (any at all ends the first-request deadline).
-    seen: AtomicBool,
+    /// Requests seen so far: [`SEEN_NONE`], [`SEEN_HTTP1`] or
+    /// [`SEEN_HTTP2`] (on HTTP/2, a request ends the head deadline).
+    seen: AtomicU8,
     /// When the last open request ended.
     idle_since: Arc<Activity>,
 }
@@ -221,7 +221,7 @@ impl Counters {
         Counters {
             open: AtomicUsize::new(0),
             bodies: AtomicUsize::new(0),
-            seen: AtomicBool::new(false),
+            seen: AtomicU8::new(SEEN_NONE),
             idle_since: Activity::new(),
         }
     }
@@ -242,12 +242,29 @@ struct Counted(Arc<Counters>, Counter);
 impl Counted {
     fn enter(counters: &Arc<Counters>, which: Counter) -> Counted {
         counters.get(which).fetch_add(1, Ordering::Relaxed);
-        if let Counter::Open = which {
-            counters.seen.store(true, Ordering::Relaxed);
-        }
         Counted(Arc::clone(counters), which)
     }
+
+    /// A request of `version` open.
+    fn enter_request(counters: &Arc<Counters>, version: hyper::Version) -> Counted {
+        let seen = if version == hyper::Version::HTTP_2 {
+            SEEN_HTTP2
+        } else {
+            SEEN_HTTP1
+        };
+        if counters.seen.load(Ordering::Relaxed) != seen {
+            counters.seen.store(seen, Ordering::Relaxed);
+        }
+        Counted::enter(counters, Counter::Open)
+    }
 }
+
+/// [`Counters::seen`]: no request yet.
+const SEEN_NONE: u8 = 0;
+/// [`Counters::seen`]: HTTP/1 requests.
+const SEEN_HTTP1: u8 = 1;
+/// [`Counters::seen`]: HTTP/2 requests.
+const SEEN_HTTP2: u8 = 2;
 
 impl Drop for Counted {
     fn drop(&mut self) {
@@ -315,6 +332,36 @@ async fn idle_for(counters: Arc<Counters>, timeout: Duration) {
     }
 }
 
+/// Resolves once a request head is overdue: no request open and none begun
+/// for `timeout` since the connection opened or its last request ended
+/// (the next head, on HTTP/1.1, must arrive whole within `timeout`; on
+/// HTTP/2, only the first). One timer per connection, re-armed lazily, in
+/// place of hyper's HTTP/1 header timer, which is a boxed timer made and
+/// dropped for every request.
+async fn head_overdue(counters: Arc<Counters>, timeout: Duration) {
+    let Some(mut at) = tokio::time::Instant::now().checked_add(timeout) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep_until(at).await;
+        let now = tokio::time::Instant::now();
+        let waiting = counters.open.load(Ordering::Relaxed) == 0
+            && counters.seen.load(Ordering::Relaxed) != SEEN_HTTP2;
+        let next = if waiting {
+            match counters.idle_since.last().checked_add(timeout) {
+                Some(t) if t <= now => return,
+                t => t,
+            }
+        } else {
+            now.checked_add(timeout)
+        };
+        match next {
+            Some(t) => at = t,
+            None => return std::future::pending().await,
+        }
+    }
+}
+
 /// Resolves once response bodies are being sent and no bytes moved on any
 /// body of the connection for `timeout`: the upstream went silent, or the
 /// client stopped reading (then hyper stops polling the body, so the body's
@@ -342,9 +389,10 @@ async fn stalled_for(counters: Arc<Counters>, activity: Arc<Activity>, timeout: 
 }
 
 /// hyper's settings for a client connection: HTTP/1.1 head limits and
-/// header read timeout; HTTP/2 header list and stream limits, keep-alive
+/// header read timeout (`None` on the proxy listener, whose timeout is
+/// [`head_overdue`]'s); HTTP/2 header list and stream limits, keep-alive
 /// pings.
-fn connection_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+fn connection_builder(header_read_timeout: Option<Duration>) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -364,10 +412,11 @@ fn connection_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecu
 }
 
 /// Serves one connection with HTTP/1.1 or HTTP/2 until the peer closes it,
-/// or closes it: dropped if no request head arrived by `watch.deadline`
-/// (covers idle connections and half-sent HTTP/2 prefaces, which hyper's
-/// HTTP/1 header timeout does not); shut down gracefully (HTTP/2 GOAWAY)
-/// when idle for `idle_timeout` or at shutdown.
+/// or closes it: dropped when a request head is overdue (no whole head
+/// within `header_read_timeout` of the connection opening or, on HTTP/1.1,
+/// of the last response; this also covers half-sent HTTP/2 prefaces); shut
+/// down gracefully (HTTP/2 GOAWAY) when idle for `idle_timeout` or at
+/// shutdown.
 async fn serve_connection<I, S, F>(io: I, service: S, watch: ConnWatch)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -380,27 +429,84 @@ where
         + 'static,
     F: Future<Output = Result<Response<ServedBody>, Infallible>> + Send + 'static,
 {
-    let conn = connection_builder(watch.limits.header_read_timeout)
+    let conn = connection_builder(None)
         .serve_connection(TokioIo::new(io), service)
         .into_owned();
     watch_connection(conn, watch).await;
 }
 
 /// Drives `conn` to its end, or ends it as [`serve_connection`] says.
+///
+/// The watchdog's timers and the shutdown signal are polled only when one
+/// of them woke the task, not at every wake-up of the connection (a
+/// request wakes it several times; polling three timers and a cancellation
+/// each time cost about 1,000 instructions per request).
 async fn watch_connection<C>(conn: C, watch: ConnWatch)
 where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
     tokio::pin!(conn);
-    let seen_request = Arc::clone(&watch.counters);
-    let first_request_deadline = async move {
-        tokio::time::sleep_until(watch.deadline.into()).await;
-        if seen_request.seen.load(Ordering::Relaxed) {
-            std::future::pending::<()>().await;
+    let graceful = Arc::new(AtomicBool::new(false));
+    let dog = watchdog(watch, Arc::clone(&graceful));
+    tokio::pin!(dog);
+    let alarm = Arc::new(Alarm {
+        rung: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
+    let dog_waker = Waker::from(Arc::clone(&alarm));
+    let ended = std::future::poll_fn(|cx| loop {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return Poll::Ready(Ok(r));
         }
-    };
-    tokio::pin!(first_request_deadline);
+        if !alarm.rung.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        alarm.rung.store(false, Ordering::Release);
+        alarm.task.register(cx.waker());
+        if let Poll::Ready(reason) = dog.as_mut().poll(&mut Context::from_waker(&dog_waker)) {
+            return Poll::Ready(Err(reason));
+        }
+        if !graceful.swap(false, Ordering::Relaxed) {
+            return Poll::Pending;
+        }
+        // Polled again at once, so that the shutdown takes effect.
+        conn.as_mut().graceful_shutdown();
+    })
+    .await;
+    match ended {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
+        Err(reason) => tracing::debug!("{reason}; closing the connection"),
+    }
+}
+
+/// Wakes the connection's task for its watchdog, and says it did.
+struct Alarm {
+    rung: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl std::task::Wake for Alarm {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.rung.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// A connection's time limits and shutdown: resolves with the reason to
+/// drop the connection; sets `graceful` (and goes on watching the rest)
+/// when it should be shut down gracefully instead.
+async fn watchdog(watch: ConnWatch, graceful: Arc<AtomicBool>) -> &'static str {
+    let head = head_overdue(
+        Arc::clone(&watch.counters),
+        watch.limits.header_read_timeout,
+    );
+    tokio::pin!(head);
     let idle = idle_for(Arc::clone(&watch.counters), watch.limits.idle_timeout);
     tokio::pin!(idle);
     let stalled = stalled_for(watch.counters, watch.activity, watch.limits.idle_timeout);
@@ -408,29 +514,18 @@ where
     let mut closing = false;
     loop {
         tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-                return;
-            }
-            _ = &mut first_request_deadline, if !closing => {
-                tracing::debug!("no request head within header_read_timeout; closing");
-                return;
-            }
-            _ = &mut stalled => {
-                // Responses are incomplete: close rather than drain.
-                tracing::debug!("no body bytes moved for idle_timeout; closing the connection");
-                return;
-            }
+            biased;
+            _ = &mut head => return "no request head within header_read_timeout",
+            // Responses are incomplete: close rather than drain.
+            _ = &mut stalled => return "no body bytes moved for idle_timeout",
             _ = &mut idle, if !closing => {
-                tracing::debug!("connection idle for idle_timeout; closing");
-                conn.as_mut().graceful_shutdown();
+                tracing::debug!("connection idle for idle_timeout; shutting it down");
                 closing = true;
+                graceful.store(true, Ordering::Relaxed);
             }
             _ = watch.shutdown.cancelled(), if !closing => {
-                conn.as_mut().graceful_shutdown();
                 closing = true;
+                graceful.store(true, Ordering::Relaxed);
             }
         }
     }
@@ -523,7 +618,7 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| crate::connect::handle(Arc::clone(&state), req));
-    let builder = connection_builder(CONNECT_HEAD_TIMEOUT);
+    let builder = connection_builder(Some(CONNECT_HEAD_TIMEOUT));
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
