@@ -909,6 +909,42 @@ async fn idle_keep_alive_connection_is_closed_after_header_read_timeout() {
     assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
 }
 
+/// On HTTP/2 the head deadline ends with the first request: an HTTP/2
+/// connection idle between requests stays up until `idle_timeout` (and then
+/// gets a GOAWAY), where an HTTP/1.1 one is cut at `header_read_timeout`.
+#[tokio::test]
+async fn an_http2_connection_idle_after_a_request_outlives_header_read_timeout() {
+    let sb = sandbox().await;
+    let toml = ProxyToml::sandbox(&sb)
+        .with(|c| c.server.header_read_timeout = Some(Duration::from_millis(300)))
+        .toml();
+    let p = start_proxy(&toml).await;
+    let tcp = TcpStream::connect(p.proxy_addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = || {
+        Request::get(proxy_url(&p, "/api/v1/accounts"))
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    let r = read_resp(sender.send_request(req()).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    // Nothing to await: the watchdog's check is what must not happen.
+    // Three deadlines go by (each re-checked by the watchdog).
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(!conn.is_finished(), "the HTTP/2 connection was cut");
+    let r = read_resp(sender.send_request(req()).await.expect("a second request"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sb.api_requests(), 2);
+}
+
 #[tokio::test]
 async fn max_connections_holds_back_a_third_connection_until_one_closes() {
     let sb = sandbox().await;
