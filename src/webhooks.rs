@@ -31,6 +31,9 @@ pub use sign::signature;
 
 /// How often the outbox is looked at when it had nothing due.
 pub const POLL: Duration = Duration::from_millis(250);
+
+/// How often the queue's gauges are read when nothing was delivered.
+const GAUGE_EVERY_MS: i64 = 5_000;
 /// Events claimed (and delivered concurrently) at once.
 const BATCH: u32 = 32;
 /// A claim outlives the attempt's timeout by this much.
@@ -64,9 +67,11 @@ pub async fn run(
 ) {
     let mut client: Option<(WebhooksConfig, Client)> = None;
     let mut last_prune = 0;
+    let mut last_gauge: Option<i64> = None;
     loop {
         let config = current();
         let mut full = false;
+        let mut claimed = 0;
         if let Some(c) = &config {
             store.set_refresh_failing_after(c.refresh_failing_after);
             if client
@@ -81,14 +86,21 @@ pub async fn run(
                     .map(|cl| (c.clone(), cl));
             }
             if let Some((_, cl)) = &client {
-                full = deliver_due(&store, c, cl, &metrics).await == BATCH as usize;
+                claimed = deliver_due(&store, c, cl, &metrics).await;
+                full = claimed == BATCH as usize;
             }
         }
-        if let Ok(q) = store.webhook_queue().await {
-            let age = q.oldest.map_or(0, |t| now_ms().saturating_sub(t).max(0));
-            metrics.set_queue(q.pending, Duration::from_millis(age.unsigned_abs()));
-        }
+        // The queue's gauges: after a round that delivered, else every
+        // GAUGE_EVERY_MS (events queued meanwhile, here or by another
+        // replica), not at every poll.
         let now = now_ms();
+        if claimed > 0 || last_gauge.is_none_or(|t| now.saturating_sub(t) >= GAUGE_EVERY_MS) {
+            if let Ok(q) = store.webhook_queue().await {
+                let age = q.oldest.map_or(0, |t| now_ms().saturating_sub(t).max(0));
+                metrics.set_queue(q.pending, Duration::from_millis(age.unsigned_abs()));
+                last_gauge = Some(now);
+            }
+        }
         if now.saturating_sub(last_prune) >= PRUNE_EVERY_MS {
             last_prune = now;
             let pending_before = config
