@@ -299,7 +299,7 @@ fn pooled_lookup(c: &mut Criterion) {
                 // As the handler reads it (the rewrite leaves the header out).
                 let id = flinks_proxy::connections::named(&h, &name).expect("id");
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                black_box(pool.token(id.as_str(), deadline).await.expect("token"))
+                black_box(pool.token(id, deadline).await.expect("token"))
             })
         })
     });

@@ -67,7 +67,7 @@ pub use ledger::Ledger;
 pub use pool::Pool;
 pub use rejected::Rejected;
 pub use revoke::Deleted;
-pub use select::{named, select, valid_id, ConnectionId, MAX_ID_LEN};
+pub use select::{named, valid_id, MAX_ID_LEN};
 
 use conn::{Failure, Fresh};
 use error::{last_error, store_err};

@@ -215,9 +215,15 @@ impl TokenSource {
     /// The cached token if it may be sent now. Lock-free.
     #[inline]
     pub fn usable(&self) -> Option<Arc<Token>> {
+        self.usable_at(Instant::now())
+    }
+
+    /// [`TokenSource::usable`] at `now` (the request's clock).
+    #[inline]
+    pub fn usable_at(&self, now: Instant) -> Option<Arc<Token>> {
         let guard = self.current.load();
         match &*guard {
-            Some(t) if t.is_usable(Instant::now()) => Some(Arc::clone(t)),
+            Some(t) if t.is_usable(now) => Some(Arc::clone(t)),
             _ => None,
         }
     }

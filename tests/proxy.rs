@@ -1005,6 +1005,33 @@ async fn upstream_slower_than_request_timeout_is_504_and_counted() {
     );
 }
 
+/// An upstream connection's timer is armed at its first request's deadline
+/// and re-armed lazily: a later request on the same connection gets its
+/// whole `request_timeout`, not what was left of the first one's.
+#[tokio::test]
+async fn a_request_on_a_reused_upstream_connection_gets_its_whole_request_timeout() {
+    let sb = sandbox().await;
+    let timeout = Duration::from_millis(800);
+    let p = start_proxy(&with_timeouts(&sb, timeout, Duration::from_secs(2))).await;
+    wait_ready(&p).await;
+    let first = Instant::now();
+    assert_eq!(get(&proxy_url(&p, "/api/v1/accounts")).await.status, 200);
+    // Not an event to await: the second request must start while the
+    // first one's deadline is still ahead, and well after the first.
+    tokio::time::sleep_until((first + timeout / 2).into()).await;
+    sb.set_api_delay(Duration::from_secs(5));
+    let started = Instant::now();
+    let r = get(&proxy_url(&p, "/api/v1/accounts")).await;
+    let took = started.elapsed();
+    assert_proxy_error(&r, 504, "upstream_timeout");
+    assert!(
+        took >= timeout - Duration::from_millis(10) && took < Duration::from_secs(4),
+        "answered after {took:?} (the first request's deadline was {:?} after this one started)",
+        (first + timeout).saturating_duration_since(started)
+    );
+    assert_eq!(sb.api_requests(), 2);
+}
+
 // ------------------------------------------------------------------ admin
 
 #[tokio::test]

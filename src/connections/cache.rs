@@ -106,7 +106,9 @@ impl Cache {
         let Shard { index, ring, .. } = &mut *shard;
         let at = u32::try_from(ring.len()).unwrap_or(u32::MAX);
         ring.push(conn);
-        index.insert_unique(hash, at, |&i| self.hasher.hash_one(ring[i as usize].id.as_str()));
+        index.insert_unique(hash, at, |&i| {
+            self.hasher.hash_one(ring[i as usize].id.as_str())
+        });
     }
 
     /// Forgets the connection `id`, if it is here.
@@ -165,11 +167,13 @@ impl Shard {
 }
 
 fn read(lock: &RwLock<Shard>) -> RwLockReadGuard<'_, Shard> {
-    lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn write(lock: &RwLock<Shard>) -> RwLockWriteGuard<'_, Shard> {
-    lock.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    lock.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -23,6 +23,9 @@ use crate::store::{Change, ChangeKind, ConnectionState, Store};
 use crate::tokens::dpop::Dpop;
 use crate::tokens::{self, Endpoint, Token};
 
+/// A request's connection and the token to send.
+pub type Served = Result<(Arc<Conn>, Arc<Token>), PoolError>;
+
 /// A store read of one connection, shared by the requests that missed it.
 type Load = tokio::sync::OnceCell<Result<Arc<Conn>, PoolError>>;
 
@@ -140,7 +143,7 @@ impl Pool {
             Some(c) => (c, false),
             None => self.load(id).await?,
         };
-        if let Some(served) = self.serve(&conn, loaded) {
+        if let Some(served) = self.serve(&conn, loaded, Instant::now()) {
             return served;
         }
         let t = self.refresh_now(&conn, deadline).await?;
@@ -151,30 +154,22 @@ impl Pool {
     /// when it must be read from the store or refreshed first (the request
     /// path's fast path, no future).
     #[inline]
-    pub fn cached_token(
-        self: &Arc<Self>,
-        id: &str,
-    ) -> Option<Result<(Arc<Conn>, Arc<Token>), PoolError>> {
+    pub fn cached_token(self: &Arc<Self>, id: &str, now: Instant) -> Option<Served> {
         let conn = self.cache.get(id)?;
-        self.serve(&conn, false)
+        self.serve(&conn, false, now)
     }
 
-    /// The answer for a request from `conn` as it is (read from the store
-    /// just now when `loaded`), starting what it is due for behind it:
-    /// `None` when a refresh must come first.
+    /// The answer at `now` for a request from `conn` as it is (read from
+    /// the store just now when `loaded`), starting what it is due for
+    /// behind it: `None` when a refresh must come first.
     #[inline]
-    fn serve(
-        self: &Arc<Self>,
-        conn: &Arc<Conn>,
-        loaded: bool,
-    ) -> Option<Result<(Arc<Conn>, Arc<Token>), PoolError>> {
+    fn serve(self: &Arc<Self>, conn: &Arc<Conn>, loaded: bool, now: Instant) -> Option<Served> {
         if !loaded && conn.due_for_check() {
             self.revalidate_behind(conn);
         }
         if conn.needs_reauthorization.load(Ordering::Acquire) {
             return Some(Err(PoolError::Reauthorization(conn.id.clone())));
         }
-        let now = Instant::now();
         let t = conn.usable(now)?;
         if now >= t.refresh_at && self.backoff(conn).is_none() {
             self.refresh_behind(conn);

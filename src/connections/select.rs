@@ -3,7 +3,7 @@
 //! does not look the connection up.
 
 use http::header::HeaderName;
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
 
 use super::PoolError;
 
@@ -12,39 +12,26 @@ pub const MAX_ID_LEN: usize = 128;
 
 /// `1`-`128` of `[A-Za-z0-9._:@-]`.
 pub fn valid_id(id: &str) -> bool {
+    valid_id_bytes(id.as_bytes())
+}
+
+fn valid_id_bytes(id: &[u8]) -> bool {
     (1..=MAX_ID_LEN).contains(&id.len())
         && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
-}
-
-/// The connection a request named (taken out of its headers without
-/// copying).
-#[derive(Debug, Clone)]
-pub struct ConnectionId(HeaderValue);
-
-impl ConnectionId {
-    /// The id.
-    pub fn as_str(&self) -> &str {
-        // Checked to be ASCII by `select`.
-        self.0.to_str().unwrap_or("")
-    }
-}
-
-/// The connection a request named, removed from its headers.
-pub fn select(headers: &mut HeaderMap, name: &HeaderName) -> Result<ConnectionId, PoolError> {
-    let id = named(headers, name);
-    headers.remove(name);
-    id
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
 }
 
 /// The connection a request named, its headers left as they are (the
 /// proxy's rewrite leaves the select header out as it writes the head:
-/// one lookup, no removal from the map).
-pub fn named(headers: &HeaderMap, name: &HeaderName) -> Result<ConnectionId, PoolError> {
+/// one lookup, no removal from the map, no copy).
+pub fn named<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Result<&'h str, PoolError> {
     let mut values = headers.get_all(name).iter();
     match (values.next(), values.next()) {
-        (Some(v), None) if v.to_str().is_ok_and(valid_id) => Ok(ConnectionId(v.clone())),
+        // The id's characters are ASCII: `valid_id` on the bytes first.
+        (Some(v), None) if valid_id_bytes(v.as_bytes()) => v
+            .to_str()
+            .map_err(|_| PoolError::ConnectionRequired(name.clone())),
         _ => Err(PoolError::ConnectionRequired(name.clone())),
     }
 }
@@ -52,6 +39,7 @@ pub fn named(headers: &HeaderMap, name: &HeaderName) -> Result<ConnectionId, Poo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     #[test]
     fn ids_follow_the_contract() {
@@ -64,22 +52,27 @@ mod tests {
     }
 
     #[test]
-    fn the_select_header_is_checked_and_removed() {
+    fn the_select_header_is_checked_and_left_in_place() {
         let name = HeaderName::from_static("x-flinks-connection");
         let mut h = HeaderMap::new();
         h.insert(&name, HeaderValue::from_static("alice"));
-        assert_eq!(select(&mut h, &name).unwrap().as_str(), "alice");
-        assert!(h.is_empty());
-        for bad in [vec![], vec![""], vec!["a b"], vec!["alice", "bob"]] {
+        assert_eq!(named(&h, &name).unwrap(), "alice");
+        assert_eq!(h.len(), 1);
+        for bad in [
+            vec![],
+            vec![""],
+            vec!["a b"],
+            vec!["alice", "bob"],
+            vec!["é"],
+        ] {
             let mut h = HeaderMap::new();
             for v in bad {
                 h.append(&name, HeaderValue::from_str(v).unwrap());
             }
             assert!(matches!(
-                select(&mut h, &name),
+                named(&h, &name),
                 Err(PoolError::ConnectionRequired(_))
             ));
-            assert!(h.is_empty());
         }
     }
 }

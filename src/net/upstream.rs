@@ -302,15 +302,37 @@ impl Upstream {
         mut head: Head,
         mut body: RequestBody,
         rw: &Rewrite<'_>,
+        deadline: tokio::time::Instant,
     ) -> Result<Sent, SendError> {
         let mut retried = false;
         loop {
-            let (checkout, reused) = self.checkout().await?;
+            let (checkout, reused) = match self.ready_checkout() {
+                Some(c) => c,
+                // Boxed: waiting for (or making) a connection is rare.
+                None => tokio::time::timeout_at(deadline, Box::pin(self.checkout()))
+                    .await
+                    .map_err(|_| SendError::timeout())??,
+            };
             let failed = match checkout {
                 // Boxed: hyper's HTTP/2 exchange future is large, and would be
                 // moved with every request's future, HTTP/1.1 ones too.
-                Checkout::H2(stream) => Box::pin(self.send_h2(stream, head, body, rw)).await,
-                Checkout::H1(conn) => self.send_h1(conn, head, body, rw, reused).await,
+                Checkout::H2(stream) => {
+                    let sent = Box::pin(tokio::time::timeout_at(
+                        deadline,
+                        self.send_h2(stream, head, body, rw),
+                    ))
+                    .await;
+                    match sent {
+                        Ok(r) => r,
+                        Err(_) => Err(Failed {
+                            error: SendError::timeout(),
+                            retry: None,
+                            refused: false,
+                        }),
+                    }
+                }
+                // Its deadline is the connection's own timer's.
+                Checkout::H1(conn) => self.send_h1(conn, head, body, rw, reused, deadline).await,
             };
             let f = match failed {
                 Ok(resp) => return Ok(resp),
@@ -388,10 +410,11 @@ impl Upstream {
         body: RequestBody,
         rw: &Rewrite<'_>,
         reused: bool,
+        deadline: tokio::time::Instant,
     ) -> Result<Sent, Failed> {
         let (wire, ret) = conn.lend(self);
         let mut guard = Abandoned {
-            exchange: Some(Box::pin(wire.exchange(head, body, rw, reused))),
+            exchange: Some(Box::pin(wire.exchange(head, body, rw, reused, deadline))),
             ret: Some(ret),
         };
         let result = match guard.exchange.as_mut() {
@@ -413,6 +436,21 @@ impl Upstream {
                 refused: false,
             }),
         }
+    }
+
+    /// A connection to be had at once: a stream on an HTTP/2 connection
+    /// with room, or the most recently used idle HTTP/1.1 one (reused).
+    fn ready_checkout(&self) -> Option<(Checkout, bool)> {
+        // An origin that answered in HTTP/1.1 last is not asked for a stream
+        // first (the slow path still looks).
+        if self.protocol.load(Ordering::Relaxed) != Protocol::Http1 as u8 {
+            if let Pick::Stream(s) = self.h2.pick(&self.cap) {
+                return Some((Checkout::H2(s), true));
+            }
+        }
+        let timings = **self.timings.load();
+        let conn = self.idle.take(timings.idle_timeout)?;
+        Some((Checkout::H1(conn), true))
     }
 
     /// A connection for one request: a stream on an HTTP/2 connection with

@@ -74,8 +74,11 @@ pub async fn handle(
     // consumed; copy them only when the line will be written.
     let logged = (generation.config.log.access && access_log::enabled())
         .then(|| access_log::RequestFacts::new(&req));
-    let mut done = Done::default();
-    let mut resp = match handle_inner(&generation, &conn, req, &rid, &mut done).await {
+    let mut done = Done {
+        timed: logged.is_some(),
+        ..Done::default()
+    };
+    let mut resp = match handle_inner(&generation, &conn, req, &rid, start, &mut done).await {
         Ok(resp) => resp,
         Err(e) => {
             if e.status().is_server_error() {
@@ -134,6 +137,8 @@ impl Drop for Inflight<'_> {
 #[derive(Default)]
 struct Done {
     route: Option<Arc<Route>>,
+    /// The upstream's time is wanted (for the access log).
+    timed: bool,
     upstream: Option<Duration>,
     /// The answer is the upstream's, re-sent from a read body (a pooled
     /// route's pass-through, e.g. a revoked-consent 401).
@@ -145,14 +150,19 @@ async fn handle_inner(
     conn: &ConnInfo,
     req: Request<Incoming>,
     rid: &HeaderValue,
+    start: Instant,
     done: &mut Done,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let route = route_for(rt, conn, &req)?;
     done.route = Some(Arc::clone(route));
-    let deadline = Instant::now() + rt.request_timeout;
+    // `request_timeout` is at most a day (config): no overflow, but
+    // checked all the same.
+    let deadline = start
+        .checked_add(rt.request_timeout)
+        .unwrap_or(start + Duration::from_secs(86_400));
 
     let (parts, body) = req.into_parts();
-    let (token, picked, select) = token_for(route, &parts.headers, deadline).await?;
+    let (token, picked, select) = token_for(route, &parts.headers, start, deadline).await?;
     let (head, host, original_host) = upstream_head(route, parts)?;
     let fwd = Forwarding {
         host: &host,
@@ -174,7 +184,8 @@ async fn handle_inner(
     // Only a body prepared for replay (reauth_on set, at most 64 KiB,
     // within the replay budget) clones.
     let replay = body.try_clone();
-    let started = Instant::now();
+    // The clock is read for the upstream's time only when it is logged.
+    let started = done.timed.then(Instant::now);
     let mut replay_head = head_copy(route, replay.is_some(), &head);
     let mut resp = send(route, head, body, &fwd, &token, deadline).await;
     // A DPoP nonce challenge is answered once; one left standing (its body
@@ -193,7 +204,7 @@ async fn handle_inner(
         ))
         .await;
     // Until the first answer's head: what a pass-through reports.
-    let first_answer = started.elapsed();
+    let first_answer = started.map(|t| t.elapsed());
     let (rejected, again) = if challenged {
         (false, None)
     } else {
@@ -209,13 +220,13 @@ async fn handle_inner(
         {
             Ok(r) => resp = r,
             Err(passed) => {
-                done.upstream = Some(first_answer);
+                done.upstream = first_answer;
                 done.passed_through = true;
                 return Ok(passed);
             }
         }
     }
-    done.upstream = Some(started.elapsed());
+    done.upstream = started.map(|t| t.elapsed());
     Ok(downstream(rt, resp?.response, activity))
 }
 
@@ -331,10 +342,11 @@ async fn replay_body(
 async fn token_for<'r>(
     route: &'r Route,
     headers: &HeaderMap,
+    now: Instant,
     deadline: Instant,
 ) -> Result<(Arc<Token>, Option<Arc<Conn>>, Option<&'r HeaderName>), ProxyError> {
     match &route.tokens {
-        RouteTokens::Credential(source) => match source.usable() {
+        RouteTokens::Credential(source) => match source.usable_at(now.into()) {
             Some(t) => Ok((t, None, None)),
             // Boxed: waiting for a token is rare and its future large.
             None => Box::pin(source.get(deadline))
@@ -352,9 +364,9 @@ async fn token_for<'r>(
             // A connection in memory answers without a future; the rest
             // is boxed: the pool's lookup future is large, and the
             // handler's future is moved for every request.
-            let (conn, token) = match pool.cached_token(id.as_str()) {
+            let (conn, token) = match pool.cached_token(id, now.into()) {
                 Some(served) => served?,
-                None => Box::pin(pool.token(id.as_str(), deadline.into())).await?,
+                None => Box::pin(pool.token(id, deadline.into())).await?,
             };
             Ok((token, Some(conn), Some(name)))
         }
@@ -514,20 +526,20 @@ async fn send(
         forwarding: Some(*fwd),
         set: &set,
     };
-    match tokio::time::timeout_at(deadline.into(), route.upstream.send(head, body, &rw)).await {
-        Ok(Ok(resp)) => {
+    match route.upstream.send(head, body, &rw, deadline.into()).await {
+        Ok(resp) => {
             if let Some((d, server)) = dpop {
                 d.remember_from(&server, resp.response.headers());
             }
             Ok(resp)
         }
-        Ok(Err(e)) if e.client_body => {
+        Err(e) if e.client_body => {
             // The client's body broke (bad chunk framing, disconnect): the
             // client's fault, not the upstream's.
             tracing::debug!(route = %route.name, error = %e.source, "request body failed");
             Err(ProxyError::BadRequest("the request body could not be read"))
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             route.metrics.upstream_error(e.kind.as_str());
             tracing::debug!(route = %route.name, error = %e.source, "upstream error");
             Err(if e.kind == ErrorKind::Timeout {
@@ -535,10 +547,6 @@ async fn send(
             } else {
                 ProxyError::UpstreamUnavailable(e.kind)
             })
-        }
-        Err(_) => {
-            route.metrics.upstream_error(ErrorKind::Timeout.as_str());
-            Err(ProxyError::UpstreamTimeout)
         }
     }
 }
@@ -606,12 +614,11 @@ fn upstream_uri(route: &Route, inbound: &Uri, authority: Authority) -> Result<Ur
         }
         PathAndQuery::try_from(s).map_err(|_| ProxyError::BadRequest("invalid request target"))?
     };
-    Uri::builder()
-        .scheme(route.scheme.clone())
-        .authority(authority)
-        .path_and_query(pq)
-        .build()
-        .map_err(|_| ProxyError::BadRequest("invalid request target"))
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(route.scheme.clone());
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(pq);
+    Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))
 }
 
 /// Request header rewrite as the handler does it (see

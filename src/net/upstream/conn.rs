@@ -8,7 +8,7 @@
 //! The format is in `wire`; which connection to use and when it goes back
 //! to the pool is the parent module's business.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -18,6 +18,7 @@ use http::{Method, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWrite;
+use tokio::time::{Instant, Sleep};
 
 pub(crate) use super::wire::Decoder;
 use super::wire::{self, Decoded, Parsed, WireError};
@@ -41,6 +42,9 @@ pub(crate) enum ExchangeError {
     /// The client's request body failed while it was being forwarded.
     #[error("client request body: {0}")]
     ClientBody(#[source] hyper::Error),
+    /// The request's deadline (`request_timeout`) passed first.
+    #[error("no response head before the request timeout")]
+    Timeout,
 }
 
 /// A failed exchange, with the request back when it may be sent again.
@@ -61,6 +65,12 @@ pub(crate) struct Wire {
     spans: Vec<wire::Span>,
     /// It can carry another request once the current response has ended.
     reusable: bool,
+    /// The exchanges' time limit: one timer per connection, armed at the
+    /// first exchange's deadline and re-armed lazily when it fires during a
+    /// later one (a tokio timer made, polled and dropped per request cost
+    /// about 550 instructions). It may wake a task that no longer uses the
+    /// connection, once per `request_timeout`: a spurious poll.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl std::fmt::Debug for Wire {
@@ -91,6 +101,7 @@ impl Wire {
             write: BytesMut::new(),
             spans: Vec::new(),
             reusable: true,
+            timer: None,
         }
     }
 
@@ -112,20 +123,22 @@ impl Wire {
     /// of the returned decoder and connection. The request's head comes back
     /// too (it is written and no longer needed), for a replay without a
     /// copy. The head is written into the buffer before the future is made,
-    /// so the future does not borrow `rw`.
+    /// so the future does not borrow `rw`. No response head by `deadline`
+    /// is [`ExchangeError::Timeout`].
     pub(crate) fn exchange(
         mut self,
         head: Head,
         body: RequestBody,
         rw: &Rewrite<'_>,
         reused: bool,
+        deadline: Instant,
     ) -> impl std::future::Future<Output = Result<(Response<()>, Decoder, Wire, Head), Failure>>
            + Send
            + 'static {
         let length = body.size_hint().exact();
         self.write.clear();
         wire::encode_request(&mut self.write, &head, rw, length);
-        self.exchange_written(head, body, length, reused)
+        self.exchange_written(head, body, length, reused, deadline)
     }
 
     /// [`Wire::exchange`] once the head is in the write buffer.
@@ -135,6 +148,7 @@ impl Wire {
         mut body: RequestBody,
         length: Option<u64>,
         reused: bool,
+        deadline: Instant,
     ) -> Result<(Response<()>, Decoder, Wire, Head), Failure> {
         let chunked = length.is_none();
         // A small buffered body goes out with the head, in one write.
@@ -148,7 +162,12 @@ impl Wire {
         };
         let mut progress = Progress::Nothing;
         let result = poll_fn(|cx| {
-            self.poll_exchange(cx, &parts.method, &mut body, &mut upload, &mut progress)
+            let polled =
+                self.poll_exchange(cx, &parts.method, &mut body, &mut upload, &mut progress);
+            if polled.is_pending() && self.poll_deadline(cx, deadline).is_ready() {
+                return Poll::Ready(Err(ExchangeError::Timeout));
+            }
+            polled
         })
         .await;
         match result {
@@ -170,7 +189,7 @@ impl Wire {
                 // nginx retries too), for requests that may be repeated.
                 let replayable = body.try_clone().is_some() || body.is_end_stream();
                 let retry = replayable
-                    && !matches!(error, ExchangeError::ClientBody(_))
+                    && !matches!(error, ExchangeError::ClientBody(_) | ExchangeError::Timeout)
                     && (progress == Progress::Nothing
                         || (reused && progress == Progress::Written && idempotent(&parts.method)));
                 Err(Failure {
@@ -178,6 +197,27 @@ impl Wire {
                     retry: retry.then_some((parts, body)),
                 })
             }
+        }
+    }
+
+    /// Ready once `deadline` has passed, else the connection's timer is
+    /// armed at or before it (see [`Wire::timer`]).
+    fn poll_deadline(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // It fired: at this deadline, or at an earlier exchange's.
+            if Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            timer.as_mut().reset(deadline);
         }
     }
 

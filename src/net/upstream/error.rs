@@ -42,11 +42,20 @@ impl SendError {
         (e, shared)
     }
 
+    /// No answer before the request's deadline.
+    pub(super) fn timeout() -> SendError {
+        SendError::wire(ExchangeError::Timeout)
+    }
+
     /// An HTTP/1.1 exchange's failure.
     pub(super) fn wire(e: ExchangeError) -> SendError {
         let client_body = matches!(e, ExchangeError::ClientBody(_));
+        let kind = match e {
+            ExchangeError::Timeout => Some(ErrorKind::Timeout),
+            _ => ErrorKind::scan(&e),
+        };
         SendError {
-            kind: ErrorKind::scan(&e).unwrap_or(ErrorKind::Protocol),
+            kind: kind.unwrap_or(ErrorKind::Protocol),
             client_body,
             source: Box::new(e),
         }

@@ -7,22 +7,15 @@ use hyper::body::Incoming;
 
 use crate::proxy::error::ProxyError;
 
-/// The host a request is routed by: the authority of an absolute-form or
-/// HTTP/2 target, else the `Host` header; lower-case, without port.
-fn request_host(req: &Request<Incoming>) -> Option<&str> {
-    let raw = match req.uri().authority() {
-        Some(a) => a.as_str(),
-        None => req.headers().get(header::HOST)?.to_str().ok()?,
-    };
-    Some(strip_port(raw.rsplit('@').next().unwrap_or(raw)))
-}
-
+/// An authority without its port (a last `:` followed by digits only).
 fn strip_port(authority: &str) -> &str {
     if authority.starts_with('[') {
         return authority.find(']').map_or(authority, |i| &authority[..=i]);
     }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+    let b = authority.as_bytes();
+    let digits = b.iter().rev().take_while(|c| c.is_ascii_digit()).count();
+    match b.len().checked_sub(digits + 1) {
+        Some(colon) if b.get(colon) == Some(&b':') => authority.get(..colon).unwrap_or(authority),
         _ => authority,
     }
 }
@@ -74,7 +67,10 @@ fn decode_path_delimiters(path: &str) -> String {
     out
 }
 
-/// Refuses targets the proxy will not route, and returns the routing host.
+/// Refuses targets the proxy will not route, and returns the host it is
+/// routed by: the authority of an absolute-form or HTTP/2 target, else the
+/// `Host` header; without port (as the client wrote it: the caller
+/// lower-cases it).
 pub(super) fn check_target(req: &Request<Incoming>) -> Result<Option<&str>, ProxyError> {
     let path = req.uri().path();
     if !path.starts_with('/') {
@@ -95,17 +91,18 @@ pub(super) fn check_target(req: &Request<Incoming>) -> Result<Option<&str>, Prox
         ));
     }
     // RFC 9110 §4.2.4: userinfo in a target disguises the authority.
+    let raw = match req.uri().authority() {
+        Some(a) => Some(a.as_str()),
+        None => host_header.and_then(|h| h.to_str().ok()),
+    };
     let userinfo = host_header.is_some_and(|h| h.as_bytes().contains(&b'@'))
-        || req
-            .uri()
-            .authority()
-            .is_some_and(|a| a.as_str().contains('@'));
+        || raw.is_some_and(|a| a.contains('@'));
     if userinfo {
         return Err(ProxyError::BadRequest(
             "the request target must not carry user information",
         ));
     }
-    Ok(request_host(req))
+    Ok(raw.map(strip_port))
 }
 
 #[cfg(test)]
@@ -118,6 +115,12 @@ mod tests {
         assert_eq!(strip_port("example.com"), "example.com");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
         assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(strip_port("example.com:"), "example.com");
+        assert_eq!(strip_port("a:b1"), "a:b1");
+        assert_eq!(strip_port("8080"), "8080");
+        assert_eq!(strip_port(":80"), "");
+        assert_eq!(strip_port("a:1:2"), "a:1");
+        assert_eq!(strip_port(""), "");
     }
 
     #[test]

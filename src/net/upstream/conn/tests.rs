@@ -72,8 +72,20 @@ impl Wire {
         req: Request<RequestBody>,
         reused: bool,
     ) -> Result<(Response<()>, Decoder, Wire, Head), Failure> {
+        let far = Instant::now() + std::time::Duration::from_secs(60);
+        self.exchange_until(req, reused, far).await
+    }
+
+    /// [`Wire::exchange`] of a request as it is, answered by `deadline`.
+    async fn exchange_until(
+        self,
+        req: Request<RequestBody>,
+        reused: bool,
+        deadline: Instant,
+    ) -> Result<(Response<()>, Decoder, Wire, Head), Failure> {
         let (head, body) = Head::split(req);
-        self.exchange(head, body, &Rewrite::NONE, reused).await
+        self.exchange(head, body, &Rewrite::NONE, reused, deadline)
+            .await
     }
 }
 
@@ -104,6 +116,51 @@ async fn sequential_exchanges_reuse_the_connection() {
         assert!(wire.is_reusable());
         assert!(wire.is_idle_usable());
     }
+}
+
+/// The connection's timer was armed at the first exchange's (far) deadline:
+/// a later exchange with a nearer one (a reload shortened
+/// `request_timeout`) still ends at its own.
+#[tokio::test]
+async fn an_exchange_times_out_at_its_deadline_when_the_timer_was_armed_later() {
+    let (wire, mut up) = pair().await;
+    let pool = Pool::default();
+    let server = async {
+        read_request(&mut up, 0).await;
+        up.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+    };
+    let (r, ()) = tokio::join!(wire.exchange_request(get("/first"), false), server);
+    let Ok((_, decoder, w, _)) = r else {
+        panic!("exchange failed")
+    };
+    assert_eq!(body_of(w, decoder, &pool).await, b"ok");
+    let wire = pool.take().expect("released after the body");
+    // The upstream reads the second request and never answers.
+    let limit = std::time::Duration::from_millis(200);
+    let started = Instant::now();
+    let server = async {
+        read_request(&mut up, 0).await;
+        up
+    };
+    let (r, _up) = tokio::join!(
+        wire.exchange_until(get("/second"), true, started + limit),
+        server
+    );
+    let took = started.elapsed();
+    match r {
+        Err(Failure {
+            error: ExchangeError::Timeout,
+            retry: None,
+        }) => {}
+        Err(f) => panic!("failed otherwise: {}", f.error),
+        Ok(_) => panic!("answered"),
+    }
+    assert!(
+        took >= limit && took < std::time::Duration::from_secs(10),
+        "timed out after {took:?}"
+    );
 }
 
 #[tokio::test]
