@@ -142,12 +142,17 @@ pub(crate) fn parse_head(
     // carries them), which saves their insertion and later removal.
     let mut kinds = [Kind::Other; MAX_HEADERS];
     for (&(n, nl, v, vl), kind) in spans.iter().zip(kinds.iter_mut()) {
-        let name = HeaderName::from_bytes(&head[n..n + nl])
-            .map_err(|_| WireError::Head("invalid header name"))?;
+        let raw = &head[n..n + nl];
+        let name = match common_name(raw) {
+            Some(name) => name,
+            None => {
+                HeaderName::from_bytes(raw).map_err(|_| WireError::Head("invalid header name"))?
+            }
+        };
         let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
             .map_err(|_| WireError::Head("invalid header value"))?;
         *kind = present.note(&name);
-        if *kind == Kind::Other {
+        if matches!(*kind, Kind::Other | Kind::ContentLength) {
             headers.append(name, value);
         }
     }
@@ -161,7 +166,7 @@ pub(crate) fn parse_head(
             .map(move |(&(_, _, v, vl), _)| &head[v..v + vl])
     };
     let framing = framing(
-        &headers,
+        values(Kind::ContentLength),
         values(Kind::TransferEncoding),
         present,
         status,
@@ -179,6 +184,52 @@ pub(crate) fn parse_head(
         framing,
         keep_alive,
     }))
+}
+
+/// The names most responses carry, recognised in any case without
+/// [`HeaderName::from_bytes`]' copy into a lower-case buffer and table
+/// lookup (about 120 instructions a header); `None` for the rest.
+fn common_name(raw: &[u8]) -> Option<HeaderName> {
+    let first = raw.first()? | 0x20;
+    let name = match (raw.len(), first) {
+        (4, b'd') => header::DATE,
+        (4, b'v') => header::VARY,
+        (4, b'e') => header::ETAG,
+        (6, b's') => header::SERVER,
+        (10, b'c') => header::CONNECTION,
+        (10, b's') => header::SET_COOKIE,
+        (12, b'c') => header::CONTENT_TYPE,
+        (13, b'c') => header::CACHE_CONTROL,
+        (13, b'l') => header::LAST_MODIFIED,
+        (14, b'c') => header::CONTENT_LENGTH,
+        (16, b'c') => header::CONTENT_ENCODING,
+        (17, b't') => header::TRANSFER_ENCODING,
+        _ => return None,
+    };
+    eq_token_lower(raw, name.as_str().as_bytes()).then_some(name)
+}
+
+/// Whether the token `raw` (a header name as httparse accepted it) is
+/// `lower` (lower-case letters and `-`) in any case. Setting bit 0x20 makes
+/// an upper-case letter lower-case and leaves lower-case letters and `-`
+/// alone; no other token byte becomes one of those, so the comparison is
+/// exact. Eight bytes at a time.
+fn eq_token_lower(raw: &[u8], lower: &[u8]) -> bool {
+    if raw.len() != lower.len() {
+        return false;
+    }
+    let (mut r, mut l) = (raw, lower);
+    let mut diff = 0u64;
+    while let (Some((a, ra)), Some((b, lb))) =
+        (r.split_first_chunk::<8>(), l.split_first_chunk::<8>())
+    {
+        diff |= (u64::from_le_bytes(*a) | 0x2020_2020_2020_2020) ^ u64::from_le_bytes(*b);
+        (r, l) = (ra, lb);
+    }
+    for (a, b) in r.iter().zip(l) {
+        diff |= u64::from((a | 0x20) ^ b);
+    }
+    diff == 0
 }
 
 fn parse_error(e: httparse::Error) -> &'static str {
@@ -207,6 +258,8 @@ struct Present {
 enum Kind {
     /// Passed on.
     Other,
+    /// `Content-Length`, read for framing and passed on.
+    ContentLength,
     /// Hop-by-hop (RFC 9110 §7.6.1), read here and not passed on:
     /// `Connection`,
     Connection,
@@ -225,6 +278,8 @@ impl Present {
             Kind::Connection
         } else if name == header::TRANSFER_ENCODING {
             Kind::TransferEncoding
+        } else if name == header::CONTENT_LENGTH {
+            Kind::ContentLength
         } else if headers::is_hop_by_hop(name) {
             Kind::Hop
         } else {
@@ -245,7 +300,7 @@ fn remove_listed<'a>(headers: &mut HeaderMap, connection: impl Iterator<Item = &
 
 /// RFC 9112 §6.3, strictly.
 fn framing<'a>(
-    headers: &HeaderMap,
+    content_lengths: impl Iterator<Item = &'a [u8]>,
     transfer_encoding: impl Iterator<Item = &'a [u8]>,
     present: Present,
     status: StatusCode,
@@ -284,16 +339,16 @@ fn framing<'a>(
         };
     }
     if has_length {
-        return content_length(headers).map(Framing::Length);
+        return content_length(content_lengths).map(Framing::Length);
     }
     Ok(Framing::Close)
 }
 
 /// The one length all `Content-Length` values agree on.
-fn content_length(headers: &HeaderMap) -> Result<u64, WireError> {
+fn content_length<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result<u64, WireError> {
     let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
+    for v in values {
+        for part in v.split(|&b| b == b',') {
             let n = parse_decimal(part.trim_ascii())
                 .ok_or(WireError::Framing("invalid Content-Length"))?;
             match length {

@@ -438,3 +438,80 @@ fn mutated_responses_never_confuse_the_parser() {
     // The mutations are small: a good share still parses.
     assert!(ok > 1_000, "only {ok} parsed");
 }
+
+#[test]
+fn common_names_are_recognised_in_any_case_and_others_are_left_to_http() {
+    for (raw, want) in [
+        (&b"Content-Length"[..], header::CONTENT_LENGTH),
+        (b"content-type", header::CONTENT_TYPE),
+        (b"DATE", header::DATE),
+        (b"Server", header::SERVER),
+        (b"cOnNeCtIoN", header::CONNECTION),
+        (b"Transfer-Encoding", header::TRANSFER_ENCODING),
+        (b"Last-Modified", header::LAST_MODIFIED),
+    ] {
+        assert_eq!(
+            common_name(raw),
+            Some(want),
+            "{}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+    for raw in [
+        &b"Content-Lengtx"[..],
+        b"x-date",
+        b"Dat",
+        b"",
+        b"X-Request-Id",
+        b"Content_Length",
+        b"Content-Lengt\x0e",
+        b"Dote",
+    ] {
+        assert_eq!(common_name(raw), None, "{}", String::from_utf8_lossy(raw));
+    }
+    // The names compared are lower-case letters and `-` only (what makes
+    // the 0x20 comparison exact).
+    for name in [
+        header::DATE,
+        header::VARY,
+        header::ETAG,
+        header::SERVER,
+        header::CONNECTION,
+        header::SET_COOKIE,
+        header::CONTENT_TYPE,
+        header::CACHE_CONTROL,
+        header::LAST_MODIFIED,
+        header::CONTENT_LENGTH,
+        header::CONTENT_ENCODING,
+        header::TRANSFER_ENCODING,
+    ] {
+        let s = name.as_str();
+        assert!(
+            s.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'),
+            "{s}"
+        );
+        assert_eq!(
+            common_name(s.to_ascii_uppercase().as_bytes()),
+            Some(name.clone())
+        );
+        assert_eq!(common_name(s.as_bytes()), Some(name));
+    }
+}
+
+#[test]
+fn every_token_byte_compares_exactly_under_the_case_mask() {
+    // httparse's token bytes: what a header name may hold.
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    for want in (b'a'..=b'z').chain([b'-']) {
+        for b in 0u8..=255 {
+            if token(b) {
+                assert_eq!(
+                    eq_token_lower(&[b], &[want]),
+                    b.eq_ignore_ascii_case(&want),
+                    "{b:#x} against {}",
+                    want as char
+                );
+            }
+        }
+    }
+}
