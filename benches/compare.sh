@@ -90,7 +90,7 @@
 # RENEWAL_DURATION (30), RENEWAL_CONNS (64), RENEWAL_EXPIRES (2),
 # PROFILE_DURATION (15), PROFILE_CONNS (64), INSTR_WARMUP (2000),
 # INSTR_REQUESTS (20000), INSTR_CONNS (16), INSTR_USERS (300),
-# INSTR_POOL_SELECT (4), INSTR_QUICK (0: 1 measures only the two flinks-proxy routes),
+# INSTR_POOL_SELECT (4), INSTR_QUICK (0: 1 measures only the flinks-proxy routes),
 # OUT (bench-results), SKIP_BUILD (unset; 1 uses the existing binary).
 
 set -euo pipefail
@@ -647,7 +647,7 @@ port_of() {
     nginx) echo "$NGINX_PORT" ;;
     haproxy) echo "$HAPROXY_PORT" ;;
     caddy) echo "$CADDY_PORT" ;;
-    flinks-proxy | flinks-pooled) echo "$FLINKS_PORT" ;;
+    flinks-proxy | flinks-pooled | flinks-header) echo "$FLINKS_PORT" ;;
     esac
 }
 
@@ -1081,8 +1081,9 @@ run_h2load() {
     grep -q "status codes: $n 2xx" <<<"$out" || die "h2load: non-2xx answers: $(grep '^status codes:' <<<"$out")"
 }
 
-# Starts NAME (nginx, caddy, flinks-proxy or flinks-pooled) with "$@"
-# prefixed; sets PROXY_PID.
+# Starts NAME (nginx, caddy, flinks-proxy, flinks-pooled or flinks-header:
+# the credential route again, sent the pooled route's select header) with
+# "$@" prefixed; sets PROXY_PID.
 start_measured() {
     local name=$1
     shift
@@ -1101,10 +1102,10 @@ start_measured() {
         PROXY_PID=$STARTED_PID
         wait_http "http://127.0.0.1:$CADDY_PORT/" 200 "$WORK/caddy.err" "$PROXY_PID"
         ;;
-    flinks-proxy)
+    flinks-proxy | flinks-header)
         start_pinned "$name" "$@" "$BIN" --config "$WORK/flinks-proxy.toml"
         PROXY_PID=$STARTED_PID
-        wait_http "http://127.0.0.1:$FLINKS_PORT/" 200 "$WORK/flinks-proxy.err" "$PROXY_PID"
+        wait_http "http://127.0.0.1:$FLINKS_PORT/" 200 "$WORK/$name.err" "$PROXY_PID"
         ;;
     flinks-pooled)
         # Without the select header the pooled route answers 400: wait for
@@ -1123,7 +1124,7 @@ start_measured() {
 run_load() {
     local name=$1 n=$2 port k i
     port=$(port_of "$name")
-    if [[ $name != flinks-pooled ]]; then
+    if [[ $name != flinks-pooled && $name != flinks-header ]]; then
         run_h2load "$port" "$n"
         return
     fi
@@ -1253,17 +1254,20 @@ instr_mode() {
     validate_caddy_conf
     log "connecting $INSTR_USERS users to the pool through the admin API"
     connect_users
-    local t ir=() sc=() targets=(nginx caddy flinks-proxy flinks-pooled)
-    # INSTR_QUICK=1: the two flinks-proxy routes only, no syscalls, no
-    # table (for iterating on a change; the table needs the peers).
-    [[ $INSTR_QUICK == 1 ]] && targets=(flinks-proxy flinks-pooled)
+    # flinks-header: the credential route sent the pooled route's select
+    # header (parsed by hyper and forwarded; no lookup): what the header
+    # costs apart from the pool.
+    local t ir=() sc=() targets=(nginx caddy flinks-proxy flinks-pooled flinks-header)
+    # INSTR_QUICK=1: the flinks-proxy routes only, no syscalls, no table
+    # (for iterating on a change; the table needs the peers).
+    [[ $INSTR_QUICK == 1 ]] && targets=(flinks-proxy flinks-pooled flinks-header)
     for t in "${targets[@]}"; do
         log "$t under callgrind: $INSTR_WARMUP warm-up requests, then $INSTR_REQUESTS measured (h2load --h1 -c $INSTR_CONNS)"
         ir+=("$(measure_instr "$t")")
         log "$t: ${ir[-1]} instructions per request"
     done
     if [[ $INSTR_QUICK == 1 ]]; then
-        echo "credential route ${ir[0]}, pooled route ${ir[1]} (+$((ir[1] - ir[0]))) instructions per request"
+        echo "credential route ${ir[0]}, pooled route ${ir[1]} (+$((ir[1] - ir[0]))), credential route with the select header ${ir[2]} (+$((ir[2] - ir[0]))) instructions per request"
         return
     fi
     for t in "${targets[@]}"; do
@@ -1285,10 +1289,13 @@ instr_mode() {
         printf '| caddy | %s | %s |\n' "${ir[1]}" "${sc[1]}"
         printf '| flinks-proxy, credential route | %s | %s |\n' "${ir[2]}" "${sc[2]}"
         printf '| flinks-proxy, pooled route | %s | %s |\n' "${ir[3]}" "${sc[3]}"
+        printf '| flinks-proxy, credential route sent the select header | %s | %s |\n' "${ir[4]}" "${sc[4]}"
         printf '| credential route / nginx | %s× | %s× |\n' "$(ratio "${ir[2]}" "${ir[0]}")" "$(ratio "${sc[2]}" "${sc[0]}")"
         printf '| credential route / caddy | %s× | %s× |\n' "$(ratio "${ir[2]}" "${ir[1]}")" "$(ratio "${sc[2]}" "${sc[1]}")"
         printf '| pooled route / nginx | %s× | %s× |\n' "$(ratio "${ir[3]}" "${ir[0]}")" "$(ratio "${sc[3]}" "${sc[0]}")"
         printf '| pooled route / credential route | %s× | %s× |\n' "$(ratio "${ir[3]}" "${ir[2]}")" "$(ratio "${sc[3]}" "${sc[2]}")"
+        echo
+        echo "Of the pooled route's +$((ir[3] - ir[2])): +$((ir[4] - ir[2])) is the select header itself (the credential route sent it too: hyper parses it, the proxy forwards it), +$((ir[3] - ir[4])) the rest (finding the connection, a store with its own threads)."
         echo
         echo "Syscalls per request by name:"
         echo

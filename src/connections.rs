@@ -3,12 +3,13 @@
 //! generation's pools share.
 //!
 //! A request names its connection in the pool's select header; its access
-//! token comes from memory (a bounded LRU cache), else the store (one read,
-//! coalesced per connection), else one refresh. Per connection and process
-//! there is one refresh at a time, whichever generation's pool asks: it
-//! runs in a task of its own ([`Ledger`]), so a request that leaves (its
-//! deadline, its client, a reload or shutdown) never cancels a refresh the
-//! provider may already have answered with a rotated refresh token. The
+//! token comes from memory (a bounded cache with CLOCK eviction, `cache`),
+//! else the store (one read, coalesced per connection), else one refresh.
+//! Per connection and process there is one refresh at a time, whichever
+//! generation's pool asks: it runs in a task of its own ([`Ledger`]), so a
+//! request that leaves (its deadline, its client, a reload or shutdown)
+//! never cancels a refresh the provider may already have answered with a
+//! rotated refresh token. The
 //! refresh takes the row's lease in the store (one token request per
 //! expiry across replicas), re-reads it, uses a token another holder just
 //! committed if it is fresh, else calls the endpoint and commits both

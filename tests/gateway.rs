@@ -909,6 +909,51 @@ async fn idle_keep_alive_connection_is_closed_after_header_read_timeout() {
     assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
 }
 
+/// A client that hangs up while its request waits on a slow upstream
+/// abandons the request: the proxy drops it, and its upstream exchange,
+/// within seconds of the close (its watchdog sees the FIN; hyper does not
+/// read the socket mid-request), not when the upstream would answer.
+#[tokio::test]
+async fn a_request_whose_client_hung_up_is_abandoned_within_seconds() {
+    let sb = sandbox().await;
+    let toml = ProxyToml::sandbox(&sb)
+        .with(|c| c.server.request_timeout = Some(Duration::from_secs(120)))
+        .toml();
+    let p = start_proxy(&toml).await;
+    wait_ready(&admin_url(&p, "/readyz")).await;
+    sb.set_api_delay(Duration::from_secs(100));
+    let inflight = || async {
+        let m = get(&admin_url(&p, "/metrics")).await.text();
+        metric(&m, "flinks_proxy_inflight_requests").expect("the inflight gauge")
+    };
+    let mut s = TcpStream::connect(p.proxy_addr()).await.unwrap();
+    s.write_all(b"GET /api/v1/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    eventually("the request reaches the upstream", || {
+        sb.api_requests() == 1
+    })
+    .await;
+    assert_eq!(inflight().await, 1.0);
+    let hung_up = Instant::now();
+    drop(s);
+    // One check while busy and at most one idle interval before it.
+    let end = hung_up + Duration::from_secs(15);
+    while inflight().await != 0.0 {
+        assert!(
+            Instant::now() < end,
+            "the abandoned request was still in flight after 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The proxy goes on serving.
+    sb.set_api_delay(Duration::ZERO);
+    assert_eq!(
+        get(&proxy_url(&p, "/api/v1/accounts")).await.status,
+        StatusCode::OK
+    );
+}
+
 /// On HTTP/2 the head deadline ends with the first request: an HTTP/2
 /// connection idle between requests stays up until `idle_timeout` (and then
 /// gets a GOAWAY), where an HTTP/1.1 one is cut at `header_read_timeout`.
