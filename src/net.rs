@@ -1,7 +1,6 @@
 //! Transport that knows no tokens: request and response bodies (idle
 //! timers, the replay buffer), header policy ([`headers`]: hop-by-hop,
-//! reserved names, X-Forwarded-*, request ids), a client's TCP stream shared
-//! with its watchdog ([`tcp`]), TLS loading ([`tls`]) and
+//! reserved names, X-Forwarded-*, request ids), TLS loading ([`tls`]) and
 //! the connection pools per upstream origin with the HTTP/1.1 wire and
 //! HTTP/2 ([`upstream`]), also used as the token endpoints' client.
 //!
@@ -10,6 +9,5 @@
 
 pub mod body;
 pub mod headers;
-pub mod tcp;
 pub mod tls;
 pub mod upstream;

@@ -29,7 +29,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::net::body::{Activity, BoxError};
-use crate::net::tcp::SharedTcp;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::generation::AppState;
 use crate::proxy::ConnInfo;
@@ -129,7 +128,6 @@ async fn serve_accepted(
 ) {
     let _permit = permit;
     let _ = stream.set_nodelay(true);
-    let stream = SharedTcp::new(stream);
     let deadline = Instant::now()
         .checked_add(limits.header_read_timeout)
         .unwrap_or_else(far_future);
@@ -137,7 +135,6 @@ async fn serve_accepted(
     let counters = Arc::new(Counters::new());
     let watch = ConnWatch {
         limits,
-        tcp: stream.clone(),
         counters: Arc::clone(&counters),
         activity: Arc::clone(&conn.activity),
         shutdown,
@@ -186,13 +183,10 @@ struct Limits {
 }
 
 /// What ends a connection besides its peer: a request head overdue
-/// (`header_read_timeout`), the client gone while an HTTP/1.1 request is
-/// open, no open request for `idle_timeout`, response bodies on which
+/// (`header_read_timeout`), no open request for `idle_timeout`, response bodies on which
 /// nothing moved for `idle_timeout`, or shutdown.
 struct ConnWatch {
     limits: Limits,
-    /// The client's socket, for whether it closed its side.
-    tcp: SharedTcp,
     /// Requests open and response bodies being sent.
     counters: Arc<Counters>,
     /// When bytes last moved on a body of this connection, either way.
@@ -368,36 +362,6 @@ async fn head_overdue(counters: Arc<Counters>, timeout: Duration) {
     }
 }
 
-/// How often the watchdog asks whether the client of an HTTP/1.1
-/// connection with a request open has gone, and how often it looks whether
-/// one is open.
-const GONE_CHECK_BUSY: Duration = Duration::from_secs(1);
-const GONE_CHECK_IDLE: Duration = Duration::from_secs(5);
-
-/// Resolves once the client has closed its side of an HTTP/1.1 connection
-/// while a request is open: the request is abandoned (its upstream
-/// exchange cancelled) within about [`GONE_CHECK_IDLE`] of the close,
-/// rather than when its answer is written. (hyper's own check reads the
-/// socket at every request; `half_close` turns it off.) HTTP/2 needs none:
-/// hyper reads its connections all the time.
-async fn client_gone(counters: Arc<Counters>, tcp: SharedTcp) {
-    let busy = || counters.open.load(Ordering::Relaxed) > 0;
-    loop {
-        if counters.seen.load(Ordering::Relaxed) == SEEN_HTTP2 {
-            return std::future::pending().await;
-        }
-        let wait = if busy() {
-            GONE_CHECK_BUSY
-        } else {
-            GONE_CHECK_IDLE
-        };
-        tokio::time::sleep(wait).await;
-        if busy() && tcp.peer_closed() {
-            return;
-        }
-    }
-}
-
 /// Resolves once response bodies are being sent and no bytes moved on any
 /// body of the connection for `timeout`: the upstream went silent, or the
 /// client stopped reading (then hyper stops polling the body, so the body's
@@ -426,20 +390,14 @@ async fn stalled_for(counters: Arc<Counters>, activity: Arc<Activity>, timeout: 
 
 /// hyper's settings for a client connection: HTTP/1.1 head limits and
 /// header read timeout (`None` on the proxy listener, whose timeout is
-/// [`head_overdue`]'s) and, with `half_close`, no read of the socket while
-/// a request is open (the proxy listener's watchdog sees a client gone:
-/// [`client_gone`]); HTTP/2 header list and stream limits, keep-alive
+/// [`head_overdue`]'s); HTTP/2 header list and stream limits, keep-alive
 /// pings.
-fn connection_builder(
-    header_read_timeout: Option<Duration>,
-    half_close: bool,
-) -> auto::Builder<TokioExecutor> {
+fn connection_builder(header_read_timeout: Option<Duration>) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
-        .half_close(half_close)
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS)
         .keep_alive(true);
@@ -471,7 +429,7 @@ where
         + 'static,
     F: Future<Output = Result<Response<ServedBody>, Infallible>> + Send + 'static,
 {
-    let conn = connection_builder(None, true)
+    let conn = connection_builder(None)
         .serve_connection(TokioIo::new(io), service)
         .into_owned();
     watch_connection(conn, watch).await;
@@ -551,8 +509,6 @@ async fn watchdog(watch: ConnWatch, graceful: Arc<AtomicBool>) -> &'static str {
     tokio::pin!(head);
     let idle = idle_for(Arc::clone(&watch.counters), watch.limits.idle_timeout);
     tokio::pin!(idle);
-    let gone = client_gone(Arc::clone(&watch.counters), watch.tcp);
-    tokio::pin!(gone);
     let stalled = stalled_for(watch.counters, watch.activity, watch.limits.idle_timeout);
     tokio::pin!(stalled);
     let mut closing = false;
@@ -562,7 +518,6 @@ async fn watchdog(watch: ConnWatch, graceful: Arc<AtomicBool>) -> &'static str {
             _ = &mut head => return "no request head within header_read_timeout",
             // Responses are incomplete: close rather than drain.
             _ = &mut stalled => return "no body bytes moved for idle_timeout",
-            _ = &mut gone => return "the client closed the connection with a request open",
             _ = &mut idle, if !closing => {
                 tracing::debug!("connection idle for idle_timeout; shutting it down");
                 closing = true;
@@ -663,7 +618,7 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| crate::connect::handle(Arc::clone(&state), req));
-    let builder = connection_builder(Some(CONNECT_HEAD_TIMEOUT), false);
+    let builder = connection_builder(Some(CONNECT_HEAD_TIMEOUT));
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
