@@ -311,25 +311,7 @@ impl Body for ServedBody {
 
 /// Resolves once no request has been open on the connection for `timeout`.
 async fn idle_for(counters: Arc<Counters>, timeout: Duration) {
-    let Some(mut at) = tokio::time::Instant::now().checked_add(timeout) else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep_until(at).await;
-        let now = tokio::time::Instant::now();
-        let next = if counters.open.load(Ordering::Relaxed) == 0 {
-            match counters.idle_since.last().checked_add(timeout) {
-                Some(t) if t <= now => return,
-                t => t,
-            }
-        } else {
-            now.checked_add(timeout)
-        };
-        match next {
-            Some(t) => at = t,
-            None => return std::future::pending().await,
-        }
-    }
+    quiet_for(counters, timeout, |_| true).await;
 }
 
 /// Resolves once a request head is overdue: no request open and none begun
@@ -339,15 +321,25 @@ async fn idle_for(counters: Arc<Counters>, timeout: Duration) {
 /// place of hyper's HTTP/1 header timer, which is a boxed timer made and
 /// dropped for every request.
 async fn head_overdue(counters: Arc<Counters>, timeout: Duration) {
+    quiet_for(counters, timeout, |c| {
+        c.seen.load(Ordering::Relaxed) != SEEN_HTTP2
+    })
+    .await;
+}
+
+/// Resolves once no request has been open for `timeout` (since the last
+/// one ended, or the connection opened) while `counts` says the quiet
+/// counts. The timer is re-armed lazily from the counters: a request costs
+/// it nothing.
+async fn quiet_for(counters: Arc<Counters>, timeout: Duration, counts: impl Fn(&Counters) -> bool) {
     let Some(mut at) = tokio::time::Instant::now().checked_add(timeout) else {
         return std::future::pending().await;
     };
     loop {
         tokio::time::sleep_until(at).await;
         let now = tokio::time::Instant::now();
-        let waiting = counters.open.load(Ordering::Relaxed) == 0
-            && counters.seen.load(Ordering::Relaxed) != SEEN_HTTP2;
-        let next = if waiting {
+        let quiet = counters.open.load(Ordering::Relaxed) == 0 && counts(&counters);
+        let next = if quiet {
             match counters.idle_since.last().checked_add(timeout) {
                 Some(t) if t <= now => return,
                 t => t,
