@@ -1,5 +1,5 @@
 //! Ground helpers: what every layer may use and that knows no request,
-//! no route and no token. The lock helper, the clock in Unix milliseconds,
+//! no route and no token. The lock helpers, the clock in Unix milliseconds,
 //! secrets ([`secret`]), urlencoding ([`form`]), the metric registry and its typed handles
 //! ([`metrics`]) the store's sealing and fingerprint key ([`crypto`]) and JOSE
 //! signing keys ([`jose`]).
@@ -20,6 +20,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// must not take the proxy down with it.
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Read-locks a std `RwLock`, ignoring poisoning (as [`lock`]).
+pub(crate) fn read<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Write-locks a std `RwLock`, ignoring poisoning (as [`lock`]).
+pub(crate) fn write<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Unix seconds now.

@@ -17,11 +17,12 @@
 
 use std::hash::BuildHasher;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock};
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
 use super::Conn;
+use crate::ground::{read, write};
 
 /// Caches at least this large are split in [`SHARDS`] shards (a smaller
 /// one is one shard, so `cache_size = 1` keeps one connection).
@@ -100,8 +101,8 @@ impl Cache {
         }
         if shard.ring.len() >= shard.capacity {
             let victim = shard.victim();
-            let id = shard.ring[victim].id.clone();
-            shard.remove(&self.hasher, self.hasher.hash_one(id.as_str()), &id);
+            let victim_hash = self.hasher.hash_one(shard.ring[victim].id.as_str());
+            shard.remove_at(&self.hasher, victim_hash, victim);
         }
         let Shard { index, ring, .. } = &mut *shard;
         let at = u32::try_from(ring.len()).unwrap_or(u32::MAX);
@@ -147,33 +148,30 @@ impl Shard {
         }
     }
 
+    /// Removes the entry of `id` (which hashes to `hash`), if it is here.
     fn remove(&mut self, hasher: &DefaultHashBuilder, hash: u64, id: &str) {
+        let found = self.index.find(hash, |&i| self.ring[i as usize].id == id);
+        if let Some(&at) = found {
+            self.remove_at(hasher, hash, at as usize);
+        }
+    }
+
+    /// Removes the entry at `at` in the ring (its id hashes to `hash`); the
+    /// last entry moves into the hole, and its index follows it.
+    fn remove_at(&mut self, hasher: &DefaultHashBuilder, hash: u64, at: usize) {
         let Shard { index, ring, .. } = self;
-        let Ok(entry) = index.find_entry(hash, |&i| ring[i as usize].id == id) else {
-            return;
-        };
-        let (i, _) = entry.remove();
-        let i = i as usize;
-        let last = ring.len() - 1;
-        ring.swap_remove(i);
-        if i != last {
-            // The last entry moved into the hole: its index follows it.
-            let moved = hasher.hash_one(ring[i].id.as_str());
-            if let Some(at) = index.find_mut(moved, |&j| j as usize == last) {
-                *at = i as u32;
+        if let Ok(entry) = index.find_entry(hash, |&i| i as usize == at) {
+            entry.remove();
+        }
+        ring.swap_remove(at);
+        let last = ring.len();
+        if at != last {
+            let moved = hasher.hash_one(ring[at].id.as_str());
+            if let Some(i) = index.find_mut(moved, |&i| i as usize == last) {
+                *i = at as u32;
             }
         }
     }
-}
-
-fn read(lock: &RwLock<Shard>) -> RwLockReadGuard<'_, Shard> {
-    lock.read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn write(lock: &RwLock<Shard>) -> RwLockWriteGuard<'_, Shard> {
-    lock.write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
