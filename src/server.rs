@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -140,7 +140,10 @@ async fn serve_accepted(
         shutdown,
     };
     let service = service_fn(move |req: Request<Incoming>| {
-        let open = Counted::enter_request(&counters, req.version());
+        if req.version() == hyper::Version::HTTP_2 && !counters.http2.load(Ordering::Relaxed) {
+            counters.http2.store(true, Ordering::Relaxed);
+        }
+        let open = Counted::enter(&counters, Counter::Open);
         let bodies = Arc::clone(&counters);
         let activity = Arc::clone(&conn.activity);
         let (state, conn) = (Arc::clone(&state), Arc::clone(&conn));
@@ -183,8 +186,8 @@ struct Limits {
 }
 
 /// What ends a connection besides its peer: a request head overdue
-/// (`header_read_timeout`), no open request for `idle_timeout`, response bodies on which
-/// nothing moved for `idle_timeout`, or shutdown.
+/// (`header_read_timeout`), no open request for `idle_timeout`, response
+/// bodies on which nothing moved for `idle_timeout`, or shutdown.
 struct ConnWatch {
     limits: Limits,
     /// Requests open and response bodies being sent.
@@ -203,9 +206,8 @@ struct Counters {
     open: AtomicUsize,
     /// Response bodies being sent.
     bodies: AtomicUsize,
-    /// Requests seen so far: [`SEEN_NONE`], [`SEEN_HTTP1`] or
-    /// [`SEEN_HTTP2`] (on HTTP/2, a request ends the head deadline).
-    seen: AtomicU8,
+    /// A request came on HTTP/2 (which ends the head deadline).
+    http2: AtomicBool,
     /// When the last open request ended.
     idle_since: Arc<Activity>,
 }
@@ -221,7 +223,7 @@ impl Counters {
         Counters {
             open: AtomicUsize::new(0),
             bodies: AtomicUsize::new(0),
-            seen: AtomicU8::new(SEEN_NONE),
+            http2: AtomicBool::new(false),
             idle_since: Activity::new(),
         }
     }
@@ -244,27 +246,7 @@ impl Counted {
         counters.get(which).fetch_add(1, Ordering::Relaxed);
         Counted(Arc::clone(counters), which)
     }
-
-    /// A request of `version` open.
-    fn enter_request(counters: &Arc<Counters>, version: hyper::Version) -> Counted {
-        let seen = if version == hyper::Version::HTTP_2 {
-            SEEN_HTTP2
-        } else {
-            SEEN_HTTP1
-        };
-        if counters.seen.load(Ordering::Relaxed) != seen {
-            counters.seen.store(seen, Ordering::Relaxed);
-        }
-        Counted::enter(counters, Counter::Open)
-    }
 }
-
-/// [`Counters::seen`]: no request yet.
-const SEEN_NONE: u8 = 0;
-/// [`Counters::seen`]: HTTP/1 requests.
-const SEEN_HTTP1: u8 = 1;
-/// [`Counters::seen`]: HTTP/2 requests.
-const SEEN_HTTP2: u8 = 2;
 
 impl Drop for Counted {
     fn drop(&mut self) {
@@ -321,10 +303,7 @@ async fn idle_for(counters: Arc<Counters>, timeout: Duration) {
 /// place of hyper's HTTP/1 header timer, which is a boxed timer made and
 /// dropped for every request.
 async fn head_overdue(counters: Arc<Counters>, timeout: Duration) {
-    quiet_for(counters, timeout, |c| {
-        c.seen.load(Ordering::Relaxed) != SEEN_HTTP2
-    })
-    .await;
+    quiet_for(counters, timeout, |c| !c.http2.load(Ordering::Relaxed)).await;
 }
 
 /// Resolves once no request has been open for `timeout` (since the last

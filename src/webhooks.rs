@@ -31,7 +31,6 @@ pub use sign::signature;
 
 /// How often the outbox is looked at when it had nothing due.
 pub const POLL: Duration = Duration::from_millis(250);
-
 /// How often the queue's gauges are read when nothing was delivered.
 const GAUGE_EVERY_MS: i64 = 5_000;
 /// Events claimed (and delivered concurrently) at once.
@@ -67,7 +66,7 @@ pub async fn run(
 ) {
     let mut client: Option<(WebhooksConfig, Client)> = None;
     let mut last_prune = 0;
-    let mut last_gauge: Option<i64> = None;
+    let mut last_gauge = 0;
     loop {
         let config = current();
         let mut full = false;
@@ -94,11 +93,11 @@ pub async fn run(
         // GAUGE_EVERY_MS (events queued meanwhile, here or by another
         // replica), not at every poll.
         let now = now_ms();
-        if claimed > 0 || last_gauge.is_none_or(|t| now.saturating_sub(t) >= GAUGE_EVERY_MS) {
+        if claimed > 0 || now.saturating_sub(last_gauge) >= GAUGE_EVERY_MS {
             if let Ok(q) = store.webhook_queue().await {
                 let age = q.oldest.map_or(0, |t| now_ms().saturating_sub(t).max(0));
                 metrics.set_queue(q.pending, Duration::from_millis(age.unsigned_abs()));
-                last_gauge = Some(now);
+                last_gauge = now;
             }
         }
         if now.saturating_sub(last_prune) >= PRUNE_EVERY_MS {

@@ -972,6 +972,20 @@ async fn refused_upstream_connection_is_502_and_counted() {
     assert_eq!(get(&proxy_url(&p, "/api/v1/accounts")).await.status, 200);
 }
 
+/// A request the upstream holds for 5 s, past the proxy's
+/// `request_timeout`: its 504, when it was sent and how long it took.
+async fn held_past_request_timeout(
+    p: &Running,
+    sb: &flinks_proxy::sandbox::Sandbox,
+) -> (Instant, Duration) {
+    sb.set_api_delay(Duration::from_secs(5));
+    let started = Instant::now();
+    let r = get(&proxy_url(p, "/api/v1/accounts")).await;
+    let took = started.elapsed();
+    assert_proxy_error(&r, 504, "upstream_timeout");
+    (started, took)
+}
+
 #[tokio::test]
 async fn upstream_slower_than_request_timeout_is_504_and_counted() {
     let sb = sandbox().await;
@@ -982,11 +996,7 @@ async fn upstream_slower_than_request_timeout_is_504_and_counted() {
     ))
     .await;
     wait_ready(&p).await;
-    sb.set_api_delay(Duration::from_secs(5));
-    let started = Instant::now();
-    let r = get(&proxy_url(&p, "/api/v1/accounts")).await;
-    let took = started.elapsed();
-    assert_proxy_error(&r, 504, "upstream_timeout");
+    let (_, took) = held_past_request_timeout(&p, &sb).await;
     assert!(
         took >= Duration::from_millis(290) && took < Duration::from_secs(4),
         "answered after {took:?}"
@@ -1019,11 +1029,7 @@ async fn a_request_on_a_reused_upstream_connection_gets_its_whole_request_timeou
     // Not an event to await: the second request must start while the
     // first one's deadline is still ahead, and well after the first.
     tokio::time::sleep_until((first + timeout / 2).into()).await;
-    sb.set_api_delay(Duration::from_secs(5));
-    let started = Instant::now();
-    let r = get(&proxy_url(&p, "/api/v1/accounts")).await;
-    let took = started.elapsed();
-    assert_proxy_error(&r, 504, "upstream_timeout");
+    let (started, took) = held_past_request_timeout(&p, &sb).await;
     assert!(
         took >= timeout - Duration::from_millis(10) && took < Duration::from_secs(4),
         "answered after {took:?} (the first request's deadline was {:?} after this one started)",

@@ -134,11 +134,7 @@ impl Pool {
 
     /// A usable token for connection `id`: memory, else store, else one
     /// refresh (waiting until `deadline`).
-    pub async fn token(
-        self: &Arc<Self>,
-        id: &str,
-        deadline: Instant,
-    ) -> Result<(Arc<Conn>, Arc<Token>), PoolError> {
+    pub async fn token(self: &Arc<Self>, id: &str, deadline: Instant) -> Served {
         let (conn, loaded) = match self.cache.get(id) {
             Some(c) => (c, false),
             None => self.load(id).await?,

@@ -12,14 +12,10 @@ pub const MAX_ID_LEN: usize = 128;
 
 /// `1`-`128` of `[A-Za-z0-9._:@-]`.
 pub fn valid_id(id: &str) -> bool {
-    valid_id_bytes(id.as_bytes())
-}
-
-fn valid_id_bytes(id: &[u8]) -> bool {
     (1..=MAX_ID_LEN).contains(&id.len())
         && id
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
 }
 
 /// The connection a request named, its headers left as they are (the
@@ -28,12 +24,12 @@ fn valid_id_bytes(id: &[u8]) -> bool {
 pub fn named<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Result<&'h str, PoolError> {
     let mut values = headers.get_all(name).iter();
     match (values.next(), values.next()) {
-        // The id's characters are ASCII: `valid_id` on the bytes first.
-        (Some(v), None) if valid_id_bytes(v.as_bytes()) => v
-            .to_str()
-            .map_err(|_| PoolError::ConnectionRequired(name.clone())),
-        _ => Err(PoolError::ConnectionRequired(name.clone())),
+        (Some(v), None) => std::str::from_utf8(v.as_bytes())
+            .ok()
+            .filter(|id| valid_id(id)),
+        _ => None,
     }
+    .ok_or_else(|| PoolError::ConnectionRequired(name.clone()))
 }
 
 #[cfg(test)]

@@ -91,18 +91,16 @@ pub(super) fn check_target(req: &Request<Incoming>) -> Result<Option<&str>, Prox
         ));
     }
     // RFC 9110 §4.2.4: userinfo in a target disguises the authority.
-    let raw = match req.uri().authority() {
-        Some(a) => Some(a.as_str()),
-        None => host_header.and_then(|h| h.to_str().ok()),
-    };
+    let authority = req.uri().authority().map(|a| a.as_str());
     let userinfo = host_header.is_some_and(|h| h.as_bytes().contains(&b'@'))
-        || raw.is_some_and(|a| a.contains('@'));
+        || authority.is_some_and(|a| a.contains('@'));
     if userinfo {
         return Err(ProxyError::BadRequest(
             "the request target must not carry user information",
         ));
     }
-    Ok(raw.map(strip_port))
+    let host = authority.or_else(|| host_header.and_then(|h| h.to_str().ok()));
+    Ok(host.map(strip_port))
 }
 
 #[cfg(test)]
