@@ -5,7 +5,7 @@
 #
 # One command, from a clean clone (Debian or Ubuntu, root or sudo, 2+ cores):
 #
-#     benches/compare.sh                     # full run, about 13 minutes
+#     benches/compare.sh                     # full run, about 16 minutes
 #     RUNS=1 DURATION=3 benches/compare.sh   # quick check, about 2 minutes
 #     benches/compare.sh renewal             # tokens expiring every 2 s under load (~2 min)
 #     benches/compare.sh profile             # perf profile of flinks-proxy under load
@@ -18,7 +18,12 @@
 #   - starts, on 127.0.0.1 only: an upstream nginx (one worker) answering 200
 #     with a 13-byte body; nginx (one worker) with `proxy_set_header
 #     Authorization`, an upstream keep-alive pool of 512 and
-#     `proxy_ignore_client_abort on`; HAProxy (`nbthread 1`) with
+#     `proxy_ignore_client_abort on`; nginx-same, the same nginx doing
+#     flinks-proxy's whole per-request job (SPEC §5): X-Forwarded-For
+#     (appended to), X-Forwarded-Proto and X-Forwarded-Host to the
+#     upstream, and an X-Request-Id (the client's, else nginx's
+#     `$request_id`, 128 random bits in hex like flinks-proxy's) to the
+#     upstream and back to the client; HAProxy (`nbthread 1`) with
 #     `http-request set-header Authorization`, `http-reuse always` and
 #     `pool-purge-delay 300s`; Caddy (one process, `GOMAXPROCS=1`, `admin
 #     off`, `auto_https off`, no access log, a Caddyfile with `reverse_proxy`
@@ -29,11 +34,12 @@
 #     from the same endpoint, so every proxy sends a header of the same size;
 #   - checks, before measuring, that each proxy delivers its Authorization
 #     header to the upstream and drops the client's (flinks-proxy's token
-#     must also be accepted by the sandbox API);
+#     must also be accepted by the sandbox API), and that nginx-same and
+#     flinks-proxy send the same forwarding headers and request ids;
 #   - pins wrk (`-t1`) to CPU 0 and the proxies and upstream to CPU 1;
 #   - per connection count (1, 64, 256): a warm-up of every target, then
 #     RUNS rounds of DURATION seconds each, targets interleaved (direct,
-#     nginx, haproxy, caddy, flinks-proxy, repeat);
+#     nginx, nginx-same, haproxy, caddy, flinks-proxy, repeat);
 #   - per run: req/s, p50/p99 latency and errors (from a wrk Lua `done()`),
 #     CPU µs per request of the proxy process and of the upstream
 #     (/proc/PID/stat utime+stime over the run, user part shown apart), the
@@ -42,8 +48,9 @@
 #     stub_status), and the proxy's open upstream connections after it (ss),
 #     so "no new upstream connections after warm-up" is measured, not assumed;
 #   - prints a Markdown table (medians, req/s with min–max), the ratios
-#     flinks-proxy/nginx, flinks-proxy/haproxy, flinks-proxy/caddy and
-#     flinks-proxy/direct and the targets of issue 20, and
+#     flinks-proxy/nginx, flinks-proxy/nginx-same, flinks-proxy/haproxy,
+#     flinks-proxy/caddy and flinks-proxy/direct and the targets of issue
+#     20 (against nginx as the issue set them, and against nginx-same), and
 #     writes it to bench-results/compare.md (raw runs in runs.tsv).
 #
 # `renewal` mode: flinks-proxy in front of the sandbox API (which answers 401
@@ -65,7 +72,7 @@
 # `instr` mode: user-space instructions per proxied request under
 # valgrind's callgrind, the stable measure (wall-clock ratios on a shared
 # machine move by ±0.2 between runs; this one repeats within a few percent).
-# Each proxy (nginx with `master_process off`, Caddy with `GOMAXPROCS=1`
+# Each proxy (nginx and nginx-same with `master_process off`, Caddy with `GOMAXPROCS=1`
 # and `GODEBUG=asyncpreemptoff=1` (callgrind 3.19 asserts on Go's nested
 # SIGURG preemption), flinks-proxy with `workers = 1`, the configs of the
 # compare mode) is started under
@@ -130,7 +137,7 @@ INSTR_POOL_SELECT=${INSTR_POOL_SELECT:-4}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$ROOT/bench-results}
 WORK=$OUT/work-$MODE
-TARGETS=(direct nginx haproxy caddy flinks-proxy)
+TARGETS=(direct nginx nginx-same haproxy caddy flinks-proxy)
 CLIENT_ID=demo-client
 CLIENT_SECRET=demo-secret
 SCOPE=client:admin
@@ -315,9 +322,14 @@ $(nginx_temp_paths upstream)
     server {
         listen 127.0.0.1:$UP_PORT backlog=4096;
         location / { return 200 "hello, world\n"; }
-        # What the proxy sent as Authorization, for the check before measuring.
+        # What the proxy sent (Authorization, the forwarding headers, the
+        # request id), for the checks before measuring.
         location = /verify {
             add_header X-Seen-Authorization \$http_authorization always;
+            add_header X-Seen-Forwarded-For \$http_x_forwarded_for always;
+            add_header X-Seen-Forwarded-Proto \$http_x_forwarded_proto always;
+            add_header X-Seen-Forwarded-Host \$http_x_forwarded_host always;
+            add_header X-Seen-Request-Id \$http_x_request_id always;
             return 200 "ok\n";
         }
     }
@@ -330,15 +342,32 @@ EOF
     } >"$WORK/upstream.conf"
 }
 
+# nginx.conf (Authorization only), or with NAME nginx-same nginx-same.conf:
+# the job flinks-proxy does per SPEC §5 as well, X-Forwarded-For (appended
+# to), X-Forwarded-Proto and X-Forwarded-Host to the upstream and an
+# X-Request-Id (the client's, else 128 random bits in hex, nginx's
+# \$request_id) to the upstream and back to the client.
 write_nginx_conf() {
+    local name=${1:-nginx} port=$NGINX_PORT same="" map=""
+    if [[ $name == nginx-same ]]; then
+        port=$NGINX_SAME_PORT
+        map='
+    map $http_x_request_id $flinks_rid { default $http_x_request_id; "" $request_id; }'
+        same='
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header X-Request-Id $flinks_rid;
+            add_header X-Request-Id $flinks_rid always;'
+    fi
     {
-        nginx_common nginx
+        nginx_common "$name"
         cat <<EOF
 http {
     access_log off;
     keepalive_requests 1000000000;
     keepalive_timeout 300s;
-$(nginx_temp_paths nginx)
+$(nginx_temp_paths "$name")$map
     upstream backend {
         server 127.0.0.1:$UP_PORT;
         keepalive 512;
@@ -346,12 +375,12 @@ $(nginx_temp_paths nginx)
         keepalive_timeout 300s;
     }
     server {
-        listen 127.0.0.1:$NGINX_PORT backlog=4096;
+        listen 127.0.0.1:$port backlog=4096;
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            proxy_set_header Authorization "Bearer $STATIC_TOKEN";
+            proxy_set_header Authorization "Bearer $STATIC_TOKEN";$same
             # wrk drops its connections with requests in flight at the end
             # of every run; without this nginx closes those upstream
             # connections and reconnects in the next run.
@@ -360,7 +389,16 @@ $(nginx_temp_paths nginx)
     }
 }
 EOF
-    } >"$WORK/nginx.conf"
+    } >"$WORK/$name.conf"
+}
+
+# Checks NAME's config and starts it (pinned); sets STARTED_PID.
+start_nginx() {
+    local name=$1 port=$2
+    shift 2
+    nginx -t -q -p "$WORK/" -c "$WORK/$name.conf" -e "$WORK/$name.err" || die "$name.conf: $(cat "$WORK/$name.err")"
+    start_pinned "$name" "$@" nginx -p "$WORK/" -c "$WORK/$name.conf" -e "$WORK/$name.err"
+    wait_http "http://127.0.0.1:$port/" 200 "$WORK/$name.err" "$STARTED_PID"
 }
 
 write_haproxy_conf() {
@@ -604,6 +642,7 @@ start_all() {
     alloc_port UP_PORT
     alloc_port UP_STATUS_PORT
     alloc_port NGINX_PORT
+    alloc_port NGINX_SAME_PORT
     alloc_port HAPROXY_PORT
     alloc_port CADDY_PORT
     alloc_port FLINKS_PORT
@@ -614,7 +653,8 @@ start_all() {
     [[ -n $STATIC_TOKEN ]] || die "could not get a token from $TOKEN_URL"
 
     write_upstream_conf
-    write_nginx_conf
+    write_nginx_conf nginx
+    write_nginx_conf nginx-same
     write_haproxy_conf
     write_caddy_conf
     write_flinks_conf "http://127.0.0.1:$UP_PORT"
@@ -622,10 +662,10 @@ start_all() {
 
     start_upstream
 
-    nginx -t -q -p "$WORK/" -c "$WORK/nginx.conf" -e "$WORK/nginx.err" || die "nginx.conf: $(cat "$WORK/nginx.err")"
-    start_pinned nginx nginx -p "$WORK/" -c "$WORK/nginx.conf" -e "$WORK/nginx.err"
+    start_nginx nginx "$NGINX_PORT"
     NGINX_PID=$STARTED_PID
-    wait_http "http://127.0.0.1:$NGINX_PORT/" 200 "$WORK/nginx.err" "$NGINX_PID"
+    start_nginx nginx-same "$NGINX_SAME_PORT"
+    NGINX_SAME_PID=$STARTED_PID
 
     haproxy -c -q -f "$WORK/haproxy.cfg" >/dev/null || die "haproxy.cfg: $(haproxy -c -f "$WORK/haproxy.cfg" 2>&1 | tail -5)"
     start_pinned haproxy haproxy -db -f "$WORK/haproxy.cfg"
@@ -645,6 +685,7 @@ port_of() {
     case $1 in
     direct) echo "$UP_PORT" ;;
     nginx) echo "$NGINX_PORT" ;;
+    nginx-same) echo "$NGINX_SAME_PORT" ;;
     haproxy) echo "$HAPROXY_PORT" ;;
     caddy) echo "$CADDY_PORT" ;;
     flinks-proxy | flinks-pooled | flinks-header) echo "$FLINKS_PORT" ;;
@@ -655,6 +696,7 @@ pid_of() {
     case $1 in
     direct) echo "" ;;
     nginx) echo "$NGINX_PID" ;;
+    nginx-same) echo "$NGINX_SAME_PID" ;;
     haproxy) echo "$HAPROXY_PID" ;;
     caddy) echo "$CADDY_PID" ;;
     flinks-proxy) echo "$FLINKS_PID" ;;
@@ -671,7 +713,7 @@ seen_authorization() {
 
 verify_headers() {
     local seen
-    for t in nginx haproxy caddy; do
+    for t in nginx nginx-same haproxy caddy; do
         seen=$(seen_authorization "$t")
         [[ $seen == "Bearer $STATIC_TOKEN" ]] || die "$t did not deliver its Authorization header (upstream saw: '${seen:0:40}')"
         log "verified: $t delivers Authorization: Bearer <token> (${#seen} bytes) and drops the client's"
@@ -685,6 +727,30 @@ verify_headers() {
     log "verified: flinks-proxy delivers a token the sandbox API accepts (${#seen} bytes) and drops the client's"
     seen=$(curl -s -m 5 -D - -o /dev/null "http://127.0.0.1:$UP_PORT/verify" | grep -ci '^x-seen-authorization:' || true)
     [[ $seen == 0 ]] || die "direct requests should carry no Authorization"
+    for t in nginx-same flinks-proxy; do
+        verify_same_job "$t"
+    done
+}
+
+# Checks that TARGET does the rest of flinks-proxy's per-request job (SPEC
+# §5): the upstream saw X-Forwarded-For (the client's appended to),
+# X-Forwarded-Proto and X-Forwarded-Host, and a fresh X-Request-Id of 32
+# hex digits that the client got back; a client's X-Request-Id is kept.
+verify_same_job() {
+    local t=$1 port heads seen_id got_id
+    port=$(port_of "$t")
+    heads=$(curl -s -m 5 -D - -o /dev/null -H 'X-Forwarded-For: 192.0.2.1' "http://127.0.0.1:$port/verify" | tr -d '\r')
+    grep -qix 'x-seen-forwarded-for: 192.0.2.1, 127.0.0.1' <<<"$heads" || die "$t: X-Forwarded-For not appended to: $heads"
+    grep -qix 'x-seen-forwarded-proto: http' <<<"$heads" || die "$t: no X-Forwarded-Proto: $heads"
+    grep -qix "x-seen-forwarded-host: 127.0.0.1:$port" <<<"$heads" || die "$t: no X-Forwarded-Host: $heads"
+    seen_id=$(awk 'tolower($1) == "x-seen-request-id:" { print $2 }' <<<"$heads")
+    got_id=$(awk 'tolower($1) == "x-request-id:" { print $2 }' <<<"$heads")
+    [[ $seen_id =~ ^[0-9a-f]{32}$ && $seen_id == "$got_id" ]] ||
+        die "$t: request id to the upstream '$seen_id', to the client '$got_id'"
+    heads=$(curl -s -m 5 -D - -o /dev/null -H 'X-Request-Id: client-id-1' "http://127.0.0.1:$port/verify" | tr -d '\r')
+    grep -qix 'x-seen-request-id: client-id-1' <<<"$heads" && grep -qix 'x-request-id: client-id-1' <<<"$heads" ||
+        die "$t: a client's X-Request-Id is not kept: $heads"
+    log "verified: $t sends X-Forwarded-For/-Proto/-Host and an X-Request-Id both ways (the client's kept)"
 }
 
 # One measured run; appends a row to runs.tsv.
@@ -805,6 +871,19 @@ report() {
             "$(ratio "$(med flinks-proxy "$c" 6)" "$(med direct "$c" 6)")"
     done
     echo
+    echo "Against nginx doing the same job (nginx-same: X-Forwarded-For, -Proto and -Host, and an X-Request-Id to the upstream and the client, as flinks-proxy does by SPEC §5; checked before measuring):"
+    echo
+    echo "| conns | req/s flinks/nginx-same | CPU/req flinks/nginx-same | p99 flinks/nginx-same | req/s nginx-same/nginx | CPU/req nginx-same/nginx |"
+    echo "|---:|---:|---:|---:|---:|---:|"
+    for c in $CONNS; do
+        printf '| %s | %s | %s | %s | %s | %s |\n' "$c" \
+            "$(ratio "$(med flinks-proxy "$c" 4)" "$(med nginx-same "$c" 4)")" \
+            "$(ratio "$(med flinks-proxy "$c" 7)" "$(med nginx-same "$c" 7)")" \
+            "$(ratio "$(med flinks-proxy "$c" 6)" "$(med nginx-same "$c" 6)")" \
+            "$(ratio "$(med nginx-same "$c" 4)" "$(med nginx "$c" 4)")" \
+            "$(ratio "$(med nginx-same "$c" 7)" "$(med nginx "$c" 7)")"
+    done
+    echo
     targets_check
 }
 
@@ -819,23 +898,33 @@ targets_check() {
     check() { if awk "BEGIN { exit !($1) }"; then verdict=met; else verdict=MISSED; fi; }
     echo "#### Targets"
     echo
-    for c in $CONNS; do
-        local fc nc
-        fc=$(med flinks-proxy "$c" 7)
-        nc=$(med nginx "$c" 7)
-        check "$fc <= 1.1 * $nc"
-        echo "- CPU per request ≤ 1.1× nginx's at $c conns: flinks-proxy $(r1 "$fc") µs, nginx $(r1 "$nc") µs → $(ratio "$fc" "$nc")× — $verdict"
+    # Against nginx as issue 20 set them (Authorization only), then against
+    # nginx doing the same job.
+    local peer label
+    for peer in nginx nginx-same; do
+        label=$peer
+        [[ $peer == nginx-same ]] && label="nginx doing the same job (nginx-same)"
+        for c in $CONNS; do
+            local fc nc
+            fc=$(med flinks-proxy "$c" 7)
+            nc=$(med "$peer" "$c" 7)
+            check "$fc <= 1.1 * $nc"
+            echo "- CPU per request ≤ 1.1× $label's at $c conns: flinks-proxy $(r1 "$fc") µs, $peer $(r1 "$nc") µs → $(ratio "$fc" "$nc")× — $verdict"
+        done
+        if has_conns 64; then
+            local f n
+            f=$(med flinks-proxy 64 4)
+            n=$(med "$peer" 64 4)
+            check "$f >= 0.95 * $n"
+            echo "- throughput at 64 conns ≥ 0.95× $label's: $(r0 "$f") vs $(r0 "$n") req/s → $(ratio "$f" "$n")× — $verdict"
+            f=$(med flinks-proxy 64 6)
+            n=$(med "$peer" 64 6)
+            check "$f <= $n"
+            echo "- p99 at 64 conns ≤ $label's: $(r0 "$f") vs $(r0 "$n") µs → $(ratio "$f" "$n")× — $verdict"
+        fi
     done
     if has_conns 64; then
-        local f n
-        f=$(med flinks-proxy 64 4)
-        n=$(med nginx 64 4)
-        check "$f >= 0.95 * $n"
-        echo "- throughput at 64 conns ≥ 0.95× nginx's: $(r0 "$f") vs $(r0 "$n") req/s → $(ratio "$f" "$n")× — $verdict"
-        f=$(med flinks-proxy 64 6)
-        n=$(med nginx 64 6)
-        check "$f <= $n"
-        echo "- p99 at 64 conns ≤ nginx's: $(r0 "$f") vs $(r0 "$n") µs → $(ratio "$f" "$n")× — $verdict"
+        local f
         f=$(sumof flinks-proxy 64 10)
         check "$f == 0"
         echo "- 64 conns, no errors: $f errors — $verdict"
@@ -887,7 +976,7 @@ compare_mode() {
             done
         done
     done
-    for t in nginx haproxy caddy flinks-proxy; do
+    for t in nginx nginx-same haproxy caddy flinks-proxy; do
         kill -0 "$(pid_of "$t")" 2>/dev/null || die "$t died during the run"
     done
     mkdir -p "$OUT"
@@ -1088,10 +1177,9 @@ start_measured() {
     local name=$1
     shift
     case $name in
-    nginx)
-        start_pinned "$name" "$@" nginx -p "$WORK/" -c "$WORK/nginx.conf" -e "$WORK/nginx.err"
+    nginx | nginx-same)
+        start_nginx "$name" "$(port_of "$name")" "$@"
         PROXY_PID=$STARTED_PID
-        wait_http "http://127.0.0.1:$NGINX_PORT/" 200 "$WORK/nginx.err" "$PROXY_PID"
         ;;
     caddy)
         # The environment comes before valgrind (env execs it). Go preempts
@@ -1238,6 +1326,7 @@ instr_mode() {
     alloc_port UP_PORT
     alloc_port UP_STATUS_PORT
     alloc_port NGINX_PORT
+    alloc_port NGINX_SAME_PORT
     alloc_port CADDY_PORT
     alloc_port FLINKS_PORT
     alloc_port FLINKS_ADMIN_PORT
@@ -1245,19 +1334,21 @@ instr_mode() {
     STATIC_TOKEN=$(fetch_token)
     [[ -n $STATIC_TOKEN ]] || die "could not get a token from $TOKEN_URL"
     write_upstream_conf
-    write_nginx_conf
+    write_nginx_conf nginx
+    write_nginx_conf nginx-same
     write_caddy_conf
     write_flinks_conf "http://127.0.0.1:$UP_PORT"
     write_flinks_pooled_conf "http://127.0.0.1:$UP_PORT"
     start_upstream
-    nginx -t -q -p "$WORK/" -c "$WORK/nginx.conf" -e "$WORK/nginx.err" || die "nginx.conf: $(cat "$WORK/nginx.err")"
     validate_caddy_conf
     log "connecting $INSTR_USERS users to the pool through the admin API"
     connect_users
     # flinks-header: the credential route sent the pooled route's select
     # header (parsed by hyper and forwarded; no lookup): what the header
     # costs apart from the pool.
-    local t ir=() sc=() targets=(nginx caddy flinks-proxy flinks-pooled flinks-header)
+    # nginx-same: nginx doing flinks-proxy's whole per-request job (see
+    # write_nginx_conf); last, so the indices below stay.
+    local t ir=() sc=() targets=(nginx caddy flinks-proxy flinks-pooled flinks-header nginx-same)
     # INSTR_QUICK=1: the flinks-proxy routes only, no syscalls, no table
     # (for iterating on a change; the table needs the peers).
     [[ $INSTR_QUICK == 1 ]] && targets=(flinks-proxy flinks-pooled flinks-header)
@@ -1286,11 +1377,13 @@ instr_mode() {
         echo "| proxy | instructions / request | syscalls / request |"
         echo "|---|---:|---:|"
         printf '| nginx | %s | %s |\n' "${ir[0]}" "${sc[0]}"
+        printf '| nginx, the same job (forwarding headers, request id) | %s | %s |\n' "${ir[5]}" "${sc[5]}"
         printf '| caddy | %s | %s |\n' "${ir[1]}" "${sc[1]}"
         printf '| flinks-proxy, credential route | %s | %s |\n' "${ir[2]}" "${sc[2]}"
         printf '| flinks-proxy, pooled route | %s | %s |\n' "${ir[3]}" "${sc[3]}"
         printf '| flinks-proxy, credential route sent the select header | %s | %s |\n' "${ir[4]}" "${sc[4]}"
         printf '| credential route / nginx | %s× | %s× |\n' "$(ratio "${ir[2]}" "${ir[0]}")" "$(ratio "${sc[2]}" "${sc[0]}")"
+        printf '| credential route / nginx, the same job | %s× | %s× |\n' "$(ratio "${ir[2]}" "${ir[5]}")" "$(ratio "${sc[2]}" "${sc[5]}")"
         printf '| credential route / caddy | %s× | %s× |\n' "$(ratio "${ir[2]}" "${ir[1]}")" "$(ratio "${sc[2]}" "${sc[1]}")"
         printf '| pooled route / nginx | %s× | %s× |\n' "$(ratio "${ir[3]}" "${ir[0]}")" "$(ratio "${sc[3]}" "${sc[0]}")"
         printf '| pooled route / credential route | %s× | %s× |\n' "$(ratio "${ir[3]}" "${ir[2]}")" "$(ratio "${sc[3]}" "${sc[2]}")"
