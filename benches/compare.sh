@@ -5,7 +5,7 @@
 #
 # One command, from a clean clone (Debian or Ubuntu, root or sudo, 2+ cores):
 #
-#     benches/compare.sh                     # full run, about 16 minutes
+#     benches/compare.sh                     # full run, about 19 minutes
 #     RUNS=1 DURATION=3 benches/compare.sh   # quick check, about 2 minutes
 #     benches/compare.sh renewal             # tokens expiring every 2 s under load (~2 min)
 #     benches/compare.sh profile             # perf profile of flinks-proxy under load
@@ -23,7 +23,9 @@
 #     (appended to), X-Forwarded-Proto and X-Forwarded-Host to the
 #     upstream, and an X-Request-Id (the client's, else nginx's
 #     `$request_id`, 128 random bits in hex like flinks-proxy's) to the
-#     upstream and back to the client; HAProxy (`nbthread 1`) with
+#     upstream and back to the client; nginx-fwd, the forwarding headers
+#     without the request id (the two apart show where nginx-same's extra
+#     cost goes); HAProxy (`nbthread 1`) with
 #     `http-request set-header Authorization`, `http-reuse always` and
 #     `pool-purge-delay 300s`; Caddy (one process, `GOMAXPROCS=1`, `admin
 #     off`, `auto_https off`, no access log, a Caddyfile with `reverse_proxy`
@@ -39,7 +41,7 @@
 #   - pins wrk (`-t1`) to CPU 0 and the proxies and upstream to CPU 1;
 #   - per connection count (1, 64, 256): a warm-up of every target, then
 #     RUNS rounds of DURATION seconds each, targets interleaved (direct,
-#     nginx, nginx-same, haproxy, caddy, flinks-proxy, repeat);
+#     nginx, nginx-fwd, nginx-same, haproxy, caddy, flinks-proxy, repeat);
 #   - per run: req/s, p50/p99 latency and errors (from a wrk Lua `done()`),
 #     CPU µs per request of the proxy process and of the upstream
 #     (/proc/PID/stat utime+stime over the run, user part shown apart), the
@@ -137,7 +139,7 @@ INSTR_POOL_SELECT=${INSTR_POOL_SELECT:-4}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$ROOT/bench-results}
 WORK=$OUT/work-$MODE
-TARGETS=(direct nginx nginx-same haproxy caddy flinks-proxy)
+TARGETS=(direct nginx nginx-fwd nginx-same haproxy caddy flinks-proxy)
 CLIENT_ID=demo-client
 CLIENT_SECRET=demo-secret
 SCOPE=client:admin
@@ -346,17 +348,24 @@ EOF
 # the job flinks-proxy does per SPEC §5 as well, X-Forwarded-For (appended
 # to), X-Forwarded-Proto and X-Forwarded-Host to the upstream and an
 # X-Request-Id (the client's, else 128 random bits in hex, nginx's
-# \$request_id) to the upstream and back to the client.
+# \$request_id) to the upstream and back to the client; or with NAME
+# nginx-fwd the forwarding headers without the request id (where nginx's
+# cost of the same job goes: its \$request_id is OpenSSL's RAND_bytes and a
+# getpid per request).
 write_nginx_conf() {
     local name=${1:-nginx} port=$NGINX_PORT same="" map=""
-    if [[ $name == nginx-same ]]; then
+    if [[ $name == nginx-same || $name == nginx-fwd ]]; then
         port=$NGINX_SAME_PORT
-        map='
-    map $http_x_request_id $flinks_rid { default $http_x_request_id; "" $request_id; }'
+        [[ $name == nginx-fwd ]] && port=$NGINX_FWD_PORT
         same='
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header X-Forwarded-Host $http_host;'
+    fi
+    if [[ $name == nginx-same ]]; then
+        map='
+    map $http_x_request_id $flinks_rid { default $http_x_request_id; "" $request_id; }'
+        same+='
             proxy_set_header X-Request-Id $flinks_rid;
             add_header X-Request-Id $flinks_rid always;'
     fi
@@ -643,6 +652,7 @@ start_all() {
     alloc_port UP_STATUS_PORT
     alloc_port NGINX_PORT
     alloc_port NGINX_SAME_PORT
+    alloc_port NGINX_FWD_PORT
     alloc_port HAPROXY_PORT
     alloc_port CADDY_PORT
     alloc_port FLINKS_PORT
@@ -655,6 +665,7 @@ start_all() {
     write_upstream_conf
     write_nginx_conf nginx
     write_nginx_conf nginx-same
+    write_nginx_conf nginx-fwd
     write_haproxy_conf
     write_caddy_conf
     write_flinks_conf "http://127.0.0.1:$UP_PORT"
@@ -666,6 +677,8 @@ start_all() {
     NGINX_PID=$STARTED_PID
     start_nginx nginx-same "$NGINX_SAME_PORT"
     NGINX_SAME_PID=$STARTED_PID
+    start_nginx nginx-fwd "$NGINX_FWD_PORT"
+    NGINX_FWD_PID=$STARTED_PID
 
     haproxy -c -q -f "$WORK/haproxy.cfg" >/dev/null || die "haproxy.cfg: $(haproxy -c -f "$WORK/haproxy.cfg" 2>&1 | tail -5)"
     start_pinned haproxy haproxy -db -f "$WORK/haproxy.cfg"
@@ -686,6 +699,7 @@ port_of() {
     direct) echo "$UP_PORT" ;;
     nginx) echo "$NGINX_PORT" ;;
     nginx-same) echo "$NGINX_SAME_PORT" ;;
+    nginx-fwd) echo "$NGINX_FWD_PORT" ;;
     haproxy) echo "$HAPROXY_PORT" ;;
     caddy) echo "$CADDY_PORT" ;;
     flinks-proxy | flinks-pooled | flinks-header) echo "$FLINKS_PORT" ;;
@@ -697,6 +711,7 @@ pid_of() {
     direct) echo "" ;;
     nginx) echo "$NGINX_PID" ;;
     nginx-same) echo "$NGINX_SAME_PID" ;;
+    nginx-fwd) echo "$NGINX_FWD_PID" ;;
     haproxy) echo "$HAPROXY_PID" ;;
     caddy) echo "$CADDY_PID" ;;
     flinks-proxy) echo "$FLINKS_PID" ;;
@@ -713,7 +728,7 @@ seen_authorization() {
 
 verify_headers() {
     local seen
-    for t in nginx nginx-same haproxy caddy; do
+    for t in nginx nginx-fwd nginx-same haproxy caddy; do
         seen=$(seen_authorization "$t")
         [[ $seen == "Bearer $STATIC_TOKEN" ]] || die "$t did not deliver its Authorization header (upstream saw: '${seen:0:40}')"
         log "verified: $t delivers Authorization: Bearer <token> (${#seen} bytes) and drops the client's"
@@ -873,16 +888,20 @@ report() {
     echo
     echo "Against nginx doing the same job (nginx-same: X-Forwarded-For, -Proto and -Host, and an X-Request-Id to the upstream and the client, as flinks-proxy does by SPEC §5; checked before measuring):"
     echo
-    echo "| conns | req/s flinks/nginx-same | CPU/req flinks/nginx-same | p99 flinks/nginx-same | req/s nginx-same/nginx | CPU/req nginx-same/nginx |"
-    echo "|---:|---:|---:|---:|---:|---:|"
+    echo "| conns | req/s flinks/nginx-same | CPU/req flinks/nginx-same | p99 flinks/nginx-same | req/s nginx-same/nginx | CPU/req nginx-same/nginx | req/s nginx-fwd/nginx | CPU/req nginx-fwd/nginx |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
     for c in $CONNS; do
-        printf '| %s | %s | %s | %s | %s | %s |\n' "$c" \
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$c" \
             "$(ratio "$(med flinks-proxy "$c" 4)" "$(med nginx-same "$c" 4)")" \
             "$(ratio "$(med flinks-proxy "$c" 7)" "$(med nginx-same "$c" 7)")" \
             "$(ratio "$(med flinks-proxy "$c" 6)" "$(med nginx-same "$c" 6)")" \
             "$(ratio "$(med nginx-same "$c" 4)" "$(med nginx "$c" 4)")" \
-            "$(ratio "$(med nginx-same "$c" 7)" "$(med nginx "$c" 7)")"
+            "$(ratio "$(med nginx-same "$c" 7)" "$(med nginx "$c" 7)")" \
+            "$(ratio "$(med nginx-fwd "$c" 4)" "$(med nginx "$c" 4)")" \
+            "$(ratio "$(med nginx-fwd "$c" 7)" "$(med nginx "$c" 7)")"
     done
+    echo
+    echo "nginx-fwd is nginx with the forwarding headers and no request id: what nginx-same costs beyond it is nginx's \$request_id (OpenSSL's RAND_bytes, and a getpid, per request)."
     echo
     targets_check
 }
@@ -976,7 +995,7 @@ compare_mode() {
             done
         done
     done
-    for t in nginx nginx-same haproxy caddy flinks-proxy; do
+    for t in nginx nginx-fwd nginx-same haproxy caddy flinks-proxy; do
         kill -0 "$(pid_of "$t")" 2>/dev/null || die "$t died during the run"
     done
     mkdir -p "$OUT"
