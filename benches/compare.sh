@@ -969,8 +969,12 @@ targets_check() {
         steady=$(sumof flinks-proxy 256 14)
         check "$e == 0"
         echo "- 256 conns, no errors: $e errors — $verdict"
-        check "$nc == 0"
-        echo "- 256 conns, no new upstream connections after warm-up: $nc opened during measured runs, $steady of them in steady state (nginx: $(sumof nginx 256 11)) — $verdict"
+        # In steady state: between two of its runs the other targets take
+        # longer (about 70 s) than flinks-proxy's upstream pool keeps an idle
+        # connection (50 s, POOL_IDLE_TIMEOUT; the peers are configured for
+        # 300 s), so its pool is opened again as each run starts.
+        check "$steady == 0"
+        echo "- 256 conns, no new upstream connections in steady state: $steady ($nc opened during measured runs, as they started: the pool's 50 s idle timeout is shorter than the time between two of its runs; nginx: $(sumof nginx 256 11)) — $verdict"
         rss=$(maxof flinks-proxy 256 9)
         check "$rss < 30 * 1024"
         echo "- RSS below 30 MiB at 256 conns: $(awk -v k="$rss" 'BEGIN { printf "%.1f", k / 1024 }') MiB — $verdict"
