@@ -44,7 +44,9 @@
 #     nginx, nginx-fwd, nginx-same, haproxy, caddy, flinks-proxy, repeat);
 #   - per run: req/s, p50/p99 latency and errors (from a wrk Lua `done()`),
 #     CPU µs per request of the proxy process and of the upstream
-#     (/proc/PID/stat utime+stime over the run, user part shown apart), the
+#     (/proc/PID/stat utime+stime over the run, user part shown apart), how
+#     often the proxy was preempted per request (involuntary context
+#     switches of its threads, /proc/PID/task/*/status), the
 #     proxy's RSS at the end (/proc/PID/status VmRSS), the connections the
 #     upstream accepted during the run and in its steady part (nginx
 #     stub_status), and the proxy's open upstream connections after it (ss),
@@ -254,6 +256,10 @@ alloc_port() {
 cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 user_ticks() { awk '{ sub(/^.*\) /, ""); print $12 }' "/proc/$1/stat"; }
 rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+# Times PID's threads were preempted (involuntary context switches) so
+# far: here, mostly by the upstream it shares a CPU with, woken by a request
+# written to it.
+preempted() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^nonvoluntary_ctxt_switches:/ { s += $2 } END { print s + 0 }'; }
 # Established connections from process PID to the upstream (its pool).
 upstream_conns() { ss -Htnp state established "( dport = :$UP_PORT )" | grep -c "pid=$1," || true; }
 
@@ -770,12 +776,12 @@ verify_same_job() {
 
 # One measured run; appends a row to runs.tsv.
 measure() {
-    local target=$1 conns=$2 run=$3 pid port out t0 t1 s0 s1 u0 u1 a0 a1 rss requests dur rps cpu ucpu user errors
+    local target=$1 conns=$2 run=$3 pid port out t0 t1 s0 s1 u0 u1 a0 a1 rss requests dur rps cpu ucpu user errors v0 v1 pre=NA
     pid=$(pid_of "$target")
     port=$(port_of "$target")
     a0=$(up_accepts)
     u0=$(cpu_ticks "$UP_PID")
-    [[ -n $pid ]] && t0=$(cpu_ticks "$pid") && s0=$(user_ticks "$pid")
+    [[ -n $pid ]] && t0=$(cpu_ticks "$pid") && s0=$(user_ticks "$pid") && v0=$(preempted "$pid")
     # Connections the upstream accepts in the steady part of the run (from
     # 1-2 s in to 1 s before the end), apart from those re-opened at the
     # start after the previous run's clients left with requests in flight.
@@ -793,7 +799,7 @@ measure() {
     wait "$wrk_pid" || die "wrk failed for $target: $(cat "$WORK/wrk.out")"
     unset 'PIDS[-1]'
     out=$(cat "$WORK/wrk.out")
-    [[ -n $pid ]] && t1=$(cpu_ticks "$pid") && s1=$(user_ticks "$pid") && rss=$(rss_kb "$pid")
+    [[ -n $pid ]] && t1=$(cpu_ticks "$pid") && s1=$(user_ticks "$pid") && rss=$(rss_kb "$pid") && v1=$(preempted "$pid")
     u1=$(cpu_ticks "$UP_PID")
     a1=$(up_accepts)
     local line
@@ -805,6 +811,7 @@ measure() {
     if [[ -n $pid ]]; then
         cpu=$(awk -v a="$t0" -v b="$t1" -v n="$requests" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (b - a) * 1e6 / hz / (n ? n : 1) }')
         user=$(awk -v a="$s0" -v b="$s1" -v n="$requests" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (b - a) * 1e6 / hz / (n ? n : 1) }')
+        pre=$(awk -v a="$v0" -v b="$v1" -v n="$requests" 'BEGIN { printf "%.3f", (b - a) / (n ? n : 1) }')
     else
         cpu=NA
         user=NA
@@ -814,8 +821,8 @@ measure() {
     # The stub_status request after the run is one accept of its own.
     local newconns=$((a1 - a0 - 1 - (DURATION >= 3 ? 2 : 0))) pool=NA
     [[ -n $pid ]] && pool=$(upstream_conns "$pid")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$conns" "$run" "$rps" \
-        "$(field p50_us "$line")" "$(field p99_us "$line")" "$cpu" "$ucpu" "$rss" "$errors" "$newconns" "$user" "$pool" "$steady" >>"$WORK/runs.tsv"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$conns" "$run" "$rps" \
+        "$(field p50_us "$line")" "$(field p99_us "$line")" "$cpu" "$ucpu" "$rss" "$errors" "$newconns" "$user" "$pool" "$steady" "$pre" >>"$WORK/runs.tsv"
     log "$(printf '%-12s c=%-3s run %s: %7s req/s  p50 %5s µs  p99 %6s µs  cpu %6s µs/req (user %5s)  upstream cpu %5s  rss %6s kB  errors %s  new upstream conns %s (steady %s, open after %s)' \
         "$target" "$conns" "$run" "$rps" "$(field p50_us "$line")" "$(field p99_us "$line")" "$cpu" "$user" "$ucpu" "$rss" "$errors" "$newconns" "$steady" "$pool")"
 }
@@ -836,13 +843,13 @@ r1() { awk -v v="$1" 'BEGIN { printf "%.1f", v }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "NA" || b == "NA" || b == 0) print "n/a"; else printf "%.2f", a / b }'; }
 
 report() {
-    local t c rps rmin rmax p50 p99 cpu user ucpu rss err newc pool steady
+    local t c rps rmin rmax p50 p99 cpu user ucpu rss err newc pool steady pre
     echo "### flinks-proxy vs nginx vs HAProxy vs Caddy (token header injection)"
     echo
     machine
     echo
-    echo "| target | conns | req/s median (min–max) | p50 µs | p99 µs | proxy CPU µs/req (user) | upstream CPU µs/req | proxy RSS MiB | errors | new upstream conns: run / steady (pool) |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| target | conns | req/s median (min–max) | p50 µs | p99 µs | proxy CPU µs/req (user) | upstream CPU µs/req | proxy preempted / req | proxy RSS MiB | errors | new upstream conns: run / steady (pool) |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for c in $CONNS; do
         for t in "${TARGETS[@]}"; do
             read -r rps rmin rmax < <(agg "$t" "$c" 4)
@@ -856,17 +863,19 @@ report() {
             newc=$(sumof "$t" "$c" 11)
             pool=$(maxof "$t" "$c" 13)
             steady=$(sumof "$t" "$c" 14)
+            pre=$(med "$t" "$c" 15)
+            [[ $pre == NA ]] && pre="—"
             [[ $rss != NA ]] && rss=$(awk -v k="$rss" 'BEGIN { printf "%.1f", k / 1024 }')
             if [[ $cpu == NA ]]; then cpu="—"; else cpu=$(printf '%.1f (%.1f)' "$cpu" "$user"); fi
             ucpu=$(printf '%.1f' "$ucpu")
             [[ $rss == NA ]] && rss="—"
             if [[ $t == direct ]]; then newc="($newc: wrk's own)"; else newc="$newc / $steady (pool $pool)"; fi
-            printf '| %s | %s | %.0f (%.0f–%.0f) | %.0f | %.0f | %s | %s | %s | %s | %s |\n' \
-                "$t" "$c" "$rps" "$rmin" "$rmax" "$p50" "$p99" "$cpu" "$ucpu" "$rss" "$err" "$newc"
+            printf '| %s | %s | %.0f (%.0f–%.0f) | %.0f | %.0f | %s | %s | %s | %s | %s | %s |\n' \
+                "$t" "$c" "$rps" "$rmin" "$rmax" "$p50" "$p99" "$cpu" "$ucpu" "$pre" "$rss" "$err" "$newc"
         done
     done
     echo
-    echo "Medians over runs; CPU is utime+stime of the proxy process over the run divided by the requests wrk completed (user part in brackets; the rest is kernel time, mostly loopback TCP); RSS is the largest at the end of a run; errors and new upstream connections (accepted by the upstream during measured runs, after the warm-up; \"steady\" leaves out the first 1-2 s and the last second of each run, where wrk's connections arrive and leave) are totals over runs; pool is the most connections from the proxy to the upstream open at the end of a run."
+    echo "Medians over runs; CPU is utime+stime of the proxy process over the run divided by the requests wrk completed (user part in brackets; the rest is kernel time, mostly loopback TCP); preempted is the proxy's involuntary context switches per request (mostly the upstream, on the same CPU, woken by a request written to it); RSS is the largest at the end of a run; errors and new upstream connections (accepted by the upstream during measured runs, after the warm-up; \"steady\" leaves out the first 1-2 s and the last second of each run, where wrk's connections arrive and leave) are totals over runs; pool is the most connections from the proxy to the upstream open at the end of a run."
     echo
     echo "#### Ratios (medians)"
     echo
@@ -986,7 +995,7 @@ targets_check() {
 compare_mode() {
     start_all
     verify_headers
-    printf 'target\tconns\trun\trps\tp50_us\tp99_us\tcpu_us_per_req\tupstream_cpu_us_per_req\trss_kb\terrors\tnew_upstream_conns\tuser_cpu_us_per_req\tupstream_conns_open\tnew_upstream_conns_steady\n' >"$WORK/runs.tsv.header"
+    printf 'target\tconns\trun\trps\tp50_us\tp99_us\tcpu_us_per_req\tupstream_cpu_us_per_req\trss_kb\terrors\tnew_upstream_conns\tuser_cpu_us_per_req\tupstream_conns_open\tnew_upstream_conns_steady\tpreempted_per_req\n' >"$WORK/runs.tsv.header"
     : >"$WORK/runs.tsv"
     for c in $CONNS; do
         log "warm-up at $c connections (${WARMUP} s per target)"
