@@ -10,6 +10,7 @@
 #     benches/compare.sh renewal             # tokens expiring every 2 s under load (~2 min)
 #     benches/compare.sh profile             # perf profile of flinks-proxy under load
 #     benches/compare.sh instr               # instructions and syscalls per request (~3 min)
+#     benches/compare.sh where               # where nginx's and flinks-proxy's CPU time goes (~1 min)
 #
 # What it does:
 #   - installs wrk, nginx, haproxy and caddy from the distribution if missing
@@ -96,25 +97,39 @@
 # ratios, writes bench-results/instr.md and keeps the callgrind dumps in
 # bench-results/work-instr/ (read them with callgrind_annotate).
 #
+# `where` mode: nginx (the issue's, Authorization only) and flinks-proxy
+# each under the same `wrk -c WHERE_CONNS` (64) load, the upstream on the
+# same CPU as in compare mode; over WHERE_DURATION (10) s of it, `perf
+# record -e cpu-clock -F WHERE_FREQ` (1999) of that CPU (the proxy's samples
+# kept), the
+# requests the upstream handled (stub_status), the proxy's CPU time and
+# preemptions (/proc), and TCP segments and IP bytes (`nstat`, every socket
+# of the machine). Prints per request: CPU (user, kernel), preemptions,
+# segments, bytes, and the symbols that take the most time in either proxy
+# side by side (each symbol's share of the samples times the CPU per
+# request, so sampling's own cost is spread over all), the largest
+# differences first. Writes bench-results/where.md; keeps the perf data.
+#
 # Settings (environment): RUNS (5), DURATION (10, seconds), WARMUP (5),
 # CONNS ("1 64 256"), LOAD_CPU (0), SERVER_CPU (1), PORT_BASE (21000),
 # RENEWAL_DURATION (30), RENEWAL_CONNS (64), RENEWAL_EXPIRES (2),
 # PROFILE_DURATION (15), PROFILE_CONNS (64), INSTR_WARMUP (2000),
 # INSTR_REQUESTS (20000), INSTR_CONNS (16), INSTR_USERS (300),
 # INSTR_POOL_SELECT (4), INSTR_QUICK (0: 1 measures only the flinks-proxy routes),
+# WHERE_CONNS (64), WHERE_DURATION (10), WHERE_FREQ (1999), WHERE_TOP (25),
 # OUT (bench-results), SKIP_BUILD (unset; 1 uses the existing binary).
 
 set -euo pipefail
 
 MODE=${1:-compare}
 case "$MODE" in
-compare | renewal | profile | instr) ;;
+compare | renewal | profile | instr | where) ;;
 -h | --help)
     sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 *)
-    echo "usage: $0 [compare|renewal|profile|instr]" >&2
+    echo "usage: $0 [compare|renewal|profile|instr|where]" >&2
     exit 64
     ;;
 esac
@@ -137,6 +152,10 @@ INSTR_CONNS=${INSTR_CONNS:-16}
 INSTR_USERS=${INSTR_USERS:-300}
 INSTR_QUICK=${INSTR_QUICK:-0}
 INSTR_POOL_SELECT=${INSTR_POOL_SELECT:-4}
+WHERE_CONNS=${WHERE_CONNS:-64}
+WHERE_DURATION=${WHERE_DURATION:-10}
+WHERE_FREQ=${WHERE_FREQ:-1999}
+WHERE_TOP=${WHERE_TOP:-25}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$ROOT/bench-results}
@@ -219,7 +238,7 @@ install_missing() {
     command -v curl >/dev/null || missing+=(curl)
     command -v taskset >/dev/null || missing+=(util-linux)
     command -v ss >/dev/null || missing+=(iproute2)
-    [[ $MODE == profile ]] && ! command -v perf >/dev/null && missing+=(linux-perf)
+    [[ $MODE == profile || $MODE == where ]] && ! command -v perf >/dev/null && missing+=(linux-perf)
     if [[ $MODE == instr ]]; then
         command -v valgrind >/dev/null || missing+=(valgrind)
         command -v h2load >/dev/null || missing+=(nghttp2-client)
@@ -266,6 +285,11 @@ upstream_conns() { ss -Htnp state established "( dport = :$UP_PORT )" | grep -c 
 # Connections the upstream nginx has accepted so far (stub_status).
 up_accepts() {
     curl -s -m 2 "http://127.0.0.1:$UP_STATUS_PORT/" | awk 'NR == 3 { print $1 }'
+}
+
+# Requests the upstream has handled (stub_status).
+up_requests() {
+    curl -s -m 2 "http://127.0.0.1:$UP_STATUS_PORT/" | awk 'NR == 3 { print $3 }'
 }
 
 # start_sandbox EXPIRES NAME [EXTRA ARGS...]
@@ -1437,6 +1461,109 @@ instr_mode() {
     log "written: $OUT/instr.md; callgrind dumps in $WORK/*.callgrind (callgrind_annotate FILE)"
 }
 
+# -------------------------------------------------------------- where mode
+
+# A machine-wide TCP/IP counter (nstat, absolute).
+net_counter() { nstat -az "$1" | awk -v n="$1" '$1 == n { print $2 }'; }
+
+# Samples per symbol of process PID in perf data FILE:
+# "samples<TAB>k|u<TAB>symbol".
+where_symbols() {
+    perf report -i "$1" --stdio --no-children -F sample,pid,sym -g none 2>/dev/null |
+        awk -v pid="$2" '/^#/ || NF < 4 || index($2, pid ":") != 1 { next } {
+            n = $1; k = ($3 == "[k]") ? "k" : "u"; $1 = ""; $2 = ""; $3 = ""; sub(/^ +/, "")
+            print n "\t" k "\t" $0 }'
+}
+
+# One proxy under load with perf on it; writes WORK/NAME.where (key value
+# lines) and WORK/NAME.symbols.
+where_measure() {
+    local name=$1 pid port r0 r1 t0 t1 s0 s1 v0 v1 g0 g1 b0 b1 wrk_pid
+    pid=$(pid_of "$name")
+    port=$(port_of "$name")
+    run_wrk "$port" "$WHERE_CONNS" 3 "$WORK/report.lua" >/dev/null
+    run_wrk "$port" "$WHERE_CONNS" "$((WHERE_DURATION + 2))" "$WORK/report.lua" >"$WORK/$name.wrk" &
+    wrk_pid=$!
+    PIDS+=("$wrk_pid")
+    sleep 1
+    r0=$(up_requests) t0=$(cpu_ticks "$pid") s0=$(user_ticks "$pid") v0=$(preempted "$pid")
+    g0=$(net_counter TcpOutSegs) b0=$(net_counter IpExtInOctets)
+    # The whole CPU, not the process: sampling one task costs a hook at
+    # every context switch, and this load switches often.
+    perf record -q -e cpu-clock -F "$WHERE_FREQ" -C "$SERVER_CPU" -o "$WORK/$name.perf" -- sleep "$WHERE_DURATION" 2>"$WORK/$name.perf.err" ||
+        die "perf record failed: $(tail -3 "$WORK/$name.perf.err")"
+    r1=$(up_requests) t1=$(cpu_ticks "$pid") s1=$(user_ticks "$pid") v1=$(preempted "$pid")
+    g1=$(net_counter TcpOutSegs) b1=$(net_counter IpExtInOctets)
+    wait "$wrk_pid" || die "wrk failed for $name: $(cat "$WORK/$name.wrk")"
+    unset 'PIDS[-1]'
+    # The two stub_status reads are requests too.
+    awk -v r=$((r1 - r0 - 1)) -v t=$((t1 - t0)) -v s=$((s1 - s0)) -v v=$((v1 - v0)) -v g=$((g1 - g0)) -v b=$((b1 - b0)) -v hz="$CLK_TCK" 'BEGIN {
+        printf "requests %d\ncpu %.3f\nuser %.3f\npreempted %.3f\nsegments %.2f\nbytes %.0f\n",
+            r, t * 1e6 / hz / r, s * 1e6 / hz / r, v / r, g / r, b / r }' >"$WORK/$name.where"
+    where_symbols "$WORK/$name.perf" "$pid" >"$WORK/$name.symbols"
+}
+
+where_mode() {
+    alloc_port UP_PORT
+    alloc_port UP_STATUS_PORT
+    alloc_port NGINX_PORT
+    alloc_port FLINKS_PORT
+    alloc_port FLINKS_ADMIN_PORT
+    start_sandbox 3600 sandbox
+    STATIC_TOKEN=$(fetch_token)
+    [[ -n $STATIC_TOKEN ]] || die "could not get a token from $TOKEN_URL"
+    write_upstream_conf
+    write_nginx_conf nginx
+    write_flinks_conf "http://127.0.0.1:$UP_PORT"
+    write_wrk_scripts
+    start_upstream
+    start_nginx nginx "$NGINX_PORT"
+    NGINX_PID=$STARTED_PID
+    start_flinks
+    wait_http "http://127.0.0.1:$FLINKS_PORT/" 200 "$WORK/flinks-proxy.err" "$FLINKS_PID"
+    local t
+    for t in nginx flinks-proxy; do
+        log "$t: ${WHERE_DURATION} s at $WHERE_CONNS connections under perf (cpu-clock, ${WHERE_FREQ} Hz)"
+        where_measure "$t"
+    done
+    get() { awk -v k="$2" '$1 == k { print $2 }' "$WORK/$1.where"; }
+    mkdir -p "$OUT"
+    {
+        echo "### Where the CPU time goes: nginx and flinks-proxy under the same load"
+        echo
+        machine | grep -v '^- [0-9]* runs'
+        echo "- \`wrk -c$WHERE_CONNS\`, ${WHERE_DURATION} s of it under \`perf record -e cpu-clock -F $WHERE_FREQ -C $SERVER_CPU\` (the proxy's samples kept); per request of the upstream's count over the same window"
+        echo
+        echo "| per request | nginx | flinks-proxy |"
+        echo "|---|---:|---:|"
+        printf '| requests in the window | %s | %s |\n' "$(get nginx requests)" "$(get flinks-proxy requests)"
+        printf '| CPU µs (with perf sampling) | %.2f | %.2f |\n' "$(get nginx cpu)" "$(get flinks-proxy cpu)"
+        printf '| user µs | %.2f | %.2f |\n' "$(get nginx user)" "$(get flinks-proxy user)"
+        printf '| kernel µs | %.2f | %.2f |\n' "$(awk -v a="$(get nginx cpu)" -v b="$(get nginx user)" 'BEGIN { print a - b }')" \
+            "$(awk -v a="$(get flinks-proxy cpu)" -v b="$(get flinks-proxy user)" 'BEGIN { print a - b }')"
+        printf '| times preempted | %s | %s |\n' "$(get nginx preempted)" "$(get flinks-proxy preempted)"
+        printf '| TCP segments sent (every socket) | %s | %s |\n' "$(get nginx segments)" "$(get flinks-proxy segments)"
+        printf '| IP bytes received (every socket) | %s | %s |\n' "$(get nginx bytes)" "$(get flinks-proxy bytes)"
+        echo
+        echo "Symbols taking the most time in either proxy, µs per request (its share of the proxy's samples × the proxy's CPU per request), the largest differences first; k = kernel:"
+        echo
+        echo "| symbol | | nginx | flinks-proxy | difference |"
+        echo "|---|---|---:|---:|---:|"
+        awk -F'\t' -v top="$WHERE_TOP" -v nc="$(get nginx cpu)" -v fc="$(get flinks-proxy cpu)" '
+            FNR == 1 { f++ }
+            { key = $2 "\t" $3; n[f, key] += $1; tot[f] += $1; kind[key] = $2; keys[key] = 1 }
+            END {
+                for (k in keys) {
+                    a = n[1, k] / tot[1] * nc; b = n[2, k] / tot[2] * fc
+                    if (a >= 0.05 || b >= 0.05) printf "%.3f\t%.3f\t%s\n", a, b, k
+                }
+            }' "$WORK/nginx.symbols" "$WORK/flinks-proxy.symbols" |
+            sort -t$'\t' -k1,1 -g | awk -F'\t' '{ d = $2 - $1; print (d < 0 ? -d : d) "\t" $0 }' | sort -t$'\t' -k1,1 -gr | head -n "$WHERE_TOP" |
+            awk -F'\t' '{ sym = $5; gsub(/\|/, "\\|", sym); printf "| `%s` | %s | %.3f | %.3f | %+.3f |\n", substr(sym, 1, 90), ($4 == "k" ? "k" : ""), $2, $3, $3 - $2 }'
+    } | tee "$OUT/where.md"
+    log "written: $OUT/where.md; perf data in $WORK/*.perf"
+}
+
 # ------------------------------------------------------------------- main
 
 install_missing
@@ -1457,5 +1584,9 @@ profile)
 instr)
     build
     instr_mode
+    ;;
+where)
+    build
+    where_mode
     ;;
 esac
