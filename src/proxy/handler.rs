@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use crate::connections::{Conn, Pool, Rejected};
 use crate::net::body::{Activity, Idle, RequestBody, REPLAY_LIMIT};
 use crate::net::headers::{self, Forwarding, X_REQUEST_ID};
-use crate::net::upstream::{ErrorKind, Head, Rewrite, Sent, UpstreamBody};
+use crate::net::upstream::{ErrorKind, Head, Rewrite, SendError, Sent, UpstreamBody};
 use crate::proxy::access_log::{self, AccessLog, ResponseFacts, RouteLabels};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
@@ -184,7 +184,16 @@ async fn handle_inner(
     // The clock is read for the upstream's time only when it is logged.
     let started = done.timed.then(Instant::now);
     let mut replay_head = head_copy(route, replay.is_some(), &head);
-    let mut resp = send(route, head, body, &fwd, &token, deadline).await;
+    // `send` written out: one async layer less for every request's head,
+    // body and answer to be moved through.
+    let mut resp = match Outgoing::new(route, &head, &fwd, &token) {
+        Ok(out) => {
+            let rw = out.rewrite(&fwd);
+            let sent = route.upstream.send(head, body, &rw, deadline.into()).await;
+            out.answered(route, sent)
+        }
+        Err(e) => Err(e),
+    };
     // A DPoP nonce challenge is answered once; one left standing (its body
     // could not be kept) is not a rejection of the token: it goes back to
     // the app, token kept. Boxed: a challenge is rare (the latest nonce is
@@ -490,6 +499,7 @@ async fn pooled_rejection(
     }
 }
 
+/// Sends a request with `token` (see [`Outgoing`]).
 async fn send(
     route: &Route,
     head: Head,
@@ -498,52 +508,81 @@ async fn send(
     token: &Token,
     deadline: Instant,
 ) -> Result<Sent, ProxyError> {
-    let mut set = [
-        Some((route.header.clone(), token.header_value(&route.auth_scheme))),
-        None,
-    ];
-    // A DPoP-bound token goes with a fresh proof of this method and URL
-    // (RFC 9449 §7); the answer's `DPoP-Nonce` is kept for the next one.
-    let dpop = match (&route.dpop, &token.ath) {
-        (Some(d), Some(ath)) => {
-            let server = proof_server(route, &head, fwd);
-            let proof = d
-                .proof_header_on(&server, head.method.as_str(), head.uri.path(), Some(ath))
-                .map_err(|e| ProxyError::TokenUnavailable {
-                    credential: route.config.auth.name().to_owned(),
-                    reason: e.to_string(),
-                    retry_after: Duration::from_secs(1),
-                })?;
-            set[1] = Some((dpop::DPOP.clone(), proof));
-            Some((d, server))
-        }
-        _ => None,
-    };
-    let rw = Rewrite {
-        forwarding: Some(*fwd),
-        set: &set,
-    };
-    match route.upstream.send(head, body, &rw, deadline.into()).await {
-        Ok(resp) => {
-            if let Some((d, server)) = dpop {
-                d.remember_from(&server, resp.response.headers());
+    let out = Outgoing::new(route, &head, fwd, token)?;
+    let rw = out.rewrite(fwd);
+    let sent = route.upstream.send(head, body, &rw, deadline.into()).await;
+    out.answered(route, sent)
+}
+
+/// What a request goes upstream with besides the client's headers: the
+/// token's header, and for a DPoP-bound token a fresh proof of this method
+/// and URL (RFC 9449 §7), whose server's `DPoP-Nonce` is kept from the
+/// answer for the next one.
+struct Outgoing<'r> {
+    set: [Option<(HeaderName, HeaderValue)>; 2],
+    dpop: Option<(&'r dpop::Dpop, dpop::Server)>,
+}
+
+impl<'r> Outgoing<'r> {
+    fn new(
+        route: &'r Route,
+        head: &Head,
+        fwd: &Forwarding<'_>,
+        token: &Token,
+    ) -> Result<Outgoing<'r>, ProxyError> {
+        let mut set = [
+            Some((route.header.clone(), token.header_value(&route.auth_scheme))),
+            None,
+        ];
+        let dpop = match (&route.dpop, &token.ath) {
+            (Some(d), Some(ath)) => {
+                let server = proof_server(route, head, fwd);
+                let proof = d
+                    .proof_header_on(&server, head.method.as_str(), head.uri.path(), Some(ath))
+                    .map_err(|e| ProxyError::TokenUnavailable {
+                        credential: route.config.auth.name().to_owned(),
+                        reason: e.to_string(),
+                        retry_after: Duration::from_secs(1),
+                    })?;
+                set[1] = Some((dpop::DPOP.clone(), proof));
+                Some((&**d, server))
             }
-            Ok(resp)
+            _ => None,
+        };
+        Ok(Outgoing { set, dpop })
+    }
+
+    fn rewrite<'a>(&'a self, fwd: &Forwarding<'a>) -> Rewrite<'a> {
+        Rewrite {
+            forwarding: Some(*fwd),
+            set: &self.set,
         }
-        Err(e) if e.client_body => {
-            // The client's body broke (bad chunk framing, disconnect): the
-            // client's fault, not the upstream's.
-            tracing::debug!(route = %route.name, error = %e.source, "request body failed");
-            Err(ProxyError::BadRequest("the request body could not be read"))
-        }
-        Err(e) => {
-            route.metrics.upstream_error(e.kind.as_str());
-            tracing::debug!(route = %route.name, error = %e.source, "upstream error");
-            Err(if e.kind == ErrorKind::Timeout {
-                ProxyError::UpstreamTimeout
-            } else {
-                ProxyError::UpstreamUnavailable(e.kind)
-            })
+    }
+
+    /// The upstream's answer, or the error it is for the client.
+    fn answered(self, route: &Route, sent: Result<Sent, SendError>) -> Result<Sent, ProxyError> {
+        match sent {
+            Ok(resp) => {
+                if let Some((d, server)) = self.dpop {
+                    d.remember_from(&server, resp.response.headers());
+                }
+                Ok(resp)
+            }
+            Err(e) if e.client_body => {
+                // The client's body broke (bad chunk framing, disconnect):
+                // the client's fault, not the upstream's.
+                tracing::debug!(route = %route.name, error = %e.source, "request body failed");
+                Err(ProxyError::BadRequest("the request body could not be read"))
+            }
+            Err(e) => {
+                route.metrics.upstream_error(e.kind.as_str());
+                tracing::debug!(route = %route.name, error = %e.source, "upstream error");
+                Err(if e.kind == ErrorKind::Timeout {
+                    ProxyError::UpstreamTimeout
+                } else {
+                    ProxyError::UpstreamUnavailable(e.kind)
+                })
+            }
         }
     }
 }
