@@ -319,6 +319,21 @@ pub struct Monitored {
     toml: String,
     /// Holds the store; removed after the proxy stopped.
     _store_dir: TempDir,
+    /// Holds route `dead`'s port (see [`refused_addr`]).
+    _dead: tokio::net::TcpSocket,
+}
+
+/// An address that refuses connections for as long as the socket lives: it
+/// is bound but never listens, so no later bind (the sandbox's, Prometheus's,
+/// the proxy's, all on port 0) can be given its port. A port taken from a
+/// listener that was dropped again could be, and a request meant to fail
+/// then reached that server (a 404 from the sandbox instead of a 502).
+fn refused_addr() -> (SocketAddr, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind a loopback port");
+    (socket.local_addr().expect("local addr"), socket)
 }
 
 impl Monitored {
@@ -332,7 +347,7 @@ impl Monitored {
         })
         .await;
         let store_dir = TempDir::new();
-        let dead = free_port();
+        let (dead, dead_socket) = refused_addr();
         let api = sandbox.api_url();
         let broken = Credential {
             client_id: "demo-client".to_owned(),
@@ -382,6 +397,7 @@ impl Monitored {
             sandbox,
             toml,
             _store_dir: store_dir,
+            _dead: dead_socket,
         }
     }
 
